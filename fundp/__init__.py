@@ -1,0 +1,50 @@
+"""fundp: functional, JAX-style differential privacy for PyTorch, built on ``torch.func``.
+
+The pieces are small pure functions that compose into the stateless ``dp_step`` transform:
+
+* :func:`per_sample_grads` — ``vmap`` over ``grad``: per-example gradients ``[B, *shape]``;
+* :func:`per_sample_norms`, :func:`clip` — per-example L2 norms and clipping;
+* :func:`noise` — keyed Gaussian noise (:mod:`fundp.random` holds the keys);
+* :class:`Ledger`, :func:`accountant_step`, :func:`epsilon`, :func:`calibrate_noise` — accounting;
+* :func:`dp_step` — one DP-SGD step, ``(sum_i clip(g_i) + N(0, (sigma C)^2)) / (q N)``.
+"""
+
+from fundp import optim, random
+from fundp.clipping import clip, clip_factors, clip_sensitivity, per_sample_norms
+from fundp.grads import per_sample_grads
+from fundp.model_check import UnsupportedModuleError, check_model, functional_call
+from fundp.noise import noise
+from fundp.step import ClippedSum, StepResult, add_clipped_sums, clipped_grad_sum, dp_step, privatize
+
+try:  # accounting lands in its own issue
+    from fundp.accounting import Ledger, accountant_step, calibrate_noise, delta, epsilon, max_steps
+except ImportError:  # pragma: no cover
+    pass
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClippedSum",
+    "Ledger",
+    "StepResult",
+    "UnsupportedModuleError",
+    "accountant_step",
+    "add_clipped_sums",
+    "calibrate_noise",
+    "check_model",
+    "clip",
+    "clip_factors",
+    "clip_sensitivity",
+    "clipped_grad_sum",
+    "delta",
+    "dp_step",
+    "epsilon",
+    "functional_call",
+    "max_steps",
+    "noise",
+    "optim",
+    "per_sample_grads",
+    "per_sample_norms",
+    "privatize",
+    "random",
+]

@@ -1,0 +1,28 @@
+"""Per-example-norm engines for ``dp_step(grad_method=...)``; see :mod:`fundp.engines.base`."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from fundp.engines.base import EngineOutput
+from fundp.engines.vmap import make_vmap_engine
+
+GRAD_METHODS = ("vmap", "ghost", "auto")
+
+
+def make_engine(grad_method: str, loss_fn: Callable, *, has_aux: bool = False, randomness: str = "error") -> Callable:
+    """Returns ``engine(params, batch, key) -> EngineOutput`` for ``grad_method``."""
+    if grad_method not in GRAD_METHODS:
+        raise ValueError(f"grad_method must be one of {GRAD_METHODS}, got {grad_method!r}")
+    if grad_method in ("ghost", "auto"):
+        try:
+            from fundp.engines.ghost import make_ghost_engine
+        except ImportError:
+            if grad_method == "ghost":
+                raise NotImplementedError("grad_method='ghost' is not available in this build") from None
+        else:
+            return make_ghost_engine(loss_fn, has_aux=has_aux, randomness=randomness, fallback=grad_method == "auto")
+    return make_vmap_engine(loss_fn, has_aux=has_aux, randomness=randomness)
+
+
+__all__ = ["EngineOutput", "GRAD_METHODS", "make_engine", "make_vmap_engine"]

@@ -1,0 +1,110 @@
+"""Per-example gradients: ``vmap`` over ``grad``, each example fed to the loss as a batch of one."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optree
+import torch
+from torch.func import grad, vmap
+
+from fundp import random as fundp_random
+from fundp._validate import check_batch
+
+__all__ = ["per_sample_grads", "per_sample_grads_and_losses"]
+
+LossFn = Callable[..., Any]
+
+
+def _as_batch_of_one(example: Any) -> Any:
+    return optree.tree_map(lambda leaf: leaf.unsqueeze(0), example)
+
+
+def _single_example_loss(loss_fn: LossFn, has_aux: bool) -> Callable:
+    """Wraps ``loss_fn(params, batch) -> [B]`` as ``f(params, example) -> (scalar loss, (loss, aux))``."""
+
+    def single(params, example):
+        out = loss_fn(params, _as_batch_of_one(example))
+        loss, aux = out if has_aux else (out, None)
+        if not isinstance(loss, torch.Tensor) or loss.shape != (1,):
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                "loss_fn must return the per-example losses, a tensor of shape [B] "
+                f"(e.g. reduction='none'); for a batch of one it returned {shape}"
+            )
+        loss = loss[0]
+        # torch.func's aux may only hold tensors, so the aux slot exists only with has_aux.
+        return loss, ((loss.detach(), aux) if has_aux else (loss.detach(),))
+
+    return single
+
+
+def _seed_from_key(key: torch.Tensor) -> int:
+    hi, lo = fundp_random.key_data(key)
+    return (hi << 32) | lo
+
+
+def per_sample_grads_and_losses(
+    loss_fn: LossFn, *, has_aux: bool = False, randomness: str = "error"
+) -> Callable:
+    """Like :func:`per_sample_grads`, but ``f`` returns ``(grads, losses[B], aux)``."""
+    if randomness not in ("error", "different", "same"):
+        raise ValueError(f"randomness must be 'error', 'different' or 'same', got {randomness!r}")
+    grad_fn = grad(_single_example_loss(loss_fn, has_aux), has_aux=True)
+    batched = vmap(grad_fn, in_dims=(None, 0), randomness=randomness)
+
+    def f(params, batch, key: torch.Tensor | None = None):
+        check_batch(batch)
+        if randomness == "error":
+            grads, extra = batched(params, batch)
+            return grads, extra[0], (extra[1] if has_aux else None)
+        if key is None:
+            raise ValueError(
+                f"key is required with randomness={randomness!r}: the model's random ops "
+                "(e.g. dropout) are driven by the key, never by torch's global RNG"
+            )
+        # fork_rng restores the global RNG afterwards: the draws depend on `key` alone.
+        devices = [leaf.device for leaf in optree.tree_leaves(batch) if leaf.device.type == "cuda"]
+        with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices})):
+            seed = _seed_from_key(key)
+            torch.manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+            grads, extra = batched(params, batch)
+        return grads, extra[0], (extra[1] if has_aux else None)
+
+    return f
+
+
+def per_sample_grads(loss_fn: LossFn, *, has_aux: bool = False, randomness: str = "error") -> Callable:
+    """Transforms a per-example loss into a function returning per-example gradients.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> Tensor[B]``, the per-example losses of a batch
+        (or ``(losses, aux)`` with ``has_aux=True``).  It is called on batches of one
+        example, so it is written exactly like ordinary batched code.
+      has_aux: whether ``loss_fn`` also returns auxiliary output (batched per example).
+      randomness: ``vmap`` randomness for random ops inside the model.  ``"error"`` (default)
+        refuses them; ``"different"`` gives each example its own dropout mask, drawn from the
+        ``key`` argument of the returned function — never from torch's global RNG.
+
+    Returns:
+      ``f(params, batch, key=None) -> grads`` where every leaf of ``grads`` has shape
+      ``[B, *param.shape]`` and ``grads[i] = d loss_fn(params, batch[i:i+1])[0] / d params``
+      (``(grads, aux)`` with ``has_aux=True``).
+
+    Example:
+      >>> import torch, fundp
+      >>> w = {"w": torch.tensor([1.0, 2.0])}
+      >>> x = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+      >>> g = fundp.per_sample_grads(lambda p, x: x @ p["w"])(w, x)
+      >>> g["w"]
+      tensor([[1., 0.],
+              [0., 3.]])
+    """
+    inner = per_sample_grads_and_losses(loss_fn, has_aux=has_aux, randomness=randomness)
+
+    def f(params, batch, key: torch.Tensor | None = None):
+        grads, _, aux = inner(params, batch, key)
+        return (grads, aux) if has_aux else grads
+
+    return f
+
