@@ -23,6 +23,7 @@ class UnsupportedModuleError(ValueError):
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 _INSTANCE_NORMS = (nn.modules.instancenorm._InstanceNorm,)
+_FUSED_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 
 
 def _problem(name: str, module: nn.Module) -> str | None:
@@ -40,14 +41,21 @@ def _problem(name: str, module: nn.Module) -> str | None:
             "leak that clipping does not bound. Construct it with track_running_stats=False "
             "or call .eval() on it"
         )
+    if isinstance(module, _FUSED_RECURRENT):
+        return (
+            f"{label} runs a fused recurrent kernel that torch.func.vmap cannot batch, so its "
+            "per-example gradients cannot be computed. Write the recurrence with nn.Linear "
+            "layers (h = tanh(W_x x_t + W_h h)), as Opacus's DPLSTM does"
+        )
     return None
 
 
 def check_model(model: nn.Module, params: Any = None) -> None:
     """Raises :class:`UnsupportedModuleError` if ``model`` breaks per-example DP semantics.
 
-    Detected: BatchNorm/SyncBatchNorm in training mode (or without running statistics), and
-    InstanceNorm that tracks running statistics in training mode.  With ``params`` (a dict of
+    Detected: BatchNorm/SyncBatchNorm in training mode (or without running statistics),
+    InstanceNorm that tracks running statistics in training mode, and the fused recurrent
+    modules (nn.RNN/LSTM/GRU and their cells), which ``vmap`` cannot batch.  With ``params`` (a dict of
     the parameters being trained, named as in ``model.named_parameters()``) it also checks that
     every name exists, and that every parameter left out is frozen (``requires_grad=False``)
     so no trainable parameter silently stays at its initial value.
