@@ -9,12 +9,14 @@ The pieces are small pure functions that compose into the stateless ``dp_step`` 
 * :func:`dp_step` — one DP-SGD step, ``(sum_i clip(g_i) + N(0, (sigma C)^2)) / (q N)``.
 """
 
-from fundp import optim, random
+from fundp import checkpoint, optim, random, secure
+from fundp.budget import Budget, BudgetExceededError
 from fundp.clipping import clip, clip_factors, clip_sensitivity, per_sample_norms
 from fundp.grads import per_sample_grads
 from fundp.model_check import UnsupportedModuleError, check_model, functional_call
 from fundp.noise import noise
 from fundp.step import ClippedSum, StepResult, add_clipped_sums, clipped_grad_sum, dp_step, privatize
+from fundp import distributed  # noqa: E402  (after step: it builds on ClippedSum)
 
 try:  # accounting lands in its own issue
     from fundp.accounting import Ledger, accountant_step, calibrate_noise, delta, epsilon, max_steps
@@ -24,6 +26,8 @@ except ImportError:  # pragma: no cover
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget",
+    "BudgetExceededError",
     "ClippedSum",
     "Ledger",
     "StepResult",
@@ -32,11 +36,13 @@ __all__ = [
     "add_clipped_sums",
     "calibrate_noise",
     "check_model",
+    "checkpoint",
     "clip",
     "clip_factors",
     "clip_sensitivity",
     "clipped_grad_sum",
     "delta",
+    "distributed",
     "dp_step",
     "epsilon",
     "functional_call",
@@ -47,4 +53,5 @@ __all__ = [
     "per_sample_norms",
     "privatize",
     "random",
+    "secure",
 ]

@@ -139,24 +139,41 @@ def add_clipped_sums(first: ClippedSum, second: ClippedSum) -> ClippedSum:
     )
 
 
-def privatize(grad_sum: Any, key: torch.Tensor, *, noise_stddev: float, expected_batch_size: float) -> Any:
-    """Returns ``(grad_sum + N(0, noise_stddev^2)) / expected_batch_size``, the noise drawn from ``key``."""
+def privatize(
+    grad_sum: Any, key: torch.Tensor, *, noise_stddev: float, expected_batch_size: float, secure_mode: bool = False
+) -> Any:
+    """Returns ``(grad_sum + N(0, noise_stddev^2)) / expected_batch_size``, the noise drawn from ``key``.
+
+    With ``secure_mode=True`` the noise comes from :mod:`fundp.secure` (OS entropy, hardened
+    sampler) and ``key`` is not used for it.
+    """
     noise_stddev = check_number("noise_stddev", noise_stddev, positive=True)
     expected_batch_size = check_number("expected_batch_size", expected_batch_size, positive=True)
     if expected_batch_size <= 0:
         raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+    if secure_mode:
+        from fundp.secure import secure_noise
+
+        return optree.tree_map(lambda g: g / expected_batch_size, secure_noise(grad_sum, noise_stddev))
     draws = noise_like(grad_sum, key, noise_stddev)
     return optree.tree_map(lambda g, z: (g + z) / expected_batch_size, grad_sum, draws)
 
 
 @torch.compiler.disable
-def _account(ledger: Any, noise_multiplier: float, sample_rate: float | None) -> Any:
+def _account(ledger: Any, noise_multiplier: float, sample_rate: float | None, budget: Any) -> Any:
     # Plain Python on plain numbers: kept out of the compiled graph so a growing ledger never
-    # triggers a recompile.
+    # triggers a recompile.  Runs before the data is touched, so an over-budget step is refused
+    # before anything is computed.
     if ledger is None:
+        if budget is not None:
+            raise ValueError("budget needs a ledger: pass step(..., ledger=fundp.Ledger())")
         return None
     if sample_rate is None:
         raise ValueError("sample_rate is required to update a ledger: pass dp_step(..., sample_rate=q)")
+    if budget is not None:
+        from fundp.budget import spend
+
+        return spend(ledger, noise_multiplier=noise_multiplier, sample_rate=sample_rate, budget=budget)
     from fundp.accounting import accountant_step
 
     return accountant_step(ledger, noise_multiplier=noise_multiplier, sample_rate=sample_rate)
@@ -184,6 +201,10 @@ def dp_step(
     has_aux: bool = False,
     randomness: str = "error",
     check_finite: bool = False,
+    distributed: bool = False,
+    process_group: Any = None,
+    secure_mode: bool = False,
+    budget: Any = None,
 ) -> Callable:
     """Transform: returns a stateless DP-SGD step ``step(params, batch, key, ledger=None, mask=None)``.
 
@@ -201,6 +222,18 @@ def dp_step(
       randomness: ``"different"`` for models with dropout (driven by ``key``).
       check_finite: debug mode: raise ``FloatingPointError`` when params or a real example's
         loss are NaN/Inf (synchronises with the device; off by default).
+      distributed: inside an initialised ``torch.distributed`` group, each rank passes its shard
+        of the global batch; clipped sums are all-reduced (SUM) and every rank adds the same
+        noise from the same key, so all ranks hold identical gradients equal to one process on
+        the whole batch.  ``expected_batch_size`` is the *global* one.  See
+        :mod:`fundp.distributed`.
+      process_group: the group for ``distributed=True`` (default: the world).
+      secure_mode: draw the noise from OS entropy with the hardened sampler of
+        :mod:`fundp.secure` (for production; slower, not reproducible from the key, and a graph
+        break under ``torch.compile``).  With ``distributed=True`` only rank 0's draw is used:
+        it is broadcast so every rank still adds the same noise.
+      budget: ``fundp.Budget(epsilon, delta)`` or ``(epsilon, delta)``: a step whose ledger
+        would exceed it raises :class:`fundp.BudgetExceededError` before touching the data.
 
     The returned ``step`` computes ``StepResult(grads, ledger, loss, norms, num_nonfinite, aux)``
     with ``grads = (sum_i c_i g_i + N(0, (sigma S)^2)) / expected_batch_size``.  ``key`` is split into a
@@ -225,6 +258,14 @@ def dp_step(
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if not isinstance(check_finite, bool):
         raise TypeError("check_finite must be a bool")
+    if not isinstance(distributed, bool):
+        raise TypeError("distributed must be a bool")
+    if budget is not None:
+        from fundp.budget import _as_budget
+
+        budget = _as_budget(budget)
+        if sample_rate is None:
+            raise ValueError("budget needs sample_rate: pass dp_step(..., sample_rate=q)")
     summed = clipped_grad_sum(
         loss_fn,
         max_norm=max_norm,
@@ -236,8 +277,18 @@ def dp_step(
     )
 
     def step(params: Any, batch: Any, key: torch.Tensor, ledger: Any = None, mask: torch.Tensor | None = None) -> StepResult:
+        new_ledger = _account(ledger, noise_multiplier, sample_rate, budget)
         noise_key, model_key = fundp_random.split(key)
+        if distributed:
+            from fundp import distributed as fundp_distributed
+
+            fundp_distributed.check_not_sharded(params)
+            rank, _ = fundp_distributed.rank_and_world_size(process_group)
+            # Each rank's dropout masks differ; the noise key stays shared.
+            model_key = fundp_random.fold_in(model_key, rank)
         clipped = summed(params, batch, mask, model_key)
+        if distributed:
+            clipped = fundp_distributed.all_reduce_clipped_sum(clipped, process_group)
         if check_finite:
             losses_ok = torch.isfinite(clipped.loss_sum)
             _raise_if_nonfinite(params, losses_ok)
@@ -247,9 +298,12 @@ def dp_step(
             noise_key,
             noise_stddev=noise_multiplier * sensitivity,
             expected_batch_size=expected_batch_size,
+            secure_mode=secure_mode,
         )
+        if distributed and secure_mode:
+            grads = fundp_distributed.broadcast_from_rank0(grads, process_group)
         loss = clipped.loss_sum / torch.clamp_min(clipped.num_examples, 1).to(clipped.loss_sum.dtype)
-        return StepResult(grads, _account(ledger, noise_multiplier, sample_rate), loss, clipped.norms, clipped.num_nonfinite, clipped.aux)
+        return StepResult(grads, new_ledger, loss, clipped.norms, clipped.num_nonfinite, clipped.aux)
 
     return step
 
