@@ -1,0 +1,66 @@
+"""Worker processes for test_distributed.py (a module of its own so `spawn` can import it)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import fundp
+from models import MLP, classification_loss, make, params_of
+
+SIGMA, CLIP_NORM, EXPECTED_BATCH = 1.3, 0.4, 10.0
+
+
+def global_problem():
+    """The same model, params and a padded global batch (NaN in padded rows) on every rank."""
+    model = make(MLP)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(13, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (13,), generator=g)
+    mask = torch.ones(13, dtype=torch.bool)
+    mask[[3, 11, 12]] = False
+    x[[3, 11, 12]] = float("nan")
+    return model, params_of(model), {"x": x, "y": y}, mask
+
+
+def single_process_result():
+    model, params, batch, mask = global_problem()
+    step = fundp.dp_step(classification_loss(model), max_norm=CLIP_NORM, noise_multiplier=SIGMA, expected_batch_size=EXPECTED_BATCH, sample_rate=0.1, grad_method="vmap")
+    return step(params, batch, fundp.random.key(42), ledger=fundp.Ledger(), mask=mask)
+
+
+def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=8))
+        model, params, batch, mask = global_problem()
+        if scenario == "fail" and rank == 1:
+            raise RuntimeError("rank 1 fails before the collective")
+        rows, shard_mask = fundp.distributed.shard(torch.arange(13), mask, rank, world_size)
+        local = {k: v[rows] for k, v in batch.items()}
+        loss_fn = classification_loss(model)
+        key = fundp.random.key(42)
+        if scenario in ("step", "fail"):
+            step = fundp.dp_step(loss_fn, max_norm=CLIP_NORM, noise_multiplier=SIGMA, expected_batch_size=EXPECTED_BATCH, sample_rate=0.1, grad_method="vmap", distributed=True)
+            out = step(params, local, key, ledger=fundp.Ledger(), mask=shard_mask)
+            result = {"grads": out.grads, "loss": out.loss, "ledger": out.ledger.to_dict()}
+        else:  # "accumulate": two physical chunks per rank, reduced once, noised once
+            summed = fundp.clipped_grad_sum(loss_fn, max_norm=CLIP_NORM, grad_method="vmap")
+            noise_key, model_key = fundp.random.split(key)
+            half = rows.shape[0] // 2
+            first = summed(params, {k: v[:half] for k, v in local.items()}, shard_mask[:half], model_key)
+            second = summed(params, {k: v[half:] for k, v in local.items()}, shard_mask[half:], model_key)
+            total = fundp.distributed.all_reduce_clipped_sum(fundp.add_clipped_sums(first, second))
+            grads = fundp.privatize(total.grads, noise_key, noise_stddev=SIGMA * CLIP_NORM, expected_batch_size=EXPECTED_BATCH)
+            result = {"grads": grads, "loss": total.loss_sum / total.num_examples}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as handle:
+            handle.write(traceback.format_exc())
+        raise

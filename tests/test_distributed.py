@@ -1,0 +1,69 @@
+"""Two gloo processes on CPU: ranks agree bit for bit and equal one process on the whole batch."""
+
+import multiprocessing
+import os
+import time
+
+import pytest
+import torch
+
+import dist_workers
+import fundp
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+def launch(tmp_path, scenario, world_size=2, timeout=120):
+    context = multiprocessing.get_context("spawn")
+    init_file = tmp_path / "rendezvous"
+    processes = [
+        context.Process(target=dist_workers.run, args=(rank, world_size, str(init_file), str(tmp_path), scenario))
+        for rank in range(world_size)
+    ]
+    start = time.monotonic()
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(max(1.0, timeout - (time.monotonic() - start)))
+    alive = [p for p in processes if p.is_alive()]
+    for process in alive:
+        process.kill()
+    return processes, alive, time.monotonic() - start
+
+
+@pytest.mark.parametrize("scenario", ["step", "accumulate"])
+def test_two_ranks_equal_one_process(tmp_path, scenario):
+    processes, alive, _ = launch(tmp_path, scenario)
+    errors = {p.name: (tmp_path / f"rank{r}.err").read_text() for r, p in enumerate(processes) if (tmp_path / f"rank{r}.err").exists()}
+    assert not alive and not errors, errors
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    reference = dist_workers.single_process_result()
+    for name, expected in reference.grads.items():
+        assert torch.equal(results[0]["grads"][name], results[1]["grads"][name])  # bit for bit
+        torch.testing.assert_close(results[0]["grads"][name], expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(results[0]["loss"], reference.loss, rtol=1e-12, atol=0)
+    if scenario == "step":  # each rank's ledger records the logical step once
+        assert fundp.Ledger.from_dict(results[0]["ledger"]) == reference.ledger
+
+
+def test_a_failing_rank_does_not_hang_the_others(tmp_path):
+    processes, alive, elapsed = launch(tmp_path, "fail", timeout=90)
+    assert not alive, "a rank hung"
+    assert processes[1].exitcode != 0 and processes[0].exitcode != 0
+    assert "rank 1 fails" in (tmp_path / "rank1.err").read_text()
+    assert (tmp_path / "rank0.err").exists()  # the survivor got an error (timeout), not a hang
+    assert elapsed < 90
+
+
+def test_distributed_without_process_group_is_a_clear_error():
+    step = fundp.dp_step(lambda p, b: b @ p["w"], max_norm=1.0, noise_multiplier=1.0, expected_batch_size=2, distributed=True, grad_method="vmap")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        step({"w": torch.ones(2)}, torch.ones(2, 2), fundp.random.key(0))
+
+
+def test_shard_covers_the_global_batch_once():
+    indices, mask = torch.arange(10), torch.tensor([True] * 7 + [False] * 3)
+    shards = [fundp.distributed.shard(indices, mask, r, 3) for r in range(3)]
+    assert {s[0].shape[0] for s in shards} == {4}
+    real = sorted(i for rows, m in shards for i in rows[m].tolist())
+    assert real == list(range(7))
