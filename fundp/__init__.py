@@ -9,7 +9,7 @@ The pieces are small pure functions that compose into the stateless ``dp_step`` 
 * :func:`dp_step` — one DP-SGD step, ``(sum_i clip(g_i) + N(0, (sigma C)^2)) / (q N)``.
 """
 
-from fundp import checkpoint, optim, random, secure
+from fundp import audit, checkpoint, optim, random, secure
 from fundp.budget import Budget, BudgetExceededError
 from fundp.clipping import clip, clip_factors, clip_sensitivity, per_sample_norms
 from fundp.grads import per_sample_grads
@@ -33,6 +33,7 @@ __all__ = [
     "StepResult",
     "UnsupportedModuleError",
     "accountant_step",
+    "audit",
     "add_clipped_sums",
     "calibrate_noise",
     "check_model",
