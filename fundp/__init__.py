@@ -16,7 +16,7 @@ from fundp.grads import per_sample_grads
 from fundp.model_check import UnsupportedModuleError, check_model, functional_call
 from fundp.noise import noise
 from fundp.step import ClippedSum, StepResult, add_clipped_sums, clipped_grad_sum, dp_step, privatize
-from fundp import distributed  # noqa: E402  (after step: it builds on ClippedSum)
+from fundp import data, distributed  # noqa: E402  (after step: they build on it)
 
 try:  # accounting lands in its own issue
     from fundp.accounting import Ledger, accountant_step, calibrate_noise, delta, epsilon, max_steps
@@ -42,6 +42,7 @@ __all__ = [
     "clip_factors",
     "clip_sensitivity",
     "clipped_grad_sum",
+    "data",
     "delta",
     "distributed",
     "dp_step",

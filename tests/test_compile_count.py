@@ -1,0 +1,97 @@
+"""A compiled step over Poisson batches compiles once per padded shape, and once in all with accumulation.
+
+Compilations are counted with ``torch._dynamo.testing.CompileCounter`` (a backend that counts the
+graphs dynamo hands it and runs them eagerly: dynamo's tracing and guards are the real ones, the
+code generation is skipped to keep the test fast), after ``torch._dynamo.reset()``.  One test
+uses inductor for real.
+"""
+
+import functools
+
+import pytest
+import torch
+import torch._dynamo
+import torch._dynamo.testing
+
+import fundp
+import fundp.data as data
+from models import MLP, classification_loss, make, params_of
+
+N, Q, STEPS = 300, 0.1, 50
+
+
+@pytest.fixture
+def problem():
+    torch._dynamo.reset()
+    model = make(MLP, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(N, 6, generator=g), torch.randint(0, 3, (N,), generator=g)
+    yield params_of(model), classification_loss(model), x, y
+    torch._dynamo.reset()
+
+
+def run(step, params, x, y, batches, train_key=fundp.random.key(1), ledger=None):
+    outputs = []
+    for t, (indices, mask) in enumerate(batches):
+        out = step(params, {"x": x[indices], "y": y[indices]}, fundp.random.fold_in(train_key, t), ledger=ledger, mask=mask)
+        ledger = out.ledger
+        outputs.append(out)
+    return outputs
+
+
+@pytest.mark.parametrize("dynamic", [False, None])
+def test_compiled_dp_step_compiles_once_per_padded_shape(problem, dynamic):
+    params, loss_fn, x, y = problem
+    batches = data.poisson_batches(N, Q, fundp.random.key(0), steps=STEPS, pad_to_multiple=16)
+    shapes = {indices.shape[0] for indices, _ in batches}
+    assert 2 <= len(shapes) <= 4  # E[B] = 30, sd 5.2: sizes 16, 32, 48 (the bucketing at work)
+    counter = torch._dynamo.testing.CompileCounter()
+    eager = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=Q * N, grad_method="vmap")
+    compiled = torch.compile(eager, backend=counter, dynamic=dynamic)
+    outs = run(compiled, params, x, y, batches)
+    assert counter.frame_count == len(shapes), f"{counter.frame_count} compilations for padded shapes {sorted(shapes)}"
+    # The last step again, eagerly: the compiled step computes the same thing.
+    last = batches[STEPS - 1]
+    key = fundp.random.fold_in(fundp.random.key(1), STEPS - 1)
+    expected = eager(params, {"x": x[last[0]], "y": y[last[0]]}, key, mask=last[1])
+    for k in params:
+        torch.testing.assert_close(outs[-1].grads[k], expected.grads[k], rtol=1e-5, atol=1e-6)
+
+
+def test_accumulated_step_compiles_exactly_once(problem):
+    params, loss_fn, x, y = problem
+    batches = data.poisson_batches(N, Q, fundp.random.key(0), steps=STEPS, pad_to_multiple=16)
+    counter = torch._dynamo.testing.CompileCounter()
+    step = data.accumulated_dp_step(
+        loss_fn, physical_batch_size=16, max_norm=1.0, noise_multiplier=1.0, sampler=batches, grad_method="vmap",
+        compile_chunk=functools.partial(torch.compile, backend=counter, dynamic=False),
+    )  # fmt: skip
+    run(step, params, x, y, batches)
+    assert counter.frame_count == 1
+
+
+def test_compiled_step_with_a_ledger_does_not_recompile_as_it_grows(problem):
+    accounting = pytest.importorskip("fundp.accounting")
+    params, loss_fn, x, y = problem
+    # pad_to_multiple 128 > every batch size here (B <= 30 + 9 sd): one padded shape.
+    batches = data.poisson_batches(N, Q, fundp.random.key(0), steps=20, pad_to_multiple=128)
+    counter = torch._dynamo.testing.CompileCounter()
+    step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=Q * N, sample_rate=batches.sample_rate, grad_method="vmap")
+    outs = run(torch.compile(step, backend=counter), params, x, y, batches, ledger=accounting.Ledger())
+    assert counter.frame_count == 1
+    assert accounting.epsilon(outs[-1].ledger, 1e-5) > 0
+
+
+def test_inductor_accumulated_step_matches_eager_and_compiles_once(problem):
+    params, loss_fn, x, y = problem
+    batches = data.poisson_batches(N, Q, fundp.random.key(0), steps=6, pad_to_multiple=16)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = data.accumulated_dp_step(
+        loss_fn, physical_batch_size=16, max_norm=1.0, noise_multiplier=1.0, sampler=batches, grad_method="vmap",
+        compile_chunk=functools.partial(torch.compile, backend=counter, dynamic=False),
+    )  # fmt: skip
+    eager = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=Q * N, grad_method="vmap")
+    for fast, slow in zip(run(compiled, params, x, y, batches), run(eager, params, x, y, batches)):
+        for k in params:
+            torch.testing.assert_close(fast.grads[k], slow.grads[k], rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == 1
