@@ -147,7 +147,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-norm", type=float, default=1.0, help="per-example clipping norm C")
     parser.add_argument("--epochs", type=float, default=20.0)
     parser.add_argument("--batch-size", type=int, default=64, help="expected (Poisson) batch size")
-    parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--grad-method", choices=["auto", "vmap", "ghost"], default="auto")
     parser.add_argument("--pad-to-multiple", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
