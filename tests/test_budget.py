@@ -1,0 +1,50 @@
+"""Budget enforcement refuses the step that would overspend, before touching the data."""
+
+import pytest
+import torch
+
+import fundp
+
+DELTA = 1e-5
+
+
+def test_dp_step_stops_exactly_at_the_budget():
+    sigma, q, budget = 1.0, 0.05, 1.0
+    touched = []
+
+    def loss_fn(p, b):
+        touched.append(1)
+        return b @ p["w"]
+
+    step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=sigma, expected_batch_size=2, sample_rate=q, budget=(budget, DELTA), grad_method="vmap")
+    ledger, taken = fundp.Ledger(), 0
+    with pytest.raises(fundp.BudgetExceededError) as caught:
+        for t in range(10_000):
+            out = step({"w": torch.ones(2)}, torch.ones(2, 2), fundp.random.key(t), ledger=ledger)
+            ledger, taken = out.ledger, taken + 1
+    # Independent check with the accountant: `taken` steps fit, one more does not.
+    within = fundp.accountant_step(fundp.Ledger(), noise_multiplier=sigma, sample_rate=q, steps=taken)
+    beyond = fundp.accountant_step(fundp.Ledger(), noise_multiplier=sigma, sample_rate=q, steps=taken + 1)
+    assert fundp.epsilon(within, DELTA) <= budget < fundp.epsilon(beyond, DELTA)
+    error = caught.value
+    assert error.spent == pytest.approx(fundp.epsilon(within, DELTA))
+    assert error.would_spend > budget and "epsilon spent so far" in str(error)
+    calls_before = len(touched)
+    with pytest.raises(fundp.BudgetExceededError):
+        step({"w": torch.ones(2)}, torch.ones(2, 2), fundp.random.key(0), ledger=ledger)
+    assert len(touched) == calls_before  # the refused step never ran the model
+    assert ledger == within  # and spent nothing
+
+
+def test_spend_and_bad_budgets():
+    ledger = fundp.budget.spend(fundp.Ledger(), noise_multiplier=2.0, sample_rate=0.01, budget=fundp.Budget(1.0, DELTA))
+    assert ledger == fundp.accountant_step(fundp.Ledger(), noise_multiplier=2.0, sample_rate=0.01)
+    with pytest.raises(ValueError, match="budget.epsilon"):
+        fundp.budget.spend(fundp.Ledger(), noise_multiplier=1.0, sample_rate=0.01, budget=(0.0, DELTA))
+    with pytest.raises(ValueError, match="budget.delta"):
+        fundp.budget.spend(fundp.Ledger(), noise_multiplier=1.0, sample_rate=0.01, budget=(1.0, 1.0))
+    with pytest.raises(ValueError, match="sample_rate"):
+        fundp.dp_step(lambda p, b: b @ p["w"], max_norm=1.0, noise_multiplier=1.0, expected_batch_size=2, budget=(1.0, DELTA))
+    step = fundp.dp_step(lambda p, b: b @ p["w"], max_norm=1.0, noise_multiplier=1.0, expected_batch_size=2, sample_rate=0.1, budget=(1.0, DELTA))
+    with pytest.raises(ValueError, match="ledger"):
+        step({"w": torch.ones(2)}, torch.ones(2, 2), fundp.random.key(0))
