@@ -362,11 +362,11 @@ def test_research_loop_example_runs_end_to_end():
         out = research_loop.main(
             [
                 "--num-examples", "512", "--batch-size", "32", "--pad-to-multiple", "32", "--hidden", "16",
-                "--target-epsilon", "1.0", "--noise-multiplier", "1.0", "--max-steps", "60", "--log-every", "10",
+                "--target-epsilon", "1.0", "--noise-multiplier", "2.0", "--max-steps", "60", "--log-every", "10",
                 "--compile-backend", "eager", "--quiet",
             ]
         )  # fmt: skip
-    assert 0 < out["steps"] <= 60 and out["epsilon"] <= 1.0 + 1e-9
+    assert 0 < out["steps"] < 60 and out["epsilon"] <= 1.0 + 1e-9  # sigma 2, q 1/16: epsilon crosses 1 near step 50
     assert math.isfinite(out["history"]["loss"][-1])
     assert all(size % 32 == 0 for size in out["batch_shapes"])
     small = research_loop.main(["--num-examples", "256", "--batch-size", "16", "--pad-to-multiple", "16", "--physical-batch-size", "16",
