@@ -18,10 +18,7 @@ from fundp.noise import noise
 from fundp.step import ClippedSum, StepResult, add_clipped_sums, clipped_grad_sum, dp_step, privatize
 from fundp import data, distributed  # noqa: E402  (after step: they build on it)
 
-try:  # accounting lands in its own issue
-    from fundp.accounting import Ledger, accountant_step, calibrate_noise, delta, epsilon, max_steps
-except ImportError:  # pragma: no cover
-    pass
+from fundp.accounting import Ledger, accountant_step, calibrate_noise, delta, epsilon, max_steps
 
 __version__ = "0.1.0"
 

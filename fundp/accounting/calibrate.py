@@ -1,0 +1,180 @@
+"""Inverting the accountant: the least noise, or the most steps, that fit an epsilon target.
+
+Both searches use epsilon's monotonicity (more noise -> less epsilon; more steps -> more) and keep
+a bracket whose "safe" end always satisfies the target, so the answer returned is always feasible:
+
+* :func:`calibrate_noise`: Brent's method (``scipy.optimize.brentq``) on ``log sigma`` locates the
+  crossing to a relative ``1e-6``, then the result is nudged up until ``epsilon(result) <= target``
+  is verified; it is within ``NOISE_RTOL`` (relative ``1e-5``) above the smallest feasible sigma.
+* :func:`max_steps`: exponential search from the CLT guess, then integer bisection; exact.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+from scipy import optimize
+
+from fundp.accounting import _checks, gdp
+from fundp.accounting._checks import UnreachableTargetError
+from fundp.accounting.accountants import epsilon
+from fundp.accounting.ledger import Ledger, accountant_step
+
+__all__ = ["calibrate_noise", "max_steps", "MAX_NOISE_MULTIPLIER", "NOISE_RTOL"]
+
+#: The largest noise multiplier :func:`calibrate_noise` considers.
+MAX_NOISE_MULTIPLIER = 1e4
+#: The smallest: below it the losses exceed what the PRV grid represents.
+MIN_NOISE_MULTIPLIER = 1e-2
+#: ``calibrate_noise`` returns a sigma at most this much (relatively) above the exact smallest one.
+NOISE_RTOL = 1e-5
+#: ``max_steps`` searches no further than this.
+MAX_STEPS = 1 << 40
+
+
+def _base(ledger) -> Ledger:
+    if ledger is None:
+        return Ledger()
+    if not isinstance(ledger, Ledger):
+        raise TypeError(f"ledger must be a fundp.Ledger or None, got {type(ledger).__name__}")
+    return ledger
+
+
+def _gdp_mu(target: float, delta: float) -> float:
+    """The ``mu`` whose ``mu``-GDP epsilon at ``delta`` is ``target`` (a starting guess only)."""
+    high = 1.0
+    while gdp.gaussian_epsilon(high, delta) < target and high < 1e6:
+        high *= 2
+    return optimize.brentq(lambda mu: gdp.gaussian_epsilon(mu, delta) - target, 1e-12, high, xtol=1e-9)
+
+
+def calibrate_noise(
+    target_epsilon: float,
+    delta: float,
+    *,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "prv",
+    ledger: Ledger | None = None,
+) -> float:
+    """The smallest noise multiplier ``sigma`` with ``epsilon <= target_epsilon`` at ``delta``.
+
+    Accounts ``steps`` Poisson-subsampled Gaussian steps at ``sample_rate`` (on top of ``ledger``,
+    if given).  Guaranteed: ``epsilon(result) <= target_epsilon`` (checked), and
+    ``result <= sigma* (1 + NOISE_RTOL)`` for the exact smallest ``sigma*`` (up to the accountant's
+    own 0.1% smoothness).  Raises :class:`UnreachableTargetError` if even ``sigma = 1e4`` overspends.
+    """
+    target = _checks.epsilon(target_epsilon, "target_epsilon")
+    delta = _checks.delta(delta)
+    q = _checks.sample_rate(sample_rate)
+    count = _checks.steps(steps)
+    if count == 0:
+        raise ValueError("steps must be >= 1 to calibrate a noise multiplier, got 0")
+    accountant = _checks.accountant(accountant)
+    base = _base(ledger)
+
+    def spent(sigma: float) -> float:
+        with warnings.catch_warnings():  # probes far from the answer may warn; the answer is what counts
+            warnings.simplefilter("ignore")
+            return epsilon(accountant_step(base, noise_multiplier=sigma, sample_rate=q, steps=count), delta, accountant=accountant)
+
+    if spent(MAX_NOISE_MULTIPLIER) > target:
+        raise UnreachableTargetError(
+            f"target_epsilon={target:g} at delta={delta:g} is unreachable: even noise_multiplier="
+            f"{MAX_NOISE_MULTIPLIER:g} spends {spent(MAX_NOISE_MULTIPLIER):.6g} over {count} steps at sample_rate={q:g}"
+        )
+    if spent(MIN_NOISE_MULTIPLIER) <= target:
+        return MIN_NOISE_MULTIPLIER
+    # Bracket from the CLT guess: mu = q sqrt(T (e^{1/sigma^2} - 1))  =>  sigma = 1/sqrt(log1p(mu^2/(q^2 T))).
+    mu = _gdp_mu(target, delta)
+    guess = 1 / math.sqrt(math.log1p(mu * mu / (q * q * count)))
+    guess = min(max(guess, MIN_NOISE_MULTIPLIER), MAX_NOISE_MULTIPLIER)
+    low, high = MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER  # spent(low) > target >= spent(high)
+    if spent(guess) > target:
+        low = guess
+        while low * 1.25 < high and spent(low * 1.25) > target:
+            low *= 1.25
+        high = min(high, low * 1.25)
+    else:
+        high = guess
+        while high / 1.25 > low and spent(high / 1.25) <= target:
+            high /= 1.25
+        low = max(low, high / 1.25)
+    root = optimize.brentq(
+        lambda log_sigma: spent(math.exp(log_sigma)) - target, math.log(low), math.log(high), xtol=1e-6, rtol=1e-12
+    )
+    # brentq's root is within 1e-6 (in log sigma) of the crossing, on either side: step up from it
+    # until the target is verified (never past `high`, which is known to satisfy it).
+    for k in range(8):
+        candidate = math.exp(root) * (1 + NOISE_RTOL * 2.0 ** (k - 4))
+        if candidate >= high:
+            break
+        if spent(candidate) <= target:
+            return candidate
+    return high
+
+
+def max_steps(
+    target_epsilon: float,
+    delta: float,
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    accountant: str = "prv",
+    ledger: Ledger | None = None,
+) -> int:
+    """The largest number of steps with ``epsilon <= target_epsilon`` at ``delta`` (exact integer search).
+
+    Raises :class:`UnreachableTargetError` if even one step (on top of ``ledger``) overspends.
+    """
+    target = _checks.epsilon(target_epsilon, "target_epsilon")
+    delta = _checks.delta(delta)
+    sigma = _checks.noise_multiplier(noise_multiplier)
+    q = _checks.sample_rate(sample_rate)
+    accountant = _checks.accountant(accountant)
+    base = _base(ledger)
+
+    def fits(steps: int) -> bool:
+        ledger_after = accountant_step(base, noise_multiplier=sigma, sample_rate=q, steps=steps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return epsilon(ledger_after, delta, accountant=accountant) <= target
+
+    if not fits(1):
+        raise UnreachableTargetError(
+            f"target_epsilon={target:g} at delta={delta:g} is unreachable: one step at noise_multiplier="
+            f"{sigma:g}, sample_rate={q:g} already spends more"
+        )
+    mu = _gdp_mu(target, delta)
+    per_step = q * q * math.expm1(min(1 / sigma**2, 700.0))
+    guess = int(min(max(mu * mu / per_step, 1), MAX_STEPS))
+    low, high = 1, None  # invariant: fits(low), and not fits(high) once high is known
+    if guess > 1:
+        if fits(guess):
+            low = guess
+        else:  # the guess overshot: halve down to a feasible count
+            high, candidate = guess, guess // 2
+            while candidate > 1 and not fits(candidate):
+                high, candidate = candidate, candidate // 2
+            low = max(candidate, 1)
+    while high is None:  # the guess undershot: double up to an infeasible count
+        if low >= MAX_STEPS:
+            return MAX_STEPS
+        candidate = min(low * 2, MAX_STEPS)
+        if fits(candidate):
+            low = candidate
+        else:
+            high = candidate
+    return _bisect(fits, low, high)
+
+
+def _bisect(fits, low: int, high: int) -> int:
+    """Largest ``n`` in ``[low, high)`` with ``fits(n)``, given ``fits(low)`` and not ``fits(high)``."""
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low

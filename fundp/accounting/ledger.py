@@ -1,0 +1,159 @@
+"""The privacy ledger: an immutable record of the mechanisms composed so far.
+
+Every DP-SGD step is one Poisson-subsampled Gaussian mechanism, described by its noise multiplier
+``sigma`` and sample rate ``q``.  Composition is commutative, so a run is fully described by the
+*multiset* of its steps: how many steps were taken at each ``(sigma, q)``.  The ledger stores
+exactly that, as :class:`Segment` runs ``(noise_multiplier, sample_rate, steps)`` with one segment
+per distinct setting (merged however the steps were interleaved) in a canonical sorted order.
+Hence a million-step run is one segment, and two ledgers are equal exactly when they describe the
+same composed mechanism.
+
+:func:`accountant_step` is the only way a ledger grows.  It is pure, cheap and works on plain
+Python numbers, so calling it from a ``torch.compile``-d training step never puts accounting into
+the traced graph (``fundp.dp_step`` also fences it off with ``torch.compiler.disable``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, NamedTuple
+
+from fundp.accounting import _checks
+
+__all__ = ["Ledger", "Segment", "accountant_step"]
+
+_FORMAT = "fundp.Ledger/1"
+
+
+class Segment(NamedTuple):
+    """``steps`` compositions of the Poisson-subsampled Gaussian mechanism with noise multiplier
+    ``noise_multiplier`` (noise std / clipping norm) and sample rate ``sample_rate``."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def _canonical(segments: Iterable[Any]) -> tuple[Segment, ...]:
+    merged: dict[tuple[float, float], int] = {}
+    for index, segment in enumerate(segments):
+        try:
+            sigma, q, count = segment
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"segments[{index}] must be a (noise_multiplier, sample_rate, steps) triple, got {segment!r}"
+            ) from None
+        sigma = _checks.noise_multiplier(sigma, f"segments[{index}].noise_multiplier")
+        q = _checks.sample_rate(q, f"segments[{index}].sample_rate")
+        count = _checks.steps(count, f"segments[{index}].steps")
+        if count:
+            merged[(sigma, q)] = merged.get((sigma, q), 0) + count
+    return tuple(Segment(sigma, q, count) for (sigma, q), count in sorted(merged.items()))
+
+
+class Ledger:
+    """An immutable, hashable record of composed Poisson-subsampled Gaussian mechanisms.
+
+    ``Ledger()`` is the empty ledger (nothing spent: epsilon 0).  ``Ledger(segments)`` accepts any
+    iterable of ``(noise_multiplier, sample_rate, steps)`` triples; repeated settings are merged and
+    zero-step entries dropped.  Serialise with :meth:`to_dict` / :meth:`from_dict` (plain
+    JSON-compatible dicts; floats round-trip exactly) or :meth:`to_json` / :meth:`from_json`.
+
+    Example:
+      >>> from fundp.accounting import Ledger, accountant_step
+      >>> ledger = accountant_step(Ledger(), noise_multiplier=1.1, sample_rate=0.01, steps=10**6)
+      >>> accountant_step(ledger, noise_multiplier=1.1, sample_rate=0.01).segments
+      (Segment(noise_multiplier=1.1, sample_rate=0.01, steps=1000001),)
+      >>> Ledger.from_json(ledger.to_json()) == ledger
+      True
+    """
+
+    __slots__ = ("_segments", "_hash")
+
+    def __init__(self, segments: Iterable[Any] = ()):
+        object.__setattr__(self, "_segments", _canonical(segments))
+        object.__setattr__(self, "_hash", None)
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        """The distinct settings and their step counts, sorted by ``(noise_multiplier, sample_rate)``."""
+        return self._segments
+
+    @property
+    def steps(self) -> int:
+        """Total number of steps composed."""
+        return sum(segment.steps for segment in self._segments)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Ledger is immutable: use fundp.accountant_step to get a new one")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("Ledger is immutable")
+
+    def __eq__(self, other: Any) -> bool:
+        if not isinstance(other, Ledger):
+            return NotImplemented
+        return self._segments == other._segments
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            object.__setattr__(self, "_hash", hash((Ledger, self._segments)))
+        return self._hash
+
+    def __bool__(self) -> bool:
+        return True  # a ledger is a value; an empty one is still a ledger, not "no ledger"
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"({s.noise_multiplier!r}, {s.sample_rate!r}, {s.steps!r})" for s in self._segments)
+        return f"Ledger([{inner}])"
+
+    def __reduce__(self):
+        return (Ledger, (self._segments,))
+
+    def to_dict(self) -> dict:
+        """A JSON-compatible dict: ``{"format": ..., "segments": [{"noise_multiplier", "sample_rate", "steps"}, ...]}``."""
+        return {"format": _FORMAT, "segments": [segment._asdict() for segment in self._segments]}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Ledger":
+        """Inverse of :meth:`to_dict`; validates every entry."""
+        if not isinstance(data, dict) or not isinstance(data.get("segments"), list):
+            raise ValueError("a ledger dict needs a 'segments' list (as written by Ledger.to_dict)")
+        if data.get("format", _FORMAT) != _FORMAT:
+            raise ValueError(f"unknown ledger format {data.get('format')!r}, expected {_FORMAT!r}")
+        triples = []
+        for index, entry in enumerate(data["segments"]):
+            if not isinstance(entry, dict) or set(entry) != set(Segment._fields):
+                raise ValueError(f"segments[{index}] must be a dict with keys {Segment._fields}, got {entry!r}")
+            triples.append((entry["noise_multiplier"], entry["sample_rate"], entry["steps"]))
+        return cls(triples)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Ledger":
+        return cls.from_dict(json.loads(text))
+
+
+def accountant_step(ledger: Ledger, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> Ledger:
+    """Returns ``ledger`` with ``steps`` more Poisson-subsampled Gaussian steps composed.
+
+    Pure and cheap (no privacy computation happens here; :func:`fundp.accounting.epsilon` does
+    that on demand).  Inputs are converted to plain Python numbers and validated; ``steps=0``
+    returns ``ledger`` itself.
+
+    Args:
+      ledger: the :class:`Ledger` so far (``Ledger()`` to start).
+      noise_multiplier: sigma, the Gaussian noise std divided by the L2 clipping norm; > 0.
+      sample_rate: q, the Poisson sampling probability of each example; in (0, 1].
+      steps: how many steps at this setting; >= 0.
+    """
+    if not isinstance(ledger, Ledger):
+        raise TypeError(f"ledger must be a fundp.Ledger, got {type(ledger).__name__}")
+    sigma = _checks.noise_multiplier(noise_multiplier)
+    q = _checks.sample_rate(sample_rate)
+    count = _checks.steps(steps)
+    if count == 0:
+        return ledger
+    return Ledger(ledger.segments + ((sigma, q, count),))

@@ -1,0 +1,451 @@
+"""Privacy loss distributions on a uniform grid: pessimistic discretisation, FFT composition, queries.
+
+A pair of distributions ``(P, Q)`` is summarised by its privacy loss distribution (PLD): the law of
+``L = log(P(x)/Q(x))`` for ``x ~ P``, plus an atom at ``+inf`` for the ``P``-mass where ``Q = 0``.
+Its privacy profile is the hockey-stick divergence
+
+    delta(eps) = sup_S P(S) - e^eps Q(S) = E[(1 - e^{eps - L})_+] + P(L = +inf),
+
+and composing mechanisms adds independent losses, i.e. convolves PLDs.
+
+**Why the result is an upper bound.**  We never approximate; we only replace a pair by one that
+*dominates* it (``H_a(P'||Q') >= H_a(P||Q)`` for every ``a = e^eps >= 0``), and domination survives
+composition (Zhu, Dong & Wang 2022); or we add a bound on what we leave out.  The moves:
+
+* **connect the dots** (Doroshenko, Ghazi, Kamath, Kumar & Manurangsi 2022): the loss mass in a grid
+  cell ``(t_i, t_{i+1}]`` is split between the two grid points, keeping both its ``P``-mass and its
+  ``Q``-mass (``Q = P e^{-L}``).  Merging the two atoms again gives back the original, so the split
+  pair dominates it (data processing).  Unlike rounding every loss up, which shifts the composed
+  loss by ``T h / 2``, the split only adds ``<= h^2/4`` variance per step.
+* **rounding a loss up** (the far lower tail onto the lowest grid point) and **moving mass to +inf**
+  (the far upper tail): both keep ``P`` and shrink ``Q``, which can only raise ``H_a``.
+* **wrap-around** of the circular FFT convolution: mass above the window would reappear at low
+  losses and be under-counted, so a Chernoff bound on it, computed from the discretised PLD itself,
+  is added to delta.  Mass below the window reappears near its top, which can only overstate delta
+  (with tilting, see :func:`compose`, delta is trusted only from the window's start up).
+* **round-off**: a conservative bound on the floating-point error of every FFT entry (standard FFT
+  error analysis with a safety factor, not a machine-checked proof) is added to delta for each atom
+  above epsilon.
+
+Only the finite part of each single-step PLD is convolved; the ``+inf`` masses compose as
+``1 - prod (1 - p_inf)^T``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import numpy as np
+from scipy import fft as sp_fft
+from scipy import optimize, special
+
+from fundp.accounting import subsampled_gaussian as sg
+
+__all__ = ["DiscretePLD", "ComposedPLD", "choose_tilt", "compose", "discretize", "saddle_point", "saddle_point_epsilon"]
+
+_EPS = np.finfo(float).eps
+# Losses beyond this go to +inf: e^{700} is near the float64 limit, and any epsilon the accountant
+# is asked about is far below it.
+_MAX_LOSS = 600.0
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    # Not `a @ b`: a BLAS call on a 1-D vector can stall for milliseconds waking its thread pool.
+    return float(np.sum(a * b))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DiscretePLD:
+    """A PLD with mass ``masses[j]`` at loss ``(start + j) * interval`` and ``infinity_mass`` at ``+inf``."""
+
+    interval: float
+    start: int
+    masses: np.ndarray
+    infinity_mass: float
+
+    @functools.cached_property
+    def losses(self) -> np.ndarray:
+        return (self.start + np.arange(self.masses.size)) * self.interval
+
+    @functools.cached_property
+    def _log_masses(self) -> np.ndarray:
+        with np.errstate(divide="ignore"):
+            return np.log(self.masses)
+
+    def moments(self) -> tuple[float, float]:
+        """Mean and variance of the finite part, normalised to a probability."""
+        _, mean, variance = self.cumulants(0.0)
+        return mean, variance
+
+    def tilted(self, lam: float) -> tuple[np.ndarray, float, float]:
+        """The finite part tilted by ``e^{lam * loss}`` and normalised, with ``K(lam)`` (the log of
+        the normaliser: the cumulant generating function), and the tilted mean.
+
+        """
+        exponent = self._log_masses + lam * self.losses
+        peak = float(exponent.max())
+        # Clip at e^-600: weights below are irrelevant, and subnormal floats are ~10x slower.
+        weights = np.exp(np.maximum(exponent - peak, -600.0))
+        total = float(weights.sum())
+        weights /= total
+        centre = _dot(weights, self.losses)
+        return weights, peak + math.log(total), centre
+
+    def cumulants(self, lam: float) -> tuple[float, float, float]:
+        """``K(lam)``, ``K'(lam)``, ``K''(lam)``: log-mass, mean and variance of the tilted finite part.
+
+        (Clipping negligible weights at ``e^-600`` can only raise ``K``, which keeps every Chernoff
+        bound built on it valid.)
+        """
+        weights, log_mgf, centre = self.tilted(lam)
+        centred = self.losses - centre
+        return log_mgf, centre, _dot(weights, centred * centred)
+
+    def log_mgf(self, lam: float) -> float:
+        """``log sum_j masses_j e^{lam * loss_j}``: the finite part's cumulant generating function."""
+        exponent = self._log_masses + lam * self.losses
+        peak = float(exponent.max())
+        return peak + math.log(float(np.exp(np.maximum(exponent - peak, -600.0)).sum()))
+
+
+def discretize(
+    noise_multiplier: float, sample_rate: float, interval: float, direction: str, tail_mass: float
+) -> DiscretePLD:
+    """A dominating PLD of one subsampled Gaussian step on the grid ``interval * Z``.
+
+    The loss is kept on ``[t_lo, t_hi]`` where each tail has ``P``-mass ``<= tail_mass``; the lower
+    tail is rounded up onto the lowest grid point, the upper tail goes to ``+inf``, and each cell in
+    between is split between its end points (connect the dots):
+
+        up_i = (P_i - e^{t_i} Q_i) / (1 - e^{-h}),   down_i = P_i - up_i,
+
+    the unique split of the cell's ``(P_i, Q_i)`` onto ``t_i`` and ``t_{i+1} = t_i + h``.
+    """
+    h = interval
+    t_lo, t_hi = sg.loss_range(sample_rate, noise_multiplier, direction, tail_mass)
+    t_hi = min(t_hi, _MAX_LOSS)
+    k_lo = math.floor(t_lo / h)
+    k_hi = max(math.ceil(t_hi / h), k_lo + 1)
+    thresholds = np.arange(k_lo, k_hi + 1) * h
+    p_below, p_cells, q_cells, p_above = sg.interval_masses(thresholds, sample_rate, noise_multiplier, direction)
+    with np.errstate(over="ignore", invalid="ignore"):
+        up = (p_cells - np.exp(thresholds[:-1]) * q_cells) / -math.expm1(-h)
+    # Exactly, 0 <= up_i <= P_i (the cell's mean of e^{-(L - t_i)} lies in [e^{-h}, 1]); clipping
+    # only removes float round-off.
+    up = np.clip(np.nan_to_num(up, nan=0.0), 0.0, p_cells)
+    masses = np.zeros(thresholds.size)
+    masses[:-1] += p_cells - up
+    masses[1:] += up
+    masses[0] += p_below
+    masses.setflags(write=False)
+    return DiscretePLD(h, k_lo, masses, float(p_above))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ComposedPLD:
+    """A composed PLD on the window ``loss_j = (start + j) * interval``, stored exponentially tilted.
+
+    The mass at ``loss_j`` is ``masses[j] * exp(log_scale - tilt * loss_j)``: ``masses`` is the
+    composed PLD tilted by ``e^{tilt * L}`` and normalised (see :func:`compose` for why).  Also:
+
+    * ``infinity_mass``: the composed mass at ``+inf``;
+    * ``missing_mass``: a bound on the mass that wrapped from above the window to below it; it is
+      counted in full in every delta;
+    * ``entry_error``: a bound on the floating-point error of each entry of ``masses``; it is
+      counted (untilted) for every atom above epsilon;
+    * ``mean``, ``variance``: of the untilted composed loss (finite part), for sizing grids.
+    """
+
+    interval: float
+    start: int
+    masses: np.ndarray
+    tilt: float
+    log_scale: float
+    infinity_mass: float
+    missing_mass: float
+    entry_error: float
+    mean: float
+    variance: float
+
+    def _positive_part(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Losses ``> 0`` with their untilted masses and error allowances."""
+        first = max(0, 1 - self.start)
+        losses = (self.start + first + np.arange(max(self.masses.size - first, 0))) * self.interval
+        # Where untilting multiplies by more than e^600 the entry (and its allowance) is useless:
+        # the allowance then exceeds 1 and delta saturates, which is the pessimistic answer.
+        exponent = np.minimum(self.log_scale - self.tilt * losses, 600.0)
+        scale = np.exp(exponent)
+        with np.errstate(divide="ignore"):
+            allowance = np.exp(np.minimum(math.log(self.entry_error) + exponent, 600.0)) if self.entry_error > 0 else np.zeros_like(losses)
+        return losses, self.masses[first:] * scale, allowance
+
+    @property
+    def lowest_trusted_loss(self) -> float:
+        """Below the window, tilted mass that wrapped to its top was down-weighted by untilting, so
+        delta is only bounded for eps at or above the window's start (untilted: everywhere)."""
+        return self.start * self.interval if self.tilt > 0 else -math.inf
+
+    def delta(self, epsilon: float) -> float:
+        """Upper bound on ``delta(eps) = E[(1 - e^{eps - L})_+] + P(L = inf)`` for ``eps >= 0``."""
+        finite, allowances = self.delta_parts(epsilon)
+        return float(min(1.0, max(finite + allowances, 0.0)))
+
+    def delta_parts(self, epsilon: float) -> tuple[float, float]:
+        """``delta(eps)`` split into the finite atoms' part and the allowances (``+inf`` mass, mass
+        above the window, round-off) that scale with the tail budget rather than with delta."""
+        if epsilon < self.lowest_trusted_loss:
+            return 0.0, 1.0
+        losses, masses, allowance = self._positive_part()
+        above = losses > epsilon
+        finite = float(np.sum(masses[above] * -np.expm1(epsilon - losses[above])))
+        return finite, self.infinity_mass + self.missing_mass + float(np.sum(allowance[above]))
+
+    def delta_slope(self, epsilon: float) -> float:
+        """``-d delta / d eps = e^eps sum_{l > eps} m_l e^{-l}``: used to size grids."""
+        losses, masses, _ = self._positive_part()
+        above = losses > epsilon
+        return float(max((masses[above] * np.exp(epsilon - losses[above])).sum(), 0.0))
+
+    def epsilon(self, delta: float) -> float:
+        """The smallest ``eps >= 0`` with ``self.delta(eps) <= delta`` (``inf`` if none).
+
+        Between consecutive atoms ``delta(eps) = A - e^eps B`` with ``A``, ``B`` tail sums of
+        ``masses`` (plus allowances) and ``masses * e^{-loss}``, so the crossing is solved exactly.
+        """
+        extra = self.infinity_mass + self.missing_mass
+        if extra >= delta:
+            return math.inf
+        losses, masses, allowance = self._positive_part()
+        # Suffix sums accumulate from the smallest terms, so the tails we care about are not
+        # swamped by the bulk.
+        a = np.concatenate([np.cumsum((masses + allowance)[::-1])[::-1], [0.0]])
+        b = np.concatenate([np.cumsum((masses * np.exp(-losses))[::-1])[::-1], [0.0]])
+        # Piece k covers [left_k, losses[k]) where only atoms j >= k lie strictly above eps.
+        left = np.concatenate([[0.0], losses])
+        with np.errstate(invalid="ignore", over="ignore"):
+            at_left = extra + a - np.exp(left) * b
+        at_left = np.where(np.isnan(at_left) | (left < self.lowest_trusted_loss), np.inf, at_left)
+        if at_left[0] <= delta:
+            return 0.0
+        # The last piece whose left end still exceeds delta holds the crossing (pessimistic if
+        # round-off made the sequence wiggle).
+        k = int(np.flatnonzero(at_left > delta)[-1])
+        upper = losses[k] if k < losses.size else math.inf
+        if b[k] <= 0 or extra + a[k] <= delta:
+            return float(upper)
+        eps = math.log((extra + a[k] - delta) / b[k])
+        return float(min(max(eps, left[k]), upper))
+
+
+def _edge(log_mgf, mean: float, sd: float, log_tail: float, sign: int, max_lam: float) -> float:
+    """Chernoff bound: a loss ``u`` with ``mass(sign * L >= sign * u) <= e^log_tail``.
+
+    ``mass(L >= u) <= e^{K(lam) - lam u}`` for any ``lam > 0`` with ``K`` the cumulant generating
+    function (and the mirror for the lower tail), so ``u(lam) = (K(lam) - log_tail) / lam``, which
+    is unimodal in ``lam``.  We start from the Gaussian optimum ``lam = z / sd`` and walk by factors
+    of 2, then refine once: any ``lam`` gives a valid bound, a good one a tight window.
+    """
+
+    def u(log_lam: float) -> float:
+        lam = sign * math.exp(log_lam)
+        return (log_mgf(lam) - log_tail) / lam
+
+    z = math.sqrt(-2 * log_tail)
+    x0 = min(math.log(z / max(sd, 1e-300)), math.log(max_lam))
+    values = {x0: u(x0)}
+    step = math.log(2.0)
+    for direction in (-1, 1):
+        x = x0
+        while len(values) < 40:
+            nxt = x + direction * step
+            if nxt > math.log(max_lam):
+                break
+            values[nxt] = u(nxt)
+            if sign * values[nxt] >= sign * values[x]:
+                break
+            x = nxt
+    best = min(values, key=lambda key: sign * values[key])
+    for offset in (-step / 2, step / 2):
+        if best + offset <= math.log(max_lam):
+            values[best + offset] = u(best + offset)
+    return min(values.values()) if sign > 0 else max(values.values())
+
+
+def _spectrum_mean(half_spectrum: np.ndarray) -> float:
+    """Mean over all ``N`` frequencies of a real signal's spectrum given its ``rfft`` half."""
+    return float((half_spectrum[0] + 2 * half_spectrum[1:].sum()) / (2 * half_spectrum.size - 1))
+
+
+def _composed_log_mgf(plds: Sequence[tuple[DiscretePLD, int]]):
+    return lambda lam: sum(count * pld.log_mgf(lam) for pld, count in plds)
+
+
+def _cumulants(plds: Sequence[tuple[DiscretePLD, int]], lam: float) -> tuple[float, float, float]:
+    """``K(lam)``, ``K'(lam)``, ``K''(lam)`` of the composed finite part (its tilted log-mass, mean, variance)."""
+    k = first = second = 0.0
+    for pld, count in plds:
+        log_mgf, centre, variance = pld.cumulants(lam)
+        k += count * log_mgf
+        first += count * centre
+        second += count * variance
+    return k, first, second
+
+
+def saddle_point(plds: Sequence[tuple[DiscretePLD, int]], loss: float) -> float:
+    """The tilt ``lam >= 0`` whose tilted composed PLD has mean ``loss`` (``K'(lam) = loss``); 0 if
+    ``loss`` is at or below the mean.  Safeguarded Newton on the convex ``K``; approximate is fine."""
+    _, first, second = _cumulants(plds, 0.0)
+    if first >= loss:
+        return 0.0
+    # Bracket the root of K'(lam) = loss (K' increases; it can turn very steep in heavy tails).
+    low, high = 0.0, max((loss - first) / max(second, 1e-300), 1e-6)
+    while _cumulants(plds, high)[1] < loss and high < 1e12:
+        low, high = high, high * 2
+    lam = high
+    for _ in range(60):  # Newton steps kept inside the bracket, else bisection ("rtsafe")
+        _, first, second = _cumulants(plds, lam)
+        if abs(first - loss) <= 1e-3 * max(abs(loss), 1e-3) or high - low <= 1e-9 * high:
+            break
+        if first < loss:
+            low = lam
+        else:
+            high = lam
+        newton = lam + (loss - first) / max(second, 1e-300)
+        lam = newton if low < newton < high and abs(newton - lam) < (high - low) / 2 else (low + high) / 2
+    return max(lam, 0.0)
+
+
+def choose_tilt(plds: Sequence[tuple[DiscretePLD, int]], loss: float, headroom: float = 1e3) -> float:
+    """The least tilt whose precision at ``loss`` is within ``headroom`` of the saddle point's.
+
+    Untilted, the composed mass near ``loss`` sits ``~e^{-(lam* loss - K(lam*))}`` below the peak
+    (``lam*`` the saddle point); tilted by ``lam`` it sits ``e^{(K(lam) - lam loss) - (K(lam*) -
+    lam* loss)}`` times worse off than at ``lam*``.  That excess is convex in ``lam`` with minimum 0
+    at ``lam*``; we take the smallest ``lam`` where it is ``log(headroom)``: enough precision, and
+    the lightest possible tilted upper tail (tilting fattens the subsampled loss's heavy tail, and
+    the window must hold it).  Newton from ``lam = 0`` approaches a convex decreasing function's
+    root monotonically from the left.
+    """
+    best = saddle_point(plds, loss)
+    if best == 0.0:
+        return 0.0
+    k_best = _cumulants(plds, best)[0] - best * loss
+    lam = 0.0
+    for _ in range(50):
+        k, first, _ = _cumulants(plds, lam)
+        excess = k - lam * loss - k_best - math.log(headroom)
+        if excess <= 1e-3 or first >= loss:
+            break
+        lam = min(lam + excess / (loss - first), best)
+    return lam
+
+
+def saddle_point_epsilon(plds: Sequence[tuple[DiscretePLD, int]], delta: float) -> float:
+    """A quick *estimate* (not a bound) of epsilon at ``delta``, used only to aim the tilt.
+
+    Tilting by the saddle point ``K'(lam) = eps`` and treating the tilted loss as ``N(eps, K'')``:
+
+        delta(eps) ~ e^{K(lam) - lam eps} / (sqrt(2 pi K''(lam)) lam (1 + lam)),
+
+    which is monotone in ``lam``; we solve it for ``lam`` (Brent on ``log lam``) and return ``K'(lam)``.
+    """
+
+    def excess(log_lam: float) -> float:
+        lam = math.exp(log_lam)
+        k, first, second = _cumulants(plds, lam)
+        log_delta = k - lam * first - 0.5 * math.log(2 * math.pi * max(second, 1e-300)) - math.log(lam * (1 + lam))
+        return log_delta - math.log(delta)
+
+    low, high = math.log(1e-3), math.log(1.0)
+    if excess(low) <= 0:  # delta is reached near the mean already
+        return max(_cumulants(plds, 0.0)[1], 0.0)
+    while excess(high) > 0:
+        if high > math.log(1e8):
+            return math.inf
+        low, high = high, high + math.log(8.0)
+    lam = math.exp(optimize.brentq(excess, low, high, xtol=1e-3))
+    return max(_cumulants(plds, lam)[1], 0.0)
+
+
+def compose(
+    plds: Sequence[tuple[DiscretePLD, int]],
+    tail_mass: float,
+    tilt: float = 0.0,
+    lowest_loss: float = math.inf,
+    max_size: int = 1 << 24,
+) -> ComposedPLD:
+    """Composes ``count`` copies of each ``pld`` (all on one grid) by one FFT.
+
+    **Tilting.**  An FFT's round-off is ~1e-16 of the *largest* entry, which would swamp a delta of
+    1e-12 sitting far in the tail.  Convolution commutes with exponential tilting
+    (``(m e^{lam l})^{*T} = m^{*T} e^{lam L}``), so each PLD is tilted by ``e^{tilt * l}`` and
+    normalised before the FFT; with ``tilt`` the saddle point at the epsilon of interest the tilted
+    composed PLD peaks there, and round-off is relative to the mass that matters.  A rigorous
+    per-entry bound on that round-off is carried along and added back, untilted, to every delta.
+
+    **Window.**  The circle of ``N`` points covers ``[lo, hi]``: ``hi`` is a Chernoff bound above
+    which at most ``tail_mass`` (untilted) lies, added to delta since it wraps to low losses, and
+    above which the tilted mass is below 1e-12 (it wraps to low losses where untilting scales it down: harmless); ``lo`` bounds the tilted lower tail the same way
+    and is at most ``lowest_loss``.  Untilted, what wraps up from below only overstates delta;
+    tilted, it is down-weighted, so delta is bounded only for eps >= lo (and 1 below it).  Each PLD is folded onto the circle,
+    transformed once, raised to its count in Fourier space and multiplied with the others:
+    ``O(N log N)`` whatever the number of steps.
+    """
+    h = plds[0][0].interval
+    plds = [(pld, count) for pld, count in plds if count > 0]
+    moments = [pld.moments() for pld, _ in plds]
+    mean = sum(count * m for (_, count), (m, _) in zip(plds, moments))
+    variance = sum(count * v for (_, count), (_, v) in zip(plds, moments))
+    if len(plds) == 1 and plds[0][1] == 1:  # nothing to compose: the discretised PLD is exact
+        pld = plds[0][0]
+        return ComposedPLD(h, pld.start, np.asarray(pld.masses), 0.0, 0.0, pld.infinity_mass, 0.0, 0.0, mean, variance)
+
+    log_mgf = _composed_log_mgf(plds)
+    log_scale = log_mgf(tilt)
+    tilted_mgf = lambda lam: log_mgf(tilt + lam) - log_scale  # noqa: E731
+    total_steps = sum(count for _, count in plds)
+    max_lam = 1e300 / (_MAX_LOSS * total_steps)
+    # Spread of the tilted composition, to start the Chernoff searches.
+    spread = math.sqrt(max(variance, 1e-300))
+    support_lo = sum(count * pld.start for pld, count in plds) * h
+    support_hi = sum(count * (pld.start + pld.masses.size - 1) for pld, count in plds) * h
+    log_rel = math.log(1e-12)
+    hi = max(_edge(log_mgf, mean, spread, math.log(tail_mass), +1, max_lam),
+             _edge(tilted_mgf, mean, spread, log_rel, +1, max_lam))
+    lo = min(_edge(tilted_mgf, mean, spread, log_rel, -1, max_lam), lowest_loss)
+    hi, lo = min(hi, support_hi), max(lo, support_lo)
+    missing = tail_mass if hi < support_hi else 0.0
+    start = math.floor(lo / h)
+    size = sp_fft.next_fast_len(max(math.ceil(hi / h) - start + 1, 16), real=True)
+    if size > max_size:
+        raise MemoryError(f"composed PLD window needs {size} points (> {max_size})")
+
+    log2n = math.log2(size)
+    log_spectrum = np.zeros(size // 2 + 1, dtype=complex)
+    forward_error = 0.0  # mean over frequencies of a bound on the composed spectrum's error
+    for pld, count in plds:
+        weights = pld.tilted(tilt)[0]  # sums to 1
+        positions = (pld.start + np.arange(pld.masses.size)) % size
+        f = sp_fft.rfft(np.bincount(positions, weights=weights, minlength=size))
+        # f**count as exp(count log f): the segments' powers then multiply as one sum of logs and
+        # one complex exp at the end (phase count*arg f stays exact to ~count*eps).
+        with np.errstate(divide="ignore"):
+            log_modulus = np.log(np.abs(f))
+        log_spectrum += count * (log_modulus + 1j * np.angle(f))
+        # Round-off: the forward FFT errs by ~eps log2(N) ||x||_2 per frequency, which z -> z**T
+        # multiplies by T |z|^{T-1}; the power itself errs by ~eps (T pi + 1) |z|^T (phase and
+        # modulus of exp(T log z)).  An inverse FFT puts the spectrum's mean error into each entry.
+        mean_power = _spectrum_mean(np.exp((count - 1) * log_modulus)) if count > 1 else 1.0
+        forward_error += count * log2n * math.sqrt(_dot(weights, weights)) * mean_power
+        forward_error += (count * math.pi + 1) * _spectrum_mean(np.exp(count * log_modulus))
+    spectrum = np.exp(log_spectrum)
+    masses = np.roll(sp_fft.irfft(spectrum, n=size), -(start % size))
+    inverse_error = log2n * math.sqrt(_dot(masses, masses) / size)
+    entry_error = 4 * _EPS * (forward_error + inverse_error)
+    log_finite = sum(count * math.log1p(-pld.infinity_mass) if pld.infinity_mass < 1 else -math.inf
+                     for pld, count in plds)
+    infinity_mass = -math.expm1(log_finite)
+    return ComposedPLD(h, start, masses, tilt, log_scale, infinity_mass, missing, entry_error, mean, variance)
