@@ -40,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 from scipy import fft as sp_fft
-from scipy import optimize, special
+from scipy import optimize
 
 from fundp.accounting import subsampled_gaussian as sg
 
@@ -382,17 +382,20 @@ def compose(
     **Tilting.**  An FFT's round-off is ~1e-16 of the *largest* entry, which would swamp a delta of
     1e-12 sitting far in the tail.  Convolution commutes with exponential tilting
     (``(m e^{lam l})^{*T} = m^{*T} e^{lam L}``), so each PLD is tilted by ``e^{tilt * l}`` and
-    normalised before the FFT; with ``tilt`` the saddle point at the epsilon of interest the tilted
-    composed PLD peaks there, and round-off is relative to the mass that matters.  A rigorous
-    per-entry bound on that round-off is carried along and added back, untilted, to every delta.
+    normalised before the FFT; with ``tilt`` near the saddle point of the epsilon of interest
+    (:func:`choose_tilt`) the tilted composed PLD is large there, and round-off is relative to the
+    mass that matters.  A conservative per-entry bound on that round-off is carried along and
+    added back, untilted, to every delta.
 
-    **Window.**  The circle of ``N`` points covers ``[lo, hi]``: ``hi`` is a Chernoff bound above
-    which at most ``tail_mass`` (untilted) lies, added to delta since it wraps to low losses, and
-    above which the tilted mass is below 1e-12 (it wraps to low losses where untilting scales it down: harmless); ``lo`` bounds the tilted lower tail the same way
-    and is at most ``lowest_loss``.  Untilted, what wraps up from below only overstates delta;
-    tilted, it is down-weighted, so delta is bounded only for eps >= lo (and 1 below it).  Each PLD is folded onto the circle,
-    transformed once, raised to its count in Fourier space and multiplied with the others:
-    ``O(N log N)`` whatever the number of steps.
+    **Window.**  The circle of ``N`` points covers ``[lo, hi]``.  Above ``hi`` lies at most
+    ``tail_mass`` of the untilted PLD (a Chernoff bound); it wraps to low losses, so it is added to
+    delta.  ``hi`` is also high enough (and ``lo`` low enough, and at most ``lowest_loss``) that
+    the tilted mass outside is below 1e-12, which keeps the window from cutting into the part that
+    matters.  Mass wrapping up from below ``lo`` only overstates delta when untilted; tilted, it is
+    down-weighted, so delta is then trusted only from ``lo`` up (and reported as 1 below it).
+
+    Each PLD is folded onto the circle, transformed once, raised to its count in Fourier space and
+    multiplied with the others: ``O(N log N)`` whatever the number of steps.
     """
     h = plds[0][0].interval
     plds = [(pld, count) for pld, count in plds if count > 0]
@@ -408,7 +411,7 @@ def compose(
     tilted_mgf = lambda lam: log_mgf(tilt + lam) - log_scale  # noqa: E731
     total_steps = sum(count for _, count in plds)
     max_lam = 1e300 / (_MAX_LOSS * total_steps)
-    # Spread of the tilted composition, to start the Chernoff searches.
+    # The untilted spread only seeds the Chernoff searches.
     spread = math.sqrt(max(variance, 1e-300))
     support_lo = sum(count * pld.start for pld, count in plds) * h
     support_hi = sum(count * (pld.start + pld.masses.size - 1) for pld, count in plds) * h

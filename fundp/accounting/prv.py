@@ -207,8 +207,8 @@ def epsilon(segments: Segments, delta: float) -> float:
             # The pessimism of connect-the-dots shrinks like h^2, so the drop from the coarse to
             # the fine bound estimates the fine bound's own excess (Richardson).  If the error
             # model that sized h was too optimistic, refine once more.
-            ratio = (pld.interval / fine_pld.interval) ** 2
-            excess = (bound - fine) / (ratio - 1)
+            ratio = (pld.interval / fine_pld.interval) ** 2  # 1 if the grid cap kept h from shrinking
+            excess = (bound - fine) / (ratio - 1) if ratio > 1.01 else 0.0
             target = RELATIVE_ERROR * max(fine, 1e-2)
             if math.isfinite(fine) and excess > 2 * target:
                 h_again = fine_pld.interval * max(math.sqrt(target / excess), 0.25)
@@ -237,11 +237,12 @@ def delta(segments: Segments, epsilon: float) -> float:
             pld = _composed(segments, h, direction, tail, epsilon)
             finite, allowances = pld.delta_parts(epsilon)
             value = min(1.0, finite + allowances)
-            if finite * _TAIL_FRACTION >= tail or tail <= floor:
+            # What delta is made of once the tail allowances are negligible: the finite atoms, and
+            # any mass at +inf beyond what the truncation (<= tail) put there.
+            core = finite + max(pld.infinity_mass - tail, 0.0)
+            if core * _TAIL_FRACTION >= tail or tail <= floor:
                 break
-            # The finite part is what delta is made of once the allowances are negligible; when
-            # it is not even positive yet, shrink the budget by a large step instead.
-            tail = max(_TAIL_FRACTION * finite if finite > 0 else tail * 1e-30, floor)
+            tail = max(_TAIL_FRACTION * core if core > 0 else tail * 1e-30, floor)
         return value, pld
 
     answer, coarse = 0.0, {}
@@ -264,7 +265,7 @@ def delta(segments: Segments, epsilon: float) -> float:
             fine, fine_pld = query(h_fine, direction, tail, floor)
             # Richardson check of the error model, as in `epsilon` (here on log delta).
             ratio = (pld.interval / fine_pld.interval) ** 2
-            excess = (math.log(bound) - math.log(fine)) / (ratio - 1) if fine > 0 else 0.0
+            excess = (math.log(bound) - math.log(fine)) / (ratio - 1) if fine > 0 and ratio > 1.01 else 0.0
             if excess > 2 * RELATIVE_ERROR:
                 h_again = fine_pld.interval * max(math.sqrt(RELATIVE_ERROR / excess), 0.25)
                 fine = min(fine, query(h_again, direction, tail, floor)[0])
