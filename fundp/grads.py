@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import optree
 import torch
@@ -11,7 +12,7 @@ from torch.func import grad, vmap
 from fundp import random as fundp_random
 from fundp._validate import check_batch
 
-__all__ = ["per_sample_grads", "per_sample_grads_and_losses"]
+__all__ = ["per_sample_grads", "per_sample_grads_and_losses", "keyed_model_rng"]
 
 LossFn = Callable[..., Any]
 
@@ -44,6 +45,26 @@ def _seed_from_key(key: torch.Tensor) -> int:
     return (hi << 32) | lo
 
 
+@contextlib.contextmanager
+def keyed_model_rng(key: torch.Tensor | None, batch: Any, randomness: str) -> Iterator[None]:
+    """Runs the body with torch's RNG seeded from ``key`` (``randomness != "error"``), then restores it.
+
+    The model's random ops (dropout) then depend on ``key`` alone, never on the global RNG's state.
+    """
+    if randomness == "error":
+        yield
+        return
+    if key is None:
+        raise ValueError(
+            f"key is required with randomness={randomness!r}: the model's random ops "
+            "(e.g. dropout) are driven by the key, never by torch's global RNG"
+        )
+    devices = [leaf.device for leaf in optree.tree_leaves(batch) if leaf.device.type == "cuda"]
+    with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices})):
+        torch.manual_seed(_seed_from_key(key) & 0x7FFFFFFFFFFFFFFF)
+        yield
+
+
 def per_sample_grads_and_losses(
     loss_fn: LossFn, *, has_aux: bool = False, randomness: str = "error"
 ) -> Callable:
@@ -55,19 +76,7 @@ def per_sample_grads_and_losses(
 
     def f(params, batch, key: torch.Tensor | None = None):
         check_batch(batch)
-        if randomness == "error":
-            grads, extra = batched(params, batch)
-            return grads, extra[0], (extra[1] if has_aux else None)
-        if key is None:
-            raise ValueError(
-                f"key is required with randomness={randomness!r}: the model's random ops "
-                "(e.g. dropout) are driven by the key, never by torch's global RNG"
-            )
-        # fork_rng restores the global RNG afterwards: the draws depend on `key` alone.
-        devices = [leaf.device for leaf in optree.tree_leaves(batch) if leaf.device.type == "cuda"]
-        with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices})):
-            seed = _seed_from_key(key)
-            torch.manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+        with keyed_model_rng(key, batch, randomness):
             grads, extra = batched(params, batch)
         return grads, extra[0], (extra[1] if has_aux else None)
 

@@ -39,14 +39,15 @@ def run(step, params, x, y, batches, train_key=fundp.random.key(1), ledger=None)
     return outputs
 
 
+@pytest.mark.parametrize("grad_method", ["vmap", "ghost"])
 @pytest.mark.parametrize("dynamic", [False, None])
-def test_compiled_dp_step_compiles_once_per_padded_shape(problem, dynamic):
+def test_compiled_dp_step_compiles_once_per_padded_shape(problem, dynamic, grad_method):
     params, loss_fn, x, y = problem
     batches = data.poisson_batches(N, Q, fundp.random.key(0), steps=STEPS, pad_to_multiple=16)
     shapes = {indices.shape[0] for indices, _ in batches}
     assert 2 <= len(shapes) <= 4  # E[B] = 30, sd 5.2: sizes 16, 32, 48 (the bucketing at work)
     counter = torch._dynamo.testing.CompileCounter()
-    eager = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=Q * N, grad_method="vmap")
+    eager = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=Q * N, grad_method=grad_method)
     compiled = torch.compile(eager, backend=counter, dynamic=dynamic)
     outs = run(compiled, params, x, y, batches)
     assert counter.frame_count == len(shapes), f"{counter.frame_count} compilations for padded shapes {sorted(shapes)}"
