@@ -16,21 +16,26 @@ __all__ = ["noise", "noise_like"]
 def noise_like(tree: Any, key: torch.Tensor, stddev: float) -> Any:
     """Returns a pytree like ``tree`` of ``N(0, stddev^2)`` samples drawn from ``key``.
 
-    Leaf ``l`` (in optree's leaf order) draws from ``split(key, num_leaves)[l]``, so distinct
-    leaves never share a stream and the same key always gives the same noise.  Samples are
-    computed in float64 and cast to each leaf's dtype and device.
+    One stream of ``sum_l numel(leaf_l)`` standard normals is drawn from ``key`` and cut into the
+    leaves in optree's leaf order, so distinct leaves take disjoint counters (never shared values)
+    and the same key always gives the same noise.  One draw instead of one per leaf: the cost is
+    that of the total size, not of the number of leaves.  Samples are computed in float64 and cast
+    to each leaf's dtype and device.
     """
     stddev = check_number("stddev", stddev, positive=True)
     leaves, treedef = optree.tree_flatten(tree)
     if not leaves:
         return tree
-    keys = fundp_random.split(key, len(leaves))
-    samples = []
-    for leaf, leaf_key in zip(leaves, keys):
+    for leaf in leaves:
         if not isinstance(leaf, torch.Tensor) or not leaf.dtype.is_floating_point:
             raise TypeError(f"noise needs floating-point tensor leaves, got {getattr(leaf, 'dtype', type(leaf))}")
-        standard = fundp_random.normal(leaf_key.to(leaf.device), leaf.shape, torch.float64)
-        samples.append((standard * stddev).to(leaf.dtype))
+    device = leaves[0].device
+    sizes = [leaf.numel() for leaf in leaves]
+    standard = fundp_random.normal(key.to(device), (sum(sizes),), torch.float64)
+    samples = [
+        (chunk.reshape(leaf.shape) * stddev).to(device=leaf.device, dtype=leaf.dtype)
+        for chunk, leaf in zip(torch.split(standard, sizes), leaves)
+    ]
     return optree.tree_unflatten(treedef, samples)
 
 

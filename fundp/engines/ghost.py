@@ -374,7 +374,7 @@ def _keep_rows(factors: torch.Tensor, tensor: torch.Tensor, scale: bool) -> torc
     """``c_i * t_i`` (or ``t_i``) for rows with ``c_i != 0``, exact zeros elsewhere (NaN-safe)."""
     rows = factors.reshape((-1,) + (1,) * (tensor.dim() - 1))
     kept = tensor * rows.to(tensor.dtype) if scale else tensor
-    return torch.where(rows != 0, kept, torch.zeros_like(kept))
+    return torch.where(rows != 0, kept, 0.0)
 
 
 class _LeafGrads:

@@ -1,0 +1,354 @@
+"""DP training step time and peak memory: fundp's engines, Opacus and non-private training, side by side.
+
+For every model and batch size, the modes below run *interleaved* in one process on the same batch
+(round-robin, after warm-up), and the table reports each mode's median step time and its ratio to
+the non-private eager step; a step is gradient + SGD update of the parameters.
+
+  nonprivate        model(x), loss.mean().backward(), torch.optim.SGD step
+  nonprivate_comp   the same with torch.compile(model)
+  fundp_vmap        fundp.dp_step(grad_method="vmap") + update        (eager)
+  fundp_vmap_comp   torch.compile(that step)
+  fundp_ghost       fundp.dp_step(grad_method="ghost") + update      (eager)
+  fundp_ghost_comp  torch.compile(that step)
+  opacus_hooks      Opacus PrivacyEngine, grad_sample_mode="hooks"
+  opacus_ghost      Opacus PrivacyEngine, grad_sample_mode="ghost" (fast gradient clipping)
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step (in-process, reset before each
+mode).  On CPU, the peak RSS *increase* over a step, measured in a fresh subprocess per
+configuration (``ru_maxrss`` after the step minus the RSS before it, model and data already built);
+``--memory`` turns it on (slow: a process per configuration).
+
+    python benchmarks/speed.py                           # all models, B in 64 256 1024
+    python benchmarks/speed.py --models mlp --batch-sizes 256 --repeats 20 --memory
+
+Opacus comes from the ``bench`` extra (``pip install -e ".[bench]"``); without it its columns are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fundp
+
+MODES = ["nonprivate", "nonprivate_comp", "fundp_vmap", "fundp_vmap_comp", "fundp_ghost", "fundp_ghost_comp",
+         "opacus_hooks", "opacus_ghost"]
+MAX_NORM, SIGMA, LR = 1.0, 1.0, 0.05
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+class MLP(nn.Module):
+    """784-512-256-10."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class MnistCNN(nn.Module):
+    """The CNN of Opacus's MNIST example (SampleConvNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 8, 2, padding=3)
+        self.conv2 = nn.Conv2d(16, 32, 4, 2)
+        self.fc1 = nn.Linear(32 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 1)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 1)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.up, self.down = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.norm1(x)
+        split = lambda z: z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        attention = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)), is_causal=True)
+        x = x + self.o(attention.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class Transformer(nn.Module):
+    """Token embedding + fixed sinusoidal positions, 2 pre-norm blocks (d=64, 4 heads), T=32, classifier."""
+
+    def __init__(self, vocab=1000, dim=64, length=32, classes=10):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        position = torch.arange(length).unsqueeze(1) * torch.exp(torch.arange(0, dim, 2) * (-math.log(1e4) / dim))
+        self.register_buffer("positions", torch.cat([torch.sin(position), torch.cos(position)], dim=1))
+        self.blocks = nn.Sequential(Block(dim, 4), Block(dim, 4))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        h = self.blocks(self.embed(tokens) + self.positions)
+        return self.head(self.norm(h).mean(dim=1))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(8, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(8, cout)
+        self.skip = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        h = F.relu(self.norm1(self.conv1(x)))
+        h = self.norm2(self.conv2(h))
+        return F.relu(h + (x if self.skip is None else self.skip(x)))
+
+
+class ResNetGN(nn.Module):
+    """ResNet-ish CNN for 3x32x32: stem 16, stages 16/32/64 (stride 2), GroupNorm(8), pool, linear."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.norm = nn.GroupNorm(8, 16)
+        self.stages = nn.Sequential(ResBlock(16, 16, 1), ResBlock(16, 32, 2), ResBlock(32, 64, 2))
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x):
+        h = self.stages(F.relu(self.norm(self.stem(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+MODELS = {"mlp": MLP, "mnist_cnn": MnistCNN, "transformer": Transformer, "resnet_gn": ResNetGN}
+
+
+def make_batch(name, size, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if name == "mlp":
+        x = torch.randn(size, 784, generator=g)
+    elif name == "mnist_cnn":
+        x = torch.randn(size, 1, 28, 28, generator=g)
+    elif name == "transformer":
+        x = torch.randint(0, 1000, (size, 32), generator=g)
+    else:
+        x = torch.randn(size, 3, 32, 32, generator=g)
+    return x.to(device), torch.randint(0, 10, (size,), generator=g).to(device)
+
+
+# -------------------------------------------------------------------------------------------- steps
+
+
+def build_step(name, mode, size, device):
+    """Returns ``step()`` running one training step of ``mode`` on a fixed batch (same seed everywhere)."""
+    torch.manual_seed(0)
+    model = MODELS[name]().to(device)
+    x, y = make_batch(name, size, device)
+    if mode.startswith("nonprivate"):
+        forward = torch.compile(model) if mode.endswith("_comp") else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(forward(x), y).backward()
+            optimizer.step()
+
+        return step
+    if mode.startswith("fundp"):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss_fn(p, batch):
+            return F.cross_entropy(torch.func.functional_call(model, p, (batch[0],)), batch[1], reduction="none")
+
+        method = "vmap" if "vmap" in mode else "ghost"
+        dp = fundp.dp_step(loss_fn, max_norm=MAX_NORM, noise_multiplier=SIGMA, expected_batch_size=size,
+                           grad_method=method)
+        dp = torch.compile(dp) if mode.endswith("_comp") else dp
+        keys = [fundp.random.key(0)]
+
+        def step():
+            keys[0] = fundp.random.fold_in(keys[0], 1)
+            grads = dp(params, (x, y), keys[0]).grads
+            torch._foreach_add_(list(params.values()), list(grads.values()), alpha=-LR)
+
+        return step
+    from opacus import PrivacyEngine
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.cpu(), y.cpu()), batch_size=size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    engine = PrivacyEngine()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if mode == "opacus_hooks":
+            model, optimizer, _ = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                      noise_multiplier=SIGMA, max_grad_norm=MAX_NORM,
+                                                      poisson_sampling=False, grad_sample_mode="hooks")
+            criterion = nn.CrossEntropyLoss()
+        else:
+            model, optimizer, criterion, _ = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, criterion=nn.CrossEntropyLoss(),
+                noise_multiplier=SIGMA, max_grad_norm=MAX_NORM, poisson_sampling=False, grad_sample_mode="ghost")
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def available_modes(requested):
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        print("opacus not installed (pip install -e '.[bench]'): skipping its modes")
+        return [m for m in requested if not m.startswith("opacus")]
+    return requested
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+
+def memory_of(name, mode, size, device):
+    """Peak memory of one step in bytes (see the module docstring)."""
+    if device.type == "cuda":
+        step = build_step(name, mode, size, device)
+        step()
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated()
+    # CPU: a fresh process, so that earlier configurations' high-water mark does not count.
+    out = subprocess.run([sys.executable, __file__, "--_memory-child", name, mode, str(size)], capture_output=True,
+                         text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["bytes"])
+
+
+def _memory_child(name, mode, size):
+    torch.set_num_threads(int(os.environ.get("FUNDP_BENCH_THREADS", torch.get_num_threads())))
+    step = build_step(name, mode, size, torch.device("cpu"))
+    if mode.endswith("_comp"):
+        step()  # compile first: the compiler's own memory is not the step's
+    with open("/proc/self/status") as status:
+        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+    before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    after_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is a high-water mark (KiB): if the step did not raise it, its increase is at most that.
+    print(json.dumps({"bytes": max(after_peak - rss, 0) * 1024, "raised": after_peak > before_peak}))
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def run_config(name, size, modes, device, repeats, warmup, budget_s):
+    steps, times = {}, {m: [] for m in modes}
+    for mode in modes:
+        try:
+            steps[mode] = build_step(name, mode, size, device)
+            start = time.perf_counter()
+            for _ in range(warmup):
+                steps[mode]()
+            synchronize(device)
+            # A mode slower than the per-configuration budget is timed fewer times, not skipped.
+            per_step = (time.perf_counter() - start) / max(warmup, 1)
+            steps[mode].repeats = max(1, min(repeats, int(budget_s / max(per_step, 1e-6))))
+        except Exception as error:  # e.g. an Opacus mode that does not support a layer
+            print(f"  {mode}: failed ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+            steps.pop(mode, None)
+    for r in range(repeats):
+        for mode, step in steps.items():
+            if r >= step.repeats:
+                continue
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[mode].append(time.perf_counter() - start)
+    return {m: statistics.median(t) for m, t in times.items() if t}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds of timed steps per mode and configuration")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory (CPU: a subprocess each)")
+    parser.add_argument("--json", help="write the raw numbers here")
+    parser.add_argument("--_memory-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._memory_child:
+        name, mode, size = args._memory_child
+        return _memory_child(name, mode, int(size))
+    device = torch.device(args.device)
+    modes = available_modes(args.modes)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"fundp {fundp.__version__}, torch {torch.__version__}, {where}, {time.strftime('%Y-%m-%d')}")
+    print("time: median step (ms) and ratio to the non-private eager step" + ("; memory: ratio to non-private" if args.memory else ""))
+    results = []
+    header = f"| {'model':<11} | {'B':>4} | " + " | ".join(f"{m:>16}" for m in modes) + " |"
+    print(header)
+    print("|" + "|".join("---:" for _ in range(len(modes) + 2)) + "|")
+    for name in args.models:
+        for size in args.batch_sizes:
+            medians = run_config(name, size, modes, device, args.repeats, args.warmup, args.budget)
+            base = medians.get("nonprivate")
+            memory = {}
+            if args.memory:
+                for mode in modes:
+                    try:
+                        memory[mode] = memory_of(name, mode, size, device)
+                    except Exception as error:
+                        print(f"  memory {mode}: failed ({str(error).splitlines()[-1][:120]})")
+            cells = []
+            for mode in modes:
+                if mode not in medians:
+                    cells.append(f"{'n/a':>16}")
+                    continue
+                cell = f"{medians[mode] * 1e3:.1f} ({medians[mode] / base:.2f}x)" if base else f"{medians[mode] * 1e3:.1f}"
+                if mode in memory and memory.get("nonprivate"):
+                    cell += f" m{memory[mode] / memory['nonprivate']:.2f}"
+                cells.append(f"{cell:>16}")
+            print(f"| {name:<11} | {size:>4} | " + " | ".join(cells) + " |", flush=True)
+            results.append({"model": name, "batch_size": size, "seconds": medians, "memory_bytes": memory})
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": where, "torch": torch.__version__, "results": results}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
