@@ -302,3 +302,18 @@ def test_linear_sq_norm_both_branches_equal_materialised(batch, steps, width, he
     torch.testing.assert_close(_linear_sq_norm(activations, output_grad), expected, rtol=1e-10, atol=1e-12)
     ghost_form = (activations @ activations.transpose(1, 2) * (output_grad @ output_grad.transpose(1, 2))).sum((1, 2))
     torch.testing.assert_close(ghost_form, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_ghost_step_under_no_grad_and_with_grad_requiring_params():
+    model = make(MLP)
+    loss = classification_loss(model)
+    batch = batch_for(model, 5)
+    expected, norms = reference_step(model, params_of(model), batch, 0.05, "flat")
+    step = fundp.dp_step(loss, max_norm=0.05, noise_multiplier=0.0, expected_batch_size=5, grad_method="ghost")
+    with torch.no_grad():
+        out = step(params_of(model), batch, fundp.random.key(0))
+    assert_close_global(out.grads, expected, 1e-10)
+    live = dict(model.named_parameters())  # not detached: the engine must not leave .grad behind
+    out = step(live, batch, fundp.random.key(0))
+    assert_close_global(out.grads, expected, 1e-10)
+    assert all(p.grad is None for p in live.values())

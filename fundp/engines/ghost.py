@@ -43,6 +43,7 @@ instead of breaking it.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, NamedTuple
 
 import optree
@@ -255,31 +256,37 @@ def _is_compiling() -> bool:
 class _IdentityIndex:
     """Tensors looked up by identity (``is``), never by value.
 
-    Eagerly a dict keyed by ``id`` (the tensors are kept alive, so an id is never reused); while
-    ``torch.compile`` traces, a list scanned with ``is``, because ``id()`` of an input tensor makes
-    dynamo guard on that very object and recompile for every new batch.
+    Eagerly a dict ``id -> (position, weakref)``: a lookup is O(1), a tensor that dies is not kept
+    alive (the forward's temporaries are freed as usual), and a reused id is caught because its
+    weakref no longer points at the tensor.  While ``torch.compile`` traces, a list scanned with
+    ``is``: ``id()`` of an input tensor would make dynamo guard on that very object and recompile
+    for every new batch.
     """
 
     def __init__(self, tensors: list):
-        self.tensors = list(tensors)
+        self.tensors: list | None = None
         self.by_id: dict | None = None
-        if not _is_compiling():
+        if _is_compiling():
+            self.tensors = list(tensors)
+        else:
             self.by_id = {}
-            for position, tensor in enumerate(self.tensors):
-                self.by_id.setdefault(id(tensor), position)
+            for position, tensor in enumerate(tensors):
+                self.by_id.setdefault(id(tensor), (position, weakref.ref(tensor)))
 
     def index(self, tensor: torch.Tensor) -> int | None:
         if self.by_id is not None:
-            return self.by_id.get(id(tensor))
+            found = self.by_id.get(id(tensor))
+            return found[0] if found is not None and found[1]() is tensor else None
         for position, known in enumerate(self.tensors):
             if known is tensor:
                 return position
         return None
 
     def add(self, tensor: torch.Tensor) -> None:
-        self.tensors.append(tensor)
         if self.by_id is not None:
-            self.by_id.setdefault(id(tensor), len(self.tensors) - 1)
+            self.by_id[id(tensor)] = (len(self.by_id), weakref.ref(tensor))
+        else:
+            self.tensors.append(tensor)
 
 
 class _Tracer(TorchFunctionMode):
@@ -451,7 +458,8 @@ def _trace(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomness
     leaves = optree.tree_leaves(params)
     size = check_batch(batch)
     tracer = _Tracer(leaves, optree.tree_leaves(batch), size, random_ok=randomness != "error")
-    with keyed_model_rng(key, batch, randomness), tracer:
+    # enable_grad: the probes' gradients are needed even when the caller is under torch.no_grad().
+    with keyed_model_rng(key, batch, randomness), torch.enable_grad(), tracer:
         out = loss_fn(params, batch)
     losses, aux = out if has_aux else (out, None)
     if not isinstance(losses, torch.Tensor) or losses.shape != (size,):
