@@ -41,9 +41,11 @@ class SequenceModel(nn.Module):
 
 
 class Conv1dModel(nn.Module):
+    """Grouped, dilated Conv1d with "same" padding, GroupNorm, and a strided Conv2d without bias."""
+
     def __init__(self, classes=3):
         super().__init__()
-        self.conv = nn.Conv1d(2, 4, 3, padding="same", dilation=2)
+        self.conv = nn.Conv1d(2, 4, 3, padding="same", dilation=2, groups=2)
         self.norm = nn.GroupNorm(2, 4)
         self.conv2 = nn.Conv2d(1, 2, (3, 2), stride=(1, 2), padding=(1, 0), bias=False)
         self.head = nn.Linear(4 * 5 + 2 * 4 * 2, classes)
