@@ -14,8 +14,10 @@ the non-private eager step; a step is gradient + SGD update of the parameters.
   opacus_ghost      Opacus PrivacyEngine, grad_sample_mode="ghost" (fast gradient clipping)
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step (in-process, reset before each
-mode).  On CPU, the peak RSS *increase* over a step, measured in a fresh subprocess per
-configuration (``ru_maxrss`` after the step minus the RSS before it, model and data already built);
+mode).  On CPU, the peak RSS over a step, measured in a fresh subprocess per
+configuration: the process's whole peak RSS (``VmHWM``, reset after the warm-up step so that compilation
+does not count), Python and torch included — a few hundred MB common to every mode, which dilutes the
+ratios;
 ``--memory`` turns it on (slow: a process per configuration).
 
     python benchmarks/speed.py                           # all models, B in 64 256 1024
@@ -30,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,7 @@ import time
 import warnings
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
@@ -247,31 +249,40 @@ def memory_of(name, mode, size, device):
         synchronize(device)
         return torch.cuda.max_memory_allocated()
     # CPU: a fresh process, so that earlier configurations' high-water mark does not count.
+    # A fixed mmap threshold: glibc then maps every large tensor on its own and unmaps it when freed,
+    # so the RSS follows the live tensors (its dynamic threshold would keep freed memory resident).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, __file__, "--_memory-child", name, mode, str(size)], capture_output=True,
-                         text=True, timeout=1800)
+                         text=True, timeout=1800, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return int(json.loads(out.stdout.strip().splitlines()[-1])["bytes"])
 
 
+def _status_kib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
+
+
 def _memory_child(name, mode, size):
     torch.set_num_threads(int(os.environ.get("FUNDP_BENCH_THREADS", torch.get_num_threads())))
     step = build_step(name, mode, size, torch.device("cpu"))
-    if mode.endswith("_comp"):
-        step()  # compile first: the compiler's own memory is not the step's
-    with open("/proc/self/status") as status:
-        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
-    before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()  # warm-up (and compilation): neither the compiler's nor the first call's memory is the step's
+    # VmHWM is this process's own high-water mark (ru_maxrss is not: it starts from the parent's
+    # RSS at fork).  Writing 5 to clear_refs resets it to the current RSS.
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
     step()
-    after_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is a high-water mark (KiB): if the step did not raise it, its increase is at most that.
-    print(json.dumps({"bytes": max(after_peak - rss, 0) * 1024, "raised": after_peak > before_peak}))
+    print(json.dumps({"bytes": _status_kib("VmHWM") * 1024}))
 
 
 # -------------------------------------------------------------------------------------------- main
 
 
 def run_config(name, size, modes, device, repeats, warmup, budget_s):
+    # Every dp_step shares the code object of `step`; without a reset, dynamo's per-code-object
+    # recompile limit (8) is reached after a few configurations and later ones run eagerly.
+    torch._dynamo.reset()
     steps, times = {}, {m: [] for m in modes}
     for mode in modes:
         try:
