@@ -176,7 +176,7 @@ def test_aux_and_model_randomness():
 
 
 def test_ledger_records_one_logical_step():
-    accounting = pytest.importorskip("fundp.accounting")
+    import fundp.accounting as accounting
     loss_fn = lambda p, b: (b["x"] @ p["w"]) ** 2
     batch = {"x": torch.ones(32, 2)}
     kw = dict(max_norm=1.0, noise_multiplier=1.1, expected_batch_size=32.0, sample_rate=0.01)

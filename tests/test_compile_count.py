@@ -72,7 +72,7 @@ def test_accumulated_step_compiles_exactly_once(problem):
 
 
 def test_compiled_step_with_a_ledger_does_not_recompile_as_it_grows(problem):
-    accounting = pytest.importorskip("fundp.accounting")
+    import fundp.accounting as accounting
     params, loss_fn, x, y = problem
     # pad_to_multiple 128 > every batch size here (B <= 30 + 9 sd): one padded shape.
     batches = data.poisson_batches(N, Q, fundp.random.key(0), steps=20, pad_to_multiple=128)

@@ -351,7 +351,6 @@ def test_bad_types():
 
 
 def test_research_loop_example_runs_end_to_end():
-    pytest.importorskip("fundp.accounting")
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
     try:
         import research_loop
