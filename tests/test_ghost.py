@@ -72,6 +72,19 @@ class TiedLoop(nn.Module):
         return F.linear(h.mean(dim=1), self.embed.weight)  # logits over the vocabulary
 
 
+class ConvTwice(nn.Module):
+    """One Conv2d applied twice: its per-example gradients are summed over both uses before the norm."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 5 * 5, classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(torch.tanh(self.conv(x))))
+        return self.head(h.flatten(1))
+
+
 class PositionalModel(nn.Module):
     """A positional embedding fed ``arange(T)``: not batched, so its gradient is not per-example."""
 
@@ -111,12 +124,14 @@ def batch_for(model, size, seed=1, dtype=torch.float64):
         classes = vocab if isinstance(model, TiedLoop) else 3
     elif isinstance(model, Conv1dModel):
         x, classes = torch.randn(size, 2, 5, generator=g, dtype=dtype), 3
+    elif isinstance(model, ConvTwice):
+        x, classes = torch.randn(size, 2, 5, 5, generator=g, dtype=dtype), 3
     else:
         return data_for(model, size, seed=seed, dtype=dtype)
     return {"x": x, "y": torch.randint(0, classes, (size,), generator=g)}
 
 
-MODELS = [MLP, SmallCNN, TinyAttention, SequenceModel, Conv1dModel, TiedLoop]
+MODELS = [MLP, SmallCNN, TinyAttention, SequenceModel, Conv1dModel, TiedLoop, ConvTwice]
 
 
 def reference_step(model, params, batch, max_norm, style, gamma=0.01):
