@@ -12,10 +12,9 @@ autograd never forms a weight gradient.  Per layer, with ``A_i: [T, d]``, ``G_i:
   ``sum_{s,t} (A_i A_i^T)_{st} (G_i G_i^T)_{st}`` (``O(T^2 (p + d))``) or the materialised
   ``||G_i^T A_i||^2`` (``O(T p d)``), whichever is cheaper (ghost if ``2 T^2 <= p d``, the
   mixed ghost norm of Bu et al. 2023).  Bias: ``sum_t G_it``.
-* ``nn.Conv1d/2d/3d`` (any stride, padding, dilation, groups): the squared norms come from
-  per-example weight gradients materialised by the native convolution kernel (``vmap`` over its
-  weight backward, 40-80x faster on CPU than unfolding), one layer at a time and freed at once;
-  the clipped sum is one batched native weight backward of ``c ⊙ G``.  Bias: ``sum_positions G``.
+* ``nn.Conv1d/2d/3d`` (any stride, padding, dilation, groups): per-example weight gradients are
+  materialised by the native convolution kernel (``vmap`` over its weight backward, 40-80x faster
+  on CPU than unfolding), ``[B, *weight.shape]``; bias ``sum_positions G``.
 * ``nn.Embedding``: ``g_i`` scatters the rows of ``G_i`` onto the token ids; its squared norm is
   ``sum_v ||sum_{t: id_t = v} G_it||^2``, computed by sorting the ids (static shapes, no ``T x T`` mask).
 * ``nn.LayerNorm`` / ``nn.GroupNorm`` / ``nn.RMSNorm`` affine parameters: per-example gradients
@@ -83,29 +82,13 @@ class _EmbeddingUse(NamedTuple):
     num_embeddings: int
 
 
-class _ConvUse(NamedTuple):
-    inputs: torch.Tensor  # the layer input X: [B, C, *spatial]
-    weight: torch.Tensor  # detached weight (shape and dtype for the native backward)
-    config: tuple  # (stride, padding, dilation, groups)
-
-    def rows(self, output_grad: torch.Tensor) -> torch.Tensor:
-        return _conv_weight_rows(self.inputs, output_grad, self.weight, *self.config)
-
-    def weighted_sum(self, output_grad: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """``sum_i g_i`` for the given (already scaled) output gradients: one batched native backward."""
-        stride, padding, dilation, groups = self.config
-        return torch.ops.aten.convolution_backward(
-            output_grad.to(inputs.dtype), inputs, self.weight, None, stride, padding, dilation, False,
-            [0] * len(stride), groups, [False, True, False])[1]
-
-
 class _RowsUse(NamedTuple):
     rows: Callable[[torch.Tensor], torch.Tensor]  # raw probe grad -> per-example grads [B, *shape]
 
 
 class _Call(NamedTuple):
     probe: torch.Tensor
-    uses: list  # [(leaf index, _LinearUse | _EmbeddingUse | _ConvUse | _RowsUse)]
+    uses: list  # [(leaf index, _LinearUse | _EmbeddingUse | _RowsUse)]
 
 
 def _arg(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
@@ -181,7 +164,9 @@ def _conv_rule(tracer: "_Tracer", func, args, kwargs):
     uses = []
     weight_index, bias_index = tracer.index(weight), tracer.index(bias)
     if weight_index is not None:
-        uses.append((weight_index, _ConvUse(x.detach(), weight.detach(), (stride, padding, dilation, groups))))
+        saved, frozen = x.detach(), weight.detach()
+        uses.append((weight_index, _RowsUse(
+            lambda g: _conv_weight_rows(saved, g, frozen, stride, padding, dilation, groups))))
     if bias_index is not None:
         uses.append((bias_index, _RowsUse(_sum_spatial)))
     return out, uses
@@ -422,10 +407,6 @@ class _LeafGrads:
             self.kind = "linear"
             self.activations = torch.cat([use.activations for use, _ in uses], dim=1)
             self.output_grad = torch.cat([use.output_grad(g) for use, g in uses], dim=1)
-        elif kinds == {_ConvUse} and len(uses) == 1:
-            # Per-example rows only for the norm, freed right after; the sum is one native backward.
-            self.kind = "conv"
-            self.use, self.output_grad = uses[0]
         elif kinds == {_EmbeddingUse}:
             self.kind = "embedding"
             self.ids = torch.cat([use.ids for use, _ in uses], dim=1)
@@ -441,8 +422,6 @@ class _LeafGrads:
             return _linear_sq_norm(self.activations.to(dtype), self.output_grad.to(dtype))
         if self.kind == "embedding":
             return _embedding_sq_norm(self.ids, self.output_grad.to(dtype))
-        if self.kind == "conv":
-            return self.use.rows(self.output_grad).to(dtype).square().flatten(1).sum(dim=1)
         return self.rows.to(dtype).square().flatten(1).sum(dim=1)
 
     def weighted_sum(self, factors: torch.Tensor) -> torch.Tensor:
@@ -452,10 +431,6 @@ class _LeafGrads:
             inputs = _keep_rows(factors, self.activations, scale=False).to(dtype)
             total = grads.reshape(-1, grads.shape[-1]).T @ inputs.reshape(-1, inputs.shape[-1])
             return total.reshape(self.leaf.shape)
-        if self.kind == "conv":
-            grads = _keep_rows(factors, self.output_grad, scale=True)
-            inputs = _keep_rows(factors, self.use.inputs, scale=False)
-            return self.use.weighted_sum(grads, inputs).to(dtype)
         if self.kind == "embedding":
             grads = _keep_rows(factors, self.output_grad, scale=True).to(dtype)
             table = torch.zeros(self.leaf.shape, dtype=dtype, device=grads.device)
@@ -465,7 +440,7 @@ class _LeafGrads:
 
 def _materialise(use, raw_grad: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
     """Per-example gradients ``[B, *leaf.shape]`` of one use."""
-    if isinstance(use, (_RowsUse, _ConvUse)):
+    if isinstance(use, _RowsUse):
         return use.rows(raw_grad).reshape((-1,) + tuple(leaf.shape))
     output_grad = use.output_grad(raw_grad)
     if isinstance(use, _LinearUse):
