@@ -10,8 +10,14 @@ from fundp.engines.vmap import make_vmap_engine
 GRAD_METHODS = ("vmap", "ghost", "auto")
 
 
-def make_engine(grad_method: str, loss_fn: Callable, *, has_aux: bool = False, randomness: str = "error") -> Callable:
-    """Returns ``engine(params, batch, key) -> EngineOutput`` for ``grad_method``."""
+def make_engine(
+    grad_method: str, loss_fn: Callable, *, has_aux: bool = False, randomness: str = "error", verify: bool | str = "first"
+) -> Callable:
+    """Returns ``engine(params, batch, key) -> EngineOutput`` for ``grad_method``.
+
+    ``verify`` (``"first"``, ``"always"`` or ``False``) is how often the ghost path is checked
+    against single-example gradients (see :mod:`fundp.engines.ghost`); ``"vmap"`` ignores it.
+    """
     if grad_method not in GRAD_METHODS:
         raise ValueError(f"grad_method must be one of {GRAD_METHODS}, got {grad_method!r}")
     if grad_method in ("ghost", "auto"):
