@@ -15,6 +15,17 @@ holds with probability >= ``1 - alpha`` (Jagielski et al. 2020; Nasr et al. 2021
 is chosen on one half of the trials and the rates measured on the other half, so choosing it
 does not bias the bound.
 
+A finite number of trials caps what an audit can show.  Even a perfect attack (no false
+positive among ``n_out`` measured "without" runs, no false negative among ``n_in`` "with" runs)
+only bounds the rates by ``p_out = 1 - (alpha/2)^(1/n_out)`` and ``p_in = 1 - (alpha/2)^(1/n_in)``
+(Clopper-Pearson with zero failures), so no audit of that size can report more than
+
+    epsilon_max = max(log((1 - delta - p_in) / p_out), log((1 - delta - p_out) / p_in)).
+
+:class:`AuditResult` reports it as ``max_detectable_epsilon``: an audit "passing" below an
+accountant's epsilon says nothing when ``max_detectable_epsilon`` is below that epsilon too.
+:func:`trials_needed` inverts it.
+
 :func:`audit_dp_step` audits a ``dp_step`` directly with a gradient canary: one trial runs the
 step on ``batch`` plus the canary row (real, or masked out for the "without" runs: the same
 shapes either way) and scores the output by its projection on the canary's clipped gradient.
@@ -29,32 +40,72 @@ from typing import Any, Callable, NamedTuple
 
 import optree
 import torch
-from scipy import stats
+from scipy import stats  # type: ignore[import-untyped]
 
 from fundp import random as fundp_random
-from fundp._validate import check_number
+from fundp._validate import check_int, check_real
 from fundp.grads import per_sample_grads
 
-__all__ = ["AuditResult", "clopper_pearson_upper", "epsilon_lower_bound", "audit_dp_step"]
+__all__ = ["AuditResult", "clopper_pearson_upper", "epsilon_lower_bound", "max_detectable_epsilon", "trials_needed", "audit_dp_step"]
 
 
 class AuditResult(NamedTuple):
+    """The outcome of an audit (:func:`epsilon_lower_bound`, :func:`audit_dp_step`).
+
+    Attributes:
+      epsilon_lower_bound: with probability >= ``confidence`` the mechanism is not
+        ``(epsilon, delta)``-DP for any smaller epsilon.  0 when the trials show nothing.
+      confidence: ``1 - alpha``, the probability that the bound holds.
+      threshold: the score threshold (chosen on the first half of the trials).
+      false_positive_rate: measured on the second half of the "without" runs.
+      false_negative_rate: measured on the second half of the "with" runs.
+      trials: total number of runs, with and without the canary.
+      max_detectable_epsilon: the largest ``epsilon_lower_bound`` this many trials can give at
+        this confidence and delta: the bound of a perfectly separating attack (no false positive
+        or negative in the measured halves).  When it is below the epsilon you claim, the audit
+        cannot detect a violation of the claim however broken the mechanism is: run more trials
+        (:func:`trials_needed`).
+    """
+
     epsilon_lower_bound: float
-    """With probability >= ``confidence`` the mechanism is not DP for any smaller epsilon."""
     confidence: float
     threshold: float
     false_positive_rate: float
     false_negative_rate: float
     trials: int
+    max_detectable_epsilon: float
 
 
 def clopper_pearson_upper(failures: int, trials: int, alpha: float) -> float:
-    """Exact one-sided upper bound on a binomial rate at confidence ``1 - alpha``."""
-    if trials <= 0:
-        raise ValueError(f"trials must be > 0, got {trials}")
-    if failures >= trials:
+    """Exact one-sided upper bound on a binomial rate at confidence ``1 - alpha``.
+
+    With 0 failures it is ``1 - alpha^(1/trials)``.
+
+    Example:
+      >>> from fundp.audit import clopper_pearson_upper
+      >>> round(clopper_pearson_upper(0, 100, 0.05), 6), round(1 - 0.05 ** (1 / 100), 6)
+      (0.029513, 0.029513)
+    """
+    trials = check_int("trials", trials, minimum=1)
+    failures = check_int("failures", failures, minimum=0, maximum=trials)
+    alpha = _check_open_unit("alpha", alpha)
+    if failures == trials:
         return 1.0
     return float(stats.beta.ppf(1 - alpha, failures + 1, trials - failures))
+
+
+def _check_open_unit(name: str, value: Any) -> float:
+    number = check_real(name, value)
+    if not 0 < number < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {number}")
+    return number
+
+
+def _check_audit_delta(value: Any) -> float:
+    delta = check_real("delta", value)
+    if not 0 <= delta < 1:
+        raise ValueError(f"delta must be in [0, 1), got {delta}")
+    return delta
 
 
 def _epsilon_from_rates(fpr: float, fnr: float, delta: float) -> float:
@@ -72,17 +123,71 @@ def _rates(scores_in: torch.Tensor, scores_out: torch.Tensor, threshold: float) 
     return false_positives, false_negatives
 
 
+def max_detectable_epsilon(trials_in: int, trials_out: int, *, delta: float, confidence: float = 0.95) -> float:
+    """The largest epsilon lower bound ``trials_in`` "with" and ``trials_out`` "without" measured runs can give.
+
+    That of a perfect attack: 0 false negatives and 0 false positives, whose Clopper-Pearson upper
+    bounds at ``alpha / 2`` each are ``p_in = 1 - (alpha/2)^(1/trials_in)`` and
+    ``p_out = 1 - (alpha/2)^(1/trials_out)``; the result is
+    ``max(log((1 - delta - p_in) / p_out), log((1 - delta - p_out) / p_in))`` (0 if negative).
+    The counts are those of the *measured* halves (:func:`epsilon_lower_bound` measures on the
+    second half of each list of scores).
+
+    Example:
+      >>> from fundp.audit import max_detectable_epsilon
+      >>> round(max_detectable_epsilon(300, 300, delta=1e-5), 3)
+      4.392
+    """
+    trials_in = check_int("trials_in", trials_in, minimum=1)
+    trials_out = check_int("trials_out", trials_out, minimum=1)
+    delta = _check_audit_delta(delta)
+    alpha = 1 - _check_open_unit("confidence", confidence)
+    return _epsilon_from_rates(
+        clopper_pearson_upper(0, trials_out, alpha / 2), clopper_pearson_upper(0, trials_in, alpha / 2), delta
+    )
+
+
+def trials_needed(epsilon: float, *, delta: float, confidence: float = 0.95) -> int:
+    """The smallest number of runs *per side* for which :func:`audit_dp_step` can detect ``epsilon``.
+
+    Returns ``trials`` such that an audit with ``trials`` runs with and ``trials`` without the
+    canary (half of each measured) has ``max_detectable_epsilon > epsilon``: the measured half
+    ``n`` needs ``p = 1 - (alpha/2)^(1/n) < (1 - delta) / (1 + e^epsilon)``, i.e.
+    ``n > log(alpha/2) / log(1 - (1 - delta) / (1 + e^epsilon))``.  Only then can an audit that
+    reports no violation of a claimed ``epsilon`` mean anything.
+
+    Example:
+      >>> from fundp.audit import trials_needed, max_detectable_epsilon
+      >>> n = trials_needed(2.0, delta=1e-5)
+      >>> n, max_detectable_epsilon(n - n // 2, n - n // 2, delta=1e-5) > 2.0
+      (59, True)
+    """
+    epsilon = check_real("epsilon", epsilon)
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    delta = _check_audit_delta(delta)
+    alpha = 1 - _check_open_unit("confidence", confidence)
+    rate = (1 - delta) / (1 + math.exp(epsilon))
+    measured = math.floor(math.log(alpha / 2) / math.log1p(-rate)) + 1
+    while max_detectable_epsilon(measured, measured, delta=delta, confidence=1 - alpha) <= epsilon:
+        measured += 1  # guards the floating-point edge of the closed form
+    return max(2 * measured - 1, 8)
+
+
 def epsilon_lower_bound(scores_in: Any, scores_out: Any, *, delta: float, confidence: float = 0.95) -> AuditResult:
     """Lower bound on epsilon from membership scores (higher score = "canary was in").
 
     ``scores_in[j]`` / ``scores_out[j]`` are the scores of independent runs with / without the
     canary.  The first half of each picks the threshold, the second half yields the bound.
+
+    Example:
+      >>> from fundp.audit import epsilon_lower_bound
+      >>> result = epsilon_lower_bound([1.0] * 100, [0.0] * 100, delta=1e-5)  # perfectly separated
+      >>> result.epsilon_lower_bound == result.max_detectable_epsilon, round(result.max_detectable_epsilon, 2)
+      (True, 2.57)
     """
-    delta = check_number("delta", delta)
-    if not 0 <= delta < 1:
-        raise ValueError(f"delta must be in [0, 1), got {delta}")
-    if not 0 < check_number("confidence", confidence) < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    delta = _check_audit_delta(delta)
+    confidence = _check_open_unit("confidence", confidence)
     scores_in = torch.as_tensor(scores_in, dtype=torch.float64).flatten()
     scores_out = torch.as_tensor(scores_out, dtype=torch.float64).flatten()
     if min(scores_in.numel(), scores_out.numel()) < 4:
@@ -94,7 +199,7 @@ def epsilon_lower_bound(scores_in: Any, scores_out: Any, *, delta: float, confid
     pick_in, test_in = scores_in[:half_in], scores_in[half_in:]
     pick_out, test_out = scores_out[:half_out], scores_out[half_out:]
 
-    def bound(candidate_in, candidate_out, threshold):
+    def bound(candidate_in: torch.Tensor, candidate_out: torch.Tensor, threshold: float) -> float:
         fp, fn = _rates(candidate_in, candidate_out, threshold)
         fpr_u = clopper_pearson_upper(fp, candidate_out.numel(), alpha / 2)
         fnr_u = clopper_pearson_upper(fn, candidate_in.numel(), alpha / 2)
@@ -110,6 +215,7 @@ def epsilon_lower_bound(scores_in: Any, scores_out: Any, *, delta: float, confid
         false_positive_rate=fp / test_out.numel(),
         false_negative_rate=fn / test_in.numel(),
         trials=scores_in.numel() + scores_out.numel(),
+        max_detectable_epsilon=max_detectable_epsilon(test_in.numel(), test_out.numel(), delta=delta, confidence=confidence),
     )
 
 
@@ -139,10 +245,22 @@ def audit_dp_step(
     the batch plus the canary row, real in "with" runs and masked out in "without" runs, and a
     fresh key.  The score of a run is ``<grads, u>`` with ``u`` the unit direction of the
     canary's gradient at ``params``.  Compare the result with ``fundp.epsilon`` of one step at
-    the step's noise multiplier and ``sample_rate=1``.
+    the step's noise multiplier and ``sample_rate=1``, and check that ``max_detectable_epsilon``
+    exceeds that epsilon (else the audit is too small to detect a violation: see
+    :func:`trials_needed`).
+
+    Example:
+      >>> import torch, fundp
+      >>> loss_fn = lambda p, b: (b["x"] @ p["w"] - b["y"]) ** 2
+      >>> step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=2.0, expected_batch_size=3)
+      >>> batch = {"x": torch.eye(2), "y": torch.zeros(2)}
+      >>> canary = {"x": torch.tensor([[1.0, 0.0]]), "y": torch.tensor([5.0])}
+      >>> result = fundp.audit.audit_dp_step(step, loss_fn, {"w": torch.zeros(2)}, batch, canary,
+      ...                                    trials=8, key=fundp.random.key(0), delta=1e-5)
+      >>> result.trials, round(result.max_detectable_epsilon, 3)
+      (16, 0.0)
     """
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 8:
-        raise ValueError(f"trials must be an int >= 8, got {trials!r}")
+    trials = check_int("trials", trials, minimum=8)
     direction = _flat(optree.tree_map(lambda g: g[0], per_sample_grads(loss_fn)(params, canary)))
     norm = direction.norm()
     if not torch.isfinite(norm) or norm == 0:
@@ -153,7 +271,7 @@ def audit_dp_step(
     with_canary = torch.ones(rows, dtype=torch.bool)
     without_canary = with_canary.clone()
     without_canary[-1] = False
-    scores = {True: [], False: []}
+    scores: dict[bool, list[float]] = {True: [], False: []}
     for trial in range(trials):
         for included, mask in ((True, with_canary), (False, without_canary)):
             run_key = fundp_random.fold_in(fundp_random.fold_in(key, trial), int(included))
