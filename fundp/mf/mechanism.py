@@ -1,0 +1,354 @@
+"""Correlated-noise mechanisms as values: ``init`` / ``sample`` with the state passed in and out.
+
+A :class:`CorrelatedNoise` couples a strategy ``C`` (:mod:`fundp.mf.strategies`) with the
+participation pattern of the run (:mod:`fundp.mf.accounting`).  At step ``t`` it adds to the
+clipped gradient sum
+
+    noise_t = stddev * sens(C) * (C^{-1} Z)_t,     Z_t ~ N(0, I) drawn from the step's key,
+
+where ``stddev = noise_multiplier * clip_norm`` is what DP-SGD would add and ``sens(C)`` the
+sensitivity of ``C`` under the declared participation.  Scaling by ``sens(C)`` keeps the usual
+meaning of the noise multiplier: the released ``C G + stddev sens(C) Z`` is a Gaussian mechanism
+with noise multiplier ``sigma`` relative to its sensitivity ``sens(C) clip_norm``.  With
+``C = I`` and single participation (or cyclic Poisson with one partition) the noise is exactly
+DP-SGD's, draw for draw: ``sample`` then returns ``fundp.noise.noise_like(like, key, stddev)``.
+
+``Z_t`` is one stream of standard normals drawn from ``key`` exactly as
+:func:`fundp.noise.noise_like` draws it (float64, cut into the leaves in optree order), so the
+caller must pass a fresh key every step, as for DP-SGD (``fold_in(key, t)`` or a split).  The
+recurrences run in float64; the buffers are stored in ``state_dtype`` (default: float64 for
+float64 parameters, else float32).
+
+The state is a :class:`NoiseState` pytree of tensors (``step``: 0-d int64; ``buffers``: like the
+parameters with a leading ``[m]`` axis), so ``torch.compile`` traces it and
+:func:`fundp.checkpoint.save` stores it, e.g. inside ``opt_state=(opt_state, noise_state)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from fundp import random as fundp_random
+from fundp._validate import check_delta, check_nonnegative, check_positive
+from fundp.mf import accounting as mf_accounting
+from fundp.mf.accounting import CyclicPoisson, MinSeparation, Participation, SingleParticipation
+from fundp.mf.sensitivity import sensitivity as dense_sensitivity
+from fundp.mf.sensitivity import column_norms, max_participation_sum, toeplitz_sensitivity
+from fundp.mf.strategies import BandedMatrix, BandedToeplitz, BufferedToeplitz, Strategy
+
+__all__ = ["NoiseState", "CorrelatedNoise", "mechanism", "mf_noise", "epsilon", "calibrate_noise"]
+
+
+class NoiseState(NamedTuple):
+    """State of a correlated-noise mechanism: a pytree of tensors."""
+
+    step: torch.Tensor
+    """0-d int64: how many noise vectors were drawn so far (``t`` of the next draw)."""
+    buffers: Any
+    """Pytree like the parameters, each leaf ``[m, *param.shape]`` (``m`` = ``strategy.num_buffers``)."""
+
+
+def _strategy_sensitivity(strategy: Strategy, participation: Participation) -> float:
+    n = strategy.n
+    bands = strategy.bands
+    if isinstance(participation, CyclicPoisson):
+        if bands is None:
+            raise ValueError(
+                f"cyclic_poisson amplification needs a banded strategy (banded_toeplitz / banded / identity), "
+                f"got {type(strategy).__name__}"
+            )
+        if bands > participation.num_partitions:
+            raise ValueError(
+                f"bands ({bands}) must be <= num_partitions ({participation.num_partitions}) for cyclic Poisson "
+                "amplification (Choquette-Choo et al. 2023, Thm 4)"
+            )
+    if isinstance(participation, MinSeparation):
+        if bands is not None and bands > participation.min_sep:
+            raise ValueError(
+                f"bands ({bands}) must be <= min_sep ({participation.min_sep}) for a banded strategy "
+                "(columns min_sep apart must be orthogonal); use fewer bands"
+            )
+        if isinstance(strategy, (BandedToeplitz, BandedMatrix)):
+            # at most min_sep bands: the allowed columns are orthogonal, the sensitivity is exact
+            if isinstance(strategy, BandedToeplitz):
+                norms2 = _toeplitz_column_norms2(strategy)
+            else:
+                norms2 = column_norms(strategy.matrix()) ** 2
+            return math.sqrt(max_participation_sum(norms2, participation.min_sep, participation.max_participations))
+        if isinstance(strategy, BufferedToeplitz):
+            return toeplitz_sensitivity(
+                strategy.toeplitz_coefs(), n, min_sep=participation.min_sep,
+                max_participations=participation.max_participations,
+            )
+        return dense_sensitivity(
+            strategy.matrix(), min_sep=participation.min_sep, max_participations=participation.max_participations
+        )
+    # single participation, or cyclic Poisson: the largest column norm
+    if isinstance(strategy, BandedToeplitz):
+        return math.sqrt(float(_toeplitz_column_norms2(strategy).max()))
+    coefs = strategy.toeplitz_coefs()
+    if coefs is not None:
+        return float(math.sqrt(coefs @ coefs))
+    return float(column_norms(strategy.matrix()).max())
+
+
+def _toeplitz_column_norms2(strategy: BandedToeplitz) -> Any:
+    import numpy as np
+
+    squares = strategy.coefs**2
+    n = strategy.n
+    # column j holds c_0 .. c_{min(b, n - j) - 1}
+    cumulative = np.cumsum(squares)
+    lengths = np.minimum(strategy.bands, n - np.arange(n))
+    return cumulative[lengths - 1]
+
+
+def _stddev(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.dtype.is_floating_point:
+            raise TypeError(f"stddev must be a number or a 0-d floating-point tensor, got {value.dtype} {tuple(value.shape)}")
+        return value.reshape(()).to(torch.float64)
+    return check_nonnegative("stddev", value)
+
+
+class CorrelatedNoise:
+    """A correlated-noise mechanism: strategy ``C`` + participation, with ``init`` and ``sample``.
+
+    Build it with :func:`fundp.mf.mechanism`.  Attributes: ``strategy``, ``participation``,
+    ``sensitivity`` (``sens(C)``, a float fixed at construction), ``state_dtype``, ``steps``
+    (``n``, the horizon ``sens(C)`` was computed for; drawing more than ``n`` noise vectors is not
+    covered by the guarantee).
+    """
+
+    def __init__(self, strategy: Strategy, participation: Participation, *, state_dtype: torch.dtype | None = None):
+        if not isinstance(strategy, Strategy):
+            raise TypeError(f"strategy must be a fundp.mf strategy (identity, banded_toeplitz, ...), got {type(strategy).__name__}")
+        self.strategy = strategy
+        self.participation = mf_accounting.check_participation(participation)
+        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+            raise TypeError(f"state_dtype must be a floating-point torch.dtype or None, got {state_dtype!r}")
+        self.state_dtype = state_dtype
+        self.sensitivity = _strategy_sensitivity(strategy, self.participation)
+        self.steps = strategy.n
+
+    def __repr__(self) -> str:
+        return f"CorrelatedNoise({self.strategy!r}, {self.participation!r}, sensitivity={self.sensitivity:.6g})"
+
+    def _buffer_dtype(self, leaf: torch.Tensor) -> torch.dtype:
+        if self.state_dtype is not None:
+            return self.state_dtype
+        return torch.float64 if leaf.dtype == torch.float64 else torch.float32
+
+    def init(self, params: Any) -> NoiseState:
+        """The state before step 0: ``step = 0`` and zero buffers ``[m, *leaf.shape]`` per leaf.
+
+        Example:
+          >>> import torch, fundp
+          >>> mech = fundp.mf.mechanism(fundp.mf.tree(8), fundp.mf.single_participation())
+          >>> state = mech.init({"w": torch.zeros(3)})
+          >>> int(state.step), tuple(state.buffers["w"].shape)
+          (0, (4, 3))
+        """
+        leaves = optree.tree_leaves(params)
+        for leaf in leaves:
+            if not isinstance(leaf, torch.Tensor) or not leaf.dtype.is_floating_point:
+                raise TypeError(f"params must hold floating-point tensors, got {getattr(leaf, 'dtype', type(leaf))}")
+        device = leaves[0].device if leaves else None
+        buffers = optree.tree_map(lambda p: self.strategy.init_buffers(p.detach(), self._buffer_dtype(p)), params)
+        return NoiseState(torch.zeros((), dtype=torch.int64, device=device), buffers)
+
+    def sample(self, state: NoiseState, key: torch.Tensor, stddev: Any, like: Any) -> tuple[Any, NoiseState]:
+        """``(noise, new_state)``: ``noise = stddev * sensitivity * (C^{-1} Z)_t`` shaped and typed like ``like``.
+
+        ``stddev`` is the std DP-SGD would use, ``noise_multiplier * clip_norm`` (a number >= 0
+        or a 0-d tensor); ``t = state.step``; ``Z_t`` comes from ``key`` as in
+        :func:`fundp.noise.noise_like`.  Pure: same inputs, same outputs.
+
+        Example:
+          >>> import torch, fundp
+          >>> from fundp.noise import noise_like
+          >>> mech = fundp.mf.mechanism(fundp.mf.identity(4), fundp.mf.single_participation())
+          >>> g = {"w": torch.zeros(3)}
+          >>> key = fundp.random.key(0)
+          >>> noise, state = mech.sample(mech.init(g), key, 2.0, g)
+          >>> bool(torch.equal(noise["w"], noise_like(g, key, 2.0)["w"])), int(state.step)
+          (True, 1)
+        """
+        fundp_random._check_key(key)
+        scale = _stddev(stddev) * self.sensitivity
+        leaves, treedef = optree.tree_flatten(like)
+        buffers: list[Any] = treedef.flatten_up_to(state.buffers)
+        if not leaves:
+            return like, NoiseState(state.step + 1, state.buffers)
+        for leaf in leaves:
+            if not isinstance(leaf, torch.Tensor) or not leaf.dtype.is_floating_point:
+                raise TypeError(f"noise needs floating-point tensor leaves, got {getattr(leaf, 'dtype', type(leaf))}")
+        device = leaves[0].device
+        sizes = [leaf.numel() for leaf in leaves]
+        standard = fundp_random.normal(key.to(device), (sum(sizes),), torch.float64)
+        noises, new_buffers = [], []
+        for chunk, leaf, buffer in zip(torch.split(standard, sizes), leaves, buffers):
+            x, updated = self.strategy.next(buffer, chunk.reshape(leaf.shape), state.step)
+            noises.append((x * scale).to(device=leaf.device, dtype=leaf.dtype))
+            new_buffers.append(updated)
+        return (
+            optree.tree_unflatten(treedef, noises),
+            NoiseState(state.step + 1, optree.tree_unflatten(treedef, new_buffers)),
+        )
+
+    # ------------------------------------------------------------------ accounting
+
+    def ledger(self, noise_multiplier: float) -> Any:
+        """The :class:`fundp.Ledger` of the whole ``n``-step run at ``noise_multiplier``.
+
+        Cyclic Poisson: ``ceil(n / b)`` Poisson-subsampled Gaussian steps ``(sigma, q)``.  Single
+        participation / min-sep: one Gaussian mechanism, i.e. one step at sample rate 1 (the
+        ledger's accountants treat ``q = 1`` as the plain Gaussian mechanism).
+
+        Example:
+          >>> import fundp
+          >>> mech = fundp.mf.mechanism(fundp.mf.identity(10), fundp.mf.cyclic_poisson(1, 0.01))
+          >>> mech.ledger(1.0).segments
+          (Segment(noise_multiplier=1.0, sample_rate=0.01, steps=10),)
+        """
+        from fundp.accounting import Ledger
+
+        return self.account(Ledger(), noise_multiplier=noise_multiplier, steps=self.steps)
+
+    def account(self, ledger: Any, *, noise_multiplier: float, step: int | None = None, steps: int | None = None) -> Any:
+        """Returns ``ledger`` with the privacy cost of steps ``[step, step + steps)`` of this mechanism.
+
+        Either ``step`` (one step, index ``step``) or ``steps`` (the first ``steps`` from 0).
+        Cyclic Poisson with ``b`` partitions: one ``(sigma, q)`` DP-SGD step for each ``t`` with
+        ``t mod b == 0`` (``ceil(T / b)`` after ``T`` steps, the most any example joins).  Single /
+        min-sep: the whole run is one Gaussian mechanism, recorded at ``t = 0`` as one step
+        ``(sigma, 1.0)``; later steps add nothing.  ``noise_multiplier = 0`` is refused.
+
+        Example:
+          >>> import fundp
+          >>> mech = fundp.mf.mechanism(fundp.mf.identity(8), fundp.mf.cyclic_poisson(4, 0.1))
+          >>> ledger = fundp.Ledger()
+          >>> for t in range(8):
+          ...     ledger = mech.account(ledger, noise_multiplier=1.0, step=t)
+          >>> ledger.steps
+          2
+        """
+        from fundp.accounting import accountant_step
+
+        sigma = check_positive("noise_multiplier", noise_multiplier)
+        if (step is None) == (steps is None):
+            raise ValueError("pass exactly one of step (one step) or steps (the first steps steps)")
+        if step is not None:
+            start = int(step.item()) if isinstance(step, torch.Tensor) else int(step)
+            count = 1
+        else:
+            start, count = 0, int(steps)  # type: ignore[arg-type]
+        if start < 0 or count < 0:
+            raise ValueError("step and steps must be >= 0")
+        if isinstance(self.participation, CyclicPoisson):
+            b = self.participation.num_partitions
+            visits = -(-(start + count) // b) - (-(-start // b))  # multiples of b in [start, start + count)
+            return accountant_step(ledger, noise_multiplier=sigma, sample_rate=self.participation.sample_rate, steps=visits)
+        if start == 0 and count > 0:
+            return accountant_step(ledger, noise_multiplier=sigma, sample_rate=1.0, steps=1)
+        return ledger
+
+    def epsilon(self, noise_multiplier: float, delta: float, *, accountant: str = "prv") -> float:
+        """Epsilon of the whole ``n``-step run (see :func:`fundp.mf.epsilon`)."""
+        return epsilon(self, noise_multiplier=noise_multiplier, delta=delta, accountant=accountant)
+
+
+def mechanism(strategy: Strategy, participation: Participation, *, state_dtype: torch.dtype | None = None) -> CorrelatedNoise:
+    """The correlated-noise mechanism of ``strategy`` under ``participation``.
+
+    Raises ``ValueError`` when the pair has no guarantee here: a banded strategy with more bands
+    than ``min_sep`` (min-sep) or than ``num_partitions`` (cyclic Poisson), or a non-banded
+    strategy (tree, BLT) with cyclic Poisson.
+
+    Example:
+      >>> import fundp
+      >>> mech = fundp.mf.mechanism(fundp.mf.tree(16), fundp.mf.single_participation())
+      >>> round(mech.sensitivity ** 2, 9)  # 5 tree levels
+      5.0
+    """
+    return CorrelatedNoise(strategy, participation, state_dtype=state_dtype)
+
+
+def mf_noise(tree: Any, state: NoiseState, key: torch.Tensor, stddev: Any, mechanism: CorrelatedNoise) -> tuple[Any, NoiseState]:
+    """``(tree + noise, new_state)``: correlated noise for a hand-written loop (no ``dp_step``).
+
+    ``tree`` is the clipped gradient *sum* of step ``state.step``; ``stddev`` is
+    ``noise_multiplier * clip_norm``.  Divide by the expected batch size afterwards, as DP-SGD does.
+
+    Example:
+      >>> import torch, fundp
+      >>> mech = fundp.mf.mechanism(fundp.mf.optimize_banded_toeplitz(16, 4), fundp.mf.min_separation(4))
+      >>> grads = {"w": torch.zeros(2)}
+      >>> state = mech.init(grads)
+      >>> for t in range(3):
+      ...     noisy, state = fundp.mf.mf_noise(grads, state, fundp.random.fold_in(fundp.random.key(0), t), 1.0, mech)
+      >>> int(state.step)
+      3
+    """
+    noise, new_state = mechanism.sample(state, key, stddev, tree)
+    return optree.tree_map(torch.add, tree, noise), new_state
+
+
+def epsilon(mechanism: CorrelatedNoise, *, noise_multiplier: float, delta: float, accountant: str = "prv") -> float:
+    """Epsilon of the ``n``-step run of ``mechanism`` at ``noise_multiplier`` and ``delta``.
+
+    Single participation / min-sep: the exact epsilon of the Gaussian mechanism with
+    ``mu = 1 / noise_multiplier`` (closed form, ``accountant`` unused).  Cyclic Poisson:
+    ``fundp.accounting.epsilon`` of DP-SGD with ``(noise_multiplier, sample_rate)`` over
+    ``ceil(n / b)`` steps, with the given ``accountant`` (``"prv"`` or ``"rdp"``).
+    ``noise_multiplier = 0`` gives ``inf``.
+
+    Example:
+      >>> import fundp
+      >>> mech = fundp.mf.mechanism(fundp.mf.tree(64), fundp.mf.single_participation())
+      >>> round(fundp.mf.epsilon(mech, noise_multiplier=1.0, delta=1e-5), 4)
+      4.3772
+    """
+    if not isinstance(mechanism, CorrelatedNoise):
+        raise TypeError(f"mechanism must be a fundp.mf.CorrelatedNoise, got {type(mechanism).__name__}")
+    sigma = check_nonnegative("noise_multiplier", noise_multiplier)
+    delta = check_delta(delta)
+    if sigma == 0:
+        return math.inf
+    if isinstance(mechanism.participation, (SingleParticipation, MinSeparation)):
+        return mf_accounting.gaussian_epsilon(1.0 / sigma, delta)
+    from fundp.accounting import epsilon as ledger_epsilon
+
+    return float(ledger_epsilon(mechanism.ledger(sigma), delta, accountant=accountant))
+
+
+def calibrate_noise(mechanism: CorrelatedNoise, *, target_epsilon: float, delta: float, accountant: str = "prv") -> float:
+    """Smallest noise multiplier whose :func:`epsilon` is ``<= target_epsilon``.
+
+    Gaussian participations: ``1 / mu`` with ``mu`` the largest meeting the target (closed form
+    and root finding).  Cyclic Poisson: :func:`fundp.calibrate_noise` with ``steps = ceil(n / b)``.
+
+    Example:
+      >>> import fundp
+      >>> mech = fundp.mf.mechanism(fundp.mf.identity(10), fundp.mf.single_participation())
+      >>> sigma = fundp.mf.calibrate_noise(mech, target_epsilon=2.0, delta=1e-5)
+      >>> round(fundp.mf.epsilon(mech, noise_multiplier=sigma, delta=1e-5), 6)
+      2.0
+    """
+    if not isinstance(mechanism, CorrelatedNoise):
+        raise TypeError(f"mechanism must be a fundp.mf.CorrelatedNoise, got {type(mechanism).__name__}")
+    target = check_positive("target_epsilon", target_epsilon)
+    delta = check_delta(delta)
+    participation = mechanism.participation
+    if isinstance(participation, CyclicPoisson):
+        from fundp.accounting import calibrate_noise as ledger_calibrate
+
+        steps = -(-mechanism.steps // participation.num_partitions)
+        return float(
+            ledger_calibrate(target, delta, sample_rate=participation.sample_rate, steps=steps, accountant=accountant)
+        )
+    return 1.0 / mf_accounting._gaussian_mu_for(target, delta)

@@ -1,0 +1,175 @@
+"""Cyclic Poisson batches: the sampling under which banded MF is amplified.
+
+Choquette-Choo et al. 2023 (Alg. 2): the ``N`` examples are split once into ``b`` partitions;
+step ``t`` Poisson-samples partition ``t mod b`` (each of its examples joins independently with
+probability ``q``).  An example is then only ever used at steps ``p, p + b, p + 2b, ...`` of its
+partition ``p`` (``b``-min-separation), and the ``b``-banded mechanism on these batches is as
+private as DP-SGD with rate ``q`` over ``ceil(n / b)`` steps (:func:`fundp.mf.cyclic_poisson`).
+
+Everything is keyed like :func:`fundp.data.poisson_batches`: with
+``partition_key, step_key = fundp.random.split(key)``, the partitions come from a keyed
+permutation (``argsort`` of uniforms drawn from ``partition_key``; partition ``p`` holds
+positions ``[p N / b, (p + 1) N / b)`` of it, sizes differing by at most one) and step ``t`` draws
+only from ``fold_in(step_key, t)`` (exact Bernoulli inclusion by geometric gaps,
+:func:`fundp.data.poisson_indices`).  Batches are padded with masked rows to a multiple of
+``pad_to_multiple`` so a compiled step sees few shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+
+from fundp import random as fundp_random
+from fundp._validate import check_int, check_sample_rate
+
+__all__ = ["CyclicPoissonBatches", "cyclic_poisson_batches", "partitions"]
+
+
+def _pad(indices: torch.Tensor, pad_to_multiple: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``indices`` then index-0 rows up to ``pad_to_multiple * max(1, ceil(B / pad_to_multiple))``, and the mask."""
+    size = indices.shape[0]
+    total = pad_to_multiple * max(1, -(-size // pad_to_multiple))
+    padded = torch.zeros(total, dtype=torch.int64)
+    padded[:size] = indices
+    mask = torch.zeros(total, dtype=torch.bool)
+    mask[:size] = True
+    if device is not None:
+        padded, mask = padded.to(device), mask.to(device)
+    return padded, mask
+
+
+def partitions(num_examples: int, num_partitions: int, key: torch.Tensor) -> list[torch.Tensor]:
+    """The ``b`` disjoint sorted index sets (``LongTensor``) of a keyed random split of ``range(N)``.
+
+    Partition ``p`` is ``sort(perm[floor(p N / b) : floor((p + 1) N / b)])`` for the permutation
+    ``perm = argsort(uniform(key, N))``: sizes ``floor(N / b)`` or ``ceil(N / b)``.
+
+    Example:
+      >>> import fundp
+      >>> parts = fundp.mf.partitions(10, 3, fundp.random.key(0))
+      >>> [len(p) for p in parts], sorted(int(i) for p in parts for i in p) == list(range(10))
+      ([3, 3, 4], True)
+    """
+    n = check_int("num_examples", num_examples, minimum=1, maximum=2**31 - 1)
+    b = check_int("num_partitions", num_partitions, minimum=1, maximum=n)
+    fundp_random._check_key(key)
+    scores = fundp_random.uniform(key.detach().cpu(), (n,), torch.float64)
+    permutation = torch.argsort(scores, stable=True)
+    bounds = [p * n // b for p in range(b + 1)]
+    return [torch.sort(permutation[bounds[p] : bounds[p + 1]]).values for p in range(b)]
+
+
+class CyclicPoissonBatches:
+    """Iterable of padded cyclic-Poisson batches ``(indices: LongTensor[P], mask: BoolTensor[P])``.
+
+    Made by :func:`cyclic_poisson_batches`.  ``batches[t]`` recomputes step ``t`` alone.
+    Attributes: ``num_examples``, ``num_partitions``, ``sample_rate`` (``q``, per partition),
+    ``steps``, ``pad_to_multiple``, ``expected_batch_size`` (``q N / b``, the divisor to give
+    ``dp_step``), ``participation`` (``fundp.mf.cyclic_poisson(b, q)``, for the mechanism) and
+    ``sampling == "cyclic_poisson"``.
+    """
+
+    sampling = "cyclic_poisson"
+
+    def __init__(
+        self,
+        num_examples: int,
+        sample_rate: float,
+        key: torch.Tensor,
+        *,
+        num_partitions: int,
+        steps: int | None,
+        pad_to_multiple: int = 32,
+        device: torch.device | str | None = None,
+    ):
+        self.num_examples = check_int("num_examples", num_examples, minimum=1, maximum=2**31 - 1)
+        self.num_partitions = check_int("num_partitions", num_partitions, minimum=1, maximum=self.num_examples)
+        self.sample_rate = check_sample_rate(sample_rate)
+        self.steps = None if steps is None else check_int("steps", steps, minimum=0, maximum=2**32)
+        self.pad_to_multiple = check_int("pad_to_multiple", pad_to_multiple, minimum=1)
+        fundp_random._check_key(key)
+        self.key = key.detach().cpu()
+        partition_key, self._step_key = fundp_random.split(self.key)
+        self.partitions = partitions(self.num_examples, self.num_partitions, partition_key)
+        self.device = device
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``q N / b``: the public divisor of the noisy gradient sum."""
+        return self.sample_rate * self.num_examples / self.num_partitions
+
+    @property
+    def participation(self) -> Any:
+        """``fundp.mf.cyclic_poisson(num_partitions, sample_rate)``."""
+        from fundp.mf.accounting import cyclic_poisson
+
+        return cyclic_poisson(self.num_partitions, self.sample_rate)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded batch of step ``step``: partition ``step mod b`` sampled from ``fold_in(step_key, step)``."""
+        from fundp.data import poisson_indices  # the exact keyed Bernoulli draw of DP-SGD's batches
+
+        step = check_int("step", step, minimum=0, maximum=2**32 - 1)
+        group = self.partitions[step % self.num_partitions]
+        local = poisson_indices(group.numel(), self.sample_rate, fundp_random.fold_in(self._step_key, step))
+        return _pad(group[local], self.pad_to_multiple, self.device)
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.steps is not None and not 0 <= int(step) < self.steps:
+            raise IndexError(f"step {step} out of range for {self.steps} steps")
+        return self.batch(step)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        step = 0
+        while self.steps is None or step < self.steps:
+            yield self.batch(step)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.steps is None:
+            raise TypeError("an unbounded CyclicPoissonBatches (steps=None) has no length")
+        return self.steps
+
+    def __repr__(self) -> str:
+        return (
+            f"CyclicPoissonBatches(num_examples={self.num_examples}, num_partitions={self.num_partitions}, "
+            f"sample_rate={self.sample_rate}, steps={self.steps}, pad_to_multiple={self.pad_to_multiple})"
+        )
+
+
+def cyclic_poisson_batches(
+    num_examples: int,
+    sample_rate: float,
+    key: torch.Tensor,
+    *,
+    num_partitions: int,
+    steps: int | None,
+    pad_to_multiple: int = 32,
+    device: torch.device | str | None = None,
+) -> CyclicPoissonBatches:
+    """Cyclic Poisson batches (Choquette-Choo et al. 2023, Alg. 2), padded to fixed shapes.
+
+    Args:
+      num_examples: ``N``.
+      sample_rate: ``q`` in ``(0, 1]``: each example of the visited partition joins with probability ``q``.
+      key: a :mod:`fundp.random` key (use one of its own).
+      num_partitions: ``b`` >= the number of bands of the strategy.
+      steps: ``n`` (``None``: unbounded).
+      pad_to_multiple: padded sizes are multiples of it (never 0).
+      device: where to put ``indices`` and ``mask``.
+
+    Example:
+      >>> import fundp
+      >>> batches = fundp.mf.cyclic_poisson_batches(1000, 0.2, fundp.random.key(0), num_partitions=4, steps=8)
+      >>> batches.expected_batch_size, batches.participation
+      (50.0, cyclic_poisson(4, sample_rate=0.2))
+      >>> parts = [set(batches.partitions[t % 4].tolist()) for t in range(8)]
+      >>> all(set(i[m].tolist()) <= parts[t] for t, (i, m) in enumerate(batches))
+      True
+    """
+    return CyclicPoissonBatches(
+        num_examples, sample_rate, key, num_partitions=num_partitions, steps=steps,
+        pad_to_multiple=pad_to_multiple, device=device,
+    )
