@@ -173,8 +173,45 @@ def _blt_coefs(d: np.ndarray, s: np.ndarray, n: int) -> tuple[np.ndarray, np.nda
     return np.concatenate([[1.0], s @ powers]), powers
 
 
-def optimize_blt(n: int, buffers: int, *, objective: str = "mean", max_iterations: int = 1000) -> BufferedToeplitz:
-    """The BLT with ``buffers`` buffers for ``n`` steps with the least prefix loss (single participation).
+def _minsep_sens2_and_grad(c: np.ndarray, b: int, k: int) -> tuple[float, np.ndarray]:
+    """Squared Toeplitz min-sep sensitivity (:func:`fundp.mf.toeplitz_sensitivity`) of ``c >= 0`` and a gradient.
+
+    ``c`` is first made non-increasing (running maximum from the right); the gradient of each
+    projected coefficient goes to the coefficient it copies.  Then ``sens^2 = ||M c||^2`` with
+    ``(M c)_t = sum_{m < k} c_{t - m b}``.
+    """
+    n = c.size
+    reverse = c[::-1]
+    running = np.maximum.accumulate(reverse)
+    source_reversed = np.maximum.accumulate(np.where(reverse >= running, np.arange(n), 0))
+    source = (n - 1 - source_reversed)[::-1]
+    projected = running[::-1]
+    u = np.zeros(n)
+    u[0 : b * k : b] = 1.0
+    y = np.convolve(projected, u)[:n]
+    grad_projected = np.zeros(n)
+    for m in range(k):
+        grad_projected[: n - m * b] += y[m * b :]
+    grad = np.zeros(n)
+    np.add.at(grad, source, 2.0 * grad_projected)
+    return float(y @ y), grad
+
+
+def optimize_blt(
+    n: int,
+    buffers: int,
+    *,
+    objective: str = "mean",
+    min_sep: int | None = None,
+    max_participations: int | None = None,
+    max_iterations: int = 1000,
+) -> BufferedToeplitz:
+    """The BLT with ``buffers`` buffers for ``n`` steps with the least prefix loss.
+
+    Single participation by default (``sens^2 = ||c||^2``).  With ``min_sep`` (and optionally
+    ``max_participations``, default as many as fit) the loss uses the ``b``-min-sep sensitivity of
+    :func:`fundp.mf.toeplitz_sensitivity` instead, as for multi-epoch training (McMahan et al.
+    2024): the strategy to pair with ``fundp.mf.min_separation(min_sep, max_participations)``.
 
     Parameters ``d_j = sigmoid(alpha_j)`` in ``(0, 1)`` and ``s_j = exp(beta_j) > 0`` (positive
     parameters keep the Toeplitz coefficients positive, as the min-sep sensitivity bound
@@ -194,6 +231,22 @@ def optimize_blt(n: int, buffers: int, *, objective: str = "mean", max_iteration
     objective = _check_objective(objective)
     max_iterations = check_int("max_iterations", max_iterations, minimum=1)
     weights = _weights(n, objective)
+    pattern = None
+    if min_sep is not None:
+        sep = check_int("min_sep", min_sep, minimum=1)
+        cap = -(-n // sep)
+        k = cap if max_participations is None else min(cap, check_int("max_participations", max_participations, minimum=1))
+        pattern = (sep, k)
+    elif max_participations is not None:
+        raise ValueError("max_participations needs min_sep")
+
+    def log_loss(c: np.ndarray) -> tuple[float, np.ndarray]:
+        if pattern is None:
+            return _toeplitz_log_loss(c, n, weights)
+        error, grad_error = _error_and_grad(c, n, weights)
+        sens2, grad_sens2 = _minsep_sens2_and_grad(c, *pattern)
+        return float(np.log(sens2) + np.log(error)), grad_sens2 / sens2 + grad_error / error
+
     target = sqrt_toeplitz_coefs(n)[1:]
     decay0 = 1.0 - np.geomspace(0.5, 1.0 / n, buffers) if buffers > 1 else np.array([1.0 - 1.0 / np.sqrt(n)])
     basis = decay0[:, None] ** np.arange(n - 1, dtype=np.float64)[None, :]
@@ -206,7 +259,7 @@ def optimize_blt(n: int, buffers: int, *, objective: str = "mean", max_iteration
     def fun(theta: np.ndarray) -> tuple[float, np.ndarray]:
         d, s = unpack(theta)
         c, powers = _blt_coefs(d, s, n)
-        value, grad_c = _toeplitz_log_loss(c, n, weights)
+        value, grad_c = log_loss(c)
         if not np.isfinite(value):
             return np.inf, np.zeros_like(theta)
         g = grad_c[1:]  # d loss / d c_k, k >= 1
