@@ -1,11 +1,29 @@
-"""Save and resume everything a DP run needs: params, optimizer state, ledger, key and step.
+"""Save and resume everything a DP run needs: params, optimizer state, ledger, key, step, mechanism state.
 
 A resumed run must continue the same key stream and the same privacy ledger — never re-spend
-budget it already spent, never forget it.  The file holds only plain tensors, strings and ints,
-so it loads with ``torch.load(..., weights_only=True)`` (no pickled code).  Pytrees are stored
-as their leaves; :func:`load` rebuilds them from templates you pass (``opt.init(params)``), the
-way JAX checkpointing restores into a target structure.  Writes are atomic (temp file, then
-``os.replace``), so a run killed mid-save keeps its previous checkpoint.
+budget it already spent, never forget it.  The file holds only plain tensors, strings, ints and
+bools, so it loads with ``torch.load(..., weights_only=True)`` (no pickled code).  Pytrees are
+stored as their leaves and their paths; :func:`load` rebuilds them from templates you pass
+(``opt.init(params)``), the way JAX checkpointing restores into a target structure.  Stateful
+mechanisms (adaptive clipping, correlated noise) are values too: pass their state as
+``extra_state`` and restore it against ``extra_state_like``.
+
+Guards (each one refuses to load rather than resume a run with a wrong privacy record):
+
+* **integrity** — :func:`save` stores a SHA-256 digest of a canonical serialisation of every
+  field (each tensor's dtype, shape and bytes; the ledger, key, step, paths and ``extra``);
+  :func:`load` first checks the CRC-32 of every record of the zip archive ``torch.save`` writes,
+  then recomputes the digest.  A flipped bit anywhere raises :class:`CheckpointError`.  (The
+  digest detects corruption and accidental edits, not a forger, who can recompute it.)
+* **consistency** — by default the ledger must record exactly ``step`` steps, at save and at
+  load: a loop that forgot ``ledger = out.ledger`` cannot checkpoint (pass
+  ``check_ledger=False`` when your step counter counts something else, e.g. non-private steps).
+* **validation** — every field's type is checked; the key is an ``int64 [2]`` tensor of 32-bit
+  words; ``step >= 0``; every restored tensor has its template's path, shape and dtype.
+* **atomic writes** — a temporary file in the same directory, ``fsync``, then ``os.replace``: a
+  run killed mid-save keeps its previous checkpoint.  Temporary files left by a killed save (of
+  a process on this host that no longer runs) are removed by the next :func:`save` to the same
+  path.
 
 Example:
   >>> import tempfile, os, torch, fundp
@@ -21,57 +39,267 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
-import tempfile
+import re
+import secrets
+import socket
+import sys
+import zipfile
 from typing import Any, NamedTuple
 
 import optree
 import torch
 
-__all__ = ["RunState", "save", "load"]
+from fundp._validate import check_int
 
-_FORMAT = "fundp-checkpoint-1"
+__all__ = ["CheckpointError", "RunState", "save", "load"]
+
+_FORMAT = "fundp-checkpoint-2"
+_TREES = ("params", "opt_state", "extra_state")
+_FIELDS = frozenset({"format", "params", "opt_state", "extra_state", "paths", "ledger", "check_ledger", "key", "step", "extra", "digest"})
+_TEMPORARY = ".fundp-tmp."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is corrupt, truncated, of an unknown format, inconsistent, or does not match the templates."""
 
 
 class RunState(NamedTuple):
+    """What :func:`load` returns.
+
+    Attributes:
+      params: restored into ``params_like``'s structure, devices, shapes and dtypes.
+      opt_state: restored into ``opt_state_like``'s.
+      ledger: the :class:`fundp.Ledger` saved (``None`` for a non-private run).
+      key: the run's key, ``int64 [2]`` (on ``device`` if given, else the CPU).
+      step: the step counter saved (``>= 0``).
+      extra: the JSON dict saved as ``extra`` (``{}`` if none).
+      extra_state: mechanism state restored into ``extra_state_like`` (``None`` if none saved).
+    """
+
     params: Any
     opt_state: Any
     ledger: Any
     key: torch.Tensor
     step: int
     extra: dict
+    extra_state: Any = None
 
 
-def _leaves(tree: Any) -> list[torch.Tensor]:
-    leaves = optree.tree_leaves(tree, none_is_leaf=False)
-    for leaf in leaves:
+# --------------------------------------------------------------------------- canonical bytes and digest
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's elements as little-endian bytes, without a copy where possible."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    raw = flat.view(torch.uint8)
+    if sys.byteorder == "big" and flat.element_size() > 1:  # pragma: no cover - no big-endian CI
+        raw = raw.reshape(-1, flat.element_size()).flip(-1).reshape(-1).contiguous()
+    return memoryview(raw.numpy().data).cast("B")
+
+
+def _digest(payload: dict) -> str:
+    """SHA-256 over a length-prefixed serialisation of every field except the digest itself."""
+    hasher = hashlib.sha256()
+
+    def put(tag: str, data: bytes | memoryview) -> None:
+        label = tag.encode()
+        hasher.update(len(label).to_bytes(8, "little") + label + len(data).to_bytes(8, "little"))
+        hasher.update(data)
+
+    def put_tensor(tag: str, tensor: torch.Tensor) -> None:
+        put(tag + ".dtype", str(tensor.dtype).encode())
+        put(tag + ".shape", json.dumps(list(tensor.shape)).encode())
+        put(tag + ".data", _tensor_bytes(tensor))
+
+    put("format", payload["format"].encode())
+    for tree in _TREES:
+        leaves = payload[tree]
+        put(tree + ".present", b"0" if leaves is None else b"1")
+        for index, leaf in enumerate(leaves or ()):
+            put_tensor(f"{tree}[{index}]", leaf)
+        put(tree + ".count", str(len(leaves or ())).encode())
+    for name in ("paths", "ledger", "extra"):
+        put(name, payload[name].encode())
+    put("check_ledger", b"1" if payload["check_ledger"] else b"0")
+    put_tensor("key", payload["key"])
+    put("step", str(payload["step"]).encode())
+    return hasher.hexdigest()
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _flatten(name: str, tree: Any) -> tuple[list[torch.Tensor], list[str]]:
+    leaves, _ = optree.tree_flatten(tree, none_is_leaf=False)
+    paths = [repr(path) for path in optree.tree_paths(tree, none_is_leaf=False)]
+    stored = []
+    for path, leaf in zip(paths, leaves):
         if not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"checkpoint pytrees must hold tensors, got {type(leaf).__name__}")
-    return [leaf.detach().cpu() for leaf in leaves]
+            raise TypeError(f"{name} must be a pytree of tensors, got a {type(leaf).__name__} at {path}")
+        if leaf.layout != torch.strided or leaf.is_quantized or leaf.is_nested:
+            raise TypeError(f"{name}: the tensor at {path} is not a dense tensor (layout {leaf.layout})")
+        copy = leaf.detach().to("cpu").contiguous()
+        if copy.untyped_storage().nbytes() != copy.numel() * copy.element_size():
+            copy = copy.clone()  # a view of a larger storage: save only its own elements
+        stored.append(copy)
+    return stored, paths
 
 
-def save(path: str | os.PathLike, *, params: Any, opt_state: Any, ledger: Any, key: torch.Tensor, step: int, extra: dict | None = None) -> None:
-    """Atomically writes the run state to ``path``.
+def _temporary_prefix(path: str) -> str:
+    return "." + os.path.basename(path) + _TEMPORARY
 
-    ``ledger`` may be ``None`` (non-private run).  ``extra`` is a JSON-serialisable dict for
-    anything else (epoch, data-loader position, config).
-    """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
-    payload = {
-        "format": _FORMAT,
-        "params": _leaves(params),
-        "opt_state": _leaves(opt_state),
-        "ledger": json.dumps(None if ledger is None else ledger.to_dict()),
-        "key": key.detach().cpu().clone(),
-        "step": step,
-        "extra": json.dumps(extra or {}),
-    }
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".fundp-ckpt-")
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _process_is_running(pid: int) -> bool:
     try:
-        with os.fdopen(handle, "wb") as stream:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's process) or cannot tell: keep its file
+    return True
+
+
+def _remove_stale_temporaries(path: str) -> list[str]:
+    """Removes temporary files of interrupted saves to ``path``; returns their names.
+
+    A temporary file is named ``.<name>.fundp-tmp.<host>.<pid>.<token>``; it is stale when it was
+    written on this host by a process that no longer runs.  Files of running processes (a save
+    in flight) and of other hosts (a shared filesystem) are left alone.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix, host = _temporary_prefix(path), _host()
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        parts = name[len(prefix):].rsplit(".", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or _process_is_running(pid):
+            continue
+        try:
+            os.remove(os.path.join(directory, name))
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(handle)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(handle)
+
+
+def save(
+    path: str | os.PathLike,
+    *,
+    params: Any,
+    opt_state: Any,
+    ledger: Any,
+    key: torch.Tensor,
+    step: int,
+    extra: dict | None = None,
+    extra_state: Any = None,
+    check_ledger: bool = True,
+) -> None:
+    """Atomically writes the run state to ``path``, with a SHA-256 digest of its contents.
+
+    Args:
+      path: the checkpoint file (its directory must exist).
+      params, opt_state: pytrees of tensors (any device; saved on the CPU).
+      ledger: the :class:`fundp.Ledger` after the last step, or ``None`` (non-private run).
+      key: the run's fundp key (``int64 [2]``).
+      step: the number of steps taken, ``>= 0``.
+      extra: a JSON-serialisable dict for anything else (epoch, data-loader position, config).
+      extra_state: a pytree of tensors with the state of stateful mechanisms (adaptive
+        clipping, correlated noise); restore it with ``load(..., extra_state_like=...)``.
+      check_ledger: require ``ledger.steps == step`` (default), which catches a loop that does
+        not thread ``ledger = out.ledger``; ``False`` when ``step`` counts something else.
+
+    Example:
+      >>> import tempfile, os, torch, fundp
+      >>> path = os.path.join(tempfile.mkdtemp(), "run.pt")
+      >>> ledger = fundp.accountant_step(fundp.Ledger(), noise_multiplier=1.0, sample_rate=0.1, steps=3)
+      >>> fundp.checkpoint.save(path, params={"w": torch.ones(2)}, opt_state=(), ledger=ledger,
+      ...                       key=fundp.random.key(1), step=3, extra_state={"clip": torch.tensor(0.5)})
+      >>> fundp.checkpoint.save(path, params={"w": torch.ones(2)}, opt_state=(), ledger=ledger,
+      ...                       key=fundp.random.key(1), step=4)
+      Traceback (most recent call last):
+      ...
+      ValueError: the ledger records 3 steps but step=4: ...
+    """
+    from fundp import random as fundp_random
+    from fundp.accounting import Ledger
+
+    step = check_int("step", step, minimum=0)
+    if not isinstance(check_ledger, bool):
+        raise TypeError(f"check_ledger must be a bool, got {type(check_ledger).__name__}")
+    if ledger is not None and not isinstance(ledger, Ledger):
+        raise TypeError(f"ledger must be a fundp.Ledger or None, got {type(ledger).__name__}")
+    if check_ledger and ledger is not None and ledger.steps != step:
+        raise ValueError(
+            f"the ledger records {ledger.steps} steps but step={step}: a training loop must thread "
+            "the ledger (ledger = out.ledger) or the privacy spent is under-reported; pass "
+            "check_ledger=False if your step counter counts something else"
+        )
+    if not isinstance(key, torch.Tensor):
+        raise TypeError(f"key must be a fundp key tensor, got {type(key).__name__}")
+    key = key.detach().to("cpu").clone()
+    fundp_random._check_key(key)
+    if extra is None:
+        extra = {}
+    if not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
+    try:
+        extra_json = json.dumps(extra, sort_keys=True)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"extra must be JSON-serialisable: {error}") from None
+    stored: dict[str, Any] = {}
+    paths: dict[str, list[str] | None] = {}
+    for name, tree in (("params", params), ("opt_state", opt_state), ("extra_state", extra_state)):
+        if name == "extra_state" and tree is None:
+            stored[name], paths[name] = None, None
+        else:
+            stored[name], paths[name] = _flatten(name, tree)
+    payload: dict[str, Any] = {
+        "format": _FORMAT,
+        **stored,
+        "paths": json.dumps(paths, sort_keys=True),
+        "ledger": json.dumps(None if ledger is None else ledger.to_dict(), sort_keys=True),
+        "check_ledger": check_ledger,
+        "key": key,
+        "step": step,
+        "extra": extra_json,
+    }
+    payload["digest"] = _digest(payload)
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    _remove_stale_temporaries(path)
+    temporary = os.path.join(directory, f"{_temporary_prefix(path)}{_host()}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        with open(temporary, "xb") as stream:
             torch.save(payload, stream)
             stream.flush()
             os.fsync(stream.fileno())
@@ -80,37 +308,157 @@ def save(path: str | os.PathLike, *, params: Any, opt_state: Any, ledger: Any, k
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+    _fsync_directory(directory)
 
 
-def _restore(name: str, leaves: list[torch.Tensor], like: Any) -> Any:
+# --------------------------------------------------------------------------- load
+
+
+def _read(path: str) -> dict:
+    with open(path, "rb") as stream:  # missing file / permissions: the usual OSError
+        try:
+            with zipfile.ZipFile(stream) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError, NotImplementedError) as error:
+            raise CheckpointError(f"{path} is not a readable checkpoint archive (corrupt or truncated): {error}") from error
+        except Exception as error:  # a damaged header can make zipfile fail in other ways
+            raise CheckpointError(f"{path} is not a readable checkpoint archive (corrupt or truncated): {error!r}") from error
+        if bad is not None:
+            raise CheckpointError(f"{path} is corrupt: the CRC-32 of its record {bad!r} does not match its contents")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{path} could not be read as a checkpoint (weights_only): {error}") from error
+    if not isinstance(payload, dict) or not str(payload.get("format", "")).startswith("fundp-checkpoint-"):
+        raise CheckpointError(f"{path} is not a fundp checkpoint")
+    if payload["format"] != _FORMAT:
+        raise CheckpointError(
+            f"{path} has format {payload['format']!r}, this fundp reads {_FORMAT!r} "
+            "(checkpoints without an integrity digest are refused)"
+        )
+    if set(payload) != _FIELDS:
+        raise CheckpointError(f"{path}: unexpected fields {sorted(set(payload) ^ _FIELDS)} in the checkpoint")
+    return payload
+
+
+def _check_types(payload: dict) -> None:
+    for tree in _TREES:
+        leaves = payload[tree]
+        if leaves is None and tree == "extra_state":
+            continue
+        if not isinstance(leaves, list) or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+            raise CheckpointError(f"{tree} must be stored as a list of tensors")
+    for name in ("paths", "ledger", "extra", "digest"):
+        if not isinstance(payload[name], str):
+            raise CheckpointError(f"{name} must be stored as a string, got {type(payload[name]).__name__}")
+    if not isinstance(payload["check_ledger"], bool):
+        raise CheckpointError("check_ledger must be stored as a bool")
+    if not isinstance(payload["key"], torch.Tensor):
+        raise CheckpointError(f"key must be stored as a tensor, got {type(payload['key']).__name__}")
+    step = payload["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"step must be stored as an int >= 0, got {step!r}")
+
+
+def _restore(name: str, leaves: list[torch.Tensor], saved_paths: list[str], like: Any) -> Any:
     template, treedef = optree.tree_flatten(like, none_is_leaf=False)
+    paths = [repr(path) for path in optree.tree_paths(like, none_is_leaf=False)]
     if len(template) != len(leaves):
-        raise ValueError(f"{name}: the checkpoint holds {len(leaves)} tensors, the template {len(template)}")
+        raise CheckpointError(f"{name}: the checkpoint holds {len(leaves)} tensors, the template {len(template)}")
     restored = []
-    for i, (saved, reference) in enumerate(zip(leaves, template)):
+    for i, (saved, reference, saved_path, path) in enumerate(zip(leaves, template, saved_paths, paths)):
+        if not isinstance(reference, torch.Tensor):
+            raise TypeError(f"{name}_like must be a pytree of tensors, got a {type(reference).__name__} at {path}")
+        if saved_path != path:
+            raise CheckpointError(f"{name}: tensor {i} is at {saved_path} in the checkpoint but at {path} in the template")
         if saved.shape != reference.shape or saved.dtype != reference.dtype:
-            raise ValueError(
-                f"{name}: tensor {i} is {saved.dtype} {tuple(saved.shape)} in the checkpoint but "
+            raise CheckpointError(
+                f"{name}: tensor {i} at {path} is {saved.dtype} {tuple(saved.shape)} in the checkpoint but "
                 f"{reference.dtype} {tuple(reference.shape)} in the template"
             )
         restored.append(saved.to(reference.device))
     return optree.tree_unflatten(treedef, restored)
 
 
-def load(path: str | os.PathLike, *, params_like: Any, opt_state_like: Any, device: Any = None) -> RunState:
-    """Reads a checkpoint written by :func:`save` (``weights_only=True``) into the templates' structure."""
+def load(
+    path: str | os.PathLike,
+    *,
+    params_like: Any,
+    opt_state_like: Any,
+    extra_state_like: Any = None,
+    device: Any = None,
+) -> RunState:
+    """Reads a checkpoint written by :func:`save` into the templates' structure, after checking it.
+
+    The archive's CRCs, the SHA-256 digest of the contents, every field's type, the key, the
+    step, the ledger against the step (if saved with ``check_ledger=True``) and every tensor's
+    path, shape and dtype against its template are verified; any failure raises
+    :class:`CheckpointError` (a ``ValueError``) naming what is wrong.  Loads with
+    ``weights_only=True``.
+
+    Args:
+      path: the checkpoint file.
+      params_like, opt_state_like: templates (e.g. the freshly built params and
+        ``opt.init(params)``); restored tensors take their devices.
+      extra_state_like: template of the ``extra_state`` saved; required exactly when one was
+        saved (a stateful mechanism's state must not be silently dropped or invented).
+      device: where to put the key (default: the CPU).
+
+    Example:
+      >>> import tempfile, os, torch, fundp
+      >>> path = os.path.join(tempfile.mkdtemp(), "run.pt")
+      >>> fundp.checkpoint.save(path, params={"w": torch.ones(2)}, opt_state=(), ledger=None,
+      ...                       key=fundp.random.key(1), step=7, extra_state={"clip": torch.tensor(0.5)})
+      >>> state = fundp.checkpoint.load(path, params_like={"w": torch.zeros(2)}, opt_state_like=(),
+      ...                               extra_state_like={"clip": torch.tensor(1.0)})
+      >>> state.step, state.extra_state["clip"].item()
+      (7, 0.5)
+    """
+    from fundp import random as fundp_random
     from fundp.accounting import Ledger
 
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a fundp checkpoint")
-    ledger_dict = json.loads(payload["ledger"])
+    path = os.fspath(path)
+    payload = _read(path)
+    _check_types(payload)
+    if not hmac.compare_digest(payload["digest"], _digest(payload)):
+        raise CheckpointError(
+            f"{path} failed its integrity check: the contents do not match the SHA-256 digest "
+            "written with them (the file was modified or corrupted after saving)"
+        )
+    try:
+        fundp_random._check_key(payload["key"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: invalid key: {error}") from error
+    try:
+        ledger_dict = json.loads(payload["ledger"])
+        ledger = None if ledger_dict is None else Ledger.from_dict(ledger_dict)
+        extra = json.loads(payload["extra"])
+        paths = json.loads(payload["paths"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: invalid ledger, extra or paths field: {error}") from error
+    if not isinstance(extra, dict) or not isinstance(paths, dict) or set(paths) != set(_TREES):
+        raise CheckpointError(f"{path}: invalid extra or paths field")
+    step = payload["step"]
+    if payload["check_ledger"] and ledger is not None and ledger.steps != step:
+        raise CheckpointError(f"{path}: the ledger records {ledger.steps} steps but the saved step is {step}")
+    for tree in _TREES:
+        leaves, tree_paths = payload[tree], paths[tree]
+        if (leaves is None) != (tree_paths is None) or (leaves is not None and len(leaves) != len(tree_paths)):
+            raise CheckpointError(f"{path}: {tree} and its paths disagree")
+    if payload["extra_state"] is None and extra_state_like is not None:
+        raise CheckpointError(f"{path} holds no extra_state, but extra_state_like was given")
+    if payload["extra_state"] is not None and extra_state_like is None:
+        raise CheckpointError(
+            f"{path} holds extra_state ({len(payload['extra_state'])} tensors, mechanism state such as "
+            "adaptive clipping or correlated noise): pass extra_state_like= to restore it"
+        )
     key = payload["key"] if device is None else payload["key"].to(device)
     return RunState(
-        params=_restore("params", payload["params"], params_like),
-        opt_state=_restore("opt_state", payload["opt_state"], opt_state_like),
-        ledger=None if ledger_dict is None else Ledger.from_dict(ledger_dict),
+        params=_restore("params", payload["params"], paths["params"], params_like),
+        opt_state=_restore("opt_state", payload["opt_state"], paths["opt_state"], opt_state_like),
+        ledger=ledger,
         key=key,
-        step=int(payload["step"]),
-        extra=json.loads(payload["extra"]),
+        step=step,
+        extra=extra,
+        extra_state=None if extra_state_like is None else _restore("extra_state", payload["extra_state"], paths["extra_state"], extra_state_like),
     )
