@@ -1,19 +1,25 @@
-"""Argument checks for the accounting functions: plain Python numbers in, errors that name the argument.
+"""Argument checks for the accounting functions, spelled with :mod:`fundp._validate`'s vocabulary.
 
-Everything the accountants take is converted here with ``float()`` / ``int()``, so a 0-d tensor or
-a NumPy scalar works, and nothing the accountant stores can drag a tensor (or a traced value) along.
+Thin wrappers: every check is one of ``fundp._validate``'s (``check_positive``, ``check_int``,
+``check_sample_rate``, ``check_delta``, ...), so an accounting error reads like any other fundp
+error (``"noise_multiplier must be > 0, got -1.0"``).  Values come back as plain Python numbers,
+so a 0-d tensor or a NumPy scalar works, and nothing the ledger stores drags a tensor (or a traced
+value) along.  What is specific to accounting lives here: the accountant names, which of them are
+upper bounds, and the error for an unreachable calibration target.
 """
 
 from __future__ import annotations
 
-import math
-import operator
 from typing import Any
 
-__all__ = ["ACCOUNTANTS", "UnreachableTargetError"]
+from fundp._validate import check_delta, check_int, check_positive, check_sample_rate
+
+__all__ = ["ACCOUNTANTS", "BOUND_ACCOUNTANTS", "UnreachableTargetError"]
 
 #: The accountants that :func:`fundp.accounting.epsilon` and friends accept.
 ACCOUNTANTS = ("prv", "rdp", "gdp_approx")
+#: The accountants whose epsilon is a rigorous upper bound (``"gdp_approx"`` is an estimate).
+BOUND_ACCOUNTANTS = ("prv", "rdp")
 
 
 class UnreachableTargetError(ValueError):
@@ -21,67 +27,27 @@ class UnreachableTargetError(ValueError):
     target epsilon, or even one step spends more than it."""
 
 
-def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, (bool, str, bytes)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
-
-
 def noise_multiplier(value: Any, name: str = "noise_multiplier") -> float:
-    sigma = _as_float(name, value)
-    if not sigma > 0 or math.isinf(sigma):  # `not >` also catches NaN
-        raise ValueError(f"{name} must be > 0 and finite, got {sigma}")
-    return sigma
+    return check_positive(name, value)
 
 
 def sample_rate(value: Any, name: str = "sample_rate") -> float:
-    q = _as_float(name, value)
-    if not 0 < q <= 1:
-        raise ValueError(f"{name} must be in (0, 1], got {q}")
-    return q
+    return check_sample_rate(value, name)
 
 
 def steps(value: Any, name: str = "steps") -> int:
-    if isinstance(value, (bool, str, bytes)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"{name} must be a whole number, got {value}")
-        value = int(value)
-    try:
-        count = operator.index(value)
-    except TypeError:
-        try:  # a 0-d integer tensor or array
-            count = int(value)
-            if count != value:
-                raise ValueError(f"{name} must be a whole number, got {value}")
-        except (TypeError, ValueError) as error:
-            if isinstance(error, ValueError):
-                raise
-            raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if count < 0:
-        raise ValueError(f"{name} must be >= 0, got {count}")
-    return int(count)
+    return check_int(name, value, minimum=0)
 
 
 def delta(value: Any, name: str = "delta") -> float:
-    d = _as_float(name, value)
-    if not 0 < d < 1:
-        raise ValueError(f"{name} must be in (0, 1), got {d}")
-    return d
+    return check_delta(value, name)
 
 
 def epsilon(value: Any, name: str = "epsilon") -> float:
-    e = _as_float(name, value)
-    if not e > 0 or math.isinf(e):
-        raise ValueError(f"{name} must be > 0 and finite, got {e}")
-    return e
+    return check_positive(name, value)
 
 
-def accountant(name: Any) -> str:
-    if name not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {', '.join(map(repr, ACCOUNTANTS))}, got {name!r}")
+def accountant(name: Any, argument: str = "accountant") -> str:
+    if not isinstance(name, str) or name not in ACCOUNTANTS:
+        raise ValueError(f"{argument} must be one of {', '.join(map(repr, ACCOUNTANTS))}, got {name!r}")
     return name
