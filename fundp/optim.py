@@ -89,14 +89,14 @@ class Optimizer(NamedTuple):
 
 
 class SgdState(NamedTuple):
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # (shadows tuple.count, as in optax)
     """Updates done so far, a 0-d int64 tensor (the schedules' argument)."""
     momentum: Any
     """Pytree like params, or ``None`` without momentum."""
 
 
 class AdamState(NamedTuple):
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # (shadows tuple.count, as in optax)
     """Updates done so far, a 0-d int64 tensor."""
     mu: Any
     """First-moment estimate, a pytree like params."""
@@ -110,7 +110,7 @@ class TraceState(NamedTuple):
 
 
 class ScaleByScheduleState(NamedTuple):
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # (shadows tuple.count, as in optax)
     """Updates done so far, a 0-d int64 tensor."""
 
 
