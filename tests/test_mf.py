@@ -113,7 +113,7 @@ def test_empirical_covariance_matches_inverse_structure(name):
     # standard deviation sqrt((S_ii S_jj + S_ij^2) / M); a 6-sigma band over n^2 = 64 entries
     # gives a false-failure probability below 64 * 2e-9 ~ 1e-7 (normal approximation; the keys
     # are fixed, so the test is deterministic).
-    n, m, stddev = 8, 40000, 0.9
+    n, m, stddev = 8, 20000, 0.9
     strategy = _strategies(n)[name]
     mech = mf.mechanism(strategy, mf.single_participation())
     like = {"w": torch.zeros(m, dtype=torch.float64)}
@@ -384,23 +384,31 @@ def test_state_checkpoint_round_trip_continues_the_stream():
         assert all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(noise), optree.tree_leaves(straight[t])))
 
 
-def test_tensor_stddev_and_compile():
+@pytest.mark.parametrize("name", ["banded_general", "blt", "tree"])
+def test_tensor_stddev_and_compile_one_graph(name):
+    from torch._dynamo.utils import counters
+
     n = 8
-    mech = mf.mechanism(mf.tree(n), mf.single_participation())
-    like = {"w": torch.zeros(5)}
+    mech = mf.mechanism(_strategies(n)[name], mf.single_participation())
+    like = {"w": torch.zeros(5), "b": torch.zeros(2, 2)}
 
     def draw(state, key, stddev):
         return mech.sample(state, key, stddev, like)
 
+    torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(draw, fullgraph=True, backend="eager")
     eager_state = compiled_state = mech.init(like)
     for t in range(n):
         key = fundp.random.fold_in(fundp.random.key(1), t)
-        a, eager_state = draw(eager_state, key, torch.tensor(0.5))
-        b, compiled_state = compiled(compiled_state, key, torch.tensor(0.5))
-        assert torch.allclose(a["w"], b["w"])
+        stddev = torch.tensor(0.5 + t)  # a schedule: a new value every step
         c, _ = mech.sample(eager_state, key, 0.0, like)  # zero noise multiplier: no noise
         assert torch.equal(c["w"], torch.zeros(5))
+        a, eager_state = draw(eager_state, key, stddev)
+        b, compiled_state = compiled(compiled_state, key, stddev)
+        assert all(torch.allclose(x, y) for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b)))
+    assert counters["stats"]["unique_graphs"] == 1  # no recompiles across steps or stddev values
+    torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------- bad input
@@ -440,3 +448,8 @@ def test_bad_input_names_the_argument():
     with pytest.raises(TypeError, match="participation"):
         mf.mechanism(mf.identity(4), "poisson")
     assert mf.epsilon(mech, noise_multiplier=0.0, delta=1e-5) == math.inf
+    state = mech.init(like)
+    for t in range(4):
+        _, state = mech.sample(state, fundp.random.fold_in(fundp.random.key(0), t), 1.0, like)
+    with pytest.raises(ValueError, match="n = 4 steps"):
+        mech.sample(state, fundp.random.key(9), 1.0, like)

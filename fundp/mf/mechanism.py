@@ -166,7 +166,9 @@ class CorrelatedNoise:
 
         ``stddev`` is the std DP-SGD would use, ``noise_multiplier * clip_norm`` (a number >= 0
         or a 0-d tensor); ``t = state.step``; ``Z_t`` comes from ``key`` as in
-        :func:`fundp.noise.noise_like`.  Pure: same inputs, same outputs.
+        :func:`fundp.noise.noise_like`.  Pure: same inputs, same outputs.  In eager mode a step
+        ``t >= n`` raises ``ValueError`` (the guarantee covers ``n`` steps); a compiled graph
+        skips that check (it would read the step back from the device).
 
         Example:
           >>> import torch, fundp
@@ -180,6 +182,12 @@ class CorrelatedNoise:
         """
         fundp_random._check_key(key)
         scale = _stddev(stddev) * self.sensitivity
+        if not torch.compiler.is_compiling() and int(state.step) >= self.steps:
+            # (eager only: reading the step syncs with the device; a compiled graph skips the check)
+            raise ValueError(
+                f"state.step = {int(state.step)}: this mechanism was built for n = {self.steps} steps, and its "
+                "sensitivity (so the privacy guarantee) covers no more; build it with a larger n"
+            )
         leaves, treedef = optree.tree_flatten(like)
         buffers: list[Any] = treedef.flatten_up_to(state.buffers)
         if not leaves:

@@ -191,6 +191,7 @@ class BandedMatrix(Strategy):
         for j in range(bands):
             rows[j:, j] = np.diag(c, -j)
         self.rows = rows
+        self._rows = torch.from_numpy(rows.copy())
         self._c = c
 
     @property
@@ -205,7 +206,7 @@ class BandedMatrix(Strategy):
         return self._c.copy()
 
     def next(self, buffers: torch.Tensor, z: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        row = torch.as_tensor(self.rows, device=z.device)[step]
+        row = torch.index_select(self._rows.to(z.device), 0, step.to(device=z.device, dtype=torch.int64).reshape(1))[0]
         x = z
         for j in range(1, self._bands):
             x = x - row[j] * buffers[j - 1].to(torch.float64)
