@@ -14,19 +14,40 @@ included), and every rank's ledger records the logical step once.  No DDP wrappe
 ``dp_step`` does the gradient reduction itself (DDP's hooks would never fire under
 ``torch.func.grad``, and reducing unclipped gradients would break the privacy analysis).
 Tensor-sharded parameters (FSDP, DTensor) are not supported yet and are refused.
+
+The scheme is only private if every rank holds the same key, settings and parameters: a rank
+that calls ``fundp.random.os_key()`` on its own adds different noise, and the all-reduced sum
+then carries noise of the wrong scale on no rank.  :func:`check_consistent` compares them across
+ranks (one small all-gather of 64-bit fingerprints) and raises :class:`RankMismatchError` naming
+what differs; ``dp_step(distributed=True)`` runs it on its first call.  Draw a production key
+once for all ranks with :func:`shared_os_key`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+from typing import Any, Callable, Iterable
 
 import optree
 import torch
 import torch.distributed as dist
 
+from fundp import random as fundp_random
+from fundp._validate import check_int
 from fundp.step import ClippedSum
 
-__all__ = ["rank_and_world_size", "all_reduce_sum", "all_reduce_clipped_sum", "broadcast_from_rank0", "shard", "check_not_sharded"]
+__all__ = [
+    "rank_and_world_size",
+    "all_reduce_sum",
+    "all_reduce_clipped_sum",
+    "broadcast_from_rank0",
+    "shard",
+    "check_not_sharded",
+    "shared_os_key",
+    "check_consistent",
+    "first_call_check",
+    "RankMismatchError",
+]
 
 
 def rank_and_world_size(group: Any = None) -> tuple[int, int]:
@@ -109,8 +130,8 @@ def shard(indices: torch.Tensor, mask: torch.Tensor, rank: int, world_size: int)
     ``world_size``, so every rank gets the same number of rows and a fixed shape.  The union of
     the shards' real rows is exactly the global batch's real rows.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    world_size = check_int("world_size", world_size, minimum=1)
+    rank = check_int("rank", rank, minimum=0, maximum=world_size - 1)
     if indices.shape != mask.shape or indices.dim() != 1:
         raise ValueError("indices and mask must be 1-D tensors of the same length")
     extra = (-indices.shape[0]) % world_size
@@ -119,3 +140,230 @@ def shard(indices: torch.Tensor, mask: torch.Tensor, rank: int, world_size: int)
         indices = torch.cat([indices, fill])
         mask = torch.cat([mask, torch.zeros(extra, dtype=torch.bool, device=mask.device)])
     return indices[rank::world_size], mask[rank::world_size]
+
+
+# --------------------------------------------------------------------------- consistency across ranks
+
+
+class RankMismatchError(ValueError):
+    """Ranks of a distributed step disagree on the key, a setting or the parameters."""
+
+
+def shared_os_key(group: Any = None, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """Returns one key from the OS entropy of group rank 0, the same on every rank.
+
+    The production key of a distributed run: never call :func:`fundp.random.os_key` on each rank
+    (each would draw its own).  ``device`` is where the key is returned (the broadcast itself
+    runs on the CPU for gloo/MPI and on the current accelerator otherwise).
+
+    Example:
+      >>> import os, tempfile, torch.distributed as dist, fundp
+      >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rdv"), rank=0, world_size=1)
+      >>> key = fundp.distributed.shared_os_key()
+      >>> key.shape, key.dtype
+      (torch.Size([2]), torch.int64)
+      >>> dist.destroy_process_group()
+    """
+    rank_and_world_size(group)
+    key = fundp_random.os_key().to(_collective_device(group, None))
+    key = broadcast_from_rank0(key, group)
+    return key.to(device if device is not None else "cpu")
+
+
+def _collective_device(group: Any, hint: torch.Tensor | None) -> torch.device:
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or backend == "mpi":
+        return torch.device("cpu")
+    if hint is not None and hint.device.type != "cpu":
+        return hint.device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")  # pragma: no cover - another accelerator backend with a CPU hint
+
+
+def _canonical(value: Any) -> str:
+    """A text form of ``value`` that is equal across processes exactly when the values are."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return repr(value)
+    if isinstance(value, float):
+        return repr(value)  # shortest text that round-trips: equal exactly when the floats are
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().to("cpu").contiguous().reshape(-1)
+        digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+        return f"tensor({value.dtype}, {list(value.shape)}, {digest})"
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if isinstance(value, dict):
+        items = sorted((_canonical(k), _canonical(v)) for k, v in value.items())
+        return "{" + ", ".join(f"{k}: {v}" for k, v in items) + "}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__}(" + ", ".join(_canonical(v) for v in value) + ")"
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"<{getattr(value, '__module__', '?')}.{value.__qualname__}>"
+    return repr(value)
+
+
+def _fingerprint(text: str) -> int:
+    """A signed 64-bit integer from SHA-256 of ``text`` (collisions: ~2**-64)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little", signed=True)
+
+
+_CHUNK = 1 << 22  # bytes per step of the parameter fingerprint (a 32 MiB int64 temporary)
+
+
+def _tensor_sums(leaves: list[torch.Tensor]) -> list[int]:
+    """Exact position-weighted byte sums of each leaf, computed where the leaf lives, one sync.
+
+    ``sum_i b_i (i mod 251 + 1)`` over the leaf's bytes ``b_i``, in int64 (no overflow below
+    ~10**14 bytes per leaf): integer arithmetic, so equal tensors give equal sums on any device.
+    """
+    sums = []
+    for leaf in leaves:
+        flat = leaf.detach().contiguous().reshape(-1).view(torch.uint8)
+        total = torch.zeros((), dtype=torch.int64, device=flat.device)
+        for start in range(0, flat.numel(), _CHUNK):
+            chunk = flat[start : start + _CHUNK].to(torch.int64)
+            weights = torch.arange(start, start + chunk.numel(), dtype=torch.int64, device=flat.device).remainder_(251).add_(1)
+            total = total + (chunk * weights).sum()
+        sums.append(total.to("cpu"))
+    return [int(value) for value in torch.stack(sums).tolist()] if sums else []
+
+
+def _named_settings(settings: Any) -> list[tuple[str, Any]]:
+    items: Iterable[Any] = settings.items() if isinstance(settings, dict) else settings
+    named = []
+    for index, item in enumerate(items):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            named.append(item)
+        else:
+            named.append((f"settings[{index}]", item))
+    return named
+
+
+@torch.compiler.disable
+def check_consistent(key: torch.Tensor, settings: Any = (), group: Any = None, *, params: Any = None) -> None:
+    """Raises :class:`RankMismatchError` unless every rank of ``group`` holds the same key, settings and params.
+
+    Every rank must call it (it is a collective).  Each rank reduces its values to 64-bit
+    fingerprints — SHA-256 of the key's words and of each setting's canonical text, and an exact
+    integer checksum of each parameter tensor computed on its device — and the fingerprints are
+    all-gathered (two small collectives; one host sync).  On a mismatch every rank raises the
+    same error, naming each differing item with the ranks' values (settings) or fingerprints
+    (the key, which is secret; the params).
+
+    Args:
+      key: this rank's fundp key.
+      settings: ``(name, value)`` pairs or a dict (plain values are named ``settings[i]``):
+        numbers, strings, bools, None, tensors, dtypes, ledgers and containers of them.
+        Floats are compared exactly.
+      group: the process group (default: the world).
+      params: optional pytree of tensors compared leaf by leaf (path, dtype, shape, bytes).
+
+    Example:
+      >>> import os, tempfile, torch, torch.distributed as dist, fundp
+      >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rdv"), rank=0, world_size=1)
+      >>> fundp.distributed.check_consistent(fundp.random.key(0), (("noise_multiplier", 1.1),), params={"w": torch.ones(2)})
+      >>> dist.destroy_process_group()
+    """
+    rank, world_size = rank_and_world_size(group)
+    if not isinstance(key, torch.Tensor):
+        raise TypeError(f"key must be a fundp key tensor, got {type(key).__name__}")
+    fundp_random._check_key(key.detach().to("cpu"))
+    names, texts = ["key"], ["key:" + repr(tuple(key.detach().to("cpu").tolist()))]
+    shown: dict[str, str] = {}
+    for name, value in _named_settings(settings):
+        names.append(name)
+        texts.append(name + ":" + _canonical(value))
+        shown[name] = _canonical(value)
+    if params is not None:
+        leaves, _ = optree.tree_flatten(params, none_is_leaf=False)
+        paths = optree.tree_paths(params, none_is_leaf=False)
+        for leaf, path in zip(leaves, paths):
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(f"params must be a pytree of tensors, got a {type(leaf).__name__} at {path}")
+        for leaf, path, total in zip(leaves, paths, _tensor_sums(leaves)):
+            name = "params" + "".join(f"[{p!r}]" for p in path)
+            names.append(name)
+            texts.append(f"{name}:{leaf.dtype}:{list(leaf.shape)}:{total}")
+    if world_size == 1:
+        return
+    device = _collective_device(group, key)
+    header = torch.tensor([len(names), _fingerprint("\n".join(names))], dtype=torch.int64, device=device)
+    headers = [torch.empty_like(header) for _ in range(world_size)]
+    dist.all_gather(headers, header, group=group)
+    header_rows = torch.stack(headers).to("cpu")
+    if not bool((header_rows == header_rows[0]).all()):
+        everyone: list[Any] = [None] * world_size
+        dist.all_gather_object(everyone, names, group=group)
+        differing = sorted(set().union(*map(set, everyone)) - set.intersection(*map(set, everyone)))
+        raise RankMismatchError(
+            "ranks disagree on what they check: the settings or the params' structure differ "
+            f"(items not held by every rank: {differing[:10]}); every rank must build the same step "
+            "and hold the same parameter tree"
+        )
+    mine = torch.tensor([_fingerprint(text) for text in texts], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(gathered, mine, group=group)
+    rows = torch.stack(gathered).to("cpu")
+    differs = (rows != rows[0]).any(dim=0).tolist()
+    if not any(differs):
+        return
+    bad = [name for name, flag in zip(names, differs) if flag]
+    # The key is secret: only 32 bits of its fingerprint are shown.
+    described = {name: shown.get(name, f"fingerprint {int(rows[rank, names.index(name)]) & 0xFFFFFFFF:08x}") for name in bad}
+    everyone_described: list[Any] = [None] * world_size
+    dist.all_gather_object(everyone_described, described, group=group)
+    lines = []
+    for name in bad:
+        values = ", ".join(f"rank {r} has {everyone_described[r][name][:120]}" for r in range(world_size))
+        lines.append(f"{name}: {values}")
+    hints = []
+    if "key" in bad:
+        hints.append(
+            "every rank must pass the same key: draw it once with fundp.distributed.shared_os_key() "
+            "(never fundp.random.os_key() on each rank) or use the same fundp.random.key(seed)"
+        )
+    if any(name.startswith("params") for name in bad):
+        hints.append(
+            "every rank must start from the same parameters: seed the initialisation identically or "
+            "use params = fundp.distributed.broadcast_from_rank0(params)"
+        )
+    raise RankMismatchError(
+        f"the {world_size} ranks of the distributed step disagree on {', '.join(bad[:10])}"
+        + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        + ":\n  " + "\n  ".join(lines[:10]) + ("\n" + "\n".join(hints) if hints else "")
+    )
+
+
+class _FirstCallCheck:
+    """Runs :func:`check_consistent` on the first call, then nothing (see :func:`first_call_check`)."""
+
+    def __init__(self, settings: Any, group: Any) -> None:
+        self.settings = _named_settings(settings)
+        self.group = group
+        self.done = False
+
+    @torch.compiler.disable
+    def __call__(self, key: torch.Tensor, params: Any = None, per_call: Any = ()) -> None:
+        if self.done:
+            return
+        check_consistent(key, self.settings + _named_settings(per_call), self.group, params=params)
+        self.done = True
+
+
+def first_call_check(settings: Any, group: Any = None) -> Callable[..., None]:
+    """Returns ``check(key, params=None, per_call=())`` that runs :func:`check_consistent` once.
+
+    The first call compares ``key``, ``settings`` (fixed when the step is built), ``per_call``
+    (``(name, value)`` pairs known only at call time, e.g. the ledger) and ``params`` across the
+    ranks; once that succeeds later calls return at once (one attribute read; the function is
+    excluded from ``torch.compile``, so it adds no guard and no recompile).  A failed check is
+    retried on the next call.
+
+    Example:
+      >>> import fundp
+      >>> check = fundp.distributed.first_call_check((("noise_multiplier", 1.1),))
+      >>> check.done
+      False
+    """
+    return _FirstCallCheck(settings, group)

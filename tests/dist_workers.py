@@ -33,6 +33,48 @@ def single_process_result():
     return step(params, batch, fundp.random.key(42), ledger=fundp.Ledger(), mask=mask)
 
 
+def consistency_checks(rank: int, params) -> dict:
+    """Runs each misuse of check_consistent in lockstep on every rank; returns each outcome."""
+    outcomes = {}
+
+    def attempt(name, call):
+        try:
+            call()
+            outcomes[name] = "ok"
+        except fundp.distributed.RankMismatchError as error:
+            outcomes[name] = "RankMismatchError: " + str(error)
+
+    settings = (("noise_multiplier", SIGMA), ("max_norm", CLIP_NORM), ("grad_method", "vmap"), ("ledger", fundp.Ledger()))
+    same_key = fundp.random.key(42)
+    attempt("consistent", lambda: fundp.distributed.check_consistent(same_key, settings, params=params))
+    # Each rank drawing its own production key: the bug this guard exists for.
+    attempt("own_os_key", lambda: fundp.distributed.check_consistent(fundp.random.os_key(), settings, params=params))
+    attempt("shared_os_key", lambda: fundp.distributed.check_consistent(fundp.distributed.shared_os_key(), settings, params=params))
+    other_sigma = (("noise_multiplier", SIGMA + 0.1 * rank),) + settings[1:]
+    attempt("setting", lambda: fundp.distributed.check_consistent(same_key, other_sigma))
+    other_ledger = settings[:3] + (("ledger", fundp.accountant_step(fundp.Ledger(), noise_multiplier=SIGMA, sample_rate=0.1, steps=1 + rank)),)
+    attempt("ledger", lambda: fundp.distributed.check_consistent(same_key, other_ledger))
+    tiny = settings[:1] + (("max_norm", CLIP_NORM + rank * 1e-16),) + settings[2:]  # floats are compared exactly
+    attempt("tiny_float", lambda: fundp.distributed.check_consistent(same_key, tiny))
+    perturbed = dict(params)
+    name = sorted(params)[0]
+    perturbed[name] = params[name].clone()
+    if rank == 1:
+        perturbed[name].view(-1)[0] += 1e-12
+    attempt("params", lambda: fundp.distributed.check_consistent(same_key, settings, params=perturbed))
+    more = settings + ((("extra", 1),) if rank == 1 else ())
+    attempt("structure", lambda: fundp.distributed.check_consistent(same_key, more))
+    # first_call_check: checks once; after a success later calls do nothing (even on a mismatch).
+    check = fundp.distributed.first_call_check(settings)
+    attempt("first_call", lambda: check(same_key, params, (("ledger", fundp.Ledger()),)))
+    attempt("second_call_skipped", lambda: check(fundp.random.key(rank), params))
+    failing = fundp.distributed.first_call_check(settings)
+    attempt("first_call_mismatch", lambda: failing(fundp.random.key(rank), params))
+    attempt("retried_after_failure", lambda: failing(fundp.random.key(rank), params))
+    outcomes["first_call_done"] = str(check.done)
+    return outcomes
+
+
 def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str) -> None:
     torch.set_num_threads(1)
     try:
@@ -40,6 +82,12 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str)
         model, params, batch, mask = global_problem()
         if scenario == "fail" and rank == 1:
             raise RuntimeError("rank 1 fails before the collective")
+        if scenario == "consistency":
+            result = consistency_checks(rank, params)
+            torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+            dist.barrier()
+            dist.destroy_process_group()
+            return
         rows, shard_mask = fundp.distributed.shard(torch.arange(13), mask, rank, world_size)
         local = {k: v[rows] for k, v in batch.items()}
         loss_fn = classification_loss(model)

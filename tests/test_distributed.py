@@ -67,3 +67,29 @@ def test_shard_covers_the_global_batch_once():
     assert {s[0].shape[0] for s in shards} == {4}
     real = sorted(i for rows, m in shards for i in rows[m].tolist())
     assert real == list(range(7))
+
+
+def test_ranks_that_disagree_are_named_on_the_first_step(tmp_path):
+    processes, alive, _ = launch(tmp_path, "consistency")
+    errors = {r: (tmp_path / f"rank{r}.err").read_text() for r in range(2) if (tmp_path / f"rank{r}.err").exists()}
+    assert not alive and not errors, errors
+    outcomes = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for rank, result in enumerate(outcomes):
+        assert result["consistent"] == "ok" and result["shared_os_key"] == "ok"
+        # Each rank calling os_key(): refused, with the key's fingerprint (never its words) and the fix.
+        assert result["own_os_key"].startswith("RankMismatchError: the 2 ranks of the distributed step disagree on key:")
+        assert "shared_os_key()" in result["own_os_key"] and "fingerprint" in result["own_os_key"]
+        assert "disagree on noise_multiplier:" in result["setting"]
+        assert f"rank 0 has 1.3, rank 1 has {1.3 + 0.1!r}" in result["setting"]
+        assert "disagree on ledger:" in result["ledger"] and "1)])" in result["ledger"] and "2)])" in result["ledger"]
+        assert "disagree on max_norm:" in result["tiny_float"]
+        assert "disagree on params[" in result["params"] and "broadcast_from_rank0" in result["params"]
+        assert "ranks disagree on what they check" in result["structure"] and "'extra'" in result["structure"]
+        assert result["first_call"] == "ok" and result["second_call_skipped"] == "ok" and result["first_call_done"] == "True"
+        assert "disagree on key" in result["first_call_mismatch"] and "disagree on key" in result["retried_after_failure"]
+    assert outcomes[0] == outcomes[1]  # every rank raises the same error: no rank is left waiting
+
+
+def test_check_consistent_without_process_group_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fundp.distributed.check_consistent(fundp.random.key(0), ())
