@@ -97,6 +97,28 @@ def test_single_band_is_exactly_dp_sgd_noise(participation, dtype):
             assert torch.equal(got, want)
 
 
+def test_tree_prefix_noise_is_the_sum_of_dyadic_node_noises():
+    # DP-FTRL semantics, from the tree's definition (not from C): the noise in the running sum of
+    # steps 1..t is the sum of the noises of the dyadic nodes that tile [1, t] (one per set bit of
+    # t); the node ending at step e carries Z_e.
+    n = 23
+    mech = mf.mechanism(mf.tree(n), mf.single_participation())
+    like = {"w": torch.zeros(4, dtype=torch.float64)}
+    keys = [fundp.random.fold_in(fundp.random.key(8), t) for t in range(n)]
+    z = [fundp.random.normal(k, (4,), torch.float64) * mech.sensitivity for k in keys]
+    state = mech.init(like)
+    running = torch.zeros(4, dtype=torch.float64)
+    for t in range(1, n + 1):
+        noise, state = mech.sample(state, keys[t - 1], 1.0, like)
+        running = running + noise["w"]
+        expected, end = torch.zeros(4, dtype=torch.float64), 0
+        for bit in reversed(range(t.bit_length())):
+            if t >> bit & 1:
+                end += 1 << bit
+                expected = expected + z[end - 1]
+        torch.testing.assert_close(running, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_mf_noise_adds_to_the_tree():
     mech = mf.mechanism(mf.identity(4), mf.single_participation())
     grads = {"w": torch.arange(3, dtype=torch.float64)}
