@@ -236,7 +236,7 @@ def noisy_unclipped_count(
     return count.to(dtype) + sigma_b * noise
 
 
-def update(cfg: QuantileClipping, state: QuantileClipState, noisy_count: torch.Tensor, expected_batch_size: float) -> QuantileClipState:
+def update(cfg: QuantileClipping, state: QuantileClipState, noisy_count: torch.Tensor, expected_batch_size: float | torch.Tensor) -> QuantileClipState:
     """Returns the next state: ``C <- C * exp(-eta * (f - gamma))`` with ``f = clip(noisy_count / E[B], 0, 1)``.
 
     ``noisy_count`` is :func:`noisy_unclipped_count` of this step's batch; ``expected_batch_size``
@@ -255,7 +255,8 @@ def update(cfg: QuantileClipping, state: QuantileClipState, noisy_count: torch.T
     gamma, eta, _ = _checked(cfg)
     if not isinstance(state, QuantileClipState):
         raise TypeError(f"state must be a QuantileClipState (from cfg.init), got {type(state).__name__}")
-    expected = check_positive("expected_batch_size", expected_batch_size)
+    # A tensor (possibly traced) is used as given; a number is checked.
+    expected = expected_batch_size if isinstance(expected_batch_size, torch.Tensor) else check_positive("expected_batch_size", expected_batch_size)
     max_norm = state.max_norm
     count = torch.as_tensor(noisy_count, dtype=max_norm.dtype, device=max_norm.device)
     if count.shape != max_norm.shape:

@@ -74,6 +74,8 @@ def test_update_matches_its_closed_form_and_clips_the_fraction():
         state = adaptive.update(cfg, cfg.init(2.0), torch.tensor(count, dtype=torch.float64), expected)
         fraction = min(max(count / expected, 0.0), 1.0)
         assert float(state.max_norm) == pytest.approx(2.0 * math.exp(-eta * (fraction - gamma)), rel=1e-14)
+        as_tensor = adaptive.update(cfg, cfg.init(2.0), torch.tensor(count, dtype=torch.float64), torch.tensor(expected))
+        assert torch.equal(as_tensor.max_norm, state.max_norm)  # E[B] may be a (traced) tensor
     # Per-layer thresholds update elementwise; a float32 state stays float32.
     state = cfg.init([1.0, 3.0], dtype=torch.float32)
     new = adaptive.update(cfg, state, torch.tensor([40.0, 0.0]), expected)
@@ -200,7 +202,7 @@ def test_gradient_noise_for_a_target_spends_what_plain_dp_sgd_spends():
 # --------------------------------------------------------------------------- compiled, bad input
 
 
-def test_compiled_update_does_not_recompile_as_the_threshold_changes():
+def test_compiled_update_is_one_graph_and_does_not_recompile_as_the_threshold_changes():
     torch._dynamo.reset()
     cfg = adaptive.quantile_clipping(target_quantile=0.5, learning_rate=0.2, count_noise_multiplier=2.0)
 
@@ -209,7 +211,7 @@ def test_compiled_update_does_not_recompile_as_the_threshold_changes():
         return adaptive.update(cfg, state, count, expected_batch_size=16.0)
 
     counter = torch._dynamo.testing.CompileCounter()
-    compiled = torch.compile(estimator_step, backend=counter)
+    compiled = torch.compile(estimator_step, backend=counter, fullgraph=True)
     state = eager_state = cfg.init(1.0)
     keys = fundp.random.split(fundp.random.key(3), 6)
     mask = torch.arange(16) < 12

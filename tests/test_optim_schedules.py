@@ -198,7 +198,7 @@ def test_a_decaying_schedule_compiles_once():
         return optim.apply_updates(params, updates), state
 
     counter = torch._dynamo.testing.CompileCounter()
-    compiled = torch.compile(train_step, backend=counter)
+    compiled = torch.compile(train_step, backend=counter, fullgraph=True)
     params = eager_params = {"w": torch.ones(3)}
     state = eager_state = opt.init(params)
     for grads in _grads(9):
