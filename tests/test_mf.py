@@ -379,6 +379,17 @@ def test_cyclic_poisson_batches():
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(batches, again))
     assert torch.equal(batches[17][0], list(batches)[17][0])
     assert batches.expected_batch_size == pytest.approx(50.0)
+    mech = mf.mechanism(mf.optimize_banded_toeplitz(steps, b), batches.participation)
+    mf.check_batches_match(batches, mech, expected_batch_size=50.0)
+    with pytest.raises(ValueError, match="expected_batch_size"):
+        mf.check_batches_match(batches, mech, expected_batch_size=200.0)
+    other = mf.mechanism(mf.identity(steps), mf.cyclic_poisson(2, q))
+    with pytest.raises(ValueError, match="num_partitions=4"):
+        mf.check_batches_match(batches, other)
+    plain = fundp.data.poisson_batches(num, q, fundp.random.key(9), steps=steps)
+    mf.check_batches_match(plain, mf.mechanism(mf.identity(steps), mf.cyclic_poisson(1, q)), expected_batch_size=num * q)
+    with pytest.raises(ValueError, match="sampled by"):
+        mf.check_batches_match(object(), mech)
 
 
 # --------------------------------------------------------------------------- state

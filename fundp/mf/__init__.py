@@ -42,7 +42,7 @@ from fundp.mf.accounting import (
 )
 from fundp.mf.mechanism import CorrelatedNoise, NoiseState, calibrate_noise, epsilon, mechanism, mf_noise
 from fundp.mf.optimize import optimize_banded_toeplitz, optimize_blt, prefix_error, prefix_loss, sqrt_toeplitz_coefs
-from fundp.mf.sampling import CyclicPoissonBatches, cyclic_poisson_batches, partitions
+from fundp.mf.sampling import CyclicPoissonBatches, check_batches_match, cyclic_poisson_batches, partitions
 from fundp.mf.sensitivity import (
     column_norms,
     max_participation_sum,
@@ -81,6 +81,7 @@ __all__ = [
     "banded_toeplitz",
     "blt",
     "calibrate_noise",
+    "check_batches_match",
     "column_norms",
     "cyclic_poisson",
     "cyclic_poisson_batches",

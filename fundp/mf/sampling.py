@@ -24,7 +24,7 @@ import torch
 from fundp import random as fundp_random
 from fundp._validate import check_int, check_sample_rate
 
-__all__ = ["CyclicPoissonBatches", "cyclic_poisson_batches", "partitions"]
+__all__ = ["CyclicPoissonBatches", "cyclic_poisson_batches", "partitions", "check_batches_match"]
 
 
 def _pad(indices: torch.Tensor, pad_to_multiple: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,3 +173,47 @@ def cyclic_poisson_batches(
         num_examples, sample_rate, key, num_partitions=num_partitions, steps=steps,
         pad_to_multiple=pad_to_multiple, device=device,
     )
+
+
+def check_batches_match(batches: Any, mechanism: Any, *, expected_batch_size: float | None = None) -> None:
+    """Checks that ``batches`` are sampled the way ``mechanism``'s participation (its privacy) assumes.
+
+    A mechanism with ``cyclic_poisson(b, q)`` needs :class:`CyclicPoissonBatches` with the same
+    ``b`` and ``q``; ``expected_batch_size`` (the divisor given to the step), if passed, must be
+    ``q N / b`` (relative tolerance 1e-6).  Poisson batches over the whole data set
+    (``fundp.data.poisson_batches``) match ``cyclic_poisson(1, q)``.  Batches without a sampling
+    description, or other participations, are not checked here: single participation and
+    min-separation are properties of the order of the data, which the caller must guarantee.
+
+    Raises ``ValueError`` naming the mismatch.
+
+    Example:
+      >>> import fundp
+      >>> batches = fundp.mf.cyclic_poisson_batches(100, 0.5, fundp.random.key(0), num_partitions=2, steps=4)
+      >>> mech = fundp.mf.mechanism(fundp.mf.identity(4), batches.participation)
+      >>> fundp.mf.check_batches_match(batches, mech, expected_batch_size=25.0)
+    """
+    from fundp.mf.accounting import CyclicPoisson
+
+    participation = mechanism.participation
+    if not isinstance(participation, CyclicPoisson):
+        return
+    sampling = getattr(batches, "sampling", None)
+    if sampling == "poisson":
+        partitions_, rate = 1, float(batches.sample_rate)
+        size = rate * batches.num_examples
+    elif sampling == "cyclic_poisson":
+        partitions_, rate = int(batches.num_partitions), float(batches.sample_rate)
+        size = float(batches.expected_batch_size)
+    else:
+        raise ValueError(
+            f"the mechanism assumes {participation!r} but the batches are sampled by {sampling!r}: "
+            "use fundp.mf.cyclic_poisson_batches"
+        )
+    if partitions_ != participation.num_partitions or rate != participation.sample_rate:
+        raise ValueError(
+            f"the mechanism assumes {participation!r} but the batches use num_partitions={partitions_}, "
+            f"sample_rate={rate}"
+        )
+    if expected_batch_size is not None and abs(float(expected_batch_size) - size) > 1e-6 * size:
+        raise ValueError(f"expected_batch_size must be {size} (sample_rate * N / num_partitions), got {expected_batch_size}")
