@@ -2,23 +2,22 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fundp
+from fundp.testing import assert_trees_close
 from models import MLP, SmallCNN, TinyAttention, TinyGRU, classification_loss, data_for, make, micro_batch_grads, params_of
 
 
 @pytest.mark.parametrize("model_cls", [MLP, SmallCNN, TinyAttention])
-def test_matches_micro_batching_float64(model_cls):
+def test_matches_micro_batching_float64(model_cls, variant):
     model = make(model_cls)
     params = params_of(model)
     loss_fn = classification_loss(model)
     batch = data_for(model, 7)
-    grads = fundp.per_sample_grads(loss_fn)(params, batch)
+    grads = variant(fundp.per_sample_grads(loss_fn))(params, batch)
     expected = micro_batch_grads(model, loss_fn, params, batch)
-    for name in params:
-        assert grads[name].shape == (7, *params[name].shape)
-        torch.testing.assert_close(grads[name], expected[name], rtol=1e-10, atol=1e-12)
+    assert all(grads[name].shape == (7, *params[name].shape) for name in params)
+    assert_trees_close(grads, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_subset_of_params_is_frozen_layers():
@@ -28,10 +27,8 @@ def test_subset_of_params_is_frozen_layers():
     loss_fn = classification_loss(model)
     batch = data_for(model, 5)
     grads = fundp.per_sample_grads(loss_fn)(trained, batch)
-    assert set(grads) == set(trained)
-    expected = micro_batch_grads(model, loss_fn, trained, batch)
-    for name in trained:
-        torch.testing.assert_close(grads[name], expected[name], rtol=1e-10, atol=1e-12)
+    # same keys as the trained subset (the frozen layer gets no gradient), values as micro-batching
+    assert_trees_close(grads, micro_batch_grads(model, loss_fn, trained, batch), rtol=1e-10, atol=1e-12)
 
 
 def test_buffers_passed_in_the_batch_and_closed_over():
@@ -45,7 +42,7 @@ def test_buffers_passed_in_the_batch_and_closed_over():
     batch = {"x": torch.randn(4, 2, dtype=torch.float64), "shift": torch.arange(4.0, dtype=torch.float64)}
     grads = fundp.per_sample_grads(loss_fn)(params, batch)["w"]
     residual = (batch["x"] @ params["w"]) * 3 + batch["shift"]
-    torch.testing.assert_close(grads, 2 * residual[:, None] * 3 * batch["x"])
+    assert_trees_close(grads, 2 * residual[:, None] * 3 * batch["x"], rtol=1e-12, atol=1e-12)
 
 
 def test_has_aux_returns_batched_aux():
@@ -56,8 +53,9 @@ def test_has_aux_returns_batched_aux():
     params = {"w": torch.tensor([1.0, 2.0])}
     batch = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
     grads, aux = fundp.per_sample_grads(loss_fn, has_aux=True)(params, batch)
-    torch.testing.assert_close(aux["pred"], torch.tensor([[3.0], [2.0]]))
-    torch.testing.assert_close(grads["w"], torch.tensor([[6.0, 6.0], [8.0, 0.0]]))
+    # aux is per example, [B, ...]: the shape loss_fn gives on the whole batch
+    assert_trees_close(aux, {"pred": torch.tensor([3.0, 2.0])}, rtol=0, atol=0)
+    assert_trees_close(grads, {"w": torch.tensor([[6.0, 6.0], [8.0, 0.0]])}, rtol=0, atol=0)
 
 
 class DropoutNet(torch.nn.Module):
@@ -90,7 +88,7 @@ def test_dropout_is_driven_by_the_key_not_the_global_rng():
     torch.manual_seed(12345)  # a different global state must not matter
     b = f(params, x, fundp.random.key(1))["fc.weight"]
     c = f(params, x, fundp.random.key(2))["fc.weight"]
-    assert torch.equal(a, b)
+    assert_trees_close(a, b, rtol=0, atol=0)
     assert not torch.equal(a, c)
     # "different": each example gets its own dropout mask (rows of ones inputs differ).
     assert not all(torch.equal(a[0], a[i]) for i in range(1, 6))
@@ -149,6 +147,4 @@ def test_linear_recurrence_matches_micro_batching():
     g = torch.Generator().manual_seed(3)
     batch = {"x": torch.randn(5, 6, 4, generator=g, dtype=torch.float64), "y": torch.randint(0, 3, (5,), generator=g)}
     grads = fundp.per_sample_grads(loss_fn)(params, batch)
-    expected = micro_batch_grads(model, loss_fn, params, batch)
-    for name in params:
-        torch.testing.assert_close(grads[name], expected[name], rtol=1e-10, atol=1e-12)
+    assert_trees_close(grads, micro_batch_grads(model, loss_fn, params, batch), rtol=1e-10, atol=1e-12)

@@ -72,6 +72,7 @@ def per_example_grad_trees(
         dimensions of size 1 to ``max_side``.
       min_exponent, max_exponent: example ``i`` is scaled by ``10^k_i`` with ``k_i`` drawn from this
         range (clamped to what the dtype represents), so norms span many orders of magnitude.
+        Values below the dtype's smallest normal number become 0 (no subnormals).
       nonfinite: put a NaN, +Inf or -Inf at a drawn position of at least one drawn row.
 
     The containers are drawn too: a flat dict, a dict of tuples/dicts, or a list.
@@ -93,12 +94,14 @@ def per_example_grad_trees(
     exponents = draw(st.lists(st.integers(low, high), min_size=size, max_size=size))
     row_scale = np.array([10.0**k for k in exponents], dtype=np.float64)
     num_leaves = draw(st.integers(1, max_leaves))
-    elements = st.floats(-1.0, 1.0, allow_nan=False, width=32)
+    elements = st.floats(-1.0, 1.0, allow_nan=False, allow_subnormal=False, width=32)
+    tiny = torch.finfo(dtype).tiny
     leaves = []
     for _ in range(num_leaves):
         shape = (size, *draw(st.lists(st.integers(1, max_side), min_size=0, max_size=max_rank)))
         values = draw(arrays(np.float64, shape, elements=elements))
         values = values * row_scale.reshape((size,) + (1,) * (len(shape) - 1))
+        values = np.where(np.abs(values) < tiny, 0.0, values)  # no subnormals in the target dtype
         leaves.append(torch.tensor(values, dtype=torch.float64).to(dtype))
     if nonfinite:
         rows = draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=size, unique=True))

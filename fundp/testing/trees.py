@@ -101,8 +101,8 @@ def _compare_leaf(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol:
     if exact:
         close = a == b
     else:
-        close = diff <= atol + rtol * b.abs()
-        # Infinities are close only to the same infinity (inf - inf is NaN above).
+        # Finite values within the tolerance; an infinity only matches the same infinity.
+        close = torch.isfinite(a) & torch.isfinite(b) & (diff <= atol + rtol * b.abs())
         close = close | (torch.isinf(a) & (a == b))
         if equal_nan:
             close = close | (torch.isnan(a) & torch.isnan(b))
@@ -119,11 +119,11 @@ def _compare_leaf(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol:
     finite_bad = bad & torch.isfinite(diff)
     max_diff = float(diff[finite_bad].max()) if bool(finite_bad.any()) else math.nan
     nonzero = finite_bad & (b != 0)
-    max_rel = float((diff[nonzero] / b[nonzero].abs()).max()) if bool(nonzero.any()) else math.nan
+    max_rel = f"{float((diff[nonzero] / b[nonzero].abs()).max()):.3g}" if bool(nonzero.any()) else "n/a (expected 0)"
     return (
         f"{name}: {num_bad} of {a.numel()} elements differ (rtol={rtol:g}, atol={atol:g}); "
         f"worst at index {_format_index(worst, actual.shape)}: actual {a[worst].item()!r}, "
-        f"expected {b[worst].item()!r}; max abs difference {max_diff:.3g}, max relative difference {max_rel:.3g}"
+        f"expected {b[worst].item()!r}; max abs difference {max_diff:.3g}, max relative difference {max_rel}"
     )
 
 
