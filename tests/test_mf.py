@@ -333,6 +333,28 @@ def test_epsilon_cyclic_poisson_banded_against_dp_accounting():
     assert ledger == mech.ledger(sigma) and ledger.steps == 25
 
 
+def test_epsilon_cyclic_without_amplification_is_composed_gaussian():
+    # sample rate 1: ceil(n / b) plain Gaussian mechanisms; dp_accounting's PLD composes them
+    n, b, sigma, delta = 30, 4, 3.0, 1e-6
+    mech = mf.mechanism(mf.optimize_banded_toeplitz(n, b), mf.cyclic_poisson(b, 1.0))
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    accountant.compose(dp_accounting.GaussianDpEvent(sigma), math.ceil(n / b))
+    assert mf.epsilon(mech, noise_multiplier=sigma, delta=delta) == pytest.approx(accountant.get_epsilon(delta), rel=2e-3)
+    calibrated = mf.calibrate_noise(mech, target_epsilon=2.0, delta=delta)
+    assert mf.epsilon(mech, noise_multiplier=calibrated, delta=delta) == pytest.approx(2.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("target,expected_bands", [(0.1, 1), (20.0, 10)])
+def test_amplified_banded_trades_amplification_for_correlation(target, expected_bands):
+    # JAX-Privacy's test of the same trade-off (n = 100, N = 1000, batch 100): amplification wins
+    # at small epsilon (1 band = DP-SGD), correlated noise at large epsilon (the most bands, 10).
+    choice = mf.amplified_banded(100, num_examples=1000, expected_batch_size=100, target_epsilon=target, delta=1e-6)
+    assert choice.bands == expected_bands
+    assert choice.mechanism.participation == mf.cyclic_poisson(expected_bands, 100 * expected_bands / 1000)
+    assert mf.epsilon(choice.mechanism, noise_multiplier=choice.noise_multiplier, delta=1e-6) <= target * (1 + 1e-9)
+    assert choice.losses[choice.bands] == min(choice.losses.values())
+
+
 def test_account_single_participation_records_one_gaussian():
     mech = mf.mechanism(mf.tree(16), mf.single_participation())
     ledger = fundp.Ledger()

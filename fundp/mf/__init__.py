@@ -40,7 +40,16 @@ from fundp.mf.accounting import (
     min_separation,
     single_participation,
 )
-from fundp.mf.mechanism import CorrelatedNoise, NoiseState, calibrate_noise, epsilon, mechanism, mf_noise
+from fundp.mf.mechanism import (
+    AmplifiedBanded,
+    CorrelatedNoise,
+    NoiseState,
+    amplified_banded,
+    calibrate_noise,
+    epsilon,
+    mechanism,
+    mf_noise,
+)
 from fundp.mf.optimize import optimize_banded_toeplitz, optimize_blt, prefix_error, prefix_loss, sqrt_toeplitz_coefs
 from fundp.mf.sampling import CyclicPoissonBatches, check_batches_match, cyclic_poisson_batches, partitions
 from fundp.mf.sensitivity import (
@@ -65,6 +74,7 @@ from fundp.mf.strategies import (
 )
 
 __all__ = [
+    "AmplifiedBanded",
     "BandedMatrix",
     "BandedToeplitz",
     "BufferedToeplitz",
@@ -77,6 +87,7 @@ __all__ = [
     "SingleParticipation",
     "Strategy",
     "TreeAggregation",
+    "amplified_banded",
     "banded",
     "banded_toeplitz",
     "blt",

@@ -27,20 +27,20 @@ parameters with a leading ``[m]`` axis), so ``torch.compile`` traces it and
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import optree
 import torch
 
 from fundp import random as fundp_random
-from fundp._validate import check_delta, check_nonnegative, check_positive
+from fundp._validate import check_delta, check_int, check_nonnegative, check_positive
 from fundp.mf import accounting as mf_accounting
 from fundp.mf.accounting import CyclicPoisson, MinSeparation, Participation, SingleParticipation
 from fundp.mf.sensitivity import sensitivity as dense_sensitivity
 from fundp.mf.sensitivity import column_norms, max_participation_sum, toeplitz_sensitivity
 from fundp.mf.strategies import BandedMatrix, BandedToeplitz, BufferedToeplitz, Strategy
 
-__all__ = ["NoiseState", "CorrelatedNoise", "mechanism", "mf_noise", "epsilon", "calibrate_noise"]
+__all__ = ["NoiseState", "CorrelatedNoise", "mechanism", "mf_noise", "epsilon", "calibrate_noise", "AmplifiedBanded", "amplified_banded"]
 
 
 class NoiseState(NamedTuple):
@@ -312,7 +312,8 @@ def epsilon(mechanism: CorrelatedNoise, *, noise_multiplier: float, delta: float
     Single participation / min-sep: the exact epsilon of the Gaussian mechanism with
     ``mu = 1 / noise_multiplier`` (closed form, ``accountant`` unused).  Cyclic Poisson:
     ``fundp.accounting.epsilon`` of DP-SGD with ``(noise_multiplier, sample_rate)`` over
-    ``ceil(n / b)`` steps, with the given ``accountant`` (``"prv"`` or ``"rdp"``).
+    ``ceil(n / b)`` steps, with the given ``accountant`` (``"prv"`` or ``"rdp"``); at sample rate 1
+    (no amplification) the exact Gaussian mechanism with ``mu = sqrt(ceil(n / b)) / sigma``.
     ``noise_multiplier = 0`` gives ``inf``.
 
     Example:
@@ -329,6 +330,10 @@ def epsilon(mechanism: CorrelatedNoise, *, noise_multiplier: float, delta: float
         return math.inf
     if isinstance(mechanism.participation, (SingleParticipation, MinSeparation)):
         return mf_accounting.gaussian_epsilon(1.0 / sigma, delta)
+    if mechanism.participation.sample_rate == 1.0:
+        # no amplification: T Gaussian mechanisms compose exactly into one with mu = sqrt(T) / sigma
+        steps = -(-mechanism.steps // mechanism.participation.num_partitions)
+        return mf_accounting.gaussian_epsilon(math.sqrt(steps) / sigma, delta)
     from fundp.accounting import epsilon as ledger_epsilon
 
     return float(ledger_epsilon(mechanism.ledger(sigma), delta, accountant=accountant))
@@ -353,10 +358,91 @@ def calibrate_noise(mechanism: CorrelatedNoise, *, target_epsilon: float, delta:
     delta = check_delta(delta)
     participation = mechanism.participation
     if isinstance(participation, CyclicPoisson):
-        from fundp.accounting import calibrate_noise as ledger_calibrate
-
         steps = -(-mechanism.steps // participation.num_partitions)
-        return float(
-            ledger_calibrate(target, delta, sample_rate=participation.sample_rate, steps=steps, accountant=accountant)
-        )
+        return _calibrate_cyclic(target, delta, participation.sample_rate, steps, accountant)
     return 1.0 / mf_accounting._gaussian_mu_for(target, delta)
+
+
+def _calibrate_cyclic(target: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """Smallest sigma for ``steps`` Poisson-subsampled Gaussian steps at ``sample_rate`` (closed form at rate 1)."""
+    if sample_rate == 1.0:
+        return math.sqrt(steps) / mf_accounting._gaussian_mu_for(target, delta)
+    from fundp.accounting import calibrate_noise as ledger_calibrate
+
+    return float(ledger_calibrate(target, delta, sample_rate=sample_rate, steps=steps, accountant=accountant))
+
+
+class AmplifiedBanded(NamedTuple):
+    """What :func:`amplified_banded` chose."""
+
+    mechanism: CorrelatedNoise
+    """The banded mechanism under ``cyclic_poisson(bands, q)``."""
+    noise_multiplier: float
+    """The smallest ``sigma`` meeting the target with ``ceil(n / bands)`` amplified steps."""
+    bands: int
+    """The number of bands (= partitions) chosen."""
+    sample_rate: float
+    """``q = expected_batch_size * bands / num_examples``."""
+    losses: dict
+    """``{bands: sigma^2 * prefix_loss}`` for every candidate (lower is better)."""
+
+
+def amplified_banded(
+    n: int,
+    *,
+    num_examples: int,
+    expected_batch_size: float,
+    target_epsilon: float,
+    delta: float,
+    candidates: Sequence[int] | None = None,
+    objective: str = "mean",
+    accountant: str = "prv",
+) -> AmplifiedBanded:
+    """Banded MF with cyclic Poisson sampling: the number of bands that trades amplification best.
+
+    For each candidate ``b`` (default: the powers of two up to ``num_examples /
+    expected_batch_size``, and that maximum): sample rate ``q_b = expected_batch_size b / N``,
+    noise multiplier ``sigma_b`` from :func:`fundp.calibrate_noise` over ``ceil(n / b)`` steps
+    (Choquette-Choo et al. 2023, Thm 4), strategy :func:`fundp.mf.optimize_banded_toeplitz`
+    ``(n, b)``; the expected squared error of the running sums is ``sigma_b^2 prefix_loss_b`` (times
+    ``clip^2``), and the smallest wins (JAX-Privacy's ``optimize_coefs_for_amplifications`` does
+    the same).  Few bands win at small epsilon (amplification), many at large epsilon.
+
+    Example:
+      >>> import fundp
+      >>> choice = fundp.mf.amplified_banded(64, num_examples=1000, expected_batch_size=125,
+      ...                                    target_epsilon=8.0, delta=1e-6, candidates=[1, 8])
+      >>> choice.bands, choice.mechanism.participation
+      (8, cyclic_poisson(8, sample_rate=1.0))
+    """
+    from fundp.mf.optimize import optimize_banded_toeplitz, prefix_loss
+    from fundp.mf.strategies import BandedToeplitz as _BandedToeplitz
+
+    n = check_int("n", n, minimum=1)
+    num_examples = check_int("num_examples", num_examples, minimum=1)
+    batch = check_positive("expected_batch_size", expected_batch_size)
+    if batch > num_examples:
+        raise ValueError(f"expected_batch_size must be <= num_examples = {num_examples}, got {batch}")
+    target = check_positive("target_epsilon", target_epsilon)
+    delta = check_delta(delta)
+    max_bands = max(1, min(n, int(num_examples // batch)))
+    if candidates is None:
+        powers = [1 << k for k in range(max_bands.bit_length()) if 1 << k <= max_bands]
+        candidates = sorted(set(powers) | {max_bands})
+    chosen = sorted({check_int("candidates", b, minimum=1, maximum=max_bands) for b in candidates})
+    if not chosen:
+        raise ValueError("candidates must hold at least one number of bands")
+    best: tuple[float, int, float, Any] | None = None
+    losses = {}
+    for b in chosen:
+        q = min(1.0, batch * b / num_examples)
+        sigma = _calibrate_cyclic(target, delta, q, -(-n // b), accountant)
+        strategy: _BandedToeplitz = optimize_banded_toeplitz(n, b, objective=objective)
+        loss = sigma**2 * prefix_loss(strategy, objective)
+        losses[b] = loss
+        if best is None or loss < best[0]:
+            best = (loss, b, sigma, strategy)
+    assert best is not None
+    _, b, sigma, strategy = best
+    q = min(1.0, batch * b / num_examples)
+    return AmplifiedBanded(CorrelatedNoise(strategy, CyclicPoisson(b, q)), sigma, b, q, losses)
