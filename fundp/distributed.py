@@ -26,6 +26,7 @@ once for all ranks with :func:`shared_os_key`.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any, Callable, Iterable
 
 import optree
@@ -200,7 +201,7 @@ def _canonical(value: Any) -> str:
         return f"{type(value).__name__}(" + ", ".join(_canonical(v) for v in value) + ")"
     if callable(value) and hasattr(value, "__qualname__"):
         return f"<{getattr(value, '__module__', '?')}.{value.__qualname__}>"
-    return repr(value)
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))  # no memory addresses: they differ across processes
 
 
 def _fingerprint(text: str) -> int:

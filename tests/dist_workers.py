@@ -75,6 +75,18 @@ def consistency_checks(rank: int, params) -> dict:
     return outcomes
 
 
+def step_with_own_keys(rank: int, params, batch, mask, model) -> dict:
+    """dp_step(distributed=True) called with a key each rank drew from its own OS entropy."""
+    rows, shard_mask = fundp.distributed.shard(torch.arange(13), mask, rank, dist.get_world_size())
+    local = {k: v[rows] for k, v in batch.items()}
+    step = fundp.dp_step(classification_loss(model), max_norm=CLIP_NORM, noise_multiplier=SIGMA, expected_batch_size=EXPECTED_BATCH, sample_rate=0.1, grad_method="vmap", distributed=True)
+    try:
+        step(params, local, fundp.random.os_key(), ledger=fundp.Ledger(), mask=shard_mask)
+        return {"own_os_key": "ok"}
+    except fundp.distributed.RankMismatchError as error:
+        return {"own_os_key": "RankMismatchError: " + str(error)}
+
+
 def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str) -> None:
     torch.set_num_threads(1)
     try:
@@ -82,8 +94,8 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str)
         model, params, batch, mask = global_problem()
         if scenario == "fail" and rank == 1:
             raise RuntimeError("rank 1 fails before the collective")
-        if scenario == "consistency":
-            result = consistency_checks(rank, params)
+        if scenario in ("consistency", "step_own_os_key"):
+            result = consistency_checks(rank, params) if scenario == "consistency" else step_with_own_keys(rank, params, batch, mask, model)
             torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
             dist.barrier()
             dist.destroy_process_group()

@@ -93,3 +93,17 @@ def test_ranks_that_disagree_are_named_on_the_first_step(tmp_path):
 def test_check_consistent_without_process_group_is_a_clear_error():
     with pytest.raises(RuntimeError, match="init_process_group"):
         fundp.distributed.check_consistent(fundp.random.key(0), ())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="until fundp/step.py calls fundp.distributed.first_call_check on a distributed step's first call; "
+    "remove this marker then",
+)
+def test_dp_step_refuses_ranks_with_their_own_os_keys(tmp_path):
+    processes, alive, _ = launch(tmp_path, "step_own_os_key")
+    errors = {r: (tmp_path / f"rank{r}.err").read_text() for r in range(2) if (tmp_path / f"rank{r}.err").exists()}
+    assert not alive and not errors, errors
+    for rank in range(2):
+        outcome = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)["own_os_key"]
+        assert outcome.startswith("RankMismatchError: the 2 ranks of the distributed step disagree on key:"), outcome
