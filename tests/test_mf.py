@@ -220,8 +220,11 @@ def test_mechanism_sensitivity_matches_brute_force():
             assert mech.sensitivity >= brute * (1 - 1e-12)  # generic upper bound for a non-banded C
         else:
             assert mech.sensitivity == pytest.approx(brute, rel=1e-12)
-    # the tree's single-participation sensitivity: sqrt(number of levels)
+    # the tree's single-participation sensitivity: sqrt(number of levels), = its largest column norm
     assert mf.mechanism(mf.tree(64), mf.single_participation()).sensitivity ** 2 == pytest.approx(7.0)
+    for size in (1, 2, 3, 7, 8, 13, 100):
+        dense = np.max(np.linalg.norm(mf.tree(size).matrix(), axis=0))
+        assert mf.mechanism(mf.tree(size), mf.single_participation()).sensitivity == pytest.approx(dense, rel=1e-12)
     # banded Toeplitz with k full participations: sqrt(k) times the column norm
     coefs = np.array([1.0, 0.5, 0.25])
     mech = mf.mechanism(mf.banded_toeplitz(coefs, 12), mf.min_separation(3, max_participations=3))

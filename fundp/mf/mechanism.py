@@ -38,7 +38,7 @@ from fundp.mf import accounting as mf_accounting
 from fundp.mf.accounting import CyclicPoisson, MinSeparation, Participation, SingleParticipation
 from fundp.mf.sensitivity import sensitivity as dense_sensitivity
 from fundp.mf.sensitivity import column_norms, max_participation_sum, toeplitz_sensitivity
-from fundp.mf.strategies import BandedMatrix, BandedToeplitz, BufferedToeplitz, Strategy
+from fundp.mf.strategies import BandedMatrix, BandedToeplitz, BufferedToeplitz, Strategy, TreeAggregation
 
 __all__ = ["NoiseState", "CorrelatedNoise", "mechanism", "mf_noise", "epsilon", "calibrate_noise", "AmplifiedBanded", "amplified_banded"]
 
@@ -50,6 +50,9 @@ class NoiseState(NamedTuple):
     """0-d int64: how many noise vectors were drawn so far (``t`` of the next draw)."""
     buffers: Any
     """Pytree like the parameters, each leaf ``[m, *param.shape]`` (``m`` = ``strategy.num_buffers``)."""
+
+
+_MAX_DENSE = 4096  # largest n whose generic sensitivity is computed with dense n x n matrices
 
 
 def _strategy_sensitivity(strategy: Strategy, participation: Participation) -> float:
@@ -84,10 +87,17 @@ def _strategy_sensitivity(strategy: Strategy, participation: Participation) -> f
                 strategy.toeplitz_coefs(), n, min_sep=participation.min_sep,
                 max_participations=participation.max_participations,
             )
+        if n > _MAX_DENSE:
+            raise ValueError(
+                f"the min-sep sensitivity of {type(strategy).__name__} is computed densely (n x n); n = {n} is over "
+                f"{_MAX_DENSE}: use a banded or BLT strategy for long multi-epoch runs"
+            )
         return dense_sensitivity(
             strategy.matrix(), min_sep=participation.min_sep, max_participations=participation.max_participations
         )
     # single participation, or cyclic Poisson: the largest column norm
+    if isinstance(strategy, TreeAggregation):
+        return math.sqrt(strategy.levels)  # step 1 lies in the nodes ending at 1, 2, 4, ..., 2^(levels-1)
     if isinstance(strategy, BandedToeplitz):
         return math.sqrt(float(_toeplitz_column_norms2(strategy).max()))
     coefs = strategy.toeplitz_coefs()
