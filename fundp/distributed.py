@@ -52,7 +52,15 @@ __all__ = [
 
 
 def rank_and_world_size(group: Any = None) -> tuple[int, int]:
-    """Returns ``(rank, world_size)`` in ``group``; raises if no process group is initialised."""
+    """Returns ``(rank, world_size)`` in ``group``; raises if no process group is initialised.
+
+    Example:
+      >>> import os, tempfile, torch, torch.distributed as dist, fundp
+      >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rdv"), rank=0, world_size=1)
+      >>> fundp.distributed.rank_and_world_size()
+      (0, 1)
+      >>> dist.destroy_process_group()
+    """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "distributed=True needs an initialised torch.distributed process group: call "
@@ -62,7 +70,12 @@ def rank_and_world_size(group: Any = None) -> tuple[int, int]:
 
 
 def check_not_sharded(params: Any) -> None:
-    """Raises ``NotImplementedError`` for tensor-sharded (FSDP / DTensor) parameters."""
+    """Raises ``NotImplementedError`` for tensor-sharded (FSDP / DTensor) parameters.
+
+    Example:
+      >>> import torch, fundp
+      >>> fundp.distributed.check_not_sharded({"w": torch.ones(2)})  # plain tensors pass
+    """
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - old torch
@@ -79,6 +92,13 @@ def all_reduce_sum(tensors: list[torch.Tensor], group: Any = None) -> list[torch
 
     Tensors are flattened into one buffer per dtype, reduced in place with
     ``torch.distributed.all_reduce``, and split back; the inputs are not modified.
+
+    Example:
+      >>> import os, tempfile, torch, torch.distributed as dist, fundp
+      >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rdv"), rank=0, world_size=1)
+      >>> fundp.distributed.all_reduce_sum([torch.ones(2), torch.arange(3)])
+      [tensor([1., 1.]), tensor([0, 1, 2])]
+      >>> dist.destroy_process_group()
     """
     by_dtype: dict[torch.dtype, list[int]] = {}
     for position, tensor in enumerate(tensors):
@@ -100,6 +120,15 @@ def all_reduce_clipped_sum(clipped: ClippedSum, group: Any = None) -> ClippedSum
 
     ``norms`` and ``aux`` stay local (they describe this rank's rows).  Call it once per logical
     step, after accumulating the rank's physical chunks and before :func:`fundp.privatize`.
+
+    Example:
+      >>> import os, tempfile, torch, torch.distributed as dist, fundp
+      >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rdv"), rank=0, world_size=1)
+      >>> summed = fundp.clipped_grad_sum(lambda p, b: b @ p["w"], max_norm=1.0, grad_method="vmap")
+      >>> clipped = summed({"w": torch.zeros(2)}, torch.eye(2), None, fundp.random.key(0))
+      >>> fundp.distributed.all_reduce_clipped_sum(clipped).grads["w"]
+      tensor([1., 1.])
+      >>> dist.destroy_process_group()
     """
     leaves, treedef = optree.tree_flatten(clipped.grads)
     stats = torch.stack([clipped.loss_sum.to(torch.float64), clipped.num_examples.to(torch.float64), clipped.num_nonfinite.to(torch.float64)])
@@ -115,7 +144,15 @@ def all_reduce_clipped_sum(clipped: ClippedSum, group: Any = None) -> ClippedSum
 
 
 def broadcast_from_rank0(tree: Any, group: Any = None) -> Any:
-    """Returns rank 0's values of a pytree of tensors on every rank (used for secure-mode noise)."""
+    """Returns rank 0's values of a pytree of tensors on every rank (secure-mode noise; initial params).
+
+    Example:
+      >>> import os, tempfile, torch, torch.distributed as dist, fundp
+      >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rdv"), rank=0, world_size=1)
+      >>> fundp.distributed.broadcast_from_rank0({"w": torch.ones(2)})
+      {'w': tensor([1., 1.])}
+      >>> dist.destroy_process_group()
+    """
     leaves, treedef = optree.tree_flatten(tree)
     copies = [leaf.clone() for leaf in leaves]
     source = dist.get_global_rank(group, 0) if group is not None else 0
@@ -130,6 +167,12 @@ def shard(indices: torch.Tensor, mask: torch.Tensor, rank: int, world_size: int)
     The global batch is first padded (masked rows repeating its first index) to a multiple of
     ``world_size``, so every rank gets the same number of rows and a fixed shape.  The union of
     the shards' real rows is exactly the global batch's real rows.
+
+    Example:
+      >>> import torch, fundp
+      >>> rows, mask = fundp.distributed.shard(torch.arange(5), torch.ones(5, dtype=torch.bool), 1, 2)
+      >>> rows.tolist(), mask.tolist()
+      ([1, 3, 0], [True, True, False])
     """
     world_size = check_int("world_size", world_size, minimum=1)
     rank = check_int("rank", rank, minimum=0, maximum=world_size - 1)

@@ -83,10 +83,7 @@ def key(seed: int, *, device: torch.device | str | None = None) -> torch.Tensor:
       >>> fundp.random.key(2**32 + 5).tolist()
       [1, 5]
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be a Python int, got {type(seed).__name__}")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    seed = check_int("seed", seed, minimum=0, maximum=2**64 - 1)
     return torch.tensor([(seed >> 32) & _MASK32, seed & _MASK32], dtype=torch.int64, device=device)
 
 
