@@ -89,16 +89,23 @@ def _weights(n: int, objective: str) -> np.ndarray:
     return np.ones(n)
 
 
-def _error_and_grad(c: np.ndarray, n: int, weights: np.ndarray) -> tuple[float, np.ndarray]:
-    """Prefix error of the Toeplitz ``C`` with first column ``c`` (``len(c) <= n``) and its gradient."""
+def _error_and_grad(
+    c: np.ndarray, n: int, weights: np.ndarray, inverse_filter: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[float, np.ndarray]:
+    """Prefix error of the Toeplitz ``C`` with first column ``c`` (``len(c) <= n``) and its gradient.
+
+    ``inverse_filter = (num, den)``: a rational form of ``C^{-1}`` as an IIR filter (ascending
+    powers), used instead of the ``len(c)``-tap one when given (BLTs: ``O(n m)`` instead of ``O(n^2)``).
+    """
+    num, den = inverse_filter if inverse_filter is not None else (np.ones(1), c)
     impulse = np.zeros(n)
     impulse[0] = 1.0
-    v = scipy.signal.lfilter([1.0], c, impulse)
+    v = scipy.signal.lfilter(num, den, impulse)
     w = np.cumsum(v)
     error = float(np.sum(weights * w * w))
     grad_w = 2.0 * weights * w
     grad_v = np.cumsum(grad_w[::-1])[::-1]
-    u = scipy.signal.lfilter([1.0], c, grad_v[::-1])[::-1]  # C^{-T} grad_v (flip C flip = C^T for Toeplitz)
+    u = scipy.signal.lfilter(num, den, grad_v[::-1])[::-1]  # C^{-T} grad_v (flip C flip = C^T for Toeplitz)
     m = c.size
     # d error / d c_j = -sum_{t >= j} u_t v_{t - j}
     corr = scipy.signal.fftconvolve(u[::-1], v)[n - 1 - np.arange(m)] if m > 64 else np.array(
@@ -167,6 +174,25 @@ def optimize_banded_toeplitz(
     return BandedToeplitz(np.concatenate([[1.0], best]), n)
 
 
+def _blt_inverse_filter(d: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``C(x) = 1 + sum_j s_j x / (1 - d_j x) = P(x) / Q(x)``; returns ``(Q, P)``, the filter of ``C^{-1}``.
+
+    ``Q = prod_j (1 - d_j x)`` and ``P = Q + x sum_j s_j prod_{i != j} (1 - d_i x)``, coefficients
+    in ascending powers of ``x`` (a delay), as :func:`scipy.signal.lfilter` takes them.
+    """
+    q = np.ones(1)
+    for value in d:
+        q = np.convolve(q, [1.0, -value])
+    p = np.concatenate([q, [0.0]])
+    for j in range(d.size):
+        others = np.ones(1)
+        for i, value in enumerate(d):
+            if i != j:
+                others = np.convolve(others, [1.0, -value])
+        p[1 : others.size + 1] += s[j] * others
+    return q, p
+
+
 def _blt_coefs(d: np.ndarray, s: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Toeplitz coefficients ``c`` of the BLT and the powers ``P[j, k] = d_j^k`` (``k < n - 1``)."""
     powers = d[:, None] ** np.arange(n - 1, dtype=np.float64)[None, :]
@@ -218,7 +244,8 @@ def optimize_blt(
     prefers); L-BFGS-B on ``log(||c||^2 error(c))`` with exact gradients through
     ``c_k = sum_j s_j d_j^{k-1}``.  Starting point: decays spread geometrically towards 1 and
     scales fitted by non-negative least squares to the coefficients of ``1 / sqrt(1 - x)``.
-    ``O(n^2)`` per evaluation for the filter passes (fine up to ``n ~ 10^4``).
+    ``C^{-1}`` is applied as the rational filter ``Q / P`` of the BLT (``O(n m)``), the gradient in
+    the Toeplitz coefficients by one FFT correlation: ``n = 10^5`` steps take seconds.
 
     Example:
       >>> import fundp
@@ -240,11 +267,12 @@ def optimize_blt(
     elif max_participations is not None:
         raise ValueError("max_participations needs min_sep")
 
-    def log_loss(c: np.ndarray) -> tuple[float, np.ndarray]:
+    def log_loss(c: np.ndarray, inverse_filter: tuple[np.ndarray, np.ndarray]) -> tuple[float, np.ndarray]:
+        error, grad_error = _error_and_grad(c, n, weights, inverse_filter)
         if pattern is None:
-            return _toeplitz_log_loss(c, n, weights)
-        error, grad_error = _error_and_grad(c, n, weights)
-        sens2, grad_sens2 = _minsep_sens2_and_grad(c, *pattern)
+            sens2, grad_sens2 = float(c @ c), 2.0 * c
+        else:
+            sens2, grad_sens2 = _minsep_sens2_and_grad(c, *pattern)
         return float(np.log(sens2) + np.log(error)), grad_sens2 / sens2 + grad_error / error
 
     target = sqrt_toeplitz_coefs(n)[1:]
@@ -259,7 +287,7 @@ def optimize_blt(
     def fun(theta: np.ndarray) -> tuple[float, np.ndarray]:
         d, s = unpack(theta)
         c, powers = _blt_coefs(d, s, n)
-        value, grad_c = log_loss(c)
+        value, grad_c = log_loss(c, _blt_inverse_filter(d, s))
         if not np.isfinite(value):
             return np.inf, np.zeros_like(theta)
         g = grad_c[1:]  # d loss / d c_k, k >= 1
