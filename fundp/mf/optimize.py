@@ -115,10 +115,15 @@ def _error_and_grad(
 
 
 def _toeplitz_log_loss(c: np.ndarray, n: int, weights: np.ndarray) -> tuple[float, np.ndarray]:
-    """``log(||c||^2 * error(c))`` and its gradient in ``c``."""
-    error, grad_error = _error_and_grad(c, n, weights)
-    sens2 = float(c @ c)
-    return float(np.log(sens2) + np.log(error)), 2.0 * c / sens2 + grad_error / error
+    """``log(||c||^2 * error(c))`` and its gradient in ``c`` (``inf`` where ``C^{-1}`` overflows)."""
+    with np.errstate(all="ignore"):  # trial points of the line search may make C^{-1} blow up
+        error, grad_error = _error_and_grad(c, n, weights)
+        sens2 = float(c @ c)
+        value = float(np.log(sens2) + np.log(error))
+        grad = 2.0 * c / sens2 + grad_error / error
+    if not (np.isfinite(value) and np.all(np.isfinite(grad))):
+        return np.inf, np.zeros_like(c)
+    return value, grad
 
 
 def sqrt_toeplitz_coefs(n: int) -> np.ndarray:
@@ -268,12 +273,17 @@ def optimize_blt(
         raise ValueError("max_participations needs min_sep")
 
     def log_loss(c: np.ndarray, inverse_filter: tuple[np.ndarray, np.ndarray]) -> tuple[float, np.ndarray]:
-        error, grad_error = _error_and_grad(c, n, weights, inverse_filter)
-        if pattern is None:
-            sens2, grad_sens2 = float(c @ c), 2.0 * c
-        else:
-            sens2, grad_sens2 = _minsep_sens2_and_grad(c, *pattern)
-        return float(np.log(sens2) + np.log(error)), grad_sens2 / sens2 + grad_error / error
+        with np.errstate(all="ignore"):  # trial points of the line search may make C^{-1} blow up
+            error, grad_error = _error_and_grad(c, n, weights, inverse_filter)
+            if pattern is None:
+                sens2, grad_sens2 = float(c @ c), 2.0 * c
+            else:
+                sens2, grad_sens2 = _minsep_sens2_and_grad(c, *pattern)
+            value = float(np.log(sens2) + np.log(error))
+            grad = grad_sens2 / sens2 + grad_error / error
+        if not (np.isfinite(value) and np.all(np.isfinite(grad))):
+            return np.inf, np.zeros_like(c)
+        return value, grad
 
     target = sqrt_toeplitz_coefs(n)[1:]
     decay0 = 1.0 - np.geomspace(0.5, 1.0 / n, buffers) if buffers > 1 else np.array([1.0 - 1.0 / np.sqrt(n)])
@@ -282,7 +292,8 @@ def optimize_blt(
     scale0 = np.maximum(scale0, 1e-6)
 
     def unpack(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return 1.0 / (1.0 + np.exp(-theta[:buffers])), np.exp(theta[buffers:])
+        with np.errstate(over="ignore"):  # far trial points: d -> 0 or s -> inf, rejected by the loss
+            return 1.0 / (1.0 + np.exp(-theta[:buffers])), np.exp(theta[buffers:])
 
     def fun(theta: np.ndarray) -> tuple[float, np.ndarray]:
         d, s = unpack(theta)
