@@ -90,8 +90,9 @@ def test_single_band_is_exactly_dp_sgd_noise(participation, dtype):
     state = mech.init(like)
     for t in range(5):
         key = fundp.random.fold_in(fundp.random.key(11), t)
-        noise, state = mech.sample(state, key, 1.7, like)
-        reference = noise_like(like, key, 1.7)
+        stddev = 1.7 if t % 2 else torch.tensor(1.7, dtype=torch.float64)  # a number or a 0-d tensor
+        noise, state = mech.sample(state, key, stddev, like)
+        reference = noise_like(like, key, stddev)
         for got, want in zip(optree.tree_leaves(noise), optree.tree_leaves(reference)):
             assert got.dtype == want.dtype
             assert torch.equal(got, want)
