@@ -13,8 +13,11 @@ Clipping styles (``style=``):
 * ``"automatic"`` (normalised clipping, Bu et al. 2022): ``g_i * C / (||g_i|| + gamma)``.  Every
   clipped norm is below ``C``, so the sensitivity is ``C``.
 
-Non-finite examples: an example whose gradient has a NaN or Inf anywhere (or whose squared norm
-overflows the accumulation dtype) is dropped — its clip factor is 0 and its clipped gradient is
+Huge but finite gradients: norms are computed with scaling (:class:`ScaledSqNorm`: the row's
+largest entry is factored out before squaring), so a finite gradient whose squared norm would
+overflow the accumulation dtype is still clipped exactly, never dropped.
+
+Non-finite examples: an example whose gradient has a NaN or Inf anywhere is dropped — its clip factor is 0 and its clipped gradient is
 exactly 0, selected with ``torch.where`` so the NaN cannot reach the sum.  Dropping an example
 never increases the sensitivity, so the privacy guarantee is unchanged; ``dp_step`` counts the
 dropped examples in ``num_nonfinite``.  Rows with ``mask == False`` are zeroed the same way.
@@ -23,12 +26,12 @@ dropped examples in ``num_nonfinite``.  Rows with ``mask == False`` are zeroed t
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import optree
 import torch
 
-from fundp._validate import check_mask, check_number
+from fundp._validate import check_mask, check_positive
 
 __all__ = [
     "per_sample_norms",
@@ -37,6 +40,9 @@ __all__ = [
     "clip",
     "clip_sensitivity",
     "CLIP_STYLES",
+    "ScaledSqNorm",
+    "scaled_sq_norm",
+    "clip_factors_from_sq_norms",
 ]
 
 CLIP_STYLES = ("flat", "per_layer", "automatic")
@@ -61,7 +67,83 @@ def per_sample_sq_norms(grads: Any) -> Any:
     return optree.tree_map(_leaf_sq_norm, grads)
 
 
+class ScaledSqNorm(NamedTuple):
+    """A squared norm that cannot overflow: ``||g||^2 = scale^2 * scaled`` per example.
+
+    ``scale`` is ``max_j |g_j|`` of the row (``[B]``, 0 for a zero row; NaN/Inf when the row is
+    not finite) and ``scaled = sum_j (g_j / scale)^2`` (``[B]``, in ``[1, numel]`` or 0), so a
+    finite but huge gradient (``|g_j| = 1e30`` in float32, whose square overflows) keeps an
+    exact, finite representation and is clipped instead of dropped.  Engines may return these
+    leaves in ``EngineOutput.sq_norms`` instead of plain squared norms.
+    """
+
+    scale: torch.Tensor
+    scaled: torch.Tensor
+
+
+def _is_scaled(node: Any) -> bool:
+    return isinstance(node, ScaledSqNorm)
+
+
+def scaled_sq_norm(leaf: torch.Tensor) -> ScaledSqNorm:
+    """Returns the :class:`ScaledSqNorm` of each row of ``leaf: [B, ...]`` (no overflow).
+
+    Example:
+      >>> import torch
+      >>> from fundp.clipping import scaled_sq_norm
+      >>> s = scaled_sq_norm(torch.tensor([[3e30, 4e30], [0.0, 0.0]]))
+      >>> s.scale, s.scaled
+      (tensor([4.0000e+30, 0.0000e+00]), tensor([1.5625, 0.0000]))
+    """
+    if leaf.dim() == 0:
+        raise ValueError("per-example gradients need a leading batch dimension, got a scalar leaf")
+    values = leaf.to(norm_dtype(leaf.dtype))
+    values = values.flatten(1) if values.dim() > 1 else values.unsqueeze(1)
+    if values.shape[1] == 0:
+        zeros = values.new_zeros(values.shape[0])
+        return ScaledSqNorm(zeros, zeros)
+    scale = values.abs().amax(dim=1)
+    usable = torch.isfinite(scale) & (scale > 0)
+    safe = torch.where(usable, scale, torch.ones_like(scale))
+    scaled = (values / safe.unsqueeze(1)).square().sum(dim=1)
+    return ScaledSqNorm(scale, torch.where(usable, scaled, torch.zeros_like(scaled)))
+
+
+def _as_scaled(sq_norm: Any) -> ScaledSqNorm:
+    """A plain squared norm ``s`` as ``(sqrt(s), 1)`` (``(0, 0)`` for 0): exact, never overflows."""
+    if isinstance(sq_norm, ScaledSqNorm):
+        return sq_norm
+    scale = torch.sqrt(sq_norm)
+    return ScaledSqNorm(scale, (sq_norm > 0).to(scale.dtype))
+
+
+class _Norms(NamedTuple):
+    max_scale: torch.Tensor  # [B] largest leaf scale M (1 where unusable)
+    root: torch.Tensor  # [B] sqrt(sum_l (scale_l / M)^2 scaled_l): the norm is M * root
+    finite: torch.Tensor  # [B] bool: every leaf of the row is finite
+    norms: torch.Tensor  # [B] the global norm M * root (may be Inf for a norm beyond the dtype's range)
+
+
+def _global_norms(sq_norms: Any) -> _Norms:
+    leaves = [_as_scaled(leaf) for leaf in optree.tree_leaves(sq_norms, is_leaf=_is_scaled)]
+    if not leaves:
+        raise ValueError("grads must contain at least one tensor")
+    dtype = torch.float64 if any(leaf.scale.dtype == torch.float64 for leaf in leaves) else torch.float32
+    scales = torch.stack([leaf.scale.to(dtype) for leaf in leaves])
+    scaled = torch.stack([leaf.scaled.to(dtype) for leaf in leaves])
+    finite = torch.isfinite(scales).all(dim=0)
+    top = scales.amax(dim=0)
+    usable = finite & (top > 0)
+    safe = torch.where(usable, top, torch.ones_like(top))
+    ratios = torch.where(usable.unsqueeze(0), scales / safe, torch.zeros_like(scales))
+    root = torch.sqrt((ratios.square() * scaled).sum(dim=0))
+    root = torch.where(finite, root, torch.zeros_like(root))
+    norms = torch.where(finite, safe * root, top.abs() if top.dtype.is_floating_point else top)
+    return _Norms(safe, root, finite, norms)
+
+
 def _total(sq_norms: Any) -> torch.Tensor:
+    """``[B]`` sum of the leaves' plain squared norms (may overflow; see :class:`ScaledSqNorm`)."""
     leaves = optree.tree_leaves(sq_norms)
     if not leaves:
         raise ValueError("grads must contain at least one tensor")
@@ -75,7 +157,9 @@ def _total(sq_norms: Any) -> torch.Tensor:
 def per_sample_norms(grads: Any, *, per_layer: bool = False) -> Any:
     """Returns ``[B]`` global L2 norms ``||g_i|| = sqrt(sum_l ||g_il||^2)`` over all leaves.
 
-    With ``per_layer=True`` returns a pytree of ``[B]`` norms, one per leaf.
+    With ``per_layer=True`` returns a pytree of ``[B]`` norms, one per leaf.  Computed with
+    scaling (:class:`ScaledSqNorm`), so a huge but finite gradient has a finite norm as long as
+    the norm itself fits the dtype.
 
     Example:
       >>> import torch, fundp
@@ -83,36 +167,47 @@ def per_sample_norms(grads: Any, *, per_layer: bool = False) -> Any:
       >>> fundp.per_sample_norms(g)
       tensor([5., 1.])
     """
-    sq_norms = per_sample_sq_norms(grads)
+    scaled = optree.tree_map(scaled_sq_norm, grads)
     if per_layer:
-        return optree.tree_map(torch.sqrt, sq_norms)
-    return torch.sqrt(_total(sq_norms))
+        return optree.tree_map(lambda s: s.scale * torch.sqrt(s.scaled), scaled, is_leaf=_is_scaled)
+    return _global_norms(scaled).norms
 
 
-def _check_style(style: str, gamma: float) -> float:
+def _check_style(style: str, gamma: Any) -> float:
     if style not in CLIP_STYLES:
         raise ValueError(f"style must be one of {CLIP_STYLES}, got {style!r}")
-    gamma = check_number("gamma", gamma, positive=True)
-    if style == "automatic" and gamma <= 0:
-        raise ValueError(f"gamma must be > 0 for automatic clipping, got {gamma}")
-    return gamma
+    return check_positive("gamma", gamma)
 
 
-def _check_max_norm(max_norm: Any) -> float:
-    value = check_number("max_norm", max_norm, positive=True)
-    if value <= 0:
-        raise ValueError(f"max_norm must be > 0, got {value}")
-    return value
+def is_threshold_tensor(value: Any) -> bool:
+    """A 0-d floating tensor threshold: traced by ``torch.compile``, never read as a number."""
+    return isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype.is_floating_point
 
 
-def clip_factors(norms: torch.Tensor, max_norm: float, *, style: str = "flat", gamma: float = 0.01) -> torch.Tensor:
+def check_max_norm(max_norm: Any, name: str = "max_norm") -> Any:
+    """Returns ``max_norm`` as a float after checking ``0 < max_norm < inf``; a 0-d floating tensor
+    is returned as is (its value is checked when it is not being traced by ``torch.compile``)."""
+    if is_threshold_tensor(max_norm):
+        if not torch.compiler.is_compiling() and not isinstance(max_norm, torch.fx.Proxy):
+            check_positive(name, max_norm)
+        return max_norm
+    return check_positive(name, max_norm)
+
+
+def clip_factors(norms: torch.Tensor, max_norm: Any, *, style: str = "flat", gamma: float = 0.01) -> torch.Tensor:
     """Returns the ``[B]`` factors ``c_i`` that clipping multiplies each example's gradient by.
 
     ``"flat"``/``"per_layer"``: ``c_i = min(1, C / ||g_i||)`` (1 for a zero gradient);
     ``"automatic"``: ``c_i = C / (||g_i|| + gamma)``.  A non-finite norm gives ``c_i = 0``.
+    ``max_norm`` is a number or a 0-d tensor.
+
+    Example:
+      >>> import torch, fundp
+      >>> fundp.clip_factors(torch.tensor([0.5, 4.0, float("nan")]), 2.0)
+      tensor([1.0000, 0.5000, 0.0000])
     """
     gamma = _check_style(style, gamma)
-    max_norm = _check_max_norm(max_norm)
+    max_norm = check_max_norm(max_norm)
     finite = torch.isfinite(norms)
     safe = torch.where(finite, norms, torch.zeros_like(norms))
     if style == "automatic":
@@ -123,22 +218,39 @@ def clip_factors(norms: torch.Tensor, max_norm: float, *, style: str = "flat", g
     return torch.where(finite, factors, torch.zeros_like(factors))
 
 
-def clip_sensitivity(max_norm: Any, *, style: str = "flat", params: Any = None) -> float:
+def _is_single_threshold(max_norm: Any) -> bool:
+    return isinstance(max_norm, (int, float, torch.Tensor)) and not isinstance(max_norm, bool)
+
+
+def clip_sensitivity(max_norm: Any, *, style: str = "flat", params: Any = None) -> Any:
     """Returns the L2 sensitivity of the clipped sum: ``C``, or ``sqrt(sum_l C_l^2)`` per layer.
 
     For ``style="per_layer"`` with one number ``C`` for every leaf, ``params`` (or per-example
     grads) is needed to count the leaves: the sensitivity is then ``C * sqrt(num_leaves)``.
+    A float, or a 0-d tensor when a threshold is one.
+
+    Example:
+      >>> import torch, fundp
+      >>> params = {"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(1), "d": torch.zeros(1)}
+      >>> fundp.clip_sensitivity(1.0, style="per_layer", params=params)
+      2.0
     """
     _check_style(style, 0.01)
     if style != "per_layer":
-        return _check_max_norm(max_norm)
-    if isinstance(max_norm, (int, float, torch.Tensor)) and not isinstance(max_norm, bool):
+        return check_max_norm(max_norm)
+    if _is_single_threshold(max_norm):
         if params is None:
             raise ValueError("per_layer clipping with one max_norm needs params to count the layers")
-        return _check_max_norm(max_norm) * math.sqrt(len(optree.tree_leaves(params)))
-    thresholds = [_check_max_norm(c) for c in optree.tree_leaves(max_norm)]
+        return check_max_norm(max_norm) * math.sqrt(len(optree.tree_leaves(params)))
+    thresholds = [check_max_norm(c) for c in optree.tree_leaves(max_norm)]
     if not thresholds:
         raise ValueError("max_norm must hold at least one threshold")
+    if any(isinstance(c, torch.Tensor) for c in thresholds):
+        squares = [c * c for c in thresholds]
+        total = squares[0]
+        for square in squares[1:]:
+            total = total + square
+        return torch.sqrt(torch.as_tensor(total))
     return math.sqrt(sum(c * c for c in thresholds))
 
 
@@ -148,11 +260,11 @@ def _broadcast_rows(row_values: torch.Tensor, leaf: torch.Tensor) -> torch.Tenso
 
 def per_layer_thresholds(max_norm: Any, grads: Any) -> Any:
     """Returns a pytree like ``grads`` holding each leaf's threshold (``max_norm`` broadcast)."""
-    if isinstance(max_norm, (int, float, torch.Tensor)) and not isinstance(max_norm, bool):
-        value = _check_max_norm(max_norm)
-        return optree.tree_map(lambda _: value, grads)
+    if _is_single_threshold(max_norm):
+        value = check_max_norm(max_norm)
+        return optree.tree_map(lambda _: value, grads, is_leaf=_is_scaled)
     try:
-        return optree.tree_map(lambda _, c: _check_max_norm(c), grads, max_norm)
+        return optree.tree_map(lambda _, c: check_max_norm(c), grads, max_norm, is_leaf=_is_scaled)
     except ValueError as error:
         if "must be" in str(error):
             raise
@@ -162,31 +274,72 @@ def per_layer_thresholds(max_norm: Any, grads: Any) -> Any:
         ) from None
 
 
-def factors_for(sq_norms: Any, max_norm: Any, *, style: str, gamma: float) -> tuple[Any, torch.Tensor]:
-    """Clip factors from per-leaf squared norms.
+def clip_factors_from_sq_norms(
+    sq_norms: Any, max_norm: Any, *, style: str, gamma: float = 0.01
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Clip factors from per-leaf squared norms, without overflow.
 
-    Returns ``(factors, global_norms)``: ``factors`` is a pytree like ``sq_norms`` of ``[B]``
-    factors (the same tensor for every leaf unless ``style="per_layer"``).  An example with any
-    non-finite leaf norm gets factor 0 in every leaf.
+    ``sq_norms`` is a pytree like params whose leaves are ``[B]`` squared norms or
+    :class:`ScaledSqNorm` s (the engine contract, :mod:`fundp.engines.base`).  Returns
+    ``(factors, norms, finite)``: ``factors`` a pytree like ``sq_norms`` of ``[B]`` factors (the
+    same tensor for every leaf unless ``style="per_layer"``), ``norms`` the ``[B]`` global norms
+    and ``finite`` the ``[B]`` rows whose every leaf is finite.  A row with any non-finite leaf
+    gets factor 0 in every leaf.  Factors are computed from ``C / scale`` and the scaled norm,
+    so a huge finite gradient is clipped (its factor is tiny but exact), never dropped.
+
+    Example:
+      >>> import torch
+      >>> from fundp.clipping import clip_factors_from_sq_norms
+      >>> factors, norms, finite = clip_factors_from_sq_norms({"w": torch.tensor([4.0, 0.25])}, 1.0, style="flat")
+      >>> factors["w"], norms
+      (tensor([0.5000, 1.0000]), tensor([2.0000, 0.5000]))
     """
-    norms = torch.sqrt(_total(sq_norms))
+    gamma = _check_style(style, gamma)
+    total = _global_norms(sq_norms)
+    finite = total.finite
     if style != "per_layer":
-        factors = clip_factors(norms, max_norm, style=style, gamma=gamma)
-        return optree.tree_map(lambda _: factors, sq_norms), norms
-    finite = torch.isfinite(norms)
+        max_norm = check_max_norm(max_norm)
+        # Direct form C / ||g|| while the norm fits the dtype; for a norm beyond its range the
+        # scaled form (C / M) / root, M the largest entry (both selected with where, no branch).
+        fits = torch.isfinite(total.norms)
+        norms = torch.where(fits, total.norms, torch.zeros_like(total.norms))
+        relative = max_norm / total.max_scale
+        if style == "automatic":
+            factor = torch.where(fits, max_norm / (norms + gamma), relative / (total.root + gamma / total.max_scale))
+        else:
+            direct = max_norm / torch.clamp_min(norms, 1e-30)
+            factor = torch.clamp(torch.where(fits, direct, relative / torch.clamp_min(total.root, 1e-30)), max=1.0)
+        factor = torch.where(finite, factor, torch.zeros_like(factor))
+        return optree.tree_map(lambda _: factor, sq_norms, is_leaf=_is_scaled), total.norms, finite
     thresholds = per_layer_thresholds(max_norm, sq_norms)
 
-    def leaf_factor(sq_norm, threshold):
-        factor = clip_factors(torch.sqrt(sq_norm).to(norms.dtype), threshold, style="flat")
+    def leaf_factor(sq_norm: Any, threshold: Any) -> torch.Tensor:
+        scaled = _as_scaled(sq_norm)
+        scale = scaled.scale.to(total.norms.dtype)
+        usable = torch.isfinite(scale) & (scale > 0)
+        safe = torch.where(usable, scale, torch.ones_like(scale))
+        root = torch.sqrt(scaled.scaled.to(total.norms.dtype))
+        norm = safe * root
+        fits = torch.isfinite(norm)
+        direct = threshold / torch.clamp_min(torch.where(fits, norm, torch.zeros_like(norm)), 1e-30)
+        factor = torch.clamp(torch.where(fits, direct, (threshold / safe) / torch.clamp_min(root, 1e-30)), max=1.0)
+        factor = torch.where(usable, factor, torch.ones_like(factor))
         return torch.where(finite, factor, torch.zeros_like(factor))
 
-    return optree.tree_map(leaf_factor, sq_norms, thresholds), norms
+    factors = optree.tree_map(leaf_factor, sq_norms, thresholds, is_leaf=_is_scaled)
+    return factors, total.norms, finite
+
+
+def factors_for(sq_norms: Any, max_norm: Any, *, style: str, gamma: float) -> tuple[Any, torch.Tensor]:
+    """``clip_factors_from_sq_norms`` without the ``finite`` mask (kept for existing callers)."""
+    factors, norms, _ = clip_factors_from_sq_norms(sq_norms, max_norm, style=style, gamma=gamma)
+    return factors, norms
 
 
 def scale_rows(grads: Any, factors: Any) -> Any:
     """Returns ``c_i * g_i`` per leaf; rows with ``c_i == 0`` are exactly 0 even if ``g_i`` is NaN."""
 
-    def scale(leaf, factor):
+    def scale(leaf: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         rows = _broadcast_rows(factor, leaf)
         scaled = leaf * rows.to(leaf.dtype)
         return torch.where(rows != 0, scaled, torch.zeros_like(scaled))
@@ -206,7 +359,8 @@ def clip(
 
     ``"flat"``: ``g_i * min(1, C / ||g_i||)``; ``"per_layer"``: ``g_il * min(1, C_l / ||g_il||)``;
     ``"automatic"``: ``g_i * C / (||g_i|| + gamma)``.  Examples with a non-finite gradient and rows
-    with ``mask == False`` come back as exact zeros (see the module docstring).
+    with ``mask == False`` come back as exact zeros (see the module docstring).  Norms are
+    computed with scaling: a huge but finite gradient is clipped, not dropped.
 
     Example:
       >>> import torch, fundp
@@ -216,8 +370,8 @@ def clip(
               [0.3000, 0.4000]])
     """
     _check_style(style, gamma)
-    sq_norms = per_sample_sq_norms(grads)
-    factors, norms = factors_for(sq_norms, max_norm, style=style, gamma=gamma)
+    sq_norms = optree.tree_map(scaled_sq_norm, grads)
+    factors, norms, _ = clip_factors_from_sq_norms(sq_norms, max_norm, style=style, gamma=gamma)
     if mask is not None:
         check_mask(mask, norms.shape[0])
         factors = optree.tree_map(lambda f: torch.where(mask, f, torch.zeros_like(f)), factors)

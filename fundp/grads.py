@@ -21,6 +21,21 @@ def _as_batch_of_one(example: Any) -> Any:
     return optree.tree_map(lambda leaf: leaf.unsqueeze(0), example)
 
 
+def _row_of_one(aux: Any) -> Any:
+    """The aux of a batch of one, ``[1, ...]`` leaves, as one example's row ``[...]``: ``vmap``
+    then stacks the rows into ``[B, ...]``, the shape ``loss_fn`` gives on the whole batch."""
+
+    def row(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0 or leaf.shape[0] != 1:
+            raise ValueError(
+                "with has_aux=True, aux must be per-example: every tensor leaf [B, ...]; for a "
+                f"batch of one it had shape {tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else type(leaf).__name__}"
+            )
+        return leaf[0]
+
+    return optree.tree_map(row, aux)
+
+
 def _single_example_loss(loss_fn: LossFn, has_aux: bool) -> Callable:
     """Wraps ``loss_fn(params, batch) -> [B]`` as ``f(params, example) -> (scalar loss, (loss, aux))``."""
 
@@ -35,7 +50,7 @@ def _single_example_loss(loss_fn: LossFn, has_aux: bool) -> Callable:
             )
         loss = loss[0]
         # torch.func's aux may only hold tensors, so the aux slot exists only with has_aux.
-        return loss, ((loss.detach(), aux) if has_aux else (loss.detach(),))
+        return loss, ((loss.detach(), _row_of_one(aux)) if has_aux else (loss.detach(),))
 
     return single
 
@@ -90,7 +105,8 @@ def per_sample_grads(loss_fn: LossFn, *, has_aux: bool = False, randomness: str 
       loss_fn: ``loss_fn(params, batch) -> Tensor[B]``, the per-example losses of a batch
         (or ``(losses, aux)`` with ``has_aux=True``).  It is called on batches of one
         example, so it is written exactly like ordinary batched code.
-      has_aux: whether ``loss_fn`` also returns auxiliary output (batched per example).
+      has_aux: whether ``loss_fn`` also returns auxiliary output, per example: a pytree of
+        ``[B, ...]`` tensors, returned as ``[B, ...]`` (the shape ``loss_fn`` gives on the batch).
       randomness: ``vmap`` randomness for random ops inside the model.  ``"error"`` (default)
         refuses them; ``"different"`` gives each example its own dropout mask, drawn from the
         ``key`` argument of the returned function — never from torch's global RNG.

@@ -1,4 +1,10 @@
-"""Keyed Gaussian noise for pytrees."""
+"""Keyed Gaussian noise for pytrees.
+
+``stddev`` is the absolute standard deviation (``noise_multiplier * sensitivity`` for the Gaussian
+mechanism): a Python number, or a 0-d tensor that ``torch.compile`` traces (a schedule then never
+recompiles).  :func:`fundp.privatize` is the safe entry point, which derives the std from a
+:class:`fundp.ClippedSum`'s sensitivity; :func:`add_gaussian_noise` is the low-level piece.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +14,36 @@ import optree
 import torch
 
 from fundp import random as fundp_random
-from fundp._validate import check_number
+from fundp._validate import check_nonnegative
 
-__all__ = ["noise", "noise_like"]
+__all__ = ["noise", "noise_like", "add_gaussian_noise"]
 
 
-def noise_like(tree: Any, key: torch.Tensor, stddev: float) -> Any:
+def _check_stddev(stddev: Any) -> Any:
+    """Python numbers are checked (finite, >= 0); a 0-d tensor is kept as is, so that it stays a
+    traced graph input under ``torch.compile`` (its value is not read)."""
+    if isinstance(stddev, torch.Tensor) and stddev.dim() == 0 and stddev.dtype.is_floating_point:
+        return stddev
+    return check_nonnegative("stddev", stddev)
+
+
+def noise_like(tree: Any, key: torch.Tensor, stddev: Any) -> Any:
     """Returns a pytree like ``tree`` of ``N(0, stddev^2)`` samples drawn from ``key``.
 
     One stream of ``sum_l numel(leaf_l)`` standard normals is drawn from ``key`` and cut into the
     leaves in optree's leaf order, so distinct leaves take disjoint counters (never shared values)
     and the same key always gives the same noise.  One draw instead of one per leaf: the cost is
     that of the total size, not of the number of leaves.  Samples are computed in float64 and cast
-    to each leaf's dtype and device.
+    to each leaf's dtype and device.  ``stddev``: a number >= 0 or a 0-d floating tensor.
+
+    Example:
+      >>> import torch, fundp
+      >>> from fundp.noise import noise_like
+      >>> z = noise_like({"w": torch.zeros(2)}, fundp.random.key(0), 0.0)
+      >>> z["w"]
+      tensor([0., 0.])
     """
-    stddev = check_number("stddev", stddev, positive=True)
+    stddev = _check_stddev(stddev)
     leaves, treedef = optree.tree_flatten(tree)
     if not leaves:
         return tree
@@ -32,18 +53,40 @@ def noise_like(tree: Any, key: torch.Tensor, stddev: float) -> Any:
     device = leaves[0].device
     sizes = [leaf.numel() for leaf in leaves]
     standard = fundp_random.normal(key.to(device), (sum(sizes),), torch.float64)
+    if isinstance(stddev, torch.Tensor):
+        standard = standard * stddev.to(device=device, dtype=torch.float64)
+    else:
+        standard = standard * stddev
     samples = [
-        (chunk.reshape(leaf.shape) * stddev).to(device=leaf.device, dtype=leaf.dtype)
+        chunk.reshape(leaf.shape).to(device=leaf.device, dtype=leaf.dtype)
         for chunk, leaf in zip(torch.split(standard, sizes), leaves)
     ]
     return optree.tree_unflatten(treedef, samples)
 
 
-def noise(tree: Any, key: torch.Tensor, stddev: float) -> Any:
+def add_gaussian_noise(tree: Any, key: torch.Tensor, stddev: Any) -> Any:
+    """Returns ``tree + N(0, stddev^2)`` elementwise, the noise drawn from ``key``.
+
+    Low level: ``stddev`` is absolute, so the caller must know the sensitivity of ``tree``.
+    Prefer :func:`fundp.privatize`, which takes it from a :class:`fundp.ClippedSum`.
+
+    Example:
+      >>> import torch, fundp
+      >>> key = fundp.random.key(0)
+      >>> g = {"w": torch.zeros(3)}
+      >>> from fundp.noise import add_gaussian_noise
+      >>> bool(torch.equal(add_gaussian_noise(g, key, 1.0)["w"], fundp.noise(g, key, 1.0)["w"]))
+      True
+    """
+    return optree.tree_map(torch.add, tree, noise_like(tree, key, stddev))
+
+
+def noise(tree: Any, key: torch.Tensor, stddev: Any) -> Any:
     """Returns ``tree + N(0, stddev^2)`` elementwise, the noise drawn from ``key``.
 
     ``stddev`` is the absolute standard deviation (``noise_multiplier * sensitivity`` for the
-    Gaussian mechanism); it must be a finite number >= 0.
+    Gaussian mechanism): a finite number >= 0, or a 0-d tensor.  Same as
+    :func:`add_gaussian_noise`.
 
     Example:
       >>> import torch, fundp
@@ -54,4 +97,4 @@ def noise(tree: Any, key: torch.Tensor, stddev: float) -> Any:
       >>> fundp.noise(g, key, 0.0)["w"]
       tensor([0., 0., 0.])
     """
-    return optree.tree_map(torch.add, tree, noise_like(tree, key, stddev))
+    return add_gaussian_noise(tree, key, stddev)

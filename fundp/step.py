@@ -1,6 +1,6 @@
-"""The stateless DP-SGD step: ``dp_step`` = ``clipped_grad_sum`` followed by ``privatize``.
+"""The stateless DP-SGD step: one pipeline from per-example losses to private gradients.
 
-One step computes, for a batch of ``B`` rows of which the unmasked ones are real examples,
+One step computes, for a logical batch of ``B`` rows of which the unmasked ones are real examples,
 
     grads = (sum_i c_i g_i + N(0, (noise_multiplier * S)^2 I)) / expected_batch_size
 
@@ -9,174 +9,100 @@ with ``g_i`` the per-example gradients, ``c_i`` the clip factors (see :mod:`fund
 by the *expected* batch size ``sample_rate * N``, never the realised one, whose value would leak
 under Poisson sampling.
 
-Gradient accumulation uses the two halves directly: sum ``clipped_grad_sum`` results over
-physical chunks with :func:`add_clipped_sums`, then call :func:`privatize` once.
+The pipeline, each stage a pure function of values:
+
+1. :func:`clipped_grad_sum` — the data-dependent half: a :class:`~fundp.types.ClippedSum` that
+   carries its own sensitivity ``S``;
+2. :func:`accumulate` — optional: the same, over fixed-size physical chunks of a logical batch,
+   the chunks' sums added with :func:`add_clipped_sums` (gradient accumulation);
+3. the all-reduce across ranks (``distributed=True``), which keeps ``S``;
+4. :func:`privatize` — noise ``N(0, (sigma S)^2)`` from the key, then the division, once;
+5. accounting — the ledger records one logical step, outside the compiled graph.
+
+:func:`dp_step` composes them; every option works with every other (accumulation included), and
+noise, normalisation and accounting happen in exactly one place (here).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import collections
+import math
+import warnings
+from typing import Any, Callable, Protocol
 
 import optree
 import torch
 
 from fundp import random as fundp_random
-from fundp._validate import check_batch, check_mask, check_number
-from fundp.clipping import CLIP_STYLES, clip_sensitivity, factors_for
+from fundp._validate import check_batch, check_int, check_mask, check_nonnegative, check_positive, check_sample_rate
+from fundp.clipping import (
+    CLIP_STYLES,
+    clip_factors_from_sq_norms,
+    clip_sensitivity,
+    is_threshold_tensor,
+    per_layer_thresholds,
+)
 from fundp.engines import make_engine
 from fundp.noise import noise_like
+from fundp.types import ClippedSum, ClipStyle, GradMethod, Randomness, Step, StepResult, Verify
 
 __all__ = [
     "ClippedSum",
     "StepResult",
+    "Step",
     "clipped_grad_sum",
+    "accumulate",
+    "split_batch",
     "add_clipped_sums",
     "privatize",
     "dp_step",
 ]
 
-
-class ClippedSum(NamedTuple):
-    """The data-dependent half of a DP step, before noise."""
-
-    grads: Any
-    """Pytree like params: ``sum_i c_i g_i`` over the real rows."""
-    loss_sum: torch.Tensor
-    """Sum of the real rows' losses (a diagnostic, not privatised)."""
-    num_examples: torch.Tensor
-    """Number of real (unmasked) rows, an int64 scalar tensor."""
-    norms: torch.Tensor
-    """``[B]`` per-example gradient norms before clipping (0 for masked rows)."""
-    num_nonfinite: torch.Tensor
-    """Number of real rows dropped because their gradient was NaN or Inf."""
-    aux: Any = None
+GRAD_METHODS = ("vmap", "ghost", "auto")
+RANDOMNESS = ("error", "different", "same")
 
 
-class StepResult(NamedTuple):
-    """What ``dp_step`` returns."""
+class ClippedSumFn(Protocol):
+    """``f(params, batch, mask=None, key=None, *, max_norm=None) -> ClippedSum``."""
 
-    grads: Any
-    """``(sum_i c_i g_i + N(0, (sigma S)^2)) / expected_batch_size``, a pytree like params."""
-    ledger: Any
-    """The ledger after this step (``None`` when ``None`` was passed)."""
-    loss: torch.Tensor
-    """Mean loss over the real rows (0 for an empty batch)."""
-    norms: torch.Tensor
-    """``[B]`` per-example gradient norms before clipping."""
-    num_nonfinite: torch.Tensor
-    """Real rows dropped for a NaN/Inf gradient in this step."""
-    aux: Any = None
+    def __call__(
+        self, params: Any, batch: Any, mask: torch.Tensor | None = None, key: torch.Tensor | None = None, *, max_norm: Any = None
+    ) -> ClippedSum: ...
 
 
-def _check_clip_style(clip_style: str) -> None:
-    if clip_style not in CLIP_STYLES:
-        raise ValueError(f"clip_style must be one of {CLIP_STYLES}, got {clip_style!r}")
+# --------------------------------------------------------------------------- argument checks
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_verify(verify: Any) -> None:
+    if not (verify is False or (isinstance(verify, str) and verify in ("first", "always"))):
+        raise ValueError(f"verify must be False, 'first' or 'always', got {verify!r}")
 
 
 def _check_max_norm_tree(max_norm: Any, clip_style: str) -> None:
+    """Build-time check of every threshold (values of tensors included: nothing is traced yet)."""
     if clip_style == "per_layer" and not isinstance(max_norm, (int, float, torch.Tensor)):
-        for threshold in optree.tree_leaves(max_norm):
-            if check_number("max_norm", threshold, positive=True) <= 0:
-                raise ValueError(f"max_norm must be > 0, got {threshold}")
+        leaves = optree.tree_leaves(max_norm)
+        if not leaves:
+            raise ValueError("max_norm must hold at least one threshold")
+        for threshold in leaves:
+            check_positive("max_norm", threshold)
         return
-    if check_number("max_norm", max_norm, positive=True) <= 0:
-        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    check_positive("max_norm", max_norm)
 
 
-def clipped_grad_sum(
-    loss_fn: Callable,
-    *,
-    max_norm: Any,
-    clip_style: str = "flat",
-    gamma: float = 0.01,
-    grad_method: str = "auto",
-    has_aux: bool = False,
-    randomness: str = "error",
-) -> Callable:
-    """Transform: returns ``f(params, batch, mask=None, key=None) -> ClippedSum``.
-
-    ``f`` computes ``sum_i c_i g_i`` over the real rows of ``batch`` (``mask[i]`` True, or all
-    rows), with clip factors ``c_i`` from ``clip_style`` (see :func:`fundp.clip`).  Masked rows
-    and examples with a non-finite gradient contribute exactly zero.  ``key`` drives the model's
-    random ops when ``randomness="different"``.
-    """
-    _check_clip_style(clip_style)
-    _check_max_norm_tree(max_norm, clip_style)
-    gamma = check_number("gamma", gamma, positive=True)
-    engine = make_engine(grad_method, loss_fn, has_aux=has_aux, randomness=randomness)
-
-    def f(params: Any, batch: Any, mask: torch.Tensor | None = None, key: torch.Tensor | None = None) -> ClippedSum:
-        size = check_batch(batch)
-        if mask is not None:
-            check_mask(mask, size)
-        out = engine(params, batch, key)
-        if not isinstance(out.losses, torch.Tensor) or out.losses.shape != (size,):
-            raise ValueError(f"loss_fn must return per-example losses of shape [B] = [{size}]")
-        factors, norms = factors_for(out.sq_norms, max_norm, style=clip_style, gamma=gamma)
-        finite = torch.isfinite(norms)
-        real = finite if mask is None else finite & mask
-        factors = optree.tree_map(lambda c: torch.where(real, c, torch.zeros_like(c)), factors)
-        grads = out.weighted_sum(factors)
-        losses = out.losses
-        in_batch = torch.ones_like(finite) if mask is None else mask
-        loss_sum = torch.where(in_batch, losses, torch.zeros_like(losses)).sum()
-        norms = torch.where(in_batch, norms, torch.zeros_like(norms))
-        num_nonfinite = (in_batch & ~finite).sum()
-        return ClippedSum(grads, loss_sum, in_batch.sum(), norms, num_nonfinite, out.aux)
-
-    return f
+def _check_scalar(name: str, value: Any) -> Any:
+    """A number >= 0 (checked) or a 0-d floating tensor (kept as a traced graph input)."""
+    if is_threshold_tensor(value):
+        return value
+    return check_nonnegative(name, value)
 
 
-def add_clipped_sums(first: ClippedSum, second: ClippedSum) -> ClippedSum:
-    """Adds the clipped sums of two physical chunks of one logical batch (norms concatenated)."""
-    return ClippedSum(
-        optree.tree_map(torch.add, first.grads, second.grads),
-        first.loss_sum + second.loss_sum,
-        first.num_examples + second.num_examples,
-        torch.cat([first.norms, second.norms]),
-        first.num_nonfinite + second.num_nonfinite,
-        None,
-    )
-
-
-def privatize(
-    grad_sum: Any, key: torch.Tensor, *, noise_stddev: float, expected_batch_size: float, secure_mode: bool = False
-) -> Any:
-    """Returns ``(grad_sum + N(0, noise_stddev^2)) / expected_batch_size``, the noise drawn from ``key``.
-
-    With ``secure_mode=True`` the noise comes from :mod:`fundp.secure` (OS entropy, hardened
-    sampler) and ``key`` is not used for it.
-    """
-    noise_stddev = check_number("noise_stddev", noise_stddev, positive=True)
-    expected_batch_size = check_number("expected_batch_size", expected_batch_size, positive=True)
-    if expected_batch_size <= 0:
-        raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
-    if secure_mode:
-        from fundp.secure import secure_noise
-
-        return optree.tree_map(lambda g: g / expected_batch_size, secure_noise(grad_sum, noise_stddev))
-    draws = noise_like(grad_sum, key, noise_stddev)
-    return optree.tree_map(lambda g, z: (g + z) / expected_batch_size, grad_sum, draws)
-
-
-@torch.compiler.disable
-def _account(ledger: Any, noise_multiplier: float, sample_rate: float | None, budget: Any) -> Any:
-    # Plain Python on plain numbers: kept out of the compiled graph so a growing ledger never
-    # triggers a recompile.  Runs before the data is touched, so an over-budget step is refused
-    # before anything is computed.
-    if ledger is None:
-        if budget is not None:
-            raise ValueError("budget needs a ledger: pass step(..., ledger=fundp.Ledger())")
-        return None
-    if sample_rate is None:
-        raise ValueError("sample_rate is required to update a ledger: pass dp_step(..., sample_rate=q)")
-    if budget is not None:
-        from fundp.budget import spend
-
-        return spend(ledger, noise_multiplier=noise_multiplier, sample_rate=sample_rate, budget=budget)
-    from fundp.accounting import accountant_step
-
-    return accountant_step(ledger, noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+# --------------------------------------------------------------------------- clipped sums
 
 
 @torch.compiler.disable
@@ -188,38 +114,409 @@ def _raise_if_nonfinite(params: Any, losses_ok: torch.Tensor) -> None:
         raise FloatingPointError("the loss of a real (unmasked) example is NaN or Inf")
 
 
+def _clipped_sum_fn(
+    loss_fn: Callable,
+    *,
+    max_norm: Any,
+    clip_style: str,
+    gamma: float,
+    grad_method: str,
+    has_aux: bool,
+    randomness: str,
+    verify: Any,
+    check_finite: bool = False,
+) -> ClippedSumFn:
+    _check_choice("clip_style", clip_style, CLIP_STYLES)
+    _check_choice("grad_method", grad_method, GRAD_METHODS)
+    _check_choice("randomness", randomness, RANDOMNESS)
+    _check_verify(verify)
+    _check_max_norm_tree(max_norm, clip_style)
+    gamma = check_positive("gamma", gamma)
+    engine = make_engine(grad_method, loss_fn, has_aux=has_aux, randomness=randomness, verify=verify)
+    built_max_norm = max_norm
+
+    def f(
+        params: Any, batch: Any, mask: torch.Tensor | None = None, key: torch.Tensor | None = None, *, max_norm: Any = None
+    ) -> ClippedSum:
+        threshold = built_max_norm if max_norm is None else max_norm
+        size = check_batch(batch)
+        if mask is not None:
+            check_mask(mask, size)
+        out = engine(params, batch, key)
+        if not isinstance(out.losses, torch.Tensor) or out.losses.shape != (size,):
+            raise ValueError(f"loss_fn must return per-example losses of shape [B] = [{size}]")
+        factors, norms, finite = clip_factors_from_sq_norms(out.sq_norms, threshold, style=clip_style, gamma=gamma)
+        in_batch = torch.ones_like(finite) if mask is None else mask
+        kept = finite & in_batch
+        factors = optree.tree_map(lambda c: torch.where(kept, c, torch.zeros_like(c)), factors)
+        grads = out.weighted_sum(factors)
+        losses = out.losses
+        if check_finite:
+            real_losses = torch.where(in_batch, losses, torch.zeros_like(losses))
+            _raise_if_nonfinite(params, torch.isfinite(real_losses).all())
+        # Rows dropped for a non-finite gradient stay out of the loss mean as out of the sum.
+        loss_sum = torch.where(kept, losses, torch.zeros_like(losses)).sum()
+        norms = torch.where(in_batch, norms, torch.zeros_like(norms))
+        num_nonfinite = (in_batch & ~finite).sum()
+        sensitivity = clip_sensitivity(threshold, style=clip_style, params=params)
+        return ClippedSum(grads, loss_sum, kept.sum(), norms, num_nonfinite, out.aux, sensitivity)
+
+    return f
+
+
+def clipped_grad_sum(
+    loss_fn: Callable,
+    *,
+    max_norm: Any,
+    clip_style: ClipStyle = "flat",
+    gamma: float = 0.01,
+    grad_method: GradMethod = "auto",
+    has_aux: bool = False,
+    randomness: Randomness = "error",
+    verify: Verify = "first",
+) -> ClippedSumFn:
+    """Transform: returns ``f(params, batch, mask=None, key=None, *, max_norm=None) -> ClippedSum``.
+
+    ``f`` computes ``sum_i c_i g_i`` over the real rows of ``batch`` (``mask[i]`` True, or all
+    rows), with clip factors ``c_i`` from ``clip_style`` (see :func:`fundp.clip`), and returns it
+    as a :class:`~fundp.types.ClippedSum` that carries its L2 sensitivity (``C``, or
+    ``sqrt(sum_l C_l^2)`` per layer).  Masked rows and examples with a non-finite gradient
+    contribute exactly zero (and nothing to ``loss_sum``).  ``key`` drives the model's random ops
+    when ``randomness="different"``.  ``max_norm`` at call time overrides the built threshold
+    (a 0-d tensor under ``torch.compile`` never recompiles).  ``verify`` is passed to the
+    engine: when a fast engine (``"ghost"``) is checked against single-example gradients.
+
+    Example:
+      >>> import torch, fundp
+      >>> f = fundp.clipped_grad_sum(lambda p, b: b @ p["w"], max_norm=1.0, grad_method="vmap")
+      >>> out = f({"w": torch.zeros(2)}, torch.tensor([[3.0, 4.0], [0.3, 0.4]]))
+      >>> out.grads["w"], out.sensitivity
+      (tensor([0.9000, 1.2000]), 1.0)
+    """
+    return _clipped_sum_fn(
+        loss_fn,
+        max_norm=max_norm,
+        clip_style=clip_style,
+        gamma=gamma,
+        grad_method=grad_method,
+        has_aux=has_aux,
+        randomness=randomness,
+        verify=verify,
+    )
+
+
+def _same_sensitivity(first: Any, second: Any) -> Any:
+    if first is second:
+        return first
+    if first is None or second is None:
+        raise ValueError("add_clipped_sums: one ClippedSum has no sensitivity (both must carry the same)")
+    if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
+        if torch.compiler.is_compiling():
+            return first  # cannot be read inside a graph; sums built by one step share one value
+        equal = bool(torch.as_tensor(first, dtype=torch.float64).eq(torch.as_tensor(second, dtype=torch.float64)).all())
+    else:
+        equal = math.isclose(float(first), float(second), rel_tol=1e-12, abs_tol=0.0)
+    if not equal:
+        raise ValueError(
+            f"add_clipped_sums: the sums have different sensitivities ({first} and {second}); "
+            "chunks of one logical batch must be clipped with the same thresholds"
+        )
+    return first
+
+
+def add_clipped_sums(first: ClippedSum, second: ClippedSum) -> ClippedSum:
+    """Adds the clipped sums of two physical chunks of one logical batch.
+
+    Gradient sums, loss sums and counts are added; ``norms`` and ``aux`` (per-example) are
+    concatenated; the sensitivity is kept (the chunks are disjoint rows of one batch, so one
+    example still changes the total by at most ``S``).  Raises ``ValueError`` when the two
+    sensitivities differ.
+
+    Example:
+      >>> import torch, fundp
+      >>> f = fundp.clipped_grad_sum(lambda p, b: b @ p["w"], max_norm=1.0, grad_method="vmap")
+      >>> p = {"w": torch.zeros(2)}
+      >>> total = fundp.add_clipped_sums(f(p, torch.eye(2)), f(p, torch.eye(2)))
+      >>> total.grads["w"], total.norms.shape, total.sensitivity
+      (tensor([2., 2.]), torch.Size([4]), 1.0)
+    """
+    sensitivity = _same_sensitivity(first.sensitivity, second.sensitivity)
+    if first.aux is None or second.aux is None:
+        aux = None
+    else:
+        aux = optree.tree_map(lambda a, b: torch.cat([a, b]), first.aux, second.aux)
+    return ClippedSum(
+        optree.tree_map(torch.add, first.grads, second.grads),
+        first.loss_sum + second.loss_sum,
+        first.num_examples + second.num_examples,
+        torch.cat([first.norms, second.norms]),
+        first.num_nonfinite + second.num_nonfinite,
+        aux,
+        sensitivity,
+    )
+
+
+def split_batch(batch: Any, physical_batch_size: int, mask: torch.Tensor | None = None) -> list[tuple[Any, torch.Tensor]]:
+    """Splits a batch into ``ceil(B / physical_batch_size)`` chunks of exactly ``physical_batch_size`` rows.
+
+    Returns ``[(chunk, chunk_mask), ...]``: the chunks are consecutive row ranges of ``batch`` (a
+    pytree of tensors sharing dim 0); the last is filled up with copies of row 0 whose
+    ``chunk_mask`` is False.  ``mask`` (``BoolTensor[B]``, default all True) is carried along.
+    The real rows of all chunks together are exactly the real rows of ``batch``.
+
+    Example:
+      >>> import torch, fundp
+      >>> chunks = fundp.data.split_batch({"x": torch.arange(5.0)}, 2)
+      >>> [(c["x"].tolist(), m.tolist()) for c, m in chunks]
+      [([0.0, 1.0], [True, True]), ([2.0, 3.0], [True, True]), ([4.0, 0.0], [True, False])]
+    """
+    size = check_batch(batch)
+    physical = check_int("physical_batch_size", physical_batch_size, minimum=1)
+    leaves = optree.tree_leaves(batch)
+    if mask is None:
+        mask = torch.ones(size, dtype=torch.bool, device=leaves[0].device)
+    else:
+        check_mask(mask, size)
+    num_chunks = -(-size // physical)
+    extra = num_chunks * physical - size
+    if extra:
+        batch = optree.tree_map(lambda leaf: torch.cat([leaf, leaf[:1].expand(extra, *leaf.shape[1:])]), batch)
+        mask = torch.cat([mask, torch.zeros(extra, dtype=torch.bool, device=mask.device)])
+    return [
+        (optree.tree_map(lambda leaf: leaf[start : start + physical], batch), mask[start : start + physical])
+        for start in range(0, num_chunks * physical, physical)
+    ]
+
+
+def accumulate(clipped_sum_fn: ClippedSumFn, physical_batch_size: int) -> ClippedSumFn:
+    """Transform of a clipped-sum function: the same sum, computed over fixed-size physical chunks.
+
+    Returns ``g(params, batch, mask=None, key=None, **kwargs) -> ClippedSum`` which splits the
+    logical batch with :func:`split_batch` into chunks of exactly ``physical_batch_size`` rows
+    (the only shape ``clipped_sum_fn`` ever sees), calls ``clipped_sum_fn`` on each (chunk ``c``
+    gets the model key ``fold_in(key, c)``) and adds the results with :func:`add_clipped_sums`.
+    ``norms`` and ``aux`` come back with the logical batch's ``B`` rows.  Noise is added later,
+    once, by :func:`privatize`: this is gradient accumulation with one noise draw per step.
+
+    Example:
+      >>> import torch, fundp
+      >>> f = fundp.clipped_grad_sum(lambda p, b: b @ p["w"], max_norm=1.0, grad_method="vmap")
+      >>> g = fundp.step.accumulate(f, 2)
+      >>> x = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 1.0]])
+      >>> bool(torch.allclose(g({"w": torch.zeros(2)}, x).grads["w"], f({"w": torch.zeros(2)}, x).grads["w"]))
+      True
+    """
+    physical = check_int("physical_batch_size", physical_batch_size, minimum=1)
+
+    def g(params: Any, batch: Any, mask: torch.Tensor | None = None, key: torch.Tensor | None = None, **kwargs: Any) -> ClippedSum:
+        size = check_batch(batch)
+        if size == 0:
+            return clipped_sum_fn(params, batch, mask, key, **kwargs)
+        total: ClippedSum | None = None
+        for number, (chunk, chunk_mask) in enumerate(split_batch(batch, physical, mask)):
+            chunk_key = None if key is None else fundp_random.fold_in(key, number)
+            part = clipped_sum_fn(params, chunk, chunk_mask, chunk_key, **kwargs)
+            total = part if total is None else add_clipped_sums(total, part)
+        assert total is not None
+        aux = None if total.aux is None else optree.tree_map(lambda a: a[:size], total.aux)
+        return total._replace(norms=total.norms[:size], aux=aux)
+
+    g.physical_batch_size = physical  # type: ignore[attr-defined]
+    return g
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def privatize(
+    clipped: Any,
+    key: torch.Tensor,
+    *,
+    noise_multiplier: Any = None,
+    expected_batch_size: float,
+    secure_mode: bool = False,
+    noise_stddev: Any = None,
+) -> Any:
+    """Returns ``(clipped.grads + N(0, (noise_multiplier * S)^2)) / expected_batch_size``.
+
+    ``S = clipped.sensitivity`` comes with the :class:`~fundp.types.ClippedSum`, so the noise is
+    always calibrated to what was actually clipped (per-layer clipping of four leaves at
+    ``C = 1`` has ``S = 2``, not 1).  The noise is drawn from ``key``; with ``secure_mode=True``
+    it comes from :mod:`fundp.secure` (OS entropy, hardened sampler) and ``key`` is not used.
+    ``noise_multiplier`` is a number >= 0 or a 0-d tensor.
+
+    Deprecated form: ``privatize(grad_sum_tree, key, noise_stddev=..., expected_batch_size=...)``
+    (the caller computes the sensitivity; see :func:`fundp.noise.add_gaussian_noise`).
+
+    Example:
+      >>> import torch, fundp
+      >>> f = fundp.clipped_grad_sum(lambda p, b: b @ p["w"], max_norm=1.0, grad_method="vmap")
+      >>> clipped = f({"w": torch.zeros(2)}, torch.tensor([[3.0, 4.0]]))
+      >>> fundp.privatize(clipped, fundp.random.key(0), noise_multiplier=0.0, expected_batch_size=2.0)["w"]
+      tensor([0.3000, 0.4000])
+    """
+    expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
+    if isinstance(clipped, ClippedSum):
+        if noise_stddev is not None:
+            raise ValueError("privatize(ClippedSum, ...) derives the noise std from its sensitivity: pass noise_multiplier, not noise_stddev")
+        if noise_multiplier is None:
+            raise ValueError("privatize needs noise_multiplier (the std is noise_multiplier * clipped.sensitivity)")
+        if clipped.sensitivity is None:
+            raise ValueError("this ClippedSum carries no sensitivity; build it with fundp.clipped_grad_sum")
+        stddev = _check_scalar("noise_multiplier", noise_multiplier) * clipped.sensitivity
+        grad_sum = clipped.grads
+    else:
+        if noise_stddev is None:
+            raise TypeError("privatize takes a fundp.ClippedSum (or, deprecated, a gradient tree with noise_stddev=)")
+        warnings.warn(
+            "privatize(grad_sum, key, noise_stddev=...) is deprecated: pass the ClippedSum itself with "
+            "noise_multiplier=, so that the noise follows its sensitivity",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        stddev = _check_scalar("noise_stddev", noise_stddev)
+        grad_sum = clipped
+    if secure_mode:
+        from fundp.secure import secure_noise
+
+        return optree.tree_map(lambda g: g / expected_batch_size, secure_noise(grad_sum, float(stddev)))
+    draws = noise_like(grad_sum, key, stddev)
+    return optree.tree_map(lambda g, z: (g + z) / expected_batch_size, grad_sum, draws)
+
+
+# --------------------------------------------------------------------------- outside the graph
+
+
+class _Guards:
+    """What a step remembers between calls, for its guards only (never for its math)."""
+
+    def __init__(self, check_key_reuse: bool):
+        self.check_key_reuse = check_key_reuse
+        self.seen_keys: set[tuple[int, int]] = set()
+        # Ledgers already consumed by a completed accounting: handing one again means the caller
+        # did not keep ``out.ledger``.  Strong references, so identities cannot be recycled.
+        self.consumed: collections.deque = collections.deque(maxlen=64)
+
+
+@torch.compiler.disable
+def _before_step(
+    guards: _Guards,
+    key: torch.Tensor,
+    ledger: Any,
+    noise_multiplier: Any,
+    sample_rate: float | None,
+    budget: Any,
+    adaptive: Any,
+) -> Any:
+    # Plain Python on plain numbers: kept out of the compiled graph so a growing ledger never
+    # triggers a recompile.  Runs before the data is touched, so an over-budget step is refused
+    # before anything is computed.
+    if guards.check_key_reuse:
+        words = fundp_random.key_data(key)
+        if words in guards.seen_keys:
+            raise ValueError(
+                f"key {list(words)} was already used by this step: the same key gives the same noise, "
+                "so reusing it cancels privacy. Derive one key per step, e.g. fundp.random.fold_in(key, t)"
+            )
+        guards.seen_keys.add(words)
+    if ledger is None:
+        if budget is not None:
+            raise ValueError("budget needs a ledger: pass step(..., ledger=fundp.Ledger())")
+        return None
+    if any(old is ledger for old in guards.consumed):
+        raise ValueError(
+            "this ledger was already used by an earlier call of this step and is stale: the step "
+            "returned a newer one. Keep it: `ledger = out.ledger` after every step (with the old "
+            "one, epsilon would be under-reported). To start a new run, pass a fresh fundp.Ledger()"
+        )
+    if sample_rate is None:
+        raise ValueError("sample_rate is required to update a ledger: pass dp_step(..., sample_rate=q)")
+    sigma = float(noise_multiplier)
+    if adaptive is not None:
+        from fundp.adaptive import ledger_noise_multiplier
+
+        sigma = float(ledger_noise_multiplier(adaptive, sigma))
+    if budget is not None:
+        from fundp.budget import spend
+
+        new_ledger = spend(ledger, noise_multiplier=sigma, sample_rate=sample_rate, budget=budget)
+    else:
+        from fundp.accounting import accountant_step
+
+        new_ledger = accountant_step(ledger, noise_multiplier=sigma, sample_rate=sample_rate)
+    guards.consumed.append(ledger)
+    return new_ledger
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: Any) -> tuple[float | None, Any, int | None, bool]:
+    """Reads (and checks) the sampling a step is built for: ``(sample_rate, expected_batch_size,
+    row multiple, needs mask)``."""
+    from fundp.sampling import check_sampling_matches, sampler_of
+
+    inner = sampler_of(sampler)
+    if inner.sampling == "poisson":
+        if sample_rate is None:
+            sample_rate = inner.sample_rate
+        if expected_batch_size is None:
+            expected_batch_size = inner.expected_batch_size
+    check_sampling_matches(sampler, sample_rate, expected_batch_size=expected_batch_size)
+    return sample_rate, expected_batch_size, int(inner.pad_to_multiple), True
+
+
 def dp_step(
     loss_fn: Callable,
     *,
     max_norm: Any,
-    noise_multiplier: float,
-    expected_batch_size: float,
+    noise_multiplier: Any,
+    expected_batch_size: float | None = None,
     sample_rate: float | None = None,
-    clip_style: str = "flat",
+    clip_style: ClipStyle = "flat",
     gamma: float = 0.01,
-    grad_method: str = "auto",
+    grad_method: GradMethod = "auto",
     has_aux: bool = False,
-    randomness: str = "error",
+    randomness: Randomness = "error",
+    verify: Verify = "first",
     check_finite: bool = False,
     distributed: bool = False,
     process_group: Any = None,
     secure_mode: bool = False,
     budget: Any = None,
-) -> Callable:
-    """Transform: returns a stateless DP-SGD step ``step(params, batch, key, ledger=None, mask=None)``.
+    physical_batch_size: int | None = None,
+    compile_chunk: bool | Callable = False,
+    sampler: Any = None,
+    num_examples: int | None = None,
+    check_key_reuse: bool = False,
+    adaptive_clipping: Any = None,
+    noise_mechanism: Any = None,
+) -> Step:
+    """Transform: returns a stateless DP-SGD step.
+
+    ``step(params, batch, key, *, ledger=None, mask=None, max_norm=None, noise_multiplier=None,
+    clip_state=None, noise_state=None) -> StepResult``
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> Tensor[B]`` per-example losses.
-      max_norm: clipping threshold ``C`` (a pytree of thresholds for ``clip_style="per_layer"``).
+      max_norm: clipping threshold ``C`` (a pytree of thresholds for ``clip_style="per_layer"``):
+        a number or a 0-d tensor.  ``step(..., max_norm=t)`` overrides it per call.
       noise_multiplier: ``sigma``; the noise std on the clipped sum is ``sigma * S`` with ``S`` the
-        sensitivity of :func:`fundp.clipping.clip_sensitivity`.  0 gives a non-private step.
-      expected_batch_size: ``sample_rate * N``, the divisor of the noisy sum.
+        sensitivity the clipped sum carries.  0 gives a non-private step.  A number or a 0-d
+        tensor; ``step(..., noise_multiplier=t)`` overrides it per call.  Pass 0-d tensors for
+        schedules: ``torch.compile`` traces them, so changing their value never recompiles
+        (Python floats are specialised: a new value is a new graph).
+      expected_batch_size: ``sample_rate * N``, the divisor of the noisy sum (taken from
+        ``sampler`` or ``sample_rate * num_examples`` when omitted).
       sample_rate: Poisson rate ``q`` recorded in the ledger (required when a ledger is passed).
       clip_style: ``"flat"`` (default), ``"per_layer"`` or ``"automatic"``.
       gamma: stability constant of automatic clipping.
       grad_method: per-example-norm engine, ``"vmap"``, ``"ghost"`` or ``"auto"``.
-      has_aux: ``loss_fn`` returns ``(losses, aux)``; ``aux`` comes back in ``.aux``.
+      has_aux: ``loss_fn`` returns ``(losses, aux)``; ``aux`` (per-example, ``[B, ...]``) comes
+        back in ``.aux``.
       randomness: ``"different"`` for models with dropout (driven by ``key``).
+      verify: ``"first"`` (default), ``"always"`` or ``False``: when the engine checks its fast
+        path against single-example gradients (see :mod:`fundp.engines`).
       check_finite: debug mode: raise ``FloatingPointError`` when params or a real example's
         loss are NaN/Inf (synchronises with the device; off by default).
       distributed: inside an initialised ``torch.distributed`` group, each rank passes its shard
@@ -230,15 +527,45 @@ def dp_step(
       process_group: the group for ``distributed=True`` (default: the world).
       secure_mode: draw the noise from OS entropy with the hardened sampler of
         :mod:`fundp.secure` (for production; slower, not reproducible from the key, and a graph
-        break under ``torch.compile``).  With ``distributed=True`` only rank 0's draw is used:
-        it is broadcast so every rank still adds the same noise.
+        break under ``torch.compile``).  With ``distributed=True`` only rank 0's draw is used.
       budget: ``fundp.Budget(epsilon, delta)`` or ``(epsilon, delta)``: a step whose ledger
         would exceed it raises :class:`fundp.BudgetExceededError` before touching the data.
+      physical_batch_size: gradient accumulation: the logical batch is processed in chunks of
+        exactly this many rows (:func:`accumulate`), their clipped sums added, then noised and
+        divided once.  Pad logical batches to a multiple of it.
+      compile_chunk: with ``physical_batch_size``: ``True`` compiles the chunk function with
+        ``torch.compile(dynamic=False)`` (one physical shape, one compilation); a callable is
+        applied to it instead.
+      sampler: the :class:`fundp.data.PoissonBatches` / ``PoissonBatchSampler`` /
+        ``poisson_loader`` the batches come from.  ``sample_rate`` and ``expected_batch_size``
+        default to its values and are checked against it (``ValueError`` on a mismatch;
+        shuffled batches are refused); every call then refuses a batch whose row count is not a
+        multiple of its ``pad_to_multiple`` or that comes without its mask.
+      num_examples: ``N``: ``expected_batch_size`` defaults to (and must equal)
+        ``sample_rate * N``; a batch of more than ``N`` rows without a mask is refused.
+      check_key_reuse: debug mode: raise ``ValueError`` when a key is passed twice (it would
+        repeat the noise).  Reads the key on the host (a sync, outside the graph).
+      adaptive_clipping: a :class:`fundp.adaptive.QuantileClipping` config: ``max_norm`` then
+        comes from ``step(..., clip_state=cfg.init(C0))`` and the updated state is returned in
+        ``out.clip_state``; the noisy count of unclipped examples uses its own key and the ledger
+        records the combined mechanism (:func:`fundp.adaptive.ledger_noise_multiplier`).
+      noise_mechanism: a correlated-noise mechanism (``init(params) -> state``,
+        ``sample(state, key, stddev, like) -> (noise, state)``, e.g. from :mod:`fundp.mf`):
+        its noise replaces the i.i.d. draw; ``step(..., noise_state=mech.init(params))`` and
+        ``out.noise_state`` carry its state.  DP-SGD's ledger does not apply (a ledger is
+        refused): account with the mechanism's own accountant.
 
-    The returned ``step`` computes ``StepResult(grads, ledger, loss, norms, num_nonfinite, aux)``
-    with ``grads = (sum_i c_i g_i + N(0, (sigma S)^2)) / expected_batch_size``.  ``key`` is split into a
-    noise key and a model key; the same key gives the same result.  ``torch.compile(step)`` works
-    and does not recompile across steps of one batch shape.
+    The step computes ``StepResult(grads, ledger, loss, norms, num_nonfinite, aux, clip_state,
+    noise_state)`` with ``grads = (sum_i c_i g_i + N(0, (sigma S)^2)) / expected_batch_size``.
+    Only ``grads``, ``ledger`` and the states are private: see :class:`~fundp.types.StepResult`.
+    ``key`` is split into a noise key and a model key; the same key gives the same result.
+
+    ``torch.compile(step)`` works and does not recompile across steps of one batch shape;
+    ``torch.compile(step, fullgraph=True)`` works when no ledger, budget or debug check is used
+    (those run in a small function outside the graph, before it).
+
+    Guards: ``ledger`` and ``mask`` are keyword-only; a ledger that an earlier call already
+    consumed (the caller forgot ``ledger = out.ledger``) is refused.
 
     Example:
       >>> import torch, fundp
@@ -248,25 +575,59 @@ def dp_step(
       >>> step({"w": torch.tensor([3.0, 0.1])}, batch, fundp.random.key(0)).grads["w"]
       tensor([0.5000, 0.1000])
     """
-    noise_multiplier = check_number("noise_multiplier", noise_multiplier, positive=True)
-    expected_batch_size = check_number("expected_batch_size", expected_batch_size, positive=True)
-    if expected_batch_size <= 0:
-        raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+    if isinstance(noise_multiplier, torch.Tensor):
+        check_nonnegative("noise_multiplier", noise_multiplier)
+        if not is_threshold_tensor(noise_multiplier):
+            raise TypeError("noise_multiplier must be a number or a 0-d floating tensor")
+    else:
+        noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
+    for name, flag in (("check_finite", check_finite), ("distributed", distributed), ("secure_mode", secure_mode), ("check_key_reuse", check_key_reuse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool")
     if sample_rate is not None:
-        sample_rate = check_number("sample_rate", sample_rate)
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    if not isinstance(check_finite, bool):
-        raise TypeError("check_finite must be a bool")
-    if not isinstance(distributed, bool):
-        raise TypeError("distributed must be a bool")
+        sample_rate = check_sample_rate(sample_rate)
+    row_multiple: int | None = None
+    needs_mask = False
+    if sampler is not None:
+        sample_rate, expected_batch_size, row_multiple, needs_mask = _sampling_of(sampler, sample_rate, expected_batch_size)
+    if num_examples is not None:
+        num_examples = check_int("num_examples", num_examples, minimum=1)
+        if sample_rate is None:
+            raise ValueError("num_examples needs sample_rate (expected_batch_size = sample_rate * num_examples)")
+        implied = sample_rate * num_examples
+        if expected_batch_size is None:
+            expected_batch_size = implied
+        elif not math.isclose(check_positive("expected_batch_size", expected_batch_size), implied, rel_tol=1e-6):
+            raise ValueError(
+                f"expected_batch_size={expected_batch_size} but sample_rate * num_examples = "
+                f"{sample_rate} * {num_examples} = {implied}"
+            )
+    if expected_batch_size is None:
+        raise ValueError("expected_batch_size is required (sample_rate * num_examples) unless a sampler or num_examples is given")
+    expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
     if budget is not None:
         from fundp.budget import _as_budget
 
         budget = _as_budget(budget)
         if sample_rate is None:
             raise ValueError("budget needs sample_rate: pass dp_step(..., sample_rate=q)")
-    summed = clipped_grad_sum(
+    if adaptive_clipping is not None:
+        from fundp import adaptive as fundp_adaptive
+
+        if distributed:
+            raise NotImplementedError("adaptive_clipping with distributed=True is not supported yet")
+        if secure_mode:
+            raise NotImplementedError("adaptive_clipping with secure_mode=True is not supported yet")
+        if clip_style == "per_layer":
+            raise NotImplementedError("adaptive_clipping adapts one flat threshold: use clip_style='flat' or 'automatic'")
+    if noise_mechanism is not None:
+        if not (callable(getattr(noise_mechanism, "init", None)) and callable(getattr(noise_mechanism, "sample", None))):
+            raise TypeError("noise_mechanism must have init(params) -> state and sample(state, key, stddev, like) -> (noise, state)")
+        if budget is not None:
+            raise ValueError("budget accounts DP-SGD's ledger, which does not apply to a noise_mechanism: use its own accountant (fundp.mf)")
+        if secure_mode:
+            raise NotImplementedError("secure_mode with a noise_mechanism: the mechanism draws its own noise")
+    summed = _clipped_sum_fn(
         loss_fn,
         max_norm=max_norm,
         clip_style=clip_style,
@@ -274,11 +635,75 @@ def dp_step(
         grad_method=grad_method,
         has_aux=has_aux,
         randomness=randomness,
+        verify=verify,
+        check_finite=check_finite,
     )
+    chunk_fn = summed
+    if physical_batch_size is not None:
+        physical_batch_size = check_int("physical_batch_size", physical_batch_size, minimum=1)
+        if compile_chunk is True:
+            chunk_fn = torch.compile(summed, dynamic=False)
+        elif callable(compile_chunk):
+            chunk_fn = compile_chunk(summed)
+        elif compile_chunk is not False and compile_chunk is not None:
+            raise TypeError("compile_chunk must be a bool or a callable applied to the chunk function")
+        summed = accumulate(chunk_fn, physical_batch_size)
+    elif compile_chunk:
+        raise ValueError("compile_chunk needs physical_batch_size (it compiles the accumulation's chunk function)")
+    built_sigma = noise_multiplier
+    guards = _Guards(check_key_reuse)
 
-    def step(params: Any, batch: Any, key: torch.Tensor, ledger: Any = None, mask: torch.Tensor | None = None) -> StepResult:
-        new_ledger = _account(ledger, noise_multiplier, sample_rate, budget)
-        noise_key, model_key = fundp_random.split(key)
+    def step(
+        params: Any,
+        batch: Any,
+        key: torch.Tensor,
+        *,
+        ledger: Any = None,
+        mask: torch.Tensor | None = None,
+        max_norm: Any = None,
+        noise_multiplier: Any = None,
+        clip_state: Any = None,
+        noise_state: Any = None,
+    ) -> StepResult:
+        sigma = built_sigma if noise_multiplier is None else _check_scalar("noise_multiplier", noise_multiplier)
+        threshold = max_norm
+        if threshold is not None:
+            if clip_style == "per_layer" and not isinstance(threshold, (int, float, torch.Tensor)):
+                per_layer_thresholds(threshold, params)
+            elif not is_threshold_tensor(threshold):
+                threshold = check_positive("max_norm", threshold)
+        if adaptive_clipping is not None:
+            if clip_state is None:
+                raise ValueError("adaptive_clipping needs step(..., clip_state=cfg.init(initial_max_norm)); keep out.clip_state")
+            if threshold is not None:
+                raise ValueError("max_norm and clip_state both set the threshold: with adaptive_clipping pass clip_state only")
+            threshold = clip_state.max_norm
+        elif clip_state is not None:
+            raise ValueError("clip_state is for dp_step(..., adaptive_clipping=...)")
+        if noise_mechanism is not None:
+            if noise_state is None:
+                raise ValueError("noise_mechanism needs step(..., noise_state=mechanism.init(params)); keep out.noise_state")
+            if ledger is not None:
+                raise ValueError(
+                    "a ledger records DP-SGD's independent noise, which a correlated noise_mechanism does not "
+                    "add: pass ledger=None and account with the mechanism's accountant (fundp.mf)"
+                )
+        elif noise_state is not None:
+            raise ValueError("noise_state is for dp_step(..., noise_mechanism=...)")
+        size = check_batch(batch)
+        if row_multiple is not None and size % row_multiple != 0:
+            raise ValueError(
+                f"the batch has {size} rows but the sampler pads every batch to a multiple of "
+                f"{row_multiple}: it does not come from this sampler"
+            )
+        if needs_mask and mask is None:
+            raise ValueError("the sampler's batches are padded: pass step(..., mask=mask) with the mask it yields")
+        if num_examples is not None and mask is None and size > num_examples:
+            raise ValueError(f"the batch has {size} rows, more than num_examples={num_examples}")
+        new_ledger = None
+        if ledger is not None or budget is not None or check_key_reuse:
+            new_ledger = _before_step(guards, key, ledger, sigma, sample_rate, budget, adaptive_clipping)
+        noise_key, model_key, count_key = fundp_random.split(key, 3)
         if distributed:
             from fundp import distributed as fundp_distributed
 
@@ -286,24 +711,37 @@ def dp_step(
             rank, _ = fundp_distributed.rank_and_world_size(process_group)
             # Each rank's dropout masks differ; the noise key stays shared.
             model_key = fundp_random.fold_in(model_key, rank)
-        clipped = summed(params, batch, mask, model_key)
+        clipped = summed(params, batch, mask, model_key, max_norm=threshold)
         if distributed:
-            clipped = fundp_distributed.all_reduce_clipped_sum(clipped, process_group)
-        if check_finite:
-            losses_ok = torch.isfinite(clipped.loss_sum)
-            _raise_if_nonfinite(params, losses_ok)
-        sensitivity = clip_sensitivity(max_norm, style=clip_style, params=params)
-        grads = privatize(
-            clipped.grads,
-            noise_key,
-            noise_stddev=noise_multiplier * sensitivity,
-            expected_batch_size=expected_batch_size,
-            secure_mode=secure_mode,
-        )
+            # The ranks' rows are disjoint: the reduced sum has the same sensitivity.
+            reduced = fundp_distributed.all_reduce_clipped_sum(clipped, process_group)
+            clipped = reduced._replace(sensitivity=clipped.sensitivity)
+        new_noise_state = None
+        if noise_mechanism is not None:
+            draws, new_noise_state = noise_mechanism.sample(noise_state, noise_key, sigma * clipped.sensitivity, clipped.grads)
+            grads = optree.tree_map(lambda g, z: (g + z) / expected_batch_size, clipped.grads, draws)
+        else:
+            grads = privatize(
+                clipped, noise_key, noise_multiplier=sigma, expected_batch_size=expected_batch_size, secure_mode=secure_mode
+            )
         if distributed and secure_mode:
             grads = fundp_distributed.broadcast_from_rank0(grads, process_group)
+        new_clip_state = None
+        if adaptive_clipping is not None:
+            new_clip_state = _adapt(adaptive_clipping, clip_state, clipped, threshold, mask, count_key, expected_batch_size)
         loss = clipped.loss_sum / torch.clamp_min(clipped.num_examples, 1).to(clipped.loss_sum.dtype)
-        return StepResult(grads, new_ledger, loss, clipped.norms, clipped.num_nonfinite, clipped.aux)
+        return StepResult(grads, new_ledger, loss, clipped.norms, clipped.num_nonfinite, clipped.aux, new_clip_state, new_noise_state)
 
+    step.sample_rate = sample_rate  # type: ignore[attr-defined]
+    step.expected_batch_size = expected_batch_size  # type: ignore[attr-defined]
+    step.physical_batch_size = physical_batch_size  # type: ignore[attr-defined]
+    step.chunk_fn = chunk_fn  # type: ignore[attr-defined]
     return step
 
+
+def _adapt(cfg: Any, state: Any, clipped: ClippedSum, threshold: Any, mask: torch.Tensor | None, key: torch.Tensor, expected_batch_size: float) -> Any:
+    """One quantile update (Andrew et al. 2021) from the noisy count of unclipped real examples."""
+    from fundp.adaptive import noisy_unclipped_count, update
+
+    noisy_count = noisy_unclipped_count(clipped.norms, threshold, mask, key.to(clipped.norms.device), cfg)
+    return update(cfg, state, noisy_count, expected_batch_size)

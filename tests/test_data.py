@@ -339,8 +339,10 @@ def test_bad_input_raises_value_error_naming_the_argument(kwargs, name):
 
 
 def test_bad_types():
-    with pytest.raises(TypeError):
-        data.poisson_batches(100.0, 0.1, fundp.random.key(0), steps=5)
+    with pytest.raises(TypeError, match="num_examples"):
+        data.poisson_batches("100", 0.1, fundp.random.key(0), steps=5)
+    with pytest.raises(ValueError, match="num_examples"):  # the one vocabulary (_validate.check_int): whole floats pass
+        data.poisson_batches(100.5, 0.1, fundp.random.key(0), steps=5)
     with pytest.raises(TypeError):
         data.poisson_batches(100, 0.1, torch.tensor([1.0, 2.0]), steps=5)  # not an int64 key
     with pytest.raises(ValueError, match="physical_batch_size"):

@@ -103,11 +103,26 @@ def test_nonfinite_real_example_is_dropped_and_counted():
         debug(bad_params, batch, fundp.random.key(0))
 
 
-def test_has_aux_passes_through():
-    loss_fn = lambda p, b: ((b @ p["w"]) ** 2, b @ p["w"])
-    step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=2, has_aux=True, grad_method="vmap")
-    out = step({"w": torch.ones(2)}, torch.eye(2), fundp.random.key(0))
-    torch.testing.assert_close(out.aux, torch.ones(2, 1))
+@pytest.mark.parametrize("grad_method", ["vmap", "auto"])
+def test_aux_is_per_example_under_every_engine(grad_method):
+    """aux comes back with the shapes loss_fn gives on the whole batch, [B, ...], whatever the engine."""
+    model = make(MLP)
+    params, batch = params_of(model), data_for(model, 5)
+
+    def loss_fn(p, b):
+        logits = fundp.functional_call(model, p, (b["x"],))
+        losses = torch.nn.functional.cross_entropy(logits, b["y"], reduction="none")
+        return losses, {"logits": logits.detach(), "loss": losses.detach()}
+
+    step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=5, has_aux=True, grad_method=grad_method)
+    out = step(params, batch, fundp.random.key(0))
+    expected = loss_fn(params, batch)[1]  # the plain batched forward
+    assert out.aux["logits"].shape == (5, 3) and out.aux["loss"].shape == (5,)
+    torch.testing.assert_close(out.aux["logits"], expected["logits"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.aux["loss"], expected["loss"], rtol=1e-10, atol=1e-12)
+    simple = fundp.dp_step(lambda p, b: ((b @ p["w"]) ** 2, b @ p["w"]), max_norm=1.0, noise_multiplier=0.0,
+                           expected_batch_size=2, has_aux=True, grad_method=grad_method)
+    torch.testing.assert_close(simple({"w": torch.ones(2)}, torch.eye(2), fundp.random.key(0)).aux, torch.ones(2))
 
 
 def _small_problem(dtype=torch.float32):

@@ -1,0 +1,158 @@
+"""A ``torch.utils.data`` bridge: padded Poisson batches, with their masks, from any map-style dataset.
+
+:class:`PoissonBatchSampler` is a ``batch_sampler`` yielding the rows of
+:func:`fundp.data.poisson_batches`; :class:`MaskedDataset` and :func:`collate_masked` turn them
+into ``(batch, mask)`` pairs; :func:`poisson_loader` wires the three into a ``DataLoader``.
+
+Example:
+  >>> import torch, fundp
+  >>> ds = torch.utils.data.TensorDataset(torch.arange(10.0))
+  >>> loader = fundp.data.poisson_loader(ds, 0.5, fundp.random.key(0), steps=2, pad_to_multiple=8)
+  >>> [(tuple(b[0].shape), tuple(m.shape)) for b, m in loader]
+  [((8,), (8,)), ((8,), (8,))]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from fundp.sampling import PoissonBatches
+
+__all__ = ["PaddedRow", "PoissonBatchSampler", "MaskedDataset", "collate_masked", "poisson_loader"]
+
+class PaddedRow:
+    """One row of a padded Poisson batch: ``index`` into the dataset and ``real`` (False: padding).
+
+    Deliberately neither an int nor a tuple, so handing these rows to a dataset that is not
+    wrapped in :class:`MaskedDataset` fails loudly instead of silently training on padding.
+    """
+
+    __slots__ = ("index", "real")
+
+    def __init__(self, index: int, real: bool):
+        self.index = index
+        self.real = real
+
+    def __reduce__(self):  # picklable for DataLoader workers
+        return (PaddedRow, (self.index, self.real))
+
+    def __repr__(self) -> str:
+        return f"PaddedRow({self.index}, {self.real})"
+
+
+class PoissonBatchSampler(Sampler):
+    """A ``batch_sampler`` for ``torch.utils.data.DataLoader`` yielding padded Poisson batches.
+
+    Each batch is a list of ``P`` :class:`PaddedRow` s (the rows of :func:`poisson_batches` with
+    the same arguments).  Use it with a dataset wrapped in :class:`MaskedDataset` and
+    :func:`collate_masked`, so each loaded batch comes with its mask::
+
+        sampler = PoissonBatchSampler(len(ds), q, key, steps=T)
+        loader = DataLoader(MaskedDataset(ds), batch_sampler=sampler, collate_fn=collate_masked)
+        for batch, mask in loader: ...
+
+    (:func:`poisson_loader` does exactly this.)  ``.sample_rate`` and ``.batches`` expose the
+    sampling for :func:`check_sampling_matches`.  Indices are drawn in the main process, so the
+    batches do not depend on ``num_workers``.
+    """
+
+    sampling = "poisson"
+
+    def __init__(self, num_examples: int, sample_rate: float, key: torch.Tensor, *, steps: int, pad_to_multiple: int = 32):
+        if steps is None:
+            raise ValueError("steps must be an int for a DataLoader batch sampler (it needs a length)")
+        self.batches = PoissonBatches(num_examples, sample_rate, key, steps=steps, pad_to_multiple=pad_to_multiple)
+
+    @property
+    def sample_rate(self) -> float:
+        return self.batches.sample_rate
+
+    @property
+    def num_examples(self) -> int:
+        return self.batches.num_examples
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.batches.expected_batch_size
+
+    def __iter__(self) -> Iterator[list[PaddedRow]]:
+        for indices, mask in self.batches:
+            yield [PaddedRow(i, r) for i, r in zip(indices.tolist(), mask.tolist())]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class MaskedDataset(Dataset):
+    """Wraps a map-style dataset so that ``ds[PaddedRow(i, real)] == (dataset[i], real)``.
+
+    Uses the wrapped dataset's batched ``__getitems__`` when it has one.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, row: PaddedRow) -> tuple[Any, bool]:
+        if not isinstance(row, PaddedRow):
+            raise TypeError(f"MaskedDataset is indexed by fundp.data.PaddedRow, got {type(row).__name__}")
+        return self.dataset[row.index], row.real
+
+    def __getitems__(self, rows: list[PaddedRow]) -> list[tuple[Any, bool]]:
+        getitems = getattr(self.dataset, "__getitems__", None)
+        if getitems is None:
+            return [self[row] for row in rows]
+        items = getitems([row.index for row in rows])
+        return list(zip(items, [row.real for row in rows]))
+
+
+def collate_masked(samples: list[tuple[Any, bool]], collate_fn: Callable | None = None) -> tuple[Any, torch.Tensor]:
+    """``[(item, real), ...] -> (collate_fn(items), BoolTensor[P] mask)`` (default: ``default_collate``)."""
+    items = [item for item, _ in samples]
+    mask = torch.tensor([bool(real) for _, real in samples], dtype=torch.bool)
+    return (collate_fn or default_collate)(items), mask
+
+
+class _MaskedCollate:
+    """Picklable ``collate_masked`` bound to a user collate function (for worker processes)."""
+
+    def __init__(self, collate_fn: Callable | None):
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples):
+        return collate_masked(samples, self.collate_fn)
+
+
+def poisson_loader(
+    dataset: Dataset,
+    sample_rate: float,
+    key: torch.Tensor,
+    *,
+    steps: int,
+    pad_to_multiple: int = 32,
+    collate_fn: Callable | None = None,
+    **loader_kwargs: Any,
+) -> DataLoader:
+    """A ``DataLoader`` over a map-style ``dataset`` yielding ``(batch, mask)`` per Poisson step.
+
+    The batches are those of ``poisson_batches(len(dataset), sample_rate, key, steps=steps,
+    pad_to_multiple=pad_to_multiple)``: ``batch`` holds ``P`` rows (``collate_fn``, default
+    ``default_collate``, of the items) and ``mask`` is ``BoolTensor[P]``.  ``loader_kwargs`` go
+    to ``DataLoader`` (``num_workers``, ``pin_memory``, ...); ``batch_size``, ``shuffle``,
+    ``sampler``, ``batch_sampler`` and ``drop_last`` are refused since the Poisson sampler owns
+    them.  ``loader.batch_sampler.sample_rate`` holds ``q``.
+    """
+    for name in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
+        if name in loader_kwargs:
+            raise ValueError(f"poisson_loader sets {name} itself (Poisson sampling); do not pass it")
+    try:
+        num_examples = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError("dataset must be a map-style Dataset with __len__") from None
+    sampler = PoissonBatchSampler(num_examples, sample_rate, key, steps=steps, pad_to_multiple=pad_to_multiple)
+    return DataLoader(MaskedDataset(dataset), batch_sampler=sampler, collate_fn=_MaskedCollate(collate_fn), **loader_kwargs)

@@ -1,0 +1,454 @@
+"""Poisson-sampled batches with fixed padded shapes, shuffled batches, and the sampling guard.
+
+DP-SGD's privacy analysis (and so the ledger) assumes **Poisson sampling**: at every step each of
+the ``N`` examples joins the batch independently with probability ``q``.  Batch sizes then vary
+from step to step, which a compiled step would see as a new shape every time.  This module makes
+the correct sampling the fast path:
+
+* :func:`poisson_batches` yields ``(indices, mask)`` per step: the sampled indices, padded with
+  masked rows up to a multiple of ``pad_to_multiple`` rows.  A compiled ``dp_step`` therefore
+  sees only a handful of shapes over a whole run (one per bucket the batch size falls in, see
+  "Shapes" below).  Empty batches are yielded as ``pad_to_multiple`` masked rows, never skipped:
+  skipping them would change the sampling the accounting assumes.
+* :mod:`fundp.loader` gives the same padded batches, with masks, from any map-style
+  ``torch.utils.data.Dataset``; ``dp_step(..., physical_batch_size=)`` processes a logical batch
+  as fixed-size physical chunks (gradient accumulation).
+* :func:`check_sampling_matches` guards the link between the data pipeline and the accounting:
+  the ``sample_rate`` the ledger records must be the one the batches were sampled with, and
+  shuffled fixed-size batches (:func:`shuffled_batches`) are refused as Poisson unless the user
+  explicitly acknowledges the mismatch (and then a warning is raised).
+
+How a step is sampled (exact, O(q N) work, no Python loop over examples)
+-------------------------------------------------------------------------
+Step ``t`` uses only ``key_t = fundp.random.fold_in(key, t)``: same key, same batches, and any
+step can be recomputed on its own (``batches[t]``), e.g. after resuming from a checkpoint.
+
+The included examples of ``N`` independent Bernoulli(``r``) trials are found through their
+*gaps*: the numbers of failures before each success are i.i.d. Geometric(``r``), drawn by the
+inverse CDF ``G = floor(log(U) / log(1 - r))`` from keyed 53-bit uniforms ``U`` (Threefry,
+:func:`fundp.random.uniform`), and the included indices are their running sums
+``i_j = sum_{k<=j} (G_k + 1) - 1``, kept while ``< N``.  This *is* independent Bernoulli inclusion
+(not an approximation of it), so the batch size is Binomial(``N``, ``q``) and the included set is
+uniform given its size.  The only deviation is floating-point rounding of ``log`` on the 2^-53
+grid of ``U``: a relative error of order 1e-16 in each gap probability.  The work is vectorised
+tensor code of size about ``r N``: for ``q <= 1/2`` the gaps of the included examples are drawn
+(``r = q``); for ``q > 1/2`` those of the *excluded* ones (``r = 1 - q``, computed exactly) and the
+complement is taken with an ``N``-element boolean mask.  ``q = 1`` includes everything.  At
+``N = 10^7`` and ``q = 0.01`` a step takes a few milliseconds.  torch's and numpy's global RNGs
+are never used.
+
+Shapes
+------
+* Plain ``dp_step`` on :func:`poisson_batches`: the padded size is
+  ``P = pad_to_multiple * max(1, ceil(B / pad_to_multiple))``.  With ``B ~ Binomial(N, q)``,
+  ``B`` stays within ``q N +- 5 sqrt(q N (1 - q))`` except with probability below 1e-6 per step,
+  so a run sees about ``10 sqrt(q N) / pad_to_multiple + 2`` shapes.  Pick ``pad_to_multiple``
+  near ``2 sqrt(q N)`` or larger to keep that to a handful (e.g. ``q N = 256``, ``pad_to_multiple
+  = 32``: ``176 <= B <= 336``, so ``P`` is one of the 6 sizes 192, 224, ..., 352).  ``torch.compile(step)`` then compiles once per shape and
+  never again (``tests/test_compile_count.py`` checks it; the ``vmap``-based step is specialised
+  to each shape, also under the default ``dynamic=None``).  Keep the number of shapes below
+  dynamo's recompile limit (``torch._dynamo.config.recompile_limit``, 8 by default), or dynamo
+  falls back to eager for further shapes.
+* ``dp_step(..., physical_batch_size=)``: one shape, ``physical_batch_size`` rows, whatever the batch size.
+  Use ``pad_to_multiple=physical_batch_size`` so no chunk is entirely padding.
+
+Example:
+  >>> import torch, fundp
+  >>> batches = fundp.data.poisson_batches(1000, 0.05, fundp.random.key(0), steps=3, pad_to_multiple=32)
+  >>> [(tuple(i.shape), int(m.sum())) for i, m in batches]
+  [((64,), 42), ((64,), 46), ((64,), 46)]
+  >>> batches.sample_rate, len(batches)
+  (0.05, 3)
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from fundp import random as fundp_random
+from fundp._validate import check_int, check_real, check_sample_rate
+
+__all__ = [
+    "PoissonBatches",
+    "poisson_batches",
+    "poisson_indices",
+    "padded_size",
+    "ShuffledBatches",
+    "shuffled_batches",
+    "check_sampling_matches",
+    "sampler_of",
+    "SamplingMismatchWarning",
+]
+
+# Indices are int64 and the running sums of up to N + 1 gaps (each clipped to N) must not
+# overflow: (N + 1) * (N + 1) < 2**63 holds for N < 2**31.
+_MAX_EXAMPLES = 2**31 - 1
+# fold_in takes the step number as one 32-bit word.
+_MAX_STEPS = 2**32
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _check_steps(steps: Any) -> int | None:
+    if steps is None:
+        return None
+    return check_int("steps", steps, minimum=0, maximum=_MAX_STEPS)
+
+
+def _cpu_key(key: Any) -> torch.Tensor:
+    fundp_random._check_key(key)
+    return key.detach().to("cpu")
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _bernoulli_positions(num_trials: int, rate: float, key: torch.Tensor, _round_size: int | None = None) -> torch.Tensor:
+    """Sorted int64 positions of the successes among ``num_trials`` i.i.d. Bernoulli(``rate``) trials.
+
+    ``0 < rate <= 1/2``.  Gaps (failures before each success) are Geometric(``rate``) by inverse
+    CDF; round ``k`` of gaps draws from ``fold_in(key, k)``.  Round sizes depend only on
+    ``(num_trials, rate)``, so the result is a pure function of the key.  (``_round_size`` forces
+    small rounds, for tests of the multi-round path.)
+    """
+    log_fail = math.log1p(-rate)  # log(1 - r) < 0, accurate for tiny r
+    mean = num_trials * rate
+    # Enough gaps to pass the end with probability ~1 - 1e-9 in one round; more rounds otherwise.
+    first = min(num_trials + 1, math.ceil(mean + 6.0 * math.sqrt(mean * (1.0 - rate)) + 16))
+    later = min(num_trials + 1, max(first // 4, 1024))
+    if _round_size is not None:
+        first = later = _round_size
+    pieces = []
+    last = torch.tensor(-1, dtype=torch.int64)
+    for round_number in range(num_trials + 2):  # each round advances >= 1 position: always ends
+        size = first if round_number == 0 else later
+        uniforms = fundp_random.uniform(fundp_random.fold_in(key, round_number), (size,), torch.float64)
+        # floor(log U / log(1 - r)) ~ Geometric(r) on {0, 1, ...}: P(G >= k) = P(U <= (1 - r)^k).
+        # Clipping at num_trials keeps the running sums in int64; a gap that long ends the batch anyway.
+        gaps = torch.floor(torch.log(uniforms) / log_fail).clamp_(max=float(num_trials)).to(torch.int64)
+        positions = last + torch.cumsum(gaps + 1, dim=0)
+        pieces.append(positions)
+        last = positions[-1]
+        if int(last) >= num_trials:
+            break
+    positions = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    count = int(torch.searchsorted(positions, torch.tensor([num_trials], dtype=torch.int64))[0])
+    return positions[:count]
+
+
+def poisson_indices(num_examples: int, sample_rate: float, key: torch.Tensor) -> torch.Tensor:
+    """Returns the sorted ``LongTensor[B]`` of examples included by one Poisson draw from ``key``.
+
+    Each of the ``num_examples`` examples is included independently with probability
+    ``sample_rate`` (exactly, up to float64 rounding; see the module docstring), so
+    ``B ~ Binomial(num_examples, sample_rate)``; ``B`` may be 0.  Unpadded: use
+    :func:`poisson_batches` for fixed shapes.  Computed on the CPU.
+    """
+    num_examples = check_int("num_examples", num_examples, minimum=1, maximum=_MAX_EXAMPLES)
+    sample_rate = check_sample_rate(sample_rate)
+    key = _cpu_key(key)
+    if sample_rate == 1.0:
+        return torch.arange(num_examples, dtype=torch.int64)
+    if sample_rate <= 0.5:
+        return _bernoulli_positions(num_examples, sample_rate, key)
+    # Drawing the excluded examples keeps the work at O((1 - q) N) gaps; 1 - q is exact for q >= 1/2.
+    excluded = _bernoulli_positions(num_examples, 1.0 - sample_rate, key)
+    keep = torch.ones(num_examples, dtype=torch.bool)
+    keep[excluded] = False
+    return keep.nonzero().squeeze(1)
+
+
+def padded_size(batch_size: int, pad_to_multiple: int) -> int:
+    """``P = pad_to_multiple * max(1, ceil(batch_size / pad_to_multiple))``: never 0, so an empty
+    batch keeps a shape.
+
+    Example:
+      >>> import fundp
+      >>> [fundp.data.padded_size(b, 32) for b in (0, 1, 32, 33)]
+      [32, 32, 32, 64]
+    """
+    batch_size = check_int("batch_size", batch_size, minimum=0)
+    pad_to_multiple = check_int("pad_to_multiple", pad_to_multiple, minimum=1)
+    return pad_to_multiple * max(1, -(-batch_size // pad_to_multiple))
+
+
+def _pad(indices: torch.Tensor, pad_to_multiple: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    size = indices.shape[0]
+    total = pad_to_multiple * max(1, -(-size // pad_to_multiple))
+    # Padding rows hold index 0: a valid example (so loading it never fails), masked out.
+    padded = torch.zeros(total, dtype=torch.int64)
+    padded[:size] = indices
+    mask = torch.zeros(total, dtype=torch.bool)
+    mask[:size] = True
+    if device is not None:
+        padded, mask = padded.to(device), mask.to(device)
+    return padded, mask
+
+
+class PoissonBatches:
+    """Iterable of padded Poisson batches ``(indices: LongTensor[P], mask: BoolTensor[P])``.
+
+    Made by :func:`poisson_batches`; see it for the arguments.  Iterating again replays the same
+    batches.  ``batches[t]`` (or ``batches.batch(t)``) recomputes step ``t`` alone, in O(q N)
+    work: resume a run at step ``t`` with ``for s in range(t, steps): indices, mask = batches[s]``.
+
+    Attributes: ``num_examples``, ``sample_rate``, ``steps`` (``None``: unbounded),
+    ``pad_to_multiple``, ``expected_batch_size`` (``sample_rate * num_examples``), ``key`` and
+    ``sampling == "poisson"`` (read by :func:`check_sampling_matches`).
+    """
+
+    sampling = "poisson"
+
+    def __init__(
+        self,
+        num_examples: int,
+        sample_rate: float,
+        key: torch.Tensor,
+        *,
+        steps: int | None,
+        pad_to_multiple: int = 32,
+        device: torch.device | str | None = None,
+    ):
+        self.num_examples = check_int("num_examples", num_examples, minimum=1, maximum=_MAX_EXAMPLES)
+        self.sample_rate = check_sample_rate(sample_rate)
+        self.steps = _check_steps(steps)
+        self.pad_to_multiple = check_int("pad_to_multiple", pad_to_multiple, minimum=1)
+        self.key = _cpu_key(key)
+        self.device = device
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``sample_rate * num_examples``: the divisor of the noisy gradient sum."""
+        return self.sample_rate * self.num_examples
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded batch of step ``step``, drawn from ``fold_in(key, step)``."""
+        step = check_int("step", step, minimum=0, maximum=_MAX_STEPS - 1)
+        indices = poisson_indices(self.num_examples, self.sample_rate, fundp_random.fold_in(self.key, step))
+        return _pad(indices, self.pad_to_multiple, self.device)
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.steps is not None and not 0 <= operator.index(step) < self.steps:
+            raise IndexError(f"step {step} out of range for {self.steps} steps")
+        return self.batch(step)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        step = 0
+        while self.steps is None or step < self.steps:
+            yield self.batch(step)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.steps is None:
+            raise TypeError("an unbounded PoissonBatches (steps=None) has no length")
+        return self.steps
+
+    def __repr__(self) -> str:
+        return (
+            f"PoissonBatches(num_examples={self.num_examples}, sample_rate={self.sample_rate}, "
+            f"steps={self.steps}, pad_to_multiple={self.pad_to_multiple})"
+        )
+
+
+def poisson_batches(
+    num_examples: int,
+    sample_rate: float,
+    key: torch.Tensor,
+    *,
+    steps: int | None,
+    pad_to_multiple: int = 32,
+    device: torch.device | str | None = None,
+) -> PoissonBatches:
+    """Poisson-sampled batches, padded to fixed shapes, driven only by ``key``.
+
+    Args:
+      num_examples: ``N`` (``1 <= N < 2**31``).
+      sample_rate: ``q`` in ``(0, 1]``: every example joins every step independently with
+        probability ``q``.  Give the *same* ``q`` to ``dp_step(sample_rate=...)`` (the returned
+        object carries it as ``.sample_rate``; :func:`check_sampling_matches` verifies it).
+      key: a :mod:`fundp.random` key; step ``t`` uses ``fold_in(key, t)`` and nothing else.
+        Use a key of its own (e.g. ``batch_key, train_key = fundp.random.split(key)``).
+      steps: number of steps (``>= 0``); ``None`` for an unbounded stream.
+      pad_to_multiple: ``P`` is a multiple of it and never 0.
+      device: where to put ``indices`` and ``mask`` (computed on the CPU; default: stay there).
+
+    Returns:
+      A re-iterable :class:`PoissonBatches` yielding ``(indices: LongTensor[P], mask: BoolTensor[P])``
+      per step: the ``B ~ Binomial(N, q)`` sampled indices in increasing order, then ``P - B``
+      padding rows holding index 0 with ``mask`` False.  Empty batches are yielded
+      (``P = pad_to_multiple``, all masked), never skipped.
+    """
+    return PoissonBatches(num_examples, sample_rate, key, steps=steps, pad_to_multiple=pad_to_multiple, device=device)
+
+
+# --------------------------------------------------------------------------- shuffling (not Poisson)
+
+
+class SamplingMismatchWarning(UserWarning):
+    """The batches were not Poisson-sampled but are being accounted as if they were."""
+
+
+class ShuffledBatches:
+    """Fixed-size batches from keyed random permutations, one per epoch: **not** Poisson sampling.
+
+    Yields ``(indices: LongTensor[batch_size], mask: BoolTensor[batch_size])`` (the mask is all
+    True except for the padding of a last partial batch when ``drop_last=False``).  The ledger's
+    Poisson-subsampled Gaussian analysis does not apply to these batches; no amplification
+    analysis for shuffling is offered here.  :func:`check_sampling_matches` therefore refuses them
+    for a Poisson-accounted step unless ``acknowledge_not_poisson=True`` is passed, and then
+    warns.  ``sample_rate`` is ``None``; ``nominal_sample_rate`` is ``batch_size / N``.
+    """
+
+    sampling = "shuffle"
+    sample_rate = None
+
+    def __init__(self, num_examples: int, batch_size: int, key: torch.Tensor, *, steps: int, drop_last: bool = True):
+        self.num_examples = check_int("num_examples", num_examples, minimum=1, maximum=_MAX_EXAMPLES)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, maximum=self.num_examples)
+        self.steps = check_int("steps", steps, minimum=0, maximum=_MAX_STEPS)
+        if not isinstance(drop_last, bool):
+            raise TypeError("drop_last must be a bool")
+        self.drop_last = drop_last
+        self.key = _cpu_key(key)
+        per_epoch = self.num_examples // self.batch_size if drop_last else -(-self.num_examples // self.batch_size)
+        self.batches_per_epoch = per_epoch
+
+    @property
+    def nominal_sample_rate(self) -> float:
+        return self.batch_size / self.num_examples
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        scores = fundp_random.uniform(fundp_random.fold_in(self.key, epoch), (self.num_examples,), torch.float64)
+        return torch.argsort(scores, stable=True)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        permutation: torch.Tensor | None = None
+        epoch = -1
+        for step in range(self.steps):
+            if step // self.batches_per_epoch != epoch:
+                epoch = step // self.batches_per_epoch
+                permutation = self._permutation(epoch)
+            start = (step % self.batches_per_epoch) * self.batch_size
+            assert permutation is not None
+            rows = permutation[start : start + self.batch_size]
+            yield _pad(rows, self.batch_size, None)
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+def shuffled_batches(num_examples: int, batch_size: int, key: torch.Tensor, *, steps: int, drop_last: bool = True) -> ShuffledBatches:
+    """Fixed-size shuffled batches (see :class:`ShuffledBatches`): not accountable as Poisson."""
+    return ShuffledBatches(num_examples, batch_size, key, steps=steps, drop_last=drop_last)
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def sampler_of(sampler: Any) -> Any:
+    """The object that says how ``sampler``'s batches are drawn (``.sampling``, ``.sample_rate``).
+
+    Unwraps a ``DataLoader`` made by :func:`fundp.data.poisson_loader` and a
+    :class:`fundp.data.PoissonBatchSampler` down to their :class:`PoissonBatches`.
+
+    Example:
+      >>> import fundp
+      >>> batches = fundp.data.poisson_batches(100, 0.1, fundp.random.key(0), steps=5)
+      >>> fundp.sampling.sampler_of(batches) is batches
+      True
+    """
+    if isinstance(sampler, DataLoader):
+        inner = sampler.batch_sampler
+        if inner is None or not hasattr(inner, "sampling"):
+            raise ValueError(
+                "this DataLoader does not use a fundp batch sampler, so its sampling is unknown "
+                "(a plain shuffled DataLoader is not Poisson sampling): use fundp.data.poisson_loader"
+            )
+        return sampler_of(inner)
+    if isinstance(getattr(sampler, "batches", None), PoissonBatches):
+        return sampler.batches
+    if not hasattr(sampler, "sampling"):
+        raise TypeError(
+            f"cannot tell how {type(sampler).__name__} samples its batches: pass a "
+            "fundp.data.PoissonBatches, PoissonBatchSampler, ShuffledBatches or a poisson_loader"
+        )
+    return sampler
+
+
+def check_sampling_matches(
+    sampler: Any,
+    sample_rate: float | None,
+    *,
+    expected_batch_size: float | None = None,
+    acknowledge_not_poisson: bool = False,
+) -> float | None:
+    """Checks that ``sample_rate`` (what the ledger will record) is how ``sampler`` samples.
+
+    Args:
+      sampler: a :class:`PoissonBatches`, :class:`PoissonBatchSampler`, a DataLoader made by
+        :func:`poisson_loader`, or a :class:`ShuffledBatches`.
+      sample_rate: the rate given to ``dp_step`` / the ledger.
+      expected_batch_size: if given, must equal ``sample_rate * num_examples`` (relative
+        tolerance 1e-6): dividing by another number rescales every gradient.
+      acknowledge_not_poisson: for shuffled fixed-size batches, the explicit acknowledgement that
+        the Poisson accounting will *not* describe them (a :class:`SamplingMismatchWarning` is
+        still raised).
+
+    Returns the sampler's sample rate (``None`` for acknowledged shuffled batches).
+
+    Raises:
+      ValueError: Poisson batches with a different (or missing) ``sample_rate``; a mismatched
+        ``expected_batch_size``; shuffled batches without the acknowledgement.
+
+    Example:
+      >>> import fundp
+      >>> batches = fundp.data.poisson_batches(100, 0.1, fundp.random.key(0), steps=5)
+      >>> fundp.data.check_sampling_matches(batches, 0.1)
+      0.1
+      >>> fundp.data.check_sampling_matches(batches, 0.2)
+      Traceback (most recent call last):
+      ...
+      ValueError: the step accounts sample_rate=0.2 but the batches are Poisson-sampled with sample_rate=0.1: ...
+    """
+    inner = sampler_of(sampler)
+    if inner.sampling == "poisson":
+        rate = float(inner.sample_rate)
+        if sample_rate is None:
+            raise ValueError(
+                f"the batches are Poisson-sampled with sample_rate={rate} but the step records no "
+                f"sample_rate: pass sample_rate={rate} (sampler.sample_rate)"
+            )
+        given = check_real("sample_rate", sample_rate)
+        if not math.isclose(given, rate, rel_tol=1e-12, abs_tol=0.0):
+            raise ValueError(
+                f"the step accounts sample_rate={given} but the batches are Poisson-sampled with "
+                f"sample_rate={rate}: the ledger would be wrong. Pass sample_rate=sampler.sample_rate"
+            )
+        if expected_batch_size is not None:
+            expected = rate * inner.num_examples
+            ebs = check_real("expected_batch_size", expected_batch_size)
+            if not math.isclose(ebs, expected, rel_tol=1e-6):
+                raise ValueError(
+                    f"expected_batch_size={ebs} but the batches have sample_rate * num_examples = "
+                    f"{rate} * {inner.num_examples} = {expected}"
+                )
+        return rate
+    if inner.sampling == "shuffle":
+        message = (
+            "shuffled fixed-size batches are not Poisson sampling: the ledger's Poisson-subsampled "
+            "accounting (sample_rate={}) does not describe them and the reported epsilon is not a "
+            "valid guarantee for this run".format(sample_rate)
+        )
+        if not acknowledge_not_poisson:
+            raise ValueError(message + "; use fundp.data.poisson_batches, or pass "
+                             "acknowledge_not_poisson=True to proceed anyway")
+        warnings.warn(message, SamplingMismatchWarning, stacklevel=2)
+        return None
+    raise ValueError(f"unknown sampling {inner.sampling!r}")
