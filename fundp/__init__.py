@@ -10,6 +10,7 @@ The pieces are small pure functions that compose into the stateless ``dp_step`` 
 """
 
 from fundp import audit, checkpoint, optim, random, secure
+from fundp.compile import compile, dynamo_options as compile_options
 from fundp.budget import Budget, BudgetExceededError
 from fundp.clipping import clip, clip_factors, clip_sensitivity, per_sample_norms
 from fundp.grads import per_sample_grads
@@ -36,6 +37,8 @@ __all__ = [
     "check_model",
     "checkpoint",
     "clip",
+    "compile",
+    "compile_options",
     "clip_factors",
     "clip_sensitivity",
     "clipped_grad_sum",

@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fundp
-from fundp.engines.ghost import GhostUnsupportedError, _linear_sq_norm, ghost_plan, make_ghost_engine
+from fundp.engines.ghost import GhostUnsupportedError, ghost_plan, make_ghost_engine
+from fundp.clipping import ScaledSqNorm
+from fundp.engines.ghost._norms import _factor_sq_norm
 from models import MLP, SmallCNN, TinyAttention, classification_loss, data_for, make, micro_batch_grads, params_of
 
 
@@ -86,7 +88,7 @@ class ConvTwice(nn.Module):
 
 
 class PositionalModel(nn.Module):
-    """A positional embedding fed ``arange(T)``: not batched, so its gradient is not per-example."""
+    """A positional embedding fed ``arange(T)``: broadcast over the batch (the broadcast rule)."""
 
     def __init__(self, vocab=6, length=5, dim=4, classes=3):
         super().__init__()
@@ -100,7 +102,7 @@ class PositionalModel(nn.Module):
 
 
 class WithAttention(nn.Module):
-    """nn.MultiheadAttention (packed projection, unsupported) between supported layers."""
+    """nn.MultiheadAttention (packed projection, seen through by the attention rule) and a scale."""
 
     def __init__(self, vocab=6, dim=4, classes=3):
         super().__init__()
@@ -117,7 +119,7 @@ class WithAttention(nn.Module):
 
 def batch_for(model, size, seed=1, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    if isinstance(model, (SequenceModel, TiedLoop, PositionalModel, WithAttention)):
+    if isinstance(model, (SequenceModel, TiedLoop, PositionalModel, WithAttention, WithBilinear)):
         vocab = model.embed.num_embeddings
         x = torch.randint(0, vocab, (size, 5 if isinstance(model, PositionalModel) else 6), generator=g)
         x[:, 1] = x[:, 0]  # repeated tokens within an example
@@ -202,10 +204,36 @@ def test_frozen_layers_are_not_tracked_and_cost_nothing():
     assert set(out.grads) == set(params)
 
 
-@pytest.mark.parametrize("model_cls, fallback", [(PositionalModel, {"position.weight"}),
-                                                 (WithAttention, {"attention.in_proj_weight", "attention.in_proj_bias",
-                                                                  "attention.out_proj.weight", "attention.out_proj.bias",
-                                                                  "scale"})])
+class WithBilinear(nn.Module):
+    """nn.Bilinear (no ghost rule) between supported layers."""
+
+    def __init__(self, vocab=6, dim=4, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.bilinear = nn.Bilinear(dim, dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        h = self.embed(tokens).mean(dim=1)
+        return self.head(self.bilinear(h, h))
+
+
+@pytest.mark.parametrize("model_cls", [PositionalModel, WithAttention])
+@pytest.mark.parametrize("clip_style", ["flat", "per_layer", "automatic"])
+def test_position_tables_scales_and_attention_are_on_the_ghost_path_and_exact(model_cls, clip_style):
+    model = make(model_cls)
+    params, batch = params_of(model), batch_for(model, 6)
+    loss = classification_loss(model)
+    assert set(ghost_plan(loss, params, batch).values()) == {"ghost"}
+    step = fundp.dp_step(loss, max_norm=0.05, noise_multiplier=0.0, expected_batch_size=6, grad_method="ghost",
+                         clip_style=clip_style)
+    out = step(params, batch, fundp.random.key(0))
+    expected, norms = reference_step(model, params, batch, 0.05, clip_style)
+    torch.testing.assert_close(out.norms, norms, rtol=1e-10, atol=0)
+    assert_close_global(out.grads, expected, 1e-10)
+
+
+@pytest.mark.parametrize("model_cls, fallback", [(WithBilinear, {"bilinear.weight", "bilinear.bias"})])
 def test_unsupported_parameters_fall_back_to_vmap_in_auto_and_raise_in_ghost(model_cls, fallback):
     model = make(model_cls)
     params, batch = params_of(model), batch_for(model, 6)
@@ -261,17 +289,39 @@ def test_compiled_ghost_step_is_one_graph_equals_eager_and_does_not_recompile():
     params, loss = params_of(model), classification_loss(model)
     step = fundp.dp_step(loss, max_norm=0.05, noise_multiplier=1.0, expected_batch_size=6, grad_method="ghost")
     key = fundp.random.key(3)
-    explanation = torch._dynamo.explain(step)(params, batch_for(model, 6), key)
+    step(params, batch_for(model, 6), key)  # the first call of a shape verifies (eagerly)
+    with fundp.compile_options():
+        explanation = torch._dynamo.explain(step)(params, batch_for(model, 6), key)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()  # dynamo's real tracing and guards, eager kernels
-    compiled = torch.compile(step, backend=counter)
+    compiled = fundp.compile(step, backend=counter)
     for seed in range(3):  # new batch tensors and keys each step: no recompile
         batch = batch_for(model, 6, seed=seed)
         eager, fast = step(params, batch, fundp.random.fold_in(key, seed)), compiled(params, batch, fundp.random.fold_in(key, seed))
         assert_close_global(fast.grads, eager.grads, 1e-10)
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+def test_compiled_verification_runs_once_per_shape_and_then_one_graph():
+    model = make(TinyAttention)
+    params, loss = params_of(model), classification_loss(model)
+    step = fundp.dp_step(loss, max_norm=0.05, noise_multiplier=1.0, expected_batch_size=6, grad_method="ghost")
+    eager_step = fundp.dp_step(loss, max_norm=0.05, noise_multiplier=1.0, expected_batch_size=6, grad_method="ghost")
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = fundp.compile(step, backend=counter)
+    frames = []
+    for seed in range(4):
+        batch = batch_for(model, 6, seed=seed)
+        key = fundp.random.key(seed)
+        assert_close_global(compiled(params, batch, key).grads, eager_step(params, batch, key).grads, 1e-10)
+        frames.append(counter.frame_count)
+    # First call: the verification breaks the graph once; second: one recompile without it; then none.
+    assert frames[1] == frames[2] == frames[3], frames
+    torch._dynamo.reset()
+    assert torch._dynamo.config.trace_autograd_ops is False
 
 
 def test_float32_tolerances():
@@ -281,7 +331,10 @@ def test_float32_tolerances():
     loss = classification_loss(model)
     ghost = make_ghost_engine(loss)(params, batch)
     reference = fundp.engines.make_vmap_engine(loss)(params, batch)
-    total = lambda out: torch.sqrt(sum(out.sq_norms.values()))  # noqa: E731
+    def total(out):
+        plain = [s.scale.square() * s.scaled if isinstance(s, ScaledSqNorm) else s for s in out.sq_norms.values()]
+        return torch.sqrt(sum(plain))
+
     torch.testing.assert_close(total(ghost), total(reference), rtol=1e-5, atol=0)
     factors = {k: torch.full((8,), 0.5) for k in params}
     assert_close_global(ghost.weighted_sum(factors), reference.weighted_sum(factors), 1e-4)
@@ -316,7 +369,7 @@ def test_linear_sq_norm_both_branches_equal_materialised(batch, steps, width, he
     activations = torch.randn(batch, steps, width, generator=g, dtype=torch.float64)
     output_grad = torch.randn(batch, steps, height, generator=g, dtype=torch.float64)
     expected = torch.einsum("btp,btd->bpd", output_grad, activations).square().sum(dim=(1, 2))
-    torch.testing.assert_close(_linear_sq_norm(activations, output_grad), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(_factor_sq_norm(output_grad, activations), expected, rtol=1e-10, atol=1e-12)
     ghost_form = (activations @ activations.transpose(1, 2) * (output_grad @ output_grad.transpose(1, 2))).sum((1, 2))
     torch.testing.assert_close(ghost_form, expected, rtol=1e-10, atol=1e-12)
 

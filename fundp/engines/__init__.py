@@ -21,13 +21,10 @@ def make_engine(
     if grad_method not in GRAD_METHODS:
         raise ValueError(f"grad_method must be one of {GRAD_METHODS}, got {grad_method!r}")
     if grad_method in ("ghost", "auto"):
-        try:
-            from fundp.engines.ghost import make_ghost_engine
-        except ImportError:
-            if grad_method == "ghost":
-                raise NotImplementedError("grad_method='ghost' is not available in this build") from None
-        else:
-            return make_ghost_engine(loss_fn, has_aux=has_aux, randomness=randomness, fallback=grad_method == "auto")
+        from fundp.engines.ghost import make_ghost_engine
+
+        return make_ghost_engine(loss_fn, has_aux=has_aux, randomness=randomness, fallback=grad_method == "auto",
+                                 verify=verify)
     return make_vmap_engine(loss_fn, has_aux=has_aux, randomness=randomness)
 
 

@@ -1,0 +1,49 @@
+"""``fundp.compile(step)``: ``torch.compile`` with the ghost engine's backward inside the graph.
+
+The ghost engine takes one ``torch.autograd.grad`` inside the step.  Dynamo traces that call only
+with ``torch._dynamo.config.trace_autograd_ops = True``; otherwise it breaks the graph there (still
+correct, two graphs).  fundp never changes that global option: :func:`compile` switches it on only
+while the compiled step runs (a ``config.patch`` around each call), so other compiled code in the
+process is unaffected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["compile", "dynamo_options"]
+
+
+def dynamo_options() -> Any:
+    """The context in which fundp's steps trace to one graph (a no-op where the option does not exist)."""
+    config = getattr(getattr(torch, "_dynamo", None), "config", None)
+    if config is not None and hasattr(config, "trace_autograd_ops"):
+        return config.patch(trace_autograd_ops=True)
+    return contextlib.nullcontext()
+
+
+def compile(step: Callable, **compile_kwargs: Any) -> Callable:  # noqa: A001  (mirrors torch.compile)
+    """Returns ``torch.compile(step, **compile_kwargs)`` run under :func:`dynamo_options`.
+
+    Example:
+      >>> import torch, fundp
+      >>> loss_fn = lambda p, b: (b @ p["w"]) ** 2
+      >>> step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=2)
+      >>> fast = fundp.compile(step, backend="eager")
+      >>> fast({"w": torch.ones(2)}, torch.eye(2), fundp.random.key(0)).grads["w"]
+      tensor([1., 1.])
+      >>> torch._dynamo.config.trace_autograd_ops  # unchanged outside the call
+      False
+    """
+    compiled = torch.compile(step, **compile_kwargs)
+
+    @functools.wraps(step)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with dynamo_options():
+            return compiled(*args, **kwargs)
+
+    return run

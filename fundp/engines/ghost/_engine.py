@@ -1,0 +1,242 @@
+"""The ghost engine: trace, one backward to the probes, exact per-parameter norms, book-keeping sums."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optree
+import torch
+
+from fundp import random as fundp_random
+from fundp._validate import check_batch
+from fundp.engines.base import EngineOutput
+from fundp.engines.ghost import attention, broadcast, conv, embedding, linear, norms  # noqa: F401  (register rules)
+from fundp.engines.ghost._index import is_compiling
+from fundp.engines.ghost._norms import LeafGrads, RowsLeaf
+from fundp.engines.ghost._registry import RULES
+from fundp.engines.ghost._tracer import Tracer, Untrusted
+from fundp.engines.ghost._uses import Rows, materialise, transpose_form
+from fundp.engines.ghost._mixed import vmap_rows
+from fundp.engines.ghost._verify import verify_engine
+from fundp.grads import keyed_model_rng
+
+__all__ = ["GhostUnsupportedError", "make_ghost_engine", "ghost_plan", "VERIFY_MODES"]
+
+VERIFY_MODES = (False, "first", "always")
+
+
+class GhostUnsupportedError(ValueError):
+    """A parameter cannot be handled by the ghost engine (``grad_method="ghost"``)."""
+
+
+def _proxy(leaf: Any) -> Any:
+    # A fresh leaf that requires grad: every autograd edge that reaches it is a use the rules did not
+    # attribute (the rules compute from detached parameters), which the graph walk finds.
+    return leaf.detach().requires_grad_() if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() else leaf
+
+
+def trace(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomness: str, key):
+    """Runs ``loss_fn`` under the tracer; returns ``(tracer, proxies, losses, aux)``."""
+    size = check_batch(batch)
+    with torch.enable_grad():
+        proxy_params = optree.tree_map(_proxy, params)
+    proxies = optree.tree_leaves(proxy_params)
+    tracer = Tracer(proxies, optree.tree_leaves(batch), size, random_ok=randomness != "error", rules=RULES)
+    # enable_grad: the probes' gradients are needed even when the caller is under torch.no_grad().
+    with keyed_model_rng(key, batch, randomness), torch.enable_grad(), tracer:
+        out = loss_fn(proxy_params, batch)
+    losses, aux = out if has_aux else (out, None)
+    if not isinstance(losses, torch.Tensor) or losses.shape != (size,):
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(f"loss_fn must return per-example losses of shape [B] = [{size}] (reduction='none'), got {shape}")
+    return tracer, proxies, losses, aux
+
+
+def _unseen_consumers(losses: torch.Tensor, proxies: list) -> set:
+    """Indices of parameters that the loss still reaches through autograd: uses the rules did not take."""
+    targets = {id(p): i for i, p in enumerate(proxies) if isinstance(p, torch.Tensor) and p.requires_grad}
+    found: set = set()
+    stack = [losses.grad_fn]
+    seen: set = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in targets and proxies[targets[id(variable)]] is variable:
+            found.add(targets[id(variable)])
+        stack.extend(child for child, _ in node.next_functions)
+    return found
+
+
+def fallback_reasons(tracer: Tracer, proxies: list, losses: torch.Tensor | None) -> dict:
+    """``{leaf index: reason}`` for every leaf the ghost path cannot handle."""
+    reasons: dict = {}
+    for index in range(len(proxies)):
+        if index in tracer.unsupported:
+            reasons[index] = tracer.unsupported[index]
+    for use in tracer.uses:
+        layout = tracer.layout(use.target)
+        if isinstance(layout, Untrusted):
+            for index in tracer.origin(use.target).leaves:
+                reasons.setdefault(index, f"used by {use.op} on rows that are not the examples in order ({layout.reason})")
+    if losses is not None and losses.requires_grad and not is_compiling():
+        for index in _unseen_consumers(losses, proxies):
+            reasons.setdefault(index, "used by code the tracer cannot see (torch.jit, a custom autograd.Function, "
+                                      "torch.ops, an extension), or by an op it does not handle")
+    for index in range(len(proxies)):
+        if index not in reasons and index not in tracer.seen and isinstance(proxies[index], torch.Tensor) \
+                and proxies[index].is_floating_point():
+            reasons[index] = "not used by any torch op the engine can see"
+    leaves = proxies
+    for index, leaf in enumerate(leaves):
+        if sum(other is leaf for other in leaves) > 1:
+            reasons[index] = "the same tensor appears twice in params"
+    return reasons
+
+
+def _path_names(params: Any) -> list:
+    paths = optree.tree_paths(params)
+    return ["params" + "".join(f"[{p!r}]" for p in path) for path in paths]
+
+
+def _leaf_forms(tracer: Tracer, proxies: list, grads: list, skip: set) -> dict:
+    """``{leaf index: [Factor | Ids | Rows in the leaf's own shape]}`` from every recorded use."""
+    forms: dict = {}
+    for use in tracer.uses:
+        origin = tracer.origin(use.target)
+        if origin is None or origin.leaves & skip:
+            continue
+        form = use.resolve(grads)
+        if origin.form in ("same", "T") and len(origin.leaves) == 1:
+            (index,) = origin.leaves
+            leaf = proxies[index]
+            if origin.form == "T":
+                form = transpose_form(form, tuple(leaf.shape))
+            elif isinstance(form, Rows):
+                form = Rows(form.rows.reshape((form.rows.shape[0],) + tuple(leaf.shape)))
+            forms.setdefault(index, []).append(form)
+            continue
+        # A tensor computed from parameters (a slice, an expand, a table lookup): its per-example
+        # gradients are pulled back to the parameters by a batched vector-Jacobian product.
+        rows = materialise(form, tuple(use.target.shape))
+        indices = sorted(origin.leaves)
+        pulled = torch.autograd.grad([use.target], [proxies[i] for i in indices], grad_outputs=[rows.to(use.target.dtype)],
+                                     retain_graph=True, allow_unused=True, is_grads_batched=True)
+        for index, grad in zip(indices, pulled):
+            if grad is not None:
+                forms.setdefault(index, []).append(Rows(grad))
+    return forms
+
+
+def ghost_plan(loss_fn: Callable, params: Any, batch: Any, *, has_aux: bool = False) -> dict:
+    """Returns ``{parameter path: "ghost" | "vmap: <reason>"}``: how ``grad_method="auto"`` handles each leaf.
+
+    Runs one forward of ``loss_fn`` (no backward).  Examples that interact raise
+    :class:`~fundp.engines.ghost.ExamplesInteractError`.
+
+    Example:
+      >>> import torch, fundp
+      >>> from fundp.engines.ghost import ghost_plan
+      >>> model = torch.nn.Linear(3, 2)
+      >>> params = dict(model.named_parameters())
+      >>> loss_fn = lambda p, b: fundp.functional_call(model, p, (b,)).sum(dim=1)
+      >>> ghost_plan(loss_fn, params, torch.ones(4, 3))
+      {"params['bias']": 'ghost', "params['weight']": 'ghost'}
+    """
+    tracer, proxies, losses, _ = trace(loss_fn, params, batch, has_aux, "different", fundp_random.key(0))
+    reasons = fallback_reasons(tracer, proxies, losses)
+    return {name: ("vmap: " + reasons[i] if i in reasons else "ghost") for i, name in enumerate(_path_names(params))}
+
+
+def _signature(leaves: list, batch: Any) -> tuple:
+    return tuple((tuple(t.shape), t.dtype) for t in optree.tree_leaves(batch)) + tuple(
+        (tuple(t.shape), t.dtype) for t in leaves if isinstance(t, torch.Tensor))
+
+
+def make_ghost_engine(
+    loss_fn: Callable, *, has_aux: bool = False, randomness: str = "error", fallback: bool = False,
+    verify: bool | str = "first",
+) -> Callable:
+    """Returns ``engine(params, batch, key) -> EngineOutput`` (see :mod:`fundp.engines.base`).
+
+    ``fallback=False`` (``grad_method="ghost"``): a parameter the ghost path cannot handle raises
+    :class:`GhostUnsupportedError`.  ``fallback=True`` (``"auto"``): such parameters get their
+    per-example gradients from ``vmap(grad)`` (with ``randomness != "error"`` the whole step falls
+    back to ``vmap``, so that every part of an example's gradient sees the same dropout mask).
+    ``verify``: see :mod:`fundp.engines.ghost._verify`.
+    """
+    if randomness not in ("error", "different", "same"):
+        raise ValueError(f"randomness must be 'error', 'different' or 'same', got {randomness!r}")
+    if verify not in VERIFY_MODES or isinstance(verify, bool) and verify:
+        raise ValueError(f"verify must be False, 'first' or 'always', got {verify!r}")
+    if randomness == "same":
+        if not fallback:
+            raise ValueError("grad_method='ghost' runs the batch in one forward and cannot share one random draw "
+                             "across examples (randomness='same'): use grad_method='vmap'")
+        from fundp.engines.vmap import make_vmap_engine
+
+        return make_vmap_engine(loss_fn, has_aux=has_aux, randomness=randomness)
+    verified: dict = {}
+
+    @torch.compiler.disable
+    def run_verification(params, batch, key, sq_norm_leaves, losses, weighted_sum_leaves):
+        leaves, treespec = optree.tree_flatten(params)
+        verify_engine(loss_fn, leaves, treespec, batch, key, sq_norm_leaves, losses, weighted_sum_leaves,
+                      _path_names(params), has_aux, randomness, keyed_model_rng)
+        verified[_signature(leaves, batch)] = True
+
+    def engine(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
+        leaves, treespec = optree.tree_flatten(params)
+        tracer, proxies, losses, aux = trace(loss_fn, params, batch, has_aux, randomness, key)
+        reasons = fallback_reasons(tracer, proxies, losses)
+        if reasons and not fallback:
+            names = _path_names(params)
+            details = "; ".join(f"{names[i]}: {why}" for i, why in sorted(reasons.items()))
+            raise GhostUnsupportedError(f"grad_method='ghost' cannot handle {details}. Use grad_method='auto' "
+                                        "(vmap for these parameters) or grad_method='vmap'")
+        if reasons and randomness != "error":
+            from fundp.engines.vmap import make_vmap_engine
+
+            return make_vmap_engine(loss_fn, has_aux=has_aux, randomness=randomness)(params, batch, key)
+        grads: list = []
+        if tracer.probes:
+            raw = torch.autograd.grad(losses, tracer.probes, grad_outputs=torch.ones_like(losses), allow_unused=True,
+                                      retain_graph=False)
+            grads = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if g is None else g
+                     for p, g in zip(tracer.probes, raw)]
+        forms = _leaf_forms(tracer, proxies, grads, set(reasons))
+        handlers: list[Any] = [None] * len(leaves)
+        size = losses.shape[0]
+        for index, leaf in enumerate(leaves):
+            if index in reasons:
+                continue
+            if index in forms:
+                handlers[index] = LeafGrads(leaf, forms[index])
+            else:  # never reached by the loss: zero gradient
+                zeros = torch.zeros((size,) + tuple(leaf.shape), dtype=leaf.dtype, device=leaf.device)
+                handlers[index] = RowsLeaf(zeros)
+        if reasons:
+            rows = vmap_rows(loss_fn, leaves, treespec, sorted(reasons), batch, has_aux)
+            for index, leaf_rows in rows.items():
+                handlers[index] = RowsLeaf(leaf_rows)
+        sq_norm_leaves = [handler.sq_norms() for handler in handlers]
+
+        def weighted_sum_leaves(factor_leaves: list) -> list:
+            return [handler.weighted_sum(c) for handler, c in zip(handlers, factor_leaves)]
+
+        losses = losses.detach()
+        sq_norms = optree.tree_unflatten(treespec, sq_norm_leaves)
+        del treespec  # a tree spec must not live across the verification's graph break under torch.compile
+
+        def weighted_sum(factors: Any) -> Any:
+            structure = optree.tree_structure(params)
+            return optree.tree_unflatten(structure, weighted_sum_leaves(structure.flatten_up_to(factors)))
+
+        if verify == "always" or (verify == "first" and _signature(leaves, batch) not in verified):
+            run_verification(params, batch, key, sq_norm_leaves, losses, weighted_sum_leaves)
+        aux = optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
+        return EngineOutput(sq_norms, losses, aux, weighted_sum)
+
+    return engine

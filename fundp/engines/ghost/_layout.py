@@ -1,0 +1,96 @@
+"""Which rows of a traced tensor belong to which example: batch layouts and how ops move them.
+
+A tensor computed from the batch carries a :class:`Layout`: its dimension ``dim`` is the row-major
+flattening of the sizes ``group`` with the examples at ``group[pos]`` (``[B, T, d]``: ``dim=0,
+group=(B,), pos=0``; GPT-2's ``x.view(-1, d)``: ``dim=0, group=(B, T), pos=0``; sequence-first
+``[T, B, d]``: ``dim=1``), and ``order``: ``None`` when example ``i`` is at batch index ``i``, else
+a tensor with ``order[r]`` the example at batch index ``r`` (a batch sorted inside ``loss_fn``).
+
+Ops move layouts exactly when the tracer knows them (views, reshapes, transposes, indexing,
+concatenation, reductions over other dims, elementwise ops); an op that mixes examples raises
+:class:`ExamplesInteractError` (a float reduction over the batch, batch norm with batch statistics)
+or makes the rows untrusted (:data:`UNTRUSTED`: a gather along the batch whose result is not known
+to be a permutation).  A supported layer whose input is untrusted is not handled by the ghost path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["Layout", "UNTRUSTED", "ExamplesInteractError", "standard", "to_examples", "reshape_layout"]
+
+
+class ExamplesInteractError(ValueError):
+    """``loss_fn`` mixes examples (batch statistics, a reduction over the batch): per-example
+    gradients are not defined, so no DP guarantee can be given for it."""
+
+
+class Layout(NamedTuple):
+    dim: int
+    group: tuple
+    pos: int
+    order: Any = None  # None or a LongTensor [B]: order[r] is the example at batch index r
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.group[self.pos])
+
+
+UNTRUSTED = "untrusted"
+
+
+def standard(batch_size: int) -> Layout:
+    return Layout(0, (batch_size,), 0, None)
+
+
+def to_examples(tensor: torch.Tensor, layout: Layout, keep_last: int) -> torch.Tensor:
+    """Returns ``tensor`` as ``[B, T, *last]``: row ``i`` holds example ``i``'s ``T`` positions.
+
+    ``keep_last`` trailing dims are kept (features); every other non-batch dim is flattened into ``T``.
+    """
+    t = tensor.unflatten(layout.dim, layout.group) if len(layout.group) > 1 else tensor
+    t = t.movedim(layout.dim + layout.pos, 0)
+    last = tuple(t.shape[t.dim() - keep_last:]) if keep_last else ()
+    t = t.reshape((t.shape[0], -1) + last)
+    if layout.order is not None:
+        # Row r belongs to example order[r]: put it back at r' = order[r].
+        t = t.index_select(0, torch.argsort(layout.order))
+    return t
+
+
+def batch_dim_of(layout: Layout) -> int:
+    return layout.dim
+
+
+def reshape_layout(layout: Layout, in_shape: tuple, out_shape: tuple) -> Layout | str:
+    """The layout after a row-major reshape ``in_shape -> out_shape`` (``UNTRUSTED`` if the batch is split)."""
+    atoms = list(in_shape[: layout.dim]) + list(layout.group) + list(in_shape[layout.dim + 1:])
+    k = layout.dim + layout.pos
+    batch = atoms[k]
+    stride = math.prod(atoms[k + 1:])  # elements after one step of the batch index
+    inner = 1
+    for j in range(len(out_shape) - 1, -1, -1):
+        outer = inner * out_shape[j]
+        if stride % inner == 0 and outer % (stride * batch) == 0:
+            before = outer // (stride * batch)
+            after = stride // inner
+            group = tuple(s for s in (before, batch, after) if s != 1) or (batch,)
+            if batch == 1:
+                return UNTRUSTED
+            pos = 1 if before != 1 else 0
+            return Layout(j, group, pos, layout.order)
+        inner = outer
+    return UNTRUSTED
+
+
+def _norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def move_dims(layout: Layout, ndim_in: int, permutation: list) -> Layout:
+    """Layout after ``permute(permutation)`` (output dim j is input dim permutation[j])."""
+    perm = [_norm_dim(p, ndim_in) for p in permutation]
+    return layout._replace(dim=perm.index(layout.dim))

@@ -1,0 +1,119 @@
+"""Per-parameter squared norms and book-keeping sums from all of a parameter's uses.
+
+A parameter used several times (weight tying, a block in a loop, an embedding table that is also
+the output layer) has its per-example contributions summed *before* the norm:
+
+* only :class:`Factor` uses ``g_i = sum_u L_iu^T R_iu``: the factors are concatenated along ``T``
+  and ``||g_i||^2`` is ``||a_i||^2 ||g_i||^2`` for ``T = 1``, else the ghost form
+  ``sum_{s,t} (L_i L_i^T)_{st} (R_i R_i^T)_{st}`` (``O(T^2 (p + d))``) or the materialised
+  ``||L_i^T R_i||^2`` (``O(T p d)``), whichever is cheaper (ghost if ``2 T^2 <= p d``);
+* only :class:`Ids` uses: ``sum_v ||sum_{t: ids_it = v} R_it||^2`` by sorting each row's ids;
+* :class:`Ids` and :class:`Factor` (a tied embedding and output layer):
+  ``||S||^2 + ||H||^2 + 2 <S, H>`` with the cross term ``sum_{s,t} L_i[t, ids_is] <R_is, R'_it>``;
+* anything with :class:`Rows`: every use materialised and summed.
+
+Book-keeping: ``sum_i c_i g_i = sum_u (c ⊙ L_u)^T R_u`` (an ``index_add`` for ids).  Norms are
+accumulated in float32 or better (float64 for float64 parameters).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fundp.clipping import norm_dtype
+from fundp.engines.ghost._uses import Factor, Ids, Rows, materialise
+
+__all__ = ["LeafGrads", "RowsLeaf"]
+
+
+def _keep_rows(factors: torch.Tensor, tensor: torch.Tensor, scale: bool) -> torch.Tensor:
+    """``c_i * t_i`` (or ``t_i``) for rows with ``c_i != 0``, exact zeros elsewhere (NaN-safe)."""
+    rows = factors.reshape((-1,) + (1,) * (tensor.dim() - 1))
+    kept = tensor * rows.to(tensor.dtype) if scale else tensor
+    return torch.where(rows != 0, kept, torch.zeros((), dtype=kept.dtype, device=kept.device))
+
+
+def _factor_sq_norm(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    steps, height, width = left.shape[1], left.shape[2], right.shape[2]
+    if steps == 1:
+        return left.square().sum(dim=(1, 2)) * right.square().sum(dim=(1, 2))
+    if 2 * steps * steps <= width * height:
+        return (torch.bmm(left, left.transpose(1, 2)) * torch.bmm(right, right.transpose(1, 2))).sum(dim=(1, 2))
+    return torch.bmm(left.transpose(1, 2), right).square().sum(dim=(1, 2))
+
+
+def _ids_sq_norm(ids: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    sorted_ids, order = ids.sort(dim=1)
+    grads = right.gather(1, order.unsqueeze(-1).expand_as(right))
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    segment = (starts.cumsum(dim=1) - 1).unsqueeze(-1).expand_as(grads)
+    sums = torch.zeros_like(grads).scatter_add_(1, segment, grads)
+    return sums.square().sum(dim=(1, 2))
+
+
+class LeafGrads:
+    """All uses of one parameter after the backward: its ``[B]`` squared norms and weighted sum."""
+
+    def __init__(self, leaf: torch.Tensor, forms: list):
+        self.leaf = leaf
+        self.dtype = norm_dtype(leaf.dtype)
+        kinds = {type(form) for form in forms}
+        factors = [form for form in forms if isinstance(form, Factor)]
+        if Rows in kinds or (factors and (leaf.dim() != 2 or any(
+                (f.left.shape[2], f.right.shape[2]) != tuple(leaf.shape) for f in factors))):
+            self.kind = "rows"
+            rows = [materialise(form, tuple(leaf.shape)).to(self.dtype) for form in forms]
+            self.rows = rows[0] if len(rows) == 1 else torch.stack(rows).sum(dim=0)
+            return
+        self.kind = "factored"
+        self.left = torch.cat([f.left.to(self.dtype) for f in factors], dim=1) if factors else None
+        self.right = torch.cat([f.right.to(self.dtype) for f in factors], dim=1) if factors else None
+        ids = [form for form in forms if isinstance(form, Ids)]
+        self.ids = torch.cat([form.ids for form in ids], dim=1) if ids else None
+        self.id_rows = torch.cat([form.right.to(self.dtype) for form in ids], dim=1) if ids else None
+
+    def sq_norms(self) -> torch.Tensor:
+        if self.kind == "rows":
+            return self.rows.square().flatten(1).sum(dim=1)
+        total = None
+        if self.left is not None:
+            total = _factor_sq_norm(self.left, self.right)
+        if self.ids is not None:
+            part = _ids_sq_norm(self.ids, self.id_rows)
+            total = part if total is None else total + part
+            if self.left is not None:
+                # 2 <S_i, H_i>: S_i = sum_s onehot(ids_s)^T Rid_s, H_i = L_i^T R_i.
+                index = self.ids.unsqueeze(1).expand(-1, self.left.shape[1], -1)
+                gathered = self.left.gather(2, index)  # [B, T_f, T_ids]: L_i[t, ids_s]
+                inner = torch.bmm(self.right, self.id_rows.transpose(1, 2))  # [B, T_f, T_ids]
+                total = total + 2 * (gathered * inner).sum(dim=(1, 2))
+        return total
+
+    def weighted_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        dtype = self.leaf.dtype
+        if self.kind == "rows":
+            kept = _keep_rows(factors, self.rows, scale=True)
+            return kept.sum(dim=0).to(dtype)
+        total = torch.zeros(self.leaf.shape, dtype=self.dtype, device=self.leaf.device)
+        if self.left is not None:
+            left = _keep_rows(factors, self.left, scale=True)
+            right = _keep_rows(factors, self.right, scale=False)
+            total = total + left.reshape(-1, left.shape[-1]).T @ right.reshape(-1, right.shape[-1])
+        if self.ids is not None:
+            rows = _keep_rows(factors, self.id_rows, scale=True)
+            total = total.index_add(0, self.ids.reshape(-1), rows.reshape(-1, rows.shape[-1]))
+        return total.to(dtype)
+
+
+class RowsLeaf:
+    """A leaf whose per-example gradients come from ``vmap(grad)`` (the mixed plan)."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def sq_norms(self) -> torch.Tensor:
+        return self.rows.to(norm_dtype(self.rows.dtype)).square().flatten(1).sum(dim=1)
+
+    def weighted_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        return _keep_rows(factors, self.rows, scale=True).sum(dim=0)

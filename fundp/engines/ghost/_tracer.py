@@ -1,0 +1,605 @@
+"""The tracer: a ``TorchFunctionMode`` that follows rows and parameters through ``loss_fn``.
+
+For every torch call it knows
+
+* which tensors come from the batch, and which of their rows belong to which example
+  (:mod:`._layout`); an op that mixes examples raises :class:`ExamplesInteractError` or makes the
+  rows untrusted;
+* which tensors come from the parameters alone (the parameters, their views, casts, transposes,
+  slices, ``expand``-ed copies, position-table lookups): :class:`Derived`;
+* which parameter-derived tensors reach a supported layer op (a registered rule records the use
+  and adds zero probes) and which reach anything else (reported: that parameter is not handled).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from fundp.engines.ghost._index import IdentityMap
+from fundp.engines.ghost._layout import (
+    UNTRUSTED,
+    ExamplesInteractError,
+    Layout,
+    move_dims,
+    reshape_layout,
+    standard,
+)
+from fundp.engines.ghost._uses import Use
+
+__all__ = ["Tracer", "Derived", "Untrusted", "op_name", "arg"]
+
+
+class Derived(NamedTuple):
+    """A tensor computed from parameters only.
+
+    ``form``: ``"same"`` (the leaf, a cast or contiguous copy of it), ``"T"`` (its 2-D transpose)
+    or ``"other"``; ``base``: for an ``expand`` of a smaller tensor, that tensor; ``ids``: for a
+    table lookup ``F.embedding(ids, W)`` with ids that are not from the batch, the ids.
+    """
+
+    leaves: frozenset
+    form: str
+    base: Any = None
+    ids: Any = None
+
+
+class Untrusted(NamedTuple):
+    reason: str
+
+
+def arg(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
+    return args[position] if len(args) > position else kwargs.get(name, default)
+
+
+def op_name(func: Any) -> str:
+    name = getattr(func, "__name__", None)
+    if name == "__get__":  # a property such as Tensor.T / .mT
+        return getattr(getattr(func, "__self__", None), "__name__", "__get__")
+    if name is None:
+        name = str(func)
+    return name
+
+
+def _tensors_in(values: Any) -> list:
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(item for item in value if isinstance(item, torch.Tensor))
+    return found
+
+
+def _tensors_out(out: Any) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [item for item in out if isinstance(item, torch.Tensor)]
+    return []
+
+
+def _dims(value: Any, ndim: int) -> list | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        value = [value]
+    return [d + ndim if d < 0 else d for d in value]
+
+
+# Reading metadata is not a use of a value.
+_METADATA = {"size", "dim", "numel", "__len__", "stride", "ndimension", "is_floating_point", "is_contiguous",
+             "element_size", "nelement", "get_device", "data_ptr", "__hash__", "shape", "dtype", "device",
+             "requires_grad", "is_leaf", "grad_fn", "ndim", "layout", "is_cuda", "is_sparse", "names", "__format__",
+             "__repr__", "storage_offset", "untyped_storage", "_version", "is_complex", "is_nested", "has_names",
+             "__bool__", "__int__", "__float__", "item", "tolist", "is_meta", "is_quantized", "is_mkldnn", "grad",
+             "_base", "output_nr", "_cdata", "__index__", "retains_grad", "__reduce_ex__", "__deepcopy__",
+             "__array__", "__eq__" if False else "__contains__", "nbytes", "itemsize", "is_inference"}
+_CASTS = {"to", "float", "double", "half", "bfloat16", "type", "type_as", "contiguous", "clone", "__get__", "cpu",
+          "cuda", "requires_grad_", "view_as_real" if False else "as_subclass"}
+_TRANSPOSE_2D = {"t", "T", "mT", "H", "mH", "adjoint", "transpose", "swapaxes", "swapdims", "permute"}
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "ravel", "squeeze", "unsqueeze"}
+_EXPANDS = {"expand", "expand_as", "broadcast_to"}
+_FLOAT_REDUCTIONS = {"sum", "mean", "nansum", "nanmean", "prod", "std", "var", "std_mean", "var_mean", "norm",
+                     "amax", "amin", "logsumexp", "median", "nanmedian", "max", "min", "aminmax", "quantile",
+                     "nanquantile", "linalg_vector_norm", "vector_norm", "cumsum", "cumprod", "logcumsumexp",
+                     "cummax", "cummin", "softmax", "log_softmax", "softmin", "normalize", "trapz", "trapezoid",
+                     "diff"}
+_OTHER_REDUCTIONS = {"argmax", "argmin", "all", "any", "count_nonzero", "sort", "argsort", "topk", "kthvalue",
+                     "msort", "unique", "unique_consecutive", "mode"}
+# Where the ``dim`` argument sits when passed by position.
+_DIM_POSITION = {"norm": 2, "normalize": 2, "quantile": 2, "nanquantile": 2, "topk": 2, "kthvalue": 2,
+                 "linalg_vector_norm": 2, "vector_norm": 2, "softmax": 1, "log_softmax": 1, "softmin": 1}
+_DIM_DEFAULT = {"normalize": 1, "softmax": None, "log_softmax": None, "sort": -1, "argsort": -1, "topk": -1,
+                "kthvalue": -1, "msort": 0, "cumsum": None, "logcumsumexp": None}
+_BATCH_NORMS = {F.batch_norm}
+
+_DROPOUTS = {F.dropout: 2, F.alpha_dropout: 2, F.feature_alpha_dropout: 2, F.dropout1d: 2, F.dropout2d: 2,
+             F.dropout3d: 2}
+_RANDOM = {torch.bernoulli, torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like,
+           torch.randint_like, torch.normal, torch.multinomial, torch.randperm, torch.poisson, torch.Tensor.bernoulli_,
+           torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.random_, torch.Tensor.exponential_,
+           torch.Tensor.geometric_, torch.Tensor.log_normal_, torch.Tensor.cauchy_, torch.Tensor.bernoulli,
+           F.rrelu, F.gumbel_softmax}
+
+
+def _module_of_caller() -> str:
+    """The innermost ``nn.Module`` on the call stack, for error messages."""
+    for frame_info in inspect.stack()[2:40]:
+        owner = frame_info.frame.f_locals.get("self")
+        if isinstance(owner, torch.nn.Module):
+            return f" in {type(owner).__name__}"
+    return ""
+
+
+class Tracer(TorchFunctionMode):
+    """Records supported layer calls on parameter-derived tensors; follows batch rows."""
+
+    def __init__(self, proxies: list, batch_leaves: list, batch_size: int, random_ok: bool, rules: dict):
+        super().__init__()
+        self.proxies = proxies
+        self.batch_size = batch_size
+        self.random_ok = random_ok
+        self.rules = rules
+        self.layouts = IdentityMap()  # batch-derived tensor -> Layout | Untrusted
+        self.derived = IdentityMap()  # parameter-derived tensor -> Derived
+        self.permutations = IdentityMap()  # 1-D index tensors known to be permutations of range(B)
+        for index, proxy in enumerate(proxies):
+            if isinstance(proxy, torch.Tensor):
+                self.derived.set(proxy, Derived(frozenset([index]), "same"))
+        for leaf in batch_leaves:
+            self.layouts.set(leaf, standard(batch_size))
+        self.probes: list[torch.Tensor] = []
+        self.uses: list[Use] = []
+        self.unsupported: dict[int, str] = {}
+        self.seen: set = set()
+
+    # ----------------------------------------------------------------------------- queries
+
+    def layout(self, tensor: Any) -> Any:
+        """``Layout`` for a batch-derived tensor with trusted rows, ``Untrusted`` or ``None``."""
+        return self.layouts.get(tensor)
+
+    def trusted(self, tensor: Any) -> Layout | None:
+        found = self.layouts.get(tensor)
+        return found if isinstance(found, Layout) else None
+
+    def origin(self, tensor: Any) -> Derived | None:
+        return self.derived.get(tensor)
+
+    def probe(self, tensor: torch.Tensor, shape: Any = None) -> tuple[torch.Tensor, int]:
+        """``tensor + z`` with ``z`` a zero probe (a 0-d leaf expanded: no memory); returns its index.
+
+        The gradient of the summed loss with respect to ``z`` is the per-row output gradient.
+        """
+        shape = tensor.shape if shape is None else shape
+        base = torch.zeros((), dtype=tensor.dtype, device=tensor.device).requires_grad_()
+        probe = base.expand(shape)
+        self.probes.append(probe)
+        probed = tensor + probe
+        layout = self.layouts.get(tensor)
+        if layout is not None:
+            self.layouts.set(probed, layout)
+        return probed, len(self.probes) - 1
+
+    def record(self, target: torch.Tensor, resolve: Callable, op: str) -> None:
+        self.uses.append(Use(target, resolve, op))
+        origin = self.origin(target)
+        if origin is not None:
+            self.seen.update(origin.leaves)
+
+    def report(self, tensors: list, why: str) -> None:
+        for tensor in tensors:
+            origin = self.origin(tensor)
+            if origin is None:
+                continue
+            for index in origin.leaves:
+                self.unsupported.setdefault(index, why)
+
+    def interact(self, what: str) -> None:
+        raise ExamplesInteractError(
+            f"loss_fn mixes examples: {what}{_module_of_caller()}. Per-example gradients (and so DP-SGD's "
+            "guarantee) need every example's loss to depend on that example alone: use eval-mode or "
+            "GroupNorm/LayerNorm instead of BatchNorm statistics, and reduce only over per-example dims"
+        )
+
+    # ----------------------------------------------------------------------------- dispatch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = op_name(func)
+        if name in _METADATA:
+            return func(*args, **kwargs)
+        if not self.random_ok:
+            self._refuse_random(func, args, kwargs)
+        inputs = _tensors_in(args) + _tensors_in(kwargs.values())
+        batched = [t for t in inputs if self.layouts.get(t) is not None]
+        derived = [t for t in inputs if self.derived.get(t) is not None]
+        if batched and self.batch_size > 1:
+            self._check_interaction(func, name, args, kwargs, batched)
+        rule = self.rules.get(func)
+        if rule is not None and (derived or getattr(rule, "always", False)):
+            handled = rule(self, func, args, kwargs)
+            if handled is not None:
+                out = handled
+                return out
+        if derived and batched:
+            from fundp.engines.ghost.broadcast import broadcast_rule
+
+            handled = broadcast_rule(self, func, name, args, kwargs)
+            if handled is not None:
+                return handled
+            self.report(derived, f"used by {name}, which the ghost engine has no rule for")
+            out = func(*args, **kwargs)
+            self.propagate(func, name, args, kwargs, out)
+            return out
+        out = func(*args, **kwargs)
+        if derived:
+            self._derive(func, name, args, kwargs, out, derived)
+        elif batched:
+            self.propagate(func, name, args, kwargs, out)
+        if name in ("argsort", "randperm") or (name == "sort" and isinstance(out, tuple)):
+            indices = out[1] if name == "sort" else out
+            if isinstance(indices, torch.Tensor) and indices.dim() == 1 and indices.shape[0] == self.batch_size:
+                self.permutations.set(indices, True)
+        if name == "arange" and isinstance(out, torch.Tensor) and out.dim() == 1 and out.shape[0] == self.batch_size \
+                and len(args) <= 1 and not kwargs.get("start") and kwargs.get("step", 1) == 1:
+            self.permutations.set(out, True)
+        return out
+
+    def _refuse_random(self, func, args, kwargs) -> None:
+        random = func in _RANDOM
+        if func in _DROPOUTS:
+            p, training = arg(args, kwargs, 1, "p", 0.5), arg(args, kwargs, _DROPOUTS[func], "training", True)
+            random = bool(training) and p > 0
+        if func is F.scaled_dot_product_attention:
+            random = (arg(args, kwargs, 4, "dropout_p", 0.0) or 0.0) > 0
+        if random:
+            raise RuntimeError(
+                f"loss_fn calls the random op {op_name(func)}: pass randomness='different' (dp_step or "
+                "per_sample_grads) so each example's randomness is drawn from the key, or put the model in eval mode"
+            )
+
+    # ----------------------------------------------------------------------------- parameters
+
+    def _derive(self, func, name: str, args, kwargs, out, derived: list) -> None:
+        leaves = frozenset().union(*(self.derived.get(t).leaves for t in derived))
+        outs = _tensors_out(out)
+        if name == "detach" or not outs:
+            return
+        source = self.derived.get(args[0]) if args and isinstance(args[0], torch.Tensor) else None
+        for tensor in outs:
+            if not (tensor.is_floating_point() or tensor.is_complex()):
+                continue
+            record = Derived(leaves, "other")
+            if source is not None and len(derived) == 1:
+                if name in _CASTS and tensor.shape == args[0].shape:
+                    record = source
+                elif name in _TRANSPOSE_2D and args[0].dim() == 2 and source.form in ("same", "T"):
+                    record = Derived(leaves, "T" if source.form == "same" else "same")
+                elif name in _EXPANDS or (name == "repeat" and _repeat_is_expand(args)):
+                    record = Derived(leaves, "other", base=args[0])
+                elif name in ("unsqueeze", "view", "reshape") and source.base is None and tensor.numel() == args[0].numel():
+                    record = Derived(leaves, "other", base=None)
+            if func is F.embedding and len(derived) == 1:
+                ids = arg(args, kwargs, 0, "input")
+                weight = arg(args, kwargs, 1, "weight")
+                origin = self.derived.get(weight)
+                if origin is not None and origin.form == "same" and self.derived.get(ids) is None:
+                    record = Derived(leaves, "other", ids=(ids, arg(args, kwargs, 2, "padding_idx"), weight))
+            self.derived.set(tensor, record)
+
+    # ----------------------------------------------------------------------------- rows
+
+    def set_layout(self, tensor: torch.Tensor, layout: Any) -> None:
+        if layout is not None:
+            self.layouts.set(tensor, layout)
+
+    def propagate(self, func, name: str, args, kwargs, out) -> None:
+        """Sets the layout of ``out`` from the layouts of the batched inputs."""
+        outs = _tensors_out(out)
+        if not outs:
+            return
+        if self.batch_size == 1:
+            for tensor in outs:
+                self.layouts.set(tensor, standard(1))
+            return
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        first_layout = self.layouts.get(first) if first is not None else None
+        for tensor in outs:
+            self.layouts.set(tensor, self._layout_after(func, name, args, kwargs, first, first_layout, tensor))
+
+    def _layout_after(self, func, name, args, kwargs, first, layout, out) -> Any:
+        inputs = [t for t in _tensors_in(args) + _tensors_in(kwargs.values()) if self.layouts.get(t) is not None]
+        untrusted = [self.layouts.get(t) for t in inputs if isinstance(self.layouts.get(t), Untrusted)]
+        if untrusted:
+            return untrusted[0]
+        if isinstance(layout, Layout):
+            ndim = first.dim()
+            if name in _RESHAPES:
+                found = reshape_layout(layout, tuple(first.shape), tuple(out.shape))
+                return Untrusted(f"{name} splits the batch dimension") if found == UNTRUSTED else found
+            if name in ("t", "T", "mT", "H", "mH", "adjoint", "transpose", "swapaxes", "swapdims"):
+                if name in ("transpose", "swapaxes", "swapdims"):
+                    a, b = _dims([arg(args, kwargs, 1, "dim0")], ndim)[0], _dims([arg(args, kwargs, 2, "dim1")], ndim)[0]
+                else:
+                    a, b = (0, 1) if ndim < 2 or name in ("t", "T") and ndim == 2 else (ndim - 2, ndim - 1)
+                    if name == "T" and ndim > 2:
+                        return move_dims(layout, ndim, list(range(ndim))[::-1])
+                permutation = list(range(ndim))
+                permutation[a], permutation[b] = permutation[b], permutation[a]
+                return move_dims(layout, ndim, permutation)
+            if name == "permute":
+                dims = args[1:] if len(args) > 2 or not isinstance(arg(args, kwargs, 1, "dims"), (list, tuple)) else arg(args, kwargs, 1, "dims")
+                return move_dims(layout, ndim, list(dims))
+            if name in ("movedim", "moveaxis"):
+                source = _dims(arg(args, kwargs, 1, "source"), ndim)
+                destination = _dims(arg(args, kwargs, 2, "destination"), ndim)
+                order = [d for d in range(ndim) if d not in source]
+                permutation = [None] * ndim
+                for s, d in zip(source, destination):
+                    permutation[d] = s
+                rest = iter(order)
+                permutation = [p if p is not None else next(rest) for p in permutation]
+                return move_dims(layout, ndim, permutation)
+            if name in _EXPANDS or name == "repeat":
+                offset = out.dim() - ndim
+                if out.shape[layout.dim + offset] != first.shape[layout.dim]:
+                    return Untrusted(f"{name} repeats the batch dimension")
+                return layout._replace(dim=layout.dim + offset)
+            if name == "__getitem__":
+                return self._index_layout(layout, first, args[1], out)
+            if name in ("select", "narrow", "split", "chunk", "unbind", "tensor_split", "split_with_sizes"):
+                default = 0
+                dim = arg(args, kwargs, 2 if name in ("split", "chunk", "tensor_split", "split_with_sizes") else 1, "dim", default)
+                dim = _dims(dim, ndim)[0]
+                if dim == layout.dim:
+                    return Untrusted(f"{name} takes part of the batch")
+                if name in ("select", "unbind") and dim < layout.dim:
+                    return layout._replace(dim=layout.dim - 1)
+                return layout
+            if name in _FLOAT_REDUCTIONS or name in _OTHER_REDUCTIONS:
+                dims, _ = _reduction_dims(name, args, kwargs, first)
+                if dims is None or layout.dim in dims:
+                    return Untrusted(f"{name} over the batch dimension")
+                if out.dim() == ndim:
+                    return layout
+                return layout._replace(dim=layout.dim - sum(1 for d in dims if d < layout.dim))
+            if name in ("flip", "roll", "index_select", "fliplr", "flipud"):
+                return self._reorder_layout(name, layout, first, args, kwargs, out)
+            if name in ("gather", "take_along_dim", "scatter", "scatter_add", "index_add", "index_copy", "index_fill",
+                        "scatter_reduce", "index_put", "put", "take", "masked_select", "nonzero", "diagonal", "diag",
+                        "tril", "triu"):
+                dim = _dims(arg(args, kwargs, 1, "dim", 0), ndim)[0] if name not in ("take", "put", "masked_select", "nonzero", "diagonal", "diag", "tril", "triu") else None
+                if dim is None or dim == layout.dim:
+                    if name in ("tril", "triu", "diagonal") and layout.dim < ndim - 2:
+                        return layout
+                    return Untrusted(f"{name} moves values across the batch")
+        if name in ("cat", "concat", "concatenate", "stack"):
+            tensors = arg(args, kwargs, 0, "tensors")
+            dim = arg(args, kwargs, 1, "dim", 0)
+            return self._cat_layout(name, tensors, dim, out)
+        if name in ("matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm"):
+            return self._matmul_layout(name, args, kwargs, out)
+        if name == "einsum":
+            return self._einsum_layout(args, out)
+        return self._elementwise_layout(inputs, out, name)
+
+    def _elementwise_layout(self, inputs: list, out: torch.Tensor, name: str) -> Any:
+        found = None
+        for tensor in inputs:
+            layout = self.layouts.get(tensor)
+            aligned = layout.dim + (out.dim() - tensor.dim())
+            if aligned < 0 or aligned >= out.dim() or out.shape[aligned] != tensor.shape[layout.dim]:
+                return Untrusted(f"{name} changes the batch dimension")
+            candidate = layout._replace(dim=aligned)
+            if found is None:
+                found = candidate
+            elif found.dim != candidate.dim or found.group != candidate.group or found.order is not candidate.order:
+                return Untrusted(f"{name} combines rows of different examples")
+        return found
+
+    def _index_layout(self, layout: Layout, tensor: torch.Tensor, index: Any, out: torch.Tensor) -> Any:
+        items = list(index) if isinstance(index, tuple) else [index]
+        # Expand the Ellipsis to full slices.
+        consumed = sum(1 for item in items if item is not None and item is not Ellipsis and not (
+            isinstance(item, torch.Tensor) and item.dtype == torch.bool and item.dim() > 1))
+        expanded = []
+        for item in items:
+            if item is Ellipsis:
+                expanded.extend([slice(None)] * (tensor.dim() - consumed))
+            else:
+                expanded.append(item)
+        out_dim, in_dim = 0, 0
+        advanced = False
+        for item in expanded:
+            if item is None:
+                out_dim += 1
+                continue
+            if in_dim == layout.dim:
+                if isinstance(item, slice) and item == slice(None):
+                    return layout._replace(dim=out_dim) if not advanced else Untrusted("advanced indexing moves the batch")
+                if isinstance(item, torch.Tensor) and item.dim() == 1 and item.dtype != torch.bool \
+                        and self.permutations.get(item) is not None and len(expanded) == 1:
+                    order = item if layout.order is None else layout.order.index_select(0, item)
+                    return layout._replace(dim=0, order=order)
+                if isinstance(item, slice) and item.step in (None, 1) and (item.start in (None, 0)) and \
+                        (item.stop is None or (isinstance(item.stop, int) and item.stop >= tensor.shape[in_dim])):
+                    return layout._replace(dim=out_dim)
+                return Untrusted("indexing takes a subset or a reordering of the batch")
+            if isinstance(item, int):
+                in_dim += 1
+                continue
+            if isinstance(item, torch.Tensor):
+                advanced = True
+            in_dim += 1
+            out_dim += 1
+        if in_dim <= layout.dim:
+            return layout._replace(dim=out_dim + (layout.dim - in_dim)) if not advanced else Untrusted("advanced indexing moves the batch")
+        return Untrusted("indexing moves the batch")
+
+    def _reorder_layout(self, name, layout, tensor, args, kwargs, out) -> Any:
+        ndim = tensor.dim()
+        if name == "fliplr":
+            dims = [1]
+        elif name == "flipud":
+            dims = [0]
+        elif name == "flip":
+            dims = _dims(arg(args, kwargs, 1, "dims"), ndim) if len(args) <= 2 else _dims(list(args[1:]), ndim)
+        elif name == "roll":
+            dims = _dims(arg(args, kwargs, 2, "dims"), ndim)
+        else:
+            dims = _dims(arg(args, kwargs, 1, "dim"), ndim)
+        if dims is None or layout.dim in dims:
+            if len(layout.group) != 1 or (name == "roll" and (dims is None or len(dims) != 1)):
+                return Untrusted(f"{name} reorders the batch")
+            current = layout.order if layout.order is not None else torch.arange(self.batch_size, device=tensor.device)
+            if name in ("flip", "fliplr", "flipud"):
+                return layout._replace(order=current.flip(0))
+            if name == "roll":
+                return layout._replace(order=current.roll(arg(args, kwargs, 1, "shifts"), 0))
+            index = arg(args, kwargs, 2, "index")
+            if self.permutations.get(index) is None:
+                return Untrusted("index_select picks rows of the batch by an index not known to be a permutation")
+            return layout._replace(order=current.index_select(0, index))
+        return layout
+
+    def _cat_layout(self, name, tensors, dim, out) -> Any:
+        found = None
+        for tensor in tensors:
+            layout = self.layouts.get(tensor)
+            if layout is None:
+                continue
+            ndim = tensor.dim()
+            cat_dim = _dims(dim, out.dim() if name == "stack" else ndim)[0]
+            if name == "stack":
+                candidate = layout._replace(dim=layout.dim + (1 if cat_dim <= layout.dim else 0))
+            else:
+                if cat_dim == layout.dim:
+                    return Untrusted("cat joins along the batch dimension")
+                candidate = layout
+            if found is None:
+                found = candidate
+            elif found.dim != candidate.dim or found.group != candidate.group or found.order is not candidate.order:
+                return Untrusted(f"{name} combines rows of different examples")
+        return found
+
+    def _matmul_layout(self, name, args, kwargs, out) -> Any:
+        if name in ("addmm", "baddbmm", "addbmm"):
+            a, b, extra = args[1], args[2], args[0]
+        elif name == "__rmatmul__":
+            a, b, extra = args[1], args[0], None
+        else:
+            a, b, extra = args[0], args[1], None
+        found = []
+        for tensor, side in ((a, "left"), (b, "right")):
+            layout = self.layouts.get(tensor)
+            if not isinstance(layout, Layout):
+                continue
+            ndim = tensor.dim()
+            if ndim == 1:
+                self.interact(f"{name} contracts over the batch")
+            contracted = ndim - 1 if side == "left" else ndim - 2
+            if layout.dim == contracted:
+                self.interact(f"{name} contracts over the batch dimension")
+            if side == "left" and layout.dim == ndim - 2:
+                found.append(layout._replace(dim=out.dim() - 2))
+            elif side == "right" and layout.dim == ndim - 1:
+                found.append(layout._replace(dim=out.dim() - 1))
+            else:
+                found.append(layout._replace(dim=layout.dim + out.dim() - ndim))
+        if isinstance(self.layouts.get(extra), Layout):
+            layout = self.layouts.get(extra)
+            found.append(layout._replace(dim=layout.dim + out.dim() - extra.dim()))
+        if not found:
+            return None
+        first = found[0]
+        for other in found[1:]:
+            if other.dim != first.dim or other.group != first.group or other.order is not first.order:
+                self.interact(f"{name} combines rows of different examples")
+        return first
+
+    def _einsum_layout(self, args, out) -> Any:
+        equation = args[0]
+        operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+        if "..." in equation or "->" not in equation:
+            return Untrusted("einsum without an explicit output")
+        inputs, output = equation.replace(" ", "").split("->")
+        found = None
+        for subscripts, tensor in zip(inputs.split(","), operands):
+            layout = self.layouts.get(tensor)
+            if not isinstance(layout, Layout):
+                continue
+            letter = subscripts[layout.dim]
+            if letter not in output:
+                self.interact("einsum sums over the batch dimension")
+            candidate = layout._replace(dim=output.index(letter))
+            if found is not None and (found.dim != candidate.dim or found.order is not candidate.order):
+                self.interact("einsum combines rows of different examples")
+            found = candidate
+        return found
+
+    # ----------------------------------------------------------------------------- interaction
+
+    def _check_interaction(self, func, name: str, args, kwargs, batched: list) -> None:
+        if func in _BATCH_NORMS:
+            training = arg(args, kwargs, 5, "training", False)
+            if training:
+                self.interact("batch_norm normalises with statistics of the whole batch (training mode)")
+            return
+        if func is F.group_norm:
+            layout = self.trusted(args[0])
+            if layout is not None and layout.dim != 0:
+                self.interact("group_norm normalises across the batch (the batch is not the leading dim)")
+            return
+        if func is F.layer_norm or func is getattr(F, "rms_norm", None):
+            layout = self.trusted(args[0])
+            shape = arg(args, kwargs, 1, "normalized_shape")
+            count = 1 if isinstance(shape, int) else len(shape)
+            if layout is not None and layout.dim >= args[0].dim() - count:
+                self.interact(f"{name} normalises over the batch dimension")
+            return
+        if name not in _FLOAT_REDUCTIONS:
+            return
+        tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        layout = self.trusted(tensor)
+        if layout is None:
+            return
+        if name in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            return  # elementwise maximum/minimum
+        dims, full = _reduction_dims(name, args, kwargs, tensor)
+        if full or (dims is not None and layout.dim in dims):
+            if tensor.is_floating_point() or tensor.is_complex():
+                self.interact(f"{name} reduces over the batch dimension")
+
+
+def _reduction_dims(name: str, args, kwargs, tensor) -> tuple:
+    """``(dims or None for all, full)`` that a reduction/scan ``name`` works along."""
+    if name in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        return [], False
+    position = _DIM_POSITION.get(name, 1)
+    dim = kwargs.get("dim", kwargs.get("axis", args[position] if len(args) > position else _DIM_DEFAULT.get(name)))
+    if name in ("std", "var", "std_mean", "var_mean") and isinstance(dim, bool):
+        dim = None
+    if name in ("softmax", "log_softmax", "softmin") and dim is None:
+        dim = -1 if tensor.dim() in (0, 1, 3) else 1  # torch's legacy implicit dim
+    if name == "diff" and dim is None:
+        dim = -1
+    if isinstance(dim, (list, tuple)) and len(dim) == 0:
+        return None, True
+    dims = _dims(dim, tensor.dim())
+    if dims is None:
+        return None, name not in ("cumsum", "cumprod", "logcumsumexp", "cummax", "cummin")
+    return dims, False
+
+
+def _repeat_is_expand(args) -> bool:
+    tensor, sizes = args[0], args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)):
+        sizes = tuple(sizes[0])
+    shape = (1,) * (len(sizes) - tensor.dim()) + tuple(tensor.shape)
+    return all(repeat == 1 or size == 1 for repeat, size in zip(sizes, shape))
