@@ -1,32 +1,208 @@
-"""Every notebook runs top to bottom (outputs stripped in git), and the example scripts run."""
+"""Every notebook runs top to bottom and shows its figures; the digits loader; the example script.
 
+Notebooks are kept stripped of outputs in git.  Executing one here (nbclient, a real ipykernel)
+also checks that:
+
+* every *plotting cell* (its source calls ``plt.<x>(``, ``ax<...>.<x>(`` or ``.plot(``) displays
+  at least one ``image/png`` (an inline figure), never only a ``<Figure size ...>`` text;
+* every figure it renders has labelled axes, no overlapping tick labels and no two axes
+  overlapping each other (checked on the drawn figure, just before the PNG is made);
+* nothing is imported from outside the installed package (no ``sys.path`` edits, no
+  ``examples``), and no notebook forces a headless backend.
+"""
+
+import math
+import os
 import pathlib
+import re
 import sys
 
 import pytest
+import torch
 
 import nbclient  # the test extra installs the notebook tools: a missing one fails, never skips
 import nbformat
 import sklearn  # noqa: F401
 
+import fundp.datasets
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+EXPECTED = [
+    "01_quickstart",
+    "02_build_dp_step_by_hand",
+    "03_privacy_utility",
+    "04_clipping_properties",
+]
+
+# A cell that calls plt.<x>(, ax.<x>( / axes[i].<x>( / ax_loss.<x>(, or <anything>.plot(.
+PLOTTING_CALL = re.compile(r"\b(?:plt|ax\w*(?:\[[^\]]*\])?)\.\w+\(|\.plot\(")
+
+# Runs in the kernel before the notebook's first cell.  It wraps the canvas's print_figure (which
+# the inline backend calls to make each PNG) with a check of the drawn figure, and records what
+# it finds; the last injected cell asserts that nothing was found.
+FIGURE_CHECK_SETUP = r'''
+import matplotlib.backend_bases as _fundp_bb
+from matplotlib.transforms import Bbox as _FundpBbox
+
+_fundp_figure_problems = []
+
+def _fundp_overlap_area(a, b):
+    inter = _FundpBbox.intersection(a, b)
+    return 0.0 if inter is None else max(inter.width, 0.0) * max(inter.height, 0.0)
+
+def _fundp_check_figure(fig):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    where = f"cell [{get_ipython().execution_count}]"
+    axes = [ax for ax in fig.axes if ax.get_visible() and ax.axison and not hasattr(ax, "_colorbar")]
+    for ax in axes:
+        name = f"{where} axes {ax.get_title()!r}"
+        if not ax.get_xlabel().strip():
+            _fundp_figure_problems.append(f"{name}: no x label")
+        if not ax.get_ylabel().strip():
+            _fundp_figure_problems.append(f"{name}: no y label")
+        for axis_name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+            labels = [t for t in axis.get_ticklabels(which="both") if t.get_visible() and t.get_text().strip()]
+            boxes = [t.get_window_extent(renderer) for t in labels]
+            for i in range(len(boxes)):
+                for j in range(i + 1, len(boxes)):
+                    if _fundp_overlap_area(boxes[i], boxes[j]) > 1.0:  # square pixels
+                        _fundp_figure_problems.append(
+                            f"{name}: {axis_name} tick labels {labels[i].get_text()!r} and {labels[j].get_text()!r} overlap")
+    for i in range(len(axes)):
+        for j in range(i + 1, len(axes)):
+            if axes[i].get_position().bounds == axes[j].get_position().bounds:
+                continue  # twin axes share their box on purpose
+            area = _fundp_overlap_area(axes[i].get_tightbbox(renderer), axes[j].get_tightbbox(renderer))
+            if area > 4.0:
+                _fundp_figure_problems.append(
+                    f"{where}: axes {axes[i].get_title()!r} and {axes[j].get_title()!r} overlap ({area:.0f} px^2): "
+                    "call fig.tight_layout()")
+
+_fundp_print_figure = _fundp_bb.FigureCanvasBase.print_figure
+
+def _fundp_checked_print_figure(self, *args, **kwargs):
+    _fundp_check_figure(self.figure)
+    return _fundp_print_figure(self, *args, **kwargs)
+
+_fundp_bb.FigureCanvasBase.print_figure = _fundp_checked_print_figure
+'''
+
+FIGURE_CHECK_TEARDOWN = "assert not _fundp_figure_problems, '\\n'.join(_fundp_figure_problems)"
 
 
-def test_the_four_notebooks_exist():
+def test_the_notebooks_exist():
     names = [path.stem for path in NOTEBOOKS]
-    for expected in ["01_quickstart", "02_build_dp_step_by_hand", "03_privacy_utility", "04_clipping_properties"]:
+    for expected in EXPECTED:
         assert expected in names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_and_is_stripped(path):
+def test_notebook_is_stripped_and_self_contained(path):
     notebook = nbformat.read(path, as_version=4)
     for cell in notebook.cells:
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, f"{path.name}: outputs must be stripped"
+            assert "sys.path" not in cell.source, f"{path.name}: import from the installed package only"
+            assert not re.search(r"^\s*(from|import)\s+(examples|train_digits)\b", cell.source, re.M), path.name
+            assert "matplotlib.use(" not in cell.source, f"{path.name}: figures must render inline"
+
+
+def test_plotting_cell_pattern():
+    assert PLOTTING_CALL.search("fig, ax = plt.subplots()")
+    assert PLOTTING_CALL.search("axes[0].errorbar(x, y, yerr=s)")
+    assert PLOTTING_CALL.search("ax_acc.set_xlabel('epoch')")
+    assert PLOTTING_CALL.search("df.plot(x='a')")
+    assert not PLOTTING_CALL.search("import matplotlib.pyplot as plt\nx = torch.max(y, axis=0)")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_and_shows_its_figures(path):
+    notebook = nbformat.read(path, as_version=4)
+    cells = list(notebook.cells)
+    plotting = [i for i, cell in enumerate(cells) if cell.cell_type == "code" and PLOTTING_CALL.search(cell.source)]
+    notebook.cells = [nbformat.v4.new_code_cell(FIGURE_CHECK_SETUP), *cells, nbformat.v4.new_code_cell(FIGURE_CHECK_TEARDOWN)]
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
-    client.execute()  # raises CellExecutionError on any error, including failed asserts
+    try:
+        client.execute()  # raises CellExecutionError on any error, including failed asserts and figure problems
+    finally:
+        if os.environ.get("FUNDP_NOTEBOOK_OUTPUT_DIR"):  # keep the executed notebook (e.g. as a CI artifact)
+            out_dir = pathlib.Path(os.environ["FUNDP_NOTEBOOK_OUTPUT_DIR"])
+            out_dir.mkdir(parents=True, exist_ok=True)
+            nbformat.write(notebook, out_dir / path.name)
+    for i in plotting:
+        outputs = cells[i].outputs
+        images = [o for o in outputs if o.output_type in ("display_data", "execute_result") and "image/png" in o.get("data", {})]
+        assert images, f"{path.name}: plotting cell {i} shows no figure:\n{cells[i].source[:300]}"
+        bare = [o for o in outputs if o.get("data", {}).get("text/plain", "").startswith("<Figure") and "image/png" not in o.get("data", {})]
+        assert not bare, f"{path.name}: plotting cell {i} printed a figure without rendering it"
+
+
+def test_figure_check_catches_bad_figures():
+    """The layout check fails on an unlabelled axis and on crowded tick labels (so it can fail)."""
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(FIGURE_CHECK_SETUP),
+        nbformat.v4.new_code_cell(
+            "%matplotlib inline\nimport matplotlib.pyplot as plt\n"
+            "fig, ax = plt.subplots(figsize=(2, 2))\n"
+            "ax.plot(range(40)); ax.set_xticks(range(40)); ax.set_xticklabels([f'label {i}' for i in range(40)])\n"
+            "ax.set_xlabel('x')\nplt.show()"
+        ),
+        nbformat.v4.new_code_cell("print('\\n'.join(_fundp_figure_problems))"),
+    ])
+    nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3").execute()
+    text = "".join(o.get("text", "") for o in notebook.cells[2].outputs)
+    assert "no y label" in text and "x tick labels" in text and "overlap" in text, text
+    assert "no x label" not in text, text
+    assert any("image/png" in o.get("data", {}) for o in notebook.cells[1].outputs)
+
+
+def test_load_digits_split_matches_sklearn():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    (x_train, y_train), (x_test, y_test) = fundp.datasets.load_digits_split(test_fraction=0.25, seed=3, dtype=torch.float64)
+    assert x_train.shape == (int(0.75 * 1797), 64) and x_test.shape == (1797 - int(0.75 * 1797), 64)
+    assert x_train.dtype == torch.float64 and y_train.dtype == torch.long
+    # The two parts are a permutation of sklearn's images and labels, pixels scaled by 1/16.
+    x = torch.cat([x_train, x_test]) * 16
+    y = torch.cat([y_train, y_test])
+    reference = torch.as_tensor(data.data, dtype=torch.float64)
+    rows = {tuple(row.tolist()) + (int(label),) for row, label in zip(reference, data.target)}
+    assert {tuple(row.tolist()) + (int(label),) for row, label in zip(x, y)} <= rows
+    assert torch.equal(torch.sort(y).values, torch.sort(torch.as_tensor(data.target)).values)
+    assert torch.equal(torch.sort(x.sum(1)).values, torch.sort(reference.sum(1)).values)
+
+
+def test_load_digits_split_is_keyed_by_seed():
+    a = fundp.datasets.load_digits_split(seed=0)
+    b = fundp.datasets.load_digits_split(seed=0)
+    c = fundp.datasets.load_digits_split(seed=1)
+    assert all(torch.equal(u, v) for u, v in zip(a.train + a.test, b.train + b.test))
+    assert not torch.equal(a.train[1], c.train[1])
+    state = torch.random.get_rng_state()
+    fundp.datasets.load_digits_split(seed=5)
+    assert torch.equal(state, torch.random.get_rng_state()), "torch's global RNG must be untouched"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"test_fraction": 0.0}, "test_fraction"),
+    ({"test_fraction": 1.0}, "test_fraction"),
+    ({"test_fraction": math.nan}, "test_fraction"),
+    ({"test_fraction": 0.9999}, "test_fraction"),  # no training image left
+    ({"seed": 1.5}, "seed"),
+    ({"dtype": torch.long}, "dtype"),
+])
+def test_load_digits_split_rejects_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        fundp.datasets.load_digits_split(**kwargs)
+
+
+def test_load_digits_split_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes the import fail
+    with pytest.raises(ImportError, match="scikit-learn"):
+        fundp.datasets.load_digits_split()
 
 
 def test_digits_example_runs(capsys):
