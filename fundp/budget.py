@@ -10,13 +10,22 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from fundp._validate import check_number
+from fundp._validate import check_delta, check_positive
 
 __all__ = ["Budget", "BudgetExceededError", "spend"]
 
 
 class Budget(NamedTuple):
-    """A privacy budget: ``epsilon`` at ``delta``, measured with ``accountant``."""
+    """A privacy budget: ``epsilon`` at ``delta``, measured with ``accountant``.
+
+    ``accountant`` must be an upper bound, ``"prv"`` (default) or ``"rdp"``; ``"gdp_approx"`` is
+    refused with a ``ValueError`` naming ``budget.accountant`` when the budget is used.
+
+    Example:
+      >>> import fundp
+      >>> fundp.Budget(3.0, 1e-5)
+      Budget(epsilon=3.0, delta=1e-05, accountant='prv')
+    """
 
     epsilon: float
     delta: float
@@ -36,15 +45,29 @@ class BudgetExceededError(RuntimeError):
 
 
 def _as_budget(budget: Any) -> Budget:
+    """Validates ``budget`` (a :class:`Budget` or an ``(epsilon, delta[, accountant])`` tuple).
+
+    The accountant must be an upper bound (``"prv"`` or ``"rdp"``): a budget enforced with an
+    estimate (``"gdp_approx"``, the CLT approximation, which can sit below the true epsilon) would
+    let the true spend pass the budget.
+    """
+    from fundp.accounting._checks import ACCOUNTANTS, BOUND_ACCOUNTANTS
+
     if not isinstance(budget, Budget):
         if not isinstance(budget, (tuple, list)) or len(budget) not in (2, 3):
             raise TypeError("budget must be fundp.Budget(epsilon, delta[, accountant]) or a tuple (epsilon, delta)")
         budget = Budget(*budget)
-    if check_number("budget.epsilon", budget.epsilon, positive=True) <= 0:
-        raise ValueError(f"budget.epsilon must be > 0, got {budget.epsilon}")
-    if not 0 < check_number("budget.delta", budget.delta) < 1:
-        raise ValueError(f"budget.delta must be in (0, 1), got {budget.delta}")
-    return budget
+    epsilon = check_positive("budget.epsilon", budget.epsilon)
+    delta = check_delta(budget.delta, "budget.delta")
+    accountant = budget.accountant
+    if not isinstance(accountant, str) or accountant not in ACCOUNTANTS:
+        raise ValueError(f"budget.accountant must be one of {', '.join(map(repr, BOUND_ACCOUNTANTS))}, got {accountant!r}")
+    if accountant not in BOUND_ACCOUNTANTS:
+        raise ValueError(
+            f"budget.accountant={accountant!r} is an approximation, not an upper bound on epsilon, so it cannot "
+            f"enforce a budget (the true epsilon can exceed it); use one of {', '.join(map(repr, BOUND_ACCOUNTANTS))}"
+        )
+    return Budget(epsilon, delta, accountant)
 
 
 def spend(ledger: Any, *, noise_multiplier: float, sample_rate: float, budget: Any, steps: int = 1) -> Any:

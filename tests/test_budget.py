@@ -48,3 +48,33 @@ def test_spend_and_bad_budgets():
     step = fundp.dp_step(lambda p, b: b @ p["w"], max_norm=1.0, noise_multiplier=1.0, expected_batch_size=2, sample_rate=0.1, budget=(1.0, DELTA))
     with pytest.raises(ValueError, match="ledger"):
         step({"w": torch.ones(2)}, torch.ones(2, 2), fundp.random.key(0))
+
+
+def test_budget_refuses_an_accountant_that_is_not_a_bound():
+    # The misuse: the CLT estimate sits below the true epsilon for this run, so a budget enforced
+    # with it lets the true (prv/rdp) epsilon pass the budget.
+    sigma, q, steps, cap = 0.8, 0.05, 50, 3.0  # gdp_approx says 2.85, prv 4.45
+    ledger = fundp.accountant_step(fundp.Ledger(), noise_multiplier=sigma, sample_rate=q, steps=steps)
+    assert fundp.epsilon(ledger, DELTA, accountant="gdp_approx") <= cap < fundp.epsilon(ledger, DELTA)
+    with pytest.raises(ValueError, match="budget.accountant='gdp_approx' is an approximation, not an upper bound"):
+        fundp.budget.spend(fundp.Ledger(), noise_multiplier=sigma, sample_rate=q, steps=steps,
+                           budget=fundp.Budget(cap, DELTA, "gdp_approx"))
+    with pytest.raises(ValueError, match="budget.accountant"):
+        fundp.dp_step(lambda p, b: b @ p["w"], max_norm=1.0, noise_multiplier=sigma, expected_batch_size=2,
+                      sample_rate=q, budget=(cap, DELTA, "gdp_approx"))
+    with pytest.raises(ValueError, match="budget.accountant must be one of 'prv', 'rdp', got 'moments'"):
+        fundp.budget.spend(fundp.Ledger(), noise_multiplier=sigma, sample_rate=q, budget=(cap, DELTA, "moments"))
+    # The bounds are accepted, and refuse the same overspend.
+    for accountant in ("prv", "rdp"):
+        with pytest.raises(fundp.BudgetExceededError):
+            fundp.budget.spend(fundp.Ledger(), noise_multiplier=sigma, sample_rate=q, steps=steps,
+                               budget=fundp.Budget(cap, DELTA, accountant))
+
+
+def test_budget_fields_are_checked_with_their_names():
+    with pytest.raises(ValueError, match="budget.epsilon must be finite"):
+        fundp.budget.spend(fundp.Ledger(), noise_multiplier=1.0, sample_rate=0.01, budget=(float("inf"), DELTA))
+    with pytest.raises(ValueError, match=r"budget.delta must be in \(0, 1\)"):
+        fundp.budget.spend(fundp.Ledger(), noise_multiplier=1.0, sample_rate=0.01, budget=(1.0, 0.0))
+    with pytest.raises(TypeError, match="budget.epsilon must be a real number"):
+        fundp.budget.spend(fundp.Ledger(), noise_multiplier=1.0, sample_rate=0.01, budget=("1", DELTA))

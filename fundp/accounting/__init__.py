@@ -7,7 +7,13 @@ under add/remove-one adjacency, composed over runs with any mix of settings.
 * :func:`epsilon`, :func:`delta` — what it has spent.  ``accountant="prv"`` (default) composes
   privacy loss distributions by FFT and returns a rigorous upper bound within 0.1% of the exact
   value; ``"rdp"`` is the Rényi-DP bound; ``"gdp_approx"`` is a CLT estimate, *not* a bound;
-* :func:`calibrate_noise`, :func:`max_steps` — the least noise / most steps for a target epsilon.
+* :func:`calibrate_noise`, :func:`max_steps` — the least noise / most steps for a target epsilon;
+  :func:`calibrate_noise_schedule` — the least scale of a noise schedule's shape;
+* :func:`combined_noise_multiplier` — several Gaussian queries on one sampled batch (e.g. adaptive
+  clipping's gradient sum and unclipped count) as the one mechanism they are.
+
+Ledgers with many distinct ``(sigma, q)`` segments (noise schedules) are accounted by vectorised
+paths: see :mod:`~fundp.accounting.rdp` and :mod:`~fundp.accounting.prv`.
 
 Example:
   >>> import fundp.accounting as acc
@@ -19,7 +25,8 @@ Example:
 
 from fundp.accounting._checks import ACCOUNTANTS, UnreachableTargetError
 from fundp.accounting.accountants import delta, epsilon
-from fundp.accounting.calibrate import calibrate_noise, max_steps
+from fundp.accounting.calibrate import calibrate_noise, calibrate_noise_schedule, max_steps
+from fundp.accounting.combine import combined_noise_multiplier
 from fundp.accounting.ledger import Ledger, Segment, accountant_step
 
 __all__ = [
@@ -29,6 +36,8 @@ __all__ = [
     "UnreachableTargetError",
     "accountant_step",
     "calibrate_noise",
+    "calibrate_noise_schedule",
+    "combined_noise_multiplier",
     "delta",
     "epsilon",
     "max_steps",

@@ -6,6 +6,7 @@ a bracket whose "safe" end always satisfies the target, so the answer returned i
 * :func:`calibrate_noise`: Brent's method (``scipy.optimize.brentq``) on ``log sigma`` locates the
   crossing to a relative ``1e-6``, then the result is nudged up until ``epsilon(result) <= target``
   is verified; it is within ``NOISE_RTOL`` (relative ``1e-5``) above the smallest feasible sigma.
+* :func:`calibrate_noise_schedule`: the same for the scale ``s`` of a schedule ``sigma_t = s * profile_t``;
 * :func:`max_steps`: exponential search from the CLT guess, then integer bisection; exact.
 """
 
@@ -21,7 +22,7 @@ from fundp.accounting._checks import UnreachableTargetError
 from fundp.accounting.accountants import epsilon
 from fundp.accounting.ledger import Ledger, accountant_step
 
-__all__ = ["calibrate_noise", "max_steps", "MAX_NOISE_MULTIPLIER", "NOISE_RTOL"]
+__all__ = ["calibrate_noise", "calibrate_noise_schedule", "max_steps", "MAX_NOISE_MULTIPLIER", "NOISE_RTOL"]
 
 #: The largest noise multiplier :func:`calibrate_noise` considers.
 MAX_NOISE_MULTIPLIER = 1e4
@@ -178,3 +179,129 @@ def _bisect(fits, low: int, high: int) -> int:
         else:
             high = middle
     return low
+
+
+def _profile(noise_profile, steps) -> list[float]:
+    if callable(noise_profile):
+        if steps is None:
+            raise ValueError("steps is required when noise_profile is a callable t -> relative noise")
+        count = _checks.steps(steps)
+        values = [noise_profile(t) for t in range(count)]
+    else:
+        if steps is not None:
+            raise ValueError("steps is only for a callable noise_profile; a sequence gives one value per step")
+        try:
+            values = list(noise_profile)
+        except TypeError:
+            raise TypeError(
+                f"noise_profile must be a sequence of relative noise multipliers or a callable, got {type(noise_profile).__name__}"
+            ) from None
+    if not values:
+        raise ValueError("noise_profile must have at least one step")
+    return [_checks.noise_multiplier(v, f"noise_profile[{t}]") for t, v in enumerate(values)]
+
+
+def calibrate_noise_schedule(
+    target_epsilon: float,
+    delta: float,
+    *,
+    sample_rate: float,
+    noise_profile,
+    steps: int | None = None,
+    accountant: str = "prv",
+    ledger: Ledger | None = None,
+) -> tuple[float, ...]:
+    """Scales a noise *schedule shape* to meet an epsilon target: returns ``sigma_t = s * profile_t``.
+
+    ``s`` is (to ``NOISE_RTOL``) the smallest scale for which the ledger of the steps
+    ``(s * profile_t, sample_rate)``, composed on top of ``ledger`` if given, spends at most
+    ``target_epsilon`` at ``delta`` (checked: the returned schedule meets the target).  Epsilon
+    decreases as ``s`` grows, so the crossing is found by Brent's method on ``log s`` and then
+    verified, as in :func:`calibrate_noise`.  Steps with equal relative noise form one ledger
+    segment; a schedule of many distinct values is what the vectorised accountants are for.
+
+    Args:
+      target_epsilon: > 0.
+      delta: in (0, 1).
+      sample_rate: the Poisson sampling rate ``q`` of every step, in (0, 1].
+      noise_profile: the relative noise of each step, a sequence (e.g. ``[1.0] * 50 + [0.8] * 50``)
+        or a callable ``t -> relative noise`` for ``t = 0 .. steps - 1``; every value > 0.
+      steps: the number of steps, only (and then required) for a callable profile.
+      accountant: ``"prv"`` (default) or ``"rdp"`` (``"gdp_approx"`` works, but is not a bound).
+      ledger: privacy already spent, or None.
+
+    Returns:
+      A tuple with one noise multiplier per step.
+
+    Raises:
+      UnreachableTargetError: if even the largest scale (``1e4 / min(profile)``) overspends.
+
+    Example:
+      >>> from fundp.accounting import Ledger, calibrate_noise_schedule, epsilon
+      >>> sigmas = calibrate_noise_schedule(2.0, 1e-5, sample_rate=0.01,
+      ...                                   noise_profile=[1.0] * 500 + [0.8] * 500)
+      >>> round(sigmas[0] / sigmas[-1], 12), round(sigmas[0], 3)
+      (1.25, 1.118)
+      >>> epsilon(Ledger([(s, 0.01, 1) for s in sigmas]), 1e-5) <= 2.0
+      True
+    """
+    target = _checks.epsilon(target_epsilon, "target_epsilon")
+    delta = _checks.delta(delta)
+    q = _checks.sample_rate(sample_rate)
+    accountant = _checks.accountant(accountant)
+    base = _base(ledger)
+    profile = _profile(noise_profile, steps)
+    counts: dict[float, int] = {}
+    for value in profile:
+        counts[value] = counts.get(value, 0) + 1
+    runs = list(counts.items())
+
+    def schedule_ledger(scale: float) -> Ledger:
+        return Ledger(base.segments + tuple((scale * value, q, count) for value, count in runs))
+
+    def spent(scale: float) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return epsilon(schedule_ledger(scale), delta, accountant=accountant)
+
+    low_scale = MIN_NOISE_MULTIPLIER / min(counts)
+    high_scale = MAX_NOISE_MULTIPLIER / min(counts)
+    if spent(high_scale) > target:
+        raise UnreachableTargetError(
+            f"target_epsilon={target:g} at delta={delta:g} is unreachable: even the noise profile scaled to a "
+            f"smallest noise_multiplier of {MAX_NOISE_MULTIPLIER:g} spends {spent(high_scale):.6g}"
+        )
+    # Start from the homogeneous calibration at the profile's root-mean-inverse-square level (the
+    # CLT's effective sigma), then bracket by factors of 1.25.
+    total = len(profile)
+    level = math.fsum(count / value**2 for value, count in runs) / total
+    try:
+        guess = calibrate_noise(target, delta, sample_rate=q, steps=total, accountant="gdp_approx") * math.sqrt(level)
+    except UnreachableTargetError:
+        guess = high_scale
+    low, high = low_scale, high_scale  # spent(low) > target >= spent(high), once low is checked
+    if spent(low) <= target:
+        return tuple(low * value for value in profile)
+    guess = min(max(guess, low), high)
+    if spent(guess) > target:
+        low = guess
+        while low * 1.25 < high and spent(low * 1.25) > target:
+            low *= 1.25
+        high = min(high, low * 1.25)
+    else:
+        high = guess
+        while high / 1.25 > low and spent(high / 1.25) <= target:
+            high /= 1.25
+        low = max(low, high / 1.25)
+    root = optimize.brentq(
+        lambda log_scale: spent(math.exp(log_scale)) - target, math.log(low), math.log(high), xtol=1e-6, rtol=1e-12
+    )
+    scale = high
+    for k in range(8):
+        candidate = math.exp(root) * (1 + NOISE_RTOL * 2.0 ** (k - 4))
+        if candidate >= high:
+            break
+        if spent(candidate) <= target:
+            scale = candidate
+            break
+    return tuple(scale * value for value in profile)

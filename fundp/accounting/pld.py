@@ -50,6 +50,8 @@ _EPS = np.finfo(float).eps
 # Losses beyond this go to +inf: e^{700} is near the float64 limit, and any epsilon the accountant
 # is asked about is far below it.
 _MAX_LOSS = 600.0
+# Spectrum entries whose modulus is provably below this are dropped (see `compose`).
+_NEGLIGIBLE = 1e-25
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
@@ -59,16 +61,27 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DiscretePLD:
-    """A PLD with mass ``masses[j]`` at loss ``(start + j) * interval`` and ``infinity_mass`` at ``+inf``."""
+    """A PLD with mass ``masses[j]`` at loss ``grid[j] * interval`` and ``infinity_mass`` at ``+inf``.
+
+    ``grid`` is ``start + arange(len(masses))`` (dense), or the increasing lattice indices
+    ``positions`` when given (sparse: see ``coarsen_above`` in :func:`discretize`).
+    """
 
     interval: float
     start: int
     masses: np.ndarray
     infinity_mass: float
+    positions: np.ndarray | None = None
+
+    @functools.cached_property
+    def grid(self) -> np.ndarray:
+        if self.positions is not None:
+            return self.positions
+        return self.start + np.arange(self.masses.size)
 
     @functools.cached_property
     def losses(self) -> np.ndarray:
-        return (self.start + np.arange(self.masses.size)) * self.interval
+        return self.grid * self.interval
 
     @functools.cached_property
     def _log_masses(self) -> np.ndarray:
@@ -112,7 +125,13 @@ class DiscretePLD:
 
 
 def discretize(
-    noise_multiplier: float, sample_rate: float, interval: float, direction: str, tail_mass: float
+    noise_multiplier: float,
+    sample_rate: float,
+    interval: float,
+    direction: str,
+    tail_mass: float,
+    coarsen_above: float = math.inf,
+    coarsening: int = 1,
 ) -> DiscretePLD:
     """A dominating PLD of one subsampled Gaussian step on the grid ``interval * Z``.
 
@@ -123,16 +142,30 @@ def discretize(
         up_i = (P_i - e^{t_i} Q_i) / (1 - e^{-h}),   down_i = P_i - up_i,
 
     the unique split of the cell's ``(P_i, Q_i)`` onto ``t_i`` and ``t_{i+1} = t_i + h``.
+
+    Above the loss ``coarsen_above`` the cells are ``coarsening`` grid steps wide (their end
+    points still on the grid, the PLD then sparse): connect-the-dots dominates for any cells, and
+    on a cell of width ``w`` it adds at most ``w^2/4`` variance per unit of mass, so cells that
+    hold little mass can be wide at little cost in tightness and far fewer points.
     """
     h = interval
     t_lo, t_hi = sg.loss_range(sample_rate, noise_multiplier, direction, tail_mass)
     t_hi = min(t_hi, _MAX_LOSS)
     k_lo = math.floor(t_lo / h)
     k_hi = max(math.ceil(t_hi / h), k_lo + 1)
-    thresholds = np.arange(k_lo, k_hi + 1) * h
+    positions = None
+    if coarsening > 1 and coarsen_above / h < k_hi - 2 * coarsening:
+        k_mid = max(k_lo + 1, math.ceil(max(coarsen_above / h, k_lo) / coarsening) * coarsening)
+        k_top = max(math.ceil(k_hi / coarsening) * coarsening, k_mid + coarsening)
+        positions = np.concatenate([np.arange(k_lo, k_mid), np.arange(k_mid, k_top + 1, coarsening)])
+        thresholds = positions * h
+        widths = np.diff(thresholds)
+    else:
+        thresholds = np.arange(k_lo, k_hi + 1) * h
+        widths = h
     p_below, p_cells, q_cells, p_above = sg.interval_masses(thresholds, sample_rate, noise_multiplier, direction)
     with np.errstate(over="ignore", invalid="ignore"):
-        up = (p_cells - np.exp(thresholds[:-1]) * q_cells) / -math.expm1(-h)
+        up = (p_cells - np.exp(thresholds[:-1]) * q_cells) / -np.expm1(-widths)
     # Exactly, 0 <= up_i <= P_i (the cell's mean of e^{-(L - t_i)} lies in [e^{-h}, 1]); clipping
     # only removes float round-off.
     up = np.clip(np.nan_to_num(up, nan=0.0), 0.0, p_cells)
@@ -141,7 +174,7 @@ def discretize(
     masses[1:] += up
     masses[0] += p_below
     masses.setflags(write=False)
-    return DiscretePLD(h, k_lo, masses, float(p_above))
+    return DiscretePLD(h, k_lo, masses, float(p_above), positions)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -240,7 +273,7 @@ class ComposedPLD:
         return float(min(max(eps, left[k]), upper))
 
 
-def _edge(log_mgf, mean: float, sd: float, log_tail: float, sign: int, max_lam: float) -> float:
+def _edge(log_mgf, mean: float, sd: float, log_tail: float, sign: int, max_lam: float, search_mgf=None) -> float:
     """Chernoff bound: a loss ``u`` with ``mass(sign * L >= sign * u) <= e^log_tail``.
 
     ``mass(L >= u) <= e^{K(lam) - lam u}`` for any ``lam > 0`` with ``K`` the cumulant generating
@@ -253,6 +286,27 @@ def _edge(log_mgf, mean: float, sd: float, log_tail: float, sign: int, max_lam: 
         lam = sign * math.exp(log_lam)
         return (log_mgf(lam) - log_tail) / lam
 
+    if search_mgf is not None:
+        # Search with the cheap stand-in, then bound with the exact K at (and around) its optimum:
+        # any lam gives a valid bound, so only tightness depends on the stand-in.
+        log_lam = math.log(abs(_edge_lam(search_mgf, mean, sd, log_tail, sign, max_lam)))
+        candidates = [x for x in (log_lam - 0.35, log_lam, log_lam + 0.35) if x <= math.log(max_lam)]
+        values = [u(x) for x in candidates]
+        return min(values) if sign > 0 else max(values)
+    return _edge_search(u, sd, log_tail, sign, max_lam)[1]
+
+
+def _edge_lam(log_mgf, mean: float, sd: float, log_tail: float, sign: int, max_lam: float) -> float:
+    """The ``lam`` at which :func:`_edge`'s search ends (its bound is best there)."""
+
+    def u(log_lam: float) -> float:
+        lam = sign * math.exp(log_lam)
+        return (log_mgf(lam) - log_tail) / lam
+
+    return sign * math.exp(_edge_search(u, sd, log_tail, sign, max_lam)[0])
+
+
+def _edge_search(u, sd: float, log_tail: float, sign: int, max_lam: float) -> tuple[float, float]:
     z = math.sqrt(-2 * log_tail)
     x0 = min(math.log(z / max(sd, 1e-300)), math.log(max_lam))
     values = {x0: u(x0)}
@@ -271,7 +325,8 @@ def _edge(log_mgf, mean: float, sd: float, log_tail: float, sign: int, max_lam: 
     for offset in (-step / 2, step / 2):
         if best + offset <= math.log(max_lam):
             values[best + offset] = u(best + offset)
-    return min(values.values()) if sign > 0 else max(values.values())
+    chosen = min(values, key=lambda key: sign * values[key])
+    return chosen, values[chosen]
 
 
 def _spectrum_mean(half_spectrum: np.ndarray) -> float:
@@ -279,22 +334,60 @@ def _spectrum_mean(half_spectrum: np.ndarray) -> float:
     return float((half_spectrum[0] + 2 * half_spectrum[1:].sum()) / (2 * half_spectrum.size - 1))
 
 
-def _composed_log_mgf(plds: Sequence[tuple[DiscretePLD, int]]):
-    return lambda lam: sum(count * pld.log_mgf(lam) for pld, count in plds)
+class _Stack:
+    """Many single-step PLDs (one grid) concatenated, so that the composed cumulant generating
+    function ``K(lam) = sum_s count_s log sum_j m_sj e^{lam l_sj}`` and its derivatives are a few
+    vectorised passes (``reduceat`` per PLD) instead of a Python loop over PLDs.  Weights below
+    ``e^-600`` of a PLD's peak are raised to it, as in :meth:`DiscretePLD.tilted` (which can only
+    raise ``K``)."""
+
+    def __init__(self, plds: Sequence[tuple[DiscretePLD, int]]):
+        self.counts = np.array([count for _, count in plds], dtype=float)
+        sizes = np.array([pld.masses.size for pld, _ in plds])
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.member = np.repeat(np.arange(len(plds)), sizes)
+        self.positions = np.concatenate([pld.grid for pld, _ in plds])
+        self.losses = self.positions * plds[0][0].interval
+        self.log_masses = np.concatenate([pld._log_masses for pld, _ in plds])
+
+    def _weights(self, lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        exponent = self.log_masses + lam * self.losses
+        peak = np.maximum.reduceat(exponent, self.offsets)
+        weights = np.exp(np.maximum(exponent - peak[self.member], -600.0))
+        return weights, peak, np.add.reduceat(weights, self.offsets)
+
+    def log_mgf(self, lam: float) -> float:
+        _, peak, total = self._weights(lam)
+        return float(np.sum(self.counts * (peak + np.log(total))))
+
+    def cumulants(self, lam: float) -> tuple[float, float, float]:
+        weights, peak, total = self._weights(lam)
+        centre = np.add.reduceat(weights * self.losses, self.offsets) / total
+        centred = self.losses - centre[self.member]
+        variance = np.add.reduceat(weights * centred * centred, self.offsets) / total
+        return (float(np.sum(self.counts * (peak + np.log(total)))), float(np.sum(self.counts * centre)),
+                float(np.sum(self.counts * variance)))
 
 
-def _cumulants(plds: Sequence[tuple[DiscretePLD, int]], lam: float) -> tuple[float, float, float]:
+def _as_stack(plds: Sequence[tuple[DiscretePLD, int]] | _Stack) -> _Stack:
+    return plds if isinstance(plds, _Stack) else _Stack(plds)
+
+
+def _spectrum_means(half_spectra: np.ndarray) -> np.ndarray:
+    """:func:`_spectrum_mean` of each row."""
+    return (half_spectra[:, 0] + 2 * half_spectra[:, 1:].sum(axis=1)) / (2 * half_spectra.shape[1] - 1)
+
+
+def _composed_log_mgf(plds):
+    return _as_stack(plds).log_mgf
+
+
+def _cumulants(plds, lam: float) -> tuple[float, float, float]:
     """``K(lam)``, ``K'(lam)``, ``K''(lam)`` of the composed finite part (its tilted log-mass, mean, variance)."""
-    k = first = second = 0.0
-    for pld, count in plds:
-        log_mgf, centre, variance = pld.cumulants(lam)
-        k += count * log_mgf
-        first += count * centre
-        second += count * variance
-    return k, first, second
+    return _as_stack(plds).cumulants(lam)
 
 
-def saddle_point(plds: Sequence[tuple[DiscretePLD, int]], loss: float) -> float:
+def saddle_point(plds: Sequence[tuple[DiscretePLD, int]] | _Stack, loss: float) -> float:
     """The tilt ``lam >= 0`` whose tilted composed PLD has mean ``loss`` (``K'(lam) = loss``); 0 if
     ``loss`` is at or below the mean.  Safeguarded Newton on the convex ``K``; approximate is fine."""
     _, first, second = _cumulants(plds, 0.0)
@@ -318,7 +411,7 @@ def saddle_point(plds: Sequence[tuple[DiscretePLD, int]], loss: float) -> float:
     return max(lam, 0.0)
 
 
-def choose_tilt(plds: Sequence[tuple[DiscretePLD, int]], loss: float, headroom: float = 1e3) -> float:
+def choose_tilt(plds: Sequence[tuple[DiscretePLD, int]] | _Stack, loss: float, headroom: float = 1e3) -> float:
     """The least tilt whose precision at ``loss`` is within ``headroom`` of the saddle point's.
 
     Untilted, the composed mass near ``loss`` sits ``~e^{-(lam* loss - K(lam*))}`` below the peak
@@ -329,6 +422,7 @@ def choose_tilt(plds: Sequence[tuple[DiscretePLD, int]], loss: float, headroom: 
     the window must hold it).  Newton from ``lam = 0`` approaches a convex decreasing function's
     root monotonically from the left.
     """
+    plds = _as_stack(plds)
     best = saddle_point(plds, loss)
     if best == 0.0:
         return 0.0
@@ -343,7 +437,7 @@ def choose_tilt(plds: Sequence[tuple[DiscretePLD, int]], loss: float, headroom: 
     return lam
 
 
-def saddle_point_epsilon(plds: Sequence[tuple[DiscretePLD, int]], delta: float) -> float:
+def saddle_point_epsilon(plds: Sequence[tuple[DiscretePLD, int]] | _Stack, delta: float) -> float:
     """A quick *estimate* (not a bound) of epsilon at ``delta``, used only to aim the tilt.
 
     Tilting by the saddle point ``K'(lam) = eps`` and treating the tilted loss as ``N(eps, K'')``:
@@ -352,6 +446,7 @@ def saddle_point_epsilon(plds: Sequence[tuple[DiscretePLD, int]], delta: float) 
 
     which is monotone in ``lam``; we solve it for ``lam`` (Brent on ``log lam``) and return ``K'(lam)``.
     """
+    plds = _as_stack(plds)
 
     def excess(log_lam: float) -> float:
         lam = math.exp(log_lam)
@@ -376,6 +471,8 @@ def compose(
     tilt: float = 0.0,
     lowest_loss: float = math.inf,
     max_size: int = 1 << 24,
+    aim: Sequence[tuple[DiscretePLD, int]] | _Stack | None = None,
+    stack: _Stack | None = None,
 ) -> ComposedPLD:
     """Composes ``count`` copies of each ``pld`` (all on one grid) by one FFT.
 
@@ -399,24 +496,31 @@ def compose(
     """
     h = plds[0][0].interval
     plds = [(pld, count) for pld, count in plds if count > 0]
-    moments = [pld.moments() for pld, _ in plds]
-    mean = sum(count * m for (_, count), (m, _) in zip(plds, moments))
-    variance = sum(count * v for (_, count), (_, v) in zip(plds, moments))
+    if stack is None:
+        stack = _Stack(plds)
+    _, mean, variance = stack.cumulants(0.0)
     if len(plds) == 1 and plds[0][1] == 1:  # nothing to compose: the discretised PLD is exact
         pld = plds[0][0]
-        return ComposedPLD(h, pld.start, np.asarray(pld.masses), 0.0, 0.0, pld.infinity_mass, 0.0, 0.0, mean, variance)
+        dense = np.zeros(int(pld.grid[-1] - pld.grid[0]) + 1)
+        dense[pld.grid - pld.grid[0]] = pld.masses
+        return ComposedPLD(h, int(pld.grid[0]), dense, 0.0, 0.0, pld.infinity_mass, 0.0, 0.0, mean, variance)
 
-    log_mgf = _composed_log_mgf(plds)
+    log_mgf = stack.log_mgf
     log_scale = log_mgf(tilt)
-    tilted_mgf = lambda lam: log_mgf(tilt + lam) - log_scale  # noqa: E731
+    # The tilted edges only decide how much of the window is spent on precision; they may use a
+    # cheaper stand-in for the PLDs (``aim``).  The untilted upper edge bounds the wrapped mass:
+    # it always uses the exact PLDs.
+    aim_mgf = log_mgf if aim is None else _as_stack(aim).log_mgf
+    aim_scale = log_scale if aim is None else aim_mgf(tilt)
+    tilted_mgf = lambda lam: aim_mgf(tilt + lam) - aim_scale  # noqa: E731
     total_steps = sum(count for _, count in plds)
     max_lam = 1e300 / (_MAX_LOSS * total_steps)
     # The untilted spread only seeds the Chernoff searches.
     spread = math.sqrt(max(variance, 1e-300))
-    support_lo = sum(count * pld.start for pld, count in plds) * h
-    support_hi = sum(count * (pld.start + pld.masses.size - 1) for pld, count in plds) * h
+    support_lo = sum(count * pld.grid[0] for pld, count in plds) * h
+    support_hi = sum(count * pld.grid[-1] for pld, count in plds) * h
     log_rel = math.log(1e-12)
-    hi = max(_edge(log_mgf, mean, spread, math.log(tail_mass), +1, max_lam),
+    hi = max(_edge(log_mgf, mean, spread, math.log(tail_mass), +1, max_lam, None if aim is None else aim_mgf),
              _edge(tilted_mgf, mean, spread, log_rel, +1, max_lam))
     lo = min(_edge(tilted_mgf, mean, spread, log_rel, -1, max_lam), lowest_loss)
     hi, lo = min(hi, support_hi), max(lo, support_lo)
@@ -428,26 +532,58 @@ def compose(
 
     log2n = math.log2(size)
     log_spectrum = np.zeros(size // 2 + 1, dtype=complex)
+    upper = np.zeros(size // 2 + 1)  # log of a bound on the modulus of the product so far
+    alive = np.ones(size // 2 + 1, dtype=bool)
     forward_error = 0.0  # mean over frequencies of a bound on the composed spectrum's error
-    for pld, count in plds:
-        weights = pld.tilted(tilt)[0]  # sums to 1
-        positions = (pld.start + np.arange(pld.masses.size)) % size
-        f = sp_fft.rfft(np.bincount(positions, weights=weights, minlength=size))
+    weights_all, _, totals = stack._weights(tilt)
+    weights_all = weights_all / totals[stack.member]  # each PLD's tilted weights sum to 1
+    positions_all = stack.positions % size
+    batch = max(1, (1 << 22) // size)  # PLDs per batched FFT (~32 MB of spectra)
+    for first in range(0, len(plds), batch):
+        last = min(first + batch, len(plds))
+        lo_index = stack.offsets[first]
+        hi_index = stack.offsets[last] if last < len(plds) else stack.losses.size
+        rows = stack.member[lo_index:hi_index] - first
+        weights = weights_all[lo_index:hi_index]
+        signals = np.bincount(rows * size + positions_all[lo_index:hi_index], weights=weights,
+                              minlength=(last - first) * size).reshape(last - first, size)
+        f = sp_fft.rfft(signals, axis=1)
+        counts = stack.counts[first:last]
         # f**count as exp(count log f): the segments' powers then multiply as one sum of logs and
         # one complex exp at the end (phase count*arg f stays exact to ~count*eps).
+        modulus = np.abs(f)
+        norms = np.sqrt(np.add.reduceat(weights * weights, stack.offsets[first:last] - lo_index))
+        live = np.flatnonzero(alive) if not alive.all() else slice(None)
         with np.errstate(divide="ignore"):
-            log_modulus = np.log(np.abs(f))
-        log_spectrum += count * (log_modulus + 1j * np.angle(f))
+            log_modulus = np.log(modulus[:, live])
+            # |F| itself is <= 1 (weights sum to 1); the computed one may be off by the FFT's error,
+            # at most sqrt(N) times its RMS at any one frequency.
+            pointwise = 4 * _EPS * log2n * math.sqrt(size) * norms
+            upper[live] += counts @ np.log(np.minimum(modulus[:, live] + pointwise[:, None], 1.0))
+        log_spectrum[live] += counts @ log_modulus + 1j * (counts @ np.angle(f[:, live]))
+        # Frequencies where the product so far is below ``_NEGLIGIBLE`` stay there (every later
+        # factor is <= 1): they are dropped from the spectrum, which moves each entry of the
+        # inverse transform by at most ``_NEGLIGIBLE`` (added to the entry error below).
+        alive &= upper > math.log(_NEGLIGIBLE)
         # Round-off: the forward FFT errs by ~eps log2(N) ||x||_2 per frequency, which z -> z**T
         # multiplies by T |z|^{T-1}; the power itself errs by ~eps (T pi + 1) |z|^T (phase and
         # modulus of exp(T log z)).  An inverse FFT puts the spectrum's mean error into each entry.
-        mean_power = _spectrum_mean(np.exp((count - 1) * log_modulus)) if count > 1 else 1.0
-        forward_error += count * log2n * math.sqrt(_dot(weights, weights)) * mean_power
-        forward_error += (count * math.pi + 1) * _spectrum_mean(np.exp(count * log_modulus))
-    spectrum = np.exp(log_spectrum)
+        single = counts == 1  # |z|^0 = 1 and |z|^1 = |z|: no powers to take
+        if single.all():
+            forward_error += float(np.sum(log2n * norms + (math.pi + 1) * _spectrum_means(modulus)))
+        elif single.any():
+            forward_error += float(np.sum(log2n * norms[single] + (math.pi + 1) * _spectrum_means(modulus[single])))
+        for row in np.flatnonzero(~single):
+            count = counts[row]
+            with np.errstate(divide="ignore"):
+                log_row = np.log(modulus[row])
+            mean_power = _spectrum_mean(np.exp((count - 1) * log_row))
+            forward_error += count * log2n * norms[row] * mean_power
+            forward_error += (count * math.pi + 1) * _spectrum_mean(np.exp(count * log_row))
+    spectrum = np.where(alive, np.exp(np.where(alive, log_spectrum, 0.0)), 0.0)
     masses = np.roll(sp_fft.irfft(spectrum, n=size), -(start % size))
     inverse_error = log2n * math.sqrt(_dot(masses, masses) / size)
-    entry_error = 4 * _EPS * (forward_error + inverse_error)
+    entry_error = 4 * _EPS * (forward_error + inverse_error) + (0.0 if alive.all() else _NEGLIGIBLE)
     log_finite = sum(count * math.log1p(-pld.infinity_mass) if pld.infinity_mass < 1 else -math.inf
                      for pld, count in plds)
     infinity_mass = -math.expm1(log_finite)

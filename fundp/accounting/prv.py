@@ -51,7 +51,7 @@ from scipy import special
 
 from fundp.accounting import gdp, rdp
 from fundp.accounting import subsampled_gaussian as sg
-from fundp.accounting.pld import ComposedPLD, choose_tilt, compose, discretize, saddle_point_epsilon
+from fundp.accounting.pld import ComposedPLD, _Stack, choose_tilt, compose, discretize, saddle_point_epsilon
 
 __all__ = ["epsilon", "delta", "RELATIVE_ERROR"]
 
@@ -119,21 +119,73 @@ def _step_pld(sigma: float, q: float, h: float, direction: str, log10_tail: int)
 
 
 def _step_plds(segments: tuple, h: float, direction: str, tail: float) -> list:
+    return _step_plds_cached(segments, h, direction, math.floor(math.log10(tail)))
+
+
+@functools.lru_cache(maxsize=8)
+def _step_plds_cached(segments: tuple, h: float, direction: str, log10_tail: int) -> list:
     # Per-step tails: a step's cut-off mass can reach delta at most once per step, and there are
     # two tails per segment.
-    return [
-        (_step_pld(sigma, q, h, direction, math.floor(math.log10(tail / (2 * len(segments) * steps)))), steps)
-        for sigma, q, steps in segments
-    ]
+    tail = 10.0**log10_tail
+    if len(segments) <= _AIM_SEGMENTS:  # few segments: share single-step PLDs across ledgers
+        return [
+            (_step_pld(sigma, q, h, direction, math.floor(math.log10(tail / (2 * len(segments) * steps)))), steps)
+            for sigma, q, steps in segments
+        ]
+    # A schedule: its PLDs are cached together, here, and their sparse upper tails (cells
+    # _TAIL_COARSENING grid steps wide above the loss that leaves _TAIL_MASS per step) cut their
+    # size ~10x: the extra connect-the-dots spread, <= _TAIL_MASS (D h)^2/4 per step, is 5% of the
+    # h^2/4 the grid was sized for.
+    plds = []
+    for sigma, q, steps in segments:
+        log10_step_tail = math.floor(math.log10(tail / (2 * len(segments) * steps)))
+        above = sg.loss_range(q, sigma, direction, _TAIL_MASS)[1]
+        plds.append((discretize(sigma, q, h, direction, 10.0**log10_step_tail, above, _TAIL_COARSENING), steps))
+    return plds
+
+
+_TAIL_COARSENING = 16
+_TAIL_MASS = 0.05 / _TAIL_COARSENING**2
+
+
+#: Ledgers with more distinct segments aim their tilts with this many stand-ins (see `_aim_segments`),
+#: discretised on a grid this many times coarser.
+_AIM_SEGMENTS = 64
+_AIM_COARSENING = 8
+
+
+def _aim_segments(segments: tuple) -> tuple:
+    """Stand-ins for many segments, used only to *aim* (choose tilts and precision windows).
+
+    Segments sorted by ``(q, sigma)`` are cut into ``_AIM_SEGMENTS`` consecutive groups, each
+    represented by its median setting with the group's total steps, discretised on a coarser grid.
+    Aiming needs only rough cumulants, and no bound depends on it: every pass is exact for whatever
+    tilt and window it is given, and the window's wrapped-mass bound is evaluated with the exact PLDs.
+    """
+    if len(segments) <= _AIM_SEGMENTS:
+        return segments
+    ordered = sorted(segments, key=lambda segment: (segment[1], segment[0]))
+    groups = [ordered[round(i * len(ordered) / _AIM_SEGMENTS): round((i + 1) * len(ordered) / _AIM_SEGMENTS)]
+              for i in range(_AIM_SEGMENTS)]
+    return tuple((group[len(group) // 2][0], group[len(group) // 2][1], sum(s for *_, s in group))
+                 for group in groups if group)
 
 
 @functools.lru_cache(maxsize=4)
 def _composed_cached(segments: tuple, h: float, direction: str, log10_tail: int, at_loss: float) -> ComposedPLD:
     tail = 10.0**log10_tail
     plds = _step_plds(segments, h, direction, tail)
+    stack = _stack(segments, h, direction, log10_tail)
+    aim = _stack(_aim_segments(segments), h * _AIM_COARSENING, direction, log10_tail) if len(segments) > _AIM_SEGMENTS else None
     # Trust delta from half the loss of interest up: the answer lies near it.
-    tilt = choose_tilt(plds, at_loss)
-    return compose(plds, tail, tilt=tilt, lowest_loss=at_loss / 2, max_size=_MAX_POINTS)
+    tilt = choose_tilt(stack if aim is None else aim, at_loss)
+    return compose(plds, tail, tilt=tilt, lowest_loss=at_loss / 2, max_size=_MAX_POINTS, aim=aim, stack=stack)
+
+
+@functools.lru_cache(maxsize=8)
+def _stack(segments: tuple, h: float, direction: str, log10_tail: int) -> _Stack:
+    """The single-step PLDs of ``segments``, concatenated for vectorised cumulants."""
+    return _Stack(_step_plds_cached(segments, h, direction, log10_tail))
 
 
 def _rounded_tail(tail: float) -> float:
@@ -192,8 +244,9 @@ def epsilon(segments: Segments, delta: float) -> float:
     for direction in _directions(segments):
         # Aim the coarse tilt with the saddle-point estimate on the coarse grid (cheap, and far
         # better than the CLT guess for heavy-tailed losses).
-        plds = _step_plds(segments, _quantize(h_coarse), direction, _rounded_tail(tail))
-        aim = saddle_point_epsilon(plds, delta)
+        aim_h = _quantize(h_coarse) * (_AIM_COARSENING if len(segments) > _AIM_SEGMENTS else 1)
+        aim_stack = _stack(_aim_segments(segments), aim_h, direction, math.floor(math.log10(_rounded_tail(tail))))
+        aim = saddle_point_epsilon(aim_stack, delta)
         coarse[direction] = _epsilon_pass(segments, h_coarse, direction, tail, delta, aim if math.isfinite(aim) else guess)
     answer = 0.0
     for direction in sorted(coarse, key=lambda d: -coarse[d][0]):
