@@ -47,8 +47,11 @@ def test_compiled_dp_step_compiles_once_per_padded_shape(problem, dynamic, grad_
     shapes = {indices.shape[0] for indices, _ in batches}
     assert 2 <= len(shapes) <= 4  # E[B] = 30, sd 5.2: sizes 16, 32, 48 (the bucketing at work)
     counter = torch._dynamo.testing.CompileCounter()
-    eager = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=Q * N, grad_method=grad_method)
-    compiled = torch.compile(eager, backend=counter, dynamic=dynamic)
+    # verify=False: the ghost engine's first-call verification (an eager pass per shape, tested in
+    # test_ghost.py) would add frames; fundp.compile traces its backward into the graph.
+    eager = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=Q * N, grad_method=grad_method,
+                          verify=False)
+    compiled = fundp.compile(eager, backend=counter, dynamic=dynamic)
     outs = run(compiled, params, x, y, batches)
     assert counter.frame_count == len(shapes), f"{counter.frame_count} compilations for padded shapes {sorted(shapes)}"
     # The last step again, eagerly: the compiled step computes the same thing.
