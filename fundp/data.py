@@ -14,11 +14,9 @@ One namespace for three small modules:
 
 Example:
   >>> import torch, fundp
-  >>> batches = fundp.data.poisson_batches(1000, 0.05, fundp.random.key(0), steps=3, pad_to_multiple=32)
-  >>> [(tuple(i.shape), int(m.sum())) for i, m in batches]
-  [((64,), 42), ((64,), 46), ((64,), 46)]
-  >>> batches.sample_rate, len(batches)
-  (0.05, 3)
+  >>> batches = fundp.data.poisson_batches(100, 0.2, fundp.random.key(1), steps=2, pad_to_multiple=16)
+  >>> fundp.data.check_sampling_matches(batches, 0.2, expected_batch_size=20.0)
+  0.2
 """
 
 from __future__ import annotations

@@ -114,18 +114,38 @@ def _raise_if_nonfinite(params: Any, losses_ok: torch.Tensor) -> None:
         raise FloatingPointError("the loss of a real (unmasked) example is NaN or Inf")
 
 
-def _clipped_sum_fn(
+def clipped_grad_sum(
     loss_fn: Callable,
     *,
     max_norm: Any,
-    clip_style: str,
-    gamma: float,
-    grad_method: str,
-    has_aux: bool,
-    randomness: str,
-    verify: Any,
+    clip_style: ClipStyle = "flat",
+    gamma: float = 0.01,
+    grad_method: GradMethod = "auto",
+    has_aux: bool = False,
+    randomness: Randomness = "error",
+    verify: Verify = "first",
     check_finite: bool = False,
 ) -> ClippedSumFn:
+    """Transform: returns ``f(params, batch, mask=None, key=None, *, max_norm=None) -> ClippedSum``.
+
+    ``f`` computes ``sum_i c_i g_i`` over the real rows of ``batch`` (``mask[i]`` True, or all
+    rows), with clip factors ``c_i`` from ``clip_style`` (see :func:`fundp.clip`), and returns it
+    as a :class:`~fundp.types.ClippedSum` that carries its L2 sensitivity (``C``, or
+    ``sqrt(sum_l C_l^2)`` per layer).  Masked rows and examples with a non-finite gradient
+    contribute exactly zero (and nothing to ``loss_sum``).  ``key`` drives the model's random ops
+    when ``randomness="different"``.  ``max_norm`` at call time overrides the built threshold
+    (a 0-d tensor under ``torch.compile`` never recompiles).  ``verify`` is passed to the
+    engine: when a fast engine (``"ghost"``) is checked against single-example gradients.
+    ``check_finite``: debug mode, raise ``FloatingPointError`` for NaN/Inf params or losses of
+    real rows (a device sync, outside the graph).
+
+    Example:
+      >>> import torch, fundp
+      >>> f = fundp.clipped_grad_sum(lambda p, b: b @ p["w"], max_norm=1.0, grad_method="vmap")
+      >>> out = f({"w": torch.zeros(2)}, torch.tensor([[3.0, 4.0], [0.3, 0.4]]))
+      >>> out.grads["w"], out.sensitivity
+      (tensor([0.9000, 1.2000]), 1.0)
+    """
     _check_choice("clip_style", clip_style, CLIP_STYLES)
     _check_choice("grad_method", grad_method, GRAD_METHODS)
     _check_choice("randomness", randomness, RANDOMNESS)
@@ -162,47 +182,6 @@ def _clipped_sum_fn(
         return ClippedSum(grads, loss_sum, kept.sum(), norms, num_nonfinite, out.aux, sensitivity)
 
     return f
-
-
-def clipped_grad_sum(
-    loss_fn: Callable,
-    *,
-    max_norm: Any,
-    clip_style: ClipStyle = "flat",
-    gamma: float = 0.01,
-    grad_method: GradMethod = "auto",
-    has_aux: bool = False,
-    randomness: Randomness = "error",
-    verify: Verify = "first",
-) -> ClippedSumFn:
-    """Transform: returns ``f(params, batch, mask=None, key=None, *, max_norm=None) -> ClippedSum``.
-
-    ``f`` computes ``sum_i c_i g_i`` over the real rows of ``batch`` (``mask[i]`` True, or all
-    rows), with clip factors ``c_i`` from ``clip_style`` (see :func:`fundp.clip`), and returns it
-    as a :class:`~fundp.types.ClippedSum` that carries its L2 sensitivity (``C``, or
-    ``sqrt(sum_l C_l^2)`` per layer).  Masked rows and examples with a non-finite gradient
-    contribute exactly zero (and nothing to ``loss_sum``).  ``key`` drives the model's random ops
-    when ``randomness="different"``.  ``max_norm`` at call time overrides the built threshold
-    (a 0-d tensor under ``torch.compile`` never recompiles).  ``verify`` is passed to the
-    engine: when a fast engine (``"ghost"``) is checked against single-example gradients.
-
-    Example:
-      >>> import torch, fundp
-      >>> f = fundp.clipped_grad_sum(lambda p, b: b @ p["w"], max_norm=1.0, grad_method="vmap")
-      >>> out = f({"w": torch.zeros(2)}, torch.tensor([[3.0, 4.0], [0.3, 0.4]]))
-      >>> out.grads["w"], out.sensitivity
-      (tensor([0.9000, 1.2000]), 1.0)
-    """
-    return _clipped_sum_fn(
-        loss_fn,
-        max_norm=max_norm,
-        clip_style=clip_style,
-        gamma=gamma,
-        grad_method=grad_method,
-        has_aux=has_aux,
-        randomness=randomness,
-        verify=verify,
-    )
 
 
 def _same_sensitivity(first: Any, second: Any) -> Any:
@@ -627,7 +606,7 @@ def dp_step(
             raise ValueError("budget accounts DP-SGD's ledger, which does not apply to a noise_mechanism: use its own accountant (fundp.mf)")
         if secure_mode:
             raise NotImplementedError("secure_mode with a noise_mechanism: the mechanism draws its own noise")
-    summed = _clipped_sum_fn(
+    summed = clipped_grad_sum(
         loss_fn,
         max_norm=max_norm,
         clip_style=clip_style,
