@@ -304,6 +304,20 @@ def test_other_clip_styles_stay_within_their_sensitivity(style):
     assert empirical_sensitivity(clipped, params, batch, mode="replace") <= 2 * bound * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("style", ["flat", "per_layer", "automatic"])
+def test_the_sensitivity_a_clipped_sum_carries_is_respected(style):
+    """ClippedSum.sensitivity (what privatize scales the noise by) bounds every measured change."""
+    if "sensitivity" not in fundp.ClippedSum._fields:
+        pytest.skip("this fundp's ClippedSum does not carry its sensitivity")
+    loss_fn, params, batch = _mlp_case()
+    clipped = fundp.clipped_grad_sum(loss_fn, max_norm=0.05, clip_style=style)
+    claimed = float(clipped(params, batch).sensitivity)
+    assert claimed == pytest.approx(fundp.clip_sensitivity(0.05, style=style, params=params), rel=1e-12)
+    removed = empirical_sensitivity(clipped, params, batch)
+    assert claimed * 0.5 < removed <= claimed * (1 + 1e-9)  # every example here is clipped: the bound is nearly met
+    assert empirical_sensitivity(clipped, params, batch, mode="replace") <= 2 * claimed * (1 + 1e-9)
+
+
 def test_an_unclipped_sum_exceeds_the_bound():
     loss_fn, params, batch = _mlp_case()
     per_example = fundp.per_sample_grads(loss_fn)
