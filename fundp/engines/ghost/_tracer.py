@@ -233,7 +233,11 @@ class Tracer(TorchFunctionMode):
             handled = broadcast_rule(self, func, name, args, kwargs)
             if handled is not None:
                 return handled
-            self.report(derived, f"used by {name}, which the ghost engine has no rule for")
+            lost = [self.layouts.get(t) for t in batched if isinstance(self.layouts.get(t), Untrusted)]
+            if lost:
+                self.report(derived, f"used by {name} on rows that are not the examples in order ({lost[0].reason})")
+            else:
+                self.report(derived, f"used by {name}, which the ghost engine has no rule for")
             out = func(*args, **kwargs)
             self.propagate(func, name, args, kwargs, out)
             return out
@@ -314,10 +318,12 @@ class Tracer(TorchFunctionMode):
             self.layouts.set(tensor, self._layout_after(func, name, args, kwargs, first, first_layout, tensor))
 
     def _layout_after(self, func, name, args, kwargs, first, layout, out) -> Any:
-        inputs = [t for t in _tensors_in(args) + _tensors_in(kwargs.values()) if self.layouts.get(t) is not None]
-        untrusted = [self.layouts.get(t) for t in inputs if isinstance(self.layouts.get(t), Untrusted)]
+        tracked = [t for t in _tensors_in(args) + _tensors_in(kwargs.values()) if self.layouts.get(t) is not None]
+        untrusted = [self.layouts.get(t) for t in tracked
+                     if isinstance(self.layouts.get(t), Untrusted) and self.permutations.get(t) is None]
         if untrusted:
             return untrusted[0]
+        inputs = [t for t in tracked if isinstance(self.layouts.get(t), Layout)]
         if isinstance(layout, Layout):
             ndim = first.dim()
             if name in _RESHAPES:

@@ -1,0 +1,312 @@
+"""Exact or refuse: the models that once fooled the ghost engine, in float64 against micro-batching.
+
+Each model is either handled exactly (norms and clipped sums equal to single-example gradients
+clipped by hand, relative error <= 1e-10 of the global norm) or refused with an error naming the
+parameter / op.  References run ``loss_fn`` on one example at a time with plain autograd.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fundp
+from fundp.engines.ghost import ExamplesInteractError, GhostUnsupportedError, GhostVerificationError, ghost_plan
+
+torch.set_default_dtype(torch.float64)
+B, T, D, V = 6, 5, 4, 7
+
+
+def reference(loss_fn, params, batch, max_norm, style, gamma=0.01):
+    """``(sum_i clip(g_i) / B, [B] norms)`` from one example at a time, clipped by hand."""
+    size = next(iter(batch.values())).shape[0]
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    rows = {k: [] for k in params}
+    for i in range(size):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        grads = torch.autograd.grad(loss_fn(leaves, one).sum(), list(leaves.values()), allow_unused=True)
+        for k, g in zip(leaves, grads):
+            rows[k].append(torch.zeros_like(leaves[k]) if g is None else g)
+    rows = {k: torch.stack(v) for k, v in rows.items()}
+    sq = {k: g.flatten(1).square().sum(1) for k, g in rows.items()}
+    total = torch.sqrt(sum(sq.values()))
+    out = {}
+    for k, g in rows.items():
+        if style == "flat":
+            c = torch.clamp(max_norm / total, max=1.0)
+        elif style == "automatic":
+            c = max_norm / (total + gamma)
+        else:
+            c = torch.clamp(max_norm / torch.sqrt(sq[k]).clamp_min(1e-300), max=1.0)
+        out[k] = (g * c.reshape((-1,) + (1,) * (g.dim() - 1))).sum(0) / size
+    return out, total
+
+
+def assert_exact(loss_fn, params, batch, style="flat", max_norm=0.3, grad_method="ghost", rel=1e-10, **kwargs):
+    step = fundp.dp_step(loss_fn, max_norm=max_norm, noise_multiplier=0.0, expected_batch_size=B,
+                         grad_method=grad_method, clip_style=style, **kwargs)
+    out = step(params, batch, fundp.random.key(0))
+    expected, norms = reference(loss_fn, params, batch, max_norm, style)
+    torch.testing.assert_close(out.norms, norms, rtol=rel, atol=0)
+    scale = torch.sqrt(sum(v.square().sum() for v in expected.values()))
+    error = torch.sqrt(sum((out.grads[k] - expected[k]).square().sum() for k in expected))
+    assert error <= rel * scale, f"relative error {float(error / scale):.2e}"
+    assert bool(((norms > max_norm) & (norms < 10 * max_norm)).any()) or style == "automatic"
+
+
+def tokens(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    ids[:, 1] = ids[:, 0]  # repeated tokens within an example
+    return {"ids": ids, "y": torch.randint(0, V, (B, T), generator=g)}
+
+
+def features(seed=0, width=D):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(B, width, generator=g), "y": torch.randint(0, 3, (B,), generator=g)}
+
+
+def tied_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"emb": torch.randn(V, D, generator=g) * 0.5, "w": torch.randn(D, D, generator=g) * 0.5}
+
+
+# ------------------------------------------------------------------------------------- tied heads
+
+
+@pytest.mark.parametrize("spelling", ["T", "mT", "H", "t", "transpose", "linear"])
+@pytest.mark.parametrize("style", ["flat", "per_layer", "automatic"])
+def test_tied_head_written_with_a_transposed_view_is_exact(spelling, style):
+    def head(h, emb):
+        if spelling == "T":
+            return h @ emb.T
+        if spelling == "mT":
+            return h @ emb.mT
+        if spelling == "H":
+            return h @ emb.H
+        if spelling == "t":
+            return torch.matmul(h, emb.t())
+        if spelling == "transpose":
+            return h @ emb.transpose(0, 1)
+        return F.linear(h, emb)
+
+    def loss_fn(p, b):
+        h = torch.tanh(F.embedding(b["ids"], p["emb"]) @ p["w"])
+        logits = head(h, p["emb"])
+        return F.cross_entropy(logits.reshape(-1, V), b["y"].reshape(-1), reduction="none").reshape(B if b["ids"].shape[0] == B else 1, T).mean(1)
+
+    params, batch = tied_params(), tokens()
+    assert set(ghost_plan(loss_fn, params, batch).values()) == {"ghost"}
+    assert_exact(loss_fn, params, batch, style)
+
+
+# ------------------------------------------------------------------------------------- reordered rows
+
+
+@pytest.mark.parametrize("reorder", ["argsort_index", "index_select", "flip", "sort_indices"])
+def test_a_batch_reordered_inside_loss_fn_is_mapped_back_exactly(reorder):
+    g = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(3, D, generator=g), "b": torch.randn(3, generator=g), "v": torch.randn(3, 3, generator=g)}
+
+    def loss_fn(p, b):
+        x = b["x"]
+        if reorder == "flip":
+            moved, perm = x.flip(0), None
+        else:
+            perm = x[:, 0].argsort() if reorder != "sort_indices" else torch.sort(x[:, 1]).indices
+            moved = x.index_select(0, perm) if reorder == "index_select" else x[perm]
+        h = torch.tanh(F.linear(moved, p["w"], p["b"]))
+        h = h.flip(0) if perm is None else h[perm.argsort()]  # the original order restored
+        return F.cross_entropy(h @ p["v"], b["y"], reduction="none")
+
+    params_batch = features()
+    assert set(ghost_plan(loss_fn, params, params_batch).values()) == {"ghost"}
+    for style in ("flat", "per_layer", "automatic"):
+        assert_exact(loss_fn, params, params_batch, style)
+
+
+def test_rows_picked_by_an_unknown_index_are_not_trusted():
+    g = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(3, D, generator=g), "v": torch.randn(3, 3, generator=g)}
+    picks = torch.tensor([1, 0, 3, 2, 5, 4])  # a permutation the tracer cannot know is one
+
+    def loss_fn(p, b):
+        h = torch.tanh(F.linear(b["x"][picks[: b["x"].shape[0]] % b["x"].shape[0]], p["w"]))
+        return F.cross_entropy(h @ p["v"], b["y"], reduction="none")
+
+    plan = ghost_plan(loss_fn, params, features())
+    assert plan["params['w']"].startswith("vmap") and "not the examples in order" in plan["params['w']"]
+    with pytest.raises(GhostUnsupportedError, match=r"params\['w'\]"):
+        fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=B, grad_method="ghost")(
+            params, features(), fundp.random.key(0))
+
+
+# ------------------------------------------------------------------------------------- layouts
+
+
+@pytest.mark.parametrize("style", ["flat", "per_layer", "automatic"])
+def test_sequence_first_activations_with_t_equal_b_are_exact(style):
+    g = torch.Generator().manual_seed(5)
+    params = {"emb": torch.randn(V, D, generator=g), "w": torch.randn(D, D, generator=g),
+              "ln_w": 1 + 0.1 * torch.randn(D, generator=g), "ln_b": 0.1 * torch.randn(D, generator=g),
+              "head": torch.randn(3, D, generator=g)}
+    batch = {"ids": torch.randint(0, V, (B, B), generator=g), "y": torch.randint(0, 3, (B,), generator=g)}  # T == B
+
+    def loss_fn(p, b):
+        h = F.embedding(b["ids"].T, p["emb"])  # [T, B, d]
+        h = F.layer_norm(torch.tanh(F.linear(h, p["w"])), (D,), p["ln_w"], p["ln_b"])
+        return F.cross_entropy(F.linear(h.mean(0), p["head"]), b["y"], reduction="none")
+
+    assert set(ghost_plan(loss_fn, params, batch).values()) == {"ghost"}
+    assert_exact(loss_fn, params, batch, style)
+
+
+@pytest.mark.parametrize("style", ["flat", "per_layer", "automatic"])
+def test_gpt2_conv1d_flattened_rows_are_exact(style):
+    g = torch.Generator().manual_seed(6)
+    params = {"w": torch.randn(D, 3 * D, generator=g) * 0.5, "b": torch.randn(3 * D, generator=g) * 0.1,
+              "head": torch.randn(3, 3 * D, generator=g)}
+
+    def loss_fn(p, b):
+        x = b["x"]  # [B, T, d]
+        size = x.shape[:-1] + (3 * D,)
+        h = torch.addmm(p["b"], x.view(-1, x.size(-1)), p["w"]).view(size)  # HF Conv1D
+        return F.cross_entropy(F.linear(torch.tanh(h).mean(1), p["head"]), b["y"], reduction="none")
+
+    batch = {"x": torch.randn(B, T, D, generator=g), "y": torch.randint(0, 3, (B,), generator=g)}
+    assert set(ghost_plan(loss_fn, params, batch).values()) == {"ghost"}
+    assert_exact(loss_fn, params, batch, style)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("style", ["flat", "per_layer"])
+def test_transformer_encoder_layer_in_training_mode_with_t_equal_b_is_exact(batch_first, style):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D, 2, dim_feedforward=8, dropout=0.0, batch_first=batch_first).double().train()
+    head = nn.Linear(D, 3).double()
+    model = nn.ModuleDict({"layer": layer, "head": head})
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_fn(p, b):
+        x = b["x"] if batch_first else b["x"].transpose(0, 1)
+        h = torch.func.functional_call(layer, {k[6:]: v for k, v in p.items() if k.startswith("layer.")}, (x,))
+        h = h.mean(1 if batch_first else 0)
+        logits = torch.func.functional_call(head, {k[5:]: v for k, v in p.items() if k.startswith("head.")}, (h,))
+        return F.cross_entropy(logits, b["y"], reduction="none")
+
+    g = torch.Generator().manual_seed(7)
+    batch = {"x": torch.randn(B, B, D, generator=g), "y": torch.randint(0, 3, (B,), generator=g)}  # T == B
+    assert set(ghost_plan(loss_fn, params, batch).values()) == {"ghost"}
+    assert_exact(loss_fn, params, batch, style, max_norm=0.5)
+
+
+# ------------------------------------------------------------------------------------- invisible uses
+
+
+class _Scaled(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w):
+        return F.linear(x, w)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return grad @ w, grad.T @ x
+
+
+@torch.jit.script
+def _scripted_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x @ w.t())
+
+
+@pytest.mark.parametrize("hidden", ["autograd_function", "jit_script", "aten"])
+def test_a_second_use_below_the_tracer_is_found_and_the_others_stay_on_ghost(hidden):
+    g = torch.Generator().manual_seed(8)
+    params = {"w": torch.randn(D, D, generator=g) * 0.5, "v": torch.randn(3, D, generator=g)}
+
+    def loss_fn(p, b):
+        h = torch.tanh(F.linear(b["x"], p["w"]))  # visible use
+        if hidden == "autograd_function":
+            h = h + _Scaled.apply(h, p["w"])  # a second use the mode cannot see
+        elif hidden == "jit_script":
+            h = h + _scripted_linear(h, p["w"])
+        else:
+            h = h + torch.ops.aten.linear(h, p["w"])
+        return F.cross_entropy(F.linear(h, p["v"]), b["y"], reduction="none")
+
+    plan = ghost_plan(loss_fn, params, features())
+    assert plan["params['w']"].startswith("vmap"), plan
+    assert plan["params['v']"] == "ghost"
+    with pytest.raises(GhostUnsupportedError, match=r"params\['w'\]"):
+        fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=B, grad_method="ghost")(
+            params, features(), fundp.random.key(0))
+    assert_exact(loss_fn, params, features(), "flat", grad_method="auto")
+
+
+# ------------------------------------------------------------------------------------- interaction
+
+
+def test_batch_norm_in_training_mode_through_torch_func_functional_call_is_refused():
+    model = nn.Sequential(nn.Linear(D, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double().train()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_fn(p, b):
+        return F.cross_entropy(torch.func.functional_call(model, p, (b["x"],)), b["y"], reduction="none")
+
+    for grad_method in ("auto", "ghost"):
+        step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=B, grad_method=grad_method)
+        with pytest.raises(ExamplesInteractError, match="batch_norm.*BatchNorm1d"):
+            step(params, features(), fundp.random.key(0))
+
+
+@pytest.mark.parametrize("mixing", ["centre", "softmax_over_batch", "matmul_over_batch"])
+def test_statistics_over_the_batch_inside_loss_fn_are_refused(mixing):
+    g = torch.Generator().manual_seed(9)
+    params = {"w": torch.randn(3, D, generator=g)}
+
+    def loss_fn(p, b):
+        h = F.linear(b["x"], p["w"])
+        if mixing == "centre":
+            h = h - h.mean(0)
+        elif mixing == "softmax_over_batch":
+            h = torch.softmax(h, dim=0)
+        else:
+            h = h @ (h.T @ h)
+        return F.cross_entropy(h, b["y"], reduction="none")
+
+    with pytest.raises(ExamplesInteractError, match="mixes examples"):
+        fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=B)(params, features(), fundp.random.key(0))
+
+
+def test_mixing_the_tracer_does_not_know_is_caught_by_verification():
+    g = torch.Generator().manual_seed(10)
+    params = {"w": torch.randn(3, D, generator=g)}
+
+    def loss_fn(p, b):
+        mixed = torch.fft.fft(b["x"], dim=0).real  # mixes the examples; the tracer has no rule for fft
+        return F.cross_entropy(F.linear(mixed, p["w"]), b["y"], reduction="none")
+
+    step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=B)
+    with pytest.raises((GhostVerificationError, ExamplesInteractError), match=r"params\['w'\]|interact"):
+        step(params, features(), fundp.random.key(0))
+
+
+def test_verify_always_and_false():
+    g = torch.Generator().manual_seed(11)
+    params = {"w": torch.randn(3, D, generator=g)}
+
+    def loss_fn(p, b):
+        return F.cross_entropy(F.linear(b["x"], p["w"]), b["y"], reduction="none")
+
+    with pytest.raises(ValueError, match="verify"):
+        fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=B, verify="sometimes")
+    for verify in (False, "first", "always"):
+        assert_exact(loss_fn, params, features(), "flat", verify=verify)
