@@ -33,6 +33,7 @@ EXPECTED = [
     "02_build_dp_step_by_hand",
     "03_privacy_utility",
     "04_clipping_properties",
+    "05_beyond_dp_sgd",
 ]
 
 # A cell that calls plt.<x>(, ax.<x>( / axes[i].<x>( / ax_loss.<x>(, or <anything>.plot(.
