@@ -12,6 +12,20 @@ the non-private eager step; a step is gradient + SGD update of the parameters.
   fundp_ghost_comp  torch.compile(that step)
   opacus_hooks      Opacus PrivacyEngine, grad_sample_mode="hooks"
   opacus_ghost      Opacus PrivacyEngine, grad_sample_mode="ghost" (fast gradient clipping)
+  floor             the physical floor of a DP step: the non-private eager step plus drawing the noise
+                    (one torch.randn of all trainable elements, added to the gradients)
+  fundp_auto        fundp.dp_step(grad_method="auto") + update        (eager)
+  fundp_auto_comp   torch.compile(that step)                          (the recommended configuration)
+
+Transformer models (HuggingFace ``transformers`` / ``peft``, random-initialised from configs, nothing
+downloaded; 2 layers, d=128, 4 heads, T=64, eval mode = dropout off): ``gpt2`` (GPT2LMHeadModel,
+per-sequence mean next-token loss), ``gpt2_lora`` (the same with LoRA r=8 on ``c_attn``; only the
+adapters train), ``bert`` (BertForSequenceClassification), ``vit`` (ViTForImageClassification on
+32x32 images, 4x4 patches: 64 patches), ``llama`` (LlamaForCausalLM: RMSNorm, rotary, gated MLP).
+Their default modes are nonprivate, floor, fundp_auto, fundp_auto_comp and the two Opacus modes,
+and a second table gives fundp_auto_comp / nonprivate, / floor, / each Opacus mode and, with
+``--memory``, fundp's peak memory / non-private's.  An Opacus mode that refuses a model is
+reported as "refused: <reason>".
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step (in-process, reset before each
 mode).  On CPU, the peak RSS over a step, measured in a fresh subprocess per
@@ -22,6 +36,8 @@ ratios;
 
     python benchmarks/speed.py                           # all models, B in 64 256 1024
     python benchmarks/speed.py --models mlp --batch-sizes 256 --repeats 20 --memory
+    python benchmarks/speed.py --models transformers --batch-sizes 64 --repeats 5 --memory   # the five HF models
+    python benchmarks/speed.py --models gpt2,bert --modes nonprivate floor fundp_auto_comp
 
 Opacus comes from the ``bench`` extra (``pip install -e ".[bench]"``); without it its columns are skipped.
 """
@@ -47,6 +63,8 @@ import fundp
 
 MODES = ["nonprivate", "nonprivate_comp", "fundp_vmap", "fundp_vmap_comp", "fundp_ghost", "fundp_ghost_comp",
          "opacus_hooks", "opacus_ghost"]
+EXTRA_MODES = ["floor", "fundp_auto", "fundp_auto_comp"]
+HF_MODES = ["nonprivate", "floor", "fundp_auto", "fundp_auto_comp", "opacus_hooks", "opacus_ghost"]
 MAX_NORM, SIGMA, LR = 1.0, 1.0, 0.05
 
 
@@ -144,12 +162,75 @@ class ResNetGN(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
+HF_DIM, HF_LAYERS, HF_HEADS, HF_VOCAB, HF_LENGTH, HF_CLASSES = 128, 2, 4, 1000, 64, 10
+LM_MODELS = ("gpt2", "gpt2_lora", "llama")
+
+
+class Logits(nn.Module):
+    """A ``transformers`` model called as ``model(x) -> logits`` (what Opacus and the loss code expect)."""
+
+    def __init__(self, inner, input_name):
+        super().__init__()
+        self.inner, self.input_name = inner, input_name
+
+    def forward(self, x):
+        return self.inner(**{self.input_name: x}).logits
+
+
+def hf_model(name):
+    """The five ``transformers`` / ``peft`` benchmark models (module docstring), in eval mode."""
+    import transformers as hf
+
+    if name in ("gpt2", "gpt2_lora"):
+        config = hf.GPT2Config(n_layer=HF_LAYERS, n_embd=HF_DIM, n_head=HF_HEADS, vocab_size=HF_VOCAB,
+                               n_positions=HF_LENGTH, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                               use_cache=False, bos_token_id=0, eos_token_id=0)
+        model = hf.GPT2LMHeadModel(config)
+        if name == "gpt2_lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], lora_dropout=0.0,
+                                                     fan_in_fan_out=True, init_lora_weights=False))
+    elif name == "bert":
+        model = hf.BertForSequenceClassification(hf.BertConfig(
+            vocab_size=HF_VOCAB, hidden_size=HF_DIM, num_hidden_layers=HF_LAYERS, num_attention_heads=HF_HEADS,
+            intermediate_size=4 * HF_DIM, max_position_embeddings=HF_LENGTH, num_labels=HF_CLASSES,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0))
+    elif name == "vit":
+        model = hf.ViTForImageClassification(hf.ViTConfig(
+            image_size=32, patch_size=4, num_channels=3, hidden_size=HF_DIM, num_hidden_layers=HF_LAYERS,
+            num_attention_heads=HF_HEADS, intermediate_size=4 * HF_DIM, num_labels=HF_CLASSES,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    else:
+        model = hf.LlamaForCausalLM(hf.LlamaConfig(
+            vocab_size=HF_VOCAB, hidden_size=HF_DIM, intermediate_size=4 * HF_DIM, num_hidden_layers=HF_LAYERS,
+            num_attention_heads=HF_HEADS, num_key_value_heads=HF_HEADS, max_position_embeddings=HF_LENGTH,
+            attention_dropout=0.0, use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    return Logits(model.eval(), "pixel_values" if name == "vit" else "input_ids")
+
+
 MODELS = {"mlp": MLP, "mnist_cnn": MnistCNN, "transformer": Transformer, "resnet_gn": ResNetGN}
+HF_MODELS = {name: (lambda name=name: hf_model(name)) for name in ("gpt2", "bert", "vit", "llama", "gpt2_lora")}
+ALL_MODELS = {**MODELS, **HF_MODELS}
+
+
+def per_example_loss(name, logits, y):
+    """``[B]`` losses: cross-entropy, or for the language models the sequence's mean next-token loss (y = ids)."""
+    if name in LM_MODELS:
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), y[:, 1:], reduction="none").mean(dim=1)
+    return F.cross_entropy(logits, y, reduction="none")
 
 
 def make_batch(name, size, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    if name == "mlp":
+    if name in LM_MODELS:
+        x = torch.randint(0, HF_VOCAB, (size, HF_LENGTH), generator=g)
+        return x.to(device), x.to(device)
+    if name == "bert":
+        x = torch.randint(0, HF_VOCAB, (size, HF_LENGTH), generator=g)
+    elif name == "vit":
+        x = torch.randn(size, 3, 32, 32, generator=g)
+    elif name == "mlp":
         x = torch.randn(size, 784, generator=g)
     elif name == "mnist_cnn":
         x = torch.randn(size, 1, 28, 28, generator=g)
@@ -166,25 +247,30 @@ def make_batch(name, size, device, seed=0):
 def build_step(name, mode, size, device):
     """Returns ``step()`` running one training step of ``mode`` on a fixed batch (same seed everywhere)."""
     torch.manual_seed(0)
-    model = MODELS[name]().to(device)
+    model = ALL_MODELS[name]().to(device)
     x, y = make_batch(name, size, device)
-    if mode.startswith("nonprivate"):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if mode.startswith("nonprivate") or mode == "floor":
         forward = torch.compile(model) if mode.endswith("_comp") else model
-        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        optimizer = torch.optim.SGD(trainable, lr=LR)
+        sizes = [p.numel() for p in trainable]
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(forward(x), y).backward()
+            per_example_loss(name, forward(x), y).mean().backward()
+            if mode == "floor":  # the noise no DP step can avoid: one draw of every trainable element
+                noise = torch.randn(sum(sizes), device=device).split(sizes)
+                torch._foreach_add_([p.grad for p in trainable], [n.view_as(p) for n, p in zip(noise, trainable)])
             optimizer.step()
 
         return step
     if mode.startswith("fundp"):
-        params = {k: v.detach() for k, v in model.named_parameters()}
+        params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
 
         def loss_fn(p, batch):
-            return F.cross_entropy(torch.func.functional_call(model, p, (batch[0],)), batch[1], reduction="none")
+            return per_example_loss(name, torch.func.functional_call(model, p, (batch[0],)), batch[1])
 
-        method = "vmap" if "vmap" in mode else "ghost"
+        method = mode.split("_")[1]
         dp = fundp.dp_step(loss_fn, max_norm=MAX_NORM, noise_multiplier=SIGMA, expected_batch_size=size,
                            grad_method=method)
         dp = torch.compile(dp) if mode.endswith("_comp") else dp
@@ -198,8 +284,11 @@ def build_step(name, mode, size, device):
         return step
     from opacus import PrivacyEngine
 
+    # Opacus records activations only in training mode; the HF models' dropout probabilities are 0,
+    # so training mode computes the same function as the eval mode the other modes use.
+    model.train()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.cpu(), y.cpu()), batch_size=size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    optimizer = torch.optim.SGD(trainable, lr=LR)
     engine = PrivacyEngine()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -207,7 +296,7 @@ def build_step(name, mode, size, device):
             model, optimizer, _ = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
                                                       noise_multiplier=SIGMA, max_grad_norm=MAX_NORM,
                                                       poisson_sampling=False, grad_sample_mode="hooks")
-            criterion = nn.CrossEntropyLoss()
+            criterion = None
         else:
             model, optimizer, criterion, _ = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, criterion=nn.CrossEntropyLoss(),
@@ -215,7 +304,14 @@ def build_step(name, mode, size, device):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        criterion(model(x), y).backward()
+        logits = model(x)
+        if criterion is None:
+            loss = per_example_loss(name, logits, y).mean()
+        elif name in LM_MODELS:  # Opacus's per-sequence loss for generative models: flattened tokens + shape
+            loss = criterion(logits[:, :-1].flatten(0, 1), y[:, 1:].flatten(), shape=(size, y.shape[1] - 1))
+        else:
+            loss = criterion(logits, y)
+        loss.backward()
         optimizer.step()
 
     return step
@@ -283,7 +379,7 @@ def run_config(name, size, modes, device, repeats, warmup, budget_s):
     # Every dp_step shares the code object of `step`; without a reset, dynamo's per-code-object
     # recompile limit (8) is reached after a few configurations and later ones run eagerly.
     torch._dynamo.reset()
-    steps, times = {}, {m: [] for m in modes}
+    steps, times, refused = {}, {m: [] for m in modes}, {}
     for mode in modes:
         try:
             steps[mode] = build_step(name, mode, size, device)
@@ -295,7 +391,9 @@ def run_config(name, size, modes, device, repeats, warmup, budget_s):
             per_step = (time.perf_counter() - start) / max(warmup, 1)
             steps[mode].repeats = max(1, min(repeats, int(budget_s / max(per_step, 1e-6))))
         except Exception as error:  # e.g. an Opacus mode that does not support a layer
-            print(f"  {mode}: failed ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+            reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
+            print(f"  {mode}: refused ({reason})")
+            refused[mode] = reason
             steps.pop(mode, None)
     for r in range(repeats):
         for mode, step in steps.items():
@@ -306,14 +404,43 @@ def run_config(name, size, modes, device, repeats, warmup, budget_s):
             step()
             synchronize(device)
             times[mode].append(time.perf_counter() - start)
-    return {m: statistics.median(t) for m, t in times.items() if t}
+    return {m: statistics.median(t) for m, t in times.items() if t}, refused
+
+
+def print_ratios(results, fundp_mode="fundp_auto_comp"):
+    """The targets' table: fundp (compiled, auto) against non-private, the floor, Opacus, and in memory."""
+    rows = [r for r in results if fundp_mode in r["seconds"]]
+    if not rows:
+        return
+    print(f"\n{fundp_mode} ratios (time: medians; memory: peak, {fundp_mode} / nonprivate)")
+    print("| model | B | fundp ms | / non-private | / floor | / opacus hooks | / opacus ghost | memory |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        sec, mem, refused = r["seconds"], r["memory_bytes"], r.get("refused", {})
+        ours = sec[fundp_mode]
+
+        def ratio(mode):
+            if mode in sec:
+                return f"{ours / sec[mode]:.2f}x"
+            if mode in refused:
+                return f"refused: {refused[mode]}"
+            return "n/a"
+
+        memory = f"{mem[fundp_mode] / mem['nonprivate']:.2f}x" if fundp_mode in mem and mem.get("nonprivate") else "n/a"
+        print(f"| {r['model']} | {r['batch_size']} | {ours * 1e3:.1f} | {ratio('nonprivate')} | {ratio('floor')} | "
+              f"{ratio('opacus_hooks')} | {ratio('opacus_ghost')} | {memory} |", flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS),
+                        help=f"names, space- or comma-separated, from {', '.join(ALL_MODELS)}; "
+                             "'transformers' = the five HF models (default: the four original models)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
-    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=None, choices=MODES + EXTRA_MODES,
+                        help="default: MODES for the original models, HF_MODES for the transformer models")
+    parser.add_argument("--memory-modes", nargs="+", default=None, choices=MODES + EXTRA_MODES,
+                        help="with --memory: measure only these modes (default: all; nonprivate is always measured)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of timed steps per mode and configuration")
@@ -326,6 +453,14 @@ def main(argv=None):
         name, mode, size = args._memory_child
         return _memory_child(name, mode, int(size))
     device = torch.device(args.device)
+    names = [n for item in args.models for n in item.split(",") if n]
+    names = [m for n in names for m in (list(HF_MODELS) if n == "transformers" else [n])]
+    unknown = [n for n in names if n not in ALL_MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(ALL_MODELS)} or 'transformers'")
+    args.models = names
+    if args.modes is None:
+        args.modes = HF_MODES if all(n in HF_MODELS for n in names) else MODES
     modes = available_modes(args.modes)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"fundp {fundp.__version__}, torch {torch.__version__}, {where}, {time.strftime('%Y-%m-%d')}")
@@ -336,11 +471,15 @@ def main(argv=None):
     print("|" + "|".join("---:" for _ in range(len(modes) + 2)) + "|")
     for name in args.models:
         for size in args.batch_sizes:
-            medians = run_config(name, size, modes, device, args.repeats, args.warmup, args.budget)
+            medians, refused = run_config(name, size, modes, device, args.repeats, args.warmup, args.budget)
             base = medians.get("nonprivate")
             memory = {}
             if args.memory:
-                for mode in modes:
+                memory_modes = modes if args.memory_modes is None else \
+                    ["nonprivate"] + [m for m in args.memory_modes if m in modes and m != "nonprivate"]
+                for mode in memory_modes:
+                    if mode in refused:
+                        continue
                     try:
                         memory[mode] = memory_of(name, mode, size, device)
                     except Exception as error:
@@ -348,14 +487,16 @@ def main(argv=None):
             cells = []
             for mode in modes:
                 if mode not in medians:
-                    cells.append(f"{'n/a':>16}")
+                    cells.append(f"{'refused' if mode in refused else 'n/a':>16}")
                     continue
                 cell = f"{medians[mode] * 1e3:.1f} ({medians[mode] / base:.2f}x)" if base else f"{medians[mode] * 1e3:.1f}"
                 if mode in memory and memory.get("nonprivate"):
                     cell += f" m{memory[mode] / memory['nonprivate']:.2f}"
                 cells.append(f"{cell:>16}")
             print(f"| {name:<11} | {size:>4} | " + " | ".join(cells) + " |", flush=True)
-            results.append({"model": name, "batch_size": size, "seconds": medians, "memory_bytes": memory})
+            results.append({"model": name, "batch_size": size, "seconds": medians, "memory_bytes": memory,
+                            "refused": refused})
+    print_ratios(results)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": where, "torch": torch.__version__, "results": results}, handle, indent=1)
