@@ -387,3 +387,19 @@ def test_ghost_step_under_no_grad_and_with_grad_requiring_params():
     out = step(live, batch, fundp.random.key(0))
     assert_close_global(out.grads, expected, 1e-10)
     assert all(p.grad is None for p in live.values())
+
+
+@pytest.mark.parametrize("wrap", ["torch.compile", "fundp.compile"])
+def test_aot_compiled_ghost_step_equals_eager_with_or_without_the_scoped_option(wrap):
+    # Plain torch.compile leaves dynamo's trace_autograd_ops off: the engine must then run outside
+    # the graph (AOT graphs would hide the probes from autograd and give zero norms).
+    model = make(MLP)
+    params, loss = params_of(model), classification_loss(model)
+    step = fundp.dp_step(loss, max_norm=0.05, noise_multiplier=0.0, expected_batch_size=6, grad_method="ghost", verify=False)
+    torch._dynamo.reset()
+    compiled = (torch.compile if wrap == "torch.compile" else fundp.compile)(step, backend="aot_eager")
+    for seed in range(2):
+        batch = batch_for(model, 6, seed=seed)
+        assert_close_global(compiled(params, batch, fundp.random.key(seed)).grads,
+                            step(params, batch, fundp.random.key(seed)).grads, 1e-10)
+    torch._dynamo.reset()

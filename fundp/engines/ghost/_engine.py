@@ -239,4 +239,20 @@ def make_ghost_engine(
         aux = optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
         return EngineOutput(sq_norms, losses, aux, weighted_sum)
 
-    return engine
+    # Under torch.compile the probes' backward must be traced into the same graph as the forward
+    # (fundp.compile switches dynamo's trace_autograd_ops on).  With the option off, dynamo would
+    # split the graph at torch.autograd.grad and AOT-compiled graphs hide the probes from eager
+    # autograd: their gradients would come back as zeros.  Then the engine runs eagerly instead.
+    outside_graph = torch.compiler.disable(engine)
+
+    def dispatch(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
+        if is_compiling() and not _autograd_ops_traced():
+            return outside_graph(params, batch, key)
+        return engine(params, batch, key)
+
+    return dispatch
+
+
+def _autograd_ops_traced() -> bool:
+    config = getattr(getattr(torch, "_dynamo", None), "config", None)
+    return bool(getattr(config, "trace_autograd_ops", False))

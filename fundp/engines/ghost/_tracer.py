@@ -401,7 +401,11 @@ class Tracer(TorchFunctionMode):
             layout = self.layouts.get(tensor)
             aligned = layout.dim + (out.dim() - tensor.dim())
             if aligned < 0 or aligned >= out.dim() or out.shape[aligned] != tensor.shape[layout.dim]:
-                return Untrusted(f"{name} changes the batch dimension")
+                # Ops that append trailing dims (an embedding lookup, one_hot) keep the leading ones.
+                if out.dim() > tensor.dim() and tuple(out.shape[:tensor.dim()]) == tuple(tensor.shape):
+                    aligned = layout.dim
+                else:
+                    return Untrusted(f"{name} changes the batch dimension")
             candidate = layout._replace(dim=aligned)
             if found is None:
                 found = candidate
