@@ -186,9 +186,17 @@ def is_threshold_tensor(value: Any) -> bool:
 
 def check_max_norm(max_norm: Any, name: str = "max_norm") -> Any:
     """Returns ``max_norm`` as a float after checking ``0 < max_norm < inf``; a 0-d floating tensor
-    is returned as is (its value is checked when it is not being traced by ``torch.compile``)."""
+    is returned as is (its value is checked only when that costs no device sync: a CPU tensor,
+    outside ``torch.compile``).
+
+    Example:
+      >>> import torch
+      >>> from fundp.clipping import check_max_norm
+      >>> check_max_norm(2), check_max_norm(torch.tensor(0.5))
+      (2.0, tensor(0.5000))
+    """
     if is_threshold_tensor(max_norm):
-        if not torch.compiler.is_compiling() and not isinstance(max_norm, torch.fx.Proxy):
+        if max_norm.device.type == "cpu" and not torch.compiler.is_compiling():
             check_positive(name, max_norm)
         return max_norm
     return check_positive(name, max_norm)
