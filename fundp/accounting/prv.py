@@ -157,18 +157,32 @@ _AIM_COARSENING = 8
 def _aim_segments(segments: tuple) -> tuple:
     """Stand-ins for many segments, used only to *aim* (choose tilts and precision windows).
 
-    Segments sorted by ``(q, sigma)`` are cut into ``_AIM_SEGMENTS`` consecutive groups, each
-    represented by its median setting with the group's total steps, discretised on a coarser grid.
-    Aiming needs only rough cumulants, and no bound depends on it: every pass is exact for whatever
-    tilt and window it is given, and the window's wrapped-mass bound is evaluated with the exact PLDs.
+    Segments sorted by ``(q, sigma)`` are cut into ``_AIM_SEGMENTS`` consecutive groups; each is
+    represented by its member with the largest share of the privacy loss's variance (the CLT's
+    ``q^2 (e^{1/sigma^2} - 1)`` per step), with the step count that gives the group's total
+    variance, discretised on a coarser grid.  Aiming needs only rough cumulants, and no bound
+    depends on it: every pass is exact for whatever tilt and window it is given, and the window's
+    wrapped-mass bound is evaluated with the exact PLDs.
     """
     if len(segments) <= _AIM_SEGMENTS:
         return segments
+
+    def variance(segment) -> float:
+        sigma, q, _ = segment
+        return min(q * q * math.expm1(min(1 / sigma**2, 700.0)), 1 / sigma**2)
+
     ordered = sorted(segments, key=lambda segment: (segment[1], segment[0]))
-    groups = [ordered[round(i * len(ordered) / _AIM_SEGMENTS): round((i + 1) * len(ordered) / _AIM_SEGMENTS)]
-              for i in range(_AIM_SEGMENTS)]
-    return tuple((group[len(group) // 2][0], group[len(group) // 2][1], sum(s for *_, s in group))
-                 for group in groups if group)
+    stand_ins = []
+    for i in range(_AIM_SEGMENTS):
+        group = ordered[round(i * len(ordered) / _AIM_SEGMENTS): round((i + 1) * len(ordered) / _AIM_SEGMENTS)]
+        if not group:
+            continue
+        shares = [variance(segment) * segment[2] for segment in group]
+        sigma, q, _ = group[max(range(len(group)), key=shares.__getitem__)]
+        per_step = variance((sigma, q, 1))
+        steps = max(1, round(sum(shares) / per_step)) if per_step > 0 else sum(s for *_, s in group)
+        stand_ins.append((sigma, q, steps))
+    return tuple(stand_ins)
 
 
 @functools.lru_cache(maxsize=4)

@@ -413,30 +413,24 @@ class _ComposedCurve:
     def _knots(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ``(sigma, q)`` at which fractional orders are evaluated, and each segment's knot.
 
-        Up to ``_FRACTIONAL_KNOTS`` segments: the segments themselves (exact).  Beyond, each
-        segment is represented by a knot with ``sigma_knot <= sigma`` and ``q_knot >= q`` on a
-        geometric grid (spacing ``2^k * 1e-4`` in log, the finest giving at most that many knots):
-        ``A_alpha`` decreases with ``sigma`` (more noise is post-processing) and increases with
-        ``q`` (it is convex in ``q`` with zero slope at ``q = 0``), so a knot's value bounds its
-        segments' from above.
+        Up to ``_FRACTIONAL_KNOTS`` segments: the segments themselves (exact).  Beyond, the
+        segments sorted by ``sigma`` are cut into that many runs, each represented by a knot with
+        the run's smallest ``sigma`` and largest ``q``: ``A_alpha`` decreases with ``sigma`` (more
+        noise is post-processing) and increases with ``q`` (it is convex in ``q`` with zero slope
+        at ``q = 0``), so a knot's value bounds each of its segments' from above.
         """
         if self._knot_cache is None:
             if self.sigma.size <= _FRACTIONAL_KNOTS:
                 self._knot_cache = (self.sigma, self.q, np.arange(self.sigma.size))
             else:
-                log_sigma, log_q = np.log(self.sigma), np.log(self.q)
-                spacing = 1e-4
-                while True:
-                    low_sigma = np.floor(log_sigma / spacing).astype(np.int64)
-                    high_q = np.ceil(log_q / spacing).astype(np.int64)
-                    offset = high_q.min()
-                    keys, which = np.unique(low_sigma * (high_q.max() - offset + 1) + (high_q - offset), return_inverse=True)
-                    if keys.size <= _FRACTIONAL_KNOTS:
-                        break
-                    spacing *= 2
-                span = high_q.max() - offset + 1
-                sigma = np.exp((keys // span) * spacing) * (1 - 1e-12)  # <= every sigma it stands for
-                q = np.minimum(np.exp((keys % span + offset) * spacing) * (1 + 1e-12), 1.0)  # >= every q
+                # Consecutive segments in sigma order share a knot: the group's smallest sigma and
+                # largest q.
+                order = np.argsort(self.sigma, kind="stable")
+                starts = (np.arange(_FRACTIONAL_KNOTS) * self.sigma.size) // _FRACTIONAL_KNOTS
+                sigma = np.minimum.reduceat(self.sigma[order], starts)
+                q = np.maximum.reduceat(self.q[order], starts)
+                which = np.empty(self.sigma.size, dtype=np.int64)
+                which[order] = np.searchsorted(starts, np.arange(self.sigma.size), side="right") - 1
                 self._knot_cache = (sigma, q, which.ravel())
         return self._knot_cache
 
