@@ -78,8 +78,9 @@ def fallback_reasons(tracer: Tracer, proxies: list, losses: torch.Tensor | None)
             reasons[index] = tracer.unsupported[index]
     for use in tracer.uses:
         layout = tracer.layout(use.target)
-        if isinstance(layout, Untrusted):
-            for index in tracer.origin(use.target).leaves:
+        origin = tracer.origin(use.target)
+        if isinstance(layout, Untrusted) and origin is not None:
+            for index in origin.leaves:
                 reasons.setdefault(index, f"used by {use.op} on rows that are not the examples in order ({layout.reason})")
     if losses is not None and losses.requires_grad and not is_compiling():
         for index in _unseen_consumers(losses, proxies):

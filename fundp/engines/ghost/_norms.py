@@ -18,6 +18,8 @@ accumulated in float32 or better (float64 for float64 parameters).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fundp.clipping import norm_dtype
@@ -67,16 +69,16 @@ class LeafGrads:
             self.rows = rows[0] if len(rows) == 1 else torch.stack(rows).sum(dim=0)
             return
         self.kind = "factored"
-        self.left = torch.cat([f.left.to(self.dtype) for f in factors], dim=1) if factors else None
-        self.right = torch.cat([f.right.to(self.dtype) for f in factors], dim=1) if factors else None
+        self.left: Any = torch.cat([f.left.to(self.dtype) for f in factors], dim=1) if factors else None
+        self.right: Any = torch.cat([f.right.to(self.dtype) for f in factors], dim=1) if factors else None
         ids = [form for form in forms if isinstance(form, Ids)]
-        self.ids = torch.cat([form.ids for form in ids], dim=1) if ids else None
-        self.id_rows = torch.cat([form.right.to(self.dtype) for form in ids], dim=1) if ids else None
+        self.ids: Any = torch.cat([form.ids for form in ids], dim=1) if ids else None
+        self.id_rows: Any = torch.cat([form.right.to(self.dtype) for form in ids], dim=1) if ids else None
 
     def sq_norms(self) -> torch.Tensor:
         if self.kind == "rows":
             return self.rows.square().flatten(1).sum(dim=1)
-        total = None
+        total: Any = None
         if self.left is not None:
             total = _factor_sq_norm(self.left, self.right)
         if self.ids is not None:

@@ -83,7 +83,7 @@ def _tensors_out(out: Any) -> list:
     return []
 
 
-def _dims(value: Any, ndim: int) -> list | None:
+def _dims(value: Any, ndim: int) -> Any:
     if value is None:
         return None
     if isinstance(value, int):
@@ -346,12 +346,11 @@ class Tracer(TorchFunctionMode):
                 source = _dims(arg(args, kwargs, 1, "source"), ndim)
                 destination = _dims(arg(args, kwargs, 2, "destination"), ndim)
                 order = [d for d in range(ndim) if d not in source]
-                permutation = [None] * ndim
+                slots: list[Any] = [None] * ndim
                 for s, d in zip(source, destination):
-                    permutation[d] = s
+                    slots[d] = s
                 rest = iter(order)
-                permutation = [p if p is not None else next(rest) for p in permutation]
-                return move_dims(layout, ndim, permutation)
+                return move_dims(layout, ndim, [p if p is not None else next(rest) for p in slots])
             if name in _EXPANDS or name == "repeat":
                 offset = out.dim() - ndim
                 if out.shape[layout.dim + offset] != first.shape[layout.dim]:
@@ -454,6 +453,7 @@ class Tracer(TorchFunctionMode):
 
     def _reorder_layout(self, name, layout, tensor, args, kwargs, out) -> Any:
         ndim = tensor.dim()
+        dims: Any
         if name == "fliplr":
             dims = [1]
         elif name == "flipud":
@@ -577,7 +577,7 @@ class Tracer(TorchFunctionMode):
             return
         tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
         layout = self.trusted(tensor)
-        if layout is None:
+        if layout is None or tensor is None:
             return
         if name in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor):
             return  # elementwise maximum/minimum
