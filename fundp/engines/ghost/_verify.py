@@ -127,12 +127,12 @@ def verify_engine(
         one = _take(batch, torch.tensor([row]))
         with torch.enable_grad():
             out = loss_fn(optree.tree_unflatten(treespec, proxies), one)
-            single_loss = (out[0] if has_aux else out).reshape(-1)[0]
-        grads = torch.autograd.grad(single_loss, [proxies[i] for i in differentiable], allow_unused=True)
-        batched_loss = float(losses[row])
-        if abs(float(single_loss) - batched_loss) > tol * (abs(float(single_loss)) + 1e-12) + 1e-12:
+            single = (out[0] if has_aux else out).reshape(-1)[0]
+        grads = torch.autograd.grad(single, [proxies[i] for i in differentiable], allow_unused=True)
+        batched_loss, single_loss = float(losses[row]), float(single.detach())
+        if abs(single_loss - batched_loss) > tol * (abs(single_loss) + 1e-12) + 1e-12:
             raise ExamplesInteractError(
-                f"example {row}'s loss is {batched_loss:.6g} in the batch but {float(single_loss):.6g} alone: the "
+                f"example {row}'s loss is {batched_loss:.6g} in the batch but {single_loss:.6g} alone: the "
                 "examples of a batch interact inside loss_fn (batch statistics, a reduction over the batch), so "
                 "per-example gradients and DP-SGD's guarantee do not apply")
         true_sq = {i: (0.0 if g is None else float(g.double().square().sum())) for i, g in zip(differentiable, grads)}
