@@ -34,7 +34,7 @@ and single examples on real data on the first call per input signature.
 """
 
 from fundp.engines.ghost._engine import GhostUnsupportedError, ghost_plan, make_ghost_engine
-from fundp.engines.ghost._layout import ExamplesInteractError
+from fundp.engines.ghost._layout import ExamplesInteractError, to_examples
 from fundp.engines.ghost._registry import RULES, register_rule
 from fundp.engines.ghost._uses import Factor, Ids, Rows
 from fundp.engines.ghost._verify import GhostVerificationError
@@ -50,4 +50,5 @@ __all__ = [
     "ghost_plan",
     "make_ghost_engine",
     "register_rule",
+    "to_examples",
 ]
