@@ -7,7 +7,13 @@ wall time of a *cold* query (fundp's caches cleared before each repeat):
 * Opacus RDPAccountant and PRVAccountant (default eps_error=0.01) when opacus is importable;
 * dp_accounting PLDAccountant (pessimistic, connect-the-dots, interval 1e-4) when importable.
 
-    python benchmarks/accounting.py [--repeats 5] [--interval 1e-4]
+Then the scaling with the number of *distinct* segments (a noise schedule: sigma_t on a geometric
+ramp from 0.8 to 1.6, q = 0.01, one step each, delta = 1e-5): fundp "prv" for 10 .. 10^4 and "rdp"
+for 10 .. 10^5 distinct segments, side by side with dp_accounting composing the same events
+(PLDAccountant, pessimistic, interval 1e-4; RdpAccountant with fundp's orders), whose sizes are
+capped so the script finishes in a few minutes; ratios are dp_accounting's time over fundp's.
+
+    python benchmarks/accounting.py [--repeats 5] [--interval 1e-4] [--skip-cases] [--skip-schedules]
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ def clear_fundp_caches() -> None:
     accountants._delta.cache_clear()
     prv._composed_cached.cache_clear()
     prv._step_pld.cache_clear()
+    prv._step_plds_cached.cache_clear()
+    prv._stack.cache_clear()
     rdp._rdp_cached.cache_clear()
 
 
@@ -89,11 +97,91 @@ def dp_accounting_runner(interval: float):
     return run
 
 
+SCHEDULE_DELTA = 1e-5
+PRV_SIZES = (10, 100, 1000, 10_000)
+RDP_SIZES = (10, 100, 1000, 10_000, 100_000)
+
+
+def schedule(n: int) -> list:
+    """``n`` distinct segments: sigma on a geometric ramp 0.8 -> 1.6, q = 0.01, one step each."""
+    import numpy as np
+
+    return [(float(sigma), 0.01, 1) for sigma in np.geomspace(0.8, 1.6, n)]
+
+
+def dp_accounting_schedule(kind: str, interval: float):
+    try:
+        import dp_accounting
+        from dp_accounting.pld import pld_privacy_accountant
+        from dp_accounting.rdp import rdp_privacy_accountant
+    except Exception:  # noqa: BLE001
+        return None
+
+    def run(segments, delta):
+        if kind == "pld":
+            accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
+        else:
+            accountant = rdp_privacy_accountant.RdpAccountant(orders=list(rdp.DEFAULT_ORDERS))
+        for sigma, q, steps in segments:
+            accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+        return accountant.get_epsilon(delta)
+
+    return run
+
+
+def schedules_table(args) -> None:
+    print(f"\nNoise schedules: n distinct (sigma, q) segments, sigma 0.8 -> 1.6 (geometric), q = 0.01, one step each, "
+          f"delta = {SCHEDULE_DELTA:g}; seconds (cold), epsilon in brackets")
+    others = {"pld": dp_accounting_schedule("pld", args.interval), "rdp": dp_accounting_schedule("rdp", args.interval)}
+    caps = {"pld": args.dp_pld_max, "rdp": args.dp_rdp_max}
+    header = (f"| {'n':>7} | {'fundp prv':>22} | {f'dp_accounting PLD ({args.interval:g})':>26} | {'ratio':>6} "
+              f"| {'fundp rdp':>22} | {'dp_accounting RDP':>22} | {'ratio':>6} |")
+    print(header)
+    print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
+    for n in sorted(set(PRV_SIZES) | set(RDP_SIZES)):
+        ledger = Ledger(schedule(n))
+        row = [f"{n:>7}"]
+        for accountant, sizes in (("prv", PRV_SIZES), ("rdp", RDP_SIZES)):
+            if n in sizes:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    value, seconds = timed(lambda: epsilon(ledger, SCHEDULE_DELTA, accountant=accountant),
+                                           1 if n >= 10_000 else args.repeats, clear_fundp_caches)
+                row.append(f"{seconds:9.3f} s ({value:8.5f})")
+            else:
+                seconds = None
+                row.append(f"{'-':>22}")
+            kind = "pld" if accountant == "prv" else "rdp"
+            run = others[kind]
+            if run is not None and n <= caps[kind] and seconds is not None:
+                theirs, their_seconds = timed(lambda: run(ledger.segments, SCHEDULE_DELTA), 1)
+                row.append(f"{their_seconds:9.3f} s ({theirs:8.5f})".rjust(26 if kind == "pld" else 22))
+                row.append(f"{their_seconds / seconds:6.1f}")
+            else:
+                row.append(f"{'-':>26}" if kind == "pld" else f"{'-':>22}")
+                row.append(f"{'-':>6}")
+        print("| " + " | ".join(row) + " |")
+        sys.stdout.flush()
+    print(f"dp_accounting is capped at n <= {args.dp_pld_max} (PLD) and n <= {args.dp_rdp_max} (RDP); "
+          "ratio = dp_accounting seconds / fundp seconds.")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--interval", type=float, default=1e-4, help="dp_accounting value_discretization_interval")
+    parser.add_argument("--skip-cases", action="store_true", help="only the schedules table")
+    parser.add_argument("--skip-schedules", action="store_true", help="only the single-setting cases")
+    parser.add_argument("--dp-pld-max", type=int, default=100, help="largest n dp_accounting's PLD composes")
+    parser.add_argument("--dp-rdp-max", type=int, default=1000, help="largest n dp_accounting's RDP composes")
     args = parser.parse_args(argv)
+    if not args.skip_cases:
+        cases_table(args)
+    if not args.skip_schedules:
+        schedules_table(args)
+
+
+def cases_table(args) -> None:
     others = {
         "Opacus RDP": opacus_runner("rdp"),
         "Opacus PRV": opacus_runner("prv"),

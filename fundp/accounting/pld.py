@@ -130,8 +130,8 @@ def discretize(
     interval: float,
     direction: str,
     tail_mass: float,
-    coarsen_above: float = math.inf,
-    coarsening: int = 1,
+    coarsen_above: float | Sequence[float] = math.inf,
+    coarsening: int | Sequence[int] = 1,
 ) -> DiscretePLD:
     """A dominating PLD of one subsampled Gaussian step on the grid ``interval * Z``.
 
@@ -154,10 +154,20 @@ def discretize(
     k_lo = math.floor(t_lo / h)
     k_hi = max(math.ceil(t_hi / h), k_lo + 1)
     positions = None
-    if coarsening > 1 and coarsen_above / h < k_hi - 2 * coarsening:
-        k_mid = max(k_lo + 1, math.ceil(max(coarsen_above / h, k_lo) / coarsening) * coarsening)
-        k_top = max(math.ceil(k_hi / coarsening) * coarsening, k_mid + coarsening)
-        positions = np.concatenate([np.arange(k_lo, k_mid), np.arange(k_mid, k_top + 1, coarsening)])
+    # Levels of ever wider cells: (loss above which, width in grid steps), widths dividing each other.
+    levels = [(float(a), int(c)) for a, c in zip(np.atleast_1d(coarsen_above), np.atleast_1d(coarsening))
+              if c > 1 and a / h < k_hi - 2 * c]
+    if levels:
+        pieces, k = [], k_lo
+        for index, (above, width) in enumerate(levels):
+            k_next = max(k + 1, math.ceil(max(above / h, k) / width) * width)
+            step = levels[index - 1][1] if index else 1
+            pieces.append(np.arange(k, k_next, step))
+            k = k_next
+        width = levels[-1][1]
+        k_top = max(math.ceil(k_hi / width) * width, k + width)
+        pieces.append(np.arange(k, k_top + 1, width))
+        positions = np.concatenate(pieces)
         thresholds = positions * h
         widths = np.diff(thresholds)
     else:
@@ -289,10 +299,7 @@ def _edge(log_mgf, mean: float, sd: float, log_tail: float, sign: int, max_lam: 
     if search_mgf is not None:
         # Search with the cheap stand-in, then bound with the exact K at (and around) its optimum:
         # any lam gives a valid bound, so only tightness depends on the stand-in.
-        log_lam = math.log(abs(_edge_lam(search_mgf, mean, sd, log_tail, sign, max_lam)))
-        candidates = [x for x in (log_lam - 0.35, log_lam, log_lam + 0.35) if x <= math.log(max_lam)]
-        values = [u(x) for x in candidates]
-        return min(values) if sign > 0 else max(values)
+        return u(min(math.log(abs(_edge_lam(search_mgf, mean, sd, log_tail, sign, max_lam))), math.log(max_lam)))
     return _edge_search(u, sd, log_tail, sign, max_lam)[1]
 
 
@@ -345,10 +352,11 @@ class _Stack:
         self.counts = np.array([count for _, count in plds], dtype=float)
         sizes = np.array([pld.masses.size for pld, _ in plds])
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        self.member = np.repeat(np.arange(len(plds)), sizes)
+        self.member = np.repeat(np.arange(len(plds), dtype=np.int32), sizes)
         self.positions = np.concatenate([pld.grid for pld, _ in plds])
         self.losses = self.positions * plds[0][0].interval
-        self.log_masses = np.concatenate([pld._log_masses for pld, _ in plds])
+        with np.errstate(divide="ignore"):
+            self.log_masses = np.log(np.concatenate([pld.masses for pld, _ in plds]))
 
     def _weights(self, lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         exponent = self.log_masses + lam * self.losses
@@ -498,7 +506,8 @@ def compose(
     plds = [(pld, count) for pld, count in plds if count > 0]
     if stack is None:
         stack = _Stack(plds)
-    _, mean, variance = stack.cumulants(0.0)
+    # The composed mean and variance only size grids: the stand-ins' will do.
+    _, mean, variance = (stack if aim is None else _as_stack(aim)).cumulants(0.0)
     if len(plds) == 1 and plds[0][1] == 1:  # nothing to compose: the discretised PLD is exact
         pld = plds[0][0]
         dense = np.zeros(int(pld.grid[-1] - pld.grid[0]) + 1)
@@ -506,7 +515,8 @@ def compose(
         return ComposedPLD(h, int(pld.grid[0]), dense, 0.0, 0.0, pld.infinity_mass, 0.0, 0.0, mean, variance)
 
     log_mgf = stack.log_mgf
-    log_scale = log_mgf(tilt)
+    weights_all, peaks, totals = stack._weights(tilt)
+    log_scale = float(np.sum(stack.counts * (peaks + np.log(totals))))  # K(tilt), as log_mgf(tilt)
     # The tilted edges only decide how much of the window is spent on precision; they may use a
     # cheaper stand-in for the PLDs (``aim``).  The untilted upper edge bounds the wrapped mass:
     # it always uses the exact PLDs.
@@ -535,8 +545,7 @@ def compose(
     upper = np.zeros(size // 2 + 1)  # log of a bound on the modulus of the product so far
     alive = np.ones(size // 2 + 1, dtype=bool)
     forward_error = 0.0  # mean over frequencies of a bound on the composed spectrum's error
-    weights_all, _, totals = stack._weights(tilt)
-    weights_all = weights_all / totals[stack.member]  # each PLD's tilted weights sum to 1
+    weights_all /= totals[stack.member]  # each PLD's tilted weights sum to 1
     positions_all = stack.positions % size
     batch = max(1, (1 << 22) // size)  # PLDs per batched FFT (~32 MB of spectra)
     for first in range(0, len(plds), batch):

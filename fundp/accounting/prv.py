@@ -133,19 +133,21 @@ def _step_plds_cached(segments: tuple, h: float, direction: str, log10_tail: int
             for sigma, q, steps in segments
         ]
     # A schedule: its PLDs are cached together, here, and their sparse upper tails (cells
-    # _TAIL_COARSENING grid steps wide above the loss that leaves _TAIL_MASS per step) cut their
-    # size ~10x: the extra connect-the-dots spread, <= _TAIL_MASS (D h)^2/4 per step, is 5% of the
-    # h^2/4 the grid was sized for.
+    # D = _TAIL_COARSENING grid steps wide above the loss that leaves 0.05/D^2 of the step's mass
+    # above it) cut their size ~10x: the extra connect-the-dots spread, <= (0.05/D^2) (D h)^2/4
+    # per step and level, is 5% of the h^2/4 the grid was sized for.
     plds = []
     for sigma, q, steps in segments:
         log10_step_tail = math.floor(math.log10(tail / (2 * len(segments) * steps)))
-        above = sg.loss_range(q, sigma, direction, _TAIL_MASS)[1]
+        above = [sg.loss_range(q, sigma, direction, mass)[1] for mass in _TAIL_MASSES]
         plds.append((discretize(sigma, q, h, direction, 10.0**log10_step_tail, above, _TAIL_COARSENING), steps))
     return plds
 
 
-_TAIL_COARSENING = 16
-_TAIL_MASS = 0.05 / _TAIL_COARSENING**2
+# Two levels: cells 16 steps wide above the loss with 0.05/16^2 of a step's mass above it, and 256
+# wide above 0.05/256^2: each level's extra spread is <= 5% of the h^2/4 the grid is sized for.
+_TAIL_COARSENING = (16, 256)
+_TAIL_MASSES = tuple(0.05 / width**2 for width in _TAIL_COARSENING)
 
 
 #: Ledgers with more distinct segments aim their tilts with this many stand-ins (see `_aim_segments`),
