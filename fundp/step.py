@@ -501,8 +501,9 @@ def dp_step(
       distributed: inside an initialised ``torch.distributed`` group, each rank passes its shard
         of the global batch; clipped sums are all-reduced (SUM) and every rank adds the same
         noise from the same key, so all ranks hold identical gradients equal to one process on
-        the whole batch.  ``expected_batch_size`` is the *global* one.  See
-        :mod:`fundp.distributed`.
+        the whole batch.  ``expected_batch_size`` is the *global* one.  The first call checks
+        that every rank holds the same key, settings and params
+        (:func:`fundp.distributed.first_call_check`).  See :mod:`fundp.distributed`.
       process_group: the group for ``distributed=True`` (default: the world).
       secure_mode: draw the noise from OS entropy with the hardened sampler of
         :mod:`fundp.secure` (for production; slower, not reproducible from the key, and a graph
@@ -631,6 +632,25 @@ def dp_step(
         raise ValueError("compile_chunk needs physical_batch_size (it compiles the accumulation's chunk function)")
     built_sigma = noise_multiplier
     guards = _Guards(check_key_reuse)
+    rank_check: Callable[..., None] | None = None
+    if distributed:
+        from fundp import distributed as fundp_distributed
+
+        # Every rank must hold the same key, settings and params: checked once, on the first call.
+        rank_check = fundp_distributed.first_call_check(
+            (
+                ("max_norm", max_norm),
+                ("noise_multiplier", noise_multiplier),
+                ("expected_batch_size", expected_batch_size),
+                ("sample_rate", sample_rate),
+                ("clip_style", clip_style),
+                ("gamma", gamma),
+                ("grad_method", grad_method),
+                ("physical_batch_size", physical_batch_size),
+                ("secure_mode", secure_mode),
+            ),
+            process_group,
+        )
 
     def step(
         params: Any,
@@ -687,6 +707,8 @@ def dp_step(
             from fundp import distributed as fundp_distributed
 
             fundp_distributed.check_not_sharded(params)
+            assert rank_check is not None
+            rank_check(key, params=params, per_call=(("ledger", ledger), ("max_norm (call)", max_norm), ("noise_multiplier (call)", noise_multiplier)))
             rank, _ = fundp_distributed.rank_and_world_size(process_group)
             # Each rank's dropout masks differ; the noise key stays shared.
             model_key = fundp_random.fold_in(model_key, rank)
