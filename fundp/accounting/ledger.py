@@ -69,6 +69,8 @@ class Ledger:
     """
 
     __slots__ = ("_segments", "_hash")
+    _segments: tuple[Segment, ...]
+    _hash: int | None
 
     def __init__(self, segments: Iterable[Any] = ()):
         object.__setattr__(self, "_segments", _canonical(segments))
@@ -96,9 +98,11 @@ class Ledger:
         return self._segments == other._segments
 
     def __hash__(self) -> int:
-        if self._hash is None:
-            object.__setattr__(self, "_hash", hash((Ledger, self._segments)))
-        return self._hash
+        cached = self._hash
+        if cached is None:
+            cached = hash((Ledger, self._segments))
+            object.__setattr__(self, "_hash", cached)
+        return cached
 
     def __bool__(self) -> bool:
         return True  # a ledger is a value; an empty one is still a ledger, not "no ledger"

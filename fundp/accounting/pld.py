@@ -172,7 +172,7 @@ def discretize(
         widths = np.diff(thresholds)
     else:
         thresholds = np.arange(k_lo, k_hi + 1) * h
-        widths = h
+        widths = np.full(thresholds.size - 1, h)
     p_below, p_cells, q_cells, p_above = sg.interval_masses(thresholds, sample_rate, noise_multiplier, direction)
     with np.errstate(over="ignore", invalid="ignore"):
         up = (p_cells - np.exp(thresholds[:-1]) * q_cells) / -np.expm1(-widths)

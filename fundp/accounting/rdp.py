@@ -230,9 +230,9 @@ def _binomial_sums(u: np.ndarray, log_q: np.ndarray, log_1mq: np.ndarray, alpha:
                 out[chunk] = _logsumexp_columns(base + quadratic * u[chunk])
         return out
     for start in range(0, u.size, width):
-        chunk = slice(start, start + width)
-        terms = log_binom + k * log_q[chunk] + (alpha - k) * log_1mq[chunk] + quadratic * u[chunk]
-        out[chunk] = _logsumexp_columns(terms)
+        block = slice(start, start + width)
+        terms = log_binom + k * log_q[block] + (alpha - k) * log_1mq[block] + quadratic * u[block]
+        out[block] = _logsumexp_columns(terms)
     return out
 
 
@@ -487,8 +487,8 @@ def _optimise_many(segments, objective, lower_bound) -> float:
             visit(float(alpha))
     # Fractional orders next to the best integer one: screen them by the chord bound (free), then
     # walk downhill on the exact values from the chord's best.
-    at = min((a for a in values if float(a).is_integer()), key=values.__getitem__)
-    candidates = [a for a in _FRACTIONAL if at - 1 < a < at + 1]
+    best_integer = min((a for a in values if float(a).is_integer()), key=values.__getitem__)
+    candidates = [a for a in _FRACTIONAL if best_integer - 1 < a < best_integer + 1]
     if candidates:
         position = int(np.argmin([objective(curve.chord(a), a) for a in candidates]))
         visit(candidates[position])
