@@ -38,6 +38,30 @@ RDP bound is used where it is smaller.
 
 Cost: ``O(N log N)`` for ``N ~ (window / h)`` points, independent of the number of steps (``N``
 grows like ``sqrt(T)``): ~0.05 s for ``10^5`` steps, ~0.1 s for ``10^6`` on one CPU core.
+
+**Schedules** (more than ``_AIM_SEGMENTS = 64`` distinct ``(sigma, q)`` segments): every distinct
+segment still gets its own pessimistic PLD on the one shared grid and its own FFT, raised to its
+step count in the frequency domain, so the result is the same kind of rigorous bound.  What
+changes is what each costs (about ``O(N log N)`` per distinct segment):
+
+* *wide tail cells*: above the loss that leaves ``0.05/16^2`` of a step's ``P``-mass above it, the
+  connect-the-dots cells are 16 grid steps wide, and 256 wide above ``0.05/256^2``.  Cells of any
+  width with end points on the grid are still a dominating discretisation (the split keeps each
+  cell's ``P`` and ``Q`` mass); a cell of width ``w`` adds at most ``w^2/4`` variance per unit of
+  its mass, so each level adds at most 5% to the ``h^2/4`` per step that ``h`` was sized for
+  (``RELATIVE_ERROR`` is 10x inside the 0.1% promise).  The single-step PLDs shrink ~20x.
+* *negligible frequencies*: all ``|F_s| <= 1``, so once the running product of the spectra's
+  moduli (each enlarged by its FFT error bound) is below ``1e-25`` at a frequency it stays there;
+  those frequencies are dropped (set to 0), which moves each composed entry by at most ``1e-25``,
+  added to the entry error that every delta counts.  Logarithms are then taken only where the
+  spectrum still matters (a few hundred of ``N/2`` frequencies after the first batch).
+* *aiming by stand-ins*: tilts and precision windows are chosen from 64 stand-in segments (the
+  largest-variance member of each run of segments sorted by ``(q, sigma)``, with the run's total
+  variance) on an 8x coarser grid.  Aiming is not part of the bound: each pass is exact for the
+  tilt it is given, and the Chernoff bound on the mass wrapping around the window is evaluated
+  with the exact PLDs (at the stand-ins' best ``lambda``; any ``lambda`` gives a valid bound).
+* PLDs are batched (one 2-D FFT per ~100 segments; cumulants by ``reduceat`` over the
+  concatenated PLDs) and cached per ledger.
 """
 
 from __future__ import annotations
