@@ -133,13 +133,12 @@ def all_reduce_clipped_sum(clipped: ClippedSum, group: Any = None) -> ClippedSum
     leaves, treedef = optree.tree_flatten(clipped.grads)
     stats = torch.stack([clipped.loss_sum.to(torch.float64), clipped.num_examples.to(torch.float64), clipped.num_nonfinite.to(torch.float64)])
     *grads, stats = all_reduce_sum(leaves + [stats], group)
-    return ClippedSum(
-        optree.tree_unflatten(treedef, grads),
-        stats[0].to(clipped.loss_sum.dtype),
-        stats[1].round().to(clipped.num_examples.dtype),
-        clipped.norms,
-        stats[2].round().to(clipped.num_nonfinite.dtype),
-        clipped.aux,
+    # _replace keeps every other field, the clipped sum's sensitivity included.
+    return clipped._replace(
+        grads=optree.tree_unflatten(treedef, grads),
+        loss_sum=stats[0].to(clipped.loss_sum.dtype),
+        num_examples=stats[1].round().to(clipped.num_examples.dtype),
+        num_nonfinite=stats[2].round().to(clipped.num_nonfinite.dtype),
     )
 
 

@@ -115,7 +115,7 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str)
             first = summed(params, {k: v[:half] for k, v in local.items()}, shard_mask[:half], model_key)
             second = summed(params, {k: v[half:] for k, v in local.items()}, shard_mask[half:], model_key)
             total = fundp.distributed.all_reduce_clipped_sum(fundp.add_clipped_sums(first, second))
-            grads = fundp.privatize(total.grads, noise_key, noise_stddev=SIGMA * CLIP_NORM, expected_batch_size=EXPECTED_BATCH)
+            grads = fundp.privatize(total, noise_key, noise_multiplier=SIGMA, expected_batch_size=EXPECTED_BATCH)
             result = {"grads": grads, "loss": total.loss_sum / total.num_examples}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()

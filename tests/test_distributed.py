@@ -95,11 +95,6 @@ def test_check_consistent_without_process_group_is_a_clear_error():
         fundp.distributed.check_consistent(fundp.random.key(0), ())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="until fundp/step.py calls fundp.distributed.first_call_check on a distributed step's first call; "
-    "remove this marker then",
-)
 def test_dp_step_refuses_ranks_with_their_own_os_keys(tmp_path):
     processes, alive, _ = launch(tmp_path, "step_own_os_key")
     errors = {r: (tmp_path / f"rank{r}.err").read_text() for r in range(2) if (tmp_path / f"rank{r}.err").exists()}
