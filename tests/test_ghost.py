@@ -185,7 +185,8 @@ def test_ghost_per_leaf_norms_and_sums_equal_vmap_engine():
     factors = torch.linspace(0.0, 1.0, 5, dtype=torch.float64)
     sums = ghost.weighted_sum({k: factors for k in params})
     for k, rows in reference.items():
-        torch.testing.assert_close(ghost.sq_norms[k], rows.flatten(1).square().sum(1), rtol=1e-10, atol=1e-300)
+        sq = ghost.sq_norms[k]  # a ScaledSqNorm: ||g||^2 = scale^2 * scaled (no overflow)
+        torch.testing.assert_close(sq.scale.square() * sq.scaled, rows.flatten(1).square().sum(1), rtol=1e-10, atol=1e-300)
         torch.testing.assert_close(sums[k], (rows * factors.reshape(-1, *[1] * (rows.dim() - 1))).sum(0), rtol=1e-10, atol=1e-14)
 
 
@@ -267,7 +268,8 @@ def test_unused_and_duplicated_parameters_are_never_silently_zero():
     with pytest.raises(GhostUnsupportedError, match="unused"):
         make_ghost_engine(loss_with_extra)(params, batch)
     out = make_ghost_engine(loss_with_extra, fallback=True)(params, batch)
-    assert torch.equal(out.sq_norms["unused"], torch.zeros(4, dtype=torch.float64))
+    unused = out.sq_norms["unused"]
+    assert torch.equal(unused.scale.square() * unused.scaled, torch.zeros(4, dtype=torch.float64))
 
 
 def test_padded_nan_rows_never_reach_the_sum():

@@ -310,3 +310,26 @@ def test_verify_always_and_false():
         fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=B, verify="sometimes")
     for verify in (False, "first", "always"):
         assert_exact(loss_fn, params, features(), "flat", verify=verify)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_huge_but_finite_gradients_are_clipped_not_dropped_on_the_ghost_path(tied):
+    # float32 activations of 1e25: a per-example squared norm of ~1e50 overflows float32, yet the
+    # norm itself (~1e25) is finite; the engine's scaled norms keep it, so the example is clipped.
+    g = torch.Generator().manual_seed(12)
+    params = {"emb": torch.randn(V, D, generator=g, dtype=torch.float32),
+              "w": torch.randn(D, D, generator=g, dtype=torch.float32)}
+
+    def loss_fn(p, b):
+        h = F.embedding(b["ids"], p["emb"]) * 1e25 if tied else b["x"].float().unsqueeze(1) * 1e25
+        h = F.linear(h, p["w"])
+        logits = h @ p["emb"].T
+        return logits.mean(dim=(1, 2))
+
+    batch = tokens() if tied else {"x": torch.randn(B, D, generator=g)}
+    out = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=B, grad_method="ghost",
+                        verify=False)(params, batch, fundp.random.key(0))
+    assert int(out.num_nonfinite) == 0
+    assert bool(torch.isfinite(out.norms).all()) and float(out.norms.min()) > 1.0
+    total = torch.sqrt(sum(v.double().square().sum() for v in out.grads.values()))
+    assert 0 < float(total) <= 1.0 + 1e-4  # every example clipped to 1, averaged over B

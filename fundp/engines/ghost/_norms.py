@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from fundp.clipping import norm_dtype
+from fundp.clipping import ScaledSqNorm, norm_dtype, scaled_sq_norm
 from fundp.engines.ghost._uses import Factor, Ids, Rows, materialise
 
 __all__ = ["LeafGrads", "RowsLeaf"]
@@ -54,6 +54,14 @@ def _ids_sq_norm(ids: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return sums.square().sum(dim=(1, 2))
 
 
+def _normalised(tensor: torch.Tensor) -> tuple:
+    """``(s [B], tensor / s)`` with ``s`` each row's largest absolute entry (1 where it is 0 or not finite)."""
+    scale = tensor.abs().amax(dim=tuple(range(1, tensor.dim())))
+    usable = torch.isfinite(scale) & (scale > 0)
+    safe = torch.where(usable, scale, torch.ones_like(scale))
+    return scale, tensor / safe.reshape((-1,) + (1,) * (tensor.dim() - 1))
+
+
 class LeafGrads:
     """All uses of one parameter after the backward: its ``[B]`` squared norms and weighted sum."""
 
@@ -75,22 +83,39 @@ class LeafGrads:
         self.ids: Any = torch.cat([form.ids for form in ids], dim=1) if ids else None
         self.id_rows: Any = torch.cat([form.right.to(self.dtype) for form in ids], dim=1) if ids else None
 
-    def sq_norms(self) -> torch.Tensor:
+    def sq_norms(self) -> ScaledSqNorm:
+        """``||g_i||^2 = scale_i^2 * scaled_i``: every factor is divided by its row's largest entry
+        first, so a huge but finite gradient has a finite representation (clipped, not dropped)."""
         if self.kind == "rows":
-            return self.rows.square().flatten(1).sum(dim=1)
-        total: Any = None
+            return scaled_sq_norm(self.rows)
+        scales = []
+        left = right = id_rows = None
         if self.left is not None:
-            total = _factor_sq_norm(self.left, self.right)
+            scale_left, left = _normalised(self.left)
+            scale_right, right = _normalised(self.right)
+            scales.append(scale_left * scale_right)
         if self.ids is not None:
-            part = _ids_sq_norm(self.ids, self.id_rows)
+            scale_ids, id_rows = _normalised(self.id_rows)
+            scales.append(scale_ids)
+        scale = scales[0] if len(scales) == 1 else torch.maximum(scales[0], scales[1])
+        usable = torch.isfinite(scale) & (scale > 0)
+        safe = torch.where(usable, scale, torch.ones_like(scale))
+        total: Any = None
+        if left is not None:
+            right = right * (scales[0] / safe).reshape(-1, 1, 1)
+            total = _factor_sq_norm(left, right)
+        if id_rows is not None:
+            id_rows = id_rows * (scales[-1] / safe).reshape(-1, 1, 1)
+            part = _ids_sq_norm(self.ids, id_rows)
             total = part if total is None else total + part
-            if self.left is not None:
+            if left is not None:
                 # 2 <S_i, H_i>: S_i = sum_s onehot(ids_s)^T Rid_s, H_i = L_i^T R_i.
-                index = self.ids.unsqueeze(1).expand(-1, self.left.shape[1], -1)
-                gathered = self.left.gather(2, index)  # [B, T_f, T_ids]: L_i[t, ids_s]
-                inner = torch.bmm(self.right, self.id_rows.transpose(1, 2))  # [B, T_f, T_ids]
+                index = self.ids.unsqueeze(1).expand(-1, left.shape[1], -1)
+                gathered = left.gather(2, index)  # [B, T_f, T_ids]: L_i[t, ids_s]
+                inner = torch.bmm(right, id_rows.transpose(1, 2))  # [B, T_f, T_ids]
                 total = total + 2 * (gathered * inner).sum(dim=(1, 2))
-        return total
+        total = torch.where(usable, total.clamp_min(0), torch.zeros_like(total))
+        return ScaledSqNorm(torch.where(torch.isfinite(scale), scale, scale), total)
 
     def weighted_sum(self, factors: torch.Tensor) -> torch.Tensor:
         dtype = self.leaf.dtype
@@ -114,8 +139,8 @@ class RowsLeaf:
     def __init__(self, rows: torch.Tensor):
         self.rows = rows
 
-    def sq_norms(self) -> torch.Tensor:
-        return self.rows.to(norm_dtype(self.rows.dtype)).square().flatten(1).sum(dim=1)
+    def sq_norms(self) -> ScaledSqNorm:
+        return scaled_sq_norm(self.rows)
 
     def weighted_sum(self, factors: torch.Tensor) -> torch.Tensor:
         return _keep_rows(factors, self.rows, scale=True).sum(dim=0)

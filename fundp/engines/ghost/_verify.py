@@ -58,6 +58,13 @@ def _has_autocast(device: str) -> bool:
         return False
 
 
+def _plain(sq: Any) -> torch.Tensor:
+    """A ``[B]`` float64 squared norm from a plain tensor or a ``ScaledSqNorm``."""
+    if hasattr(sq, "scale"):
+        return sq.scale.double().square() * sq.scaled.double()
+    return sq.double()
+
+
 def _take(batch: Any, rows: torch.Tensor) -> Any:
     return optree.tree_map(lambda leaf: leaf.index_select(0, rows.to(leaf.device)), batch)
 
@@ -84,8 +91,9 @@ def verify_engine(
     per-example gradients are not those of single examples."""
     size = losses.shape[0]
     total = torch.zeros(size, dtype=torch.float64, device=losses.device)
+    sq_norms = [_plain(sq) for sq in sq_norms]
     for sq in sq_norms:
-        total = total + sq.double()
+        total = total + sq
     keep = torch.isfinite(total) & torch.isfinite(losses.double())
     if not bool(keep.any()):
         return
