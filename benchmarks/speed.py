@@ -392,7 +392,7 @@ def run_config(name, size, modes, device, repeats, warmup, budget_s):
             steps[mode].repeats = max(1, min(repeats, int(budget_s / max(per_step, 1e-6))))
         except Exception as error:  # e.g. an Opacus mode that does not support a layer
             reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
-            print(f"  {mode}: refused ({reason})")
+            print(f"  {mode}: {'refused' if mode.startswith('opacus') else 'failed'} ({reason})")
             refused[mode] = reason
             steps.pop(mode, None)
     for r in range(repeats):
@@ -409,7 +409,7 @@ def run_config(name, size, modes, device, repeats, warmup, budget_s):
 
 def print_ratios(results, fundp_mode="fundp_auto_comp"):
     """The targets' table: fundp (compiled, auto) against non-private, the floor, Opacus, and in memory."""
-    rows = [r for r in results if fundp_mode in r["seconds"]]
+    rows = [r for r in results if fundp_mode in r["seconds"] or fundp_mode in r.get("refused", {})]
     if not rows:
         return
     print(f"\n{fundp_mode} ratios (time: medians; memory: peak, {fundp_mode} / nonprivate)")
@@ -417,6 +417,9 @@ def print_ratios(results, fundp_mode="fundp_auto_comp"):
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         sec, mem, refused = r["seconds"], r["memory_bytes"], r.get("refused", {})
+        if fundp_mode not in sec:
+            print(f"| {r['model']} | {r['batch_size']} | failed: {refused[fundp_mode]} | | | | | |")
+            continue
         ours = sec[fundp_mode]
 
         def ratio(mode):
@@ -487,7 +490,8 @@ def main(argv=None):
             cells = []
             for mode in modes:
                 if mode not in medians:
-                    cells.append(f"{'refused' if mode in refused else 'n/a':>16}")
+                    label = ("refused" if mode.startswith("opacus") else "failed") if mode in refused else "n/a"
+                    cells.append(f"{label:>16}")
                     continue
                 cell = f"{medians[mode] * 1e3:.1f} ({medians[mode] / base:.2f}x)" if base else f"{medians[mode] * 1e3:.1f}"
                 if mode in memory and memory.get("nonprivate"):
@@ -496,7 +500,7 @@ def main(argv=None):
             print(f"| {name:<11} | {size:>4} | " + " | ".join(cells) + " |", flush=True)
             results.append({"model": name, "batch_size": size, "seconds": medians, "memory_bytes": memory,
                             "refused": refused})
-    print_ratios(results)
+    print_ratios(results, "fundp_auto_comp" if "fundp_auto_comp" in modes else "fundp_auto")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": where, "torch": torch.__version__, "results": results}, handle, indent=1)

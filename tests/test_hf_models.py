@@ -255,3 +255,23 @@ def test_bfloat16_against_float64(name, mode, grad_method):
     assert bool(torch.isfinite(out.norms).all())
     torch.testing.assert_close(out.norms.double(), norms, rtol=BF16_NORM_RTOL, atol=0)
     assert_close_global(out.grads, expected, BF16_GRAD_RTOL)
+
+
+# ------------------------------------------------------------------ batch size == sequence length
+
+# With B == T a [B, T, ...] activation cannot be told from [T, B, ...] by its shape alone: the
+# engine must follow the layout, not guess it.  (ViT: 16 patches + cls = 17 tokens, so B = 17.)
+SQUARE = {"vit": (17, T)}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_batch_size_equal_to_sequence_length(name):
+    size, length = SQUARE.get(name, (6, 6))
+    case = build(name, batch_size=size, seq_len=length)
+    grads = micro_batch_grads(case.loss_fn, case.params, case.batch)
+    max_norm = threshold_for(grads, "flat")
+    step = fundp.dp_step(case.loss_fn, max_norm=max_norm, noise_multiplier=0.0, expected_batch_size=size,
+                         grad_method="auto")
+    out = step(case.params, case.batch, fundp.random.key(0))
+    torch.testing.assert_close(out.norms, global_norms(grads), rtol=1e-10, atol=0)
+    assert_close_global(out.grads, clipped_mean(grads, max_norm, "flat", size), 1e-10)
