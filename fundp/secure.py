@@ -1,8 +1,8 @@
 """Secure-mode Gaussian noise for production runs.
 
 The research-mode sampler (:func:`fundp.noise`) is fast and reproducible: its bits come from a
-seeded Threefry stream and each draw is one float64 inverse-CDF evaluation.  Two weaknesses
-matter when the output is released:
+keyed Threefry stream and each pair of draws is one Box–Muller transform of two uniforms.  Two
+weaknesses matter when the output is released:
 
 * a seed in code is a secret an attacker may guess; here every bit comes from the operating
   system's CSPRNG (``os.urandom``), so there is nothing to reproduce;
@@ -16,7 +16,7 @@ matter when the output is released:
 
 What this is not: a proof that the floating-point output is exactly DP.  No vectorised sampler
 in PyTorch offers that today; it is the same mitigation Opacus ships, plus OS entropy.  Cost:
-about 4x the random bits and inverse-CDF evaluations of research mode, plus reading
+about 4x the random bits of research mode and an inverse-CDF evaluation per draw, plus reading
 ``8 * 4 * n`` bytes from ``os.urandom`` per ``n`` noise values (``benchmarks/secure_noise.py``).
 """
 
