@@ -27,6 +27,21 @@ def _check_stddev(stddev: Any) -> Any:
     return check_nonnegative("stddev", stddev)
 
 
+def standard_normal_chunks(leaves: list, key: torch.Tensor) -> list:
+    """One keyed stream of float64 ``N(0, 1)`` draws for all ``leaves``, cut into their shapes.
+
+    The one place the noise of fundp (DP-SGD and the correlated mechanisms of :mod:`fundp.mf`)
+    gets its standard normals: leaf ``l`` takes the counters after those of leaves ``< l``.
+    """
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor) or not leaf.dtype.is_floating_point:
+            raise TypeError(f"noise needs floating-point tensor leaves, got {getattr(leaf, 'dtype', type(leaf))}")
+    device = leaves[0].device
+    sizes = [leaf.numel() for leaf in leaves]
+    standard = fundp_random.normal(key.to(device), (sum(sizes),), torch.float64)
+    return [chunk.reshape(leaf.shape) for chunk, leaf in zip(torch.split(standard, sizes), leaves)]
+
+
 def noise_like(tree: Any, key: torch.Tensor, stddev: Any) -> Any:
     """Returns a pytree like ``tree`` of ``N(0, stddev^2)`` samples drawn from ``key``.
 
@@ -47,20 +62,10 @@ def noise_like(tree: Any, key: torch.Tensor, stddev: Any) -> Any:
     leaves, treedef = optree.tree_flatten(tree)
     if not leaves:
         return tree
-    for leaf in leaves:
-        if not isinstance(leaf, torch.Tensor) or not leaf.dtype.is_floating_point:
-            raise TypeError(f"noise needs floating-point tensor leaves, got {getattr(leaf, 'dtype', type(leaf))}")
-    device = leaves[0].device
-    sizes = [leaf.numel() for leaf in leaves]
-    standard = fundp_random.normal(key.to(device), (sum(sizes),), torch.float64)
-    if isinstance(stddev, torch.Tensor):
-        standard = standard * stddev.to(device=device, dtype=torch.float64)
-    else:
-        standard = standard * stddev
-    samples = [
-        chunk.reshape(leaf.shape).to(device=leaf.device, dtype=leaf.dtype)
-        for chunk, leaf in zip(torch.split(standard, sizes), leaves)
-    ]
+    samples = []
+    for chunk, leaf in zip(standard_normal_chunks(leaves, key), leaves):
+        scale = stddev.to(device=chunk.device, dtype=torch.float64) if isinstance(stddev, torch.Tensor) else stddev
+        samples.append((chunk * scale).to(device=leaf.device, dtype=leaf.dtype))
     return optree.tree_unflatten(treedef, samples)
 
 

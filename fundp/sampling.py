@@ -192,7 +192,33 @@ def _pad(indices: torch.Tensor, pad_to_multiple: int, device: Any) -> tuple[torc
     return padded, mask
 
 
-class PoissonBatches:
+class StepIndexedBatches:
+    """A sequence of batches indexed by step: ``batches[t]`` is ``self.batch(t)``, iteration runs
+    ``t = 0, 1, ...`` up to ``steps`` (forever when ``steps`` is None)."""
+
+    steps: int | None
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.steps is not None and not 0 <= operator.index(step) < self.steps:
+            raise IndexError(f"step {step} out of range for {self.steps} steps")
+        return self.batch(step)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        step = 0
+        while self.steps is None or step < self.steps:
+            yield self.batch(step)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.steps is None:
+            raise TypeError(f"an unbounded {type(self).__name__} (steps=None) has no length")
+        return self.steps
+
+
+class PoissonBatches(StepIndexedBatches):
     """Iterable of padded Poisson batches ``(indices: LongTensor[P], mask: BoolTensor[P])``.
 
     Made by :func:`poisson_batches`; see it for the arguments.  Iterating again replays the same
@@ -233,22 +259,6 @@ class PoissonBatches:
         step = check_int("step", step, minimum=0, maximum=_MAX_STEPS - 1)
         indices = poisson_indices(self.num_examples, self.sample_rate, fundp_random.fold_in(self.key, step))
         return _pad(indices, self.pad_to_multiple, self.device)
-
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.steps is not None and not 0 <= operator.index(step) < self.steps:
-            raise IndexError(f"step {step} out of range for {self.steps} steps")
-        return self.batch(step)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        step = 0
-        while self.steps is None or step < self.steps:
-            yield self.batch(step)
-            step += 1
-
-    def __len__(self) -> int:
-        if self.steps is None:
-            raise TypeError("an unbounded PoissonBatches (steps=None) has no length")
-        return self.steps
 
     def __repr__(self) -> str:
         return (

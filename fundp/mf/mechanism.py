@@ -33,6 +33,7 @@ import optree
 import torch
 
 from fundp import random as fundp_random
+from fundp.noise import standard_normal_chunks
 from fundp._validate import check_delta, check_int, check_nonnegative, check_positive
 from fundp.mf import accounting as mf_accounting
 from fundp.mf.accounting import CyclicPoisson, MinSeparation, Participation, SingleParticipation
@@ -202,15 +203,9 @@ class CorrelatedNoise:
         buffers: list[Any] = treedef.flatten_up_to(state.buffers)
         if not leaves:
             return like, NoiseState(state.step + 1, state.buffers)
-        for leaf in leaves:
-            if not isinstance(leaf, torch.Tensor) or not leaf.dtype.is_floating_point:
-                raise TypeError(f"noise needs floating-point tensor leaves, got {getattr(leaf, 'dtype', type(leaf))}")
-        device = leaves[0].device
-        sizes = [leaf.numel() for leaf in leaves]
-        standard = fundp_random.normal(key.to(device), (sum(sizes),), torch.float64)
         noises, new_buffers = [], []
-        for chunk, leaf, buffer in zip(torch.split(standard, sizes), leaves, buffers):
-            x, updated = self.strategy.next(buffer, chunk.reshape(leaf.shape), state.step)
+        for chunk, leaf, buffer in zip(standard_normal_chunks(leaves, key), leaves, buffers):
+            x, updated = self.strategy.next(buffer, chunk, state.step)
             noises.append((x * scale).to(device=leaf.device, dtype=leaf.dtype))
             new_buffers.append(updated)
         return (

@@ -17,27 +17,15 @@ only from ``fold_in(step_key, t)`` (exact Bernoulli inclusion by geometric gaps,
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from fundp import random as fundp_random
 from fundp._validate import check_int, check_sample_rate
+from fundp.sampling import StepIndexedBatches, _pad
 
 __all__ = ["CyclicPoissonBatches", "cyclic_poisson_batches", "partitions", "check_batches_match"]
-
-
-def _pad(indices: torch.Tensor, pad_to_multiple: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``indices`` then index-0 rows up to ``pad_to_multiple * max(1, ceil(B / pad_to_multiple))``, and the mask."""
-    size = indices.shape[0]
-    total = pad_to_multiple * max(1, -(-size // pad_to_multiple))
-    padded = torch.zeros(total, dtype=torch.int64)
-    padded[:size] = indices
-    mask = torch.zeros(total, dtype=torch.bool)
-    mask[:size] = True
-    if device is not None:
-        padded, mask = padded.to(device), mask.to(device)
-    return padded, mask
 
 
 def partitions(num_examples: int, num_partitions: int, key: torch.Tensor) -> list[torch.Tensor]:
@@ -61,7 +49,7 @@ def partitions(num_examples: int, num_partitions: int, key: torch.Tensor) -> lis
     return [torch.sort(permutation[bounds[p] : bounds[p + 1]]).values for p in range(b)]
 
 
-class CyclicPoissonBatches:
+class CyclicPoissonBatches(StepIndexedBatches):
     """Iterable of padded cyclic-Poisson batches ``(indices: LongTensor[P], mask: BoolTensor[P])``.
 
     Made by :func:`cyclic_poisson_batches`.  ``batches[t]`` recomputes step ``t`` alone.
@@ -115,22 +103,6 @@ class CyclicPoissonBatches:
         group = self.partitions[step % self.num_partitions]
         local = poisson_indices(group.numel(), self.sample_rate, fundp_random.fold_in(self._step_key, step))
         return _pad(group[local], self.pad_to_multiple, self.device)
-
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.steps is not None and not 0 <= int(step) < self.steps:
-            raise IndexError(f"step {step} out of range for {self.steps} steps")
-        return self.batch(step)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        step = 0
-        while self.steps is None or step < self.steps:
-            yield self.batch(step)
-            step += 1
-
-    def __len__(self) -> int:
-        if self.steps is None:
-            raise TypeError("an unbounded CyclicPoissonBatches (steps=None) has no length")
-        return self.steps
 
     def __repr__(self) -> str:
         return (
