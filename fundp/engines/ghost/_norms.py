@@ -89,7 +89,9 @@ class LeafGrads:
         if self.kind == "rows":
             return scaled_sq_norm(self.rows)
         scales = []
-        left = right = id_rows = None
+        left: Any = None
+        right: Any = None
+        id_rows: Any = None
         if self.left is not None:
             scale_left, left = _normalised(self.left)
             scale_right, right = _normalised(self.right)
