@@ -430,12 +430,25 @@ def _before_step(
 # --------------------------------------------------------------------------- the step
 
 
-def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: Any) -> tuple[float | None, Any, int | None, bool]:
+def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: Any,
+                 noise_mechanism: Any = None) -> tuple[float | None, Any, int | None, bool]:
     """Reads (and checks) the sampling a step is built for: ``(sample_rate, expected_batch_size,
     row multiple, needs mask)``."""
     from fundp.sampling import check_sampling_matches, sampler_of
 
     inner = sampler_of(sampler)
+    if inner.sampling == "cyclic_poisson":
+        # Cyclic Poisson batches are the participation of a correlated-noise mechanism (fundp.mf):
+        # the mechanism, not DP-SGD's ledger, says what they guarantee.
+        if noise_mechanism is None:
+            raise ValueError("cyclic Poisson batches (fundp.mf.cyclic_poisson_batches) need "
+                             "dp_step(..., noise_mechanism=mechanism) built for the same partitions and rate")
+        from fundp.mf import check_batches_match
+
+        if expected_batch_size is None:
+            expected_batch_size = inner.expected_batch_size
+        check_batches_match(inner, noise_mechanism, expected_batch_size=expected_batch_size)
+        return sample_rate, expected_batch_size, int(inner.pad_to_multiple), True
     if inner.sampling == "poisson":
         if sample_rate is None:
             sample_rate = inner.sample_rate
@@ -569,7 +582,8 @@ def dp_step(
     row_multiple: int | None = None
     needs_mask = False
     if sampler is not None:
-        sample_rate, expected_batch_size, row_multiple, needs_mask = _sampling_of(sampler, sample_rate, expected_batch_size)
+        sample_rate, expected_batch_size, row_multiple, needs_mask = _sampling_of(
+            sampler, sample_rate, expected_batch_size, noise_mechanism)
     if num_examples is not None:
         num_examples = check_int("num_examples", num_examples, minimum=1)
         if sample_rate is None:

@@ -113,3 +113,30 @@ def test_identity_noise_mechanism_reproduces_dp_step():
         step(params, batch, fundp.random.key(0), mask=MASK)
     with pytest.raises(TypeError, match="noise_mechanism"):
         fundp.dp_step(loss_fn, noise_mechanism=object(), **kw)
+
+
+def test_cyclic_poisson_batches_as_the_sampler_of_a_correlated_noise_step():
+    import fundp.mf as mf
+
+    model = torch.nn.Linear(3, 2).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_fn(p, b):
+        return torch.nn.functional.cross_entropy(fundp.functional_call(model, p, (b["x"],)), b["y"], reduction="none")
+
+    n, partitions, q = 8, 2, 0.5
+    mech = mf.mechanism(mf.banded_toeplitz([1.0, 0.3], n), mf.cyclic_poisson(partitions, q))
+    batches = mf.cyclic_poisson_batches(40, q, fundp.random.key(1), num_partitions=partitions, steps=n, pad_to_multiple=16)
+    x, y = torch.randn(40, 3, dtype=torch.float64), torch.arange(40) % 2
+    step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, sampler=batches, noise_mechanism=mech)
+    assert step.expected_batch_size == pytest.approx(batches.expected_batch_size)
+    state = mech.init(params)
+    for t, (indices, mask) in zip(range(2), batches):
+        out = step(params, {"x": x[indices], "y": y[indices]}, fundp.random.key(t), mask=mask, noise_state=state)
+        state = out.noise_state
+    assert int(state.step) == 2
+    with pytest.raises(ValueError, match="noise_mechanism"):
+        fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, sampler=batches)
+    other = mf.mechanism(mf.banded_toeplitz([1.0, 0.3], n), mf.cyclic_poisson(partitions, 0.25))
+    with pytest.raises(ValueError):
+        fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, sampler=batches, noise_mechanism=other)
