@@ -24,7 +24,17 @@ BOUND_ACCOUNTANTS = ("prv", "rdp")
 
 class UnreachableTargetError(ValueError):
     """A calibration target cannot be met: e.g. no noise multiplier up to the bound reaches the
-    target epsilon, or even one step spends more than it."""
+    target epsilon, or even one step spends more than it.
+
+    Example:
+      >>> import fundp
+      >>> from fundp.accounting import UnreachableTargetError
+      >>> try:
+      ...     fundp.max_steps(0.01, 1e-5, noise_multiplier=0.5, sample_rate=1.0)
+      ... except UnreachableTargetError as error:
+      ...     print("unreachable:", "target_epsilon=0.01" in str(error))
+      unreachable: True
+    """
 
 
 def noise_multiplier(value: Any, name: str = "noise_multiplier") -> float:

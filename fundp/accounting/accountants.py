@@ -50,6 +50,14 @@ def epsilon(ledger: Ledger, delta: float, *, accountant: str = "prv") -> float:
       ledger: a :class:`~fundp.accounting.Ledger`.
       delta: in (0, 1).
       accountant: ``"prv"`` (default), ``"rdp"`` or ``"gdp_approx"`` (an approximation, not a bound).
+
+    Example:
+      >>> import fundp
+      >>> ledger = fundp.accountant_step(fundp.Ledger(), noise_multiplier=1.0, sample_rate=0.01, steps=100)
+      >>> round(fundp.epsilon(ledger, 1e-5), 2)
+      0.72
+      >>> fundp.epsilon(fundp.Ledger(), 1e-5)
+      0.0
     """
     ledger = _check_ledger(ledger)
     delta = _checks.delta(delta)
@@ -66,6 +74,13 @@ def delta(ledger: Ledger, epsilon: float, *, accountant: str = "prv") -> float:
       ledger: a :class:`~fundp.accounting.Ledger`.
       epsilon: > 0 and finite.
       accountant: ``"prv"`` (default), ``"rdp"`` or ``"gdp_approx"`` (an approximation, not a bound).
+
+    Example:
+      >>> import fundp
+      >>> ledger = fundp.accountant_step(fundp.Ledger(), noise_multiplier=1.0, sample_rate=0.01, steps=100)
+      >>> d = fundp.delta(ledger, 0.72)
+      >>> 1e-6 < d < 1e-4
+      True
     """
     ledger = _check_ledger(ledger)
     epsilon = _checks.epsilon(epsilon)

@@ -65,6 +65,15 @@ def calibrate_noise(
     if given).  Guaranteed: ``epsilon(result) <= target_epsilon`` (checked), and
     ``result <= sigma* (1 + NOISE_RTOL)`` for the exact smallest ``sigma*`` (up to the accountant's
     own 0.1% smoothness).  Raises :class:`UnreachableTargetError` if even ``sigma = 1e4`` overspends.
+
+    Example:
+      >>> import fundp
+      >>> sigma = fundp.calibrate_noise(1.0, 1e-5, sample_rate=0.01, steps=100)
+      >>> round(sigma, 2)
+      0.9
+      >>> ledger = fundp.accountant_step(fundp.Ledger(), noise_multiplier=sigma, sample_rate=0.01, steps=100)
+      >>> fundp.epsilon(ledger, 1e-5) <= 1.0
+      True
     """
     target = _checks.epsilon(target_epsilon, "target_epsilon")
     delta = _checks.delta(delta)
@@ -128,6 +137,15 @@ def max_steps(
     """The largest number of steps with ``epsilon <= target_epsilon`` at ``delta`` (exact integer search).
 
     Raises :class:`UnreachableTargetError` if even one step (on top of ``ledger``) overspends.
+
+    Example:
+      >>> import fundp
+      >>> n = fundp.max_steps(1.0, 1e-5, noise_multiplier=1.0, sample_rate=0.01)
+      >>> def eps(steps):
+      ...     ledger = fundp.accountant_step(fundp.Ledger(), noise_multiplier=1.0, sample_rate=0.01, steps=steps)
+      ...     return fundp.epsilon(ledger, 1e-5)
+      >>> eps(n) <= 1.0 < eps(n + 1)
+      True
     """
     target = _checks.epsilon(target_epsilon, "target_epsilon")
     delta = _checks.delta(delta)

@@ -27,7 +27,13 @@ _FORMAT = "fundp.Ledger/1"
 
 class Segment(NamedTuple):
     """``steps`` compositions of the Poisson-subsampled Gaussian mechanism with noise multiplier
-    ``noise_multiplier`` (noise std / clipping norm) and sample rate ``sample_rate``."""
+    ``noise_multiplier`` (noise std / clipping norm) and sample rate ``sample_rate``.
+
+    Example:
+      >>> from fundp.accounting import Ledger, Segment
+      >>> Ledger([Segment(noise_multiplier=1.0, sample_rate=0.01, steps=10)]).steps
+      10
+    """
 
     noise_multiplier: float
     sample_rate: float
@@ -152,6 +158,12 @@ def accountant_step(ledger: Ledger, *, noise_multiplier: float, sample_rate: flo
       noise_multiplier: sigma, the Gaussian noise std divided by the L2 clipping norm; > 0.
       sample_rate: q, the Poisson sampling probability of each example; in (0, 1].
       steps: how many steps at this setting; >= 0.
+
+    Example:
+      >>> import fundp
+      >>> ledger = fundp.accountant_step(fundp.Ledger(), noise_multiplier=1.0, sample_rate=0.01, steps=100)
+      >>> ledger.segments
+      (Segment(noise_multiplier=1.0, sample_rate=0.01, steps=100),)
     """
     if not isinstance(ledger, Ledger):
         raise TypeError(f"ledger must be a fundp.Ledger, got {type(ledger).__name__}")
