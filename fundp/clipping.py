@@ -63,7 +63,15 @@ def _leaf_sq_norm(leaf: torch.Tensor) -> torch.Tensor:
 
 
 def per_sample_sq_norms(grads: Any) -> Any:
-    """Returns a pytree like ``grads`` whose leaves are ``[B]`` squared norms ``||g_il||^2``."""
+    """Returns a pytree like ``grads`` whose leaves are ``[B]`` squared norms ``||g_il||^2``.
+
+    Example:
+      >>> import torch
+      >>> from fundp.clipping import per_sample_sq_norms
+      >>> g = {"a": torch.tensor([[3.0], [0.0]]), "b": torch.tensor([[4.0, 0.0], [0.0, 1.0]])}
+      >>> per_sample_sq_norms(g)
+      {'a': tensor([9., 0.]), 'b': tensor([16.,  1.])}
+    """
     return optree.tree_map(_leaf_sq_norm, grads)
 
 
@@ -75,6 +83,13 @@ class ScaledSqNorm(NamedTuple):
     finite but huge gradient (``|g_j| = 1e30`` in float32, whose square overflows) keeps an
     exact, finite representation and is clipped instead of dropped.  Engines may return these
     leaves in ``EngineOutput.sq_norms`` instead of plain squared norms.
+
+    Example:
+      >>> import torch
+      >>> from fundp.clipping import ScaledSqNorm
+      >>> s = ScaledSqNorm(scale=torch.tensor([4.0]), scaled=torch.tensor([1.5625]))
+      >>> s.scale**2 * s.scaled  # ||(3, 4)||^2
+      tensor([25.])
     """
 
     scale: torch.Tensor

@@ -19,7 +19,15 @@ __all__ = ["compile", "dynamo_options"]
 
 
 def dynamo_options() -> Any:
-    """The context in which fundp's steps trace to one graph (a no-op where the option does not exist)."""
+    """The context in which fundp's steps trace to one graph (a no-op where the option does not exist).
+
+    Example:
+      >>> import torch
+      >>> from fundp.compile import dynamo_options
+      >>> with dynamo_options():
+      ...     torch.ones(2).sum()
+      tensor(2.)
+    """
     config = getattr(getattr(torch, "_dynamo", None), "config", None)
     if config is not None and hasattr(config, "trace_autograd_ops"):
         return config.patch(trace_autograd_ops=True)

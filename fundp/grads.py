@@ -65,6 +65,17 @@ def keyed_model_rng(key: torch.Tensor | None, batch: Any, randomness: str) -> It
     """Runs the body with torch's RNG seeded from ``key`` (``randomness != "error"``), then restores it.
 
     The model's random ops (dropout) then depend on ``key`` alone, never on the global RNG's state.
+
+    Example:
+      >>> import torch, fundp
+      >>> from fundp.grads import keyed_model_rng
+      >>> key, x = fundp.random.key(0), torch.zeros(2, 3)
+      >>> with keyed_model_rng(key, x, "different"):
+      ...     a = torch.rand(2)
+      >>> with keyed_model_rng(key, x, "different"):
+      ...     b = torch.rand(2)
+      >>> torch.equal(a, b)
+      True
     """
     if randomness == "error":
         yield
@@ -83,7 +94,18 @@ def keyed_model_rng(key: torch.Tensor | None, batch: Any, randomness: str) -> It
 def per_sample_grads_and_losses(
     loss_fn: LossFn, *, has_aux: bool = False, randomness: str = "error"
 ) -> Callable:
-    """Like :func:`per_sample_grads`, but ``f`` returns ``(grads, losses[B], aux)``."""
+    """Like :func:`per_sample_grads`, but ``f`` returns ``(grads, losses[B], aux)``.
+
+    Example:
+      >>> import torch
+      >>> from fundp.grads import per_sample_grads_and_losses
+      >>> w = {"w": torch.tensor([1.0, 2.0])}
+      >>> x = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+      >>> g, losses, aux = per_sample_grads_and_losses(lambda p, x: x @ p["w"])(w, x)
+      >>> g["w"], losses, aux
+      (tensor([[1., 0.],
+              [0., 3.]]), tensor([1., 6.]), None)
+    """
     if randomness not in ("error", "different", "same"):
         raise ValueError(f"randomness must be 'error', 'different' or 'same', got {randomness!r}")
     grad_fn = grad(_single_example_loss(loss_fn, has_aux), has_aux=True)

@@ -18,7 +18,17 @@ __all__ = ["UnsupportedModuleError", "check_model", "functional_call"]
 
 
 class UnsupportedModuleError(ValueError):
-    """A module breaks per-example semantics; the message names it and the fix."""
+    """A module breaks per-example semantics; the message names it and the fix.
+
+    Example:
+      >>> import torch, fundp
+      >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+      >>> try:
+      ...     fundp.functional_call(model, {}, torch.ones(2, 2))
+      ... except fundp.UnsupportedModuleError as error:
+      ...     print(str(error)[:36])
+      1 (BatchNorm1d) normalises with stat
+    """
 
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
@@ -105,6 +115,13 @@ def functional_call(model: nn.Module, params: dict, args: Any, kwargs: dict | No
     Every name in ``params`` must be a parameter or buffer of ``model`` (a typo would otherwise
     silently run the module's own tensor).  Parameters left out of ``params`` are used as the
     module holds them, which is how frozen layers work.  ``args`` is a tensor or a tuple.
+
+    Example:
+      >>> import torch, fundp
+      >>> model = torch.nn.Linear(2, 1)
+      >>> params = {"weight": torch.tensor([[1.0, 2.0]]), "bias": torch.tensor([0.5])}
+      >>> fundp.functional_call(model, params, torch.tensor([[1.0, 1.0]]))
+      tensor([[3.5000]])
     """
     _check_names(params, dict(model.named_parameters()), model)
     problems = [p for p in (_problem(name, m) for name, m in model.named_modules()) if p]
