@@ -150,6 +150,12 @@ def poisson_indices(num_examples: int, sample_rate: float, key: torch.Tensor) ->
     ``sample_rate`` (exactly, up to float64 rounding; see the module docstring), so
     ``B ~ Binomial(num_examples, sample_rate)``; ``B`` may be 0.  Unpadded: use
     :func:`poisson_batches` for fixed shapes.  Computed on the CPU.
+
+    Example:
+      >>> import fundp
+      >>> from fundp.sampling import poisson_indices
+      >>> poisson_indices(10, 0.5, fundp.random.key(0))
+      tensor([0, 2, 4, 6, 9])
     """
     num_examples = check_int("num_examples", num_examples, minimum=1, maximum=_MAX_EXAMPLES)
     sample_rate = check_sample_rate(sample_rate)
@@ -228,6 +234,13 @@ class PoissonBatches(StepIndexedBatches):
     Attributes: ``num_examples``, ``sample_rate``, ``steps`` (``None``: unbounded),
     ``pad_to_multiple``, ``expected_batch_size`` (``sample_rate * num_examples``), ``key`` and
     ``sampling == "poisson"`` (read by :func:`check_sampling_matches`).
+
+    Example:
+      >>> import fundp
+      >>> batches = fundp.sampling.poisson_batches(10, 0.5, fundp.random.key(0), steps=2, pad_to_multiple=8)
+      >>> indices, mask = batches[1]  # step 1 alone, as when resuming
+      >>> indices[mask].tolist(), batches.expected_batch_size
+      ([0, 1, 6, 7, 8], 5.0)
     """
 
     sampling = "poisson"
@@ -294,6 +307,15 @@ def poisson_batches(
       per step: the ``B ~ Binomial(N, q)`` sampled indices in increasing order, then ``P - B``
       padding rows holding index 0 with ``mask`` False.  Empty batches are yielded
       (``P = pad_to_multiple``, all masked), never skipped.
+
+    Example:
+      >>> import fundp
+      >>> from fundp.sampling import poisson_batches
+      >>> batches = poisson_batches(10, 0.5, fundp.random.key(0), steps=2, pad_to_multiple=8)
+      >>> for indices, mask in batches:
+      ...     print(indices.tolist(), mask.sum().item())
+      [3, 5, 6, 7, 0, 0, 0, 0] 4
+      [0, 1, 6, 7, 8, 0, 0, 0] 5
     """
     return PoissonBatches(num_examples, sample_rate, key, steps=steps, pad_to_multiple=pad_to_multiple, device=device)
 
@@ -314,6 +336,14 @@ class ShuffledBatches:
     analysis for shuffling is offered here.  :func:`check_sampling_matches` therefore refuses them
     for a Poisson-accounted step unless ``acknowledge_not_poisson=True`` is passed, and then
     warns.  ``sample_rate`` is ``None``; ``nominal_sample_rate`` is ``batch_size / N``.
+
+    Example:
+      >>> import fundp
+      >>> batches = fundp.sampling.ShuffledBatches(5, 2, fundp.random.key(0), steps=3, drop_last=False)
+      >>> [(indices.tolist(), mask.tolist()) for indices, mask in batches]
+      [([4, 2], [True, True]), ([3, 1], [True, True]), ([0, 0], [True, False])]
+      >>> batches.sample_rate is None, batches.nominal_sample_rate
+      (True, 0.4)
     """
 
     sampling = "shuffle"
@@ -355,7 +385,14 @@ class ShuffledBatches:
 
 
 def shuffled_batches(num_examples: int, batch_size: int, key: torch.Tensor, *, steps: int, drop_last: bool = True) -> ShuffledBatches:
-    """Fixed-size shuffled batches (see :class:`ShuffledBatches`): not accountable as Poisson."""
+    """Fixed-size shuffled batches (see :class:`ShuffledBatches`): not accountable as Poisson.
+
+    Example:
+      >>> import fundp
+      >>> from fundp.sampling import shuffled_batches
+      >>> [indices.tolist() for indices, _ in shuffled_batches(5, 2, fundp.random.key(0), steps=3)]
+      [[4, 2], [3, 1], [3, 4]]
+    """
     return ShuffledBatches(num_examples, batch_size, key, steps=steps, drop_last=drop_last)
 
 
