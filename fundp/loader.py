@@ -28,6 +28,14 @@ class PaddedRow:
 
     Deliberately neither an int nor a tuple, so handing these rows to a dataset that is not
     wrapped in :class:`MaskedDataset` fails loudly instead of silently training on padding.
+
+    Example:
+      >>> from fundp.loader import MaskedDataset, PaddedRow
+      >>> row = PaddedRow(2, False)
+      >>> row.index, row.real
+      (2, False)
+      >>> MaskedDataset([10, 20, 30])[row]
+      (30, False)
     """
 
     __slots__ = ("index", "real")
@@ -57,6 +65,15 @@ class PoissonBatchSampler(Sampler):
     (:func:`poisson_loader` does exactly this.)  ``.sample_rate`` and ``.batches`` expose the
     sampling for :func:`check_sampling_matches`.  Indices are drawn in the main process, so the
     batches do not depend on ``num_workers``.
+
+    Example:
+      >>> import fundp
+      >>> from fundp.loader import PoissonBatchSampler
+      >>> sampler = PoissonBatchSampler(10, 0.5, fundp.random.key(0), steps=2, pad_to_multiple=8)
+      >>> next(iter(sampler))[:5]
+      [PaddedRow(3, True), PaddedRow(5, True), PaddedRow(6, True), PaddedRow(7, True), PaddedRow(0, False)]
+      >>> len(sampler), sampler.sample_rate
+      (2, 0.5)
     """
 
     sampling = "poisson"
@@ -90,6 +107,13 @@ class MaskedDataset(Dataset):
     """Wraps a map-style dataset so that ``ds[PaddedRow(i, real)] == (dataset[i], real)``.
 
     Uses the wrapped dataset's batched ``__getitems__`` when it has one.
+
+    Example:
+      >>> import torch
+      >>> from fundp.loader import MaskedDataset, PaddedRow
+      >>> ds = MaskedDataset(torch.utils.data.TensorDataset(torch.arange(3.0)))
+      >>> ds[PaddedRow(1, True)]
+      ((tensor(1.),), True)
     """
 
     def __init__(self, dataset: Dataset):
@@ -112,7 +136,14 @@ class MaskedDataset(Dataset):
 
 
 def collate_masked(samples: list[tuple[Any, bool]], collate_fn: Callable | None = None) -> tuple[Any, torch.Tensor]:
-    """``[(item, real), ...] -> (collate_fn(items), BoolTensor[P] mask)`` (default: ``default_collate``)."""
+    """``[(item, real), ...] -> (collate_fn(items), BoolTensor[P] mask)`` (default: ``default_collate``).
+
+    Example:
+      >>> import torch
+      >>> from fundp.loader import collate_masked
+      >>> collate_masked([(torch.tensor(1.0), True), (torch.tensor(0.0), False)])
+      (tensor([1., 0.]), tensor([ True, False]))
+    """
     items = [item for item, _ in samples]
     mask = torch.tensor([bool(real) for _, real in samples], dtype=torch.bool)
     return (collate_fn or default_collate)(items), mask
@@ -146,6 +177,14 @@ def poisson_loader(
     to ``DataLoader`` (``num_workers``, ``pin_memory``, ...); ``batch_size``, ``shuffle``,
     ``sampler``, ``batch_sampler`` and ``drop_last`` are refused since the Poisson sampler owns
     them.  ``loader.batch_sampler.sample_rate`` holds ``q``.
+
+    Example:
+      >>> import torch, fundp
+      >>> ds = torch.utils.data.TensorDataset(torch.arange(10.0))
+      >>> loader = fundp.data.poisson_loader(ds, 0.5, fundp.random.key(0), steps=2, pad_to_multiple=8)
+      >>> (x,), mask = next(iter(loader))
+      >>> x[mask], loader.batch_sampler.sample_rate
+      (tensor([3., 5., 6., 7.]), 0.5)
     """
     for name in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
         if name in loader_kwargs:
