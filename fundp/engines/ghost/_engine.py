@@ -26,7 +26,18 @@ VERIFY_MODES = (False, "first", "always")
 
 
 class GhostUnsupportedError(ValueError):
-    """A parameter cannot be handled by the ghost engine (``grad_method="ghost"``)."""
+    """A parameter cannot be handled by the ghost engine (``grad_method="ghost"``).
+
+    Example:
+      >>> import torch
+      >>> from fundp.engines.ghost import GhostUnsupportedError, make_ghost_engine
+      >>> loss_fn = lambda p, b: torch.nn.functional.linear(b[torch.tensor([1, 0])], p["w"]).sum(dim=1)
+      >>> try:  # rows reordered by an index the tracer cannot follow
+      ...     make_ghost_engine(loss_fn)({"w": torch.ones(1, 2)}, torch.ones(2, 2), None)
+      ... except GhostUnsupportedError as error:
+      ...     print(str(error)[:46])
+      grad_method='ghost' cannot handle params['w']:
+    """
 
 
 def _proxy(leaf: Any) -> Any:
@@ -167,6 +178,18 @@ def make_ghost_engine(
     per-example gradients from ``vmap(grad)`` (with ``randomness != "error"`` the whole step falls
     back to ``vmap``, so that every part of an example's gradient sees the same dropout mask).
     ``verify``: see :mod:`fundp.engines.ghost._verify`.
+
+    Example:
+      >>> import torch
+      >>> from fundp.engines.ghost import make_ghost_engine
+      >>> params = {"w": torch.tensor([[1.0, 2.0]])}
+      >>> loss_fn = lambda p, b: torch.nn.functional.linear(b, p["w"]).sum(dim=1)
+      >>> out = make_ghost_engine(loss_fn)(params, torch.tensor([[3.0, 4.0], [0.0, 1.0]]), None)
+      >>> s = out.sq_norms["w"]
+      >>> s.scale * s.scaled.sqrt(), out.losses  # ||grad_i|| = ||x_i||
+      (tensor([5., 1.]), tensor([11.,  2.]))
+      >>> out.weighted_sum({"w": torch.tensor([1.0, 0.5])})  # 1.0 * x_0 + 0.5 * x_1
+      {'w': tensor([[3.0000, 4.5000]])}
     """
     if randomness not in ("error", "different", "same"):
         raise ValueError(f"randomness must be 'error', 'different' or 'same', got {randomness!r}")

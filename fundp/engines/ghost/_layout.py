@@ -25,7 +25,18 @@ __all__ = ["Layout", "UNTRUSTED", "ExamplesInteractError", "standard", "to_examp
 
 class ExamplesInteractError(ValueError):
     """``loss_fn`` mixes examples (batch statistics, a reduction over the batch): per-example
-    gradients are not defined, so no DP guarantee can be given for it."""
+    gradients are not defined, so no DP guarantee can be given for it.
+
+    Example:
+      >>> import torch
+      >>> from fundp.engines.ghost import ExamplesInteractError, make_ghost_engine
+      >>> loss_fn = lambda p, b: torch.nn.functional.linear(b - b.mean(0), p["w"]).sum(dim=1)
+      >>> try:
+      ...     make_ghost_engine(loss_fn)({"w": torch.ones(1, 2)}, torch.ones(2, 2), None)
+      ... except ExamplesInteractError as error:
+      ...     print(str(error)[:74])
+      loss_fn mixes examples: mean reduces over the batch dimension. Per-example
+    """
 
 
 class Layout(NamedTuple):
@@ -50,6 +61,15 @@ def to_examples(tensor: torch.Tensor, layout: Layout, keep_last: int) -> torch.T
     """Returns ``tensor`` as ``[B, T, *last]``: row ``i`` holds example ``i``'s ``T`` positions.
 
     ``keep_last`` trailing dims are kept (features); every other non-batch dim is flattened into ``T``.
+
+    Example:
+      >>> import torch
+      >>> from fundp.engines.ghost import to_examples
+      >>> from fundp.engines.ghost._layout import Layout
+      >>> t = torch.arange(12.0).reshape(3, 2, 2)  # sequence-first: [T=3, B=2, d=2]
+      >>> x = to_examples(t, Layout(dim=1, group=(2,), pos=0), keep_last=1)
+      >>> x.shape, torch.equal(x[1], t[:, 1])
+      (torch.Size([2, 3, 2]), True)
     """
     t = tensor.unflatten(layout.dim, layout.group) if len(layout.group) > 1 else tensor
     t = t.movedim(layout.dim + layout.pos, 0)

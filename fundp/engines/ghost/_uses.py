@@ -20,17 +20,50 @@ __all__ = ["Factor", "Ids", "Rows", "Use"]
 
 
 class Factor(NamedTuple):
+    """Example ``i``'s gradient of ``D`` (viewed as ``[p, d]``) is ``left_i^T right_i``.
+
+    Example:
+      >>> import torch
+      >>> from fundp.engines.ghost import Factor
+      >>> from fundp.engines.ghost._uses import materialise
+      >>> f = Factor(left=torch.ones(1, 2, 1), right=torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]))
+      >>> materialise(f, (1, 2))  # sum over the T=2 positions
+      tensor([[[4., 6.]]])
+    """
+
     left: torch.Tensor  # [B, T, p]
     right: torch.Tensor  # [B, T, d]
 
 
 class Ids(NamedTuple):
+    """Example ``i``'s gradient of a ``[num_rows, d]`` table read at ``ids``: ``sum_t onehot(ids_it)^T right_it``.
+
+    Example:
+      >>> import torch
+      >>> from fundp.engines.ghost import Ids
+      >>> from fundp.engines.ghost._uses import materialise
+      >>> u = Ids(ids=torch.tensor([[2, 0, 2]]), right=torch.ones(1, 3, 2), num_rows=3)
+      >>> materialise(u, (3, 2))  # row 2 was read twice
+      tensor([[[1., 1.],
+               [0., 0.],
+               [2., 2.]]])
+    """
+
     ids: torch.Tensor  # [B, T] int64
     right: torch.Tensor  # [B, T, d]
     num_rows: int
 
 
 class Rows(NamedTuple):
+    """The per-example gradients themselves, ``[B, *D.shape]`` (small tensors, conv weights).
+
+    Example:
+      >>> import torch
+      >>> from fundp.engines.ghost import Rows
+      >>> Rows(torch.zeros(4, 3)).rows.shape
+      torch.Size([4, 3])
+    """
+
     rows: torch.Tensor  # [B, *D.shape]
 
 

@@ -37,7 +37,18 @@ __all__ = ["GhostVerificationError", "verify_engine", "tolerance"]
 
 
 class GhostVerificationError(RuntimeError):
-    """The ghost path's per-example gradients disagree with single-example gradients."""
+    """The ghost path's per-example gradients disagree with single-example gradients.
+
+    Raised by the engine's ``verify`` check (see the module docstring); a ``RuntimeError``.
+
+    Example:
+      >>> from fundp.engines.ghost import GhostVerificationError
+      >>> try:
+      ...     raise GhostVerificationError("params['w']: ghost and single-example gradients differ")
+      ... except RuntimeError as error:
+      ...     print(type(error).__name__)
+      GhostVerificationError
+    """
 
 
 def tolerance(leaves: list) -> float:
