@@ -82,6 +82,14 @@ class Optimizer(NamedTuple):
     """An ``(init, update)`` pair; also the type of every gradient transformation here.
 
     ``init(params) -> state``; ``update(grads, state, params=None) -> (updates, new_state)``.
+
+    Example:
+      >>> import torch, fundp
+      >>> def update(grads, state, params=None):
+      ...     return {k: -v for k, v in grads.items()}, state
+      >>> negate = fundp.optim.Optimizer(init=lambda params: None, update=update)
+      >>> negate.update({"w": torch.ones(2)}, negate.init(None))
+      ({'w': tensor([-1., -1.])}, None)
     """
 
     init: Callable[[Any], Any]
@@ -89,6 +97,15 @@ class Optimizer(NamedTuple):
 
 
 class SgdState(NamedTuple):
+    """The state of :func:`sgd`.
+
+    Example:
+      >>> import torch, fundp
+      >>> opt = fundp.optim.sgd(lr=0.1, momentum=0.9)
+      >>> opt.init({"w": torch.ones(2)})
+      SgdState(count=tensor(0), momentum={'w': tensor([0., 0.])})
+    """
+
     count: torch.Tensor  # type: ignore[assignment]  # (shadows tuple.count, as in optax)
     """Updates done so far, a 0-d int64 tensor (the schedules' argument)."""
     momentum: Any
@@ -96,6 +113,17 @@ class SgdState(NamedTuple):
 
 
 class AdamState(NamedTuple):
+    """The state of :func:`adam` and :func:`adamw`.
+
+    Example:
+      >>> import torch, fundp
+      >>> opt = fundp.optim.adam(lr=0.1)
+      >>> params = {"w": torch.ones(2)}
+      >>> _, state = opt.update({"w": torch.tensor([1.0, -2.0])}, opt.init(params), params)
+      >>> state
+      AdamState(count=tensor(1), mu={'w': tensor([ 0.1000, -0.2000])}, nu={'w': tensor([0.0010, 0.0040])})
+    """
+
     count: torch.Tensor  # type: ignore[assignment]  # (shadows tuple.count, as in optax)
     """Updates done so far, a 0-d int64 tensor."""
     mu: Any
