@@ -81,7 +81,14 @@ __all__ = [
 
 
 class QuantileClipState(NamedTuple):
-    """The adaptive clipping state: a value passed in and returned each step (and checkpointed)."""
+    """The adaptive clipping state: a value passed in and returned each step (and checkpointed).
+
+    Example:
+      >>> import torch
+      >>> from fundp.adaptive import QuantileClipState
+      >>> QuantileClipState(max_norm=torch.tensor(1.0, dtype=torch.float64))
+      QuantileClipState(max_norm=tensor(1., dtype=torch.float64))
+    """
 
     max_norm: torch.Tensor
     """The clipping threshold ``C`` to use at this step: a 0-d float64 tensor, or ``[K]`` per layer."""

@@ -65,6 +65,12 @@ class AuditResult(NamedTuple):
         or negative in the measured halves).  When it is below the epsilon you claim, the audit
         cannot detect a violation of the claim however broken the mechanism is: run more trials
         (:func:`trials_needed`).
+
+    Example:
+      >>> from fundp.audit import epsilon_lower_bound
+      >>> result = epsilon_lower_bound([1.0] * 100, [0.0] * 100, delta=1e-5)
+      >>> result.trials, result.false_positive_rate, result.false_negative_rate, result.confidence
+      (200, 0.0, 0.0, 0.95)
     """
 
     epsilon_lower_bound: float
