@@ -64,7 +64,18 @@ _TEMPORARY = ".fundp-tmp."
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is corrupt, truncated, of an unknown format, inconsistent, or does not match the templates."""
+    """A checkpoint is corrupt, truncated, of an unknown format, inconsistent, or does not match the templates.
+
+    Example:
+      >>> import tempfile, os, torch, fundp
+      >>> path = os.path.join(tempfile.mkdtemp(), "run.pt")
+      >>> _ = open(path, "wb").write(b"not a checkpoint")
+      >>> try:
+      ...     fundp.checkpoint.load(path, params_like={"w": torch.zeros(2)}, opt_state_like=())
+      ... except fundp.checkpoint.CheckpointError as error:
+      ...     print("not a readable checkpoint archive" in str(error))
+      True
+    """
 
 
 class RunState(NamedTuple):
@@ -78,6 +89,15 @@ class RunState(NamedTuple):
       step: the step counter saved (``>= 0``).
       extra: the JSON dict saved as ``extra`` (``{}`` if none).
       extra_state: mechanism state restored into ``extra_state_like`` (``None`` if none saved).
+
+    Example:
+      >>> import tempfile, os, torch, fundp
+      >>> path = os.path.join(tempfile.mkdtemp(), "run.pt")
+      >>> fundp.checkpoint.save(path, params={"w": torch.ones(2)}, opt_state=(), ledger=None,
+      ...                       key=fundp.random.key(1), step=7, extra={"lr": 0.1})
+      >>> state = fundp.checkpoint.load(path, params_like={"w": torch.zeros(2)}, opt_state_like=())
+      >>> state.params, state.ledger, state.step, state.extra, state.extra_state
+      ({'w': tensor([1., 1.])}, None, 7, {'lr': 0.1}, None)
     """
 
     params: Any
