@@ -49,6 +49,16 @@ class ClippedSum(NamedTuple):
 
     Privacy: ``grads`` becomes private only after :func:`fundp.privatize`; every other field
     describes the raw examples and is not private.
+
+    Example:
+      >>> import torch, fundp
+      >>> loss_fn = lambda p, b: (b @ p["w"]) ** 2
+      >>> params, batch = {"w": torch.tensor([1.0, 0.0])}, torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+      >>> s = fundp.clipped_grad_sum(loss_fn, max_norm=1.0)(params, batch)  # norms 2 and 8, each clipped to 1
+      >>> s.grads, s.norms, s.num_examples, s.sensitivity
+      ({'w': tensor([2., 0.])}, tensor([2., 8.]), tensor(2), 1.0)
+      >>> fundp.privatize(s, fundp.random.key(0), noise_multiplier=0.0, expected_batch_size=2)
+      {'w': tensor([1., 0.])}
     """
 
     grads: Any
@@ -78,6 +88,14 @@ class StepResult(NamedTuple):
     hyperparameter (a clipping threshold, a learning rate, early stopping) from them leaks
     information about the training data that the ledger does not account for.  Use
     ``dp_step(..., adaptive_clipping=...)`` for a private clipping threshold.
+
+    Example:
+      >>> import torch, fundp
+      >>> loss_fn = lambda p, b: (b @ p["w"]) ** 2
+      >>> step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=2)
+      >>> out = step({"w": torch.tensor([1.0, 0.0])}, torch.tensor([[1.0, 0.0], [2.0, 0.0]]), fundp.random.key(0))
+      >>> out.grads, out.loss, out.norms, out.ledger
+      ({'w': tensor([1., 0.])}, tensor(2.5000), tensor([2., 8.]), None)
     """
 
     grads: Any
@@ -103,6 +121,13 @@ class Step(Protocol):
 
     ``step(params, batch, key, *, ledger=None, mask=None, max_norm=None, noise_multiplier=None,
     clip_state=None, noise_state=None) -> StepResult``.
+
+    Example:
+      >>> import torch, fundp
+      >>> step: fundp.Step = fundp.dp_step(lambda p, b: b @ p["w"], max_norm=1.0, noise_multiplier=0.0,
+      ...                                  expected_batch_size=1)
+      >>> type(step({"w": torch.ones(2)}, torch.ones(1, 2), fundp.random.key(0))).__name__
+      'StepResult'
     """
 
     def __call__(
