@@ -33,7 +33,14 @@ class Budget(NamedTuple):
 
 
 class BudgetExceededError(RuntimeError):
-    """The next step would spend more than the budget; nothing was computed or spent."""
+    """The next step would spend more than the budget; nothing was computed or spent.
+
+    Example:
+      >>> import fundp
+      >>> error = fundp.BudgetExceededError(0.9, 1.2, fundp.Budget(1.0, 1e-5))
+      >>> error.spent, error.would_spend, isinstance(error, RuntimeError)
+      (0.9, 1.2, True)
+    """
 
     def __init__(self, spent: float, would_spend: float, budget: Budget):
         self.spent, self.would_spend, self.budget = spent, would_spend, budget

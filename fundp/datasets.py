@@ -20,6 +20,15 @@ class DigitsSplit(NamedTuple):
     """A train / test split; unpacks as ``(x_train, y_train), (x_test, y_test) = split``.
 
     ``train`` and ``test`` are ``(x: Tensor[n, 64], y: LongTensor[n])`` pairs.
+
+    Example:
+      >>> import torch
+      >>> from fundp.datasets import DigitsSplit
+      >>> split = DigitsSplit(train=(torch.zeros(3, 64), torch.zeros(3, dtype=torch.long)),
+      ...                     test=(torch.zeros(1, 64), torch.zeros(1, dtype=torch.long)))
+      >>> (x_train, y_train), (x_test, y_test) = split
+      >>> tuple(x_train.shape), tuple(x_test.shape)
+      ((3, 64), (1, 64))
     """
 
     train: tuple[torch.Tensor, torch.Tensor]

@@ -189,7 +189,18 @@ def shard(indices: torch.Tensor, mask: torch.Tensor, rank: int, world_size: int)
 
 
 class RankMismatchError(ValueError):
-    """Ranks of a distributed step disagree on the key, a setting or the parameters."""
+    """Ranks of a distributed step disagree on the key, a setting or the parameters.
+
+    Raised by :func:`check_consistent`.
+
+    Example:
+      >>> from fundp.distributed import RankMismatchError
+      >>> try:
+      ...     raise RankMismatchError("ranks disagree on the key")
+      ... except ValueError as error:
+      ...     print(type(error).__name__, error)
+      RankMismatchError ranks disagree on the key
+    """
 
 
 def shared_os_key(group: Any = None, *, device: torch.device | str | None = None) -> torch.Tensor:

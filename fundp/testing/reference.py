@@ -87,7 +87,16 @@ def micro_batch_grads(
 
 
 class ReferenceStep(NamedTuple):
-    """What :func:`reference_step` returns (all in the reference dtype)."""
+    """What :func:`reference_step` returns (all in the reference dtype).
+
+    Example:
+      >>> import torch
+      >>> from fundp.testing import reference_step
+      >>> ref = reference_step(lambda p, x: x @ p["w"], {"w": torch.zeros(2)}, torch.tensor([[3.0, 4.0]]),
+      ...                      max_norm=1.0, expected_batch_size=1)
+      >>> ref.grads["w"], ref.counted
+      (tensor([0.6000, 0.8000], dtype=torch.float64), tensor([True]))
+    """
 
     grads: Any
     """``sum_i c_i g_i / expected_batch_size`` over the counted rows, a pytree like params."""
