@@ -45,7 +45,15 @@ __all__ = ["TrainState", "train_step"]
 
 
 class TrainState(NamedTuple):
-    """The loop's state: ``params``, ``opt_state``, ``ledger``, ``key``, ``step`` (immutable; replace, never mutate)."""
+    """The loop's state: ``params``, ``opt_state``, ``ledger``, ``key``, ``step`` (immutable; replace, never mutate).
+
+    Example:
+      >>> import torch, fundp
+      >>> from fundp.train_state import TrainState
+      >>> state = TrainState.create({"w": torch.zeros(2)}, fundp.optim.sgd(0.1), fundp.random.key(0))
+      >>> state._replace(step=state.step + 1).step, state.step
+      (1, 0)
+    """
 
     params: Any
     """The parameters, a pytree of tensors."""
