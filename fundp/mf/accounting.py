@@ -50,7 +50,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SingleParticipation:
-    """Each example joins at most one step of the run."""
+    """Each example joins at most one step of the run.
+
+    Example:
+      >>> import fundp
+      >>> isinstance(fundp.mf.single_participation(), fundp.mf.SingleParticipation)
+      True
+    """
 
     def __repr__(self) -> str:
         return "single_participation()"
@@ -61,6 +67,12 @@ class MinSeparation:
     """Each example joins at most ``max_participations`` steps, pairwise ``>= min_sep`` apart.
 
     ``max_participations=None``: as many as fit in the run, ``ceil(n / min_sep)``.
+
+    Example:
+      >>> import fundp
+      >>> p = fundp.mf.min_separation(10, max_participations=4)
+      >>> p.min_sep, p.max_participations
+      (10, 4)
     """
 
     min_sep: int
@@ -72,7 +84,14 @@ class MinSeparation:
 
 @dataclass(frozen=True)
 class CyclicPoisson:
-    """``num_partitions`` fixed partitions; step ``t`` Poisson-samples partition ``t mod b`` at ``sample_rate``."""
+    """``num_partitions`` fixed partitions; step ``t`` Poisson-samples partition ``t mod b`` at ``sample_rate``.
+
+    Example:
+      >>> import fundp
+      >>> p = fundp.mf.cyclic_poisson(4, 0.1)
+      >>> p.num_partitions, p.sample_rate
+      (4, 0.1)
+    """
 
     num_partitions: int
     sample_rate: float

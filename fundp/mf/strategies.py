@@ -62,6 +62,17 @@ class Strategy(abc.ABC):
 
     Subclasses define :meth:`matrix` (dense ``C``, float64), :attr:`num_buffers` and
     :meth:`next` (one step of ``x = C^{-1} z`` on tensors).  :meth:`noise_matrix` is ``C^{-1}``.
+
+    Example:
+      >>> import numpy as np, torch, fundp
+      >>> strategy = fundp.mf.banded_toeplitz([1.0, 0.5], 4)
+      >>> z = torch.tensor([1.0, -1.0, 2.0, 0.5], dtype=torch.float64)
+      >>> buffers, xs = strategy.init_buffers(z[0], torch.float64), []
+      >>> for t in range(4):  # online, one step at a time
+      ...     x, buffers = strategy.next(buffers, z[t], torch.tensor(t))
+      ...     xs.append(float(x))
+      >>> np.allclose(xs, strategy.noise_matrix() @ z.numpy())  # = C^{-1} z
+      True
     """
 
     n: int
@@ -114,6 +125,16 @@ class BandedToeplitz(Strategy):
 
     Online: ``x_t = (z_t - sum_{j=1}^{b-1} c_j x_{t-j}) / c_0`` with ``x_{<0} = 0``; the state
     holds ``x_{t-1}, ..., x_{t-b+1}`` (``b - 1`` buffers).  ``coefs = (1.0,)`` is DP-SGD.
+
+    Example:
+      >>> import fundp
+      >>> strategy = fundp.mf.banded_toeplitz([1.0, 0.5], 3)
+      >>> strategy.matrix()
+      array([[1. , 0. , 0. ],
+             [0.5, 1. , 0. ],
+             [0. , 0.5, 1. ]])
+      >>> strategy.num_buffers
+      1
     """
 
     def __init__(self, coefs: Sequence[float] | np.ndarray, n: int):
@@ -166,6 +187,12 @@ class BandedMatrix(Strategy):
 
     ``rows[t, j] = C[t, t - j]`` for ``j < b``.  Online: ``x_t = (z_t - sum_{j>=1} C[t, t-j]
     x_{t-j}) / C[t, t]``; ``b - 1`` buffers.  Steps ``t >= n`` are out of range.
+
+    Example:
+      >>> import fundp
+      >>> strategy = fundp.mf.banded([[2.0, 0.0, 0.0], [1.0, 2.0, 0.0], [0.0, 1.0, 2.0]])
+      >>> type(strategy).__name__, strategy.bands, strategy.num_buffers
+      ('BandedMatrix', 2, 1)
     """
 
     def __init__(self, matrix: np.ndarray, bands: int | None = None):
@@ -223,6 +250,12 @@ class BufferedToeplitz(Strategy):
     ``d`` = ``buf_decay`` and ``s`` = ``output_scale`` (``m`` each).  Online (McMahan et al. 2024,
     Alg. 3): ``x_t = z_t - sum_j s_j buf_j`` then ``buf_j <- d_j buf_j + x_t``, where
     ``buf_j = sum_{k>=1} d_j^{k-1} x_{t-k}``; ``m`` buffers whatever ``n`` is.
+
+    Example:
+      >>> import fundp
+      >>> strategy = fundp.mf.blt([0.5], [0.25], 4)  # c_k = 0.25 * 0.5^(k-1)
+      >>> strategy.matrix()[:, 0], strategy.num_buffers
+      (array([1.    , 0.25  , 0.125 , 0.0625]), 1)
     """
 
     def __init__(self, buf_decay: Sequence[float] | np.ndarray, output_scale: Sequence[float] | np.ndarray, n: int):
@@ -278,6 +311,17 @@ class TreeAggregation(Strategy):
     receives ``x_t = Z_t - sum_{levels < l} Z_node``: the new node's noise minus that of the
     nodes it replaces.  State: one node noise per level, ``floor(log2 n) + 1`` buffers.
     Single-participation sensitivity: ``sqrt(floor(log2 n) + 1)``.
+
+    Example:
+      >>> import fundp
+      >>> strategy = fundp.mf.tree(4)
+      >>> strategy.matrix()
+      array([[1., 0., 0., 0.],
+             [1., 1., 0., 0.],
+             [0., 0., 1., 0.],
+             [1., 1., 1., 1.]])
+      >>> strategy.num_buffers
+      3
     """
 
     def __init__(self, n: int):
