@@ -45,7 +45,14 @@ __all__ = ["NoiseState", "CorrelatedNoise", "mechanism", "mf_noise", "epsilon", 
 
 
 class NoiseState(NamedTuple):
-    """State of a correlated-noise mechanism: a pytree of tensors."""
+    """State of a correlated-noise mechanism: a pytree of tensors.
+
+    Example:
+      >>> import torch, fundp
+      >>> mech = fundp.mf.mechanism(fundp.mf.banded_toeplitz([1.0, 0.5], 8), fundp.mf.min_separation(4))
+      >>> mech.init({"w": torch.zeros(3)})
+      NoiseState(step=tensor(0), buffers={'w': tensor([[0., 0., 0.]])})
+    """
 
     step: torch.Tensor
     """0-d int64: how many noise vectors were drawn so far (``t`` of the next draw)."""
@@ -133,6 +140,12 @@ class CorrelatedNoise:
     ``sensitivity`` (``sens(C)``, a float fixed at construction), ``state_dtype``, ``steps``
     (``n``, the horizon ``sens(C)`` was computed for; drawing more than ``n`` noise vectors is not
     covered by the guarantee).
+
+    Example:
+      >>> import fundp
+      >>> mech = fundp.mf.mechanism(fundp.mf.tree(8), fundp.mf.single_participation())
+      >>> type(mech).__name__, mech.steps, round(mech.sensitivity ** 2, 9)  # 4 tree levels
+      ('CorrelatedNoise', 8, 4.0)
     """
 
     def __init__(self, strategy: Strategy, participation: Participation, *, state_dtype: torch.dtype | None = None):
@@ -378,7 +391,15 @@ def _calibrate_cyclic(target: float, delta: float, sample_rate: float, steps: in
 
 
 class AmplifiedBanded(NamedTuple):
-    """What :func:`amplified_banded` chose."""
+    """What :func:`amplified_banded` chose.
+
+    Example:
+      >>> import fundp
+      >>> choice = fundp.mf.amplified_banded(8, num_examples=100, expected_batch_size=10,
+      ...                                    target_epsilon=8.0, delta=1e-6, candidates=[1, 2])
+      >>> choice.bands, choice.sample_rate, sorted(choice.losses)
+      (2, 0.2, [1, 2])
+    """
 
     mechanism: CorrelatedNoise
     """The banded mechanism under ``cyclic_poisson(bands, q)``."""

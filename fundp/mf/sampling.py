@@ -57,6 +57,14 @@ class CyclicPoissonBatches(StepIndexedBatches):
     ``steps``, ``pad_to_multiple``, ``expected_batch_size`` (``q N / b``, the divisor to give
     ``dp_step``), ``participation`` (``fundp.mf.cyclic_poisson(b, q)``, for the mechanism) and
     ``sampling == "cyclic_poisson"``.
+
+    Example:
+      >>> import fundp
+      >>> batches = fundp.mf.cyclic_poisson_batches(12, 0.5, fundp.random.key(0), num_partitions=3,
+      ...                                           steps=3, pad_to_multiple=4)
+      >>> indices, mask = batches[1]  # step 1 samples from partition 1 only
+      >>> indices[mask].tolist(), batches.partitions[1].tolist(), batches.expected_batch_size
+      ([1, 7, 9], [1, 7, 9, 11], 2.0)
     """
 
     sampling = "cyclic_poisson"
