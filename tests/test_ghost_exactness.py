@@ -15,8 +15,16 @@ import torch.nn.functional as F
 import fundp
 from fundp.engines.ghost import ExamplesInteractError, GhostUnsupportedError, GhostVerificationError, ghost_plan
 
-torch.set_default_dtype(torch.float64)
 B, T, D, V = 6, 5, 4, 7
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    # float64 for every tensor these tests create, restored afterwards (no global side effect).
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def reference(loss_fn, params, batch, max_norm, style, gamma=0.01):
