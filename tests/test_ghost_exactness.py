@@ -341,3 +341,20 @@ def test_huge_but_finite_gradients_are_clipped_not_dropped_on_the_ghost_path(tie
     assert bool(torch.isfinite(out.norms).all()) and float(out.norms.min()) > 1.0
     total = torch.sqrt(sum(v.double().square().sum() for v in out.grads.values()))
     assert 0 < float(total) <= 1.0 + 1e-4  # every example clipped to 1, averaged over B
+
+
+def test_a_frozen_table_lookup_with_t_equal_b_keeps_the_batch_dimension():
+    # A frozen embedding (not in params) is an op without a rule: its output [B, T, d] must keep
+    # the batch in dim 0 even when T == B (right-aligned broadcasting would put it in dim 1).
+    g = torch.Generator().manual_seed(13)
+    table = torch.randn(V, D, generator=g)
+    params = {"w": torch.randn(D, D, generator=g), "head": torch.randn(3, D, generator=g)}
+    batch = {"ids": torch.randint(0, V, (B, B), generator=g), "y": torch.randint(0, 3, (B,), generator=g)}
+
+    def loss_fn(p, b):
+        h = torch.tanh(F.linear(F.embedding(b["ids"], table), p["w"]))  # [B, T, d], T == B
+        scores = torch.softmax(h @ h.transpose(-1, -2), dim=-1)  # attention within each example
+        return F.cross_entropy(F.linear((scores @ h).mean(1), p["head"]), b["y"], reduction="none")
+
+    assert set(ghost_plan(loss_fn, params, batch).values()) == {"ghost"}
+    assert_exact(loss_fn, params, batch, "flat")

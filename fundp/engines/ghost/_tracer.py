@@ -326,6 +326,8 @@ class Tracer(TorchFunctionMode):
         inputs = [t for t in tracked if isinstance(self.layouts.get(t), Layout)]
         if isinstance(layout, Layout):
             ndim = first.dim()
+            if name in ("embedding", "one_hot") and first is args[0]:
+                return layout  # trailing feature dims appended: the ids' dims keep their places
             if name in _RESHAPES:
                 found = reshape_layout(layout, tuple(first.shape), tuple(out.shape))
                 return Untrusted(f"{name} splits the batch dimension") if found == UNTRUSTED else found
