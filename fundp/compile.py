@@ -5,6 +5,11 @@ with ``torch._dynamo.config.trace_autograd_ops = True``; otherwise it breaks the
 correct, two graphs).  fundp never changes that global option: :func:`compile` switches it on only
 while the compiled step runs (a ``config.patch`` around each call), so other compiled code in the
 process is unaffected.
+
+The ghost engine's verification pass (``dp_step(verify="first")``) runs eagerly on the first call
+of each input signature.  :func:`compile` therefore runs that first call of each signature eagerly
+(it verifies), and every later call through the compiled graph, which then has no verification in
+it: ``fundp.compile(step, fullgraph=True)`` works with the default engine.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import functools
 from typing import Any, Callable
 
+import optree
 import torch
 
 __all__ = ["compile", "dynamo_options"]
@@ -49,10 +55,21 @@ def compile(step: Callable, **compile_kwargs: Any) -> Callable:  # noqa: A001  (
       False
     """
     compiled = torch.compile(step, **compile_kwargs)
+    seen: set = set()
 
     @functools.wraps(step)
     def run(*args: Any, **kwargs: Any) -> Any:
+        signature = _signature(args, kwargs)
+        if signature not in seen:
+            seen.add(signature)
+            return step(*args, **kwargs)  # eagerly: the engine verifies this signature
         with dynamo_options():
             return compiled(*args, **kwargs)
 
     return run
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    leaves = optree.tree_leaves((args, kwargs), none_is_leaf=True)
+    return tuple((tuple(leaf.shape), leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor) else type(leaf)
+                 for leaf in leaves)

@@ -405,3 +405,17 @@ def test_aot_compiled_ghost_step_equals_eager_with_or_without_the_scoped_option(
         assert_close_global(compiled(params, batch, fundp.random.key(seed)).grads,
                             step(params, batch, fundp.random.key(seed)).grads, 1e-10)
     torch._dynamo.reset()
+
+
+def test_fundp_compile_fullgraph_with_the_default_engine_and_verification():
+    model = make(TinyAttention)
+    params, loss = params_of(model), classification_loss(model)
+    step = fundp.dp_step(loss, max_norm=0.05, noise_multiplier=1.0, expected_batch_size=6)  # auto, verify="first"
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = fundp.compile(step, backend=counter, fullgraph=True)
+    for seed in range(3):
+        batch, key = batch_for(model, 6, seed=seed), fundp.random.key(seed)
+        assert_close_global(compiled(params, batch, key).grads, step(params, batch, key).grads, 1e-10)
+    assert counter.frame_count == 1  # the first call ran eagerly (and verified), then one graph
+    torch._dynamo.reset()
