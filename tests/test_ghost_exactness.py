@@ -358,3 +358,19 @@ def test_a_frozen_table_lookup_with_t_equal_b_keeps_the_batch_dimension():
 
     assert set(ghost_plan(loss_fn, params, batch).values()) == {"ghost"}
     assert_exact(loss_fn, params, batch, "flat")
+
+
+def test_pooling_by_arange_and_lengths_keeps_the_rows():
+    # GPT2ForSequenceClassification pools with logits[torch.arange(B), last_positions].
+    g = torch.Generator().manual_seed(14)
+    params = {"w": torch.randn(D, D, generator=g), "head": torch.randn(3, D, generator=g)}
+    batch = {"x": torch.randn(B, T, D, generator=g), "y": torch.randint(0, 3, (B,), generator=g),
+             "last": torch.randint(0, T, (B,), generator=g)}
+
+    def loss_fn(p, b):
+        h = torch.tanh(F.linear(b["x"], p["w"]))
+        pooled = h[torch.arange(b["x"].shape[0]), b["last"]]
+        return F.cross_entropy(F.linear(pooled, p["head"]), b["y"], reduction="none")
+
+    assert set(ghost_plan(loss_fn, params, batch).values()) == {"ghost"}
+    assert_exact(loss_fn, params, batch, "flat")

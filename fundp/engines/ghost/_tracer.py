@@ -435,9 +435,12 @@ class Tracer(TorchFunctionMode):
                 if isinstance(item, slice) and item == slice(None):
                     return layout._replace(dim=out_dim) if not advanced else Untrusted("advanced indexing moves the batch")
                 if isinstance(item, torch.Tensor) and item.dim() == 1 and item.dtype != torch.bool \
-                        and self.permutations.get(item) is not None and len(expanded) == 1:
+                        and self.permutations.get(item) is not None:
+                    position = self._advanced_position(expanded)
+                    if position is None:
+                        return Untrusted("advanced indexing moves the batch")
                     order = item if layout.order is None else layout.order.index_select(0, item)
-                    return layout._replace(dim=0, order=order)
+                    return layout._replace(dim=position, order=order)
                 if isinstance(item, slice) and item.step in (None, 1) and (item.start in (None, 0)) and \
                         (item.stop is None or (isinstance(item.stop, int) and item.stop >= tensor.shape[in_dim])):
                     return layout._replace(dim=out_dim)
@@ -452,6 +455,27 @@ class Tracer(TorchFunctionMode):
         if in_dim <= layout.dim:
             return layout._replace(dim=out_dim + (layout.dim - in_dim)) if not advanced else Untrusted("advanced indexing moves the batch")
         return Untrusted("indexing moves the batch")
+
+    def _advanced_position(self, items: list) -> int | None:
+        """Where the rows land for ``x[..., perm, idx, ...]`` (numpy's advanced-indexing rule), or None.
+
+        Every other tensor index must be 1-D of the batch size or 0-d (paired row by row with the
+        permutation, e.g. ``logits[arange(B), lengths]``); the advanced block stays in place when
+        its items are adjacent and goes first otherwise.
+        """
+        advanced = []
+        for position, item in enumerate(items):
+            if isinstance(item, torch.Tensor):
+                if item.dtype == torch.bool or item.dim() > 1 or (item.dim() == 1 and item.shape[0] != self.batch_size):
+                    return None
+                advanced.append(position)
+            elif isinstance(item, int):
+                advanced.append(position)
+            elif not (item is None or isinstance(item, slice)):
+                return None
+        if advanced != list(range(advanced[0], advanced[-1] + 1)):
+            return 0
+        return sum(1 for item in items[: advanced[0]] if item is None or isinstance(item, slice))
 
     def _reorder_layout(self, name, layout, tensor, args, kwargs, out) -> Any:
         ndim = tensor.dim()
