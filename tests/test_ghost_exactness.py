@@ -374,3 +374,38 @@ def test_pooling_by_arange_and_lengths_keeps_the_rows():
 
     assert set(ghost_plan(loss_fn, params, batch).values()) == {"ghost"}
     assert_exact(loss_fn, params, batch, "flat")
+
+
+def test_writing_batch_data_into_a_buffer_is_refused():
+    g = torch.Generator().manual_seed(15)
+    params = {"w": torch.randn(3, D, generator=g)}
+    running = torch.zeros(D)
+
+    def loss_fn(p, b):
+        running.copy_(b["x"][0])  # one example's data written into state every example then reads
+        return F.cross_entropy(F.linear(b["x"] + running, p["w"]), b["y"], reduction="none")
+
+    with pytest.raises(ExamplesInteractError, match="buffer"):
+        fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=B)(params, features(), fundp.random.key(0))
+
+
+@pytest.mark.parametrize("spatial", [1, 2])
+@pytest.mark.parametrize("style", ["flat", "per_layer"])
+def test_conv_transpose_is_exact(spatial, style):
+    torch.manual_seed(16)
+    conv = (nn.ConvTranspose1d if spatial == 1 else nn.ConvTranspose2d)(2, 3, 3, stride=2, padding=1, output_padding=1, groups=1)
+    head = nn.Linear(3, 3)
+    model = nn.ModuleDict({"conv": conv, "head": head}).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(17)
+    shape = (B, 2, 5) if spatial == 1 else (B, 2, 4, 4)
+    batch = {"x": torch.randn(*shape, generator=g), "y": torch.randint(0, 3, (B,), generator=g)}
+
+    def loss_fn(p, b):
+        h = torch.func.functional_call(conv, {k[5:]: v for k, v in p.items() if k.startswith("conv.")}, (b["x"],))
+        h = torch.tanh(h).flatten(2).mean(2)
+        logits = torch.func.functional_call(head, {k[5:]: v for k, v in p.items() if k.startswith("head.")}, (h,))
+        return F.cross_entropy(logits, b["y"], reduction="none")
+
+    assert set(ghost_plan(loss_fn, params, batch).values()) == {"ghost"}
+    assert_exact(loss_fn, params, batch, style, max_norm=0.2)

@@ -117,6 +117,9 @@ _DIM_POSITION = {"norm": 2, "normalize": 2, "quantile": 2, "nanquantile": 2, "to
 _DIM_DEFAULT = {"normalize": 1, "softmax": None, "log_softmax": None, "sort": -1, "argsort": -1, "topk": -1,
                 "kthvalue": -1, "msort": 0, "cumsum": None, "logcumsumexp": None}
 _BATCH_NORMS = {F.batch_norm}
+# Methods that write into their first argument (a set: dynamo traces membership, not str methods).
+_INPLACE = {name for name in dir(torch.Tensor) if name.endswith("_") and not name.startswith("_")} | {
+    "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"} - {"requires_grad_", "share_memory_"}
 
 _DROPOUTS = {F.dropout: 2, F.alpha_dropout: 2, F.feature_alpha_dropout: 2, F.dropout1d: 2, F.dropout2d: 2,
              F.dropout3d: 2}
@@ -221,6 +224,7 @@ class Tracer(TorchFunctionMode):
         derived = [t for t in inputs if self.derived.get(t) is not None]
         if batched and self.batch_size > 1:
             self._check_interaction(func, name, args, kwargs, batched)
+            self._check_write(name, args, batched)
         rule = self.rules.get(func)
         if rule is not None and (derived or getattr(rule, "always", False)):
             handled = rule(self, func, args, kwargs)
@@ -580,6 +584,23 @@ class Tracer(TorchFunctionMode):
         return found
 
     # ----------------------------------------------------------------------------- interaction
+
+    def _check_write(self, name: str, args, batched: list) -> None:
+        """An in-place write of batch data into a tensor with no room for per-example rows (a buffer)."""
+        if name not in _INPLACE or not args or not isinstance(args[0], torch.Tensor) or self.layouts.get(args[0]) is not None:
+            return
+        target = args[0]
+        if not any(size == self.batch_size for size in target.shape):
+            self.interact(f"{name} writes values computed from the batch into a tensor that has no per-example "
+                          "rows (a buffer or a running statistic)")
+        source = next((t for t in batched if t is not target and isinstance(self.layouts.get(t), Layout)), None)
+        if source is not None:
+            layout = self.layouts.get(source)
+            aligned = layout.dim + (target.dim() - source.dim())
+            if 0 <= aligned < target.dim() and target.shape[aligned] == source.shape[layout.dim]:
+                self.layouts.set(target, layout._replace(dim=aligned))
+                return
+        self.layouts.set(target, Untrusted(f"{name} writes batch rows into a tensor of unknown layout"))
 
     def _check_interaction(self, func, name: str, args, kwargs, batched: list) -> None:
         if func in _BATCH_NORMS:
