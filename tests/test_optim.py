@@ -24,14 +24,15 @@ CASES = [
 
 
 @pytest.mark.parametrize("make_fundp, make_torch", CASES)
-def test_matches_torch_optim(make_fundp, make_torch):
+def test_matches_torch_optim(make_fundp, make_torch, variant):
     init = {"a": torch.ones(3, 2, dtype=torch.float64), "b": torch.linspace(-1, 1, 4, dtype=torch.float64)}
     torch_params = {k: v.clone().requires_grad_(True) for k, v in init.items()}
     reference = make_torch(list(torch_params.values()))
     opt = make_fundp()
+    update = variant(opt.update)
     params, state = dict(init), opt.init(init)
     for grads in _gradient_sequence():
-        updates, state = opt.update(grads, state, params)
+        updates, state = update(grads, state, params)
         params = fundp.optim.apply_updates(params, updates)
         fundp.optim.set_grads(list(torch_params.values()), [grads["a"], grads["b"]])
         reference.step()
