@@ -70,6 +70,6 @@ def compile(step: Callable, **compile_kwargs: Any) -> Callable:  # noqa: A001  (
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple:
-    leaves = optree.tree_leaves((args, kwargs), none_is_leaf=True)
+    leaves: list[Any] = optree.tree_leaves((args, kwargs), none_is_leaf=True)  # type: ignore[arg-type]
     return tuple((tuple(leaf.shape), leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor) else type(leaf)
                  for leaf in leaves)
