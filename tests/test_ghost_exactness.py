@@ -409,3 +409,25 @@ def test_conv_transpose_is_exact(spatial, style):
 
     assert set(ghost_plan(loss_fn, params, batch).values()) == {"ghost"}
     assert_exact(loss_fn, params, batch, style, max_norm=0.2)
+
+
+def test_padding_mask_gathered_with_a_broadcast_arange_keeps_the_rows():
+    # HuggingFace's mask code: padding_mask[arange(B)[:, None, None, None], kv_idx[None, None, None, :]].
+    g = torch.Generator().manual_seed(18)
+    params = {"w": torch.randn(D, D, generator=g), "head": torch.randn(3, D, generator=g)}
+    batch = {"x": torch.randn(B, T, D, generator=g), "y": torch.randint(0, 3, (B,), generator=g),
+             "keep": torch.rand(B, T, generator=g) > 0.3}
+    batch["keep"][:, 0] = True
+
+    def loss_fn(p, b):
+        size = b["x"].shape[0]
+        rows = torch.arange(size).view(-1, 1, 1, 1)
+        columns = torch.arange(T).view(1, 1, 1, -1)
+        allowed = b["keep"][rows, columns]  # [B, 1, 1, T]
+        h = torch.tanh(F.linear(b["x"], p["w"])).unsqueeze(1)  # [B, 1, T, d]
+        scores = (h @ h.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+        mixed = (torch.softmax(scores, dim=-1) @ h).squeeze(1)
+        return F.cross_entropy(F.linear(mixed.mean(1), p["head"]), b["y"], reduction="none")
+
+    assert set(ghost_plan(loss_fn, params, batch).values()) == {"ghost"}
+    assert_exact(loss_fn, params, batch, "flat")

@@ -117,6 +117,7 @@ _DIM_POSITION = {"norm": 2, "normalize": 2, "quantile": 2, "nanquantile": 2, "to
 _DIM_DEFAULT = {"normalize": 1, "softmax": None, "log_softmax": None, "sort": -1, "argsort": -1, "topk": -1,
                 "kthvalue": -1, "msort": 0, "cumsum": None, "logcumsumexp": None}
 _BATCH_NORMS = {F.batch_norm}
+_ARANGE_VIEWS = {"view", "reshape", "unsqueeze", "__getitem__", "to", "contiguous", "clone", "view_as", "reshape_as"}
 # Methods that write into their first argument (a set: dynamo traces membership, not str methods).
 _INPLACE = {name for name in dir(torch.Tensor) if name.endswith("_") and not name.startswith("_")} | {
     "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"} - {"requires_grad_", "share_memory_"}
@@ -151,6 +152,8 @@ class Tracer(TorchFunctionMode):
         self.layouts = IdentityMap()  # batch-derived tensor -> Layout | Untrusted
         self.derived = IdentityMap()  # parameter-derived tensor -> Derived
         self.permutations = IdentityMap()  # 1-D index tensors known to be permutations of range(B)
+        # arange(B) viewed with B in one dim and size 1 elsewhere ([B, 1, 1, 1]): -> that dim
+        self.batch_aranges = IdentityMap()
         for index, proxy in enumerate(proxies):
             if isinstance(proxy, torch.Tensor):
                 self.derived.set(proxy, Derived(frozenset([index]), "same"))
@@ -257,6 +260,12 @@ class Tracer(TorchFunctionMode):
         if name == "arange" and isinstance(out, torch.Tensor) and out.dim() == 1 and out.shape[0] == self.batch_size \
                 and len(args) <= 1 and not kwargs.get("start") and kwargs.get("step", 1) == 1:
             self.permutations.set(out, True)
+            self.batch_aranges.set(out, 0)
+        elif args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor) \
+                and self.batch_aranges.get(args[0]) is not None and name in _ARANGE_VIEWS:
+            sizes = list(out.shape)
+            if sizes.count(self.batch_size) == 1 and all(size in (1, self.batch_size) for size in sizes):
+                self.batch_aranges.set(out, sizes.index(self.batch_size))
         return out
 
     def _refuse_random(self, func, args, kwargs) -> None:
@@ -445,6 +454,10 @@ class Tracer(TorchFunctionMode):
                         return Untrusted("advanced indexing moves the batch")
                     order = item if layout.order is None else layout.order.index_select(0, item)
                     return layout._replace(dim=position, order=order)
+                if isinstance(item, torch.Tensor) and self.batch_aranges.get(item) is not None and layout.order is None:
+                    position = self._broadcast_arange_position(expanded, item)
+                    if position is not None:
+                        return layout._replace(dim=position)
                 if isinstance(item, slice) and item.step in (None, 1) and (item.start in (None, 0)) and \
                         (item.stop is None or (isinstance(item.stop, int) and item.stop >= tensor.shape[in_dim])):
                     return layout._replace(dim=out_dim)
@@ -480,6 +493,29 @@ class Tracer(TorchFunctionMode):
         if advanced != list(range(advanced[0], advanced[-1] + 1)):
             return 0
         return sum(1 for item in items[: advanced[0]] if item is None or isinstance(item, slice))
+
+    def _broadcast_arange_position(self, items: list, batch_index: torch.Tensor) -> int | None:
+        """Where the rows land for ``x[arange(B).view(B, 1, 1, 1), j]`` (broadcast index tensors), or None.
+
+        The other tensor indices must have size 1 where ``batch_index`` has the batch, so that
+        result row ``i`` along that dim reads row ``i`` of ``x`` (HuggingFace's padding masks).
+        """
+        tensors = [item for item in items if isinstance(item, torch.Tensor)]
+        if any(t.dtype == torch.bool for t in tensors) or any(
+                not (item is None or isinstance(item, (slice, torch.Tensor))) for item in items):
+            return None
+        rank = max(t.dim() for t in tensors)
+        axis = self.batch_aranges.get(batch_index) + rank - batch_index.dim()
+        for t in tensors:
+            if t is batch_index:
+                continue
+            local = axis - (rank - t.dim())
+            if 0 <= local < t.dim() and t.shape[local] != 1:
+                return None
+        positions = [i for i, item in enumerate(items) if isinstance(item, torch.Tensor)]
+        if positions != list(range(positions[0], positions[-1] + 1)):
+            return axis
+        return sum(1 for item in items[: positions[0]] if item is None or isinstance(item, slice)) + axis
 
     def _reorder_layout(self, name, layout, tensor, args, kwargs, out) -> Any:
         ndim = tensor.dim()
