@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Callable
 
 from scipy import optimize
 
@@ -99,8 +100,18 @@ def calibrate_noise(
     # Bracket from the CLT guess: mu = q sqrt(T (e^{1/sigma^2} - 1))  =>  sigma = 1/sqrt(log1p(mu^2/(q^2 T))).
     mu = _gdp_mu(target, delta)
     guess = 1 / math.sqrt(math.log1p(mu * mu / (q * q * count)))
-    guess = min(max(guess, MIN_NOISE_MULTIPLIER), MAX_NOISE_MULTIPLIER)
-    low, high = MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER  # spent(low) > target >= spent(high)
+    # spent(MIN) > target >= spent(MAX), checked above.
+    return _least_meeting(spent, target, guess, MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER)
+
+
+def _least_meeting(spent: Callable[[float], float], target: float, guess: float, low: float, high: float) -> float:
+    """The least ``x`` in ``[low, high]`` (to ``NOISE_RTOL``) with ``spent(x) <= target``, verified.
+
+    Needs ``spent`` decreasing, ``spent(low) > target >= spent(high)``.  Brackets the crossing from
+    ``guess`` by factors of 1.25, finds it by Brent's method in ``log x``, then steps up from the
+    root until the target is verified (never past ``high``, which is known to satisfy it).
+    """
+    guess = min(max(guess, low), high)
     if spent(guess) > target:
         low = guess
         while low * 1.25 < high and spent(low * 1.25) > target:
@@ -111,11 +122,9 @@ def calibrate_noise(
         while high / 1.25 > low and spent(high / 1.25) <= target:
             high /= 1.25
         low = max(low, high / 1.25)
-    root = optimize.brentq(
-        lambda log_sigma: spent(math.exp(log_sigma)) - target, math.log(low), math.log(high), xtol=1e-6, rtol=1e-12
-    )
-    # brentq's root is within 1e-6 (in log sigma) of the crossing, on either side: step up from it
-    # until the target is verified (never past `high`, which is known to satisfy it).
+    root = optimize.brentq(lambda log_x: spent(math.exp(log_x)) - target, math.log(low), math.log(high),
+                           xtol=1e-6, rtol=1e-12)
+    # brentq's root is within 1e-6 (in log x) of the crossing, on either side.
     for k in range(8):
         candidate = math.exp(root) * (1 + NOISE_RTOL * 2.0 ** (k - 4))
         if candidate >= high:
@@ -297,29 +306,7 @@ def calibrate_noise_schedule(
         guess = calibrate_noise(target, delta, sample_rate=q, steps=total, accountant="gdp_approx") * math.sqrt(level)
     except UnreachableTargetError:
         guess = high_scale
-    low, high = low_scale, high_scale  # spent(low) > target >= spent(high), once low is checked
-    if spent(low) <= target:
-        return tuple(low * value for value in profile)
-    guess = min(max(guess, low), high)
-    if spent(guess) > target:
-        low = guess
-        while low * 1.25 < high and spent(low * 1.25) > target:
-            low *= 1.25
-        high = min(high, low * 1.25)
-    else:
-        high = guess
-        while high / 1.25 > low and spent(high / 1.25) <= target:
-            high /= 1.25
-        low = max(low, high / 1.25)
-    root = optimize.brentq(
-        lambda log_scale: spent(math.exp(log_scale)) - target, math.log(low), math.log(high), xtol=1e-6, rtol=1e-12
-    )
-    scale = high
-    for k in range(8):
-        candidate = math.exp(root) * (1 + NOISE_RTOL * 2.0 ** (k - 4))
-        if candidate >= high:
-            break
-        if spent(candidate) <= target:
-            scale = candidate
-            break
+    if spent(low_scale) <= target:
+        return tuple(low_scale * value for value in profile)
+    scale = _least_meeting(spent, target, guess, low_scale, high_scale)
     return tuple(scale * value for value in profile)
