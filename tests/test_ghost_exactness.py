@@ -2,7 +2,8 @@
 
 Each model is either handled exactly (norms and clipped sums equal to single-example gradients
 clipped by hand, relative error <= 1e-10 of the global norm) or refused with an error naming the
-parameter / op.  References run ``loss_fn`` on one example at a time with plain autograd.
+parameter / op.  The reference is ``fundp.testing.reference_step``: ``loss_fn`` on one example at a
+time with plain autograd, clipped by hand.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fundp
+from fundp.testing import reference_step
 from fundp.engines.ghost import ExamplesInteractError, GhostUnsupportedError, GhostVerificationError, ghost_plan
 
 B, T, D, V = 6, 5, 4, 7
@@ -27,36 +29,13 @@ def float64_by_default():
     torch.set_default_dtype(previous)
 
 
-def reference(loss_fn, params, batch, max_norm, style, gamma=0.01):
-    """``(sum_i clip(g_i) / B, [B] norms)`` from one example at a time, clipped by hand."""
-    size = next(iter(batch.values())).shape[0]
-    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-    rows = {k: [] for k in params}
-    for i in range(size):
-        one = {k: v[i:i + 1] for k, v in batch.items()}
-        grads = torch.autograd.grad(loss_fn(leaves, one).sum(), list(leaves.values()), allow_unused=True)
-        for k, g in zip(leaves, grads):
-            rows[k].append(torch.zeros_like(leaves[k]) if g is None else g)
-    rows = {k: torch.stack(v) for k, v in rows.items()}
-    sq = {k: g.flatten(1).square().sum(1) for k, g in rows.items()}
-    total = torch.sqrt(sum(sq.values()))
-    out = {}
-    for k, g in rows.items():
-        if style == "flat":
-            c = torch.clamp(max_norm / total, max=1.0)
-        elif style == "automatic":
-            c = max_norm / (total + gamma)
-        else:
-            c = torch.clamp(max_norm / torch.sqrt(sq[k]).clamp_min(1e-300), max=1.0)
-        out[k] = (g * c.reshape((-1,) + (1,) * (g.dim() - 1))).sum(0) / size
-    return out, total
-
-
 def assert_exact(loss_fn, params, batch, style="flat", max_norm=0.3, grad_method="ghost", rel=1e-10, **kwargs):
     step = fundp.dp_step(loss_fn, max_norm=max_norm, noise_multiplier=0.0, expected_batch_size=B,
                          grad_method=grad_method, clip_style=style, **kwargs)
     out = step(params, batch, fundp.random.key(0))
-    expected, norms = reference(loss_fn, params, batch, max_norm, style)
+    # The independent reference: one example at a time through autograd, clipped by hand.
+    ref = reference_step(loss_fn, params, batch, max_norm=max_norm, expected_batch_size=B, clip_style=style)
+    expected, norms = ref.grads, ref.norms
     torch.testing.assert_close(out.norms, norms, rtol=rel, atol=0)
     scale = torch.sqrt(sum(v.square().sum() for v in expected.values()))
     error = torch.sqrt(sum((out.grads[k] - expected[k]).square().sum() for k in expected))
