@@ -410,3 +410,25 @@ def test_padding_mask_gathered_with_a_broadcast_arange_keeps_the_rows():
 
     assert set(ghost_plan(loss_fn, params, batch).values()) == {"ghost"}
     assert_exact(loss_fn, params, batch, "flat")
+
+
+@pytest.mark.parametrize("style", ["flat", "per_layer"])
+def test_a_batch_of_one_whose_batch_dim_is_squeezed_away_is_exact(style):
+    # B = 1: every row belongs to the one example, whatever dims the model squeezes or broadcasts.
+    g = torch.Generator().manual_seed(19)
+    params = {"w": torch.randn(3, D, generator=g), "pos": torch.randn(T, 3, generator=g),
+              "gain": torch.randn(3, generator=g), "v": torch.randn(2, 3, generator=g)}
+    batch = {"x": torch.randn(1, T, D, generator=g), "y": torch.tensor([1])}
+
+    def loss_fn(p, b):
+        h = torch.tanh(F.linear(b["x"].squeeze(0), p["w"]) + p["pos"]) * p["gain"]  # [T, 3]
+        return F.cross_entropy(F.linear(h.mean(0, keepdim=True), p["v"]), b["y"], reduction="none")
+
+    assert set(ghost_plan(loss_fn, params, batch).values()) == {"ghost"}
+    step = fundp.dp_step(loss_fn, max_norm=0.1, noise_multiplier=0.0, expected_batch_size=1, grad_method="ghost",
+                         clip_style=style)
+    out = step(params, batch, fundp.random.key(0))
+    ref = reference_step(loss_fn, params, batch, max_norm=0.1, expected_batch_size=1, clip_style=style)
+    torch.testing.assert_close(out.norms, ref.norms, rtol=1e-10, atol=0)
+    for k in params:
+        torch.testing.assert_close(out.grads[k], ref.grads[k], rtol=1e-10, atol=1e-14)

@@ -71,6 +71,10 @@ def to_examples(tensor: torch.Tensor, layout: Layout, keep_last: int) -> torch.T
       >>> x.shape, torch.equal(x[1], t[:, 1])
       (torch.Size([2, 3, 2]), True)
     """
+    if layout.batch_size == 1:
+        # One example owns every row (the tracer does not follow dims for a batch of one).
+        last = tuple(tensor.shape[tensor.dim() - keep_last:]) if keep_last else ()
+        return tensor.reshape((1, -1) + last)
     t = tensor.unflatten(layout.dim, layout.group) if len(layout.group) > 1 else tensor
     t = t.movedim(layout.dim + layout.pos, 0)
     last = tuple(t.shape[t.dim() - keep_last:]) if keep_last else ()
@@ -79,10 +83,6 @@ def to_examples(tensor: torch.Tensor, layout: Layout, keep_last: int) -> torch.T
         # Row r belongs to example order[r]: put it back at r' = order[r].
         t = t.index_select(0, torch.argsort(layout.order))
     return t
-
-
-def batch_dim_of(layout: Layout) -> int:
-    return layout.dim
 
 
 def reshape_layout(layout: Layout, in_shape: tuple, out_shape: tuple) -> Layout | str:

@@ -81,7 +81,10 @@ def broadcast_rule(tracer, func, name: str, args, kwargs):
         copy_shape[batch_dim] = reference.shape[batch_dim]
         origin = tracer.origin(operand)
         source_shape = (1,) * source_aligned + tuple(source.shape) if source_aligned >= 0 else None
-        if source_shape is not None and source_shape[batch_dim] == 1:
+        if tracer.batch_size == 1:
+            # One example owns the whole output: its copy of the operand is the operand itself.
+            kind, source, source_shape, copy_shape = "whole", operand, operand_shape, list(operand_shape)
+        elif source_shape is not None and source_shape[batch_dim] == 1:
             kind = "broadcast"
         elif origin.ids is not None and operand_shape[batch_dim] == reference.shape[batch_dim] and operand.dim() >= 2:
             kind = "ids"
@@ -133,7 +136,7 @@ def _record(tracer, operand, source, source_shape, kind, index, layout: Layout, 
             from fundp.engines.ghost.embedding import drop_padding
 
             g = grads[index]
-            g = g.movedim(layout.dim, 0) if len(layout.group) == 1 else None
+            g = g.movedim(layout.dim, 0)  # a single-dim batch group (checked below)
             flat_ids = ids.reshape((1,) * (g.dim() - 1 - ids.dim()) + tuple(ids.shape))
             flat_ids = flat_ids.expand(g.shape[:-1]).reshape(g.shape[0], -1)
             right = g.reshape(g.shape[0], -1, g.shape[-1])
@@ -146,6 +149,10 @@ def _record(tracer, operand, source, source_shape, kind, index, layout: Layout, 
             tracer.report([operand], f"{op} of a table lookup with flattened rows")
             return
         tracer.record(table, resolve_ids, op)
+        return
+
+    if kind == "whole":
+        tracer.record(source, lambda grads: Rows(grads[index].reshape((1,) + tuple(source.shape))), op)
         return
 
     def resolve(grads):
