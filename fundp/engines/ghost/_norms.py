@@ -117,7 +117,7 @@ class LeafGrads:
                 inner = torch.bmm(right, id_rows.transpose(1, 2))  # [B, T_f, T_ids]
                 total = total + 2 * (gathered * inner).sum(dim=(1, 2))
         total = torch.where(usable, total.clamp_min(0), torch.zeros_like(total))
-        return ScaledSqNorm(torch.where(torch.isfinite(scale), scale, scale), total)
+        return ScaledSqNorm(scale, total)
 
     def weighted_sum(self, factors: torch.Tensor) -> torch.Tensor:
         dtype = self.leaf.dtype

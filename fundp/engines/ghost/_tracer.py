@@ -98,9 +98,9 @@ _METADATA = {"size", "dim", "numel", "__len__", "stride", "ndimension", "is_floa
              "__repr__", "storage_offset", "untyped_storage", "_version", "is_complex", "is_nested", "has_names",
              "__bool__", "__int__", "__float__", "item", "tolist", "is_meta", "is_quantized", "is_mkldnn", "grad",
              "_base", "output_nr", "_cdata", "__index__", "retains_grad", "__reduce_ex__", "__deepcopy__",
-             "__array__", "__eq__" if False else "__contains__", "nbytes", "itemsize", "is_inference"}
+             "__array__", "__contains__", "nbytes", "itemsize", "is_inference"}
 _CASTS = {"to", "float", "double", "half", "bfloat16", "type", "type_as", "contiguous", "clone", "__get__", "cpu",
-          "cuda", "requires_grad_", "view_as_real" if False else "as_subclass"}
+          "cuda", "requires_grad_", "as_subclass"}
 _TRANSPOSE_2D = {"t", "T", "mT", "H", "mH", "adjoint", "transpose", "swapaxes", "swapdims", "permute"}
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "ravel", "squeeze", "unsqueeze"}
 _EXPANDS = {"expand", "expand_as", "broadcast_to"}
@@ -300,8 +300,6 @@ class Tracer(TorchFunctionMode):
                     record = Derived(leaves, "T" if source.form == "same" else "same")
                 elif name in _EXPANDS or (name == "repeat" and _repeat_is_expand(args)):
                     record = Derived(leaves, "other", base=args[0])
-                elif name in ("unsqueeze", "view", "reshape") and source.base is None and tensor.numel() == args[0].numel():
-                    record = Derived(leaves, "other", base=None)
             if func is F.embedding and len(derived) == 1:
                 ids = arg(args, kwargs, 0, "input")
                 weight = arg(args, kwargs, 1, "weight")
