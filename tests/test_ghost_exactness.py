@@ -322,6 +322,34 @@ def test_huge_but_finite_gradients_are_clipped_not_dropped_on_the_ghost_path(tie
     assert 0 < float(total) <= 1.0 + 1e-4  # every example clipped to 1, averaged over B
 
 
+def test_compiled_tied_head_through_the_T_property_is_exact_and_keeps_huge_examples():
+    # Under torch.compile dynamo does not show Tensor properties such as `.T` to the tracer: the
+    # use `h @ emb.T` was once missed there, silently leaving the head's share out of emb's norm.
+    # One graph (fullgraph) must equal the float64 eager step, for an ordinary batch and for one
+    # whose example 2 is scaled by 1e25 (its squared norm overflows float32: clipped, not dropped).
+    g = torch.Generator().manual_seed(14)
+    params = {"emb": torch.randn(V, D, generator=g), "w": torch.randn(D, D, generator=g)}
+
+    def loss_fn(p, b):
+        h = F.linear(F.embedding(b["ids"], p["emb"]) * b["scale"][:, None, None], p["w"])
+        return (h @ p["emb"].T).mean(dim=(1, 2))
+
+    step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=B, grad_method="ghost",
+                         verify=False)
+    compiled = fundp.compile(step, backend="aot_eager", fullgraph=True)
+    params64 = {k: v.double() for k, v in params.items()}
+    for huge in (1.0, 1e25):
+        scale = torch.ones(B)
+        scale[2] = huge
+        batch = {**tokens(), "scale": scale}
+        out = compiled(params, batch, fundp.random.key(0))
+        expected = step(params64, {**batch, "scale": scale.double()}, fundp.random.key(0))
+        assert int(out.num_nonfinite) == 0
+        torch.testing.assert_close(out.norms.double(), expected.norms, rtol=1e-5, atol=0)
+        for name in params:
+            torch.testing.assert_close(out.grads[name].double(), expected.grads[name], rtol=1e-4, atol=1e-6)
+
+
 def test_a_frozen_table_lookup_with_t_equal_b_keeps_the_batch_dimension():
     # A frozen embedding (not in params) is an op without a rule: its output [B, T, d] must keep
     # the batch in dim 0 even when T == B (right-aligned broadcasting would put it in dim 1).

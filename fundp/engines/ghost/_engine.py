@@ -12,7 +12,7 @@ from fundp._validate import check_batch
 from fundp.engines.base import EngineOutput
 from fundp.engines.ghost import attention, broadcast, conv, embedding, linear, norms  # noqa: F401  (register rules)
 from fundp.engines.ghost._index import is_compiling
-from fundp.engines.ghost._norms import LeafGrads, RowsLeaf
+from fundp.engines.ghost._norms import LeafGrads, RowsLeaf, leaf_sq_norms
 from fundp.engines.ghost._registry import RULES
 from fundp.engines.ghost._tracer import Tracer, Untrusted
 from fundp.engines.ghost._uses import Rows, materialise, transpose_form
@@ -63,6 +63,11 @@ def trace(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomness:
     return tracer, proxies, losses, aux
 
 
+UNSEEN = ("used by code the tracer cannot see (torch.jit, a custom autograd.Function, torch.ops, an extension, "
+          "or under torch.compile an op dynamo does not show it, such as the Tensor property .T), or by an op it "
+          "does not handle")
+
+
 def _unseen_consumers(losses: torch.Tensor, proxies: list) -> set:
     """Indices of parameters that the loss still reaches through autograd: uses the rules did not take."""
     targets = {id(p): i for i, p in enumerate(proxies) if isinstance(p, torch.Tensor) and p.requires_grad}
@@ -95,8 +100,7 @@ def fallback_reasons(tracer: Tracer, proxies: list, losses: torch.Tensor | None)
                 reasons.setdefault(index, f"used by {use.op} on rows that are not the examples in order ({layout.reason})")
     if losses is not None and losses.requires_grad and not is_compiling():
         for index in _unseen_consumers(losses, proxies):
-            reasons.setdefault(index, "used by code the tracer cannot see (torch.jit, a custom autograd.Function, "
-                                      "torch.ops, an extension), or by an op it does not handle")
+            reasons.setdefault(index, UNSEEN)
     for index in range(len(proxies)):
         if index not in reasons and index not in tracer.seen and isinstance(proxies[index], torch.Tensor) \
                 and proxies[index].is_floating_point():
@@ -211,25 +215,43 @@ def make_ghost_engine(
                       _path_names(params), has_aux, randomness, keyed_model_rng)
         verified[_signature(leaves, batch)] = True
 
-    def engine(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
-        leaves, treespec = optree.tree_flatten(params)
-        tracer, proxies, losses, aux = trace(loss_fn, params, batch, has_aux, randomness, key)
-        reasons = fallback_reasons(tracer, proxies, losses)
-        if reasons and not fallback:
+    def refuse_or_vmap(params: Any, batch: Any, key: Any, reasons: dict) -> EngineOutput | None:
+        if not fallback:
             names = _path_names(params)
             details = "; ".join(f"{names[i]}: {why}" for i, why in sorted(reasons.items()))
             raise GhostUnsupportedError(f"grad_method='ghost' cannot handle {details}. Use grad_method='auto' "
                                         "(vmap for these parameters) or grad_method='vmap'")
-        if reasons and randomness != "error":
+        if randomness != "error":
             from fundp.engines.vmap import make_vmap_engine
 
             return make_vmap_engine(loss_fn, has_aux=has_aux, randomness=randomness)(params, batch, key)
+        return None
+
+    def engine(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
+        leaves, treespec = optree.tree_flatten(params)
+        tracer, proxies, losses, aux = trace(loss_fn, params, batch, has_aux, randomness, key)
+        reasons = fallback_reasons(tracer, proxies, losses)
+        if reasons:
+            whole = refuse_or_vmap(params, batch, key, reasons)
+            if whole is not None:
+                return whole
+        # The parameters' proxies join the backward: one still reached by the loss has a use no rule
+        # recorded.  Eagerly the graph walk has found those already; under torch.compile it cannot
+        # run, and dynamo does not show every op to the tracer (Tensor properties such as `.T`), so
+        # this (free when nothing is reached: autograd returns None) is what keeps compiled exact.
+        watched = [i for i, p in enumerate(proxies) if i not in reasons and isinstance(p, torch.Tensor) and p.requires_grad]
         grads: list = []
-        if tracer.probes:
-            raw = torch.autograd.grad(losses, tracer.probes, grad_outputs=torch.ones_like(losses), allow_unused=True,
-                                      retain_graph=False)
+        if tracer.probes or watched:
+            raw = torch.autograd.grad(losses, tracer.probes + [proxies[i] for i in watched],
+                                      grad_outputs=torch.ones_like(losses), allow_unused=True, retain_graph=False)
             grads = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if g is None else g
                      for p, g in zip(tracer.probes, raw)]
+            unseen = {i: UNSEEN for i, g in zip(watched, raw[len(tracer.probes):]) if g is not None}
+            if unseen:
+                reasons.update(unseen)
+                whole = refuse_or_vmap(params, batch, key, reasons)
+                if whole is not None:
+                    return whole
         forms = _leaf_forms(tracer, proxies, grads, set(reasons))
         handlers: list[Any] = [None] * len(leaves)
         size = losses.shape[0]
@@ -245,7 +267,7 @@ def make_ghost_engine(
             rows = vmap_rows(loss_fn, leaves, treespec, sorted(reasons), batch, has_aux)
             for index, leaf_rows in rows.items():
                 handlers[index] = RowsLeaf(leaf_rows)
-        sq_norm_leaves = [handler.sq_norms() for handler in handlers]
+        sq_norm_leaves = leaf_sq_norms(handlers)
 
         def weighted_sum_leaves(factor_leaves: list) -> list:
             return [handler.weighted_sum(c) for handler, c in zip(handlers, factor_leaves)]

@@ -14,6 +14,10 @@ the output layer) has its per-example contributions summed *before* the norm:
 
 Book-keeping: ``sum_i c_i g_i = sum_u (c ⊙ L_u)^T R_u`` (an ``index_add`` for ids).  Norms are
 accumulated in float32 or better (float64 for float64 parameters).
+
+Shared work: each factor tensor's row normalisation and Gram matrix are computed once per step
+(:class:`Shared`): an attention block's q, k and v projections read the same activations, as do a
+gated MLP's gate and up projections.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from typing import Any
 import torch
 
 from fundp.clipping import ScaledSqNorm, norm_dtype, scaled_sq_norm
+from fundp.engines.ghost._index import IdentityMap
 from fundp.engines.ghost._uses import Factor, Ids, Rows, materialise
 
-__all__ = ["LeafGrads", "RowsLeaf"]
+__all__ = ["LeafGrads", "RowsLeaf", "Shared", "leaf_sq_norms"]
 
 
 def _keep_rows(factors: torch.Tensor, tensor: torch.Tensor, scale: bool) -> torch.Tensor:
@@ -35,13 +40,66 @@ def _keep_rows(factors: torch.Tensor, tensor: torch.Tensor, scale: bool) -> torc
     return torch.where(rows != 0, kept, torch.zeros((), dtype=kept.dtype, device=kept.device))
 
 
-def _factor_sq_norm(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+def _normalised(tensor: torch.Tensor) -> tuple:
+    """``(s [B], tensor / s)`` with ``s`` each row's largest absolute entry (1 where it is 0 or not finite)."""
+    scale = tensor.abs().amax(dim=tuple(range(1, tensor.dim())))
+    usable = torch.isfinite(scale) & (scale > 0)
+    safe = torch.where(usable, scale, torch.ones_like(scale))
+    return scale, tensor / safe.reshape((-1,) + (1,) * (tensor.dim() - 1))
+
+
+class Shared:
+    """Per-tensor work of one step's norms, done once per tensor object and shared by the leaves.
+
+    ``normalised(x)``: ``(s, x / s)`` with ``s [B]`` each row's largest absolute entry (see
+    :class:`~fundp.clipping.ScaledSqNorm`); ``gram(x)``: the per-example Gram matrices
+    ``x_i x_i^T`` (``[B, T, T]``) of ``x [B, T, d]``.
+
+    Example:
+      >>> import torch
+      >>> from fundp.engines.ghost._norms import Shared
+      >>> shared, x = Shared(), torch.full((2, 3, 4), 2.0)
+      >>> scale, rows = shared.normalised(x)
+      >>> shared.normalised(x)[1] is rows, scale.tolist(), shared.gram(rows)[0, 0, 0].item()
+      (True, [2.0, 2.0], 4.0)
+    """
+
+    def __init__(self) -> None:
+        self._normalised = IdentityMap()
+        self._grams = IdentityMap()
+
+    def normalised(self, x: torch.Tensor) -> tuple:
+        found = self._normalised.get(x)
+        if found is None:
+            found = _normalised(x)
+            self._normalised.set(x, found)
+        return found
+
+    def gram(self, x: torch.Tensor) -> torch.Tensor:
+        found = self._grams.get(x)
+        if found is None:
+            found = torch.bmm(x, x.transpose(1, 2))
+            self._grams.set(x, found)
+        return found
+
+
+def _factor_sq_norm(left: torch.Tensor, right: torch.Tensor, shared: Shared | None = None) -> torch.Tensor:
+    """``||left_i^T right_i||^2`` per example: ghost form if ``2 T^2 <= p d``, else materialised."""
     steps, height, width = left.shape[1], left.shape[2], right.shape[2]
     if steps == 1:
         return left.square().sum(dim=(1, 2)) * right.square().sum(dim=(1, 2))
     if 2 * steps * steps <= width * height:
-        return (torch.bmm(left, left.transpose(1, 2)) * torch.bmm(right, right.transpose(1, 2))).sum(dim=(1, 2))
+        shared = shared or Shared()
+        return (shared.gram(left) * shared.gram(right)).sum(dim=(1, 2))
     return torch.bmm(left.transpose(1, 2), right).square().sum(dim=(1, 2))
+
+
+def _cross_term(left: torch.Tensor, right: torch.Tensor, ids: torch.Tensor, id_rows: torch.Tensor) -> torch.Tensor:
+    """``2 <S_i, H_i>`` with ``S_i = sum_s onehot(ids_s)^T id_rows_s`` and ``H_i = left_i^T right_i``."""
+    index = ids.unsqueeze(1).expand(-1, left.shape[1], -1)
+    gathered = left.gather(2, index)  # [B, T_f, T_ids]: left_i[t, ids_s]
+    inner = torch.bmm(right, id_rows.transpose(1, 2))  # [B, T_f, T_ids]
+    return 2 * (gathered * inner).sum(dim=(1, 2))
 
 
 def _ids_sq_norm(ids: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -54,12 +112,11 @@ def _ids_sq_norm(ids: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return sums.square().sum(dim=(1, 2))
 
 
-def _normalised(tensor: torch.Tensor) -> tuple:
-    """``(s [B], tensor / s)`` with ``s`` each row's largest absolute entry (1 where it is 0 or not finite)."""
-    scale = tensor.abs().amax(dim=tuple(range(1, tensor.dim())))
-    usable = torch.isfinite(scale) & (scale > 0)
-    safe = torch.where(usable, scale, torch.ones_like(scale))
-    return scale, tensor / safe.reshape((-1,) + (1,) * (tensor.dim() - 1))
+def _joined(tensors: list) -> Any:
+    """The uses' tensors concatenated along ``T`` (``None`` for none, the tensor itself for one)."""
+    if not tensors:
+        return None
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
 
 
 class LeafGrads:
@@ -77,45 +134,44 @@ class LeafGrads:
             self.rows = rows[0] if len(rows) == 1 else torch.stack(rows).sum(dim=0)
             return
         self.kind = "factored"
-        self.left: Any = torch.cat([f.left.to(self.dtype) for f in factors], dim=1) if factors else None
-        self.right: Any = torch.cat([f.right.to(self.dtype) for f in factors], dim=1) if factors else None
         ids = [form for form in forms if isinstance(form, Ids)]
-        self.ids: Any = torch.cat([form.ids for form in ids], dim=1) if ids else None
-        self.id_rows: Any = torch.cat([form.right.to(self.dtype) for form in ids], dim=1) if ids else None
+        # One use keeps its tensors as they are (no copy: layers reading the same activations share work).
+        self.left: Any = _joined([f.left.to(self.dtype) for f in factors])
+        self.right: Any = _joined([f.right.to(self.dtype) for f in factors])
+        self.ids: Any = _joined([form.ids for form in ids])
+        self.id_rows: Any = _joined([form.right.to(self.dtype) for form in ids])
 
-    def sq_norms(self) -> ScaledSqNorm:
+    def sq_norms(self, shared: Shared | None = None) -> ScaledSqNorm:
         """``||g_i||^2 = scale_i^2 * scaled_i``: every factor is divided by its row's largest entry
         first, so a huge but finite gradient has a finite representation (clipped, not dropped)."""
         if self.kind == "rows":
             return scaled_sq_norm(self.rows)
+        shared = shared or Shared()
         scales = []
         left: Any = None
         right: Any = None
         id_rows: Any = None
         if self.left is not None:
-            scale_left, left = _normalised(self.left)
-            scale_right, right = _normalised(self.right)
+            scale_left, left = shared.normalised(self.left)
+            scale_right, right = shared.normalised(self.right)
             scales.append(scale_left * scale_right)
         if self.ids is not None:
-            scale_ids, id_rows = _normalised(self.id_rows)
+            scale_ids, id_rows = shared.normalised(self.id_rows)
             scales.append(scale_ids)
         scale = scales[0] if len(scales) == 1 else torch.maximum(scales[0], scales[1])
         usable = torch.isfinite(scale) & (scale > 0)
         safe = torch.where(usable, scale, torch.ones_like(scale))
         total: Any = None
         if left is not None:
-            right = right * (scales[0] / safe).reshape(-1, 1, 1)
-            total = _factor_sq_norm(left, right)
+            if id_rows is not None:  # both parts on the common scale
+                right = right * (scales[0] / safe).reshape(-1, 1, 1)
+            total = _factor_sq_norm(left, right, shared)
         if id_rows is not None:
             id_rows = id_rows * (scales[-1] / safe).reshape(-1, 1, 1)
             part = _ids_sq_norm(self.ids, id_rows)
             total = part if total is None else total + part
             if left is not None:
-                # 2 <S_i, H_i>: S_i = sum_s onehot(ids_s)^T Rid_s, H_i = L_i^T R_i.
-                index = self.ids.unsqueeze(1).expand(-1, left.shape[1], -1)
-                gathered = left.gather(2, index)  # [B, T_f, T_ids]: L_i[t, ids_s]
-                inner = torch.bmm(right, id_rows.transpose(1, 2))  # [B, T_f, T_ids]
-                total = total + 2 * (gathered * inner).sum(dim=(1, 2))
+                total = total + _cross_term(left, right, self.ids, id_rows)
         total = torch.where(usable, total.clamp_min(0), torch.zeros_like(total))
         return ScaledSqNorm(scale, total)
 
@@ -141,8 +197,26 @@ class RowsLeaf:
     def __init__(self, rows: torch.Tensor):
         self.rows = rows
 
-    def sq_norms(self) -> ScaledSqNorm:
+    def sq_norms(self, shared: Shared | None = None) -> ScaledSqNorm:
         return scaled_sq_norm(self.rows)
 
     def weighted_sum(self, factors: torch.Tensor) -> torch.Tensor:
         return _keep_rows(factors, self.rows, scale=True).sum(dim=0)
+
+
+def leaf_sq_norms(handlers: list) -> list:
+    """Each handler's ``[B]`` squared norms (:class:`ScaledSqNorm`; ``None`` for a ``None`` handler),
+    with the per-tensor work shared (:class:`Shared`) and freed on return.
+
+    Example:
+      >>> import torch
+      >>> from fundp.engines.ghost._norms import LeafGrads, leaf_sq_norms
+      >>> from fundp.engines.ghost._uses import Factor
+      >>> x = torch.tensor([[[3.0, 4.0]], [[1e30, 0.0]]])  # [B=2, T=1, d=2]
+      >>> leaf = LeafGrads(torch.zeros(1, 2), [Factor(torch.ones(2, 1, 1), x)])
+      >>> s = leaf_sq_norms([leaf])[0]  # 1e30^2 overflows float32: the scaled form keeps it
+      >>> s.scale * s.scaled.sqrt()
+      tensor([5.0000e+00, 1.0000e+30])
+    """
+    shared = Shared()
+    return [None if handler is None else handler.sq_norms(shared) for handler in handlers]

@@ -28,6 +28,7 @@ from fundp.engines.ghost._layout import (
     move_dims,
     reshape_layout,
     standard,
+    to_examples,
 )
 from fundp.engines.ghost._uses import Use
 
@@ -159,6 +160,7 @@ class Tracer(TorchFunctionMode):
                 self.derived.set(proxy, Derived(frozenset([index]), "same"))
         for leaf in batch_leaves:
             self.layouts.set(leaf, standard(batch_size))
+        self.activations = IdentityMap()  # layer input -> {(layout, keep_last): its [B, T, ...] rows}
         self.probes: list[torch.Tensor] = []
         self.uses: list[Use] = []
         self.unsupported: dict[int, str] = {}
@@ -175,7 +177,24 @@ class Tracer(TorchFunctionMode):
         return found if isinstance(found, Layout) else None
 
     def origin(self, tensor: Any) -> Derived | None:
-        return self.derived.get(tensor)
+        found = self.derived.get(tensor)
+        if found is None and isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor._base is not None:
+            found = self._transposed_view(tensor)
+        return found
+
+    def _transposed_view(self, tensor: torch.Tensor) -> Derived | None:
+        # Under torch.compile dynamo does not show Tensor properties (`W.T`, `W.mT`, `W.H`) to the
+        # mode: a view whose base is a tracked 2-D parameter with both dims swapped is its transpose.
+        # (Other views of it, slices included, go through the mode; only these properties do not.)
+        base = tensor._base
+        source = self.derived.get(base)
+        if source is None or source.form not in ("same", "T") or base.dim() != 2:
+            return None
+        if tuple(tensor.shape) != tuple(base.shape)[::-1] or tuple(tensor.stride()) != tuple(base.stride())[::-1]:
+            return None
+        record = Derived(source.leaves, "T" if source.form == "same" else "same")
+        self.derived.set(tensor, record)
+        return record
 
     def probe(self, tensor: torch.Tensor, shape: Any = None) -> tuple[torch.Tensor, int]:
         """``tensor + z`` with ``z`` a zero probe (a 0-d leaf expanded: no memory); returns its index.
@@ -191,6 +210,29 @@ class Tracer(TorchFunctionMode):
         if layout is not None:
             self.layouts.set(probed, layout)
         return probed, len(self.probes) - 1
+
+    def saved_rows(self, tensor: torch.Tensor, layout: Layout, keep_last: int = 1) -> Callable[[], torch.Tensor]:
+        """Returns ``rows()``: ``to_examples(tensor.detach(), layout, keep_last)``, built on first call.
+
+        Layers that read the same activations (an attention block's q, k and v projections, a gated
+        MLP's gate and up projections) get the same rows object, so the norms compute its per-example
+        normalisation and Gram matrix once (:class:`fundp.engines.ghost._norms.Shared`).
+        """
+        detached = tensor.detach()
+        cell: list = []
+
+        def rows() -> torch.Tensor:
+            if not cell:
+                cell.append(to_examples(detached, layout, keep_last))
+            return cell[0]
+
+        if layout.order is not None:  # a permuted layout: not shared (keys hold no tensors)
+            return rows
+        memo = self.activations.get(tensor)
+        if memo is None:
+            memo = {}
+            self.activations.set(tensor, memo)
+        return memo.setdefault((layout.dim, layout.group, layout.pos, keep_last), rows)
 
     def record(self, target: torch.Tensor, resolve: Callable, op: str) -> None:
         self.uses.append(Use(target, resolve, op))
@@ -224,7 +266,7 @@ class Tracer(TorchFunctionMode):
             self._refuse_random(func, args, kwargs)
         inputs = _tensors_in(args) + _tensors_in(kwargs.values())
         batched = [t for t in inputs if self.layouts.get(t) is not None]
-        derived = [t for t in inputs if self.derived.get(t) is not None]
+        derived = [t for t in inputs if self.origin(t) is not None]
         if batched and self.batch_size > 1:
             self._check_interaction(func, name, args, kwargs, batched)
             self._check_write(name, args, batched)

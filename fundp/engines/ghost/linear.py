@@ -50,14 +50,13 @@ def linear_rule(tracer, func, args, kwargs):
     out = F.linear(x, _detach(weight), _detach(bias))
     tracer.set_layout(out, layout)
     out, index = tracer.probe(out)
-    activations = x.detach()
+    activations = tracer.saved_rows(x, layout)
 
     def grads_of(grads):
         return grads[index]
 
     if tracer.origin(weight) is not None:
-        tracer.record(weight, lambda grads: Factor(to_examples(grads[index], layout, 1),
-                                                   to_examples(activations, layout, 1)), "linear")
+        tracer.record(weight, lambda grads: Factor(to_examples(grads[index], layout, 1), activations()), "linear")
     if bias is not None and tracer.origin(bias) is not None:
         _bias_rows(tracer, bias, grads_of, layout, "linear")
     return out
@@ -89,7 +88,7 @@ def matmul_rule(tracer, func, args, kwargs):
         # x @ W: per example A_i^T G_i, W [d, p]
         out = torch.matmul(a, b.detach()) * scale_product if scale_product != 1.0 else torch.matmul(a, b.detach())
         layout = a_layout
-        activations = a.detach()
+        activations = tracer.saved_rows(a, layout)
         if bias is not None:
             out = out + (bias.detach() * scale_bias if scale_bias != 1.0 else bias.detach())
         tracer.set_layout(out, layout)
@@ -97,7 +96,7 @@ def matmul_rule(tracer, func, args, kwargs):
 
         def resolve(grads):
             g = to_examples(grads[index], layout, 1)
-            left = to_examples(activations, layout, 1)
+            left = activations()
             return Factor(left * scale_product if scale_product != 1.0 else left, g)
 
         tracer.record(b, resolve, name)
