@@ -27,12 +27,15 @@ and a second table gives fundp_auto_comp / nonprivate, / floor, / each Opacus mo
 ``--memory``, fundp's peak memory / non-private's.  An Opacus mode that refuses a model is
 reported as "refused: <reason>".
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step (in-process, reset before each
-mode).  On CPU, the peak RSS over a step, measured in a fresh subprocess per
-configuration: the process's whole peak RSS (``VmHWM``, reset after the warm-up step so that compilation
-does not count), Python and torch included — a few hundred MB common to every mode, which dilutes the
-ratios;
-``--memory`` turns it on (slow: a process per configuration).
+Memory (``--memory``; slow on CPU: a process per configuration), two numbers per mode:
+
+* peak: on CUDA ``torch.cuda.max_memory_allocated`` over one step (in-process, reset before each
+  mode); on CPU the process's whole peak RSS over a step (``VmHWM``, reset after two warm-up steps so
+  that compilation does not count), Python, torch and compiled code included — a few hundred MB
+  common to every mode (more for compiled modes), which dilutes the ratios;
+* step: the memory the step itself adds, peak minus what was in use just before it (CUDA: allocated
+  tensors; CPU: RSS) — activations, gradients, the engine's book-keeping; the ratio that does not
+  depend on how large the runtime is.
 
     python benchmarks/speed.py                           # all models, B in 64 256 1024
     python benchmarks/speed.py --models mlp --batch-sizes 256 --repeats 20 --memory
@@ -45,6 +48,7 @@ Opacus comes from the ``bench`` extra (``pip install -e ".[bench]"``); without i
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -338,15 +342,17 @@ def available_modes(requested):
 
 
 def memory_of(name, mode, size, device):
-    """Peak memory of one step in bytes (see the module docstring)."""
+    """``{"peak": bytes, "step": bytes}`` of one step (see the module docstring)."""
     if device.type == "cuda":
         step = build_step(name, mode, size, device)
         step()
         synchronize(device)
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         step()
         synchronize(device)
-        return torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak": peak, "step": peak - before}
     # CPU: a fresh process, so that earlier configurations' high-water mark does not count.
     # A fixed mmap threshold: glibc then maps every large tensor on its own and unmaps it when freed,
     # so the RSS follows the live tensors (its dynamic threshold would keep freed memory resident).
@@ -355,7 +361,7 @@ def memory_of(name, mode, size, device):
                          text=True, timeout=1800, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
-    return int(json.loads(out.stdout.strip().splitlines()[-1])["bytes"])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _status_kib(field):
@@ -367,12 +373,16 @@ def _memory_child(name, mode, size):
     torch.set_num_threads(int(os.environ.get("FUNDP_BENCH_THREADS", torch.get_num_threads())))
     step = build_step(name, mode, size, torch.device("cpu"))
     step()  # warm-up (and compilation): neither the compiler's nor the first call's memory is the step's
+    step()
+    gc.collect()
+    before = _status_kib("VmRSS")
     # VmHWM is this process's own high-water mark (ru_maxrss is not: it starts from the parent's
     # RSS at fork).  Writing 5 to clear_refs resets it to the current RSS.
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
     step()
-    print(json.dumps({"bytes": _status_kib("VmHWM") * 1024}))
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"peak": peak * 1024, "step": (peak - before) * 1024}))
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -415,13 +425,13 @@ def print_ratios(results, fundp_mode="fundp_auto_comp"):
     rows = [r for r in results if fundp_mode in r["seconds"] or fundp_mode in r.get("refused", {})]
     if not rows:
         return
-    print(f"\n{fundp_mode} ratios (time: medians; memory: peak, {fundp_mode} / nonprivate)")
-    print("| model | B | fundp ms | / non-private | / floor | / opacus hooks | / opacus ghost | memory |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n{fundp_mode} ratios (time: medians; memory: {fundp_mode} / nonprivate, peak and the step's own)")
+    print("| model | B | fundp ms | / non-private | / floor | / opacus hooks | / opacus ghost | peak memory | step memory |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         sec, mem, refused = r["seconds"], r["memory_bytes"], r.get("refused", {})
         if fundp_mode not in sec:
-            print(f"| {r['model']} | {r['batch_size']} | failed: {refused[fundp_mode]} | | | | | |")
+            print(f"| {r['model']} | {r['batch_size']} | failed: {refused[fundp_mode]} | | | | | | |")
             continue
         ours = sec[fundp_mode]
 
@@ -432,9 +442,13 @@ def print_ratios(results, fundp_mode="fundp_auto_comp"):
                 return f"refused: {refused[mode]}"
             return "n/a"
 
-        memory = f"{mem[fundp_mode] / mem['nonprivate']:.2f}x" if fundp_mode in mem and mem.get("nonprivate") else "n/a"
+        def memory(kind):
+            if fundp_mode in mem and mem.get("nonprivate"):
+                return f"{mem[fundp_mode][kind] / mem['nonprivate'][kind]:.2f}x"
+            return "n/a"
+
         print(f"| {r['model']} | {r['batch_size']} | {ours * 1e3:.1f} | {ratio('nonprivate')} | {ratio('floor')} | "
-              f"{ratio('opacus_hooks')} | {ratio('opacus_ghost')} | {memory} |", flush=True)
+              f"{ratio('opacus_hooks')} | {ratio('opacus_ghost')} | {memory('peak')} | {memory('step')} |", flush=True)
 
 
 def main(argv=None):
@@ -498,7 +512,7 @@ def main(argv=None):
                     continue
                 cell = f"{medians[mode] * 1e3:.1f} ({medians[mode] / base:.2f}x)" if base else f"{medians[mode] * 1e3:.1f}"
                 if mode in memory and memory.get("nonprivate"):
-                    cell += f" m{memory[mode] / memory['nonprivate']:.2f}"
+                    cell += f" m{memory[mode]['peak'] / memory['nonprivate']['peak']:.2f}"
                 cells.append(f"{cell:>16}")
             print(f"| {name:<11} | {size:>4} | " + " | ".join(cells) + " |", flush=True)
             results.append({"model": name, "batch_size": size, "seconds": medians, "memory_bytes": memory,

@@ -419,3 +419,26 @@ def test_fundp_compile_fullgraph_with_the_default_engine_and_verification():
         assert_close_global(compiled(params, batch, key).grads, step(params, batch, key).grads, 1e-10)
     assert counter.frame_count == 1  # the first call ran eagerly (and verified), then one graph
     torch._dynamo.reset()
+
+
+def test_norms_share_work_between_leaves_reading_the_same_activations_and_free_it_after_the_last():
+    # q, k and v read one activation tensor: its normalised copy and Gram are made once, and dropped
+    # (eagerly) after the last leaf that needs it, not kept until every norm is done.
+    import weakref
+
+    from fundp.engines.ghost._norms import LeafGrads, Shared
+    from fundp.engines.ghost._uses import Factor
+
+    g = torch.Generator().manual_seed(0)
+    activations = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    leaves = [LeafGrads(torch.zeros(2, 5, dtype=torch.float64),
+                        [Factor(torch.randn(3, 4, 2, generator=g, dtype=torch.float64), activations)]) for _ in range(3)]
+    shared = Shared(leaves)
+    first = leaves[0].sq_norms(shared)
+    copy = weakref.ref(shared.normalised(activations)[1])  # a lookup, not a use
+    leaves[1].sq_norms(shared)
+    assert shared.normalised(activations)[1] is copy()  # kept: the third leaf still needs it
+    leaves[2].sq_norms(shared)
+    assert copy() is None  # freed after the last leaf
+    expected = torch.einsum("btp,btd->bpd", leaves[0].left, activations).square().sum(dim=(1, 2))
+    torch.testing.assert_close(first.scale.square() * first.scaled, expected, rtol=1e-12, atol=0)

@@ -241,6 +241,7 @@ def make_ghost_engine(
         # this (free when nothing is reached: autograd returns None) is what keeps compiled exact.
         watched = [i for i, p in enumerate(proxies) if i not in reasons and isinstance(p, torch.Tensor) and p.requires_grad]
         grads: list = []
+        raw: Any = None
         if tracer.probes or watched:
             raw = torch.autograd.grad(losses, tracer.probes + [proxies[i] for i in watched],
                                       grad_outputs=torch.ones_like(losses), allow_unused=True, retain_graph=False)
@@ -253,6 +254,7 @@ def make_ghost_engine(
                 if whole is not None:
                     return whole
         forms = _leaf_forms(tracer, proxies, grads, set(reasons))
+        grads, raw = [], None  # output gradients that no form holds (norm layers, biases: rows) are freed now
         handlers: list[Any] = [None] * len(leaves)
         size = losses.shape[0]
         for index, leaf in enumerate(leaves):

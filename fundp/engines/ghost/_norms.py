@@ -64,9 +64,27 @@ class Shared:
       (True, [2.0, 2.0], 4.0)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, handlers: Any = ()) -> None:
         self._normalised = IdentityMap()
         self._grams = IdentityMap()
+        self._uses = IdentityMap()  # factor tensor -> how many leaves still need it
+        for handler in handlers:
+            for x in getattr(handler, "factor_tensors", list)():
+                self._uses.set(x, (self._uses.get(x) or 0) + 1)
+
+    def release(self, *tensors: Any) -> None:
+        """A leaf is done with ``tensors``: after a tensor's last use its normalised copy and Gram
+        matrix are dropped (eagerly they would otherwise all live until the last norm)."""
+        for x in tensors:
+            if x is None:
+                continue
+            remaining = (self._uses.get(x) or 1) - 1
+            self._uses.set(x, remaining)
+            if remaining <= 0:
+                found = self._normalised.get(x)
+                if found is not None:
+                    self._grams.set(found[1], None)
+                self._normalised.set(x, None)
 
     def normalised(self, x: torch.Tensor) -> tuple:
         found = self._normalised.get(x)
@@ -141,6 +159,12 @@ class LeafGrads:
         self.ids: Any = _joined([form.ids for form in ids])
         self.id_rows: Any = _joined([form.right.to(self.dtype) for form in ids])
 
+    def factor_tensors(self) -> list:
+        """The tensors the norms normalise (shared with other leaves that read the same activations)."""
+        if self.kind == "rows":
+            return []
+        return [x for x in (self.left, self.right, self.id_rows) if x is not None]
+
     def sq_norms(self, shared: Shared | None = None) -> ScaledSqNorm:
         """``||g_i||^2 = scale_i^2 * scaled_i``: every factor is divided by its row's largest entry
         first, so a huge but finite gradient has a finite representation (clipped, not dropped)."""
@@ -173,6 +197,7 @@ class LeafGrads:
             if left is not None:
                 total = total + _cross_term(left, right, self.ids, id_rows)
         total = torch.where(usable, total.clamp_min(0), torch.zeros_like(total))
+        shared.release(*self.factor_tensors())
         return ScaledSqNorm(scale, total)
 
     def weighted_sum(self, factors: torch.Tensor) -> torch.Tensor:
@@ -218,5 +243,5 @@ def leaf_sq_norms(handlers: list) -> list:
       >>> s.scale * s.scaled.sqrt()
       tensor([5.0000e+00, 1.0000e+30])
     """
-    shared = Shared()
+    shared = Shared(handlers)
     return [None if handler is None else handler.sq_norms(shared) for handler in handlers]

@@ -188,7 +188,7 @@ class Tracer(TorchFunctionMode):
         # (Other views of it, slices included, go through the mode; only these properties do not.)
         base = tensor._base
         source = self.derived.get(base)
-        if source is None or source.form not in ("same", "T") or base.dim() != 2:
+        if base is None or source is None or source.form not in ("same", "T") or base.dim() != 2:
             return None
         if tuple(tensor.shape) != tuple(base.shape)[::-1] or tuple(tensor.stride()) != tuple(base.stride())[::-1]:
             return None
