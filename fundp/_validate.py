@@ -40,7 +40,9 @@ def check_real(name: str, value: Any) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
-    if math.isnan(number) or math.isinf(number):
+    # Comparisons, not math.isnan/isinf: under torch.compile a float may be traced as a symbolic
+    # number (after a second value was seen), and dynamo can guard on a comparison but not call those.
+    if number != number or number in (math.inf, -math.inf):
         raise ValueError(f"{name} must be finite, got {number}")
     return number
 

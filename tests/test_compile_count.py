@@ -99,3 +99,20 @@ def test_inductor_accumulated_step_matches_eager_and_compiles_once(problem):
         for k in params:
             torch.testing.assert_close(fast.grads[k], slow.grads[k], rtol=1e-4, atol=1e-5)
     assert counter.frame_count == 1
+
+
+def test_steps_built_with_different_float_settings_each_compile_to_one_graph(problem):
+    # Dynamo traces a float it has seen with two values as a symbolic number: the step's checks of
+    # max_norm / noise_multiplier must then still trace (no graph break under fullgraph=True).
+    params, loss, x, y = problem
+    batch = {"x": x[:8], "y": y[:8]}
+    for grad_method in ("vmap", "ghost"):
+        for max_norm, sigma in ((1.0, 1.1), (0.5, 0.7), (0.25, 0.9)):
+            step = fundp.dp_step(loss, max_norm=max_norm, noise_multiplier=sigma, expected_batch_size=8.0,
+                                 grad_method=grad_method)
+            compiled = fundp.compile(step, backend="eager", fullgraph=True)
+            compiled(params, batch, fundp.random.key(0))  # eager first call (verification)
+            out = compiled(params, batch, fundp.random.key(0))
+            expected = step(params, batch, fundp.random.key(0))
+            for name in params:
+                torch.testing.assert_close(out.grads[name], expected.grads[name])

@@ -460,3 +460,27 @@ def test_a_batch_of_one_whose_batch_dim_is_squeezed_away_is_exact(style):
     torch.testing.assert_close(out.norms, ref.norms, rtol=1e-10, atol=0)
     for k in params:
         torch.testing.assert_close(out.grads[k], ref.grads[k], rtol=1e-10, atol=1e-14)
+
+
+def test_compiled_ghost_follows_rows_through_the_T_property_of_batch_tensors():
+    # Dynamo does not show `x.T` / `x.mT` to the tracer: such views of batch data get their layout
+    # from their base (a reversal or a swap of the last two dims), so the step stays on the ghost
+    # path in one graph and equals the float64 eager step.
+    g = torch.Generator().manual_seed(15)
+    params = {"w": torch.randn(D, D, generator=g), "v": torch.randn(3, D, generator=g)}
+
+    def loss_fn(p, b):
+        h = torch.tanh(F.linear(b["x"].T.T, p["w"]))  # [B, T, D]: .T reverses, twice is the identity
+        h = h.mT.mT  # a swap of the last two dims, twice
+        return (h @ p["v"].T).square().mean(dim=(1, 2))
+
+    batch = {"x": torch.randn(B, T, D, generator=g)}
+    step = fundp.dp_step(loss_fn, max_norm=0.5, noise_multiplier=0.0, expected_batch_size=B, grad_method="ghost",
+                         verify=False)
+    out = fundp.compile(step, backend="aot_eager", fullgraph=True)
+    out(params, batch, fundp.random.key(0))  # the first call of a signature runs eagerly
+    compiled = out(params, batch, fundp.random.key(0))
+    ref = reference_step(loss_fn, params, batch, max_norm=0.5, expected_batch_size=B)  # micro-batched, float64
+    for name in params:
+        torch.testing.assert_close(compiled.grads[name].double(), ref.grads[name], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(compiled.norms.double(), ref.norms, rtol=1e-5, atol=0)

@@ -182,6 +182,26 @@ class Tracer(TorchFunctionMode):
             found = self._transposed_view(tensor)
         return found
 
+    def _unseen_view(self, tensor: torch.Tensor) -> None:
+        """A view of batch data that reached an op without passing through the mode: under
+        torch.compile dynamo does not show Tensor properties (``x.T``, ``x.mT``, ``x.H``).  A full
+        reversal or a swap of the last two dims of the base gets the moved layout; any other view is
+        untrusted (the parameters it meets go to vmap), never taken for a constant.  (``x.T.T``'s base
+        is ``x`` itself: the identity keeps the base's layout.)"""
+        base = tensor._base
+        base_layout = self.layouts.get(base)
+        if base is None or base_layout is None:
+            return
+        n = tensor.dim()
+        shape, stride, base_shape, base_stride = tuple(tensor.shape), tuple(tensor.stride()), tuple(base.shape), tuple(base.stride())
+        swapped = list(range(n - 2)) + [n - 1, n - 2] if n >= 2 else None
+        for order in (list(range(n)), list(range(n))[::-1], swapped):
+            if isinstance(base_layout, Layout) and order is not None and base.dim() == n \
+                    and shape == tuple(base_shape[d] for d in order) and stride == tuple(base_stride[d] for d in order):
+                self.layouts.set(tensor, move_dims(base_layout, n, order))
+                return
+        self.layouts.set(tensor, Untrusted("a view of batch data that the tracer did not see being made"))
+
     def _transposed_view(self, tensor: torch.Tensor) -> Derived | None:
         # Under torch.compile dynamo does not show Tensor properties (`W.T`, `W.mT`, `W.H`) to the
         # mode: a view whose base is a tracked 2-D parameter with both dims swapped is its transpose.
@@ -265,6 +285,9 @@ class Tracer(TorchFunctionMode):
         if not self.random_ok:
             self._refuse_random(func, args, kwargs)
         inputs = _tensors_in(args) + _tensors_in(kwargs.values())
+        for tensor in inputs:
+            if tensor._base is not None and self.layouts.get(tensor) is None:
+                self._unseen_view(tensor)
         batched = [t for t in inputs if self.layouts.get(t) is not None]
         derived = [t for t in inputs if self.origin(t) is not None]
         if batched and self.batch_size > 1:
