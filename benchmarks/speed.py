@@ -18,7 +18,7 @@ the non-private eager step; a step is gradient + SGD update of the parameters.
   fundp_auto_comp   fundp.compile(that step)                          (the recommended configuration)
 
 Transformer models (HuggingFace ``transformers`` / ``peft``, random-initialised from configs, nothing
-downloaded; 2 layers, d=128, 4 heads, T=64, eval mode = dropout off): ``gpt2`` (GPT2LMHeadModel,
+downloaded; 2 layers, d=128 (``--hf-dim``), 4 heads (d / 32), T=64, eval mode = dropout off): ``gpt2`` (GPT2LMHeadModel,
 per-sequence mean next-token loss), ``gpt2_lora`` (the same with LoRA r=8 on ``c_attn``; only the
 adapters train), ``bert`` (BertForSequenceClassification), ``vit`` (ViTForImageClassification on
 32x32 images, 4x4 patches: 64 patches), ``llama`` (LlamaForCausalLM: RMSNorm, rotary, gated MLP).
@@ -41,6 +41,7 @@ Memory (``--memory``; slow on CPU: a process per configuration), two numbers per
     python benchmarks/speed.py --models mlp --batch-sizes 256 --repeats 20 --memory
     python benchmarks/speed.py --models transformers --batch-sizes 64 --repeats 5 --memory   # the five HF models
     python benchmarks/speed.py --models gpt2,bert --modes nonprivate floor fundp_auto_comp
+    python benchmarks/speed.py --models bert vit --hf-dim 768 --batch-sizes 16   # BERT-base / ViT-B width
 
 Opacus comes from the ``bench`` extra (``pip install -e ".[bench]"``); without it its columns are skipped.
 """
@@ -166,7 +167,9 @@ class ResNetGN(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
-HF_DIM, HF_LAYERS, HF_HEADS, HF_VOCAB, HF_LENGTH, HF_CLASSES = 128, 2, 4, 1000, 64, 10
+# --hf-dim sets the width (heads of 32 dims); through the environment so that memory subprocesses see it.
+HF_DIM = int(os.environ.get("FUNDP_BENCH_HF_DIM", "128"))
+HF_LAYERS, HF_HEADS, HF_VOCAB, HF_LENGTH, HF_CLASSES = 2, HF_DIM // 32, 1000, 64, 10
 LM_MODELS = ("gpt2", "gpt2_lora", "llama")
 
 
@@ -466,9 +469,17 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of timed steps per mode and configuration")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (CPU: a subprocess each)")
+    parser.add_argument("--hf-dim", type=int, default=None,
+                        help="width of the transformer models (default 128, 4 heads; heads = width / 32)")
     parser.add_argument("--json", help="write the raw numbers here")
     parser.add_argument("--_memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.hf_dim is not None:
+        if args.hf_dim <= 0 or args.hf_dim % 32:
+            parser.error("--hf-dim must be a positive multiple of 32")
+        global HF_DIM, HF_HEADS
+        HF_DIM, HF_HEADS = args.hf_dim, args.hf_dim // 32
+        os.environ["FUNDP_BENCH_HF_DIM"] = str(args.hf_dim)
     if args._memory_child:
         name, mode, size = args._memory_child
         return _memory_child(name, mode, int(size))
