@@ -61,8 +61,12 @@ def compile(step: Callable, **compile_kwargs: Any) -> Callable:  # noqa: A001  (
     def run(*args: Any, **kwargs: Any) -> Any:
         signature = _signature(args, kwargs)
         if signature not in seen:
+            # Eagerly: the engine checks and verifies this signature.  It counts as seen only once
+            # that succeeded: a call that raised (examples interact, verification failed) must not
+            # let the next call with the same shapes run unchecked in the graph.
+            out = step(*args, **kwargs)
             seen.add(signature)
-            return step(*args, **kwargs)  # eagerly: the engine verifies this signature
+            return out
         with dynamo_options():
             return compiled(*args, **kwargs)
 

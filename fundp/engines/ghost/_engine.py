@@ -89,6 +89,12 @@ def _unseen_consumers(losses: torch.Tensor, proxies: list) -> set:
 def fallback_reasons(tracer: Tracer, proxies: list, losses: torch.Tensor | None) -> dict:
     """``{leaf index: reason}`` for every leaf the ghost path cannot handle."""
     reasons: dict = {}
+    rows = tracer.layout(losses) if losses is not None else None
+    if isinstance(rows, Untrusted) and rows.mixes:
+        # The losses were computed from values moved across the batch (a slice or gather of it, a
+        # view made out of the tracer's sight): nothing proves that examples do not interact.
+        why = f"the per-example losses come from rows the tracer could not follow ({rows.reason})"
+        return {i: why for i, p in enumerate(proxies) if isinstance(p, torch.Tensor) and p.is_floating_point()}
     for index in range(len(proxies)):
         if index in tracer.unsupported:
             reasons[index] = tracer.unsupported[index]
@@ -122,7 +128,7 @@ def _leaf_forms(tracer: Tracer, proxies: list, grads: list, skip: set) -> dict:
     forms: dict = {}
     for use in tracer.uses:
         origin = tracer.origin(use.target)
-        if origin is None or origin.leaves & skip:
+        if origin is None or not origin.leaves - skip:
             continue
         form = use.resolve(grads)
         if origin.form in ("same", "T") and len(origin.leaves) == 1:
@@ -137,7 +143,8 @@ def _leaf_forms(tracer: Tracer, proxies: list, grads: list, skip: set) -> dict:
         # A tensor computed from parameters (a slice, an expand, a table lookup): its per-example
         # gradients are pulled back to the parameters by a batched vector-Jacobian product.
         rows = materialise(form, tuple(use.target.shape))
-        indices = sorted(origin.leaves)
+        # Leaves on vmap get their whole gradient there; the others still need this use's share.
+        indices = sorted(origin.leaves - skip)
         pulled = torch.autograd.grad([use.target], [proxies[i] for i in indices], grad_outputs=[rows.to(use.target.dtype)],
                                      retain_graph=True, allow_unused=True, is_grads_batched=True)
         for index, grad in zip(indices, pulled):
@@ -221,7 +228,8 @@ def make_ghost_engine(
             details = "; ".join(f"{names[i]}: {why}" for i, why in sorted(reasons.items()))
             raise GhostUnsupportedError(f"grad_method='ghost' cannot handle {details}. Use grad_method='auto' "
                                         "(vmap for these parameters) or grad_method='vmap'")
-        if randomness != "error":
+        floating = sum(isinstance(p, torch.Tensor) and p.is_floating_point() for p in optree.tree_leaves(params))
+        if randomness != "error" or len(reasons) >= floating:  # nothing left for the ghost path
             from fundp.engines.vmap import make_vmap_engine
 
             return make_vmap_engine(loss_fn, has_aux=has_aux, randomness=randomness)(params, batch, key)

@@ -51,6 +51,9 @@ class Derived(NamedTuple):
 
 class Untrusted(NamedTuple):
     reason: str
+    # True when an op moved values across the batch dim (a slice, subset, gather, repeat or cat of
+    # it): losses computed from such rows may mix examples, so the whole step leaves the ghost path.
+    mixes: bool = False
 
 
 def arg(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
@@ -158,8 +161,11 @@ class Tracer(TorchFunctionMode):
         for index, proxy in enumerate(proxies):
             if isinstance(proxy, torch.Tensor):
                 self.derived.set(proxy, Derived(frozenset([index]), "same"))
+        self.batch_roots = IdentityMap()  # the untracked tensors that batch leaves are views of
         for leaf in batch_leaves:
             self.layouts.set(leaf, standard(batch_size))
+            if isinstance(leaf, torch.Tensor) and leaf._base is not None:
+                self.batch_roots.set(leaf._base, True)
         self.activations = IdentityMap()  # layer input -> {(layout, keep_last): its [B, T, ...] rows}
         self.probes: list[torch.Tensor] = []
         self.uses: list[Use] = []
@@ -190,6 +196,10 @@ class Tracer(TorchFunctionMode):
         is ``x`` itself: the identity keeps the base's layout.)"""
         base = tensor._base
         base_layout = self.layouts.get(base)
+        if base is not None and base_layout is None and self.batch_roots.get(base) is not None:
+            # A view of the tensor the batch itself views (a dataset slice): its rows are unknown.
+            self.layouts.set(tensor, Untrusted("a view of batch data that the tracer did not see being made", mixes=True))
+            return
         if base is None or base_layout is None:
             return
         n = tensor.dim()
@@ -200,7 +210,7 @@ class Tracer(TorchFunctionMode):
                     and shape == tuple(base_shape[d] for d in order) and stride == tuple(base_stride[d] for d in order):
                 self.layouts.set(tensor, move_dims(base_layout, n, order))
                 return
-        self.layouts.set(tensor, Untrusted("a view of batch data that the tracer did not see being made"))
+        self.layouts.set(tensor, Untrusted("a view of batch data that the tracer did not see being made", mixes=True))
 
     def _transposed_view(self, tensor: torch.Tensor) -> Derived | None:
         # Under torch.compile dynamo does not show Tensor properties (`W.T`, `W.mT`, `W.H`) to the
@@ -398,7 +408,7 @@ class Tracer(TorchFunctionMode):
         untrusted = [self.layouts.get(t) for t in tracked
                      if isinstance(self.layouts.get(t), Untrusted) and self.permutations.get(t) is None]
         if untrusted:
-            return untrusted[0]
+            return next((u for u in untrusted if u.mixes), untrusted[0])
         inputs = [t for t in tracked if isinstance(self.layouts.get(t), Layout)]
         if isinstance(layout, Layout):
             ndim = first.dim()
@@ -432,7 +442,7 @@ class Tracer(TorchFunctionMode):
             if name in _EXPANDS or name == "repeat":
                 offset = out.dim() - ndim
                 if out.shape[layout.dim + offset] != first.shape[layout.dim]:
-                    return Untrusted(f"{name} repeats the batch dimension")
+                    return Untrusted(f"{name} repeats the batch dimension", mixes=True)
                 return layout._replace(dim=layout.dim + offset)
             if name == "__getitem__":
                 return self._index_layout(layout, first, args[1], out)
@@ -441,14 +451,14 @@ class Tracer(TorchFunctionMode):
                 dim = arg(args, kwargs, 2 if name in ("split", "chunk", "tensor_split", "split_with_sizes") else 1, "dim", default)
                 dim = _dims(dim, ndim)[0]
                 if dim == layout.dim:
-                    return Untrusted(f"{name} takes part of the batch")
+                    return Untrusted(f"{name} takes part of the batch", mixes=True)
                 if name in ("select", "unbind") and dim < layout.dim:
                     return layout._replace(dim=layout.dim - 1)
                 return layout
             if name in _FLOAT_REDUCTIONS or name in _OTHER_REDUCTIONS:
                 dims, _ = _reduction_dims(name, args, kwargs, first)
                 if dims is None or layout.dim in dims:
-                    return Untrusted(f"{name} over the batch dimension")
+                    return Untrusted(f"{name} over the batch dimension", mixes=True)
                 if out.dim() == ndim:
                     return layout
                 return layout._replace(dim=layout.dim - sum(1 for d in dims if d < layout.dim))
@@ -461,7 +471,7 @@ class Tracer(TorchFunctionMode):
                 if dim is None or dim == layout.dim:
                     if name in ("tril", "triu", "diagonal") and layout.dim < ndim - 2:
                         return layout
-                    return Untrusted(f"{name} moves values across the batch")
+                    return Untrusted(f"{name} moves values across the batch", mixes=True)
         if name in ("cat", "concat", "concatenate", "stack"):
             tensors = arg(args, kwargs, 0, "tensors")
             dim = arg(args, kwargs, 1, "dim", 0)
@@ -524,7 +534,7 @@ class Tracer(TorchFunctionMode):
                 if isinstance(item, slice) and item.step in (None, 1) and (item.start in (None, 0)) and \
                         (item.stop is None or (isinstance(item.stop, int) and item.stop >= tensor.shape[in_dim])):
                     return layout._replace(dim=out_dim)
-                return Untrusted("indexing takes a subset or a reordering of the batch")
+                return Untrusted("indexing takes a subset or a reordering of the batch", mixes=True)
             if isinstance(item, int):
                 in_dim += 1
                 continue
@@ -595,7 +605,7 @@ class Tracer(TorchFunctionMode):
             dims = _dims(arg(args, kwargs, 1, "dim"), ndim)
         if dims is None or layout.dim in dims:
             if len(layout.group) != 1 or (name == "roll" and (dims is None or len(dims) != 1)):
-                return Untrusted(f"{name} reorders the batch")
+                return Untrusted(f"{name} reorders the batch", mixes=True)
             current = layout.order if layout.order is not None else torch.arange(self.batch_size, device=tensor.device)
             if name in ("flip", "fliplr", "flipud"):
                 return layout._replace(order=current.flip(0))
@@ -603,7 +613,7 @@ class Tracer(TorchFunctionMode):
                 return layout._replace(order=current.roll(arg(args, kwargs, 1, "shifts"), 0))
             index = arg(args, kwargs, 2, "index")
             if self.permutations.get(index) is None:
-                return Untrusted("index_select picks rows of the batch by an index not known to be a permutation")
+                return Untrusted("index_select picks rows of the batch by an index not known to be a permutation", mixes=True)
             return layout._replace(order=current.index_select(0, index))
         return layout
 
@@ -619,7 +629,7 @@ class Tracer(TorchFunctionMode):
                 candidate = layout._replace(dim=layout.dim + (1 if cat_dim <= layout.dim else 0))
             else:
                 if cat_dim == layout.dim:
-                    return Untrusted("cat joins along the batch dimension")
+                    return Untrusted("cat joins along the batch dimension", mixes=True)
                 candidate = layout
             if found is None:
                 found = candidate
