@@ -42,6 +42,8 @@ __all__ = [
     "CLIP_STYLES",
     "ScaledSqNorm",
     "scaled_sq_norm",
+    "usable_scales",
+    "normalised_rows",
     "clip_factors_from_sq_norms",
 ]
 
@@ -100,6 +102,36 @@ def _is_scaled(node: Any) -> bool:
     return isinstance(node, ScaledSqNorm)
 
 
+def usable_scales(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(usable, safe)`` for row scales ``[B]``: ``usable`` where the scale is finite and > 0,
+    ``safe`` the scale there and 1 elsewhere (always safe to divide by).
+
+    Example:
+      >>> import torch
+      >>> from fundp.clipping import usable_scales
+      >>> usable_scales(torch.tensor([2.0, 0.0, float("inf")]))
+      (tensor([ True, False, False]), tensor([2., 1., 1.]))
+    """
+    usable = torch.isfinite(scale) & (scale > 0)
+    return usable, torch.where(usable, scale, torch.ones_like(scale))
+
+
+def normalised_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, tensor / s)`` for ``tensor [B, ...]`` with ``s [B]`` each row's largest absolute entry
+    (rows where ``s`` is 0 or not finite are divided by 1).
+
+    Example:
+      >>> import torch
+      >>> from fundp.clipping import normalised_rows
+      >>> normalised_rows(torch.tensor([[3.0, -4.0], [0.0, 0.0]]))
+      (tensor([4., 0.]), tensor([[ 0.7500, -1.0000],
+              [ 0.0000,  0.0000]]))
+    """
+    scale = tensor.abs().amax(dim=tuple(range(1, tensor.dim())))
+    _, safe = usable_scales(scale)
+    return scale, tensor / safe.reshape((-1,) + (1,) * (tensor.dim() - 1))
+
+
 def scaled_sq_norm(leaf: torch.Tensor) -> ScaledSqNorm:
     """Returns the :class:`ScaledSqNorm` of each row of ``leaf: [B, ...]`` (no overflow).
 
@@ -117,10 +149,9 @@ def scaled_sq_norm(leaf: torch.Tensor) -> ScaledSqNorm:
     if values.shape[1] == 0:
         zeros = values.new_zeros(values.shape[0])
         return ScaledSqNorm(zeros, zeros)
-    scale = values.abs().amax(dim=1)
-    usable = torch.isfinite(scale) & (scale > 0)
-    safe = torch.where(usable, scale, torch.ones_like(scale))
-    scaled = (values / safe.unsqueeze(1)).square().sum(dim=1)
+    scale, normalised = normalised_rows(values)
+    usable, _ = usable_scales(scale)
+    scaled = normalised.square().sum(dim=1)
     return ScaledSqNorm(scale, torch.where(usable, scaled, torch.zeros_like(scaled)))
 
 
@@ -338,9 +369,7 @@ def clip_factors_from_sq_norms(
 
     def leaf_factor(sq_norm: Any, threshold: Any) -> torch.Tensor:
         scaled = _as_scaled(sq_norm)
-        scale = scaled.scale.to(total.norms.dtype)
-        usable = torch.isfinite(scale) & (scale > 0)
-        safe = torch.where(usable, scale, torch.ones_like(scale))
+        usable, safe = usable_scales(scaled.scale.to(total.norms.dtype))
         root = torch.sqrt(scaled.scaled.to(total.norms.dtype))
         norm = safe * root
         fits = torch.isfinite(norm)

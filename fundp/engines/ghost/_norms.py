@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fundp.clipping import ScaledSqNorm, norm_dtype, scaled_sq_norm
+from fundp.clipping import ScaledSqNorm, norm_dtype, normalised_rows, scaled_sq_norm, usable_scales
 from fundp.engines.ghost._index import IdentityMap
 from fundp.engines.ghost._uses import Factor, Ids, Rows, materialise
 
@@ -38,14 +38,6 @@ def _keep_rows(factors: torch.Tensor, tensor: torch.Tensor, scale: bool) -> torc
     rows = factors.reshape((-1,) + (1,) * (tensor.dim() - 1))
     kept = tensor * rows.to(tensor.dtype) if scale else tensor
     return torch.where(rows != 0, kept, torch.zeros((), dtype=kept.dtype, device=kept.device))
-
-
-def _normalised(tensor: torch.Tensor) -> tuple:
-    """``(s [B], tensor / s)`` with ``s`` each row's largest absolute entry (1 where it is 0 or not finite)."""
-    scale = tensor.abs().amax(dim=tuple(range(1, tensor.dim())))
-    usable = torch.isfinite(scale) & (scale > 0)
-    safe = torch.where(usable, scale, torch.ones_like(scale))
-    return scale, tensor / safe.reshape((-1,) + (1,) * (tensor.dim() - 1))
 
 
 class Shared:
@@ -69,7 +61,7 @@ class Shared:
         self._grams = IdentityMap()
         self._uses = IdentityMap()  # factor tensor -> how many leaves still need it
         for handler in handlers:
-            for x in getattr(handler, "factor_tensors", list)():
+            for x in handler.factor_tensors() if handler is not None else ():
                 self._uses.set(x, (self._uses.get(x) or 0) + 1)
 
     def release(self, *tensors: Any) -> None:
@@ -89,7 +81,7 @@ class Shared:
     def normalised(self, x: torch.Tensor) -> tuple:
         found = self._normalised.get(x)
         if found is None:
-            found = _normalised(x)
+            found = normalised_rows(x)
             self._normalised.set(x, found)
         return found
 
@@ -183,8 +175,7 @@ class LeafGrads:
             scale_ids, id_rows = shared.normalised(self.id_rows)
             scales.append(scale_ids)
         scale = scales[0] if len(scales) == 1 else torch.maximum(scales[0], scales[1])
-        usable = torch.isfinite(scale) & (scale > 0)
-        safe = torch.where(usable, scale, torch.ones_like(scale))
+        usable, safe = usable_scales(scale)
         total: Any = None
         if left is not None:
             if id_rows is not None:  # both parts on the common scale
@@ -221,6 +212,9 @@ class RowsLeaf:
 
     def __init__(self, rows: torch.Tensor):
         self.rows = rows
+
+    def factor_tensors(self) -> list:
+        return []
 
     def sq_norms(self, shared: Shared | None = None) -> ScaledSqNorm:
         return scaled_sq_norm(self.rows)

@@ -195,21 +195,20 @@ class Tracer(TorchFunctionMode):
         untrusted (the parameters it meets go to vmap), never taken for a constant.  (``x.T.T``'s base
         is ``x`` itself: the identity keeps the base's layout.)"""
         base = tensor._base
+        if base is None:
+            return
         base_layout = self.layouts.get(base)
-        if base is not None and base_layout is None and self.batch_roots.get(base) is not None:
-            # A view of the tensor the batch itself views (a dataset slice): its rows are unknown.
-            self.layouts.set(tensor, Untrusted("a view of batch data that the tracer did not see being made", mixes=True))
-            return
-        if base is None or base_layout is None:
-            return
-        n = tensor.dim()
-        shape, stride, base_shape, base_stride = tuple(tensor.shape), tuple(tensor.stride()), tuple(base.shape), tuple(base.stride())
-        swapped = list(range(n - 2)) + [n - 1, n - 2] if n >= 2 else None
-        for order in (list(range(n)), list(range(n))[::-1], swapped):
-            if isinstance(base_layout, Layout) and order is not None and base.dim() == n \
-                    and shape == tuple(base_shape[d] for d in order) and stride == tuple(base_stride[d] for d in order):
-                self.layouts.set(tensor, move_dims(base_layout, n, order))
-                return
+        if base_layout is None:
+            if self.batch_roots.get(base) is None:
+                return  # not batch data
+            # else a view of the tensor the batch itself views (a dataset slice): its rows are unknown
+        elif isinstance(base_layout, Layout):
+            n = tensor.dim()
+            orders = [list(range(n)), list(range(n))[::-1]] + ([list(range(n - 2)) + [n - 1, n - 2]] if n >= 2 else [])
+            for order in orders:
+                if _is_permuted_view(tensor, base, order):
+                    self.layouts.set(tensor, move_dims(base_layout, n, order))
+                    return
         self.layouts.set(tensor, Untrusted("a view of batch data that the tracer did not see being made", mixes=True))
 
     def _transposed_view(self, tensor: torch.Tensor) -> Derived | None:
@@ -218,9 +217,7 @@ class Tracer(TorchFunctionMode):
         # (Other views of it, slices included, go through the mode; only these properties do not.)
         base = tensor._base
         source = self.derived.get(base)
-        if base is None or source is None or source.form not in ("same", "T") or base.dim() != 2:
-            return None
-        if tuple(tensor.shape) != tuple(base.shape)[::-1] or tuple(tensor.stride()) != tuple(base.stride())[::-1]:
+        if base is None or source is None or source.form not in ("same", "T") or not _is_permuted_view(tensor, base, [1, 0]):
             return None
         record = Derived(source.leaves, "T" if source.form == "same" else "same")
         self.derived.set(tensor, record)
@@ -741,6 +738,13 @@ class Tracer(TorchFunctionMode):
         if full or (dims is not None and layout.dim in dims):
             if tensor.is_floating_point() or tensor.is_complex():
                 self.interact(f"{name} reduces over the batch dimension")
+
+
+def _is_permuted_view(tensor: torch.Tensor, base: torch.Tensor, order: list) -> bool:
+    """``tensor`` has the shape and strides of ``base.permute(order)`` (dim ``j`` is base dim ``order[j]``)."""
+    return base.dim() == tensor.dim() == len(order) \
+        and tuple(tensor.shape) == tuple(base.shape[d] for d in order) \
+        and tuple(tensor.stride()) == tuple(base.stride()[d] for d in order)
 
 
 def _reduction_dims(name: str, args, kwargs, tensor) -> tuple:
