@@ -81,7 +81,7 @@ def per_example_grad_trees(
       >>> import torch, fundp
       >>> from hypothesis import given, settings
       >>> from fundp.testing.strategies import per_example_grad_trees
-      >>> @settings(max_examples=20, deadline=None)
+      >>> @settings(max_examples=20, deadline=None, derandomize=True)
       ... @given(per_example_grad_trees(), )
       ... def clipped_norms_are_at_most_c(grads):
       ...     norms = fundp.per_sample_norms(fundp.clip(grads, 1.0)).double()
@@ -129,7 +129,7 @@ def masks(draw: st.DrawFn, batch_size: int, *, min_real: int = 0) -> torch.Tenso
     Example:
       >>> from hypothesis import given, settings
       >>> from fundp.testing.strategies import masks
-      >>> @settings(max_examples=10, deadline=None)
+      >>> @settings(max_examples=10, deadline=None, derandomize=True)
       ... @given(masks(5, min_real=2))
       ... def has_two_real_rows(mask):
       ...     assert mask.shape == (5,) and int(mask.sum()) >= 2
@@ -151,7 +151,7 @@ def grad_trees_with_masks(draw: st.DrawFn, *, min_real: int = 0, **tree_kwargs: 
       >>> import fundp
       >>> from hypothesis import given, settings
       >>> from fundp.testing.strategies import grad_trees_with_masks
-      >>> @settings(max_examples=10, deadline=None)
+      >>> @settings(max_examples=10, deadline=None, derandomize=True)
       ... @given(grad_trees_with_masks(nonfinite=True))
       ... def masked_rows_are_zero(case):
       ...     grads, mask = case
@@ -235,7 +235,7 @@ def model_cases(
       >>> from hypothesis import given, settings
       >>> from fundp.testing import assert_matches_vmap
       >>> from fundp.testing.strategies import model_cases
-      >>> @settings(max_examples=3, deadline=None)
+      >>> @settings(max_examples=3, deadline=None, derandomize=True)  # fixed draws: a doctest must not be flaky
       ... @given(model_cases())
       ... def dp_step_matches_micro_batching(case):
       ...     assert_matches_vmap(case.loss_fn, case.params, case.batch, max_norm=1.0, grad_method="vmap")
