@@ -15,9 +15,10 @@ from fundp.one_run_audit import GradientCanaries, audit_scores, epsilon_lower_bo
 def theorem_p_value(m, r, v, eps, delta):
     """The theorem's right-hand side written out term by term (no shared code with the library)."""
     q = math.exp(eps) / (1 + math.exp(eps))
-    f = lambda u: stats.binom(r, q).sf(u - 1)  # P[Binomial(r, q) >= u]
-    worst = max(((f(v - i) - f(v)) / i for i in range(1, v + 1)), default=0.0)
-    return min(1.0, f(v) + 2 * m * delta * worst)
+    f = stats.binom(r, q).sf(np.arange(v + 1) - 1)  # f[u] = P[Binomial(r, q) >= u], u = 0..v
+    i = np.arange(1, v + 1)
+    worst = np.max((f[v - i] - f[v]) / i) if v > 0 else 0.0
+    return min(1.0, f[v] + 2 * m * delta * worst)
 
 
 @pytest.mark.parametrize("m, r, v, delta", [(1000, 100, 80, 1e-5), (500, 500, 400, 0.0), (200, 20, 20, 1e-4),
