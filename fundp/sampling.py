@@ -77,6 +77,9 @@ from fundp._validate import check_int, check_real, check_sample_rate
 __all__ = [
     "PoissonBatches",
     "poisson_batches",
+    "TruncatedPoissonBatches",
+    "truncated_poisson_batches",
+    "truncation_probability",
     "poisson_indices",
     "padded_size",
     "ShuffledBatches",
@@ -320,6 +323,144 @@ def poisson_batches(
     return PoissonBatches(num_examples, sample_rate, key, steps=steps, pad_to_multiple=pad_to_multiple, device=device)
 
 
+# --------------------------------------------------------------------------- truncated Poisson (one shape)
+
+
+def truncation_probability(num_examples: int, sample_rate: float, max_batch_size: int) -> float:
+    """``P[Binomial(num_examples + 1, sample_rate) > max_batch_size]``: the chance that one step of
+    :func:`truncated_poisson_batches` truncates, on the dataset or on any add/remove neighbour.
+
+    The ``+ 1`` covers the larger of two neighbouring datasets (the tail grows with the number of
+    trials), so the bound holds for both sides of the adjacency.  Computed by scipy's regularised
+    incomplete beta function (``binom.sf``), accurate to a few ulps of relative error.
+
+    Example:
+      >>> from fundp.sampling import truncation_probability
+      >>> truncation_probability(9, 0.5, 9)  # 10 trials, all included: 2**-10
+      0.0009765625
+    """
+    from scipy import stats  # type: ignore[import-untyped]
+
+    num_examples = check_int("num_examples", num_examples, minimum=1, maximum=_MAX_EXAMPLES)
+    sample_rate = check_sample_rate(sample_rate)
+    max_batch_size = check_int("max_batch_size", max_batch_size, minimum=1)
+    if max_batch_size >= num_examples + 1:
+        return 0.0
+    return float(stats.binom.sf(max_batch_size, num_examples + 1, sample_rate))
+
+
+class TruncatedPoissonBatches(StepIndexedBatches):
+    """Poisson batches truncated at ``max_batch_size`` and padded to exactly that size: one shape.
+
+    Made by :func:`truncated_poisson_batches`; see it for the arguments and the accounting.
+    Yields ``(indices: LongTensor[max_batch_size], mask: BoolTensor[max_batch_size])``.
+
+    Attributes: ``num_examples``, ``sample_rate``, ``max_batch_size``, ``steps``, ``key``,
+    ``expected_batch_size`` (``sample_rate * num_examples``, the divisor of the noisy sum, as for
+    untruncated Poisson), ``truncation_probability`` (per step, see :func:`truncation_probability`),
+    ``pad_to_multiple`` (``= max_batch_size``) and ``sampling == "truncated_poisson"``.
+    """
+
+    sampling = "truncated_poisson"
+
+    def __init__(
+        self,
+        num_examples: int,
+        sample_rate: float,
+        key: torch.Tensor,
+        *,
+        max_batch_size: int,
+        steps: int | None,
+        device: torch.device | str | None = None,
+    ):
+        self.num_examples = check_int("num_examples", num_examples, minimum=1, maximum=_MAX_EXAMPLES)
+        self.sample_rate = check_sample_rate(sample_rate)
+        self.max_batch_size = check_int("max_batch_size", max_batch_size, minimum=1)
+        self.steps = _check_steps(steps)
+        self.key = _cpu_key(key)
+        self.device = device
+        self.truncation_probability = truncation_probability(self.num_examples, self.sample_rate, self.max_batch_size)
+
+    @property
+    def pad_to_multiple(self) -> int:
+        return self.max_batch_size
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``sample_rate * num_examples``: the divisor of the noisy gradient sum."""
+        return self.sample_rate * self.num_examples
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of step ``step``: Poisson draw from ``fold_in(fold_in(key, step), 0)``; if it
+        holds more than ``max_batch_size`` examples, the ``max_batch_size`` with the smallest
+        uniform priorities from ``fold_in(fold_in(key, step), 1)`` are kept (a uniform subset)."""
+        step = check_int("step", step, minimum=0, maximum=_MAX_STEPS - 1)
+        step_key = fundp_random.fold_in(self.key, step)
+        indices = poisson_indices(self.num_examples, self.sample_rate, fundp_random.fold_in(step_key, 0))
+        if indices.shape[0] > self.max_batch_size:
+            priority = fundp_random.uniform(fundp_random.fold_in(step_key, 1), (indices.shape[0],), torch.float64)
+            kept = torch.argsort(priority, stable=True)[: self.max_batch_size]
+            indices = torch.sort(indices[kept]).values
+        return _pad(indices, self.max_batch_size, self.device)
+
+    def __repr__(self) -> str:
+        return (
+            f"TruncatedPoissonBatches(num_examples={self.num_examples}, sample_rate={self.sample_rate}, "
+            f"max_batch_size={self.max_batch_size}, steps={self.steps})"
+        )
+
+
+def truncated_poisson_batches(
+    num_examples: int,
+    sample_rate: float,
+    key: torch.Tensor,
+    *,
+    max_batch_size: int,
+    steps: int | None,
+    device: torch.device | str | None = None,
+) -> TruncatedPoissonBatches:
+    """Poisson-sampled batches truncated at ``max_batch_size`` and padded to exactly that size.
+
+    Every step draws a Poisson batch (each example independently with probability ``q``); a draw
+    of more than ``B_max = max_batch_size`` examples keeps a uniformly random ``B_max`` of them
+    (from the step's key).  Every batch has exactly ``B_max`` rows, so a compiled step sees one
+    shape for the whole run (production DP training does this: Chua et al. 2024, "Scalable DP-SGD:
+    Shuffling vs. Poisson subsampling").
+
+    Accounting.  Run the truncated mechanism ``M'`` and the untruncated one ``M`` on the same
+    randomness: they differ only if some step truncates, so on any dataset of at most ``N + 1``
+    examples their output distributions are within total variation ``T p`` over ``T`` steps, with
+    ``p = P[Binomial(N + 1, q) > B_max]`` (:func:`truncation_probability`).  If ``M`` is
+    ``(eps, delta)``-DP then for every event ``S`` and neighbours ``D, D'``::
+
+        P[M'(D) in S] <= P[M(D) in S] + T p <= e^eps P[M(D') in S] + delta + T p
+                      <= e^eps P[M'(D') in S] + delta + (1 + e^eps) T p,
+
+    so ``M'`` is ``(eps, delta + (1 + e^eps) T p)``-DP.  :mod:`fundp.accounting.truncation`
+    computes epsilon, delta, the noise calibration and the step budget with this term.  Pick
+    ``B_max`` a few standard deviations above ``q N`` (``q N + 6 sqrt(q N)`` gives ``p`` around
+    1e-9); the step's divisor stays ``q N`` (``expected_batch_size``), as for Poisson.
+
+    Args:
+      num_examples: ``N``.
+      sample_rate: ``q`` in ``(0, 1]``.
+      key: a :mod:`fundp.random` key; step ``t`` uses ``fold_in(key, t)`` only.
+      max_batch_size: ``B_max >= 1``, the one batch size.
+      steps: number of steps (``None``: unbounded).
+      device: where to put ``indices`` and ``mask``.
+
+    Example:
+      >>> import fundp
+      >>> from fundp.sampling import truncated_poisson_batches
+      >>> batches = truncated_poisson_batches(1000, 0.05, fundp.random.key(0), max_batch_size=80, steps=3)
+      >>> [(tuple(i.shape), int(m.sum())) for i, m in batches]
+      [((80,), 44), ((80,), 58), ((80,), 48)]
+      >>> batches.truncation_probability < 1e-4
+      True
+    """
+    return TruncatedPoissonBatches(num_examples, sample_rate, key, max_batch_size=max_batch_size, steps=steps, device=device)
+
+
 # --------------------------------------------------------------------------- shuffling (not Poisson)
 
 
@@ -487,6 +628,12 @@ def check_sampling_matches(
                     f"{rate} * {inner.num_examples} = {expected}"
                 )
         return rate
+    if inner.sampling == "truncated_poisson":
+        raise ValueError(
+            "truncated Poisson batches add their truncation probability to delta, which a plain "
+            "sample_rate check cannot account: build the step with dp_step(..., sampler=batches) and "
+            "report epsilon with fundp.accounting.truncation.epsilon(ledger, delta, batches)"
+        )
     if inner.sampling == "shuffle":
         message = (
             "shuffled fixed-size batches are not Poisson sampling: the ledger's Poisson-subsampled "
