@@ -1,0 +1,77 @@
+"""Corners of the "prv" accountant: the provable FFT round-off bound, the Gaussian mechanism (q = 1)
+at large epsilon, huge epsilon in ``delta``, and small-q / small-delta queries.
+
+References are computed independently here: exact circular convolution in extended precision
+(numpy ``longdouble``) of the same single-step PLDs, and the closed form of T composed Gaussian
+mechanisms, ``delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)``, ``mu = sqrt(T)/sigma``.
+"""
+
+import math
+import time
+import warnings
+
+import numpy as np
+import pytest
+from scipy import special
+
+from fundp.accounting import Ledger, delta, epsilon, pld
+
+
+# ------------------------------------------------------------------ the round-off bound
+
+
+def exact_circular_composition(plds, tilt, size, start):
+    """The tilted, normalised composed PLD on the circle of ``size`` points, by direct convolution
+    in long double (binary powering), rolled so index 0 is lattice point ``start``."""
+    total = None
+    for single, count in plds:
+        losses = single.grid.astype(np.longdouble) * np.longdouble(single.interval)
+        with np.errstate(divide="ignore"):
+            exponent = np.log(single.masses.astype(np.longdouble)) + np.longdouble(tilt) * losses
+        weights = np.exp(exponent - exponent.max())
+        weights /= weights.sum()
+        signal = np.zeros(size, dtype=np.longdouble)
+        np.add.at(signal, single.grid % size, weights)
+        power, base, n = None, signal, count
+        while n:
+            if n & 1:
+                power = base if power is None else circular(power, base)
+            n >>= 1
+            if n:
+                base = circular(base, base)
+        total = power if total is None else circular(total, power)
+    return np.roll(total, -(start % size))
+
+
+def circular(a, b):
+    full = np.convolve(a, b)
+    out = full[: a.size].copy()
+    out[: full.size - a.size] += full[a.size:]
+    return out
+
+
+ROUND_OFF_CASES = [
+    # (segments (sigma, q, count), interval, tilt)
+    ([(1.0, 1.0, 20)], 0.02, 0.0),
+    ([(1.0, 1.0, 20)], 0.02, 3.0),
+    ([(0.8, 0.2, 50)], 0.01, 0.0),
+    ([(0.8, 0.2, 50)], 0.01, 10.0),
+    ([(0.7, 0.05, 300)], 0.005, 25.0),
+    ([(1.0, 0.3, 7), (2.0, 0.5, 1), (0.9, 0.1, 33)], 0.04, 4.0),
+]
+
+
+@pytest.mark.parametrize("segments, interval, tilt", ROUND_OFF_CASES)
+@pytest.mark.parametrize("direction", ["remove", "add"])
+def test_composed_entries_stay_within_the_round_off_bound(segments, interval, tilt, direction):
+    plds = [(pld.discretize(sigma, q, interval, direction, 1e-12), count) for sigma, q, count in segments]
+    composed = pld.compose(plds, 1e-12, tilt=tilt)
+    size = composed.masses.size
+    assert size <= 4096, "keep the exact reference small"
+    exact = exact_circular_composition(plds, tilt, size, composed.start)
+    error = np.abs(composed.masses.astype(np.longdouble) - exact).astype(float)
+    allowed = composed.entry_error + composed.relative_error * np.abs(exact).astype(float)
+    assert np.all(error <= allowed), f"worst ratio {float(np.max(error / allowed)):.3g}"
+    # The bound means something: round-off happened, and the bound is not absurdly loose.
+    assert error.max() > 0
+    assert composed.entry_error < 1e-11
