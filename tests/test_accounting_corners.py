@@ -75,3 +75,46 @@ def test_composed_entries_stay_within_the_round_off_bound(segments, interval, ti
     # The bound means something: round-off happened, and the bound is not absurdly loose.
     assert error.max() > 0
     assert composed.entry_error < 1e-11
+
+
+# ------------------------------------------------------------------ q = 1: the closed form
+
+
+def gaussian_log_delta(mu, eps):
+    """Closed form, by mpmath-free log-space algebra independent of fundp: log(Phi(a) - e^eps Phi(b))."""
+    a, b = -eps / mu + mu / 2, -eps / mu - mu / 2
+    log_a = special.log_ndtr(a)
+    return log_a + math.log(-math.expm1(eps + special.log_ndtr(b) - log_a))
+
+
+@pytest.mark.parametrize("sigma, steps, eps", [(1 / 3, 100, 500.0), (1 / 3, 100, 600.0), (0.25, 100, 900.0),
+                                               (1.0, 1, 1.0), (20.0, 10_000, 0.05), (0.5, 7, 30.0)])
+def test_gaussian_mechanism_is_exact_at_any_epsilon(sigma, steps, eps):
+    mu = math.sqrt(steps) / sigma
+    d = math.exp(gaussian_log_delta(mu, eps))
+    ledger = Ledger([(sigma, 1.0, steps)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no silent (or loud) fallback to RDP
+        got_eps, got_delta = epsilon(ledger, d), delta(ledger, eps)
+    assert eps <= got_eps <= eps * (1 + 1e-8)
+    assert d <= got_delta <= d * (1 + 1e-8)
+
+
+def test_gaussian_mechanisms_with_different_sigmas_compose_to_one():
+    ledger = Ledger([(1.0, 1.0, 3), (2.0, 1.0, 8)])
+    mu = math.sqrt(3 + 8 / 4)
+    d = math.exp(gaussian_log_delta(mu, 2.0))
+    assert 2.0 <= epsilon(ledger, d) <= 2.0 * (1 + 1e-8)
+
+
+# ------------------------------------------------------------------ huge epsilon in delta
+
+
+@pytest.mark.parametrize("eps", [401.0, 1e3, 1e6])
+def test_delta_at_huge_epsilon_is_quick_bounded_and_says_it_used_rdp(eps):
+    ledger = Ledger([(1.0, 0.01, 1000), (0.7, 0.001, 50_000)])
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match="RDP"):
+        value = delta(ledger, eps)
+    assert time.perf_counter() - start < 5.0
+    assert 0.0 <= value <= 1e-100  # the true delta is astronomically small this far out
