@@ -636,12 +636,14 @@ def compose(
         l1_excess += float(counts @ np.log(np.maximum(l1, 1.0)))
         pointwise = gamma * l1  # e_s: componentwise forward error bound, gamma_N ||x_s||_1
         live = np.flatnonzero(alive) if not alive.all() else slice(None)
-        bound = np.maximum(modulus[:, live], np.minimum(modulus[:, live] + pointwise[:, None], l1[:, None]))
+        live_modulus = modulus[:, live]
+        bound = np.minimum(live_modulus + pointwise[:, None], l1[:, None])
+        np.maximum(bound, live_modulus, out=bound)
         with np.errstate(divide="ignore"):
-            log_modulus = np.log(modulus[:, live])
+            log_modulus = np.log(live_modulus)
             upper[live] += counts @ np.log(bound)
-        propagated[live] += (counts * pointwise) @ (1.0 / bound)
-        log_weight[live] += counts @ (np.abs(np.nan_to_num(log_modulus, neginf=-1e300)) + math.pi + 1.0)
+        propagated[live] += (counts * pointwise) @ np.reciprocal(bound, out=bound)
+        log_weight[live] += counts @ np.abs(log_modulus)  # + (pi + 1) sum c_s, added below
         log_spectrum[live] += counts @ log_modulus + 1j * (counts @ np.angle(f[:, live]))
         # Frequencies whose bound A_k is below ``_NEGLIGIBLE`` stay there (every later factor is
         # <= ||x_s||_1 <= 1 + l1_excess): they are dropped (set to 0), an error <= A_k e^{l1_excess}.
@@ -653,6 +655,7 @@ def compose(
     # Spectral error bound B_k (module docstring): propagated forward error A_k C_k, evaluation
     # error of exp(sum c log z), and the dropped frequencies.
     growth = math.exp(l1_excess)
+    log_weight = np.minimum(log_weight + (math.pi + 1.0) * total_steps, 1e300)
     with np.errstate(over="ignore", invalid="ignore"):
         phase_error = 2 * _EPS * (1 + (len(plds) + 2) * _EPS) * log_weight + 4 * _EPS
         evaluation = np.abs(spectrum) * np.expm1(phase_error) * np.exp(phase_error)
