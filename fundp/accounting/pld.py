@@ -23,9 +23,55 @@ composition (Zhu, Dong & Wang 2022); or we add a bound on what we leave out.  Th
   losses and be under-counted, so a Chernoff bound on it, computed from the discretised PLD itself,
   is added to delta.  Mass below the window reappears near its top, which can only overstate delta
   (with tilting, see :func:`compose`, delta is trusted only from the window's start up).
-* **round-off**: a conservative bound on the floating-point error of every FFT entry (standard FFT
-  error analysis with a safety factor, not a machine-checked proof) is added to delta for each atom
-  above epsilon.
+* **round-off**: a *provable* bound on the floating-point error of every composed entry (derived
+  below) is added to delta, untilted, for each atom above epsilon.
+
+**The round-off bound.**  Notation: ``u = 2^-53``; ``x_s`` the computed tilted, normalised weights
+of PLD ``s`` on the circle of ``N`` points (``||x_s||_1 <= 1`` up to ``N u``), composed ``c_s``
+times; ``z_sk = (F x_s)_k`` the exact DFT, ``^`` marks computed values.
+
+1. *Forward FFT, componentwise.*  A (mixed-radix) FFT computes each output ``y_k = sum_j x_j w^{jk}``
+   through ``L <= ceil(log2 N)`` butterfly levels; along every path from ``x_j`` to ``y_k`` the
+   coefficients have modulus 1 and each level applies one R-linear perturbation within ``eta`` of
+   the identity (twiddle product and sum, Higham, *Accuracy and Stability*, 2nd ed., Thm 24.2:
+   ``eta = mu + gamma_4 (sqrt 2 + mu) ~ 6.7 u`` for radix 2 with accurate twiddles ``mu ~ u``;
+   radix-3/4/5 butterflies stay below ``eta`` per factor of 2 they cover).  Hence
+   ``|z^_sk - z_sk| <= ((1 + eta)^L - 1) sum_j |x_sj| = gamma_N ||x_s||_1 =: e_s`` for *every* ``k``
+   (the classical componentwise, L1 form; not the normwise L2 one, which bounds single entries
+   only by ``sqrt(N)`` times the RMS).  We take ``eta = 8u`` and two extra levels for the real
+   FFT's pre/post-processing: ``gamma_N = (1 + 8u)^(ceil(log2 N) + 2) - 1``
+   (:func:`fft_error_constant`); the inverse transform obeys the same bound with ``||P||_1 / N``.
+2. *Powers and products.*  With ``M_sk = max(|z^_sk|, min(|z^_sk| + e_s, ||x_s||_1)) >=
+   max(|z_sk|, |z^_sk|)`` and ``|a^c - b^c| <= c |a - b| max(|a|, |b|)^{c-1}``, telescoping over
+   ``s`` gives, for the product ``P_k = prod_s z_sk^{c_s}``,
+
+       |prod_s z^_sk^{c_s} - P_k| <= A_k C_k,   A_k = prod_s M_sk^{c_s},   C_k = sum_s c_s e_s / M_sk.
+
+3. *Evaluating the product* as ``exp(sum_s c_s (log|z^_sk| + i arg z^_sk))``: ``log|.|`` and
+   ``arg`` are each within ``2u`` (relative, resp. ``2 pi u`` absolute) of exact, the sum over
+   ``n`` PLDs adds ``(n + 2) u`` relative, so the exponent errs by at most
+   ``d_k = 2u (1 + (n + 2) u) Lambda_k + 4u`` with ``Lambda_k = sum_s c_s (|log|z^_sk|| + pi + 1)``,
+   and the computed ``P^_k`` is within ``|P^_k| (e^{d_k} - 1) e^{d_k}`` of the exact exponential.
+4. *Dropped frequencies* (``A_k < 1e-25``, see :func:`compose`): every later factor has modulus
+   ``<= ||x_s||_1``, so setting them to 0 errs by at most ``A_k prod_s max(1, ||x_s||_1)^{c_s}``.
+5. *Inverse transform.*  Each entry of ``(1/N) F^* P`` is moved by at most the mean over all ``N``
+   frequencies of the spectral error ``B_k`` (sum of 2.-4.), and the computed inverse adds at most
+   ``(gamma_N + u) mean_k |P^_k|`` (step 1 applied to the inverse, whose input's L1 norm over
+   ``N`` is ``mean_k |P^_k|``).  So every tilted entry satisfies
+
+       |m^_j - m_j| <= entry_error = (1 + 4u) (mean_k B_k + (gamma_N + u) mean_k |P^_k|).
+
+6. *Inputs and untilting.*  The tilted weights are computed with relative error
+   ``rho <= u (max|peak| + 608)`` (an exponent of magnitude <= 600 below its peak and one
+   division); all terms are non-negative, so the composed entries err relatively by
+   ``<= (1 + rho)^T - 1``, and untilting ``exp(log_scale - tilt l)`` adds ``4u (|log_scale| + 8)``:
+   ``relative_error`` scales the finite part and the allowances.
+
+``tests/test_accounting_corners.py`` checks the bound against exact circular convolution in
+extended precision, tilted and untilted.  It is rigorous but pessimistic (each ``e_s`` is a worst
+case, where the actual error behaves like a random walk): it is ~``T u (8 log2 N + 10)`` of the
+tilted spectrum's mean modulus, which is what limits tightness at very small delta when the heavy
+tail of a small-``q`` PLD forbids a large tilt (see :mod:`~fundp.accounting.prv`).
 
 Only the finite part of each single-step PLD is convolved; the ``+inf`` masses compose as
 ``1 - prod (1 - p_inf)^T``.
@@ -197,9 +243,13 @@ class ComposedPLD:
     * ``infinity_mass``: the composed mass at ``+inf``;
     * ``missing_mass``: a bound on the mass that wrapped from above the window to below it; it is
       counted in full in every delta;
-    * ``entry_error``: a bound on the floating-point error of each entry of ``masses``; it is
-      counted (untilted) for every atom above epsilon;
-    * ``mean``, ``variance``: of the untilted composed loss (finite part), for sizing grids.
+    * ``entry_error``: a bound on the floating-point error of each entry of ``masses`` (the
+      provable round-off bound of the module docstring); it is counted (untilted) for every atom
+      above epsilon;
+    * ``mean``, ``variance``: of the untilted composed loss (finite part), for sizing grids;
+    * ``relative_error``: a bound on the relative error of the untilted masses from the round-off
+      of the tilted input weights and of the untilting factors (the finite part of delta and the
+      allowances are scaled by ``1 + relative_error``).
     """
 
     interval: float
@@ -212,6 +262,7 @@ class ComposedPLD:
     entry_error: float
     mean: float
     variance: float
+    relative_error: float = 0.0
 
     def _positive_part(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Losses ``> 0`` with their untilted masses and error allowances."""
@@ -243,8 +294,9 @@ class ComposedPLD:
             return 0.0, 1.0
         losses, masses, allowance = self._positive_part()
         above = losses > epsilon
+        scale = 1 + self.relative_error
         finite = float(np.sum(masses[above] * -np.expm1(epsilon - losses[above])))
-        return finite, self.infinity_mass + self.missing_mass + float(np.sum(allowance[above]))
+        return scale * finite, self.infinity_mass + self.missing_mass + scale * float(np.sum(allowance[above]))
 
     def delta_slope(self, epsilon: float) -> float:
         """``-d delta / d eps = e^eps sum_{l > eps} m_l e^{-l}``: used to size grids."""
@@ -264,7 +316,10 @@ class ComposedPLD:
         losses, masses, allowance = self._positive_part()
         # Suffix sums accumulate from the smallest terms, so the tails we care about are not
         # swamped by the bulk.
-        a = np.concatenate([np.cumsum((masses + allowance)[::-1])[::-1], [0.0]])
+        # Round-off in the inputs and the untilting is relative: enlarge every positive mass by it
+        # (the piece's delta A - e^eps B, with B >= 0, only grows when A grows).
+        scale = 1 + self.relative_error
+        a = np.concatenate([np.cumsum((scale * (np.maximum(masses, 0.0) + allowance) + np.minimum(masses, 0.0))[::-1])[::-1], [0.0]])
         b = np.concatenate([np.cumsum((masses * np.exp(-losses))[::-1])[::-1], [0.0]])
         # Piece k covers [left_k, losses[k]) where only atoms j >= k lie strictly above eps.
         left = np.concatenate([[0.0], losses])
@@ -336,9 +391,23 @@ def _edge_search(u, sd: float, log_tail: float, sign: int, max_lam: float) -> tu
     return chosen, values[chosen]
 
 
-def _spectrum_mean(half_spectrum: np.ndarray) -> float:
-    """Mean over all ``N`` frequencies of a real signal's spectrum given its ``rfft`` half."""
-    return float((half_spectrum[0] + 2 * half_spectrum[1:].sum()) / (2 * half_spectrum.size - 1))
+def _spectrum_mean_full(half_spectrum: np.ndarray, size: int) -> float:
+    """Mean over all ``size`` frequencies of a real signal's (symmetric) spectrum given its ``rfft``
+    half (``size // 2 + 1`` entries; the Nyquist entry, present when ``size`` is even, counts once)."""
+    total = half_spectrum[0] + 2 * half_spectrum[1:].sum()
+    if size % 2 == 0:
+        total -= half_spectrum[-1]
+    return float(total / size)
+
+
+def fft_error_constant(size: int) -> float:
+    """``gamma_N``: componentwise bound on a length-``size`` FFT's error relative to ``||x||_1``.
+
+    ``|fl(FFT x)_k - (FFT x)_k| <= gamma_N ||x||_1`` for every ``k`` (and the same for the inverse
+    with its ``1/N``), with ``gamma_N = (1 + 8u)^(ceil(log2 N) + 2) - 1``: see the module docstring.
+    """
+    levels = math.ceil(math.log2(max(size, 2))) + 2
+    return math.expm1(levels * math.log1p(8 * _EPS))
 
 
 class _Stack:
@@ -379,11 +448,6 @@ class _Stack:
 
 def _as_stack(plds: Sequence[tuple[DiscretePLD, int]] | _Stack) -> _Stack:
     return plds if isinstance(plds, _Stack) else _Stack(plds)
-
-
-def _spectrum_means(half_spectra: np.ndarray) -> np.ndarray:
-    """:func:`_spectrum_mean` of each row."""
-    return (half_spectra[:, 0] + 2 * half_spectra[:, 1:].sum(axis=1)) / (2 * half_spectra.shape[1] - 1)
 
 
 def _composed_log_mgf(plds):
@@ -540,13 +604,20 @@ def compose(
     if size > max_size:
         raise MemoryError(f"composed PLD window needs {size} points (> {max_size})")
 
-    log2n = math.log2(size)
+    gamma = fft_error_constant(size)
     log_spectrum = np.zeros(size // 2 + 1, dtype=complex)
-    upper = np.zeros(size // 2 + 1)  # log of a bound on the modulus of the product so far
+    upper = np.zeros(size // 2 + 1)  # log A_k: log of a bound on |exact product so far| (see module docstring)
+    propagated = np.zeros(size // 2 + 1)  # C_k = sum_s c_s e_s / M_sk
+    log_weight = np.zeros(size // 2 + 1)  # Lambda_k = sum_s c_s (|log|z_sk|| + pi + 1)
+    dead_bound = np.zeros(size // 2 + 1)  # for dropped frequencies: a bound on |exact product|
     alive = np.ones(size // 2 + 1, dtype=bool)
-    forward_error = 0.0  # mean over frequencies of a bound on the composed spectrum's error
     weights_all /= totals[stack.member]  # each PLD's tilted weights sum to 1
     positions_all = stack.positions % size
+    # Relative error of the computed tilted weights (exponent error <= u (|exponent - peak| + |peak|
+    # + 4), clipped at 600 below the peak, and the division by the total): composing multiplies
+    # the relative errors of non-negative terms, and untilting adds one more exponent's error.
+    relative_error = _EPS * (float(np.max(np.abs(peaks))) + 600.0 + 8.0)
+    l1_excess = 0.0  # sum_s c_s log max(1, ||x_s||_1) (computed ||x_s||_1 may exceed 1 by round-off)
     batch = max(1, (1 << 22) // size)  # PLDs per batched FFT (~32 MB of spectra)
     for first in range(0, len(plds), batch):
         last = min(first + batch, len(plds))
@@ -561,39 +632,41 @@ def compose(
         # f**count as exp(count log f): the segments' powers then multiply as one sum of logs and
         # one complex exp at the end (phase count*arg f stays exact to ~count*eps).
         modulus = np.abs(f)
-        norms = np.sqrt(np.add.reduceat(weights * weights, stack.offsets[first:last] - lo_index))
+        l1 = np.add.reduceat(weights, stack.offsets[first:last] - lo_index) * (1 + size * _EPS)
+        l1_excess += float(counts @ np.log(np.maximum(l1, 1.0)))
+        pointwise = gamma * l1  # e_s: componentwise forward error bound, gamma_N ||x_s||_1
         live = np.flatnonzero(alive) if not alive.all() else slice(None)
+        live_modulus = modulus[:, live]
+        bound = np.minimum(live_modulus + pointwise[:, None], l1[:, None])
+        np.maximum(bound, live_modulus, out=bound)
         with np.errstate(divide="ignore"):
-            log_modulus = np.log(modulus[:, live])
-            # |F| itself is <= 1 (weights sum to 1); the computed one may be off by the FFT's error,
-            # at most sqrt(N) times its RMS at any one frequency.
-            pointwise = 4 * _EPS * log2n * math.sqrt(size) * norms
-            upper[live] += counts @ np.log(np.minimum(modulus[:, live] + pointwise[:, None], 1.0))
+            log_modulus = np.log(live_modulus)
+            upper[live] += counts @ np.log(bound)
+        propagated[live] += (counts * pointwise) @ np.reciprocal(bound, out=bound)
+        log_weight[live] += counts @ np.abs(log_modulus)  # + (pi + 1) sum c_s, added below
         log_spectrum[live] += counts @ log_modulus + 1j * (counts @ np.angle(f[:, live]))
-        # Frequencies where the product so far is below ``_NEGLIGIBLE`` stay there (every later
-        # factor is <= 1): they are dropped from the spectrum, which moves each entry of the
-        # inverse transform by at most ``_NEGLIGIBLE`` (added to the entry error below).
-        alive &= upper > math.log(_NEGLIGIBLE)
-        # Round-off: the forward FFT errs by ~eps log2(N) ||x||_2 per frequency, which z -> z**T
-        # multiplies by T |z|^{T-1}; the power itself errs by ~eps (T pi + 1) |z|^T (phase and
-        # modulus of exp(T log z)).  An inverse FFT puts the spectrum's mean error into each entry.
-        single = counts == 1  # |z|^0 = 1 and |z|^1 = |z|: no powers to take
-        if single.all():
-            forward_error += float(np.sum(log2n * norms + (math.pi + 1) * _spectrum_means(modulus)))
-        elif single.any():
-            forward_error += float(np.sum(log2n * norms[single] + (math.pi + 1) * _spectrum_means(modulus[single])))
-        for row in np.flatnonzero(~single):
-            count = counts[row]
-            with np.errstate(divide="ignore"):
-                log_row = np.log(modulus[row])
-            mean_power = _spectrum_mean(np.exp((count - 1) * log_row))
-            forward_error += count * log2n * norms[row] * mean_power
-            forward_error += (count * math.pi + 1) * _spectrum_mean(np.exp(count * log_row))
+        # Frequencies whose bound A_k is below ``_NEGLIGIBLE`` stay there (every later factor is
+        # <= ||x_s||_1 <= 1 + l1_excess): they are dropped (set to 0), an error <= A_k e^{l1_excess}.
+        dying = alive & (upper <= math.log(_NEGLIGIBLE))
+        dead_bound[dying] = np.exp(upper[dying])
+        alive &= ~dying
     spectrum = np.where(alive, np.exp(np.where(alive, log_spectrum, 0.0)), 0.0)
     masses = np.roll(sp_fft.irfft(spectrum, n=size), -(start % size))
-    inverse_error = log2n * math.sqrt(_dot(masses, masses) / size)
-    entry_error = 4 * _EPS * (forward_error + inverse_error) + (0.0 if alive.all() else _NEGLIGIBLE)
+    # Spectral error bound B_k (module docstring): propagated forward error A_k C_k, evaluation
+    # error of exp(sum c log z), and the dropped frequencies.
+    growth = math.exp(l1_excess)
+    log_weight = np.minimum(log_weight + (math.pi + 1.0) * total_steps, 1e300)
+    with np.errstate(over="ignore", invalid="ignore"):
+        phase_error = 2 * _EPS * (1 + (len(plds) + 2) * _EPS) * log_weight + 4 * _EPS
+        evaluation = np.abs(spectrum) * np.expm1(phase_error) * np.exp(phase_error)
+        spectral = np.where(alive, np.exp(upper) * propagated + evaluation, dead_bound * growth)
+    spectral = np.nan_to_num(spectral, nan=np.inf)
+    # The inverse transform (with its 1/N) moves each entry by at most the mean of B_k over all N
+    # frequencies, and adds its own componentwise error gamma_N * mean |P_k|.
+    entry_error = (1 + 4 * _EPS) * (_spectrum_mean_full(spectral, size) + (gamma + _EPS) * _spectrum_mean_full(np.abs(spectrum), size))
     log_finite = sum(count * math.log1p(-pld.infinity_mass) if pld.infinity_mass < 1 else -math.inf
                      for pld, count in plds)
     infinity_mass = -math.expm1(log_finite)
-    return ComposedPLD(h, start, masses, tilt, log_scale, infinity_mass, missing, entry_error, mean, variance)
+    relative_error = math.expm1(min(total_steps * relative_error + 4 * _EPS * (abs(log_scale) + 8), 700.0))
+    return ComposedPLD(h, start, masses, tilt, log_scale, infinity_mass, missing, entry_error, mean, variance,
+                       relative_error)

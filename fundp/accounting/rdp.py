@@ -533,4 +533,4 @@ def delta(segments: Sequence[tuple[float, float, int]], epsilon: float) -> float
         def objective(total, alpha):
             return float(_log_deltas(np.array(total), np.array(alpha), epsilon))
         return min(1.0, math.exp(min(_optimise_many(segments, objective, _log_delta_lower_bound(epsilon)), 0.0)))
-    return min(1.0, math.exp(_optimise(segments, lambda total, orders: _log_deltas(total, orders, epsilon))))
+    return min(1.0, math.exp(min(_optimise(segments, lambda total, orders: _log_deltas(total, orders, epsilon)), 0.0)))
