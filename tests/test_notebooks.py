@@ -34,6 +34,7 @@ EXPECTED = [
     "03_privacy_utility",
     "04_clipping_properties",
     "05_beyond_dp_sgd",
+    "06_user_level_and_auditing",
 ]
 
 # A cell that calls plt.<x>(, ax.<x>( / axes[i].<x>( / ax_loss.<x>(, or <anything>.plot(.
