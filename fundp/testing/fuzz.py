@@ -92,6 +92,7 @@ OTHER_OPS: tuple[str, ...] = (
     "perm_unsort_index_add", "perm_no_unsort", "item_trim", "mask_sum_norm", "log_item", "any_branch",
 )
 RANDOM_OPS: tuple[str, ...] = ("dropout",)
+GRAPH_BREAK_OPS: tuple[str, ...] = ("log_item", "any_branch", "item_trim", "mask_sum_norm")
 POSTS: tuple[str, ...] = ("none", "quantile", "reweight")
 STEMS: tuple[str, ...] = ("linear", "conv1d", "conv2d", "embedding")
 MODES: tuple[str, ...] = ("eager", "fundp.compile", "torch.compile")
@@ -109,6 +110,9 @@ KNOWN_WRONG: dict[str, str] = {
     "nan_pad": "ProgramSpec(seed=8, batch=3, post='reweight', masked_row=1, nan_pad=True)",
     # Losses truncated at a batch quantile: the coupling after the loss function is not seen.
     "quantile": "ProgramSpec(seed=274, batch=3, post='quantile', calls=1)",
+    # Losses re-weighted by the batch's mean loss (detached): exact or refused on the first call,
+    # wrong on a later call of the signature (found by the campaign with the classes above off).
+    "reweight": "ProgramSpec(seed=20306, batch=2, stem='embedding', post='reweight')",
     # The unsort idiom out[order] = h: mis-attributed on a later call of the signature.
     "perm_unsort_setitem": "ProgramSpec(seed=223, batch=2, stem='conv1d', body=('perm_unsort_setitem',))",
     # h[order] by a data-dependent permutation, never undone: exact on the first call (which is
@@ -119,6 +123,9 @@ KNOWN_WRONG: dict[str, str] = {
     # Tokens +-1e11 (float64) / +-1e5 (float32) in cancelling pairs, Linear wide enough for the
     # Gram form: the norm is off by orders of magnitude on the (unverified) second call.
     "adversarial_wide": "ProgramSpec(seed=1, width=8, adversarial=11, max_norm=0.05)",
+    # fundp.compile with a graph break in loss_fn (HuggingFace's `if (mask == 0).any():`): from
+    # the second call on, the clipped sum is wrong (an example moves it by more than C).
+    "graph_break_fundp_compile": "ProgramSpec(seed=2, body=('any_branch',), mode='fundp.compile', calls=3, masked_row=0)",
 }
 
 _REFUSALS = ("GhostUnsupportedError", "ExamplesInteractError", "GhostVerificationError", "UnsupportedModuleError")
@@ -179,6 +186,8 @@ class ProgramSpec:
             out.add("alias")
         if self.nan_pad:
             out.add("nan_pad")
+        if self.mode == "fundp.compile" and set(self.body) & set(GRAPH_BREAK_OPS):
+            out.add("graph_break_fundp_compile")
         return out
 
 
@@ -672,10 +681,13 @@ def program_specs(
         size = draw(st.integers(2, 5))
         masked_row = draw(st.sampled_from((-1, -1, 0, size - 1)))
         nan_pad = masked_row >= 0 and "nan_pad" not in exclude and draw(st.booleans())
+        mode = draw(st.sampled_from(_allowed(modes, exclude) or ("eager",)))
+        if mode == "fundp.compile" and "graph_break_fundp_compile" in exclude:
+            body = tuple(op for op in body if op not in GRAPH_BREAK_OPS)
         return ProgramSpec(
             seed=draw(st.integers(0, 2**16)), dtype=dtype, batch=size, stem=stem, body=body, head=head, post=post,
             adversarial=adversarial, alias=alias, masked_row=masked_row, nan_pad=nan_pad,
-            calls=draw(st.integers(2, 3)), mode=draw(st.sampled_from(_allowed(modes, exclude) or ("eager",))),
+            calls=draw(st.integers(2, 3)), mode=mode,
             backend=backend, max_norm=draw(st.sampled_from((0.05, 0.5, 5.0))), width=width,
         )
 
@@ -714,6 +726,8 @@ def random_spec(seed: int, *, mode_weights: dict | None = None, exclude: Any = (
     size = r.randint(2, 5)
     masked_row = r.choice((-1, -1, 0, size - 1))
     nan_pad = masked_row >= 0 and "nan_pad" not in exclude and r.random() < 0.5
+    if mode == "fundp.compile" and "graph_break_fundp_compile" in exclude:
+        body = tuple(op for op in body if op not in GRAPH_BREAK_OPS)
     return ProgramSpec(seed=seed, dtype=dtype, batch=size, stem=stem, body=body, head=head, post=post,
                        adversarial=adversarial, alias=alias, masked_row=masked_row, nan_pad=nan_pad,
                        calls=r.randint(2, 3), mode=mode, backend=backend, max_norm=r.choice((0.05, 0.5, 5.0)),
