@@ -589,7 +589,9 @@ def _run(spec: ProgramSpec, sensitivity: bool, clipped_sum: Callable | None) -> 
                 imprecise.append(f"call {index}: {problem}")
             checks += 1
         if sensitivity and (index == 0 or index == 1):
-            _check_sensitivity(spec, attempt, params, batch, mask, out, rtol, dtype, checks)
+            # The 10^k example's rounding in the batched sums (see "imprecise") loosens the tolerance.
+            tol = _GROSS[dtype] if spec.adversarial and index == 1 else rtol
+            _check_sensitivity(spec, attempt, params, batch, mask, out, tol, dtype, checks)
             checks += 1
     if imprecise:
         return Outcome("imprecise", "; ".join(imprecise), spec, checks)
