@@ -642,6 +642,7 @@ def dp_step(
     elif compile_chunk:
         raise ValueError("compile_chunk needs physical_batch_size (it compiles the accumulation's chunk function)")
     built_sigma = noise_multiplier
+    built_threshold = max_norm
     guards = _Guards(check_key_reuse)
     rank_check: Callable[..., None] | None = None
     if distributed:
@@ -727,7 +728,11 @@ def dp_step(
         clipped = summed(params, batch, mask, model_key, max_norm=threshold)
         if distributed:
             # The ranks' rows are disjoint: the reduced sum has the same sensitivity.
-            reduced = fundp_distributed.all_reduce_clipped_sum(clipped, process_group)
+            # Ranks agree on every call: this call's key and settings ride along in the collective.
+            fingerprint = fundp_distributed.call_fingerprint(key, (
+                ("noise_multiplier", sigma), ("max_norm", built_threshold if threshold is None else threshold),
+                ("ledger steps", None if ledger is None else ledger.steps)))
+            reduced = fundp_distributed.all_reduce_clipped_sum(clipped, process_group, fingerprint=fingerprint)
             clipped = reduced._replace(sensitivity=clipped.sensitivity)
         new_noise_state = None
         if noise_mechanism is not None:

@@ -123,3 +123,18 @@ def test_refused_combinations_come_from_the_guard_table_with_their_reason():
         with pytest.raises(error) as raised:
             make_step(**options)
         assert str(raised.value) == reason
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_a_rank_that_switches_max_norm_at_step_5_is_refused_at_step_5(tmp_path):
+    """Issue 25 item 4: ranks were checked only on the first call; a rank switching to
+    max_norm=50 later went unnoticed.  A fingerprint of each call rides in the step's all-reduce."""
+    from test_distributed import launch
+
+    processes, alive, _ = launch(tmp_path, "diverge_at_5")
+    errors = {r: (tmp_path / f"rank{r}.err").read_text() for r in range(2) if (tmp_path / f"rank{r}.err").exists()}
+    assert not alive and not errors, errors
+    for rank in range(2):  # both ranks refuse the same call, before its noise is added
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert result["raised_at"] == 5 and result["steps"] == 5, result
+        assert "checked on every call" in result["error"]
