@@ -60,6 +60,11 @@ UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
         NotImplementedError,
         "adaptive_clipping with a correlated noise_mechanism: the noisy unclipped-count query is "
         "not accounted by the mechanism's accountant (fundp.mf), so epsilon would be under-reported"),
+    ("noise_mechanism", "noise_multiplier (per call)"): (
+        ValueError,
+        "a noise_multiplier schedule (step(..., noise_multiplier=...)) with a correlated noise_mechanism "
+        "is accounted nowhere (fundp.mf.epsilon takes one sigma): build the step with the schedule's "
+        "largest-epsilon (smallest) sigma instead"),
 }
 
 

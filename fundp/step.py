@@ -692,6 +692,10 @@ def dp_step(
         elif clip_state is not None:
             raise ValueError("clip_state is for dp_step(..., adaptive_clipping=...)")
         if noise_mechanism is not None:
+            if noise_multiplier is not None:
+                from fundp.guards import check_combination as refuse
+
+                refuse({"noise_mechanism": True, "noise_multiplier (per call)": True})
             if noise_state is None:
                 raise ValueError("noise_mechanism needs step(..., noise_state=mechanism.init(params)); keep out.noise_state")
             if ledger is not None:

@@ -138,3 +138,15 @@ def test_a_rank_that_switches_max_norm_at_step_5_is_refused_at_step_5(tmp_path):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert result["raised_at"] == 5 and result["steps"] == 5, result
         assert "checked on every call" in result["error"]
+
+
+def test_a_sigma_schedule_with_a_correlated_noise_mechanism_is_refused():
+    mech = fundp.mf.mechanism(fundp.mf.tree(8), fundp.mf.single_participation())
+    step = fundp.dp_step(LOSS, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=2.0, grad_method="vmap",
+                         noise_mechanism=mech)
+    state = mech.init(PARAMS)
+    out = step(PARAMS, BATCH, fundp.random.key(0), noise_state=state)  # the built sigma: accepted
+    error, reason = guards.UNSUPPORTED[("noise_mechanism", "noise_multiplier (per call)")]
+    with pytest.raises(error) as raised:
+        step(PARAMS, BATCH, fundp.random.key(1), noise_state=out.noise_state, noise_multiplier=0.5)
+    assert str(raised.value) == reason
