@@ -166,12 +166,31 @@ def schedules_table(args) -> None:
           "ratio = dp_accounting seconds / fundp seconds.")
 
 
+def recording_table() -> None:
+    """Recording a schedule step by step: ``accountant_step`` once per step (O(1) amortised)."""
+    from fundp.accounting import accountant_step
+
+    print("\nRecording n distinct sigmas step by step (accountant_step per step, as a training loop does)")
+    print(f"| {'n':>7} | {'record':>10} | {'rdp epsilon':>12} |")
+    print(f"|{'-' * 9}|{'-' * 12}|{'-' * 14}|")
+    for n in (1000, 10_000, 100_000):
+        sigmas = [sigma for sigma, _, _ in schedule(n)]
+        start = time.perf_counter()
+        ledger = Ledger()
+        for sigma in sigmas:
+            ledger = accountant_step(ledger, noise_multiplier=sigma, sample_rate=0.01)
+        recorded = time.perf_counter() - start
+        _, seconds = timed(lambda: epsilon(ledger, SCHEDULE_DELTA, accountant="rdp"), 1, clear_fundp_caches)
+        print(f"| {n:>7} | {recorded:8.3f} s | {seconds:10.3f} s |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--interval", type=float, default=1e-4, help="dp_accounting value_discretization_interval")
     parser.add_argument("--skip-cases", action="store_true", help="only the schedules table")
     parser.add_argument("--skip-schedules", action="store_true", help="only the single-setting cases")
+    parser.add_argument("--skip-recording", action="store_true", help="skip the step-by-step recording table")
     parser.add_argument("--dp-pld-max", type=int, default=100, help="largest n dp_accounting's PLD composes")
     parser.add_argument("--dp-rdp-max", type=int, default=1000, help="largest n dp_accounting's RDP composes")
     args = parser.parse_args(argv)
@@ -179,6 +198,8 @@ def main(argv=None) -> None:
         cases_table(args)
     if not args.skip_schedules:
         schedules_table(args)
+    if not args.skip_recording:
+        recording_table()
 
 
 def cases_table(args) -> None:

@@ -115,11 +115,17 @@ def all_reduce_sum(tensors: list[torch.Tensor], group: Any = None) -> list[torch
     return reduced  # type: ignore[return-value]
 
 
-def all_reduce_clipped_sum(clipped: ClippedSum, group: Any = None) -> ClippedSum:
+def all_reduce_clipped_sum(clipped: ClippedSum, group: Any = None, *, fingerprint: Any = None) -> ClippedSum:
     """Sums a :class:`~fundp.step.ClippedSum` over ranks: gradient sums, loss sum and counts.
 
     ``norms`` and ``aux`` stay local (they describe this rank's rows).  Call it once per logical
     step, after accumulating the rank's physical chunks and before :func:`fundp.privatize`.
+
+    ``fingerprint`` (from :func:`call_fingerprint`): this call's key and settings, folded into the
+    same collective (two float64 words ``f`` and ``f^2`` per hash).  The ranks agree exactly when
+    ``W * sum(f^2) == sum(f)^2`` for each hash (all ``f`` equal); otherwise every rank raises
+    :class:`RankMismatchError` on this call, before any noise is added.  Cost: a few more words in
+    the all-reduce and one scalar read.
 
     Example:
       >>> import os, tempfile, torch, torch.distributed as dist, fundp
@@ -132,7 +138,12 @@ def all_reduce_clipped_sum(clipped: ClippedSum, group: Any = None) -> ClippedSum
     """
     leaves, treedef = optree.tree_flatten(clipped.grads)
     stats = torch.stack([clipped.loss_sum.to(torch.float64), clipped.num_examples.to(torch.float64), clipped.num_nonfinite.to(torch.float64)])
+    if fingerprint is not None:
+        words = torch.as_tensor(fingerprint, dtype=torch.float64).to(stats.device)
+        stats = torch.cat([stats, words, words * words])
     *grads, stats = all_reduce_sum(leaves + [stats], group)
+    if fingerprint is not None:
+        _check_fingerprint(stats[3:], group)
     # _replace keeps every other field, the clipped sum's sensitivity included.
     return clipped._replace(
         grads=optree.tree_unflatten(treedef, grads),
@@ -140,6 +151,53 @@ def all_reduce_clipped_sum(clipped: ClippedSum, group: Any = None) -> ClippedSum
         num_examples=stats[1].round().to(clipped.num_examples.dtype),
         num_nonfinite=stats[2].round().to(clipped.num_nonfinite.dtype),
     )
+
+
+_FINGERPRINT_BITS = 20  # f^2 * world_size stays exact in float64 for up to 2^12 ranks
+
+
+@torch.compiler.disable
+def call_fingerprint(key: torch.Tensor, settings: Any) -> torch.Tensor:
+    """Two 20-bit hashes of one call's ``key`` and ``settings`` (``(name, value)`` pairs: sigma,
+    the clipping threshold, the ledger's step count, ...), as a float64 tensor ``[2]``.
+
+    Values are read on the host (a CPU key, floats: no device sync; a 0-d accelerator tensor: one).
+
+    Example:
+      >>> import fundp
+      >>> a = fundp.distributed.call_fingerprint(fundp.random.key(0), (("max_norm", 1.0),))
+      >>> b = fundp.distributed.call_fingerprint(fundp.random.key(0), (("max_norm", 50.0),))
+      >>> bool((a == b).all())
+      False
+    """
+    import hashlib
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return tuple(value.detach().reshape(-1).tolist())
+        if isinstance(value, float):
+            return value.hex()
+        leaves = optree.tree_leaves(value) if not isinstance(value, (int, str, bool, type(None))) else None
+        return tuple(plain(v) for v in leaves) if leaves is not None else value
+
+    text = repr((plain(key), tuple((name, plain(value)) for name, value in settings)))
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    mask = (1 << _FINGERPRINT_BITS) - 1
+    first, second = int.from_bytes(digest[:4], "little") & mask, int.from_bytes(digest[4:], "little") & mask
+    return torch.tensor([first, second], dtype=torch.float64)
+
+
+@torch.compiler.disable
+def _check_fingerprint(reduced: torch.Tensor, group: Any) -> None:
+    _, world_size = rank_and_world_size(group)
+    half = reduced.numel() // 2
+    sums, squares = reduced[:half].tolist(), reduced[half:].tolist()
+    if any(world_size * sq != total * total for total, sq in zip(sums, squares)):
+        raise RankMismatchError(
+            "ranks disagree on this call's key, noise_multiplier, max_norm or ledger step count "
+            "(checked on every call): every rank must pass the same key and settings at every step, "
+            "or the noise would be sized for one rank's settings and not the others'"
+        )
 
 
 def broadcast_from_rank0(tree: Any, group: Any = None) -> Any:

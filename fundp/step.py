@@ -25,7 +25,6 @@ noise, normalisation and accounting happen in exactly one place (here).
 
 from __future__ import annotations
 
-import collections
 import math
 import warnings
 from typing import Any, Callable, Protocol
@@ -43,6 +42,7 @@ from fundp.clipping import (
     per_layer_thresholds,
 )
 from fundp.engines import make_engine
+from fundp.guards import detach_params
 from fundp.noise import noise_like
 from fundp.types import ClippedSum, ClipStyle, GradMethod, Randomness, Step, StepResult, Verify
 
@@ -367,14 +367,11 @@ def privatize(
 
 
 class _Guards:
-    """What a step remembers between calls, for its guards only (never for its math)."""
+    """What a step's guards need between calls (never its math); the memory itself is
+    process-wide, in :mod:`fundp.guards`."""
 
     def __init__(self, check_key_reuse: bool):
         self.check_key_reuse = check_key_reuse
-        self.seen_keys: set[tuple[int, int]] = set()
-        # Ledgers already consumed by a completed accounting: handing one again means the caller
-        # did not keep ``out.ledger``.  Strong references, so identities cannot be recycled.
-        self.consumed: collections.deque = collections.deque(maxlen=64)
 
 
 @torch.compiler.disable
@@ -389,25 +386,18 @@ def _before_step(
 ) -> Any:
     # Plain Python on plain numbers: kept out of the compiled graph so a growing ledger never
     # triggers a recompile.  Runs before the data is touched, so an over-budget step is refused
-    # before anything is computed.
+    # before anything is computed.  The ledger is consumed only once the step has completed
+    # (:func:`_after_step`): a step that raises leaves it usable.
+    from fundp import guards as fundp_guards
+
+    if ledger is not None:
+        fundp_guards.check_not_consumed(ledger)
+    elif budget is not None:
+        raise ValueError("budget needs a ledger: pass step(..., ledger=fundp.Ledger())")
     if guards.check_key_reuse:
-        words = fundp_random.key_data(key)
-        if words in guards.seen_keys:
-            raise ValueError(
-                f"key {list(words)} was already used by this step: the same key gives the same noise, "
-                "so reusing it cancels privacy. Derive one key per step, e.g. fundp.random.fold_in(key, t)"
-            )
-        guards.seen_keys.add(words)
+        fundp_guards.claim_key(key)
     if ledger is None:
-        if budget is not None:
-            raise ValueError("budget needs a ledger: pass step(..., ledger=fundp.Ledger())")
         return None
-    if any(old is ledger for old in guards.consumed):
-        raise ValueError(
-            "this ledger was already used by an earlier call of this step and is stale: the step "
-            "returned a newer one. Keep it: `ledger = out.ledger` after every step (with the old "
-            "one, epsilon would be under-reported). To start a new run, pass a fresh fundp.Ledger()"
-        )
     if sample_rate is None:
         raise ValueError("sample_rate is required to update a ledger: pass dp_step(..., sample_rate=q)")
     sigma = float(noise_multiplier)
@@ -418,13 +408,17 @@ def _before_step(
     if budget is not None:
         from fundp.budget import spend
 
-        new_ledger = spend(ledger, noise_multiplier=sigma, sample_rate=sample_rate, budget=budget)
-    else:
-        from fundp.accounting import accountant_step
+        return spend(ledger, noise_multiplier=sigma, sample_rate=sample_rate, budget=budget)
+    from fundp.accounting import accountant_step
 
-        new_ledger = accountant_step(ledger, noise_multiplier=sigma, sample_rate=sample_rate)
-    guards.consumed.append(ledger)
-    return new_ledger
+    return accountant_step(ledger, noise_multiplier=sigma, sample_rate=sample_rate)
+
+
+@torch.compiler.disable
+def _after_step(ledger: Any) -> None:
+    from fundp.guards import consume
+
+    consume(ledger)
 
 
 # --------------------------------------------------------------------------- the step
@@ -550,8 +544,11 @@ def dp_step(
         multiple of its ``pad_to_multiple`` or that comes without its mask.
       num_examples: ``N``: ``expected_batch_size`` defaults to (and must equal)
         ``sample_rate * N``; a batch of more than ``N`` rows without a mask is refused.
-      check_key_reuse: debug mode: raise ``ValueError`` when a key is passed twice (it would
-        repeat the noise).  Reads the key on the host (a sync, outside the graph).
+      check_key_reuse: raise :class:`fundp.guards.KeyReuseError` (a ``ValueError``) when a key
+        already used by any step of this process is passed again (it would repeat the noise).
+        Still off by default (turning it on is pending: many callers compare steps on one key).  Reads the key on the host (no sync for CPU keys; outside the graph, so
+        ``torch.compile(step, fullgraph=True)`` needs ``check_key_reuse=False``).  Opt out
+        explicitly with ``False``; :func:`fundp.guards.forget_keys` starts a new key scope.
       adaptive_clipping: a :class:`fundp.adaptive.QuantileClipping` config: ``max_norm`` then
         comes from ``step(..., clip_state=cfg.init(C0))`` and the updated state is returned in
         ``out.clip_state``; the noisy count of unclipped examples uses its own key and the ledger
@@ -568,11 +565,14 @@ def dp_step(
     ``key`` is split into a noise key and a model key; the same key gives the same result.
 
     ``torch.compile(step)`` works and does not recompile across steps of one batch shape;
-    ``torch.compile(step, fullgraph=True)`` works when no ledger, budget or debug check is used
+    ``torch.compile(step, fullgraph=True)`` works when no ledger, budget or host check (key reuse) is used
     (those run in a small function outside the graph, before it).
 
-    Guards: ``ledger`` and ``mask`` are keyword-only; a ledger that an earlier call already
-    consumed (the caller forgot ``ledger = out.ledger``) is refused.
+    Guards (see :mod:`fundp.guards`, which also holds the table of refused combinations):
+    ``ledger`` and ``mask`` are keyword-only; a ledger that a completed call of *any* step already
+    recorded on (the caller forgot ``ledger = out.ledger``) is refused; a call that raises does
+    not consume its ledger (continue with the same one); a reused key is refused; params that
+    require grad are detached (one warning), so no autograd graph grows across steps.
 
     Example:
       >>> import torch, fundp
@@ -619,22 +619,19 @@ def dp_step(
         budget = _as_budget(budget)
         if sample_rate is None:
             raise ValueError("budget needs sample_rate: pass dp_step(..., sample_rate=q)")
-    if adaptive_clipping is not None:
-        from fundp import adaptive as fundp_adaptive
-
-        if distributed:
-            raise NotImplementedError("adaptive_clipping with distributed=True is not supported yet")
-        if secure_mode:
-            raise NotImplementedError("adaptive_clipping with secure_mode=True is not supported yet")
-        if clip_style == "per_layer":
-            raise NotImplementedError("adaptive_clipping adapts one flat threshold: use clip_style='flat' or 'automatic'")
     if noise_mechanism is not None:
         if not (callable(getattr(noise_mechanism, "init", None)) and callable(getattr(noise_mechanism, "sample", None))):
             raise TypeError("noise_mechanism must have init(params) -> state and sample(state, key, stddev, like) -> (noise, state)")
-        if budget is not None:
-            raise ValueError("budget accounts DP-SGD's ledger, which does not apply to a noise_mechanism: use its own accountant (fundp.mf)")
-        if secure_mode:
-            raise NotImplementedError("secure_mode with a noise_mechanism: the mechanism draws its own noise")
+    from fundp.guards import check_combination
+
+    check_combination({
+        "adaptive_clipping": adaptive_clipping is not None,
+        "distributed": distributed,
+        "secure_mode": secure_mode,
+        "clip_style=per_layer": clip_style == "per_layer",
+        "budget": budget is not None,
+        "noise_mechanism": noise_mechanism is not None,
+    })
     summed = clipped_grad_sum(
         loss_fn,
         max_norm=max_norm,
@@ -659,6 +656,7 @@ def dp_step(
     elif compile_chunk:
         raise ValueError("compile_chunk needs physical_batch_size (it compiles the accumulation's chunk function)")
     built_sigma = noise_multiplier
+    built_threshold = max_norm
     guards = _Guards(check_key_reuse)
     rank_check: Callable[..., None] | None = None
     if distributed:
@@ -708,6 +706,10 @@ def dp_step(
         elif clip_state is not None:
             raise ValueError("clip_state is for dp_step(..., adaptive_clipping=...)")
         if noise_mechanism is not None:
+            if noise_multiplier is not None:
+                from fundp.guards import check_combination as refuse
+
+                refuse({"noise_mechanism": True, "noise_multiplier (per call)": True})
             if noise_state is None:
                 raise ValueError("noise_mechanism needs step(..., noise_state=mechanism.init(params)); keep out.noise_state")
             if ledger is not None:
@@ -727,6 +729,7 @@ def dp_step(
             raise ValueError("the sampler's batches are padded: pass step(..., mask=mask) with the mask it yields")
         if num_examples is not None and mask is None and size > num_examples:
             raise ValueError(f"the batch has {size} rows, more than num_examples={num_examples}")
+        params = detach_params(params)
         new_ledger = None
         if ledger is not None or budget is not None or check_key_reuse:
             new_ledger = _before_step(guards, key, ledger, sigma, sample_rate, budget, adaptive_clipping)
@@ -743,7 +746,11 @@ def dp_step(
         clipped = summed(params, batch, mask, model_key, max_norm=threshold)
         if distributed:
             # The ranks' rows are disjoint: the reduced sum has the same sensitivity.
-            reduced = fundp_distributed.all_reduce_clipped_sum(clipped, process_group)
+            # Ranks agree on every call: this call's key and settings ride along in the collective.
+            fingerprint = fundp_distributed.call_fingerprint(key, (
+                ("noise_multiplier", sigma), ("max_norm", built_threshold if threshold is None else threshold),
+                ("ledger steps", None if ledger is None else ledger.steps)))
+            reduced = fundp_distributed.all_reduce_clipped_sum(clipped, process_group, fingerprint=fingerprint)
             clipped = reduced._replace(sensitivity=clipped.sensitivity)
         new_noise_state = None
         if noise_mechanism is not None:
@@ -759,6 +766,8 @@ def dp_step(
         if adaptive_clipping is not None:
             new_clip_state = _adapt(adaptive_clipping, clip_state, clipped, threshold, mask, count_key, expected_batch_size)
         loss = clipped.loss_sum / torch.clamp_min(clipped.num_examples, 1).to(clipped.loss_sum.dtype)
+        if ledger is not None:
+            _after_step(ledger)  # the step completed: its ledger is now consumed, process-wide
         return StepResult(grads, new_ledger, loss, clipped.norms, clipped.num_nonfinite, clipped.aux, new_clip_state, new_noise_state)
 
     step.sample_rate = sample_rate  # type: ignore[attr-defined]

@@ -39,3 +39,13 @@ def variant(request):
     reset_compiler()
     yield Variant(request.param, backend=COMPILE_BACKEND)
     reset_compiler()
+
+
+@pytest.fixture(autouse=True)
+def _new_key_scope():
+    """Each test is its own run: keys used by an earlier test may be used again
+    (``dp_step``'s key-reuse guard is process-wide and on by default)."""
+    from fundp.guards import forget_keys
+
+    forget_keys()
+    yield

@@ -87,6 +87,23 @@ def step_with_own_keys(rank: int, params, batch, mask, model) -> dict:
         return {"own_os_key": "RankMismatchError: " + str(error)}
 
 
+def diverge_at_step_5(rank: int, params, batch, mask, model) -> dict:
+    """Eight steps; from step 5 rank 1 clips at max_norm=50 (issue 25: unnoticed after the first call)."""
+    rows, shard_mask = fundp.distributed.shard(torch.arange(13), mask, rank, dist.get_world_size())
+    local = {k: v[rows] for k, v in batch.items()}
+    step = fundp.dp_step(classification_loss(model), max_norm=CLIP_NORM, noise_multiplier=SIGMA, expected_batch_size=EXPECTED_BATCH,
+                         sample_rate=0.1, grad_method="vmap", distributed=True)
+    ledger = fundp.Ledger()
+    for t in range(8):
+        max_norm = 50.0 if (rank == 1 and t >= 5) else None
+        try:
+            ledger = step(params, local, fundp.random.fold_in(fundp.random.key(42), t), ledger=ledger, mask=shard_mask,
+                          max_norm=max_norm).ledger
+        except fundp.distributed.RankMismatchError as error:
+            return {"raised_at": t, "error": str(error), "steps": ledger.steps}
+    return {"raised_at": None, "steps": ledger.steps}
+
+
 def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str) -> None:
     torch.set_num_threads(1)
     try:
@@ -94,6 +111,11 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str)
         model, params, batch, mask = global_problem()
         if scenario == "fail" and rank == 1:
             raise RuntimeError("rank 1 fails before the collective")
+        if scenario == "diverge_at_5":
+            result = diverge_at_step_5(rank, params, batch, mask, model)
+            torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+            dist.destroy_process_group()
+            return
         if scenario in ("consistency", "step_own_os_key"):
             result = consistency_checks(rank, params) if scenario == "consistency" else step_with_own_keys(rank, params, batch, mask, model)
             torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

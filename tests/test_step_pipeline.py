@@ -98,10 +98,11 @@ def test_every_dp_step_option_works_with_accumulation(options):
     batch, mask = data_for(model, 20), torch.arange(20) < 17
     kw = dict(max_norm=0.5, noise_multiplier=1.2, expected_batch_size=18.0, grad_method="vmap") | options
     key = fundp.random.key(3)
-    ledger = fundp.Ledger() if "budget" in options else None
-    whole = fundp.dp_step(loss_fn, **kw)(params, batch, key, mask=mask, ledger=ledger)
-    chunked = fundp.dp_step(loss_fn, physical_batch_size=8, **kw)(params, batch, key, mask=mask, ledger=ledger)
-    alias = data.accumulated_dp_step(loss_fn, physical_batch_size=8, **kw)(params, batch, key, mask=mask, ledger=ledger)
+    # A fresh (equal) ledger per step object: a consumed ledger is refused by every step object.
+    fresh = (lambda: fundp.Ledger()) if "budget" in options else (lambda: None)
+    whole = fundp.dp_step(loss_fn, **kw)(params, batch, key, mask=mask, ledger=fresh())
+    chunked = fundp.dp_step(loss_fn, physical_batch_size=8, **kw)(params, batch, key, mask=mask, ledger=fresh())
+    alias = data.accumulated_dp_step(loss_fn, physical_batch_size=8, **kw)(params, batch, key, mask=mask, ledger=fresh())
     for out in (chunked, alias):
         for k in params:
             torch.testing.assert_close(out.grads[k], whole.grads[k], rtol=1e-12, atol=1e-14)

@@ -65,6 +65,15 @@ class Ledger:
     zero-step entries dropped.  Serialise with :meth:`to_dict` / :meth:`from_dict` (plain
     JSON-compatible dicts; floats round-trip exactly) or :meth:`to_json` / :meth:`from_json`.
 
+    Representation (an implementation detail; the value is the sorted multiset of segments): a
+    persistent map with Baker's trick, so :func:`accountant_step` is O(1) amortised.  The newest
+    ledger of a run owns a mutable ``{(sigma, q): steps}`` dict; appending adds to that dict,
+    hands it to the new ledger and leaves the old one a *diff* ``(newer ledger, entry)``: its
+    value is the newer one's minus that entry.  Reading an old ledger's :attr:`segments` walks its
+    diffs to the owner once (then cached); appending to an old ledger (a branch) copies its
+    counts first.  No ledger's value ever changes; :attr:`steps` is a running total.  A 10^5-step
+    run with a distinct sigma per step records in well under a second.
+
     Example:
       >>> from fundp.accounting import Ledger, accountant_step
       >>> ledger = accountant_step(Ledger(), noise_multiplier=1.1, sample_rate=0.01, steps=10**6)
@@ -74,23 +83,75 @@ class Ledger:
       True
     """
 
-    __slots__ = ("_segments", "_hash")
-    _segments: tuple[Segment, ...]
+    __slots__ = ("_segments", "_store", "_next", "_delta", "_steps", "_hash", "_consumed", "__weakref__")
+    _segments: tuple[Segment, ...] | None  # cached canonical value (valid forever once set)
+    _store: "_Store | None"  # set on the ledger that owns the run's counts
+    _next: "Ledger | None"  # otherwise: the newer ledger this one is a diff of ...
+    _delta: tuple[tuple[float, float], int] | None  # ... and the entry it lacks
+    _steps: int
     _hash: int | None
+    _consumed: bool  # set by a step that recorded a step on it (fundp.guards); not part of the value
 
     def __init__(self, segments: Iterable[Any] = ()):
-        object.__setattr__(self, "_segments", _canonical(segments))
-        object.__setattr__(self, "_hash", None)
+        canonical = _canonical(segments)
+        _init(self, canonical, None, sum(s.steps for s in canonical))
+
+    @classmethod
+    def _child(cls, parent: "Ledger", key: tuple[float, float], count: int) -> "Ledger":
+        """``parent`` plus ``count`` validated steps at ``key = (sigma, q)``, in O(1) amortised."""
+        store = parent._store
+        if store is None or store.owner is not parent:
+            store = _Store({(s.noise_multiplier, s.sample_rate): s.steps for s in parent.segments})  # a branch: copy
+            owned_by_parent = False
+        else:
+            owned_by_parent = True
+        counts = store.counts
+        counts[key] = counts.get(key, 0) + count
+        child = object.__new__(cls)
+        _init(child, None, store, parent._steps + count)
+        store.owner = child
+        if owned_by_parent:
+            set_ = object.__setattr__
+            set_(parent, "_store", None)
+            set_(parent, "_next", child)
+            set_(parent, "_delta", (key, count))
+        return child
+
+    def _materialise(self) -> tuple[Segment, ...]:
+        segments = self._segments
+        if segments is not None:
+            return segments
+        deltas = []
+        node: Ledger = self
+        while node._store is None:  # iterative: the diffs of an old ledger may be many
+            if node._segments is not None:
+                break
+            assert node._next is not None and node._delta is not None
+            deltas.append(node._delta)
+            node = node._next
+        if node._store is not None:
+            counts = dict(node._store.counts)
+        else:
+            counts = {(s.noise_multiplier, s.sample_rate): s.steps for s in node._segments}  # type: ignore[union-attr]
+        for key, count in deltas:
+            left = counts[key] - count
+            if left:
+                counts[key] = left
+            else:
+                del counts[key]
+        segments = tuple(Segment(sigma, q, count) for (sigma, q), count in sorted(counts.items()))
+        object.__setattr__(self, "_segments", segments)
+        return segments
 
     @property
     def segments(self) -> tuple[Segment, ...]:
         """The distinct settings and their step counts, sorted by ``(noise_multiplier, sample_rate)``."""
-        return self._segments
+        return self._materialise()
 
     @property
     def steps(self) -> int:
-        """Total number of steps composed."""
-        return sum(segment.steps for segment in self._segments)
+        """Total number of steps composed (O(1))."""
+        return self._steps
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Ledger is immutable: use fundp.accountant_step to get a new one")
@@ -101,12 +162,14 @@ class Ledger:
     def __eq__(self, other: Any) -> bool:
         if not isinstance(other, Ledger):
             return NotImplemented
-        return self._segments == other._segments
+        if self is other:
+            return True
+        return self._steps == other._steps and self.segments == other.segments
 
     def __hash__(self) -> int:
         cached = self._hash
         if cached is None:
-            cached = hash((Ledger, self._segments))
+            cached = hash((Ledger, self.segments))
             object.__setattr__(self, "_hash", cached)
         return cached
 
@@ -114,15 +177,15 @@ class Ledger:
         return True  # a ledger is a value; an empty one is still a ledger, not "no ledger"
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"({s.noise_multiplier!r}, {s.sample_rate!r}, {s.steps!r})" for s in self._segments)
+        inner = ", ".join(f"({s.noise_multiplier!r}, {s.sample_rate!r}, {s.steps!r})" for s in self.segments)
         return f"Ledger([{inner}])"
 
     def __reduce__(self):
-        return (Ledger, (self._segments,))
+        return (Ledger, (self.segments,))
 
     def to_dict(self) -> dict:
         """A JSON-compatible dict: ``{"format": ..., "segments": [{"noise_multiplier", "sample_rate", "steps"}, ...]}``."""
-        return {"format": _FORMAT, "segments": [segment._asdict() for segment in self._segments]}
+        return {"format": _FORMAT, "segments": [segment._asdict() for segment in self.segments]}
 
     @classmethod
     def from_dict(cls, data: Any) -> "Ledger":
@@ -146,11 +209,32 @@ class Ledger:
         return cls.from_dict(json.loads(text))
 
 
+class _Store:
+    """The mutable counts of one line of a run, owned by its newest ledger (see :class:`Ledger`)."""
+
+    __slots__ = ("counts", "owner")
+
+    def __init__(self, counts: dict[tuple[float, float], int]):
+        self.counts = counts
+        self.owner: Ledger | None = None
+
+
+def _init(ledger: Ledger, segments: Any, store: Any, steps: int) -> None:
+    set_ = object.__setattr__
+    set_(ledger, "_segments", segments)
+    set_(ledger, "_store", store)
+    set_(ledger, "_next", None)
+    set_(ledger, "_delta", None)
+    set_(ledger, "_steps", steps)
+    set_(ledger, "_hash", None)
+    set_(ledger, "_consumed", False)
+
+
 def accountant_step(ledger: Ledger, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> Ledger:
     """Returns ``ledger`` with ``steps`` more Poisson-subsampled Gaussian steps composed.
 
-    Pure and cheap (no privacy computation happens here; :func:`fundp.accounting.epsilon` does
-    that on demand).  Inputs are converted to plain Python numbers and validated; ``steps=0``
+    Pure and cheap: O(1) amortised, whatever the ledger's length or number of distinct settings
+    (no privacy computation happens here; :func:`fundp.accounting.epsilon` does that on demand).  Inputs are converted to plain Python numbers and validated; ``steps=0``
     returns ``ledger`` itself.
 
     Args:
@@ -172,4 +256,4 @@ def accountant_step(ledger: Ledger, *, noise_multiplier: float, sample_rate: flo
     count = _checks.steps(steps)
     if count == 0:
         return ledger
-    return Ledger(ledger.segments + ((sigma, q, count),))
+    return Ledger._child(ledger, (sigma, q), count)

@@ -1,0 +1,184 @@
+"""Guards of a DP step: what is refused, why, and the process-wide memory behind the guards.
+
+Two things live here, so that :func:`fundp.dp_step` consults one place:
+
+* :data:`UNSUPPORTED`: the table of refused combinations of ``dp_step`` options, each with the
+  reason it is refused (a combination that would break the guarantee is refused at build time,
+  before the first step).  :func:`check_combination` raises the table's error for a build.
+* The run-scoped guards, on by default, which a user opts *out* of explicitly:
+
+  - **keys**: a key already used by *any* step of the process is refused (the same key gives the
+    same noise bit for bit; two releases with equal noise cancel it).  The used keys' two 32-bit
+    words are kept in a process-wide set (16 bytes a step); CPU keys are read without a device
+    sync.  Opt out per step with ``dp_step(..., check_key_reuse=False)`` (e.g. a test comparing two
+    steps on one key, or ``torch.compile(step, fullgraph=True)``, which cannot run host code);
+    :func:`forget_keys` starts a new run scope.
+  - **ledgers**: a ledger that a completed step already recorded on is *consumed*; every step
+    object of the process refuses it (a flag on the ledger object itself: no cap, no registry).
+    A step that raises leaves its ledger unconsumed, so the same ledger continues the run.
+  - **params that require grad** (``dict(model.named_parameters())``) are detached with a
+    one-time warning: otherwise the autograd graph grows by one node per step.
+
+Example:
+  >>> import fundp
+  >>> from fundp.guards import UNSUPPORTED
+  >>> sorted(UNSUPPORTED)[:1]
+  [('adaptive_clipping', 'clip_style=per_layer')]
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any
+
+import torch
+
+__all__ = ["UNSUPPORTED", "check_combination", "forget_keys", "KeyReuseError", "StaleLedgerError"]
+
+#: Refused pairs of ``dp_step`` options (sorted names) -> (exception type, reason).
+UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
+    ("adaptive_clipping", "distributed"): (
+        NotImplementedError,
+        "adaptive_clipping with distributed=True is not supported yet: the noisy unclipped count "
+        "would have to be all-reduced and noised once"),
+    ("adaptive_clipping", "secure_mode"): (
+        NotImplementedError,
+        "adaptive_clipping with secure_mode=True is not supported yet: the count query's noise "
+        "would not come from the hardened sampler"),
+    ("adaptive_clipping", "clip_style=per_layer"): (
+        NotImplementedError,
+        "adaptive_clipping adapts one flat threshold: use clip_style='flat' or 'automatic'"),
+    ("budget", "noise_mechanism"): (
+        ValueError,
+        "budget accounts DP-SGD's ledger, which does not apply to a noise_mechanism: use its own "
+        "accountant (fundp.mf)"),
+    ("noise_mechanism", "secure_mode"): (
+        NotImplementedError,
+        "secure_mode with a noise_mechanism: the mechanism draws its own noise"),
+    ("adaptive_clipping", "noise_mechanism"): (
+        NotImplementedError,
+        "adaptive_clipping with a correlated noise_mechanism: the noisy unclipped-count query is "
+        "not accounted by the mechanism's accountant (fundp.mf), so epsilon would be under-reported"),
+    ("noise_mechanism", "noise_multiplier (per call)"): (
+        ValueError,
+        "a noise_multiplier schedule (step(..., noise_multiplier=...)) with a correlated noise_mechanism "
+        "is accounted nowhere (fundp.mf.epsilon takes one sigma): build the step with the schedule's "
+        "largest-epsilon (smallest) sigma instead"),
+}
+
+
+def check_combination(options: dict[str, bool]) -> None:
+    """Raises the :data:`UNSUPPORTED` table's error for the first refused pair among ``options``
+    (``{name: in use}``).
+
+    Example:
+      >>> from fundp.guards import check_combination
+      >>> check_combination({"budget": True, "noise_mechanism": False})
+      >>> try:
+      ...     check_combination({"budget": True, "noise_mechanism": True})
+      ... except ValueError as error:
+      ...     print(str(error).split(":")[0])
+      budget accounts DP-SGD's ledger, which does not apply to a noise_mechanism
+    """
+    for (first, second), (error, reason) in UNSUPPORTED.items():
+        if options.get(first) and options.get(second):
+            raise error(reason)
+
+
+class KeyReuseError(ValueError):
+    """A key already used by a step of this process was passed again (it would repeat the noise)."""
+
+
+class StaleLedgerError(ValueError):
+    """A ledger that a completed step already recorded on was passed again."""
+
+
+# ----------------------------------------------------------------------------- keys
+
+_LOCK = threading.Lock()
+_USED_KEYS: set[tuple[int, int]] = set()
+
+
+def forget_keys() -> None:
+    """Starts a new key scope: keys used so far may be used again (e.g. between independent tests).
+
+    Example:
+      >>> from fundp.guards import forget_keys
+      >>> forget_keys()
+    """
+    with _LOCK:
+        _USED_KEYS.clear()
+
+
+def claim_key(key: torch.Tensor) -> tuple[int, int]:
+    """Records ``key`` as used by this process; raises :class:`KeyReuseError` if it already was.
+
+    Returns the key's words (pass them to :func:`release_key` when the step fails).
+    """
+    from fundp.random import key_data
+
+    words = key_data(key)
+    with _LOCK:
+        if words in _USED_KEYS:
+            raise KeyReuseError(
+                f"key {list(words)} was already used by a step in this process: the same key gives the "
+                "same noise, so reusing it cancels privacy. Derive one key per step, e.g. "
+                "fundp.random.fold_in(key, t) (or opt out explicitly: dp_step(..., check_key_reuse=False))"
+            )
+        _USED_KEYS.add(words)
+    return words
+
+
+def release_key(words: tuple[int, int]) -> None:
+    """Undoes :func:`claim_key` for a step that raised before releasing anything."""
+    with _LOCK:
+        _USED_KEYS.discard(words)
+
+
+# ----------------------------------------------------------------------------- ledgers
+
+
+def check_not_consumed(ledger: Any) -> None:
+    if getattr(ledger, "_consumed", False):
+        raise StaleLedgerError(
+            "this ledger is stale: a step (of this or another step object) already recorded on it and "
+            "returned a newer one. Keep it: `ledger = out.ledger` after every step (with the old one, "
+            "epsilon would be under-reported). To start an unrelated run, pass a fresh fundp.Ledger()"
+        )
+
+
+def consume(ledger: Any) -> None:
+    """Marks ``ledger`` as consumed (called once a step that recorded on it has completed)."""
+    if ledger is not None and hasattr(ledger, "_consumed"):
+        object.__setattr__(ledger, "_consumed", True)
+
+
+# ----------------------------------------------------------------------------- params
+
+_warned_requires_grad = False
+
+
+def detach_params(params: Any) -> Any:
+    """``params`` with every leaf that requires grad detached (a one-time warning per process).
+
+    ``dict(model.named_parameters())`` keeps ``requires_grad``; the step's outputs would then carry
+    an autograd graph that grows by one node per step (unbounded memory).  Detaching is exact:
+    the step takes its own per-example gradients with ``torch.func``.
+    """
+    import optree
+
+    leaves = optree.tree_leaves(params)
+    if not any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in leaves):
+        return params
+    global _warned_requires_grad
+    if not _warned_requires_grad and not torch.compiler.is_compiling():
+        _warned_requires_grad = True
+        warnings.warn(
+            "params require grad (e.g. dict(model.named_parameters())): fundp detaches them, so the "
+            "autograd graph does not grow across steps. Pass detached params to silence this: "
+            "{k: v.detach() for k, v in model.named_parameters()}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return optree.tree_map(lambda leaf: leaf.detach() if isinstance(leaf, torch.Tensor) and leaf.requires_grad else leaf, params)
