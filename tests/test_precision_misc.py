@@ -61,3 +61,44 @@ def test_calibrate_noise_without_subsampling_matches_the_gaussian_closed_form(ep
     assert fundp.epsilon(ledger, delta) <= eps
     rdp = fundp.calibrate_noise(eps, delta, sample_rate=1.0, steps=steps, accountant="rdp")
     assert rdp >= exact  # RDP is looser, never below the exact answer
+
+
+# ------------------------------------------------------------------------------ checkpoint run ids
+
+
+def _save(path, run_id=None, step=0):
+    fundp.checkpoint.save(path, params={"w": torch.ones(2)}, opt_state=(), ledger=None,
+                          key=fundp.random.key(step), step=step, run_id=run_id)
+
+
+def _load(path, **kwargs):
+    return fundp.checkpoint.load(path, params_like={"w": torch.zeros(2)}, opt_state_like=(), **kwargs)
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    mine, theirs = str(tmp_path / "mine.pt"), str(tmp_path / "theirs.pt")
+    _save(mine, run_id="run-a")
+    _save(theirs, run_id="run-b")
+    assert _load(mine, run_id="run-a").run_id == "run-a"
+    with pytest.raises(fundp.checkpoint.CheckpointError, match="belongs to run 'run-b'"):
+        _load(theirs, run_id="run-a")
+    assert _load(theirs, run_id="run-a", allow_other_run=True).run_id == "run-b"
+    # Without a run_id a fresh random one is written; a resumed run keeps the one it loaded.
+    fresh = str(tmp_path / "fresh.pt")
+    _save(fresh)
+    first = _load(fresh).run_id
+    assert isinstance(first, str) and len(first) == 32
+    _save(fresh, run_id=first, step=1)
+    assert _load(fresh, run_id=first).step == 1
+    with pytest.raises(ValueError, match="run_id"):
+        _save(fresh, run_id="has space")
+
+
+def test_run_id_is_covered_by_the_digest(tmp_path):
+    path = str(tmp_path / "run.pt")
+    _save(path, run_id="run-a")
+    payload = torch.load(path, weights_only=True)
+    payload["run_id"] = "run-b"
+    torch.save(payload, path)
+    with pytest.raises(fundp.checkpoint.CheckpointError, match="integrity"):
+        _load(path, run_id="run-b")
