@@ -784,6 +784,7 @@ def dp_step(
         return StepResult(grads, new_ledger, loss, clipped.norms, clipped.num_nonfinite, clipped.aux, new_clip_state, new_noise_state)
 
     step.sample_rate = sample_rate  # type: ignore[attr-defined]
+    step.max_norm = max_norm  # type: ignore[attr-defined]  # read by fundp.audit (canary strength)
     step.expected_batch_size = expected_batch_size  # type: ignore[attr-defined]
     step.physical_batch_size = physical_batch_size  # type: ignore[attr-defined]
     step.chunk_fn = chunk_fn  # type: ignore[attr-defined]

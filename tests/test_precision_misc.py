@@ -102,3 +102,36 @@ def test_run_id_is_covered_by_the_digest(tmp_path):
     torch.save(payload, path)
     with pytest.raises(fundp.checkpoint.CheckpointError, match="integrity"):
         _load(path, run_id="run-b")
+
+
+# ------------------------------------------------------------------------- audit canary strength
+
+
+def test_audit_warns_when_the_canary_cannot_reach_the_clipping_norm():
+    from fundp.audit import CanaryTooWeakWarning, audit_dp_step
+
+    loss_fn = lambda p, b: (b["x"] @ p["w"] - b["y"]) ** 2  # noqa: E731  gradient 2 (x.w - y) x
+    step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=2.0, expected_batch_size=3)
+    params, batch = {"w": torch.zeros(2)}, {"x": torch.eye(2), "y": torch.zeros(2)}
+    weak = {"x": torch.tensor([[1.0, 0.0]]), "y": torch.tensor([0.0025])}  # gradient norm 0.005
+    with pytest.warns(CanaryTooWeakWarning, match="0.005"):
+        audit_dp_step(step, loss_fn, params, batch, weak, trials=8, key=fundp.random.key(0), delta=1e-5)
+    strong = {"x": torch.tensor([[1.0, 0.0]]), "y": torch.tensor([5.0])}  # gradient norm 10 >= C
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CanaryTooWeakWarning)
+        audit_dp_step(step, loss_fn, params, batch, strong, trials=8, key=fundp.random.key(0), delta=1e-5)
+
+
+def test_gradient_canaries_warn_when_scale_is_below_the_clipping_norm():
+    from fundp.audit import CanaryTooWeakWarning
+    from fundp.one_run_audit import GradientCanaries
+
+    with pytest.warns(CanaryTooWeakWarning, match="scale"):
+        GradientCanaries(4, key=fundp.random.key(0), scale=0.005, max_norm=1.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CanaryTooWeakWarning)
+        GradientCanaries(4, key=fundp.random.key(0), scale=1e3, max_norm=1.0)
