@@ -36,6 +36,7 @@ noise is broken yields a larger one — which is the point of an audit.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import optree
@@ -46,7 +47,12 @@ from fundp import random as fundp_random
 from fundp._validate import check_int, check_real
 from fundp.grads import per_sample_grads
 
-__all__ = ["AuditResult", "clopper_pearson_upper", "epsilon_lower_bound", "max_detectable_epsilon", "trials_needed", "audit_dp_step"]
+__all__ = ["AuditResult", "CanaryTooWeakWarning", "clopper_pearson_upper", "epsilon_lower_bound", "max_detectable_epsilon", "trials_needed", "audit_dp_step"]
+
+
+class CanaryTooWeakWarning(UserWarning):
+    """The audit's canary cannot move the output by the clipping norm, so it cannot detect a
+    violation of the claimed sensitivity."""
 
 
 class AuditResult(NamedTuple):
@@ -244,6 +250,7 @@ def audit_dp_step(
     key: torch.Tensor,
     delta: float,
     confidence: float = 0.95,
+    max_norm: float | None = None,
 ) -> AuditResult:
     """Audits one ``dp_step`` with a gradient canary over ``trials`` runs with and ``trials`` without.
 
@@ -254,6 +261,12 @@ def audit_dp_step(
     the step's noise multiplier and ``sample_rate=1``, and check that ``max_detectable_epsilon``
     exceeds that epsilon (else the audit is too small to detect a violation: see
     :func:`trials_needed`).
+
+    ``max_norm``: the step's clipping norm ``C`` (default: ``step.max_norm`` when the step
+    records one).  A canary whose gradient norm is below ``C`` moves the output by less than
+    the sensitivity the guarantee is about, so the audit cannot detect a mechanism that
+    under-noises for ``C``: a :class:`CanaryTooWeakWarning` says so (use a canary whose loss
+    gradient has norm ``>= C``, e.g. a large target).
 
     Example:
       >>> import torch, fundp
@@ -271,6 +284,16 @@ def audit_dp_step(
     norm = direction.norm()
     if not torch.isfinite(norm) or norm == 0:
         raise ValueError("the canary's gradient must be finite and non-zero at params")
+    threshold = getattr(step, "max_norm", None) if max_norm is None else max_norm
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and float(norm) < threshold:
+        warnings.warn(
+            f"the canary's gradient has norm {float(norm):.3g}, below the clipping norm max_norm={threshold:g} "
+            f"({float(norm) / threshold:.2%} of it): one example can move the output by max_norm, this canary "
+            "moves it less, so the audit cannot detect the claimed sensitivity (its bound is "
+            "meaningless for it). Use a canary whose gradient norm is at least max_norm",
+            CanaryTooWeakWarning,
+            stacklevel=2,
+        )
     direction = direction / norm
     combined = _concat(batch, canary)
     rows = optree.tree_leaves(combined)[0].shape[0]

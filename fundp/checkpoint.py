@@ -20,6 +20,10 @@ Guards (each one refuses to load rather than resume a run with a wrong privacy r
   ``check_ledger=False`` when your step counter counts something else, e.g. non-private steps).
 * **validation** — every field's type is checked; the key is an ``int64 [2]`` tensor of 32-bit
   words; ``step >= 0``; every restored tensor has its template's path, shape and dtype.
+* **run identity** — every checkpoint carries a ``run_id`` (given to :func:`save`, or a fresh
+  random one); ``load(..., run_id=...)`` refuses a file of another run (its ledger is another
+  run's privacy record) unless ``allow_other_run=True``.  Keep ``state.run_id`` and pass it to
+  every later :func:`save` of the resumed run.
 * **atomic writes** — a temporary file in the same directory, ``fsync``, then ``os.replace``: a
   run killed mid-save keeps its previous checkpoint.  Temporary files left by a killed save (of
   a process on this host that no longer runs) are removed by the next :func:`save` to the same
@@ -59,7 +63,8 @@ __all__ = ["CheckpointError", "RunState", "save", "load"]
 
 _FORMAT = "fundp-checkpoint-2"
 _TREES = ("params", "opt_state", "extra_state")
-_FIELDS = frozenset({"format", "params", "opt_state", "extra_state", "paths", "ledger", "check_ledger", "key", "step", "extra", "digest"})
+_FIELDS = frozenset({"format", "params", "opt_state", "extra_state", "paths", "ledger", "check_ledger", "key", "step", "extra", "digest", "run_id"})
+_RUN_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _TEMPORARY = ".fundp-tmp."
 
 
@@ -89,6 +94,7 @@ class RunState(NamedTuple):
       step: the step counter saved (``>= 0``).
       extra: the JSON dict saved as ``extra`` (``{}`` if none).
       extra_state: mechanism state restored into ``extra_state_like`` (``None`` if none saved).
+      run_id: the run the checkpoint belongs to (``None`` for a file written before run ids).
 
     Example:
       >>> import tempfile, os, torch, fundp
@@ -107,6 +113,7 @@ class RunState(NamedTuple):
     step: int
     extra: dict
     extra_state: Any = None
+    run_id: str | None = None
 
 
 # --------------------------------------------------------------------------- canonical bytes and digest
@@ -147,6 +154,8 @@ def _digest(payload: dict) -> str:
     put("check_ledger", b"1" if payload["check_ledger"] else b"0")
     put_tensor("key", payload["key"])
     put("step", str(payload["step"]).encode())
+    if payload.get("run_id") is not None:  # files written before run ids keep their digest
+        put("run_id", payload["run_id"].encode())
     return hasher.hexdigest()
 
 
@@ -242,6 +251,7 @@ def save(
     extra: dict | None = None,
     extra_state: Any = None,
     check_ledger: bool = True,
+    run_id: str | None = None,
 ) -> None:
     """Atomically writes the run state to ``path``, with a SHA-256 digest of its contents.
 
@@ -256,6 +266,9 @@ def save(
         clipping, correlated noise); restore it with ``load(..., extra_state_like=...)``.
       check_ledger: require ``ledger.steps == step`` (default), which catches a loop that does
         not thread ``ledger = out.ledger``; ``False`` when ``step`` counts something else.
+      run_id: the run's identity (letters, digits, ``_.:-``, at most 128); default: a fresh
+        random id.  A resumed run passes ``state.run_id``, so that ``load(..., run_id=...)``
+        can refuse another run's file.
 
     Example:
       >>> import tempfile, os, torch, fundp
@@ -287,6 +300,10 @@ def save(
         raise TypeError(f"key must be a fundp key tensor, got {type(key).__name__}")
     key = key.detach().to("cpu").clone()
     fundp_random._check_key(key)
+    if run_id is None:
+        run_id = secrets.token_hex(16)
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise ValueError(f"run_id must be 1 to 128 letters, digits or '_.:-', got {run_id!r}")
     if extra is None:
         extra = {}
     if not isinstance(extra, dict):
@@ -311,6 +328,7 @@ def save(
         "key": key,
         "step": step,
         "extra": extra_json,
+        "run_id": run_id,
     }
     payload["digest"] = _digest(payload)
 
@@ -356,7 +374,7 @@ def _read(path: str) -> dict:
             f"{path} has format {payload['format']!r}, this fundp reads {_FORMAT!r} "
             "(checkpoints without an integrity digest are refused)"
         )
-    if set(payload) != _FIELDS:
+    if set(payload) not in (_FIELDS, _FIELDS - {"run_id"}):
         raise CheckpointError(f"{path}: unexpected fields {sorted(set(payload) ^ _FIELDS)} in the checkpoint")
     return payload
 
@@ -373,6 +391,9 @@ def _check_types(payload: dict) -> None:
             raise CheckpointError(f"{name} must be stored as a string, got {type(payload[name]).__name__}")
     if not isinstance(payload["check_ledger"], bool):
         raise CheckpointError("check_ledger must be stored as a bool")
+    run_id = payload.get("run_id")
+    if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)):
+        raise CheckpointError(f"run_id must be stored as a short identifier string, got {run_id!r}")
     if not isinstance(payload["key"], torch.Tensor):
         raise CheckpointError(f"key must be stored as a tensor, got {type(payload['key']).__name__}")
     step = payload["step"]
@@ -407,6 +428,8 @@ def load(
     opt_state_like: Any,
     extra_state_like: Any = None,
     device: Any = None,
+    run_id: str | None = None,
+    allow_other_run: bool = False,
 ) -> RunState:
     """Reads a checkpoint written by :func:`save` into the templates' structure, after checking it.
 
@@ -423,6 +446,9 @@ def load(
       extra_state_like: template of the ``extra_state`` saved; required exactly when one was
         saved (a stateful mechanism's state must not be silently dropped or invented).
       device: where to put the key (default: the CPU).
+      run_id: the run you are resuming: a checkpoint of another run (or one without a run id)
+        raises :class:`CheckpointError`, unless ``allow_other_run=True`` (e.g. fine-tuning from
+        another run's weights, knowingly taking over its ledger).  ``None``: not checked.
 
     Example:
       >>> import tempfile, os, torch, fundp
@@ -444,6 +470,14 @@ def load(
         raise CheckpointError(
             f"{path} failed its integrity check: the contents do not match the SHA-256 digest "
             "written with them (the file was modified or corrupted after saving)"
+        )
+    if not isinstance(allow_other_run, bool):
+        raise TypeError(f"allow_other_run must be a bool, got {type(allow_other_run).__name__}")
+    saved_run = payload.get("run_id")
+    if run_id is not None and saved_run != run_id and not allow_other_run:
+        raise CheckpointError(
+            f"{path} belongs to run {saved_run!r}, not to run {run_id!r}: resuming from it would continue "
+            "another run's key stream and privacy ledger. Pass allow_other_run=True if that is intended"
         )
     try:
         fundp_random._check_key(payload["key"])
@@ -481,4 +515,5 @@ def load(
         step=step,
         extra=extra,
         extra_state=None if extra_state_like is None else _restore("extra_state", payload["extra_state"], paths["extra_state"], extra_state_like),
+        run_id=saved_run,
     )

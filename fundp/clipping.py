@@ -17,6 +17,20 @@ Huge but finite gradients: norms are computed with scaling (:class:`ScaledSqNorm
 largest entry is factored out before squaring), so a finite gradient whose squared norm would
 overflow the accumulation dtype is still clipped exactly, never dropped.
 
+Low precision (bfloat16, float16, autocast): clipping must keep its promise in the dtype the
+rows are *stored* in, and the clipped sum must keep its sensitivity.  So
+
+* the rows a clipped sum is formed from (:func:`weighted_row_sum`) are multiplied and summed in
+  float64 (:data:`SUM_DTYPE`) and returned in float64: a bfloat16 accumulator rounds a sum of
+  ``B`` terms to 8 bits (one example moved it by 2 C), and even float32 moves it by up to
+  ``~B 2^-24`` of its size (measured 1.2e-4 C at B = 4096), while float64 keeps every difference
+  within ``B^2 2^-53 C`` (2e-9 C at B = 4096).  Noise is then added to that sum, and the result
+  rounded once to the parameter dtype (:func:`fundp.privatize`);
+* :func:`clip` returns rows in the gradients' dtype whose stored values have norm ``<= C``: the
+  norms behind the factors are taken in float64 (:func:`scaled_sq_norm` with ``dtype``), the
+  product ``c_i g_i`` is formed in float64 and rounded *toward zero* to the stored dtype
+  (:func:`round_toward_zero`), so no entry grows in magnitude.
+
 Non-finite examples: an example whose gradient has a NaN or Inf anywhere is dropped — its clip factor is 0 and its clipped gradient is
 exactly 0, selected with ``torch.where`` so the NaN cannot reach the sum.  Dropping an example
 never increases the sensitivity, so the privacy guarantee is unchanged; ``dp_step`` counts the
@@ -45,9 +59,64 @@ __all__ = [
     "usable_scales",
     "normalised_rows",
     "clip_factors_from_sq_norms",
+    "SUM_DTYPE",
+    "round_toward_zero",
+    "weighted_row_sum",
+    "check_clippable",
 ]
 
 CLIP_STYLES = ("flat", "per_layer", "automatic")
+
+
+SUM_DTYPE = torch.float64
+"""The dtype clipped sums are accumulated and returned in, whatever the gradients' dtype (see the
+module docstring: float32 cannot hold a sum of ``B`` clipped rows to ``1e-6 C``)."""
+
+
+def check_clippable(leaf: Any, name: str = "grads") -> None:
+    """Refuses what clipping cannot bound: complex leaves (the L2 norm of a complex gradient is
+    the modulus norm; fundp clips real parameters only) and integer / bool leaves (a gradient is
+    never integer, and scaling one by ``c < 1`` would truncate it to 0).
+
+    Example:
+      >>> import torch
+      >>> from fundp.clipping import check_clippable
+      >>> check_clippable(torch.tensor([[3, 4]]))
+      Traceback (most recent call last):
+      ...
+      TypeError: grads must hold floating-point tensors; got a leaf of dtype torch.int64 ...
+    """
+    if not isinstance(leaf, torch.Tensor):
+        raise TypeError(f"{name} must hold tensors, got a leaf of type {type(leaf).__name__}")
+    if leaf.dtype.is_complex:
+        raise TypeError(
+            f"{name} has a complex leaf ({leaf.dtype}): fundp clips real gradients only (clipping by the "
+            "real part's norm would break the sensitivity). Split complex parameters into real and "
+            "imaginary parts (torch.view_as_real) before computing gradients"
+        )
+    if not leaf.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must hold floating-point tensors; got a leaf of dtype {leaf.dtype} (an integer "
+            "gradient scaled by a clip factor < 1 would be truncated)"
+        )
+
+
+def round_toward_zero(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` rounded to ``dtype`` toward zero: ``|out_j| <= |values_j|`` for every entry, so a
+    row's norm never grows when it is stored in a narrower dtype.
+
+    Example:
+      >>> import torch
+      >>> from fundp.clipping import round_toward_zero
+      >>> x = torch.tensor([1.0 - 2**-10, -(1.0 - 2**-10)], dtype=torch.float64)
+      >>> x.to(torch.bfloat16), round_toward_zero(x, torch.bfloat16)  # nearest rounds up to 1
+      (tensor([ 1., -1.], dtype=torch.bfloat16), tensor([ 0.9961, -0.9961], dtype=torch.bfloat16))
+    """
+    if values.dtype == dtype:
+        return values
+    nearest = values.to(dtype)
+    grew = nearest.to(values.dtype).abs() > values.abs()
+    return torch.where(grew, torch.nextafter(nearest, torch.zeros_like(nearest)), nearest)
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -58,6 +127,7 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
 def _leaf_sq_norm(leaf: torch.Tensor) -> torch.Tensor:
     if leaf.dim() == 0:
         raise ValueError("per-example gradients need a leading batch dimension, got a scalar leaf")
+    check_clippable(leaf)
     values = leaf.to(norm_dtype(leaf.dtype))
     if leaf.dim() == 1:
         return values.square()
@@ -132,8 +202,11 @@ def normalised_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, tensor / safe.reshape((-1,) + (1,) * (tensor.dim() - 1))
 
 
-def scaled_sq_norm(leaf: torch.Tensor) -> ScaledSqNorm:
+def scaled_sq_norm(leaf: torch.Tensor, dtype: torch.dtype | None = None) -> ScaledSqNorm:
     """Returns the :class:`ScaledSqNorm` of each row of ``leaf: [B, ...]`` (no overflow).
+
+    Accumulated in ``dtype`` (default: float32, float64 for float64 leaves); materialised rows
+    that are clipped here use float64, so the factor ``C / ||g_i||`` is exact to ``~1e-15``.
 
     Example:
       >>> import torch
@@ -144,7 +217,8 @@ def scaled_sq_norm(leaf: torch.Tensor) -> ScaledSqNorm:
     """
     if leaf.dim() == 0:
         raise ValueError("per-example gradients need a leading batch dimension, got a scalar leaf")
-    values = leaf.to(norm_dtype(leaf.dtype))
+    check_clippable(leaf)
+    values = leaf.to(norm_dtype(leaf.dtype) if dtype is None else dtype)
     values = values.flatten(1) if values.dim() > 1 else values.unsqueeze(1)
     if values.shape[1] == 0:
         zeros = values.new_zeros(values.shape[0])
@@ -388,15 +462,33 @@ def factors_for(sq_norms: Any, max_norm: Any, *, style: str, gamma: float) -> tu
     return factors, norms
 
 
+def _scaled_rows(leaf: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``c_i * g_i`` in float64 (exact for 16-bit and float32 ``g``: at most 24 + 53 bits are
+    rounded once to 53); rows with ``c_i == 0`` are exactly 0 even if ``g_i`` is NaN."""
+    rows = _broadcast_rows(factor, leaf).to(SUM_DTYPE)
+    scaled = leaf.to(SUM_DTYPE) * rows
+    return torch.where(rows != 0, scaled, torch.zeros_like(scaled))
+
+
 def scale_rows(grads: Any, factors: Any) -> Any:
-    """Returns ``c_i * g_i`` per leaf; rows with ``c_i == 0`` are exactly 0 even if ``g_i`` is NaN."""
+    """Returns ``c_i * g_i`` per leaf in the leaf's dtype, rounded toward zero (no entry grows), so
+    a clipped row stored in bfloat16 has norm ``<= c_i ||g_i||``; rows with ``c_i == 0`` are
+    exactly 0 even if ``g_i`` is NaN."""
+    return optree.tree_map(lambda leaf, factor: round_toward_zero(_scaled_rows(leaf, factor), leaf.dtype), grads, factors)
 
-    def scale(leaf: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        rows = _broadcast_rows(factor, leaf)
-        scaled = leaf * rows.to(leaf.dtype)
-        return torch.where(rows != 0, scaled, torch.zeros_like(scaled))
 
-    return optree.tree_map(scale, grads, factors)
+def weighted_row_sum(grads: Any, factors: Any) -> Any:
+    """Returns ``sum_i c_i g_i`` per leaf, multiplied and accumulated in float64 (:data:`SUM_DTYPE`)
+    and returned in float64: one example moves it by ``||c_i g_i||`` up to ``~B^2 2^-53`` relative.
+
+    Example:
+      >>> import torch
+      >>> from fundp.clipping import weighted_row_sum
+      >>> g = {"w": torch.ones(4096, 1, dtype=torch.bfloat16)}
+      >>> weighted_row_sum(g, {"w": torch.ones(4096)})["w"]  # a bfloat16 sum would stall at 256
+      tensor([4096.], dtype=torch.float64)
+    """
+    return optree.tree_map(lambda leaf, factor: _scaled_rows(leaf, factor).sum(dim=0), grads, factors)
 
 
 def clip(
@@ -412,7 +504,9 @@ def clip(
     ``"flat"``: ``g_i * min(1, C / ||g_i||)``; ``"per_layer"``: ``g_il * min(1, C_l / ||g_il||)``;
     ``"automatic"``: ``g_i * C / (||g_i|| + gamma)``.  Examples with a non-finite gradient and rows
     with ``mask == False`` come back as exact zeros (see the module docstring).  Norms are
-    computed with scaling: a huge but finite gradient is clipped, not dropped.
+    computed with scaling: a huge but finite gradient is clipped, not dropped.  The rows come
+    back in the gradients' dtype with norm ``<= C`` in that dtype (see the module docstring);
+    complex and integer gradients are refused (``TypeError``).
 
     Example:
       >>> import torch, fundp
@@ -422,7 +516,7 @@ def clip(
               [0.3000, 0.4000]])
     """
     _check_style(style, gamma)
-    sq_norms = optree.tree_map(scaled_sq_norm, grads)
+    sq_norms = optree.tree_map(lambda leaf: scaled_sq_norm(leaf, SUM_DTYPE), grads)
     factors, norms, _ = clip_factors_from_sq_norms(sq_norms, max_norm, style=style, gamma=gamma)
     if mask is not None:
         check_mask(mask, norms.shape[0])

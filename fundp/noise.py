@@ -73,6 +73,8 @@ def add_gaussian_noise(tree: Any, key: torch.Tensor, stddev: Any) -> Any:
     """Returns ``tree + N(0, stddev^2)`` elementwise, the noise drawn from ``key``.
 
     Low level: ``stddev`` is absolute, so the caller must know the sensitivity of ``tree``.
+    The noise is drawn and added in float64 and the sum rounded once to each leaf's dtype: noise
+    rounded to bfloat16 *before* the addition would leave ``tree`` readable in the low bits.
     Prefer :func:`fundp.privatize`, which takes it from a :class:`fundp.ClippedSum`.
 
     Example:
@@ -83,7 +85,16 @@ def add_gaussian_noise(tree: Any, key: torch.Tensor, stddev: Any) -> Any:
       >>> bool(torch.equal(add_gaussian_noise(g, key, 1.0)["w"], fundp.noise(g, key, 1.0)["w"]))
       True
     """
-    return optree.tree_map(torch.add, tree, noise_like(tree, key, stddev))
+    stddev = _check_stddev(stddev)
+    leaves, treedef = optree.tree_flatten(tree)
+    if not leaves:
+        return tree
+    out = []
+    for chunk, leaf in zip(standard_normal_chunks(leaves, key), leaves):
+        scale = stddev.to(device=chunk.device, dtype=torch.float64) if isinstance(stddev, torch.Tensor) else stddev
+        wide = leaf.to(torch.float64) + (chunk * scale).to(leaf.device)
+        out.append(wide.to(leaf.dtype))
+    return optree.tree_unflatten(treedef, out)
 
 
 def noise(tree: Any, key: torch.Tensor, stddev: Any) -> Any:

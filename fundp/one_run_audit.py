@@ -41,6 +41,7 @@ auditor sees every step's noisy gradient (the white-box threat model of DP-SGD's
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -258,7 +259,9 @@ class GradientCanaries:
     ``included``: ``BoolTensor[m]``, canary ``j`` is in the run with probability 1/2, drawn from
     ``key``.  Use :meth:`loss_fn` to wrap the model's loss, :meth:`params` to add the audit
     parameter, :meth:`batch` to append the canary rows to each step's batch and mask, and
-    :meth:`scores` on the noisy gradients of every step.
+    :meth:`scores` on the noisy gradients of every step.  Each canary's gradient has norm
+    ``scale``; pass the step's ``max_norm`` to be warned (:class:`fundp.audit.CanaryTooWeakWarning`)
+    when ``scale < max_norm``, where the canaries cannot reach the sensitivity.
 
     Example:
       >>> import torch, fundp
@@ -272,11 +275,21 @@ class GradientCanaries:
       (True, [-1, -1, -1, 0, 1, 2, 3])
     """
 
-    def __init__(self, canaries: int, *, key: torch.Tensor, scale: float = 1e3) -> None:
+    def __init__(self, canaries: int, *, key: torch.Tensor, scale: float = 1e3, max_norm: float | None = None) -> None:
         self.canaries = check_int("canaries", canaries, minimum=1)
         self.scale = check_real("scale", scale)
         if not self.scale > 0:
             raise ValueError(f"scale must be > 0, got {self.scale}")
+        if max_norm is not None and self.scale < check_real("max_norm", max_norm):
+            from fundp.audit import CanaryTooWeakWarning
+
+            warnings.warn(
+                f"each canary's gradient has norm scale={self.scale:g}, below the clipping norm max_norm="
+                f"{max_norm:g}: a canary then moves the output by less than the sensitivity, so the audit cannot "
+                "detect the claimed guarantee. Use scale >= max_norm",
+                CanaryTooWeakWarning,
+                stacklevel=2,
+            )
         self.included = fundp_random.uniform(key, (self.canaries,), dtype=torch.float64) < 0.5
 
     def params(self, params: Any) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from fundp import random as fundp_random
 from fundp._validate import check_batch, check_int, check_mask, check_nonnegative, check_positive, check_sample_rate
 from fundp.clipping import (
     CLIP_STYLES,
+    SUM_DTYPE,
     clip_factors_from_sq_norms,
     clip_sensitivity,
     is_threshold_tensor,
@@ -131,7 +132,9 @@ def clipped_grad_sum(
     ``f`` computes ``sum_i c_i g_i`` over the real rows of ``batch`` (``mask[i]`` True, or all
     rows), with clip factors ``c_i`` from ``clip_style`` (see :func:`fundp.clip`), and returns it
     as a :class:`~fundp.types.ClippedSum` that carries its L2 sensitivity (``C``, or
-    ``sqrt(sum_l C_l^2)`` per layer).  Masked rows and examples with a non-finite gradient
+    ``sqrt(sum_l C_l^2)`` per layer), accumulated in float64 whatever the parameters' dtype
+    (``ClippedSum.dtypes`` records theirs; :func:`privatize` rounds to them after the noise).
+    Complex parameters are refused (``TypeError``).  Masked rows and examples with a non-finite gradient
     contribute exactly zero (and nothing to ``loss_sum``).  ``key`` drives the model's random ops
     when ``randomness="different"``.  ``max_norm`` at call time overrides the built threshold
     (a 0-d tensor under ``torch.compile`` never recompiles).  ``verify`` is passed to the
@@ -144,7 +147,7 @@ def clipped_grad_sum(
       >>> f = fundp.clipped_grad_sum(lambda p, b: b @ p["w"], max_norm=1.0, grad_method="vmap")
       >>> out = f({"w": torch.zeros(2)}, torch.tensor([[3.0, 4.0], [0.3, 0.4]]))
       >>> out.grads["w"], out.sensitivity
-      (tensor([0.9000, 1.2000]), 1.0)
+      (tensor([0.9000, 1.2000], dtype=torch.float64), 1.0)
     """
     _check_choice("clip_style", clip_style, CLIP_STYLES)
     _check_choice("grad_method", grad_method, GRAD_METHODS)
@@ -162,6 +165,7 @@ def clipped_grad_sum(
         size = check_batch(batch)
         if mask is not None:
             check_mask(mask, size)
+        dtypes = _param_dtypes(params)
         out = engine(params, batch, key)
         if not isinstance(out.losses, torch.Tensor) or out.losses.shape != (size,):
             raise ValueError(f"loss_fn must return per-example losses of shape [B] = [{size}]")
@@ -169,7 +173,8 @@ def clipped_grad_sum(
         in_batch = torch.ones_like(finite) if mask is None else mask
         kept = finite & in_batch
         factors = optree.tree_map(lambda c: torch.where(kept, c, torch.zeros_like(c)), factors)
-        grads = out.weighted_sum(factors)
+        # Accumulated in float64 whatever the parameters' dtype; rounded once, after the noise.
+        grads = optree.tree_map(lambda g: g.to(SUM_DTYPE), out.weighted_sum(factors))
         losses = out.losses
         if check_finite:
             real_losses = torch.where(in_batch, losses, torch.zeros_like(losses))
@@ -177,11 +182,33 @@ def clipped_grad_sum(
         # Rows dropped for a non-finite gradient stay out of the loss mean as out of the sum.
         loss_sum = torch.where(kept, losses, torch.zeros_like(losses)).sum()
         norms = torch.where(in_batch, norms, torch.zeros_like(norms))
+        norms = norms.to(torch.float64 if torch.float64 in dtypes else torch.float32)
         num_nonfinite = (in_batch & ~finite).sum()
         sensitivity = clip_sensitivity(threshold, style=clip_style, params=params)
-        return ClippedSum(grads, loss_sum, kept.sum(), norms, num_nonfinite, out.aux, sensitivity)
+        return ClippedSum(grads, loss_sum, kept.sum(), norms, num_nonfinite, out.aux, sensitivity, dtypes)
 
     return f
+
+
+def _param_dtypes(params: Any) -> tuple:
+    """The parameters' dtypes in leaf order; complex parameters are refused (``TypeError``)."""
+    dtypes = tuple(getattr(leaf, "dtype", None) for leaf in optree.tree_leaves(params))
+    for path, dtype in zip(optree.tree_paths(params), dtypes):
+        if dtype is not None and dtype.is_complex:
+            raise TypeError(
+                f"params{''.join(f'[{p!r}]' for p in path)} is complex ({dtype}): fundp clips real gradients "
+                "only (the real part's norm would not bound the sensitivity). Keep complex weights as a real "
+                "parameter of shape [..., 2] and build them with torch.view_as_complex inside loss_fn"
+            )
+    return dtypes
+
+
+def _round_to(tree: Any, dtypes: Any) -> Any:
+    """``tree``'s leaves rounded to ``dtypes`` (a tuple in leaf order; ``None``: kept)."""
+    if dtypes is None:
+        return tree
+    leaves, spec = optree.tree_flatten(tree)
+    return optree.tree_unflatten(spec, [leaf if d is None else leaf.to(d) for leaf, d in zip(leaves, dtypes)])
 
 
 def _same_sensitivity(first: Any, second: Any) -> Any:
@@ -217,7 +244,7 @@ def add_clipped_sums(first: ClippedSum, second: ClippedSum) -> ClippedSum:
       >>> p = {"w": torch.zeros(2)}
       >>> total = fundp.add_clipped_sums(f(p, torch.eye(2)), f(p, torch.eye(2)))
       >>> total.grads["w"], total.norms.shape, total.sensitivity
-      (tensor([2., 2.]), torch.Size([4]), 1.0)
+      (tensor([2., 2.], dtype=torch.float64), torch.Size([4]), 1.0)
     """
     sensitivity = _same_sensitivity(first.sensitivity, second.sensitivity)
     if first.aux is None or second.aux is None:
@@ -232,6 +259,7 @@ def add_clipped_sums(first: ClippedSum, second: ClippedSum) -> ClippedSum:
         first.num_nonfinite + second.num_nonfinite,
         aux,
         sensitivity,
+        first.dtypes if first.dtypes is not None else second.dtypes,
     )
 
 
@@ -344,6 +372,7 @@ def privatize(
             raise ValueError("this ClippedSum carries no sensitivity; build it with fundp.clipped_grad_sum")
         stddev = _check_scalar("noise_multiplier", noise_multiplier) * clipped.sensitivity
         grad_sum = clipped.grads
+        dtypes = clipped.dtypes
     else:
         if noise_stddev is None:
             raise TypeError("privatize takes a fundp.ClippedSum (or, deprecated, a gradient tree with noise_stddev=)")
@@ -355,12 +384,17 @@ def privatize(
         )
         stddev = _check_scalar("noise_stddev", noise_stddev)
         grad_sum = clipped
+        dtypes = tuple(leaf.dtype for leaf in optree.tree_leaves(clipped))
+    # Noise is drawn in float64 and added to the float64 sum; the result is rounded to the
+    # parameters' dtypes once, at the very end (post-processing of the Gaussian mechanism).
+    wide = optree.tree_map(lambda g: g.to(SUM_DTYPE), grad_sum)
     if secure_mode:
         from fundp.secure import secure_noise
 
-        return optree.tree_map(lambda g: g / expected_batch_size, secure_noise(grad_sum, float(stddev)))
-    draws = noise_like(grad_sum, key, stddev)
-    return optree.tree_map(lambda g, z: (g + z) / expected_batch_size, grad_sum, draws)
+        noisy = secure_noise(wide, float(stddev))
+    else:
+        noisy = optree.tree_map(torch.add, wide, noise_like(wide, key, stddev))
+    return _round_to(optree.tree_map(lambda g: g / expected_batch_size, noisy), dtypes)
 
 
 # --------------------------------------------------------------------------- outside the graph
@@ -754,8 +788,10 @@ def dp_step(
             clipped = reduced._replace(sensitivity=clipped.sensitivity)
         new_noise_state = None
         if noise_mechanism is not None:
-            draws, new_noise_state = noise_mechanism.sample(noise_state, noise_key, sigma * clipped.sensitivity, clipped.grads)
-            grads = optree.tree_map(lambda g, z: (g + z) / expected_batch_size, clipped.grads, draws)
+            like = _round_to(clipped.grads, clipped.dtypes)
+            draws, new_noise_state = noise_mechanism.sample(noise_state, noise_key, sigma * clipped.sensitivity, like)
+            grads = _round_to(
+                optree.tree_map(lambda g, z: (g + z.to(g.dtype)) / expected_batch_size, clipped.grads, draws), clipped.dtypes)
         else:
             grads = privatize(
                 clipped, noise_key, noise_multiplier=sigma, expected_batch_size=expected_batch_size, secure_mode=secure_mode
@@ -771,6 +807,7 @@ def dp_step(
         return StepResult(grads, new_ledger, loss, clipped.norms, clipped.num_nonfinite, clipped.aux, new_clip_state, new_noise_state)
 
     step.sample_rate = sample_rate  # type: ignore[attr-defined]
+    step.max_norm = max_norm  # type: ignore[attr-defined]  # read by fundp.audit (canary strength)
     step.expected_batch_size = expected_batch_size  # type: ignore[attr-defined]
     step.physical_batch_size = physical_batch_size  # type: ignore[attr-defined]
     step.chunk_fn = chunk_fn  # type: ignore[attr-defined]

@@ -55,8 +55,8 @@ class ClippedSum(NamedTuple):
       >>> loss_fn = lambda p, b: (b @ p["w"]) ** 2
       >>> params, batch = {"w": torch.tensor([1.0, 0.0])}, torch.tensor([[1.0, 0.0], [2.0, 0.0]])
       >>> s = fundp.clipped_grad_sum(loss_fn, max_norm=1.0)(params, batch)  # norms 2 and 8, each clipped to 1
-      >>> s.grads, s.norms, s.num_examples, s.sensitivity
-      ({'w': tensor([2., 0.])}, tensor([2., 8.]), tensor(2), 1.0)
+      >>> s.grads, s.norms, s.num_examples, s.sensitivity  # the sum is kept in float64
+      ({'w': tensor([2., 0.], dtype=torch.float64)}, tensor([2., 8.]), tensor(2), 1.0)
       >>> fundp.privatize(s, fundp.random.key(0), noise_multiplier=0.0, expected_batch_size=2)
       {'w': tensor([1., 0.])}
     """
@@ -75,6 +75,10 @@ class ClippedSum(NamedTuple):
     """Per-example auxiliary output, leaves ``[B, ...]`` (``None`` without ``has_aux``)."""
     sensitivity: Any = None
     """L2 sensitivity ``S`` of ``grads``: a float, or a 0-d tensor when ``max_norm`` is one."""
+    dtypes: Any = None
+    """The parameters' dtypes, a tuple in ``grads``' leaf order: ``grads`` is accumulated in
+    float64 (so one example moves it by at most ``S``, whatever the parameter dtype) and
+    :func:`fundp.privatize` rounds ``(grads + noise) / E[B]`` to these dtypes once, at the end."""
 
 
 class StepResult(NamedTuple):

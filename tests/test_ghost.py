@@ -337,7 +337,8 @@ def test_float32_tolerances():
         plain = [s.scale.square() * s.scaled if isinstance(s, ScaledSqNorm) else s for s in out.sq_norms.values()]
         return torch.sqrt(sum(plain))
 
-    torch.testing.assert_close(total(ghost), total(reference), rtol=1e-5, atol=0)
+    # The vmap engine accumulates its norms in float64 (issue 25): compare the values in float64.
+    torch.testing.assert_close(total(ghost).double(), total(reference), rtol=1e-5, atol=0)
     factors = {k: torch.full((8,), 0.5) for k in params}
     assert_close_global(ghost.weighted_sum(factors), reference.weighted_sum(factors), 1e-4)
 

@@ -95,13 +95,20 @@ def calibrate_noise(
             f"target_epsilon={target:g} at delta={delta:g} is unreachable: even noise_multiplier="
             f"{MAX_NOISE_MULTIPLIER:g} spends {spent(MAX_NOISE_MULTIPLIER):.6g} over {count} steps at sample_rate={q:g}"
         )
-    if spent(MIN_NOISE_MULTIPLIER) <= target:
-        return MIN_NOISE_MULTIPLIER
-    # Bracket from the CLT guess: mu = q sqrt(T (e^{1/sigma^2} - 1))  =>  sigma = 1/sqrt(log1p(mu^2/(q^2 T))).
     mu = _gdp_mu(target, delta)
+    low = MIN_NOISE_MULTIPLIER
+    if q == 1.0:
+        # Without subsampling the T steps are the Gaussian mechanism composed T times, exactly
+        # mu-GDP with mu = sqrt(T) / sigma: no accountant's epsilon is below that one's, so no
+        # sigma below sqrt(T) / mu(target) meets the target.  Starting there also keeps the PRV
+        # accountant off noise levels its grid cannot represent (sigma = 0.01 at q = 1 failed).
+        low = min(max(low, math.sqrt(count) / mu / 1.001), MAX_NOISE_MULTIPLIER)
+    if spent(low) <= target:
+        return low
+    # Bracket from the CLT guess: mu = q sqrt(T (e^{1/sigma^2} - 1))  =>  sigma = 1/sqrt(log1p(mu^2/(q^2 T))).
     guess = 1 / math.sqrt(math.log1p(mu * mu / (q * q * count)))
-    # spent(MIN) > target >= spent(MAX), checked above.
-    return _least_meeting(spent, target, guess, MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER)
+    # spent(low) > target >= spent(MAX), checked above.
+    return _least_meeting(spent, target, guess, low, MAX_NOISE_MULTIPLIER)
 
 
 def _least_meeting(spent: Callable[[float], float], target: float, guess: float, low: float, high: float) -> float:

@@ -28,6 +28,8 @@ def _sum_of(out: Any) -> Any:
 def tree_distance(a: Any, b: Any) -> float:
     """``||a - b||_2`` over all leaves of two pytrees of the same structure, in float64.
 
+    Complex leaves count with their modulus, ``sqrt(sum |a_j - b_j|^2)`` (real and imaginary parts).
+
     Returns ``inf`` when any difference is NaN or infinite (an unbounded change).
 
     Example:
@@ -42,9 +44,10 @@ def tree_distance(a: Any, b: Any) -> float:
         raise ValueError(f"the two trees differ in structure: {a_spec} vs {b_spec}")
     squares = []
     for x, y in zip(a_leaves, b_leaves):
-        diff = torch.as_tensor(x).detach().to(device="cpu", dtype=torch.float64) - torch.as_tensor(y).detach().to(
-            device="cpu", dtype=torch.float64
-        )
+        x, y = torch.as_tensor(x).detach(), torch.as_tensor(y).detach()
+        # Complex leaves: the modulus |x - y| (a cast to float64 would drop the imaginary part).
+        wide = torch.complex128 if (x.dtype.is_complex or y.dtype.is_complex) else torch.float64
+        diff = (x.to(device="cpu", dtype=wide) - y.to(device="cpu", dtype=wide)).abs()
         if not bool(torch.isfinite(diff).all()):
             return math.inf
         squares.append(float(diff.square().sum()))
