@@ -247,3 +247,58 @@ def test_trimming_padding_with_a_masked_mean_is_exact_and_verified_on_every_call
     batches = [padded(0, [T, 2, 3, 1, 4, T]), padded(1, [2, 4, 1, 3, 2, 1]), padded(2, [1, 3, T, 2, 2, 4])]
     assert outcome_of_every_call(loss_fn, params, batches) == "exact"
     assert checks == [True, True, True]
+
+
+# ------------------------------------------------------------------ verification with dropout
+
+
+def _wrong_linear_rule(monkeypatch):
+    """F.linear's rule made wrong (every per-example weight gradient doubled): only verification sees it."""
+    from fundp.engines.ghost import RULES, Factor, Rows
+
+    original = RULES[F.linear]
+
+    def double(form):
+        return Factor(2 * form.left, form.right) if isinstance(form, Factor) else Rows(2 * form.rows)
+
+    def wrong(tracer, func, args, kwargs):
+        out = original(tracer, func, args, kwargs)
+        if out is not None and tracer.uses:
+            use = tracer.uses[-1]
+            tracer.uses[-1] = use._replace(resolve=lambda grads, resolve=use.resolve: double(resolve(grads)))
+        return out
+
+    monkeypatch.setitem(RULES, F.linear, wrong)
+
+
+def dropout_loss(p, b):
+    h = F.dropout(torch.tanh(F.linear(b["x"], p["w1"])), 0.3, training=True)
+    return F.cross_entropy(F.linear(h, p["w2"]), b["y"], reduction="none")
+
+
+def test_dropout_verification_checks_a_batch_with_a_nan_in_a_masked_row(monkeypatch):
+    # Before: with randomness="different" a first batch with a NaN in a masked row skipped every
+    # check yet marked the signature verified, so the wrong rule was never seen.
+    params = mlp_params(8)
+    batch = features(3)
+    batch["x"][B - 1] = float("nan")
+    mask = torch.arange(B) < B - 1
+    correct = fundp.clipped_grad_sum(dropout_loss, max_norm=C, grad_method="ghost", randomness="different",
+                                     verify="always")
+    out = correct(params, batch, mask, fundp.random.key(0))  # the check itself raises no false alarm
+    assert all(bool(torch.isfinite(g).all()) for g in out.grads.values())
+    _wrong_linear_rule(monkeypatch)
+    f = fundp.clipped_grad_sum(dropout_loss, max_norm=C, grad_method="ghost", randomness="different")
+    with pytest.raises(GhostVerificationError, match=r"params\['w"):
+        f(params, batch, mask, fundp.random.key(0))
+
+
+def test_a_signature_where_nothing_was_checked_is_not_recorded_as_verified(monkeypatch):
+    _wrong_linear_rule(monkeypatch)
+    params = mlp_params(9)
+    f = fundp.clipped_grad_sum(dropout_loss, max_norm=C, grad_method="ghost", randomness="different")
+    nothing = features(4)
+    nothing["x"][:] = float("nan")  # no example can be checked
+    f(params, nothing, torch.zeros(B, dtype=torch.bool), fundp.random.key(0))
+    with pytest.raises(GhostVerificationError):  # the next call of this signature is checked
+        f(params, features(5), None, fundp.random.key(1))
