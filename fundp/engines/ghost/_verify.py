@@ -20,7 +20,13 @@ It runs eagerly (outside any ``torch.compile`` graph) and checks two things:
 Cost: one forward and backward of the batch plus two of a single example — about one
 non-private step, once per input signature.  Tolerances (relative to the global gradient norm):
 ``1e-7`` in float64, ``1e-3`` in float32, ``5e-2`` when the parameters are 16-bit or autocast is on.
-With ``randomness="different"`` (dropout) only check 1 runs, with the same keyed draws.
+With ``randomness="different"`` (dropout) only check 1 runs, with the same keyed draws; rows left
+out (masked, non-finite) are replaced by a copy of a kept row, so that the batch keeps its shape and
+its draws.  A signature is recorded as verified only when something was checked.
+
+When ``loss_fn`` reads a Python value from batch data (``int(lengths.max())``, ``.item()``,
+``bool(mask.any())``: the tracer's ``data_dependent``), every call is verified, and check 2 also
+compares the batched losses of up to 16 random examples alone and of two random halves of the batch.
 """
 
 from __future__ import annotations
