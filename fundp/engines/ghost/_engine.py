@@ -214,15 +214,20 @@ def make_ghost_engine(
 
         return make_vmap_engine(loss_fn, has_aux=has_aux, randomness=randomness)
     verified: dict = {}
+    calls = [0]
 
     @torch.compiler.disable
-    def run_verification(params, batch, key, sq_norm_leaves, losses, weighted_sum_leaves):
+    def run_verification(params, batch, key, sq_norm_leaves, losses, weighted_sum_leaves, data_dependent):
         leaves, treespec = optree.tree_flatten(params)
-        verify_engine(loss_fn, leaves, treespec, batch, key, sq_norm_leaves, losses, weighted_sum_leaves,
-                      _path_names(params), has_aux, randomness, keyed_model_rng)
-        verified[_signature(leaves, batch)] = True
+        calls[0] += 1
+        checked = verify_engine(loss_fn, leaves, treespec, batch, key, sq_norm_leaves, losses, weighted_sum_leaves,
+                                _path_names(params), has_aux, randomness, keyed_model_rng,
+                                thorough=data_dependent, seed=calls[0])
+        # Never recorded when nothing was checked, nor when the computation depends on the data.
+        if checked and not data_dependent:
+            verified[_signature(leaves, batch)] = True
 
-    def refuse_or_vmap(params: Any, batch: Any, key: Any, reasons: dict) -> EngineOutput | None:
+    def refuse_or_vmap(params: Any, batch: Any, key: Any, reasons: dict, tracer: Any = None) -> EngineOutput | None:
         if not fallback:
             names = _path_names(params)
             details = "; ".join(f"{names[i]}: {why}" for i, why in sorted(reasons.items()))
@@ -232,7 +237,8 @@ def make_ghost_engine(
         if randomness != "error" or len(reasons) >= floating:  # nothing left for the ghost path
             from fundp.engines.vmap import make_vmap_engine
 
-            return make_vmap_engine(loss_fn, has_aux=has_aux, randomness=randomness)(params, batch, key)
+            whole = make_vmap_engine(loss_fn, has_aux=has_aux, randomness=randomness)
+            return _vmap_or_refuse(tracer, reasons, params, whole, params, batch, key)
         return None
 
     def engine(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
@@ -240,7 +246,7 @@ def make_ghost_engine(
         tracer, proxies, losses, aux = trace(loss_fn, params, batch, has_aux, randomness, key)
         reasons = fallback_reasons(tracer, proxies, losses)
         if reasons:
-            whole = refuse_or_vmap(params, batch, key, reasons)
+            whole = refuse_or_vmap(params, batch, key, reasons, tracer)
             if whole is not None:
                 return whole
         # The parameters' proxies join the backward: one still reached by the loss has a use no rule
@@ -258,7 +264,7 @@ def make_ghost_engine(
             unseen = {i: UNSEEN for i, g in zip(watched, raw[len(tracer.probes):]) if g is not None}
             if unseen:
                 reasons.update(unseen)
-                whole = refuse_or_vmap(params, batch, key, reasons)
+                whole = refuse_or_vmap(params, batch, key, reasons, tracer)
                 if whole is not None:
                     return whole
         forms = _leaf_forms(tracer, proxies, grads, set(reasons))
@@ -274,7 +280,8 @@ def make_ghost_engine(
                 zeros = torch.zeros((size,) + tuple(leaf.shape), dtype=leaf.dtype, device=leaf.device)
                 handlers[index] = RowsLeaf(zeros)
         if reasons:
-            rows = vmap_rows(loss_fn, leaves, treespec, sorted(reasons), batch, has_aux)
+            rows = _vmap_or_refuse(tracer, reasons, params, vmap_rows, loss_fn, leaves, treespec, sorted(reasons), batch,
+                                   has_aux)
             for index, leaf_rows in rows.items():
                 handlers[index] = RowsLeaf(leaf_rows)
         sq_norm_leaves = leaf_sq_norms(handlers)
@@ -290,8 +297,10 @@ def make_ghost_engine(
             structure = optree.tree_structure(params)
             return optree.tree_unflatten(structure, weighted_sum_leaves(structure.flatten_up_to(factors)))
 
-        if verify == "always" or (verify == "first" and _signature(leaves, batch) not in verified):
-            run_verification(params, batch, key, sq_norm_leaves, losses, weighted_sum_leaves)
+        # A Python value read from the batch steers the computation: every call is verified.
+        data_dependent = tracer.data_dependent is not None
+        if verify == "always" or (verify == "first" and (data_dependent or _signature(leaves, batch) not in verified)):
+            run_verification(params, batch, key, sq_norm_leaves, losses, weighted_sum_leaves, data_dependent)
         aux = optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
         return EngineOutput(sq_norms, losses, aux, weighted_sum)
 
@@ -307,6 +316,22 @@ def make_ghost_engine(
         return engine(params, batch, key)
 
     return dispatch
+
+
+def _vmap_or_refuse(tracer: Any, reasons: dict, params: Any, run: Callable, *args: Any) -> Any:
+    """``run(*args)`` (the vmap fallback); a model that reads Python values from the batch, which vmap
+    cannot run, gets an error in the user's terms instead of vmap's."""
+    try:
+        return run(*args)
+    except RuntimeError as error:
+        if tracer is None or tracer.data_dependent is None or "vmap" not in str(error):
+            raise
+        names = _path_names(params)
+        details = "; ".join(f"{names[i]}: {why}" for i, why in sorted(reasons.items()))
+        raise GhostUnsupportedError(
+            f"{tracer.data_dependent}, and the ghost path cannot handle {details}; grad_method='vmap' cannot read "
+            "Python values from the batch either. Compute that value with tensor ops (e.g. a mask instead of "
+            "int(lengths.max())), or outside loss_fn") from error
 
 
 def _autograd_ops_traced() -> bool:

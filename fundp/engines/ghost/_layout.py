@@ -7,7 +7,9 @@ group=(B,), pos=0``; GPT-2's ``x.view(-1, d)``: ``dim=0, group=(B, T), pos=0``; 
 a tensor with ``order[r]`` the example at batch index ``r`` (a batch sorted inside ``loss_fn``).
 
 Ops move layouts exactly when the tracer knows them (views, reshapes, transposes, indexing,
-concatenation, reductions over other dims, elementwise ops); an op that mixes examples raises
+concatenation, reductions over other dims, elementwise ops, per-example losses, frozen layers).
+Default deny: any other op makes its output untrusted *and* mixing, so the step leaves the ghost
+path (``"auto"``: vmap) unless the losses never depend on it.  An op that mixes examples raises
 :class:`ExamplesInteractError` (a float reduction over the batch, batch norm with batch statistics)
 or makes the rows untrusted (:data:`UNTRUSTED`: a gather along the batch whose result is not known
 to be a permutation).  A supported layer whose input is untrusted is not handled by the ghost path.

@@ -50,10 +50,16 @@ class Derived(NamedTuple):
 
 
 class Untrusted(NamedTuple):
+    """Rows of a batch-derived tensor whose owners the tracer cannot prove (default deny).
+
+    ``mixes``: losses computed from such rows may mix examples, so the whole step leaves the ghost
+    path.  Every untrusted tensor mixes until proven otherwise: an op the tracer has no layout rule
+    for may move values across the batch (a loss function, a scan, a gather, a reshape that splits
+    the batch), and nothing downstream can tell.
+    """
+
     reason: str
-    # True when an op moved values across the batch dim (a slice, subset, gather, repeat or cat of
-    # it): losses computed from such rows may mix examples, so the whole step leaves the ghost path.
-    mixes: bool = False
+    mixes: bool = True
 
 
 def arg(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
@@ -126,6 +132,64 @@ _ARANGE_VIEWS = {"view", "reshape", "unsqueeze", "__getitem__", "to", "contiguou
 _INPLACE = {name for name in dir(torch.Tensor) if name.endswith("_") and not name.startswith("_")} | {
     "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"} - {"requires_grad_", "share_memory_"}
 
+
+
+def _pointwise_names() -> frozenset:
+    """Names of torch functions and methods whose aten ops are all elementwise (tagged pointwise).
+
+    Only these (and the explicit extras below) keep the layout of their batch-derived inputs by the
+    elementwise rule: default deny, every other op without a layout rule makes its output untrusted.
+    """
+    candidates = set(dir(torch)) | set(dir(torch.Tensor)) | set(dir(F)) | set(dir(torch.special))
+    found = set()
+    for name in candidates:
+        if name.startswith("_"):
+            continue
+        packet = getattr(torch.ops.aten, name.rstrip("_"), None)
+        try:
+            if packet is not None and any(torch.Tag.pointwise in getattr(packet, o).tags for o in packet.overloads()):
+                found.add(name)
+        except (AttributeError, RuntimeError):
+            continue
+    return frozenset(found - {"max", "min", "equal"})
+
+
+# Dunder spellings of elementwise operators (reflected and in-place included).
+_DUNDER_POINTWISE = {f"__{prefix}{op}__" for op in ("add", "sub", "mul", "truediv", "div", "floordiv", "mod", "pow",
+                                                      "and", "or", "xor", "lshift", "rshift")
+                     for prefix in ("", "r", "i")} | {
+    "__neg__", "__pos__", "__abs__", "__invert__", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__"}
+# Elementwise in the rows although aten does not tag them so: random masks drawn per element, casts,
+# tensors of the same shape whose values do not depend on the data.
+_EXTRA_POINTWISE = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d",
+                    "detach", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+                    "randint_like", "fill_", "zero_", "copy_", "floor_divide", "floor_divide_", "logsigmoid",
+                    "log_sigmoid", "hardswish", "softsign", "tanhshrink", "subtract", "multiply", "divide",
+                    "bernoulli", "bernoulli_", "masked_fill", "masked_fill_", "clamp", "clip", "polar", "complex",
+                    "real", "imag", "view_as_real", "conj", "resolve_conj", "resolve_neg"}
+POINTWISE = _pointwise_names() | _DUNDER_POINTWISE | _EXTRA_POINTWISE | _CASTS
+# Loss functions with a layout rule (reduction="none"): the class dim of cross_entropy / nll_loss is 1.
+_CLASS_LOSSES = {"cross_entropy", "nll_loss", "multi_margin_loss", "multilabel_margin_loss"}
+_ELEMENTWISE_LOSSES = {"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
+                       "binary_cross_entropy_with_logits", "kl_div", "poisson_nll_loss", "soft_margin_loss",
+                       "multilabel_soft_margin_loss"}
+# Python values read from a tensor: the computation then depends on the data in ways no layout follows.
+_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__complex__", "__array__"}
+# In-place writes along a dim given by position 1 (``target.index_add_(dim, index, source)``).
+_DIM_WRITES = {"index_add_", "index_copy_", "index_fill_", "index_reduce_", "scatter_", "scatter_add_",
+               "scatter_reduce_"}
+
+_BATCHED_MATRIX_OPS = {"cdist", "scaled_dot_product_attention"}
+_LAYER_OPS = {"linear", "layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm", "pad",
+              "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+              "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+              "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+              "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "interpolate", "upsample",
+              "pixel_shuffle", "pixel_unshuffle", "local_response_norm"}
+# Ops whose output holds no value of their input (only its shape): not batch data.
+_DATA_FREE = {"zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full",
+              "rand_like", "randn_like", "randint_like"}
+
 _DROPOUTS = {F.dropout: 2, F.alpha_dropout: 2, F.feature_alpha_dropout: 2, F.dropout1d: 2, F.dropout2d: 2,
              F.dropout3d: 2}
 _RANDOM = {torch.bernoulli, torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like,
@@ -158,6 +222,8 @@ class Tracer(TorchFunctionMode):
         self.permutations = IdentityMap()  # 1-D index tensors known to be permutations of range(B)
         # arange(B) viewed with B in one dim and size 1 elsewhere ([B, 1, 1, 1]): -> that dim
         self.batch_aranges = IdentityMap()
+        self.inverses = IdentityMap()  # permutation -> the permutation it inverts (argsort of it)
+        self.flipped = IdentityMap()  # arange(B).flip(0) made by the tracer -> True
         for index, proxy in enumerate(proxies):
             if isinstance(proxy, torch.Tensor):
                 self.derived.set(proxy, Derived(frozenset([index]), "same"))
@@ -171,6 +237,9 @@ class Tracer(TorchFunctionMode):
         self.uses: list[Use] = []
         self.unsupported: dict[int, str] = {}
         self.seen: set = set()
+        # Why the computation depends on batch values the layouts cannot follow (a Python number read
+        # from the batch), or None: then every call is verified.
+        self.data_dependent: str | None = None
 
     # ----------------------------------------------------------------------------- queries
 
@@ -275,6 +344,14 @@ class Tracer(TorchFunctionMode):
             for index in origin.leaves:
                 self.unsupported.setdefault(index, why)
 
+    def note_read(self, name: str, tensor: torch.Tensor) -> None:
+        """A Python value read from batch data (``int(lengths.max())``, ``if mask.any():``): the
+        computation depends on the data in a way no layout follows, so the engine verifies every call."""
+        if self.data_dependent is None:
+            shown = {"__bool__": "bool()", "__int__": "int()", "__float__": "float()", "__index__": "an index"}.get(
+                name, f".{name}()")
+            self.data_dependent = f"loss_fn reads a Python value from batch data ({shown}{_module_of_caller()})"
+
     def interact(self, what: str) -> None:
         raise ExamplesInteractError(
             f"loss_fn mixes examples: {what}{_module_of_caller()}. Per-example gradients (and so DP-SGD's "
@@ -288,6 +365,8 @@ class Tracer(TorchFunctionMode):
         kwargs = kwargs or {}
         name = op_name(func)
         if name in _METADATA:
+            if name in _READS and self.batch_size > 1 and args and self.layouts.get(args[0]) is not None:
+                self.note_read(name, args[0])
             return func(*args, **kwargs)
         if not self.random_ok:
             self._refuse_random(func, args, kwargs)
@@ -329,6 +408,8 @@ class Tracer(TorchFunctionMode):
             indices = out[1] if name == "sort" else out
             if isinstance(indices, torch.Tensor) and indices.dim() == 1 and indices.shape[0] == self.batch_size:
                 self.permutations.set(indices, True)
+                if name == "argsort" and self.permutations.get(args[0]) is not None:
+                    self.inverses.set(indices, args[0])
         if name == "arange" and isinstance(out, torch.Tensor) and out.dim() == 1 and out.shape[0] == self.batch_size \
                 and len(args) <= 1 and not kwargs.get("start") and kwargs.get("step", 1) == 1:
             self.permutations.set(out, True)
@@ -407,6 +488,10 @@ class Tracer(TorchFunctionMode):
         if untrusted:
             return next((u for u in untrusted if u.mixes), untrusted[0])
         inputs = [t for t in tracked if isinstance(self.layouts.get(t), Layout)]
+        if name in _DATA_FREE:
+            return None  # the values do not come from the batch
+        if name in ("index_add", "index_copy", "index_add_", "index_copy_"):
+            return self._unsort_layout(name, args, kwargs)
         if isinstance(layout, Layout):
             ndim = first.dim()
             if name in ("embedding", "one_hot") and first is args[0]:
@@ -477,6 +562,99 @@ class Tracer(TorchFunctionMode):
             return self._matmul_layout(name, args, kwargs, out)
         if name == "einsum":
             return self._einsum_layout(args, out)
+        if name in _CLASS_LOSSES or name in _ELEMENTWISE_LOSSES:
+            return self._loss_layout(name, args, kwargs, inputs, out)
+        if name in _BATCHED_MATRIX_OPS:
+            return self._batched_matrix_layout(name, inputs, out)
+        if name in _LAYER_OPS and isinstance(layout, Layout) and len(inputs) == 1:
+            return self._layer_layout(name, args, kwargs, layout, first, out)
+        if name == "bilinear" and isinstance(out, torch.Tensor):
+            # x1 [.., n1], x2 [.., n2] -> [.., out]: the last dims are contracted, the leading ones kept.
+            layouts = [self.layouts.get(t) for t in inputs]
+            if inputs and all(t.dim() == out.dim() and lay.dim < t.dim() - 1 and _same_rows(lay, layouts[0])
+                              for t, lay in zip(inputs, layouts)):
+                return layouts[0]
+            return Untrusted("bilinear works across the batch dimension")
+        if name in POINTWISE:
+            return self._elementwise_layout(inputs, out, name)
+        # Default deny: an op without a layout rule may move values across the batch.
+        return Untrusted(f"{name} has no layout rule, so the rows of its output may mix examples")
+
+    def _permuted_rows(self, target: torch.Tensor, index: Any, source: Any) -> Any:
+        """The layout of ``target`` (which held no batch data) after its rows ``index[r]`` receive
+        ``source``'s rows ``r`` along dim 0, for a known permutation ``index`` (the unsort idiom), or None."""
+        layout = self.trusted(source)
+        if self.layouts.get(target) is not None or layout is None or self.permutations.get(index) is None:
+            return None
+        if layout.dim != 0 or len(layout.group) != 1 or source.dim() != target.dim() \
+                or not (index.dim() == 1 and index.shape[0] == self.batch_size == target.shape[0] == source.shape[0]):
+            return None
+        inverse = index.argsort()
+        self.inverses.set(inverse, index)
+        # Row j of the target is source row argsort(index)[j], i.e. example order[argsort(index)[j]].
+        return layout._replace(order=self._compose(layout.order, inverse))
+
+    def _unsort_layout(self, name, args, kwargs) -> Any:
+        target, dim = args[0], arg(args, kwargs, 1, "dim")
+        index, source = arg(args, kwargs, 2, "index"), arg(args, kwargs, 3, "source")
+        if isinstance(dim, int) and _dims(dim, target.dim())[0] == 0:
+            found = self._permuted_rows(target, index, source)
+            if found is not None:
+                return found
+        return Untrusted(f"{name} writes rows in an order the tracer does not follow")
+
+    def _loss_layout(self, name, args, kwargs, inputs, out) -> Any:
+        """Per-example losses (``reduction="none"``) keep the rows; any other reduction mixes them."""
+        reduction = arg(args, kwargs, {"kl_div": 5, "poisson_nll_loss": 7}.get(name, 4 if name in (
+            "cross_entropy", "nll_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits") else 3),
+            "reduction", "mean")
+        if name == "huber_loss" or name == "smooth_l1_loss":
+            reduction = kwargs.get("reduction", args[3] if len(args) > 3 and isinstance(args[3], str) else "mean")
+        if reduction != "none" or not isinstance(out, torch.Tensor):
+            return Untrusted(f"{name} with reduction={reduction!r} reduces over the batch")
+        if name in _CLASS_LOSSES:
+            scores = arg(args, kwargs, 0, "input")
+            layout = self.layouts.get(scores)
+            if isinstance(layout, Layout) and (scores.dim() < 2 or layout.dim == 1):
+                return Untrusted(f"{name} normalises over the batch dimension (its class dim)")
+            # [N, C, d1, ...] -> [N, d1, ...]: the class dim goes; every input aligns with the output.
+            found = None
+            for tensor in inputs:
+                layout = self.layouts.get(tensor)
+                dim = layout.dim
+                if tensor is scores and scores.dim() >= 2:
+                    dim = dim if dim == 0 else dim - 1
+                elif tensor is not scores and (tensor.dim() != out.dim() or tensor.shape[dim] != out.shape[dim]):
+                    return Untrusted(f"{name}: the {'weights' if tensor.dim() == 1 else 'target'} do not align with the rows")
+                candidate = layout._replace(dim=dim)
+                if found is not None and not _same_rows(found, candidate):
+                    return Untrusted(f"{name} combines rows of different examples")
+                found = candidate
+            return found
+        return self._elementwise_layout(inputs, out, name)
+
+    def _layer_layout(self, name, args, kwargs, layout, first, out) -> Any:
+        """A layer op whose only batch-derived input is its first (frozen weights, or none): ``linear``
+        and ``bilinear`` contract the last dim; the norms normalise over trailing dims (checked for
+        interaction before the call); the channel-first ops (conv, pooling, resizing) need the batch
+        leading; ``pad`` pads trailing dims."""
+        ndim = first.dim()
+        if name in ("linear", "layer_norm", "rms_norm", "batch_norm"):
+            keep = layout.dim < ndim - 1 or name == "batch_norm"
+        elif name == "pad":
+            pad = arg(args, kwargs, 1, "pad")
+            keep = layout.dim < ndim - len(pad) // 2
+        else:  # channel-first ops: [N, C, *spatial]
+            keep = layout.dim == 0 and ndim >= 3
+        if keep and isinstance(out, torch.Tensor) and out.dim() == ndim and out.shape[layout.dim] == first.shape[layout.dim]:
+            return layout
+        return Untrusted(f"{name} works across the batch dimension")
+
+    def _batched_matrix_layout(self, name, inputs, out) -> Any:
+        """``cdist`` and friends: the leading dims are batch dims, the last two are per-matrix."""
+        for tensor in inputs:
+            if self.layouts.get(tensor).dim >= tensor.dim() - 2:
+                return Untrusted(f"{name} combines rows of the batch dimension")
         return self._elementwise_layout(inputs, out, name)
 
     def _elementwise_layout(self, inputs: list, out: torch.Tensor, name: str) -> Any:
@@ -522,7 +700,7 @@ class Tracer(TorchFunctionMode):
                     position = self._advanced_position(expanded)
                     if position is None:
                         return Untrusted("advanced indexing moves the batch")
-                    order = item if layout.order is None else layout.order.index_select(0, item)
+                    order = self._compose(layout.order, item)
                     return layout._replace(dim=position, order=order)
                 if isinstance(item, torch.Tensor) and self.batch_aranges.get(item) is not None and layout.order is None:
                     position = self._broadcast_arange_position(expanded, item)
@@ -603,16 +781,32 @@ class Tracer(TorchFunctionMode):
         if dims is None or layout.dim in dims:
             if len(layout.group) != 1 or (name == "roll" and (dims is None or len(dims) != 1)):
                 return Untrusted(f"{name} reorders the batch", mixes=True)
-            current = layout.order if layout.order is not None else torch.arange(self.batch_size, device=tensor.device)
             if name in ("flip", "fliplr", "flipud"):
-                return layout._replace(order=current.flip(0))
+                if layout.order is not None and self.flipped.get(layout.order) is not None:
+                    return layout._replace(order=None)  # flipped twice: the examples in order
+                flipped = (layout.order if layout.order is not None else torch.arange(self.batch_size, device=tensor.device)).flip(0)
+                if layout.order is None:
+                    self.flipped.set(flipped, True)
+                return layout._replace(order=flipped)
+            current = layout.order if layout.order is not None else torch.arange(self.batch_size, device=tensor.device)
             if name == "roll":
                 return layout._replace(order=current.roll(arg(args, kwargs, 1, "shifts"), 0))
             index = arg(args, kwargs, 2, "index")
             if self.permutations.get(index) is None:
                 return Untrusted("index_select picks rows of the batch by an index not known to be a permutation", mixes=True)
-            return layout._replace(order=current.index_select(0, index))
+            return layout._replace(order=self._compose(layout.order, index))
         return layout
+
+    def _compose(self, order: Any, index: torch.Tensor) -> Any:
+        """The order of rows ``index`` of a tensor whose rows are in ``order``: ``order[index]``, with
+        ``None`` for the identity (a permutation followed by its inverse, ``h[perm][perm.argsort()]``)."""
+        if self.batch_aranges.get(index) == 0 and index.dim() == 1:
+            return order  # arange(B): the rows stay where they are
+        if order is None:
+            return index
+        if self.inverses.get(index) is order or self.inverses.get(order) is index:
+            return None
+        return order.index_select(0, index)
 
     def _cat_layout(self, name, tensors, dim, out) -> Any:
         found = None
@@ -652,7 +846,10 @@ class Tracer(TorchFunctionMode):
             contracted = ndim - 1 if side == "left" else ndim - 2
             if layout.dim == contracted:
                 self.interact(f"{name} contracts over the batch dimension")
-            if side == "left" and layout.dim == ndim - 2:
+            other = b if side == "left" else a
+            if isinstance(other, torch.Tensor) and other.dim() == 1:  # a matrix-vector product drops one dim
+                found.append(layout if side == "left" or layout.dim < ndim - 2 else layout._replace(dim=out.dim() - 1))
+            elif side == "left" and layout.dim == ndim - 2:
                 found.append(layout._replace(dim=out.dim() - 2))
             elif side == "right" and layout.dim == ndim - 1:
                 found.append(layout._replace(dim=out.dim() - 1))
@@ -692,21 +889,66 @@ class Tracer(TorchFunctionMode):
     # ----------------------------------------------------------------------------- interaction
 
     def _check_write(self, name: str, args, batched: list) -> None:
-        """An in-place write of batch data into a tensor with no room for per-example rows (a buffer)."""
-        if name not in _INPLACE or not args or not isinstance(args[0], torch.Tensor) or self.layouts.get(args[0]) is not None:
+        """An in-place write that involves batch data.
+
+        Into a tensor with no room for per-example rows (a buffer): examples interact.  ``x[...] = v``
+        gets its layout here (:meth:`_setitem_layout`); every other in-place op is followed by the
+        ordinary rules on its output (the target itself), so a write along the batch by an op
+        without a rule (``index_add_``, ``scatter_``, ``index_put_``) leaves the target untrusted.
+        """
+        if name not in _INPLACE or not args or not isinstance(args[0], torch.Tensor):
             return
         target = args[0]
-        if not any(size == self.batch_size for size in target.shape):
+        before = self.layouts.get(target)
+        if before is None and not any(size == self.batch_size for size in target.shape):
             self.interact(f"{name} writes values computed from the batch into a tensor that has no per-example "
                           "rows (a buffer or a running statistic)")
-        source = next((t for t in batched if t is not target and isinstance(self.layouts.get(t), Layout)), None)
-        if source is not None:
-            layout = self.layouts.get(source)
-            aligned = layout.dim + (target.dim() - source.dim())
-            if 0 <= aligned < target.dim() and target.shape[aligned] == source.shape[layout.dim]:
-                self.layouts.set(target, layout._replace(dim=aligned))
+        if name == "__setitem__" and len(args) >= 3:
+            layout = self._setitem_layout(target, before, args[1], args[2])
+            if layout is None:
                 return
-        self.layouts.set(target, Untrusted(f"{name} writes batch rows into a tensor of unknown layout"))
+            self.layouts.set(target, layout)
+
+    def _setitem_layout(self, target: torch.Tensor, before: Any, index: Any, value: Any) -> Any:
+        """The layout of ``target`` after ``target[index] = value``.
+
+        Exact for basic indexing (ints, slices, ``None``, ``...``) that writes whole rows along the
+        batch (``out[:, :T] = h``) or constants anywhere, and for a boolean mask of the target's shape
+        (``scores[~mask] = -inf``); any other index (``out[order] = h``, a subset of the batch) leaves
+        the target untrusted: which example owns which row is then the index's business.
+        """
+        value_layout = self.layouts.get(value)
+        if isinstance(before, Untrusted) or isinstance(value_layout, Untrusted):
+            return Untrusted("x[index] = value writes rows the tracer could not follow")
+        items = list(index) if isinstance(index, tuple) else [index]
+        if len(items) == 1 and isinstance(items[0], torch.Tensor) and items[0].dtype == torch.bool \
+                and tuple(items[0].shape) == tuple(target.shape) and value_layout is None:
+            mask_layout = self.layouts.get(items[0])
+            if isinstance(mask_layout, Untrusted):
+                return Untrusted("x[mask] = value with a mask the tracer could not follow")
+            known = [layout for layout in (before, mask_layout) if layout is not None]
+            if len(known) == 2 and not _same_rows(known[0], known[1]):
+                return Untrusted("x[mask] = value combines rows of different examples")
+            return known[0] if known else None
+        if isinstance(items[0], torch.Tensor) and all(item == slice(None) for item in items[1:]) \
+                and isinstance(value, torch.Tensor):
+            found = self._permuted_rows(target, items[0], value)  # out[order] = h
+            if found is not None:
+                return found
+        if any(isinstance(item, torch.Tensor) or not (item is None or item is Ellipsis or isinstance(item, (int, slice)))
+               for item in items):
+            return Untrusted("x[index] = value with a tensor index writes rows in an order the tracer does not follow")
+        mapping, full = _basic_view_dims(items, tuple(target.shape))
+        if not isinstance(value_layout, Layout):
+            return before  # constants written into rows: their owners do not change
+        aligned = value_layout.dim + (len(mapping) - value.dim())
+        target_dim = mapping[aligned] if 0 <= aligned < len(mapping) else None
+        if target_dim is None or not full[target_dim] or target.shape[target_dim] != value.shape[value_layout.dim]:
+            return Untrusted("x[index] = value writes batch rows across the batch dimension")
+        candidate = value_layout._replace(dim=target_dim)
+        if before is None or _same_rows(before, candidate):
+            return candidate
+        return Untrusted("x[index] = value combines rows of different examples")
 
     def _check_interaction(self, func, name: str, args, kwargs, batched: list) -> None:
         if func in _BATCH_NORMS:
@@ -738,6 +980,36 @@ class Tracer(TorchFunctionMode):
         if full or (dims is not None and layout.dim in dims):
             if tensor.is_floating_point() or tensor.is_complex():
                 self.interact(f"{name} reduces over the batch dimension")
+
+
+def _same_rows(a: Layout, b: Layout) -> bool:
+    return a.dim == b.dim and a.group == b.group and a.pos == b.pos and a.order is b.order
+
+
+def _basic_view_dims(items: list, shape: tuple) -> tuple:
+    """For a basic index (ints, slices, ``None``, ``...``) of a tensor of ``shape``: ``(mapping, full)``,
+    ``mapping[j]`` the tensor dim behind view dim ``j`` (``None`` for an inserted dim) and ``full[d]``
+    whether dim ``d`` is indexed whole."""
+    consumed = sum(1 for item in items if item is not None and item is not Ellipsis)
+    expanded: list = []
+    for item in items:
+        expanded.extend([slice(None)] * (len(shape) - consumed) if item is Ellipsis else [item])
+    expanded.extend([slice(None)] * (len(shape) - sum(1 for item in expanded if item is not None)))
+    mapping: list = []
+    full: dict = {}
+    dim = 0
+    for item in expanded:
+        if item is None:
+            mapping.append(None)
+            continue
+        if isinstance(item, slice):
+            mapping.append(dim)
+            full[dim] = item.step in (None, 1) and item.start in (None, 0) and (
+                item.stop is None or (isinstance(item.stop, int) and item.stop >= shape[dim]))
+        else:
+            full[dim] = False
+        dim += 1
+    return mapping, full
 
 
 def _is_permuted_view(tensor: torch.Tensor, base: torch.Tensor, order: list) -> bool:

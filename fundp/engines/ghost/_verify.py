@@ -20,7 +20,13 @@ It runs eagerly (outside any ``torch.compile`` graph) and checks two things:
 Cost: one forward and backward of the batch plus two of a single example — about one
 non-private step, once per input signature.  Tolerances (relative to the global gradient norm):
 ``1e-7`` in float64, ``1e-3`` in float32, ``5e-2`` when the parameters are 16-bit or autocast is on.
-With ``randomness="different"`` (dropout) only check 1 runs, with the same keyed draws.
+With ``randomness="different"`` (dropout) only check 1 runs, with the same keyed draws; rows left
+out (masked, non-finite) are replaced by a copy of a kept row, so that the batch keeps its shape and
+its draws.  A signature is recorded as verified only when something was checked.
+
+When ``loss_fn`` reads a Python value from batch data (``int(lengths.max())``, ``.item()``,
+``bool(mask.any())``: the tracer's ``data_dependent``), every call is verified, and check 2 also
+compares the batched losses of up to 16 random examples alone and of two random halves of the batch.
 """
 
 from __future__ import annotations
@@ -97,9 +103,18 @@ def verify_engine(
     has_aux: bool,
     randomness: str,
     rng: Callable,
-) -> None:
+    thorough: bool = False,
+    seed: int = 0,
+) -> bool:
     """Raises :class:`GhostVerificationError` (or :class:`ExamplesInteractError`) when the engine's
-    per-example gradients are not those of single examples."""
+    per-example gradients are not those of single examples.
+
+    Returns whether anything was checked (``False`` only when no example has a finite loss and
+    gradient): a signature is recorded as verified only then.  ``thorough`` (``loss_fn`` read a
+    Python value from the batch, so each call may compute differently): the losses of up to 16
+    examples run alone (drawn with ``seed``) and of the two halves of the batch must equal the
+    batched losses as well.
+    """
     size = losses.shape[0]
     total = torch.zeros(size, dtype=torch.float64, device=losses.device)
     sq_norms = [_plain(sq) for sq in sq_norms]
@@ -107,7 +122,7 @@ def verify_engine(
         total = total + sq
     keep = torch.isfinite(total) & torch.isfinite(losses.double())
     if not bool(keep.any()):
-        return
+        return False
     tol = tolerance(leaves)
     generator = torch.Generator().manual_seed(20261129)
     weights_cpu = 0.5 + torch.rand(size, generator=generator, dtype=torch.float64)
@@ -117,9 +132,13 @@ def verify_engine(
     rows = keep.nonzero().flatten()
     all_rows = bool(keep.all())
     if randomness != "error" and not all_rows:
-        return  # the keyed draws depend on the batch shape: a sub-batch would see other draws
-    sub_batch = batch if all_rows else _take(batch, rows)
-    sub_weights = weights if all_rows else weights.index_select(0, rows)
+        # The keyed draws depend on the batch shape: a sub-batch would see other draws.  Instead the
+        # rows left out are replaced by a copy of a kept row (same shape, same draws) with weight 0.
+        source = torch.where(keep, torch.arange(size, device=keep.device), rows[0])
+        sub_batch, sub_weights = _take(batch, source), weights
+    else:
+        sub_batch = batch if all_rows else _take(batch, rows)
+        sub_weights = weights if all_rows else weights.index_select(0, rows)
     with torch.enable_grad(), rng(key, sub_batch, randomness):
         out = loss_fn(optree.tree_unflatten(treespec, proxies), sub_batch)
         sub_losses = out[0] if has_aux else out
@@ -140,7 +159,9 @@ def verify_engine(
                 "(code the tracer cannot see, examples reordered, or examples that interact). "
                 "Use grad_method='vmap', or report the model.")
     if randomness != "error":
-        return
+        return True
+    if thorough:
+        _check_losses_alone(loss_fn, proxies, treespec, batch, losses, rows, has_aux, tol, seed)
     checked = [int(rows[0])] + ([int(rows[-1])] if rows.numel() > 1 else [])
     for row in checked:
         one = _take(batch, torch.tensor([row]))
@@ -163,3 +184,30 @@ def verify_engine(
                     f"the ghost engine's per-example norm of {names[i]} for example {row} is {math.sqrt(max(got, 0)):.6g}, "
                     f"but the example alone gives {math.sqrt(true_sq[i]):.6g} (tolerance {tol:g} of the global norm "
                     f"{math.sqrt(global_sq):.6g}). Use grad_method='vmap', or report the model.")
+    return True
+
+
+def _check_losses_alone(loss_fn, proxies, treespec, batch, losses, rows, has_aux, tol, seed) -> None:
+    """The batched losses of up to 16 kept examples (drawn at random) and of each half of the kept
+    rows (split at random) must equal their losses alone / in the half: a loss that depends on other
+    examples through a Python value read from the batch (``int(lengths.max())``) differs."""
+    generator = torch.Generator().manual_seed(20261206 + seed)
+    shuffled = rows.cpu()[torch.randperm(rows.numel(), generator=generator)].to(rows.device)
+    groups = [shuffled[i:i + 1] for i in range(min(16, shuffled.numel()))]
+    if shuffled.numel() >= 4:
+        half = shuffled.numel() // 2
+        groups += [shuffled[:half].sort().values, shuffled[half:].sort().values]
+    params = optree.tree_unflatten(treespec, [p.detach() if isinstance(p, torch.Tensor) else p for p in proxies])
+    for group in groups:
+        with torch.no_grad():
+            out = loss_fn(params, _take(batch, group))
+        alone = (out[0] if has_aux else out).detach().double().reshape(-1)
+        batched = losses.double().index_select(0, group)
+        if alone.shape != batched.shape or bool(((alone - batched).abs() > tol * (alone.abs() + 1e-12) + 1e-12).any()):
+            which = f"example {int(group[0])}" if group.numel() == 1 else f"{group.numel()} examples"
+            raise ExamplesInteractError(
+                f"the losses of {which} differ in the batch and alone ({batched.tolist()[:4]} vs {alone.tolist()[:4]}): "
+                "loss_fn reads a Python value from the batch (int(), .item(), bool(), .tolist()) and computes "
+                "differently for other examples, so the examples of a batch interact and per-example gradients "
+                "(DP-SGD's guarantee) do not apply. Compute such values per example, or with tensor ops only.")
+
