@@ -162,3 +162,45 @@ def test_tied_table_whose_lookups_cancel_its_output_use_is_exact(dtype, magnitud
             grad[ids[i, s]] += id_rows[i, s].double()
         exact.append(grad.square().sum())
     torch.testing.assert_close((norm.scale.double() ** 2) * norm.scaled.double(), torch.stack(exact), rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------ compilation cannot change the answer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("graph_break", ["print", "item", "branch"])
+def test_graph_break_in_loss_fn_under_fundp_compile_is_exact_on_every_call(graph_break, capsys):
+    """A ``print``, an ``.item()`` for logging or a data-dependent branch in ``loss_fn`` breaks the
+    graph; the probes' gradients then come back ``None`` inside the compiled step.  They must never
+    become zeros: every call equals micro-batching (the engine runs outside the graph)."""
+    import torch._dynamo
+
+    from fundp.testing import reference_step
+
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(3, 4, generator=g, dtype=torch.float64),
+              "v": torch.randn(2, 3, generator=g, dtype=torch.float64)}
+
+    def loss_fn(p, b):
+        h = torch.tanh(F.linear(b["x"], p["w"]))
+        if graph_break == "print":
+            print("logging from loss_fn")
+        elif graph_break == "item":
+            float(p["w"].sum().item())
+        elif (b["m"] == 0).any():
+            h = h * 1.0
+        return F.cross_entropy(F.linear(h, p["v"]), b["y"], reduction="none")
+
+    torch._dynamo.reset()
+    step = fundp.dp_step(loss_fn, max_norm=0.5, noise_multiplier=0.0, expected_batch_size=6)
+    fast = fundp.compile(step, backend="aot_eager")  # AOT graphs hide the probes from eager autograd
+    for seed in range(3):
+        gg = torch.Generator().manual_seed(seed + 10)
+        batch = {"x": torch.randn(6, 4, generator=gg, dtype=torch.float64), "y": torch.randint(0, 2, (6,), generator=gg),
+                 "m": torch.randint(0, 2, (6,), generator=gg)}
+        out = fast(params, batch, fundp.random.key(seed))
+        ref = reference_step(loss_fn, params, batch, max_norm=0.5, expected_batch_size=6)
+        torch.testing.assert_close(out.norms, ref.norms, rtol=1e-10, atol=0)
+        for name in params:
+            torch.testing.assert_close(out.grads[name], ref.grads[name], rtol=1e-10, atol=1e-12)
+    torch._dynamo.reset()

@@ -253,6 +253,13 @@ def make_ghost_engine(
         if tracer.probes or watched:
             raw = torch.autograd.grad(losses, tracer.probes + [proxies[i] for i in watched],
                                       grad_outputs=torch.ones_like(losses), allow_unused=True, retain_graph=False)
+            if is_compiling() and any(g is None for g in raw[:len(tracer.probes)]):
+                # Under torch.compile a probe's gradient is None when a graph break in loss_fn (a
+                # print, an .item(), a data-dependent branch) put the probe in a graph compiled
+                # apart (its autograd hidden from this one), and also when the probe truly does
+                # not reach the loss: the two cannot be told apart here, and zeros would silently
+                # zero the norms.  The engine runs again outside the graph instead (exact).
+                return outside_graph(params, batch, key)
             grads = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if g is None else g
                      for p, g in zip(tracer.probes, raw)]
             unseen = {i: UNSEEN for i, g in zip(watched, raw[len(tracer.probes):]) if g is not None}
