@@ -204,3 +204,91 @@ def test_graph_break_in_loss_fn_under_fundp_compile_is_exact_on_every_call(graph
         for name in params:
             torch.testing.assert_close(out.grads[name], ref.grads[name], rtol=1e-10, atol=1e-12)
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ parameters the engine must refuse or handle
+
+
+@pytest.mark.parametrize("alias", ["same", "view", "transposed_view"])
+@pytest.mark.parametrize("grad_method", ["ghost", "auto"])
+def test_aliased_parameters_are_refused(alias, grad_method):
+    w = torch.randn(3, 4)
+    other = {"same": w, "view": w[1:], "transposed_view": w.T}[alias]
+
+    def loss_fn(p, b):
+        return F.linear(b, p["a"]).sum(dim=1) + (F.linear(b, p["b"].T) if alias == "transposed_view"
+                                                 else F.linear(b, p["b"])).sum(dim=1)
+
+    f = fundp.clipped_grad_sum(loss_fn, max_norm=1.0, grad_method=grad_method)
+    with pytest.raises(ValueError, match=r"params\['a'\] and params\['b'\] share memory"):
+        f({"a": w, "b": other}, torch.randn(5, 4))
+    f({"a": w, "b": other.clone()}, torch.randn(5, 4))  # independent copies are fine
+
+
+def test_disjoint_views_of_one_storage_are_not_aliases():
+    from fundp._validate import check_params
+
+    storage = torch.randn(10)
+    check_params({"a": storage[:4], "b": storage[4:]})
+    with pytest.raises(ValueError, match="share memory"):
+        check_params({"a": storage[:5], "b": storage[4:]})
+
+
+@pytest.mark.parametrize("grad_method", ["ghost", "auto"])
+def test_complex_parameters_are_refused(grad_method):
+    f = fundp.clipped_grad_sum(lambda p, b: (b.to(torch.cfloat) @ p["c"]).abs(), max_norm=1.0, grad_method=grad_method)
+    with pytest.raises(ValueError, match=r"params\['c'\] is complex"):
+        f({"c": torch.randn(4, dtype=torch.cfloat)}, torch.randn(5, 4))
+
+
+def exact_clipped_sum(loss_fn, params, batch, max_norm=1.0):
+    grads, _, _ = micro_batch_grads(loss_fn, params, batch)
+    rows = flat(grads)
+    factors = torch.clamp(max_norm / rows.norm(dim=1), max=1.0)
+    return rows.norm(dim=1), (factors.unsqueeze(1) * rows).sum(dim=0)
+
+
+def test_one_dimensional_linear_weight_is_refused_clearly_by_ghost_and_exact_in_auto():
+    params, x = {"w": torch.randn(4, dtype=torch.float64)}, torch.randn(5, 4, dtype=torch.float64)
+
+    def loss_fn(p, b):
+        return torch.tanh(F.linear(b, p["w"]))
+
+    with pytest.raises(fundp.engines.ghost.GhostUnsupportedError, match=r"params\['w'\].*grad_method='auto'"):
+        fundp.clipped_grad_sum(loss_fn, max_norm=1.0, grad_method="ghost")(params, x)
+    out = fundp.clipped_grad_sum(loss_fn, max_norm=1.0, grad_method="auto")(params, x)
+    norms, expected = exact_clipped_sum(loss_fn, params, x)
+    torch.testing.assert_close(out.norms, norms, rtol=1e-10, atol=0)
+    torch.testing.assert_close(out.grads["w"], expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad_method", ["ghost", "auto"])
+def test_embedding_with_max_norm_is_refused_with_what_to_do(grad_method):
+    emb = torch.nn.Embedding(6, 3, max_norm=1.0)
+    params = {k: v.detach().clone() for k, v in emb.named_parameters()}
+    before = params["weight"].clone()
+
+    def loss_fn(p, b):
+        return torch.func.functional_call(emb, p, (b,)).sum(dim=(1, 2))
+
+    with pytest.raises(fundp.engines.ghost.GhostUnsupportedError, match=r"max_norm.*renormalise the table after"):
+        fundp.clipped_grad_sum(loss_fn, max_norm=1.0, grad_method=grad_method)(params, torch.randint(0, 6, (5, 2)))
+    assert torch.equal(params["weight"], before)  # the user's table was not renormalised in place
+
+
+def test_lstm_is_refused_by_ghost_naming_it_and_exact_in_auto():
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(4, 3, batch_first=True)  # (float64 LSTMs fail under torch vmap itself)
+    params = {k: v.detach().clone() for k, v in lstm.named_parameters()}
+    x = torch.randn(5, 2, 4)
+
+    def loss_fn(p, b):
+        return torch.func.functional_call(lstm, p, (b,))[0].sum(dim=(1, 2))
+
+    with pytest.raises(fundp.engines.ghost.GhostUnsupportedError, match=r"lstm.*grad_method='auto'"):
+        fundp.clipped_grad_sum(loss_fn, max_norm=1.0, grad_method="ghost")(params, x)
+    out = fundp.clipped_grad_sum(loss_fn, max_norm=1.0, grad_method="auto")(params, x)
+    norms, expected = exact_clipped_sum(loss_fn, params, x)
+    torch.testing.assert_close(out.norms.double(), norms, rtol=1e-5, atol=0)
+    got = flat({k: v.unsqueeze(0) for k, v in out.grads.items()})[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)

@@ -8,7 +8,7 @@ import optree
 import torch
 
 from fundp import random as fundp_random
-from fundp._validate import check_batch
+from fundp._validate import check_batch, check_params
 from fundp.engines.base import EngineOutput
 from fundp.engines.ghost import attention, broadcast, conv, embedding, linear, norms  # noqa: F401  (register rules)
 from fundp.engines.ghost._index import is_compiling
@@ -309,6 +309,8 @@ def make_ghost_engine(
     outside_graph = torch.compiler.disable(engine)
 
     def dispatch(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
+        if not is_compiling():  # (fundp.compile runs each signature's first call eagerly)
+            check_params(params)
         if is_compiling() and not _autograd_ops_traced():
             return outside_graph(params, batch, key)
         return engine(params, batch, key)
