@@ -26,6 +26,7 @@ __all__ = [
     "check_batch",
     "check_mask",
     "batch_size",
+    "check_params",
 ]
 
 
@@ -147,3 +148,58 @@ def check_mask(mask: Any, size: int) -> None:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (size,):
         got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask must be a bool tensor of shape [B] = [{size}], got {got}")
+
+
+def _byte_range(tensor: torch.Tensor) -> tuple[int, int, int]:
+    """``(storage address, first byte, one past the last byte)`` that ``tensor`` can read."""
+    size = tensor.element_size()
+    low = high = tensor.storage_offset()
+    for length, stride in zip(tensor.shape, tensor.stride()):
+        if length == 0:
+            return tensor.untyped_storage().data_ptr(), 0, 0
+        if stride >= 0:
+            high += (length - 1) * stride
+        else:
+            low += (length - 1) * stride
+    return tensor.untyped_storage().data_ptr(), low * size, (high + 1) * size
+
+
+def check_params(params: Any, name: str = "params") -> None:
+    """Refuses parameters that per-example gradients cannot treat as independent leaves.
+
+    * two leaves sharing memory (``{"a": W, "b": W}``, or ``W`` and a view of it): the model's
+      real parameter receives both leaves' gradients, so per-example norms taken leaf by leaf
+      miss the cross terms and clipping does not bound an example's contribution;
+    * complex leaves: the engines clip real gradients (a complex one would lose its imaginary
+      part or be clipped with the wrong norm).
+
+    Example:
+      >>> import torch
+      >>> from fundp._validate import check_params
+      >>> w = torch.zeros(2, 2)
+      >>> check_params({"a": w, "b": w.clone()})
+      >>> check_params({"a": w, "b": w[0]})
+      Traceback (most recent call last):
+      ...
+      ValueError: params['a'] and params['b'] share memory (the same tensor or views of one): ...
+    """
+    paths = optree.tree_paths(params)
+    leaves = optree.tree_leaves(params)
+    names = [name + "".join(f"[{p!r}]" for p in path) for path in paths]
+    seen: list = []
+    for leaf_name, leaf in zip(names, leaves):
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        if leaf.is_complex():
+            raise ValueError(f"{leaf_name} is complex ({leaf.dtype}): fundp clips real gradients; write the parameter "
+                             "as two real tensors (real and imaginary parts) and build the complex value in loss_fn")
+        if leaf.device.type == "meta" or leaf.numel() == 0:
+            continue
+        address, low, high = _byte_range(leaf)
+        for other_name, (other_address, other_low, other_high) in seen:
+            if address == other_address and low < other_high and other_low < high:
+                raise ValueError(
+                    f"{other_name} and {leaf_name} share memory (the same tensor or views of one): their per-example "
+                    "gradients would be clipped apart although they update one parameter. Pass the tensor once and "
+                    "reuse it inside loss_fn (weight tying is handled exactly), or pass independent copies")
+        seen.append((leaf_name, (address, low, high)))

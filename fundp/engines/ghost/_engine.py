@@ -8,7 +8,7 @@ import optree
 import torch
 
 from fundp import random as fundp_random
-from fundp._validate import check_batch
+from fundp._validate import check_batch, check_params
 from fundp.engines.base import EngineOutput
 from fundp.engines.ghost import attention, broadcast, conv, embedding, linear, norms  # noqa: F401  (register rules)
 from fundp.engines.ghost._index import is_compiling
@@ -259,6 +259,13 @@ def make_ghost_engine(
         if tracer.probes or watched:
             raw = torch.autograd.grad(losses, tracer.probes + [proxies[i] for i in watched],
                                       grad_outputs=torch.ones_like(losses), allow_unused=True, retain_graph=False)
+            if is_compiling() and any(g is None for g in raw[:len(tracer.probes)]):
+                # Under torch.compile a probe's gradient is None when a graph break in loss_fn (a
+                # print, an .item(), a data-dependent branch) put the probe in a graph compiled
+                # apart (its autograd hidden from this one), and also when the probe truly does
+                # not reach the loss: the two cannot be told apart here, and zeros would silently
+                # zero the norms.  The engine runs again outside the graph instead (exact).
+                return outside_graph(params, batch, key)
             grads = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if g is None else g
                      for p, g in zip(tracer.probes, raw)]
             unseen = {i: UNSEEN for i, g in zip(watched, raw[len(tracer.probes):]) if g is not None}
@@ -311,6 +318,8 @@ def make_ghost_engine(
     outside_graph = torch.compiler.disable(engine)
 
     def dispatch(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
+        if not is_compiling():  # (fundp.compile runs each signature's first call eagerly)
+            check_params(params)
         if is_compiling() and not _autograd_ops_traced():
             return outside_graph(params, batch, key)
         return engine(params, batch, key)

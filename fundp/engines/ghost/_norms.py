@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from fundp.clipping import ScaledSqNorm, norm_dtype, normalised_rows, scaled_sq_norm, usable_scales
-from fundp.engines.ghost._index import IdentityMap
+from fundp.engines.ghost._index import IdentityMap, is_compiling
 from fundp.engines.ghost._uses import Factor, Ids, Rows, materialise
 
-__all__ = ["LeafGrads", "RowsLeaf", "Shared", "leaf_sq_norms"]
+__all__ = ["LeafGrads", "RowsLeaf", "Shared", "full_precision", "leaf_sq_norms"]
 
 
 def _keep_rows(factors: torch.Tensor, tensor: torch.Tensor, scale: bool) -> torch.Tensor:
@@ -93,23 +93,195 @@ class Shared:
         return found
 
 
+# --------------------------------------------------------------------------- rounding-error bounds
+#
+# The ghost form ``N = sum_{s,t} P_st Q_st`` (``P = L L^T``, ``Q = R R^T`` of one example's
+# ``L [T, p]``, ``R [T, d]``) cancels catastrophically when the gradient ``L^T R`` is small next to
+# its terms (tokens ``+-M v``: ``P_st ~ M^2``, ``N ~ 1``).  Every ghost-form norm therefore carries
+# a bound ``E`` with ``|N_computed - N| <= E`` computed from the same Grams; an example whose
+# ``N_computed <= MARGIN * E`` (near zero, negative, or not known to ``1 / MARGIN``) is recomputed
+# in the materialised form ``||L^T R||^2`` (:func:`_materialised_sq_norm`), which has no such
+# cancellation (its error is that of the per-example gradient itself, as in micro-batching).
+#
+# The bound (standard error analysis, Higham, *Accuracy and Stability*, 2nd ed., §3.1): with ``u``
+# the unit round-off of the accumulation dtype, a computed dot product of length ``n`` has error
+# ``<= gamma_n sum_k |x_k y_k|``, ``gamma_n = n u / (1 - n u)``, in any summation order (BLAS
+# blocking included).  With ``l_s = ||L_s||``, ``r_s = ||R_s||`` (the Grams' diagonals):
+#
+#   |P^_st - P_st| <= e_p l_s l_t,   |Q^_st - Q_st| <= e_d r_s r_t    (Cauchy-Schwarz),
+#   |sum P^Q^ - sum PQ| <= e_p sum l_s l_t |Q^_st| + e_d sum |P^_st| r_s r_t + e_p e_d (sum_s l_s r_s)^2,
+#
+# and the final sum (products, ``T`` additions per row in the dtype, the rows added in float64,
+# one rounding back) adds ``<= (2 T + 2) u sum |P^_st Q^_st|``.  ``e_n = n u + 2 u_in`` where
+# ``u_in`` is the rounding of a matmul's inputs (TF32 / bf16 matmuls of float32 on CUDA, else 0).
+# The factor ``SLACK = 2`` covers ``gamma_n <= 1.07 n u`` (for ``n u <= 1/16``, which
+# :func:`_bound_is_useful` requires or the norm is materialised), the Grams' diagonals being
+# computed rather than exact, and the rounding of the bound itself.  Cost: ``O(B T^2)``
+# element-wise work on Grams already computed, ``O(B)`` reductions.
+#
+# Guarantee: an example that is not recomputed has ``E < N_computed / MARGIN``, so its true
+# squared norm is at most ``(1 + 1 / MARGIN)`` times the computed one: clipped to ``C``, it
+# contributes at most ``sqrt(1 + 1 / MARGIN) C = 1.03 C`` in the worst case allowed by
+# floating point (in practice ``C (1 + O(u))``: the bound is a worst case, typically 10^2-10^4
+# times the actual error).
+
+SLACK = 2.0
+MARGIN = 16.0
+
+
+def _round_offs(x: torch.Tensor) -> tuple[float, float]:
+    """``(u, u_in)``: unit round-off of ``x``'s dtype and of the inputs of a matmul on ``x``.
+
+    Example:
+      >>> import torch
+      >>> from fundp.engines.ghost._norms import _round_offs
+      >>> _round_offs(torch.zeros(1, dtype=torch.float64))
+      (1.1102230246251565e-16, 0.0)
+    """
+    u = torch.finfo(x.dtype).eps / 2
+    u_in = 0.0
+    if x.dtype == torch.float32 and x.device.type == "cuda":
+        precision = torch.get_float32_matmul_precision()
+        if precision == "medium":
+            u_in = 2.0**-8  # bfloat16 inputs
+        elif precision == "high" or torch.backends.cuda.matmul.allow_tf32:
+            u_in = 2.0**-11  # TF32 inputs (bf16x3 is finer)
+    return u, u_in
+
+
+def _bound_is_useful(*lengths: int, dtype: torch.dtype) -> bool:
+    """The bound's first-order analysis needs ``n u <= 1/16`` for every dot-product length ``n``."""
+    return max(lengths) * (torch.finfo(dtype).eps / 2) <= 1 / 16
+
+
+def _rows_sum(prod: torch.Tensor) -> torch.Tensor:
+    """``sum_{s,t} prod[b, s, t]``: rows summed in ``prod``'s dtype, then across rows in float64."""
+    return prod.sum(dim=2).sum(dim=1, dtype=torch.float64).to(prod.dtype)
+
+
+def _ghost_sq_norm(left: torch.Tensor, right: torch.Tensor, shared: "Shared") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, E)``: the ghost form ``N_i = sum_{s,t} (L_i L_i^T)_st (R_i R_i^T)_st`` and its error bound.
+
+    Example:
+      >>> import torch
+      >>> from fundp.engines.ghost._norms import Shared, _ghost_sq_norm
+      >>> left, right = torch.ones(1, 2, 3), torch.tensor([[[1.0, 0.0], [-1.0, 1e-4]]])
+      >>> n, e = _ghost_sq_norm(left, right, Shared())  # ||L^T R||^2 = 3e-8: lost in float32
+      >>> bool(n <= e)
+      True
+    """
+    steps, height, width = left.shape[1], left.shape[2], right.shape[2]
+    gram_left, gram_right = shared.gram(left), shared.gram(right)
+    prod = gram_left * gram_right
+    total = _rows_sum(prod)
+    u, u_in = _round_offs(left)
+    e_left, e_right = height * u + 2 * u_in, width * u + 2 * u_in
+    norm_left = gram_left.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # [B, T]: l_s
+    norm_right = gram_right.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
+    ll_q = torch.einsum("bs,bst,bt->b", norm_left, gram_right.abs(), norm_left)
+    p_rr = torch.einsum("bs,bst,bt->b", norm_right, gram_left.abs(), norm_right)
+    cross = (norm_left * norm_right).sum(dim=1)
+    bound = SLACK * (e_left * ll_q + e_right * p_rr + e_left * e_right * cross.square()
+                     + (2 * steps + 2) * u * prod.abs().sum(dim=(1, 2)))
+    return total, bound
+
+
 def _factor_sq_norm(left: torch.Tensor, right: torch.Tensor, shared: Shared | None = None) -> torch.Tensor:
-    """``||left_i^T right_i||^2`` per example: ghost form if ``2 T^2 <= p d``, else materialised."""
+    """``||left_i^T right_i||^2`` per example, flagged examples recomputed (see :func:`_factor_sq_norm_bounded`)."""
+    total, bound = _factor_sq_norm_bounded(left, right, shared)
+    if bound is None:
+        return total
+    return _recompute_flagged(total, ~(total > MARGIN * bound), (left, right, None, None), left.shape[2])
+
+
+def _factor_sq_norm_bounded(left: torch.Tensor, right: torch.Tensor, shared: Shared | None = None) -> tuple[torch.Tensor, Any]:
+    """``(||left_i^T right_i||^2, E)`` per example: ghost form (with its error bound ``E``) if
+    ``2 T^2 <= p d``, else materialised (``E = None``: no cancellation beyond the gradient's own)."""
     steps, height, width = left.shape[1], left.shape[2], right.shape[2]
     if steps == 1:
-        return left.square().sum(dim=(1, 2)) * right.square().sum(dim=(1, 2))
-    if 2 * steps * steps <= width * height:
-        shared = shared or Shared()
-        return (shared.gram(left) * shared.gram(right)).sum(dim=(1, 2))
-    return torch.bmm(left.transpose(1, 2), right).square().sum(dim=(1, 2))
+        return left.square().sum(dim=(1, 2)) * right.square().sum(dim=(1, 2)), None
+    if 2 * steps * steps <= width * height and _bound_is_useful(height, width, 2 * steps + 2, dtype=left.dtype):
+        return _ghost_sq_norm(left, right, shared or Shared())
+    return _materialised_sq_norm(left, right), None
 
 
-def _cross_term(left: torch.Tensor, right: torch.Tensor, ids: torch.Tensor, id_rows: torch.Tensor) -> torch.Tensor:
-    """``2 <S_i, H_i>`` with ``S_i = sum_s onehot(ids_s)^T id_rows_s`` and ``H_i = left_i^T right_i``."""
+def _materialised_sq_norm(left: Any, right: Any, ids: Any = None, id_rows: Any = None, num_rows: int = 0) -> torch.Tensor:
+    """``||left_i^T right_i + sum_s onehot(ids_is)^T id_rows_is||^2`` per example, the gradient
+    materialised (``[chunk, p, d]`` at a time, at most ``2^24`` entries beyond one example)."""
+    source = left if left is not None else id_rows
+    size = source.shape[0]
+    height = left.shape[2] if left is not None else num_rows
+    width = right.shape[2] if right is not None else id_rows.shape[2]
+    chunk = max(1, (1 << 24) // max(1, height * width))
+    norms = []
+    for start in range(0, size, chunk):
+        stop = min(size, start + chunk)
+        if left is not None:
+            grads = torch.bmm(left[start:stop].transpose(1, 2), right[start:stop])
+        else:
+            grads = torch.zeros((stop - start, height, width), dtype=source.dtype, device=source.device)
+        if ids is not None:
+            rows = ids[start:stop] + height * torch.arange(stop - start, device=ids.device).unsqueeze(1)
+            grads = grads.reshape(-1, width).index_add(0, rows.reshape(-1), id_rows[start:stop].reshape(-1, width))
+            grads = grads.reshape(stop - start, height, width)
+        norms.append(_rows_sum(grads.square()))
+    return norms[0] if len(norms) == 1 else torch.cat(norms)
+
+
+def _recompute_flagged(total: torch.Tensor, flagged: torch.Tensor, parts: tuple, num_rows: int) -> torch.Tensor:
+    """``total`` with the ``flagged`` examples' squared norms recomputed materialised (only those).
+
+    Eagerly the flagged rows are picked out; under ``torch.compile`` (no data-dependent shapes)
+    a ``torch.cond`` runs the materialised form only when some example is flagged."""
+    if is_compiling():
+        def recompute(total, flagged, *parts):
+            return torch.where(flagged, _materialised_sq_norm(*_unpack(parts), num_rows=num_rows), total)
+
+        def keep(total, flagged, *parts):
+            return total.clone()
+
+        operands = tuple(t for t in parts if t is not None)
+        present = tuple(t is not None for t in parts)
+
+        def _unpack(tensors):
+            it = iter(tensors)
+            return tuple(next(it) if here else None for here in present)
+
+        return torch.cond(flagged.any(), recompute, keep, (total, flagged) + operands)
+    index = flagged.nonzero().squeeze(1)
+    if index.numel() == 0:
+        return total
+    picked = [None if t is None else t.index_select(0, index) for t in parts]
+    return total.index_put((index,), _materialised_sq_norm(*picked, num_rows=num_rows))
+
+
+def _cross_term(left: torch.Tensor, right: torch.Tensor, ids: torch.Tensor, id_rows: torch.Tensor) -> tuple:
+    """``(2 <S_i, H_i>, sum_{t,s} |left_i[t, ids_s]| ||right_it|| ||id_rows_is||)`` with
+    ``S_i = sum_s onehot(ids_s)^T id_rows_s`` and ``H_i = left_i^T right_i`` (the second: the
+    cross term's size, for its error bound)."""
     index = ids.unsqueeze(1).expand(-1, left.shape[1], -1)
     gathered = left.gather(2, index)  # [B, T_f, T_ids]: left_i[t, ids_s]
     inner = torch.bmm(right, id_rows.transpose(1, 2))  # [B, T_f, T_ids]
-    return 2 * (gathered * inner).sum(dim=(1, 2))
+    size = torch.einsum("bts,bt,bs->b", gathered.abs(), right.norm(dim=2), id_rows.norm(dim=2))
+    return 2 * _rows_sum(gathered * inner), size
+
+
+def _tied_bound(left: torch.Tensor, right: torch.Tensor, ids: torch.Tensor, id_rows: torch.Tensor,
+                cross_size: torch.Tensor) -> torch.Tensor:
+    """Error bound of ``||H||^2 + ||S||^2 + 2 <S, H>`` (a tied table: ``H = L^T R``, ``S`` the
+    lookups), which cancels when ``S ~ -H``.  Every part's error is bounded by the worst case
+    (Higham §3.1, ``e_n = n u + 2 u_in``) over its own size: ``||H||^2`` in any of its forms by
+    ``e_{2T + p + d + 4} (sum_t l_t r_t)^2`` (``||H^ - H|| <= gamma_T sum_t l_t r_t``, then the
+    squares summed per row and across rows in float64), ``||S||^2`` by
+    ``e_{2T' + d + 4} (sum_s rho_s)^2`` (``rho_s = ||id_rows_s||``), and the cross term by
+    ``2 e_{d + T + T' + 4} sum |L[t, ids_s]| r_t rho_s``; times ``SLACK`` as in the ghost bound."""
+    u, u_in = _round_offs(left)
+    steps, height, width, lookups = left.shape[1], left.shape[2], right.shape[2], ids.shape[1]
+    factor_size = (left.norm(dim=2) * right.norm(dim=2)).sum(dim=1).square()
+    ids_size = id_rows.norm(dim=2).sum(dim=1).square()
+    return SLACK * ((2 * steps + height + width + 4) * u * factor_size + (2 * lookups + width + 4) * u * ids_size
+                    + 2 * (width + steps + lookups + 4) * u * cross_size
+                    + 2 * u_in * (factor_size + ids_size + 2 * cross_size))
 
 
 def _ids_sq_norm(ids: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -119,7 +291,7 @@ def _ids_sq_norm(ids: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
     segment = (starts.cumsum(dim=1) - 1).unsqueeze(-1).expand_as(grads)
     sums = torch.zeros_like(grads).scatter_add_(1, segment, grads)
-    return sums.square().sum(dim=(1, 2))
+    return _rows_sum(sums.square())
 
 
 def _joined(tensors: list) -> Any:
@@ -177,21 +349,32 @@ class LeafGrads:
         scale = scales[0] if len(scales) == 1 else torch.maximum(scales[0], scales[1])
         usable, safe = usable_scales(scale)
         total: Any = None
+        bound: Any = None
         if left is not None:
             if id_rows is not None:  # both parts on the common scale
                 right = right * (scales[0] / safe).reshape(-1, 1, 1)
-            total = _factor_sq_norm(left, right, shared)
+            total, bound = _factor_sq_norm_bounded(left, right, shared)
         if id_rows is not None:
             id_rows = id_rows * (scales[-1] / safe).reshape(-1, 1, 1)
             part = _ids_sq_norm(self.ids, id_rows)
             total = part if total is None else total + part
             if left is not None:
-                total = total + _cross_term(left, right, self.ids, id_rows)
-        total = torch.where(usable, total.clamp_min(0), torch.zeros_like(total))
+                cross, size = _cross_term(left, right, self.ids, id_rows)
+                total = total + cross
+                bound = _tied_bound(left, right, self.ids, id_rows, size)
+        if bound is not None:
+            # Within the error bound of zero, negative, or not known to 1 / MARGIN: materialised.
+            flagged = usable & ~(total > MARGIN * bound)
+            total = _recompute_flagged(total, flagged, (left, right, self.ids, id_rows), self.leaf.shape[0])
+        total = torch.where(usable, total, torch.zeros_like(total))
         shared.release(*self.factor_tensors())
         return ScaledSqNorm(scale, total)
 
     def weighted_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        with full_precision(self.leaf.device):
+            return self._weighted_sum(factors)
+
+    def _weighted_sum(self, factors: torch.Tensor) -> torch.Tensor:
         dtype = self.leaf.dtype
         if self.kind == "rows":
             kept = _keep_rows(factors, self.rows, scale=True)
@@ -238,4 +421,21 @@ def leaf_sq_norms(handlers: list) -> list:
       tensor([5.0000e+00, 1.0000e+30])
     """
     shared = Shared(handlers)
-    return [None if handler is None else handler.sq_norms(shared) for handler in handlers]
+    devices = [h.leaf.device for h in handlers if isinstance(h, LeafGrads)]
+    with full_precision(devices[0] if devices else torch.device("cpu")):
+        return [None if handler is None else handler.sq_norms(shared) for handler in handlers]
+
+
+def full_precision(device: torch.device) -> Any:
+    """A context with autocast off on ``device``'s type: the norms and sums run in their own dtype
+    (float32 or float64, see :func:`~fundp.clipping.norm_dtype`), not in the user's autocast dtype,
+    so their error bounds hold with that dtype's unit round-off.
+
+    Example:
+      >>> import torch
+      >>> from fundp.engines.ghost._norms import full_precision
+      >>> with torch.autocast("cpu", dtype=torch.bfloat16), full_precision(torch.device("cpu")):
+      ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+      torch.float32
+    """
+    return torch.autocast(device.type, enabled=False)

@@ -31,6 +31,13 @@ def embedding_rule(tracer, func, args, kwargs):
     ids, weight = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight")
     padding_idx, max_norm = arg(args, kwargs, 2, "padding_idx"), arg(args, kwargs, 3, "max_norm")
     scale_grad_by_freq = arg(args, kwargs, 5, "scale_grad_by_freq", False)
+    if max_norm is not None and isinstance(weight, torch.Tensor) and tracer.origin(weight) is not None:
+        from fundp.engines.ghost._engine import GhostUnsupportedError  # (the engine imports this module)
+
+        raise GhostUnsupportedError(
+            "F.embedding(max_norm=...) (nn.Embedding(max_norm=...)) renormalises the table in place during the "
+            "forward, a write to the parameter that per-example gradients cannot follow (grad_method='vmap' cannot "
+            "either): drop max_norm and renormalise the table after each update instead (e.g. torch.renorm)")
     layout = tracer.trusted(ids)
     if layout is None or max_norm is not None or scale_grad_by_freq or tracer.layout(weight) is not None:
         return None

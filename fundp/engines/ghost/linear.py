@@ -47,6 +47,8 @@ def linear_rule(tracer, func, args, kwargs):
         return None
     if tracer.layout(weight) is not None or tracer.layout(bias) is not None:
         return None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None  # a 1-D weight (F.linear(x, w) = x @ w): no Factor form; the generic path takes it
     out = F.linear(x, _detach(weight), _detach(bias))
     tracer.set_layout(out, layout)
     out, index = tracer.probe(out)
