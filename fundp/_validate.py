@@ -161,7 +161,11 @@ def _byte_range(tensor: torch.Tensor) -> tuple[int, int, int]:
             high += (length - 1) * stride
         else:
             low += (length - 1) * stride
-    return tensor.untyped_storage().data_ptr(), low * size, (high + 1) * size
+    return tensor.untyped_storage().data_ptr(), int(low) * size, (int(high) + 1) * size
+
+
+class AliasedParametersError(ValueError):
+    """Two parameter leaves share memory: per-example clipping cannot treat them as independent."""
 
 
 def check_params(params: Any, name: str = "params") -> None:
@@ -191,14 +195,14 @@ def check_params(params: Any, name: str = "params") -> None:
         if not isinstance(leaf, torch.Tensor):
             continue
         if leaf.is_complex():
-            raise ValueError(f"{leaf_name} is complex ({leaf.dtype}): fundp clips real gradients; write the parameter "
+            raise TypeError(f"{leaf_name} is complex ({leaf.dtype}): fundp clips real gradients; write the parameter "
                              "as two real tensors (real and imaginary parts) and build the complex value in loss_fn")
         if leaf.device.type == "meta" or leaf.numel() == 0:
             continue
         address, low, high = _byte_range(leaf)
         for other_name, (other_address, other_low, other_high) in seen:
             if address == other_address and low < other_high and other_low < high:
-                raise ValueError(
+                raise AliasedParametersError(
                     f"{other_name} and {leaf_name} share memory (the same tensor or views of one): their per-example "
                     "gradients would be clipped apart although they update one parameter. Pass the tensor once and "
                     "reuse it inside loss_fn (weight tying is handled exactly), or pass independent copies")

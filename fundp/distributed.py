@@ -132,8 +132,8 @@ def all_reduce_clipped_sum(clipped: ClippedSum, group: Any = None, *, fingerprin
       >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rdv"), rank=0, world_size=1)
       >>> summed = fundp.clipped_grad_sum(lambda p, b: b @ p["w"], max_norm=1.0, grad_method="vmap")
       >>> clipped = summed({"w": torch.zeros(2)}, torch.eye(2), None, fundp.random.key(0))
-      >>> fundp.distributed.all_reduce_clipped_sum(clipped).grads["w"]
-      tensor([1., 1.])
+      >>> fundp.distributed.all_reduce_clipped_sum(clipped).grads["w"]  # clipped sums are float64
+      tensor([1., 1.], dtype=torch.float64)
       >>> dist.destroy_process_group()
     """
     leaves, treedef = optree.tree_flatten(clipped.grads)

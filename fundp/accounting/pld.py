@@ -667,6 +667,6 @@ def compose(
     log_finite = sum(count * math.log1p(-pld.infinity_mass) if pld.infinity_mass < 1 else -math.inf
                      for pld, count in plds)
     infinity_mass = -math.expm1(log_finite)
-    relative_error = math.expm1(min(total_steps * relative_error + 4 * _EPS * (abs(log_scale) + 8), 700.0))
+    composed_relative_error = math.expm1(min(float(total_steps * relative_error) + 4 * _EPS * (abs(log_scale) + 8), 700.0))
     return ComposedPLD(h, start, masses, tilt, log_scale, infinity_mass, missing, entry_error, mean, variance,
-                       relative_error)
+                       composed_relative_error)

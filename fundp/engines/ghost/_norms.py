@@ -251,8 +251,8 @@ def _recompute_flagged(total: torch.Tensor, flagged: torch.Tensor, parts: tuple,
     index = flagged.nonzero().squeeze(1)
     if index.numel() == 0:
         return total
-    picked = [None if t is None else t.index_select(0, index) for t in parts]
-    return total.index_put((index,), _materialised_sq_norm(*picked, num_rows=num_rows))
+    picked: list[Any] = [None if t is None else t.index_select(0, index) for t in parts]
+    return total.index_put((index,), _materialised_sq_norm(*picked, num_rows=num_rows))  # type: ignore[misc]
 
 
 def _cross_term(left: torch.Tensor, right: torch.Tensor, ids: torch.Tensor, id_rows: torch.Tensor) -> tuple:
