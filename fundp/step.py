@@ -200,7 +200,28 @@ def _param_dtypes(params: Any) -> tuple:
                 "only (the real part's norm would not bound the sensitivity). Keep complex weights as a real "
                 "parameter of shape [..., 2] and build them with torch.view_as_complex inside loss_fn"
             )
+    _refuse_aliased_params(params)
     return dtypes
+
+
+def _refuse_aliased_params(params: Any) -> None:
+    """Two leaves that share memory would be clipped apart although they update one tensor (the
+    sum of their gradients can exceed ``C``): refused for every engine.  Eagerly the byte ranges
+    are compared (views too); under ``torch.compile`` the identity check, which dynamo folds."""
+    from fundp._validate import AliasedParametersError, check_params
+
+    if not torch.compiler.is_compiling():
+        check_params(params)
+        return
+    leaves = optree.tree_leaves(params)
+    paths = optree.tree_paths(params)
+    for i, leaf in enumerate(leaves):
+        for j in range(i):
+            if leaves[j] is leaf:
+                raise AliasedParametersError(
+                    f"params{''.join(f'[{p!r}]' for p in paths[j])} and params{''.join(f'[{p!r}]' for p in paths[i])} "
+                    "share memory (the same tensor): their per-example gradients would be clipped apart although "
+                    "they update one parameter. Pass the tensor once and reuse it inside loss_fn")
 
 
 def _round_to(tree: Any, dtypes: Any) -> Any:
@@ -490,6 +511,10 @@ def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: A
         if not math.isclose(float(expected_batch_size), inner.expected_batch_size, rel_tol=1e-6):
             raise ValueError(f"expected_batch_size={expected_batch_size} but the batches have "
                              f"sample_rate * num_examples = {inner.expected_batch_size}")
+        warnings.warn(
+            "truncated Poisson batches: the ledger records the Poisson steps; report epsilon with "
+            "fundp.accounting.truncation.epsilon(ledger, delta, sampler), which adds the truncation "
+            "term (fundp.epsilon(ledger, delta) alone leaves it out)", UserWarning, stacklevel=3)
         return sample_rate, expected_batch_size, int(inner.max_batch_size), True
     if inner.sampling == "poisson":
         if sample_rate is None:
