@@ -22,6 +22,7 @@ from hypothesis import given, settings
 
 import fundp
 from fundp.testing.fuzz import (
+    FOUND_AND_FIXED,
     KNOWN_WRONG,
     MODES,
     OTHER_OPS,
@@ -113,3 +114,13 @@ def test_shrink_keeps_the_failure():
     spec = ProgramSpec(seed=1, body=("tanh", "cumsum_batch", "relu"), post="reweight", alias=True)
     small = shrink(spec, lambda s: "cumsum_batch" in s.body)
     assert small.body == ("cumsum_batch",) and small.post == "none" and not small.alias
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", sorted(FOUND_AND_FIXED))
+def test_every_class_the_fuzzer_found_stays_fixed(flag):
+    # The repro of each class the campaign found wrong on the engine of 2026-12-06 (before the
+    # default-deny tracer, the bounded Gram norms and the None-gradient fallback).
+    spec = eval(FOUND_AND_FIXED[flag], {"ProgramSpec": ProgramSpec})
+    outcome = run_program(spec)
+    assert outcome.status in ACCEPTABLE, str(outcome)
