@@ -188,12 +188,15 @@ def _check_params_given(params: Any, what: str) -> None:
 def apply_updates(params: Any, updates: Any) -> Any:
     """Returns ``params + updates`` leafwise (a new pytree; params are not modified).
 
+    The result is detached: it carries no autograd history, so a loop over parameters that
+    require grad (``dict(model.named_parameters())``) does not grow its graph by one node per step.
+
     Example:
       >>> import torch, fundp
       >>> fundp.optim.apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})["w"]
       tensor([1.5000, 0.0000])
     """
-    return optree.tree_map(lambda p, u: p + u.to(p.dtype), params, updates)
+    return optree.tree_map(lambda p, u: p.detach() + u.detach().to(p.dtype), params, updates)
 
 
 # --------------------------------------------------------------------------- schedules

@@ -78,3 +78,12 @@ def test_set_grads_on_a_module_and_errors():
         fundp.optim.sgd(-1.0)
     with pytest.raises(ValueError, match="nesterov"):
         fundp.optim.sgd(0.1, nesterov=True)
+
+
+def test_apply_updates_does_not_chain_autograd_history_over_steps():
+    # dict(model.named_parameters()) keeps requires_grad: the update must not link step t to t - 1.
+    params = {"w": torch.nn.Parameter(torch.ones(3))}
+    for _ in range(200):
+        params = fundp.optim.apply_updates(params, {"w": torch.full((3,), 0.01)})
+    assert params["w"].grad_fn is None and not params["w"].requires_grad
+    torch.testing.assert_close(params["w"], torch.full((3,), 3.0))
