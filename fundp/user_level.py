@@ -97,8 +97,12 @@ class UserBatches:
     ``(example_indices: LongTensor[P, k], example_mask: BoolTensor[P, k], user_mask: BoolTensor[P])``
     with ``P`` the number of sampled users rounded up to ``pad_to_multiple``; padded slots point at
     a real example of the same row (or example 0) and are masked.  Use ``sample_rate`` (of users)
-    for the ledger: the epsilon it reports is then user-level.
+    for the ledger: the epsilon it reports is then user-level.  ``dp_step(..., sampler=batches)``
+    reads the rate and ``expected_batch_size`` from it, with users as the privacy unit.
     """
+
+    # Poisson sampling whose units are users: what check_sampling_matches and dp_step read.
+    sampling = "poisson"
 
     def __init__(self, user_ids: Any, sample_rate: float, key: torch.Tensor, *, steps: int,
                  max_examples_per_user: int, pad_to_multiple: int = 8):
@@ -117,6 +121,11 @@ class UserBatches:
     @property
     def num_users(self) -> int:
         return int(self.users.numel())
+
+    @property
+    def num_examples(self) -> int:
+        """The number of privacy units sampled from: the users."""
+        return self.num_users
 
     @property
     def expected_batch_size(self) -> float:
@@ -213,9 +222,17 @@ def group_epsilon(ledger: Any, delta: float, group_size: int, *, accountant: str
     def excess(log_d: float) -> float:  # log(k e^{(k-1) eps(d)} d) - log(delta): increasing in d
         return math.log(k) + (k - 1) * epsilon(ledger, math.exp(log_d), accountant=accountant) + log_d - math.log(delta)
 
-    lo, hi = math.log(delta) - 40.0, math.log(delta) - math.log(k)
-    if excess(lo) > 0:
-        raise ValueError(f"no example-level delta makes a group of {group_size} ({delta}, ...)-DP: epsilon diverges")
+    hi = math.log(delta) - math.log(k)
+    lo = hi - 40.0
+    # The example-level delta can be tiny (the lemma multiplies it by k e^{(k-1) eps}): walk down
+    # in steps of e^-40 as far as 1e-300 before giving up.
+    while excess(lo) > 0:
+        if lo < math.log(1e-300):
+            raise ValueError(
+                f"the group-privacy conversion for a group of {group_size} at delta={delta} needs an "
+                "example-level delta below 1e-300: this ledger's group epsilon is too large to be useful"
+            )
+        hi, lo = lo, lo - 40.0
     log_d = optimize.brentq(excess, lo, hi, xtol=1e-10)
     # Round down to the side where the group's delta is <= delta.
     while excess(log_d) > 0:

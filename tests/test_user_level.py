@@ -55,14 +55,14 @@ def test_user_clipped_sum_equals_per_user_micro_batching(case, reduction, grad_m
     for t in range(2):
         indices, example_mask, user_mask = batches[t]
         step = fundp.dp_step(user_loss(loss_fn, reduction=reduction), max_norm=C, noise_multiplier=0.0,
-                             expected_batch_size=batches.expected_batch_size, grad_method=grad_method)
+                             sampler=batches, grad_method=grad_method)
         out = step(params, batches.gather(data, indices, example_mask), fundp.random.key(1), mask=user_mask)
         reference = per_user_reference(loss_fn, params, data, indices, example_mask, user_mask, reduction=reduction)
         for name in params:
             torch.testing.assert_close(out.grads[name], reference[name] / batches.expected_batch_size, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("name", ["MLP", "TinyAttention"])
+@pytest.mark.parametrize("name", ["MLP", "SmallCNN", "TinyAttention"])
 def test_ghost_engine_clips_users_exactly(name):
     _, params, loss_fn, data = next(c for c in small_cases() if c[0] == name)
     batches = user_batches(user_ids(30, 5), 1.0, fundp.random.key(4), steps=1, max_examples_per_user=4)
@@ -140,6 +140,21 @@ def test_sampler_statistics_and_fixed_shapes():
     assert shapes == {(100, 2)}                   # one shape for the whole run
 
 
+def test_dp_step_reads_the_user_sampler_and_refuses_another_rate():
+    batches = user_batches(user_ids(30, 7), 0.5, fundp.random.key(0), steps=1, max_examples_per_user=2, pad_to_multiple=4)
+    model = make(MLP)
+    params, loss_fn, data = params_of(model), classification_loss(model), data_for(model, 30)
+    step = fundp.dp_step(user_loss(loss_fn), max_norm=C, noise_multiplier=1.0, sampler=batches)
+    indices, example_mask, user_mask = batches[0]
+    out = step(params, batches.gather(data, indices, example_mask), fundp.random.key(1), mask=user_mask,
+               ledger=fundp.Ledger())
+    assert out.ledger.segments[0].sample_rate == 0.5  # the users' rate: user-level epsilon
+    with pytest.raises(ValueError, match="sample_rate"):
+        fundp.dp_step(user_loss(loss_fn), max_norm=C, noise_multiplier=1.0, sampler=batches, sample_rate=0.25)
+    with pytest.raises(ValueError, match="mask"):
+        step(params, batches.gather(data, indices, example_mask), fundp.random.key(2))
+
+
 def test_users_with_fewer_examples_are_padded_and_masked():
     ids = torch.tensor([5, 5, 5, 9, 2, 2])
     batches = user_batches(ids, 1.0, fundp.random.key(0), steps=1, max_examples_per_user=4, pad_to_multiple=4)
@@ -171,6 +186,17 @@ def test_group_epsilon_is_the_group_privacy_lemma():
     d = delta / (k * math.exp((k - 1) * eps_k / k))
     assert fundp.epsilon(ledger, d) == pytest.approx(eps_k / k, rel=1e-6)
     assert eps_k > k * fundp.epsilon(ledger, delta)  # group privacy costs more than k times
+
+
+def test_group_epsilon_reaches_far_below_delta_when_the_lemma_needs_it():
+    # Here the lemma's example-level delta lies below delta * e^-40 (the answer is large, not divergent).
+    ledger = fundp.accountant_step(fundp.Ledger(), noise_multiplier=1.5, sample_rate=0.25, steps=60)
+    k, delta = 4, 1e-5
+    eps_k = group_epsilon(ledger, delta, k)
+    d = delta / (k * math.exp((k - 1) * eps_k / k))
+    assert d < delta * math.exp(-40)
+    assert k * math.exp((k - 1) * fundp.epsilon(ledger, d)) * d <= delta * (1 + 1e-9)
+    assert fundp.epsilon(ledger, d) == pytest.approx(eps_k / k, rel=1e-6)
 
 
 def test_bad_arguments():

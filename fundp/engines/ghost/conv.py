@@ -54,7 +54,7 @@ def conv_rule(tracer, func, args, kwargs):
         output_padding = 0
     spatial = _CONV_DIMS[func]
     layout = tracer.trusted(x)
-    if layout is None or x.dim() != spatial + 2 or (tracer.batch_size > 1 and (layout.dim != 0 or len(layout.group) != 1)):
+    if layout is None or x.dim() != spatial + 2 or (tracer.batch_size > 1 and layout.dim != 0):
         return None
     if tracer.layout(weight) is not None or tracer.layout(bias) is not None:
         return None
@@ -82,9 +82,13 @@ def conv_rule(tracer, func, args, kwargs):
     tracer.set_layout(out, layout)
     out, index = tracer.probe(out)
     saved, frozen = x.detach(), weight.detach()
-    order = layout.order
+    order, group, pos = layout.order, tuple(int(size) for size in layout.group), layout.pos
 
     def reorder(rows):
+        # Rows of the flattened group (e.g. a user's k examples, [U k, ...]) belong to the example
+        # at index `pos` of the group: sum the others (the weight gradient is a sum over rows).
+        if len(group) > 1 and layout.dim == 0:
+            rows = rows.reshape(*group, *rows.shape[1:]).movedim(pos, 0).sum(dim=tuple(range(1, len(group))))
         return rows if order is None else rows.index_select(0, torch.argsort(order))
 
     if tracer.origin(weight) is not None:
