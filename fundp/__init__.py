@@ -12,6 +12,8 @@ The pieces are small pure functions that compose into the stateless ``dp_step`` 
 * :mod:`fundp.adaptive` (quantile clipping), :mod:`fundp.mf` (correlated / matrix-factorization
   noise) — stateful mechanisms whose state is a value passed in and returned;
 * :mod:`fundp.engines.ghost` — exact per-example norms from one backward (or a refusal);
+* :mod:`fundp.user_level` (user-level DP: clip each user's summed gradient, sample users),
+  :mod:`fundp.one_run_audit` (Steinke–Nasr–Jagielski auditing in one training run);
 * :mod:`fundp.testing` — reference checks and hypothesis strategies for your own mechanisms.
 """
 
@@ -24,7 +26,7 @@ from fundp.model_check import UnsupportedModuleError, check_model, functional_ca
 from fundp.noise import add_gaussian_noise, noise
 from fundp.step import ClippedSum, StepResult, accumulate, add_clipped_sums, clipped_grad_sum, dp_step, privatize, split_batch
 from fundp.types import Step
-from fundp import adaptive, data, datasets, distributed, loader, mf, sampling  # noqa: E402  (after step: they build on it)
+from fundp import adaptive, data, datasets, distributed, loader, mf, one_run_audit, sampling, user_level  # noqa: E402  (after step: they build on it)
 from fundp.train_state import TrainState, train_step
 
 from fundp.accounting import Ledger, accountant_step, calibrate_noise, delta, epsilon, max_steps
@@ -41,7 +43,9 @@ __all__ = [
     "add_gaussian_noise",
     "loader",
     "mf",
+    "one_run_audit",
     "sampling",
+    "user_level",
     "split_batch",
     "train_step",
     "types",

@@ -28,12 +28,15 @@ from fundp.sampling import (
     PoissonBatches,
     SamplingMismatchWarning,
     ShuffledBatches,
+    TruncatedPoissonBatches,
     _bernoulli_positions,
     check_sampling_matches,
     padded_size,
     poisson_batches,
     poisson_indices,
     shuffled_batches,
+    truncated_poisson_batches,
+    truncation_probability,
 )
 from fundp.step import dp_step, split_batch
 from fundp.types import Step
@@ -45,6 +48,9 @@ __all__ = [
     "padded_size",
     "ShuffledBatches",
     "shuffled_batches",
+    "TruncatedPoissonBatches",
+    "truncated_poisson_batches",
+    "truncation_probability",
     "PaddedRow",
     "PoissonBatchSampler",
     "MaskedDataset",
