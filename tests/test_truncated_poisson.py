@@ -173,7 +173,8 @@ def test_a_compiled_step_over_the_whole_run_compiles_one_graph():
         batches = truncated_poisson_batches(300, 0.1, fundp.random.key(0), max_batch_size=64, steps=40)
         assert len({int(mask.sum()) for _, mask in batches}) > 5  # batch sizes vary; the shape does not
         counter = torch._dynamo.testing.CompileCounter()
-        step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, sampler=batches, grad_method="vmap")
+        with pytest.warns(UserWarning, match="truncation.epsilon"):
+            step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, sampler=batches, grad_method="vmap")
         compiled = torch.compile(step, backend=counter)
         ledger = fundp.Ledger()
         for t, (indices, mask) in enumerate(batches):
