@@ -36,6 +36,7 @@ from typing import Any
 from fundp.accounting import _checks
 from fundp.accounting.accountants import delta as ledger_delta
 from fundp.accounting.accountants import epsilon as ledger_epsilon
+from fundp.accounting.calibrate import _bisect
 from fundp.accounting.calibrate import calibrate_noise as ledger_calibrate_noise
 from fundp.accounting.calibrate import max_steps as ledger_max_steps
 from fundp.accounting.ledger import Ledger, accountant_step
@@ -152,11 +153,5 @@ def max_steps(target_epsilon: float, delta: float, batches: Any, *, noise_multip
                             accountant=accountant, ledger=ledger) + 1
     if not certified(1):
         raise _unreachable(delta, per_step * (base.steps + 1), target)
-    low = 1  # certified; high is not (the untruncated budget is already exceeded there)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if certified(middle):
-            low = middle
-        else:
-            high = middle
-    return low
+    # 1 is certified; high is not (the untruncated budget is already exceeded there).
+    return _bisect(certified, 1, high)
