@@ -8,7 +8,7 @@ recompiles).  :func:`fundp.privatize` is the safe entry point, which derives the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import optree
 import torch
@@ -62,11 +62,15 @@ def noise_like(tree: Any, key: torch.Tensor, stddev: Any) -> Any:
     leaves, treedef = optree.tree_flatten(tree)
     if not leaves:
         return tree
-    samples = []
+    samples = [noise.to(dtype=leaf.dtype) for noise, leaf in zip(_scaled_chunks(leaves, key, stddev), leaves)]
+    return optree.tree_unflatten(treedef, samples)
+
+
+def _scaled_chunks(leaves: list, key: torch.Tensor, stddev: Any) -> Iterator[torch.Tensor]:
+    """``stddev * z`` per leaf, float64, on the leaf's device (``z``: :func:`standard_normal_chunks`)."""
     for chunk, leaf in zip(standard_normal_chunks(leaves, key), leaves):
         scale = stddev.to(device=chunk.device, dtype=torch.float64) if isinstance(stddev, torch.Tensor) else stddev
-        samples.append((chunk * scale).to(device=leaf.device, dtype=leaf.dtype))
-    return optree.tree_unflatten(treedef, samples)
+        yield (chunk * scale).to(leaf.device)
 
 
 def add_gaussian_noise(tree: Any, key: torch.Tensor, stddev: Any) -> Any:
@@ -89,11 +93,8 @@ def add_gaussian_noise(tree: Any, key: torch.Tensor, stddev: Any) -> Any:
     leaves, treedef = optree.tree_flatten(tree)
     if not leaves:
         return tree
-    out = []
-    for chunk, leaf in zip(standard_normal_chunks(leaves, key), leaves):
-        scale = stddev.to(device=chunk.device, dtype=torch.float64) if isinstance(stddev, torch.Tensor) else stddev
-        wide = leaf.to(torch.float64) + (chunk * scale).to(leaf.device)
-        out.append(wide.to(leaf.dtype))
+    # Added in float64, rounded once to the leaf's dtype.
+    out = [(leaf.to(torch.float64) + noise).to(leaf.dtype) for noise, leaf in zip(_scaled_chunks(leaves, key, stddev), leaves)]
     return optree.tree_unflatten(treedef, out)
 
 

@@ -570,6 +570,32 @@ def sampler_of(sampler: Any) -> Any:
     return sampler
 
 
+def _check_poisson_rate(inner: Any, sample_rate: float | None, expected_batch_size: float | None) -> float:
+    """Checks ``sample_rate`` (and ``expected_batch_size`` if given) against the rate of a
+    Poisson-type sampler ``inner`` (plain, truncated or over users); returns that rate."""
+    rate = float(inner.sample_rate)
+    if sample_rate is None:
+        raise ValueError(
+            f"the batches are Poisson-sampled with sample_rate={rate} but the step records no "
+            f"sample_rate: pass sample_rate={rate} (sampler.sample_rate)"
+        )
+    given = check_real("sample_rate", sample_rate)
+    if not math.isclose(given, rate, rel_tol=1e-12, abs_tol=0.0):
+        raise ValueError(
+            f"the step accounts sample_rate={given} but the batches are Poisson-sampled with "
+            f"sample_rate={rate}: the ledger would be wrong. Pass sample_rate=sampler.sample_rate"
+        )
+    if expected_batch_size is not None:
+        expected = rate * inner.num_examples
+        ebs = check_real("expected_batch_size", expected_batch_size)
+        if not math.isclose(ebs, expected, rel_tol=1e-6):
+            raise ValueError(
+                f"expected_batch_size={ebs} but the batches have sample_rate * num_examples = "
+                f"{rate} * {inner.num_examples} = {expected}"
+            )
+    return rate
+
+
 def check_sampling_matches(
     sampler: Any,
     sample_rate: float | None,
@@ -607,27 +633,7 @@ def check_sampling_matches(
     """
     inner = sampler_of(sampler)
     if inner.sampling == "poisson":
-        rate = float(inner.sample_rate)
-        if sample_rate is None:
-            raise ValueError(
-                f"the batches are Poisson-sampled with sample_rate={rate} but the step records no "
-                f"sample_rate: pass sample_rate={rate} (sampler.sample_rate)"
-            )
-        given = check_real("sample_rate", sample_rate)
-        if not math.isclose(given, rate, rel_tol=1e-12, abs_tol=0.0):
-            raise ValueError(
-                f"the step accounts sample_rate={given} but the batches are Poisson-sampled with "
-                f"sample_rate={rate}: the ledger would be wrong. Pass sample_rate=sampler.sample_rate"
-            )
-        if expected_batch_size is not None:
-            expected = rate * inner.num_examples
-            ebs = check_real("expected_batch_size", expected_batch_size)
-            if not math.isclose(ebs, expected, rel_tol=1e-6):
-                raise ValueError(
-                    f"expected_batch_size={ebs} but the batches have sample_rate * num_examples = "
-                    f"{rate} * {inner.num_examples} = {expected}"
-                )
-        return rate
+        return _check_poisson_rate(inner, sample_rate, expected_batch_size)
     if inner.sampling == "truncated_poisson":
         raise ValueError(
             "truncated Poisson batches add their truncation probability to delta, which a plain "

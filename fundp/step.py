@@ -501,16 +501,13 @@ def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: A
     if inner.sampling == "truncated_poisson":
         # One fixed shape; the ledger records the Poisson steps and the truncation term is added
         # by fundp.accounting.truncation (delta + (1 + e^eps) T p).
+        from fundp.sampling import _check_poisson_rate
+
         if sample_rate is None:
             sample_rate = inner.sample_rate
         if expected_batch_size is None:
             expected_batch_size = inner.expected_batch_size
-        if not math.isclose(float(sample_rate), inner.sample_rate, rel_tol=1e-12, abs_tol=0.0):
-            raise ValueError(f"the step accounts sample_rate={sample_rate} but the batches are sampled with "
-                             f"sample_rate={inner.sample_rate}: pass sample_rate=sampler.sample_rate")
-        if not math.isclose(float(expected_batch_size), inner.expected_batch_size, rel_tol=1e-6):
-            raise ValueError(f"expected_batch_size={expected_batch_size} but the batches have "
-                             f"sample_rate * num_examples = {inner.expected_batch_size}")
+        _check_poisson_rate(inner, sample_rate, expected_batch_size)
         warnings.warn(
             "truncated Poisson batches: the ledger records the Poisson steps; report epsilon with "
             "fundp.accounting.truncation.epsilon(ledger, delta, sampler), which adds the truncation "

@@ -49,3 +49,12 @@ def _new_key_scope():
 
     forget_keys()
     yield
+
+
+@pytest.fixture
+def float64_by_default():
+    """float64 for every tensor a test creates, restored afterwards (no global side effect)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

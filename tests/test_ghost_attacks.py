@@ -23,12 +23,7 @@ C = 0.05
 CLEAR = (ExamplesInteractError, GhostUnsupportedError, GhostVerificationError)
 
 
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")  # tests/conftest.py
 
 
 def mlp_params(seed=0):

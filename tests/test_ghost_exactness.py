@@ -20,13 +20,7 @@ from fundp.engines.ghost import ExamplesInteractError, GhostUnsupportedError, Gh
 B, T, D, V = 6, 5, 4, 7
 
 
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    # float64 for every tensor these tests create, restored afterwards (no global side effect).
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")  # tests/conftest.py
 
 
 def assert_exact(loss_fn, params, batch, style="flat", max_norm=0.3, grad_method="ghost", rel=1e-10, **kwargs):

@@ -8,14 +8,7 @@ import torch
 import fundp
 from fundp import guards
 
-LOSS = lambda p, b: (b @ p["w"]) ** 2  # noqa: E731
-PARAMS = {"w": torch.ones(2)}
-BATCH = torch.eye(2)
-
-
-def make_step(**kwargs):
-    kw = dict(max_norm=1.0, noise_multiplier=1.0, expected_batch_size=2.0, sample_rate=0.01, grad_method="vmap") | kwargs
-    return fundp.dp_step(LOSS, **kw)
+from tests.test_step_guards import BATCH, LOSS, PARAMS, make_step  # the same tiny step
 
 
 def test_a_consumed_ledger_is_refused_by_every_step_object():
