@@ -189,21 +189,26 @@ def check_params(params: Any, name: str = "params") -> None:
     """
     paths = optree.tree_paths(params)
     leaves = optree.tree_leaves(params)
-    names = [name + "".join(f"[{p!r}]" for p in path) for path in paths]
-    seen: list = []
-    for leaf_name, leaf in zip(names, leaves):
+
+    def leaf_name(index: int) -> str:  # formatted only for an error: this runs on every step
+        return name + "".join(f"[{p!r}]" for p in paths[index])
+
+    # Byte ranges seen so far, per storage: only leaves of one storage can overlap, so the usual
+    # case (every parameter its own storage) is linear in the number of leaves.
+    seen: dict[int, list[tuple[int, int, int]]] = {}
+    for index, leaf in enumerate(leaves):
         if not isinstance(leaf, torch.Tensor):
             continue
         if leaf.is_complex():
-            raise TypeError(f"{leaf_name} is complex ({leaf.dtype}): fundp clips real gradients; write the parameter "
+            raise TypeError(f"{leaf_name(index)} is complex ({leaf.dtype}): fundp clips real gradients; write the parameter "
                              "as two real tensors (real and imaginary parts) and build the complex value in loss_fn")
         if leaf.device.type == "meta" or leaf.numel() == 0:
             continue
         address, low, high = _byte_range(leaf)
-        for other_name, (other_address, other_low, other_high) in seen:
-            if address == other_address and low < other_high and other_low < high:
+        for other, other_low, other_high in seen.get(address, ()):
+            if low < other_high and other_low < high:
                 raise AliasedParametersError(
-                    f"{other_name} and {leaf_name} share memory (the same tensor or views of one): their per-example "
+                    f"{leaf_name(other)} and {leaf_name(index)} share memory (the same tensor or views of one): their per-example "
                     "gradients would be clipped apart although they update one parameter. Pass the tensor once and "
                     "reuse it inside loss_fn (weight tying is handled exactly), or pass independent copies")
-        seen.append((leaf_name, (address, low, high)))
+        seen.setdefault(address, []).append((index, low, high))
