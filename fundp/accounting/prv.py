@@ -40,6 +40,42 @@ RDP bound is used where it is smaller, with a warning.
 ``mu = sqrt(sum T / sigma^2)``; its profile is evaluated in closed form (log space, any epsilon)
 and nudged up by a relative ``1e-9`` against ``log_ndtr``'s round-off.
 
+**Lower bounds** (:func:`epsilon_bounds`, :func:`delta_bounds`; ``fundp.epsilon(..., bounds=True)``).
+For one adjacency direction, with ``S`` the composed loss (the sum of the steps' independent
+losses under ``P``),
+
+    delta(eps) = E[f(S)],    f(s) = (1 - e^{eps - s})_+,  f(+inf) = 1,  f(-inf) = 0,
+
+and ``f`` is non-decreasing.  Every approximation of the lower pass is *optimistic*:
+
+1. *Dominated steps.*  Each step's pair is replaced by a post-processing of it (merging the
+   outcomes of a grid cell, then a randomised mixing of neighbouring cells, see
+   :func:`~fundp.accounting.pld._merged_onto_grid`); post-processing is dominated (data processing)
+   and so is a composition of dominated pairs, so the composed ``E[f]`` can only drop.
+2. *Rounding down.*  Each output's loss is replaced by a grid loss at or below it, and the two
+   tails beyond the outer cells by ``-inf`` (dropped): every step's loss is then pointwise
+   smaller, hence so is ``S``, and ``f`` non-decreasing makes ``E[f(S)]`` smaller.
+3. *Wrap-around.*  The circular FFT moves mass from above the window's top to its bottom (a
+   smaller loss: ``f`` drops, but untilting amplifies the tilted weight by ``e^{tilt (l - l')}``)
+   and from below its start to its top (``f`` may rise; untilting damps it by ``e^{-tilt N h}``).
+   Chernoff bounds on both (evaluated with the same single-step PLDs) are *subtracted*
+   (:meth:`~fundp.accounting.pld.ComposedPLD.delta_lower`).
+4. *Round-off.*  Each computed entry is lowered by the provable per-entry bound of
+   :mod:`~fundp.accounting.pld` (``max(m - entry_error, 0)``, since true masses are ``>= 0``), and
+   the untilted masses divided by ``1 + relative_error``.
+
+So the lower pass's delta is below each direction's true delta, hence below the true delta (the
+larger of the two).  The true epsilon at ``delta`` is the larger of the directions' epsilons, and
+each direction's epsilon is at least ``sup {eps : delta_lower(eps) > delta}`` (delta is
+non-increasing in eps): that sup in the direction of the upper bound is the lower bound.  It
+reuses the upper pass's grid, direction and tilt (one more FFT; a second with a tilt of its own
+if the two are more than 0.1% apart).  Merging removes ~``h^2/12`` of each step's variance where
+connect-the-dots adds ~``h^2/6``, so the gap is ~1.5x the upper bound's own excess where the
+per-step density is smooth on the grid's scale; it widens where a step's loss piles up at the edge
+of its support within a few cells (``q <= 1e-3``), and in the corners where the round-off
+allowance dominates (it is subtracted here as it is added there).  At ``q = 1`` the closed form is
+nudged down by ``_CLOSED_FORM_MARGIN``.
+
 Cost: ``O(N log N)`` for ``N ~ (window / h)`` points, independent of the number of steps (``N``
 grows like ``sqrt(T)``): ~0.05 s for ``10^5`` steps, ~0.1 s for ``10^6`` on one CPU core.
 
