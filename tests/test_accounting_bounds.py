@@ -166,6 +166,15 @@ def test_small_sample_rate_and_delta_corner():
     assert lower <= pessimistic and optimistic <= upper
 
 
+def test_small_sample_rate_uses_finer_grids():
+    # q = 1e-3: a step's loss piles up within a few cells of log(1 - q), where the dominated
+    # discretisation loses most; the finer lower passes bring the gap back under 0.1%.
+    lower, upper = fundp.epsilon(ledger(0.8, 1e-3, 10_000), 1e-6, bounds=True)
+    assert 0 < lower <= upper and (upper - lower) / upper < 1e-3
+    optimistic, pessimistic = dp_accounting_pair(0.8, 1e-3, 10_000, delta=1e-6, interval=1e-4)
+    assert lower <= pessimistic and optimistic <= upper
+
+
 def test_schedule_bounds():
     schedule = fundp.Ledger([(1.0 + 0.01 * i, 0.01, 10) for i in range(80)])  # > 64 segments: the schedule path
     lower, upper = fundp.epsilon(schedule, 1e-5, bounds=True)

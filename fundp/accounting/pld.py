@@ -270,7 +270,7 @@ def _merged_onto_grid(points: np.ndarray, h: float, sample_rate: float, noise_mu
       ``[0, 1 - d_{j-1}]``), where ``x_j^- = 1 - d_j - E_{j+1} / |G_{j+1}|`` bounds ``x_j`` from
       below; its excess ``x_j E_j + u_{j-1} G_j >= r x_j^- E_j + a S_j > 0``.
 
-    ``r = 1e-6``, ``a = 1e-10``, and each ``|F|``, ``|G|`` is shrunk by ``1e-12`` of the donor's
+    ``r = 1e-6``, ``a = 1e-10``, and ``F`` is shrunk, ``|G|`` enlarged, by ``1e-12`` of the donor's
     ``P + e^t Q`` (round-off of the cell masses).  So every output but the unbalanced ones has
     loss ``>= t_j``, and its ``P'``-mass goes to ``t_j``; an unbalanced output is atom ``j``'s share
     alone (loss above the cell's lower cut ``> t_{j-1}``) and goes to ``t_{j-1}`` (output 0: dropped).
@@ -280,9 +280,10 @@ def _merged_onto_grid(points: np.ndarray, h: float, sample_rate: float, noise_mu
     (see :mod:`~fundp.accounting.prv`); the ``Q``-masses are not kept (the result is not itself a
     PLD, only a stochastically smaller loss).  Merging cells of width ``w`` removes ~``w^2/12`` of
     the loss variance per step, against the ``~w^2/6`` connect-the-dots adds: the lower bound's
-    gap is about half the upper's where the density is smooth.  Without the upward balancing, a
-    cell cut by the edge of the support (``log(1 - q)`` for "remove") would leave ~``h/3`` of its
-    mass's loss unused per step.
+    gap is about half the upper's where the density is smooth.  Not so next to the edge of the
+    support (``log(1 - q)`` for "remove", ``-log(1 - q)`` for "add"): the outermost cell has no
+    neighbour beyond to balance with, and up to a fraction of ``h`` of its mass's loss is lost per
+    step; that mass shrinks fast with ``h`` (see :func:`~fundp.accounting.prv.epsilon_bounds`).
 
     ``points``: increasing lattice indices (dense or sparse); returns masses of the same length.
     """
@@ -294,8 +295,10 @@ def _merged_onto_grid(points: np.ndarray, h: float, sample_rate: float, noise_mu
     excess, size = p - scaled, p + scaled
     need = -excess * (1 + r) + a * size
     down = need > 0
-    donor_up = p[1:] - np.exp(t[:-1]) * q[1:] - tau * (p[1:] + np.exp(t[:-1]) * q[1:])  # F_j, shrunk
-    donor_down = -(p[:-1] - np.exp(t[1:]) * q[:-1]) - tau * (p[:-1] + np.exp(t[1:]) * q[:-1])  # |G_j|, shrunk
+    # F_j shrunk (a donation from above must cover ``need`` whatever the round-off), |G_j| enlarged
+    # (a donation from below must not overdraw the excess).
+    donor_up = p[1:] - np.exp(t[:-1]) * q[1:] - tau * (p[1:] + np.exp(t[:-1]) * q[1:])
+    donor_down = np.exp(t[1:]) * q[:-1] - p[:-1] + tau * (p[:-1] + np.exp(t[1:]) * q[:-1])
     with np.errstate(divide="ignore", invalid="ignore"):
         asked = np.where(donor_up > 0, need[:-1] / np.where(donor_up > 0, donor_up, 1.0), np.inf)
     granted = down[:-1] & (asked <= 1)
@@ -306,7 +309,7 @@ def _merged_onto_grid(points: np.ndarray, h: float, sample_rate: float, noise_mu
     asks_below = ~down[1:] & (donor_down > 0)
     safe_down = np.where(asks_below, donor_down, 1.0)
     u_max = np.zeros(p.size)  # most that output j + 1 can ask of atom j
-    u_max[:-1] = np.where(asks_below, excess[1:] / safe_down, 0.0)
+    u_max[:-1] = np.where(asks_below, np.maximum(excess[1:], 0.0) / safe_down, 0.0)
     x_low = np.clip(1 - d - u_max, 0.0, 1.0)
     u = np.zeros(p.size)
     u[:-1] = np.where(asks_below, ((1 - r) * x_low[1:] * excess[1:] - a * size[1:]) / safe_down, 0.0)
