@@ -418,7 +418,8 @@ class ComposedPLD:
     def _wrapped_above(self, epsilon) -> np.ndarray:
         """Bound on the untilted, delta-weighted mass that wrapped from above the window onto atoms
         above ``epsilon``: ``exp(wrap_above_log - tilt max(eps, window start))`` (see :meth:`delta_lower`)."""
-        return np.exp(self.wrap_above_log - self.tilt * np.maximum(epsilon, self.start * self.interval))
+        with np.errstate(over="ignore"):  # +inf: the bound is void and delta_lower is 0
+            return np.exp(self.wrap_above_log - self.tilt * np.maximum(epsilon, self.start * self.interval))
 
     def delta_lower(self, epsilon: float) -> float:
         """Certified lower bound on delta at ``epsilon`` from an ``optimistic`` composition.
