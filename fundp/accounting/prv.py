@@ -572,6 +572,9 @@ def epsilon_bounds(segments: Segments, delta: float) -> tuple[float, float]:
     its grid and (while the two are more than 0.1% apart) on grids 2 and 4 times finer, composed
     from *dominated* steps (the derivation is in the module docstring): the true epsilon is the larger of the two directions' epsilons, and each
     direction's optimistic value is below its own.  At ``q = 1``, the closed form nudged each way.
+    Past the PLD's float range (single-step losses above ``pld._MAX_LOSS = 600`` are dropped, so
+    epsilons of several hundred, where ``upper`` is the RDP bound) ``lower`` may be 0: certified,
+    but void.
     """
     segments = tuple(segments)
     if not segments:
