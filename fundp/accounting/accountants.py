@@ -8,11 +8,14 @@
   bound** (it can be below the true epsilon).  For quick what-ifs only.
 
 Both functions are pure and cached on ``(ledger, argument, accountant)``: ledgers are hashable.
+With ``bounds=True`` (``"prv"`` only) they return ``(lower, upper)``: a certified lower bound beside
+the upper one, so the answer's tightness is visible (:func:`fundp.accounting.prv.epsilon_bounds`).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Literal, overload
 
 from fundp.accounting import _checks, gdp, prv, rdp
 from fundp.accounting.ledger import Ledger
@@ -39,7 +42,35 @@ def _delta(segments: tuple, epsilon: float, accountant: str) -> float:
     return float(_DELTA[accountant](segments, epsilon))
 
 
-def epsilon(ledger: Ledger, delta: float, *, accountant: str = "prv") -> float:
+@functools.lru_cache(maxsize=128)
+def _epsilon_bounds(segments: tuple, delta: float) -> tuple[float, float]:
+    lower, upper = prv.epsilon_bounds(segments, delta)
+    return float(lower), float(upper)
+
+
+@functools.lru_cache(maxsize=128)
+def _delta_bounds(segments: tuple, epsilon: float) -> tuple[float, float]:
+    lower, upper = prv.delta_bounds(segments, epsilon)
+    return float(lower), float(upper)
+
+
+def _check_bounds(bounds, accountant: str) -> bool:
+    if not isinstance(bounds, bool):
+        raise TypeError(f"bounds must be a bool, got {type(bounds).__name__}")
+    if bounds and accountant != "prv":
+        raise ValueError(f"bounds=True needs accountant='prv' (the only one with a certified lower bound), got {accountant!r}")
+    return bounds
+
+
+@overload
+def epsilon(ledger: Ledger, delta: float, *, accountant: str = ..., bounds: Literal[False] = ...) -> float: ...
+@overload
+def epsilon(ledger: Ledger, delta: float, *, accountant: str = ..., bounds: Literal[True]) -> tuple[float, float]: ...
+@overload
+def epsilon(ledger: Ledger, delta: float, *, accountant: str = ..., bounds: bool = ...) -> float | tuple[float, float]: ...
+
+
+def epsilon(ledger: Ledger, delta: float, *, accountant: str = "prv", bounds: bool = False) -> float | tuple[float, float]:
     """The epsilon spent by ``ledger`` at ``delta``, under add/remove-one adjacency.
 
     For ``"prv"`` and ``"rdp"`` the result is a rigorous upper bound: the composed mechanism is
@@ -50,6 +81,10 @@ def epsilon(ledger: Ledger, delta: float, *, accountant: str = "prv") -> float:
       ledger: a :class:`~fundp.accounting.Ledger`.
       delta: in (0, 1).
       accountant: ``"prv"`` (default), ``"rdp"`` or ``"gdp_approx"`` (an approximation, not a bound).
+      bounds: if ``True`` (``"prv"`` only), return ``(lower, upper)``: ``upper`` is the usual answer
+        and ``lower`` a certified lower bound on the exact epsilon (the mechanism is *not*
+        ``(eps, delta)``-DP for any ``eps < lower``), computed from dominated (optimistic)
+        discretisations; ``(upper - lower) / upper`` shows how tight ``upper`` is.
 
     Example:
       >>> import fundp
@@ -58,22 +93,37 @@ def epsilon(ledger: Ledger, delta: float, *, accountant: str = "prv") -> float:
       0.72
       >>> fundp.epsilon(fundp.Ledger(), 1e-5)
       0.0
+      >>> lower, upper = fundp.epsilon(ledger, 1e-5, bounds=True)
+      >>> lower <= upper < lower * 1.001
+      True
     """
     ledger = _check_ledger(ledger)
     delta = _checks.delta(delta)
     accountant = _checks.accountant(accountant)
+    if _check_bounds(bounds, accountant):
+        return _epsilon_bounds(ledger.segments, delta) if ledger.segments else (0.0, 0.0)
     if not ledger.segments:
         return 0.0
     return _epsilon(ledger.segments, delta, accountant)
 
 
-def delta(ledger: Ledger, epsilon: float, *, accountant: str = "prv") -> float:
+@overload
+def delta(ledger: Ledger, epsilon: float, *, accountant: str = ..., bounds: Literal[False] = ...) -> float: ...
+@overload
+def delta(ledger: Ledger, epsilon: float, *, accountant: str = ..., bounds: Literal[True]) -> tuple[float, float]: ...
+@overload
+def delta(ledger: Ledger, epsilon: float, *, accountant: str = ..., bounds: bool = ...) -> float | tuple[float, float]: ...
+
+
+def delta(ledger: Ledger, epsilon: float, *, accountant: str = "prv", bounds: bool = False) -> float | tuple[float, float]:
     """The delta spent by ``ledger`` at ``epsilon`` (> 0); an upper bound for ``"prv"`` and ``"rdp"``.
 
     Args:
       ledger: a :class:`~fundp.accounting.Ledger`.
       epsilon: > 0 and finite.
       accountant: ``"prv"`` (default), ``"rdp"`` or ``"gdp_approx"`` (an approximation, not a bound).
+      bounds: if ``True`` (``"prv"`` only), return ``(lower, upper)`` with a certified lower bound
+        on the exact delta beside the usual upper bound (see :func:`epsilon`).
 
     Example:
       >>> import fundp
@@ -85,6 +135,8 @@ def delta(ledger: Ledger, epsilon: float, *, accountant: str = "prv") -> float:
     ledger = _check_ledger(ledger)
     epsilon = _checks.epsilon(epsilon)
     accountant = _checks.accountant(accountant)
+    if _check_bounds(bounds, accountant):
+        return _delta_bounds(ledger.segments, epsilon) if ledger.segments else (0.0, 0.0)
     if not ledger.segments:
         return 0.0
     return _delta(ledger.segments, epsilon, accountant)
