@@ -16,9 +16,9 @@ Two things are generated at build time, before Sphinx reads the sources (``_gene
 * ``docs/notebooks/*.ipynb`` — the notebooks.  The test suite executes them once
   (``tests/conftest.py``: ``executed_notebook``) and writes the executed copies to
   ``build/notebooks`` (or ``$FUNDP_EXECUTED_NOTEBOOKS``) with the SHA-256 of the source notebook;
-  an executed copy whose hash matches the source is rendered as it is (myst-nb executes only
-  notebooks without outputs), and otherwise the stripped source is copied and myst-nb executes it
-  here, raising on any error.  So a notebook runs once per test session, and a plain
+  an executed copy whose hash matches the source is rendered as it is, and otherwise the stripped
+  source is copied with ``metadata.mystnb.execution_mode = "force"``, so myst-nb executes it here,
+  raising on any error.  So a notebook runs once per test session, and a plain
   ``sphinx-build`` still renders every figure.
 """
 
@@ -50,7 +50,6 @@ release = version = fundp.__version__
 extensions = [
     "myst_nb",  # MyST Markdown pages and notebooks (it registers myst_parser itself)
     "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
@@ -64,8 +63,9 @@ source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-n
 myst_enable_extensions = ["colon_fence", "dollarmath"]
 myst_heading_anchors = 3
 
-# Notebooks: executed only when they have no outputs (see the module docstring); an error fails.
-nb_execution_mode = "auto"
+# Notebooks: rendered as copied; a notebook without a fresh executed copy carries its own
+# execution_mode "force" (copy_notebooks), and an error in it fails the build.
+nb_execution_mode = "off"
 nb_execution_timeout = 600
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
@@ -255,18 +255,22 @@ def executed_dir() -> pathlib.Path:
 
 
 def copy_notebooks() -> None:
-    """Puts each notebook in ``docs/notebooks``: its executed copy when fresh, else the stripped source."""
+    """Puts each notebook in ``docs/notebooks``: its executed copy when fresh, else the stripped
+    source marked for execution (``metadata.mystnb.execution_mode = "force"``)."""
     out = DOCS / "notebooks"
     out.mkdir(exist_ok=True)
     for stale in out.glob("*.ipynb"):
         stale.unlink()
     for source in sorted((ROOT / "notebooks").glob("*.ipynb")):
         executed = executed_dir() / source.name
-        fresh = False
         if executed.exists():
             metadata = json.loads(executed.read_text()).get("metadata", {})
-            fresh = metadata.get("fundp", {}).get("source_sha256") == source_hash(source)
-        shutil.copyfile(executed if fresh else source, out / source.name)
+            if metadata.get("fundp", {}).get("source_sha256") == source_hash(source):
+                shutil.copyfile(executed, out / source.name)
+                continue
+        notebook = json.loads(source.read_text())
+        notebook.setdefault("metadata", {})["mystnb"] = {"execution_mode": "force"}
+        (out / source.name).write_text(json.dumps(notebook, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------- coverage check
