@@ -43,7 +43,7 @@ times; ``z_sk = (F x_s)_k`` the exact DFT, ``^`` marks computed values.
    (:func:`fft_error_constant`); the inverse transform obeys the same bound with ``||P||_1 / N``.
 2. *Powers and products.*  With ``M_sk = max(|z^_sk|, min(|z^_sk| + e_s, ||x_s||_1)) >=
    max(|z_sk|, |z^_sk|)`` and ``|a^c - b^c| <= c |a - b| max(|a|, |b|)^{c-1}``, telescoping over
-   ``s`` gives, for the product ``P_k = prod_s z_sk^{c_s}``,
+   ``s`` gives, for the product ``P_k = prod_s z_sk^{c_s}``, ::
 
        |prod_s z^_sk^{c_s} - P_k| <= A_k C_k,   A_k = prod_s M_sk^{c_s},   C_k = sum_s c_s e_s / M_sk.
 
@@ -57,7 +57,7 @@ times; ``z_sk = (F x_s)_k`` the exact DFT, ``^`` marks computed values.
 5. *Inverse transform.*  Each entry of ``(1/N) F^* P`` is moved by at most the mean over all ``N``
    frequencies of the spectral error ``B_k`` (sum of 2.-4.), and the computed inverse adds at most
    ``(gamma_N + u) mean_k |P^_k|`` (step 1 applied to the inverse, whose input's L1 norm over
-   ``N`` is ``mean_k |P^_k|``).  So every tilted entry satisfies
+   ``N`` is ``mean_k |P^_k|``).  So every tilted entry satisfies ::
 
        |m^_j - m_j| <= entry_error = (1 + 4u) (mean_k B_k + (gamma_N + u) mean_k |P^_k|).
 
