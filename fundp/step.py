@@ -438,6 +438,7 @@ def _before_step(
     sample_rate: float | None,
     budget: Any,
     adaptive: Any,
+    truncation: Any = None,
 ) -> Any:
     # Plain Python on plain numbers: kept out of the compiled graph so a growing ledger never
     # triggers a recompile.  Runs before the data is touched, so an over-budget step is refused
@@ -463,10 +464,10 @@ def _before_step(
     if budget is not None:
         from fundp.budget import spend
 
-        return spend(ledger, noise_multiplier=sigma, sample_rate=sample_rate, budget=budget)
+        return spend(ledger, noise_multiplier=sigma, sample_rate=sample_rate, budget=budget, truncation=truncation)
     from fundp.accounting import accountant_step
 
-    return accountant_step(ledger, noise_multiplier=sigma, sample_rate=sample_rate)
+    return accountant_step(ledger, noise_multiplier=sigma, sample_rate=sample_rate, truncation=truncation)
 
 
 @torch.compiler.disable
@@ -499,8 +500,8 @@ def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: A
         check_batches_match(inner, noise_mechanism, expected_batch_size=expected_batch_size)
         return sample_rate, expected_batch_size, int(inner.pad_to_multiple), True
     if inner.sampling == "truncated_poisson":
-        # One fixed shape; the ledger records the Poisson steps and the truncation term is added
-        # by fundp.accounting.truncation (delta + (1 + e^eps) T p).
+        # One fixed shape; the ledger records each step's truncation (a TruncatedPoisson event),
+        # so fundp.epsilon adds its term (delta + (1 + e^eps) T p).
         from fundp.sampling import _check_poisson_rate
 
         if sample_rate is None:
@@ -508,10 +509,6 @@ def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: A
         if expected_batch_size is None:
             expected_batch_size = inner.expected_batch_size
         _check_poisson_rate(inner, sample_rate, expected_batch_size)
-        warnings.warn(
-            "truncated Poisson batches: the ledger records the Poisson steps; report epsilon with "
-            "fundp.accounting.truncation.epsilon(ledger, delta, sampler), which adds the truncation "
-            "term (fundp.epsilon(ledger, delta) alone leaves it out)", UserWarning, stacklevel=3)
         return sample_rate, expected_batch_size, int(inner.max_batch_size), True
     if inner.sampling == "poisson":
         if sample_rate is None:
@@ -520,6 +517,14 @@ def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: A
             expected_batch_size = inner.expected_batch_size
     check_sampling_matches(sampler, sample_rate, expected_batch_size=expected_batch_size)
     return sample_rate, expected_batch_size, int(inner.pad_to_multiple), True
+
+
+def _truncation_of(sampler: Any) -> Any:
+    """The truncated Poisson sampler the ledger records each step's truncation of, or ``None``."""
+    from fundp.sampling import sampler_of
+
+    inner = sampler_of(sampler)
+    return inner if inner.sampling == "truncated_poisson" else None
 
 
 def dp_step(
@@ -714,6 +719,7 @@ def dp_step(
     built_sigma = noise_multiplier
     built_threshold = max_norm
     guards = _Guards(check_key_reuse)
+    truncation = None if sampler is None else _truncation_of(sampler)
     rank_check: Callable[..., None] | None = None
     if distributed:
         from fundp import distributed as fundp_distributed
@@ -788,7 +794,7 @@ def dp_step(
         params = detach_params(params)
         new_ledger = None
         if ledger is not None or budget is not None or check_key_reuse:
-            new_ledger = _before_step(guards, key, ledger, sigma, sample_rate, budget, adaptive_clipping)
+            new_ledger = _before_step(guards, key, ledger, sigma, sample_rate, budget, adaptive_clipping, truncation)
         noise_key, model_key, count_key = fundp_random.split(key, 3)
         if distributed:
             from fundp import distributed as fundp_distributed
