@@ -439,6 +439,8 @@ def _before_step(
     budget: Any,
     adaptive: Any,
     truncation: Any = None,
+    noise_mechanism: Any = None,
+    noise_state: Any = None,
 ) -> Any:
     # Plain Python on plain numbers: kept out of the compiled graph so a growing ledger never
     # triggers a recompile.  Runs before the data is touched, so an over-budget step is refused
@@ -454,6 +456,13 @@ def _before_step(
         fundp_guards.claim_key(key)
     if ledger is None:
         return None
+    if noise_mechanism is not None:
+        # The mechanism records its step t with its participation schema (fundp.mf: reads t).
+        if truncation is not None:
+            raise ValueError("truncated Poisson batches are not a participation schema of a noise_mechanism: "
+                             "its ledger cannot account them (use the mechanism's own sampler)")
+        return noise_mechanism.account(ledger, noise_multiplier=float(noise_multiplier), step=noise_state.step,
+                                       adaptive_clipping=adaptive)
     if sample_rate is None:
         raise ValueError("sample_rate is required to update a ledger: pass dp_step(..., sample_rate=q)")
     sigma = float(noise_multiplier)
@@ -617,8 +626,10 @@ def dp_step(
       noise_mechanism: a correlated-noise mechanism (``init(params) -> state``,
         ``sample(state, key, stddev, like) -> (noise, state)``, e.g. from :mod:`fundp.mf`):
         its noise replaces the i.i.d. draw; ``step(..., noise_state=mech.init(params))`` and
-        ``out.noise_state`` carry its state.  DP-SGD's ledger does not apply (a ledger is
-        refused): account with the mechanism's own accountant.
+        ``out.noise_state`` carry its state.  A ledger records each step with the mechanism's
+        participation schema (``mech.account``, a :class:`fundp.accounting.CorrelatedNoiseSteps`
+        event; with adaptive clipping the count too), so ``fundp.epsilon(out.ledger, delta)`` is its
+        epsilon; a mechanism without ``account`` refuses a ledger.
 
     The step computes ``StepResult(grads, ledger, loss, norms, num_nonfinite, aux, clip_state,
     noise_state)`` with ``grads = (sum_i c_i g_i + N(0, (sigma S)^2)) / expected_batch_size``.
@@ -774,10 +785,10 @@ def dp_step(
                 refuse({"noise_mechanism": True, "noise_multiplier (per call)": True})
             if noise_state is None:
                 raise ValueError("noise_mechanism needs step(..., noise_state=mechanism.init(params)); keep out.noise_state")
-            if ledger is not None:
+            if ledger is not None and not callable(getattr(noise_mechanism, "account", None)):
                 raise ValueError(
-                    "a ledger records DP-SGD's independent noise, which a correlated noise_mechanism does not "
-                    "add: pass ledger=None and account with the mechanism's accountant (fundp.mf)"
+                    "this noise_mechanism cannot record its steps in a ledger: it has no account(ledger, ...), "
+                    "as the fundp.mf mechanisms have; pass ledger=None and account it yourself"
                 )
         elif noise_state is not None:
             raise ValueError("noise_state is for dp_step(..., noise_mechanism=...)")
@@ -794,7 +805,8 @@ def dp_step(
         params = detach_params(params)
         new_ledger = None
         if ledger is not None or budget is not None or check_key_reuse:
-            new_ledger = _before_step(guards, key, ledger, sigma, sample_rate, budget, adaptive_clipping, truncation)
+            new_ledger = _before_step(guards, key, ledger, sigma, sample_rate, budget, adaptive_clipping, truncation,
+                                      noise_mechanism, noise_state)
         noise_key, model_key, count_key = fundp_random.split(key, 3)
         if distributed:
             from fundp import distributed as fundp_distributed

@@ -172,3 +172,174 @@ def test_appending_events_keeps_every_old_ledger_its_own_value():
         assert history[t].steps == t
     branch = accountant_step(history[200], noise_multiplier=9.0, sample_rate=0.5, truncation=(10, 9))
     assert branch.events[0] == TruncatedPoisson(10, 9, 0.5, 1) and history[200].events == expected(steps[:200])[1]
+
+
+# --------------------------------------------------------------------------- item 2: adaptive clipping's query
+
+LOSS = lambda p, b: b @ p["w"]  # noqa: E731  (per-example gradient = the row: norms known in advance)
+ROWS = torch.tensor([[0.3, 0.4], [0.9, 1.2], [0.48, 0.64], [1.8, 2.4], [0.12, 0.16], [1.5, 2.0]], dtype=torch.float64)
+MASK = torch.tensor([True, True, True, True, True, False])
+PARAMS = {"w": torch.zeros(2, dtype=torch.float64)}
+
+
+def andrew_effective(z_gradient, count_std, counts=1):
+    """Andrew et al. 2021 (Thm 1, our count convention: sensitivity 1, std count_std): the gradient
+    sum and ``counts`` noisy counts of one Poisson batch are one subsampled Gaussian of multiplier
+    ``(z^-2 + counts / count_std^2)^(-1/2)``."""
+    return 1.0 / math.sqrt(1.0 / z_gradient**2 + counts / count_std**2)
+
+
+def test_adaptive_clipping_records_the_combined_noise_of_every_step_of_a_schedule():
+    from fundp import adaptive
+
+    q, count_std = 0.02, 6.0
+    cfg = adaptive.quantile_clipping(count_noise_multiplier=count_std)
+    step = fundp.dp_step(LOSS, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=5.0, sample_rate=q,
+                         grad_method="vmap", adaptive_clipping=cfg)
+    schedule = [1.0, 1.3, 0.9, 1.3]
+    ledger, state = fundp.Ledger(), cfg.init(1.0)
+    for t, sigma in enumerate(schedule):
+        out = step(PARAMS, ROWS, fundp.random.fold_in(fundp.random.key(3), t), mask=MASK, clip_state=state,
+                   ledger=ledger, noise_multiplier=sigma)
+        ledger, state = out.ledger, out.clip_state
+    expected = collections.Counter(andrew_effective(sigma, count_std) for sigma in schedule)
+    assert ledger.steps == 4 and ledger.events == ()
+    assert [(s.noise_multiplier, s.sample_rate, s.steps) for s in ledger.segments] == [
+        pytest.approx((z, q, n), rel=1e-14) for z, n in sorted(expected.items())]
+    # Andrew et al.'s calibration: gradient noise raised so that the pair spends what DP-SGD at z does.
+    z = 1.1
+    z_gradient = adaptive.gradient_noise_multiplier_for(z, cfg)
+    assert z_gradient == pytest.approx(1.0 / math.sqrt(z**-2 - count_std**-2), rel=1e-14)
+    out = step(PARAMS, ROWS, fundp.random.key(99), mask=MASK, clip_state=cfg.init(1.0), ledger=fundp.Ledger(),
+               noise_multiplier=z_gradient)
+    assert fundp.epsilon(out.ledger, 1e-5) == pytest.approx(fundp.epsilon(Ledger([(z, q, 1)]), 1e-5), rel=1e-9)
+
+
+# --------------------------------------------------------------------------- item 3: correlated noise (fundp.mf)
+
+
+def gaussian_mechanism_epsilon(mu, delta):
+    """Balle & Wang 2018, Thm 8, solved by bisection (scipy's normal CDF; nothing from fundp)."""
+    def delta_at(eps):
+        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
+
+    low, high = 0.0, 100.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if delta_at(middle) > delta else (low, middle)
+    return high
+
+
+def run_mf_steps(mech, steps, sigma=1.0, ledger=None):
+    step = fundp.dp_step(LOSS, max_norm=1.0, noise_multiplier=sigma, expected_batch_size=5.0, grad_method="vmap",
+                         noise_mechanism=mech)
+    ledger = fundp.Ledger() if ledger is None else ledger
+    noise_state = mech.init(PARAMS)
+    for t in range(steps):
+        out = step(PARAMS, ROWS, fundp.random.fold_in(fundp.random.key(5), t), mask=MASK, noise_state=noise_state, ledger=ledger)
+        ledger, noise_state = out.ledger, out.noise_state
+    return ledger
+
+
+@pytest.mark.parametrize("participation", ["single", "min_sep"])
+def test_a_correlated_noise_step_records_its_run_and_fundp_epsilon_is_the_gaussian_mechanism(participation):
+    import fundp.mf as mf
+
+    n, sigma = 8, 1.7
+    if participation == "single":
+        mech = mf.mechanism(mf.tree(n), mf.single_participation())
+    else:
+        mech = mf.mechanism(mf.banded_toeplitz([1.0, 0.4], n), mf.min_separation(2))
+    ledger = run_mf_steps(mech, 5, sigma)
+    name = "single_participation" if participation == "single" else "min_separation"
+    assert ledger.steps == 5 and ledger.segments == ()
+    assert ledger.events == (CorrelatedNoiseSteps(name, sigma, 1.0, False, 4), CorrelatedNoiseSteps(name, sigma, 1.0, True, 1))
+    exact = gaussian_mechanism_epsilon(1 / sigma, 1e-5)  # the whole n-step run: one Gaussian mechanism
+    assert fundp.epsilon(ledger, 1e-5) == pytest.approx(exact, rel=1e-8) and fundp.epsilon(ledger, 1e-5) >= exact
+    assert fundp.epsilon(ledger, 1e-5) == pytest.approx(mf.epsilon(mech, noise_multiplier=sigma, delta=1e-5), rel=1e-8)
+    # the mechanism's own whole-run ledger (what fundp.mf.epsilon reads) after the remaining steps
+    assert mech.account(ledger, noise_multiplier=sigma, step=5) != mech.ledger(sigma)  # 6 of 8 steps
+    assert run_mf_steps(mech, n, sigma) == mech.ledger(sigma)
+    # Serialised with the ledger, and a second run of the mechanism is charged again.
+    assert Ledger.from_json(ledger.to_json()) == ledger and pickle.loads(pickle.dumps(ledger)) == ledger
+    twice = run_mf_steps(mech, 2, sigma, ledger=ledger)
+    assert fundp.epsilon(twice, 1e-5) == pytest.approx(gaussian_mechanism_epsilon(math.sqrt(2) / sigma, 1e-5), rel=1e-8)
+    with pytest.raises(ValueError, match="n = 8"):
+        mech.account(fundp.Ledger(), noise_multiplier=sigma, step=8)
+
+
+def test_a_cyclic_poisson_correlated_noise_run_is_its_amplified_dp_sgd_ledger():
+    import fundp.mf as mf
+
+    n, b, q, sigma = 12, 3, 0.2, 1.1
+    mech = mf.mechanism(mf.banded_toeplitz([1.0, 0.5, 0.2], n), mf.cyclic_poisson(b, q))
+    model = torch.nn.Linear(3, 2).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_fn(p, batch):
+        return torch.nn.functional.cross_entropy(fundp.functional_call(model, p, (batch["x"],)), batch["y"], reduction="none")
+
+    batches = mf.cyclic_poisson_batches(60, q, fundp.random.key(1), num_partitions=b, steps=n, pad_to_multiple=16)
+    x, y = torch.randn(60, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), torch.arange(60) % 2
+    step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=sigma, sampler=batches, noise_mechanism=mech)
+    ledger, state = fundp.Ledger(), mech.init(params)
+    history = [ledger]
+    for t, (indices, mask) in enumerate(batches):
+        out = step(params, {"x": x[indices], "y": y[indices]}, fundp.random.fold_in(fundp.random.key(2), t),
+                   mask=mask, noise_state=state, ledger=ledger)
+        ledger, state = out.ledger, out.noise_state
+        history.append(ledger)
+    for t, recorded in enumerate(history):  # Thm 4: ceil(t / b) Poisson-subsampled Gaussian steps after t steps
+        poisson = Ledger([(sigma, q, -(-t // b))])
+        assert recorded.steps == t
+        for accountant in ("prv", "rdp"):
+            assert fundp.epsilon(recorded, 1e-5, accountant=accountant) == fundp.epsilon(poisson, 1e-5, accountant=accountant)
+    assert ledger == mech.ledger(sigma)
+    for accountant in ("prv", "rdp"):
+        assert fundp.epsilon(ledger, 1e-5, accountant=accountant) == mf.epsilon(mech, noise_multiplier=sigma, delta=1e-5, accountant=accountant)
+    # adaptive clipping's count is not covered by the amplification argument: refused, not ignored
+    cfg = fundp.adaptive.quantile_clipping(count_noise_multiplier=5.0)
+    with pytest.raises(NotImplementedError, match="cyclic"):
+        mech.account(fundp.Ledger(), noise_multiplier=sigma, step=0, adaptive_clipping=cfg)
+
+
+def mu_of(sigma, count_std, participations):
+    return math.sqrt(sigma**-2 + participations / count_std**2)
+
+
+def test_adaptive_clipping_with_a_min_sep_correlated_noise_run_is_one_gaussian_mechanism():
+    import fundp.mf as mf
+
+    n, sep, sigma, count_std = 9, 3, 1.5, 4.0
+    mech = mf.mechanism(mf.banded_toeplitz([1.0, 0.4], n), mf.min_separation(sep))
+    cfg = fundp.adaptive.quantile_clipping(count_noise_multiplier=count_std)
+    # (dp_step still refuses adaptive_clipping + noise_mechanism at build time, fundp.guards' table;
+    # the mechanism's ledger entry is what such a step would record)
+    ledger = fundp.Ledger()
+    for t in range(4):
+        ledger = mech.account(ledger, noise_multiplier=sigma, step=t, adaptive_clipping=cfg)
+    assert ledger.events[1] == CorrelatedNoiseSteps("min_separation", pytest.approx(1 / mu_of(sigma, count_std, 3)), 1.0, True, 1)
+    # each example joins at most ceil(9 / 3) = 3 steps: its counts move by at most sqrt(3);
+    # with the correlated-noise release, mu^2 = 1 / sigma^2 + 3 / count_std^2 over the whole run
+    mu = mu_of(sigma, count_std, 3)
+    assert fundp.epsilon(ledger, 1e-5) == pytest.approx(gaussian_mechanism_epsilon(mu, 1e-5), rel=1e-8)
+    assert fundp.epsilon(ledger, 1e-5) > fundp.epsilon(run_mf_steps(mech, 4, sigma), 1e-5)  # the count is charged
+
+
+def test_correlated_noise_runs_and_plain_dp_sgd_steps_compose_in_one_ledger():
+    import fundp.mf as mf
+
+    dp_accounting = pytest.importorskip("dp_accounting")
+    mech = mf.mechanism(mf.tree(4), mf.single_participation())
+    ledger = run_mf_steps(mech, 4, sigma=2.0)
+    for _ in range(50):
+        ledger = accountant_step(ledger, noise_multiplier=1.0, sample_rate=0.02)
+    ledger = accountant_step(ledger, noise_multiplier=1.0, sample_rate=0.02, steps=3, truncation=(500, 40))
+    assert ledger.steps == 57
+    pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    pld.compose(dp_accounting.GaussianDpEvent(2.0))
+    pld.compose(dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(1.0)), 53)
+    p = binomial_tail(500, 0.02, 40)
+    for eps in (1.0, 2.0):
+        assert fundp.delta(ledger, eps) == pytest.approx(pld.get_delta(eps) + (1 + math.exp(eps)) * 3 * p, rel=5e-3)
+    assert fundp.epsilon(ledger, 1e-5) == pytest.approx(pld.get_epsilon(1e-5 - (1 + math.exp(fundp.epsilon(ledger, 1e-5))) * 3 * p), rel=5e-3)
