@@ -343,3 +343,15 @@ def test_correlated_noise_runs_and_plain_dp_sgd_steps_compose_in_one_ledger():
     for eps in (1.0, 2.0):
         assert fundp.delta(ledger, eps) == pytest.approx(pld.get_delta(eps) + (1 + math.exp(eps)) * 3 * p, rel=5e-3)
     assert fundp.epsilon(ledger, 1e-5) == pytest.approx(pld.get_epsilon(1e-5 - (1 + math.exp(fundp.epsilon(ledger, 1e-5))) * 3 * p), rel=5e-3)
+
+
+def test_a_correlated_noise_run_whose_noise_multiplier_changes_is_refused():
+    import fundp.mf as mf
+
+    mech = mf.mechanism(mf.tree(8), mf.single_participation())
+    ledger = mech.account(fundp.Ledger(), noise_multiplier=2.0, step=0)
+    ledger = mech.account(ledger, noise_multiplier=0.5, step=1)  # t = 1 is not charged: would hide sigma = 0.5
+    with pytest.raises(ValueError, match="several noise multipliers"):
+        fundp.epsilon(ledger, 1e-5)
+    with pytest.raises(TypeError, match="ledger"):
+        mech.account(None, noise_multiplier=2.0, step=0)

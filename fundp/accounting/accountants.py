@@ -53,12 +53,23 @@ def composition(ledger: Ledger) -> tuple[tuple[Segment, ...], float]:
         return segments, 0.0
     counts = {(s.noise_multiplier, s.sample_rate): s.steps for s in segments}
     total = 0.0
+    sigmas: dict[tuple[str, float], set[float]] = {}
     for event in events:
         if isinstance(event, TruncatedPoisson):
             total += event.steps * event.truncation_probability
-        elif isinstance(event, CorrelatedNoiseSteps) and event.charged:
-            key = (event.noise_multiplier, event.sample_rate)
-            counts[key] = counts.get(key, 0) + event.steps
+        elif isinstance(event, CorrelatedNoiseSteps):
+            sigmas.setdefault((event.participation, event.sample_rate), set()).add(event.noise_multiplier)
+            if event.charged:
+                key = (event.noise_multiplier, event.sample_rate)
+                counts[key] = counts.get(key, 0) + event.steps
+    for (participation, q), values in sigmas.items():
+        if len(values) > 1:
+            # Uncharged steps are covered by their run's charged step only at that step's sigma:
+            # refuse rather than guess which run a step at another sigma belongs to.
+            raise ValueError(
+                f"the ledger holds {participation} correlated-noise steps (sample rate {q}) at several noise "
+                f"multipliers {sorted(values)}: a run's guarantee assumes one noise multiplier throughout, and "
+                "steps of runs at different multipliers cannot be told apart; account such runs in separate ledgers")
     return tuple(Segment(sigma, q, n) for (sigma, q), n in sorted(counts.items())), total
 
 

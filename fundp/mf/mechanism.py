@@ -384,6 +384,11 @@ def epsilon(mechanism: CorrelatedNoise, *, noise_multiplier: float, delta: float
     (no amplification) the exact Gaussian mechanism with ``mu = sqrt(ceil(n / b)) / sigma``.
     ``noise_multiplier = 0`` gives ``inf``.
 
+    The ledger a step records (``dp_step(..., noise_mechanism=mechanism)``, :meth:`CorrelatedNoise.account`)
+    gives the same: after the whole run ``fundp.epsilon(ledger, delta)`` equals this (exactly under
+    amplification, where this *is* that ledger's epsilon; within the ledger's 1e-9 closed-form
+    margin, above, for the Gaussian participations).
+
     Example:
       >>> import fundp
       >>> mech = fundp.mf.mechanism(fundp.mf.tree(64), fundp.mf.single_participation())
