@@ -106,7 +106,7 @@ class CorrelatedNoiseSteps(NamedTuple):
     steps: int
 
 
-_EVENTS: dict[str, type] = {"correlated_noise": CorrelatedNoiseSteps, "truncated_poisson": TruncatedPoisson}
+_EVENTS: dict[str, Any] = {"correlated_noise": CorrelatedNoiseSteps, "truncated_poisson": TruncatedPoisson}
 _KIND = {cls: kind for kind, cls in _EVENTS.items()}
 _COUNTS_STEPS = {"correlated_noise": True, "truncated_poisson": False}  # does an event's count add to Ledger.steps?
 
