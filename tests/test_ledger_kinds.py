@@ -355,3 +355,17 @@ def test_a_correlated_noise_run_whose_noise_multiplier_changes_is_refused():
         fundp.epsilon(ledger, 1e-5)
     with pytest.raises(TypeError, match="ledger"):
         mech.account(None, noise_multiplier=2.0, step=0)
+
+
+def test_certified_lower_bounds_cover_correlated_noise_runs_and_refuse_truncation():
+    import fundp.mf as mf
+
+    mech = mf.mechanism(mf.banded_toeplitz([1.0, 0.5], 8), mf.cyclic_poisson(2, 0.1))
+    recorded = mech.ledger(1.2)
+    lower, upper = fundp.epsilon(recorded, 1e-5, bounds=True)
+    assert (lower, upper) == fundp.epsilon(Ledger([(1.2, 0.1, 4)]), 1e-5, bounds=True)  # its 4 charged steps
+    truncated = accountant_step(fundp.Ledger(), noise_multiplier=1.0, sample_rate=0.1, truncation=(100, 40))
+    with pytest.raises(ValueError, match="truncated"):
+        fundp.epsilon(truncated, 1e-5, bounds=True)
+    with pytest.raises(ValueError, match="truncated"):
+        fundp.delta(truncated, 1.0, bounds=True)

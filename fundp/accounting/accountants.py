@@ -14,12 +14,16 @@ correlated-noise runs join the Poisson-subsampled Gaussian segments they are equ
 truncated Poisson steps add ``(1 + e^eps) P`` to delta, ``P = sum_events steps * p``
 (:mod:`fundp.accounting.truncation`): ``delta(eps) = delta_segments(eps) + (1 + e^eps) P`` and
 ``epsilon(delta)`` is the least certified ``eps`` of that sum.
+
+With ``bounds=True`` (``"prv"`` only) they return ``(lower, upper)``: a certified lower bound beside
+the upper one, so the answer's tightness is visible (:func:`fundp.accounting.prv.epsilon_bounds`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Literal, overload
 
 from fundp.accounting import _checks, gdp, prv, rdp
 from fundp.accounting.ledger import CorrelatedNoiseSteps, Ledger, Segment, TruncatedPoisson
@@ -83,7 +87,35 @@ def _delta(segments: tuple, epsilon: float, accountant: str) -> float:
     return float(_DELTA[accountant](segments, epsilon))
 
 
-def epsilon(ledger: Ledger, delta: float, *, accountant: str = "prv") -> float:
+@functools.lru_cache(maxsize=128)
+def _epsilon_bounds(segments: tuple, delta: float) -> tuple[float, float]:
+    lower, upper = prv.epsilon_bounds(segments, delta)
+    return float(lower), float(upper)
+
+
+@functools.lru_cache(maxsize=128)
+def _delta_bounds(segments: tuple, epsilon: float) -> tuple[float, float]:
+    lower, upper = prv.delta_bounds(segments, epsilon)
+    return float(lower), float(upper)
+
+
+def _check_bounds(bounds, accountant: str) -> bool:
+    if not isinstance(bounds, bool):
+        raise TypeError(f"bounds must be a bool, got {type(bounds).__name__}")
+    if bounds and accountant != "prv":
+        raise ValueError(f"bounds=True needs accountant='prv' (the only one with a certified lower bound), got {accountant!r}")
+    return bounds
+
+
+@overload
+def epsilon(ledger: Ledger, delta: float, *, accountant: str = ..., bounds: Literal[False] = ...) -> float: ...
+@overload
+def epsilon(ledger: Ledger, delta: float, *, accountant: str = ..., bounds: Literal[True]) -> tuple[float, float]: ...
+@overload
+def epsilon(ledger: Ledger, delta: float, *, accountant: str = ..., bounds: bool = ...) -> float | tuple[float, float]: ...
+
+
+def epsilon(ledger: Ledger, delta: float, *, accountant: str = "prv", bounds: bool = False) -> float | tuple[float, float]:
     """The epsilon spent by ``ledger`` at ``delta``, under add/remove-one adjacency.
 
     For ``"prv"`` and ``"rdp"`` the result is a rigorous upper bound: the composed mechanism is
@@ -94,6 +126,10 @@ def epsilon(ledger: Ledger, delta: float, *, accountant: str = "prv") -> float:
       ledger: a :class:`~fundp.accounting.Ledger`.
       delta: in (0, 1).
       accountant: ``"prv"`` (default), ``"rdp"`` or ``"gdp_approx"`` (an approximation, not a bound).
+      bounds: if ``True`` (``"prv"`` only), return ``(lower, upper)``: ``upper`` is the usual answer
+        and ``lower`` a certified lower bound on the exact epsilon (the mechanism is *not*
+        ``(eps, delta)``-DP for any ``eps < lower``), computed from dominated (optimistic)
+        discretisations; ``(upper - lower) / upper`` shows how tight ``upper`` is.
 
     Example:
       >>> import fundp
@@ -102,21 +138,37 @@ def epsilon(ledger: Ledger, delta: float, *, accountant: str = "prv") -> float:
       0.72
       >>> fundp.epsilon(fundp.Ledger(), 1e-5)
       0.0
+      >>> lower, upper = fundp.epsilon(ledger, 1e-5, bounds=True)
+      >>> lower <= upper < lower * 1.001
+      True
     """
     ledger = _check_ledger(ledger)
     delta = _checks.delta(delta)
     accountant = _checks.accountant(accountant)
     segments, total = composition(ledger)
+    if _check_bounds(bounds, accountant):
+        _no_bounds_with_truncation(total)
+        return _epsilon_bounds(segments, delta) if segments else (0.0, 0.0)
     return epsilon_of(segments, total, delta, accountant)
 
 
-def delta(ledger: Ledger, epsilon: float, *, accountant: str = "prv") -> float:
+@overload
+def delta(ledger: Ledger, epsilon: float, *, accountant: str = ..., bounds: Literal[False] = ...) -> float: ...
+@overload
+def delta(ledger: Ledger, epsilon: float, *, accountant: str = ..., bounds: Literal[True]) -> tuple[float, float]: ...
+@overload
+def delta(ledger: Ledger, epsilon: float, *, accountant: str = ..., bounds: bool = ...) -> float | tuple[float, float]: ...
+
+
+def delta(ledger: Ledger, epsilon: float, *, accountant: str = "prv", bounds: bool = False) -> float | tuple[float, float]:
     """The delta spent by ``ledger`` at ``epsilon`` (> 0); an upper bound for ``"prv"`` and ``"rdp"``.
 
     Args:
       ledger: a :class:`~fundp.accounting.Ledger`.
       epsilon: > 0 and finite.
       accountant: ``"prv"`` (default), ``"rdp"`` or ``"gdp_approx"`` (an approximation, not a bound).
+      bounds: if ``True`` (``"prv"`` only), return ``(lower, upper)`` with a certified lower bound
+        on the exact delta beside the usual upper bound (see :func:`epsilon`).
 
     Example:
       >>> import fundp
@@ -129,7 +181,17 @@ def delta(ledger: Ledger, epsilon: float, *, accountant: str = "prv") -> float:
     epsilon = _checks.epsilon(epsilon)
     accountant = _checks.accountant(accountant)
     segments, total = composition(ledger)
+    if _check_bounds(bounds, accountant):
+        _no_bounds_with_truncation(total)
+        return _delta_bounds(segments, epsilon) if segments else (0.0, 0.0)
     return delta_of(segments, total, epsilon, accountant)
+
+
+def _no_bounds_with_truncation(total: float) -> None:
+    if total > 0.0:
+        raise ValueError(
+            "bounds=True is not available for a ledger with truncated Poisson steps: the truncation term is an "
+            "upper bound only (no certified lower bound of the truncated run); use bounds=False")
 
 
 def _segments_epsilon(segments: tuple, delta: float, accountant: str) -> float:
