@@ -8,6 +8,13 @@
   bound** (it can be below the true epsilon).  For quick what-ifs only.
 
 Both functions are pure and cached on ``(ledger, argument, accountant)``: ledgers are hashable.
+
+They account every event the ledger records (:mod:`fundp.accounting.ledger`): the charged steps of
+correlated-noise runs join the Poisson-subsampled Gaussian segments they are equivalent to, and
+truncated Poisson steps add ``(1 + e^eps) P`` to delta, ``P = sum_events steps * p``
+(:mod:`fundp.accounting.truncation`): ``delta(eps) = delta_segments(eps) + (1 + e^eps) P`` and
+``epsilon(delta)`` is the least certified ``eps`` of that sum.
+
 With ``bounds=True`` (``"prv"`` only) they return ``(lower, upper)``: a certified lower bound beside
 the upper one, so the answer's tightness is visible (:func:`fundp.accounting.prv.epsilon_bounds`).
 """
@@ -15,10 +22,11 @@ the upper one, so the answer's tightness is visible (:func:`fundp.accounting.prv
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal, overload
 
 from fundp.accounting import _checks, gdp, prv, rdp
-from fundp.accounting.ledger import Ledger
+from fundp.accounting.ledger import CorrelatedNoiseSteps, Ledger, Segment, TruncatedPoisson
 
 __all__ = ["epsilon", "delta"]
 
@@ -30,6 +38,43 @@ def _check_ledger(ledger) -> Ledger:
     if not isinstance(ledger, Ledger):
         raise TypeError(f"ledger must be a fundp.Ledger, got {type(ledger).__name__}")
     return ledger
+
+
+def composition(ledger: Ledger) -> tuple[tuple[Segment, ...], float]:
+    """``(segments, P)``: what ``ledger`` composes, as the Poisson-subsampled Gaussian segments
+    (its own and its correlated-noise runs' charged steps, merged and sorted) and the total
+    truncation probability ``P = sum steps * p`` of its :class:`TruncatedPoisson` events.
+
+    Example:
+      >>> import fundp
+      >>> from fundp.accounting import CorrelatedNoiseSteps, accountants
+      >>> ledger = fundp.Ledger([(1.0, 0.1, 3)], events=[CorrelatedNoiseSteps("cyclic_poisson", 1.0, 0.1, True, 2)])
+      >>> accountants.composition(ledger)
+      ((Segment(noise_multiplier=1.0, sample_rate=0.1, steps=5),), 0.0)
+    """
+    segments, events = ledger._materialise()
+    if not events:
+        return segments, 0.0
+    counts = {(s.noise_multiplier, s.sample_rate): s.steps for s in segments}
+    total = 0.0
+    sigmas: dict[tuple[str, float], set[float]] = {}
+    for event in events:
+        if isinstance(event, TruncatedPoisson):
+            total += event.steps * event.truncation_probability
+        elif isinstance(event, CorrelatedNoiseSteps):
+            sigmas.setdefault((event.participation, event.sample_rate), set()).add(event.noise_multiplier)
+            if event.charged:
+                key = (event.noise_multiplier, event.sample_rate)
+                counts[key] = counts.get(key, 0) + event.steps
+    for (participation, q), values in sigmas.items():
+        if len(values) > 1:
+            # Uncharged steps are covered by their run's charged step only at that step's sigma:
+            # refuse rather than guess which run a step at another sigma belongs to.
+            raise ValueError(
+                f"the ledger holds {participation} correlated-noise steps (sample rate {q}) at several noise "
+                f"multipliers {sorted(values)}: a run's guarantee assumes one noise multiplier throughout, and "
+                "steps of runs at different multipliers cannot be told apart; account such runs in separate ledgers")
+    return tuple(Segment(sigma, q, n) for (sigma, q), n in sorted(counts.items())), total
 
 
 @functools.lru_cache(maxsize=512)
@@ -100,11 +145,11 @@ def epsilon(ledger: Ledger, delta: float, *, accountant: str = "prv", bounds: bo
     ledger = _check_ledger(ledger)
     delta = _checks.delta(delta)
     accountant = _checks.accountant(accountant)
+    segments, total = composition(ledger)
     if _check_bounds(bounds, accountant):
-        return _epsilon_bounds(ledger.segments, delta) if ledger.segments else (0.0, 0.0)
-    if not ledger.segments:
-        return 0.0
-    return _epsilon(ledger.segments, delta, accountant)
+        _no_bounds_with_truncation(total)
+        return _epsilon_bounds(segments, delta) if segments else (0.0, 0.0)
+    return epsilon_of(segments, total, delta, accountant)
 
 
 @overload
@@ -135,9 +180,61 @@ def delta(ledger: Ledger, epsilon: float, *, accountant: str = "prv", bounds: bo
     ledger = _check_ledger(ledger)
     epsilon = _checks.epsilon(epsilon)
     accountant = _checks.accountant(accountant)
+    segments, total = composition(ledger)
     if _check_bounds(bounds, accountant):
-        return _delta_bounds(ledger.segments, epsilon) if ledger.segments else (0.0, 0.0)
-    if not ledger.segments:
-        return 0.0
-    return _delta(ledger.segments, epsilon, accountant)
+        _no_bounds_with_truncation(total)
+        return _delta_bounds(segments, epsilon) if segments else (0.0, 0.0)
+    return delta_of(segments, total, epsilon, accountant)
+
+
+def _no_bounds_with_truncation(total: float) -> None:
+    if total > 0.0:
+        raise ValueError(
+            "bounds=True is not available for a ledger with truncated Poisson steps: the truncation term is an "
+            "upper bound only (no certified lower bound of the truncated run); use bounds=False")
+
+
+def _segments_epsilon(segments: tuple, delta: float, accountant: str) -> float:
+    return _epsilon(segments, delta, accountant) if segments else 0.0
+
+
+def delta_of(segments: tuple, total: float, epsilon: float, accountant: str) -> float:
+    """``delta_segments(epsilon) + (1 + e^epsilon) total``, capped at 1 (validated arguments)."""
+    spent = _delta(segments, epsilon, accountant) if segments else 0.0
+    if total == 0.0:
+        return spent
+    return min(1.0, spent + (1.0 + math.exp(min(epsilon, 700.0))) * total)
+
+
+def unreachable(delta: float, total: float, epsilon: float) -> _checks.UnreachableTargetError:
+    """The error when the truncation term ``(1 + e^eps) total`` alone uses up ``delta``."""
+    return _checks.UnreachableTargetError(
+        f"the truncation term (1 + e^eps) * T * p = {(1.0 + math.exp(min(epsilon, 700.0))) * total:.3g} at "
+        f"eps={epsilon:.4g} leaves nothing of delta={delta}: raise max_batch_size "
+        "(p = P[Binomial(N + 1, q) > max_batch_size])"
+    )
+
+
+def epsilon_of(segments: tuple, total: float, delta: float, accountant: str) -> float:
+    """The least ``eps`` with ``delta_segments(eps) + (1 + e^eps) total <= delta`` (certified).
+
+    ``eps`` is certified when ``epsilon_segments(delta - (1 + e^eps) total) <= eps``.  The map
+    ``g(e) = epsilon_segments(delta - (1 + e^e) total)`` is increasing, so iterating it from
+    ``epsilon_segments(delta)`` (a lower bound) climbs to its least fixed point; the returned value
+    is the first iterate, nudged up by a relative 1e-9, that passes the certificate.  ``total = 0``:
+    ``epsilon_segments(delta)``.  Raises :class:`~fundp.accounting.UnreachableTargetError` if the
+    truncation term alone uses up ``delta``.
+    """
+    current = _segments_epsilon(segments, delta, accountant)
+    if total == 0.0:
+        return current
+    for _ in range(100):
+        remaining = delta - (1.0 + math.exp(min(current, 700.0))) * total
+        if remaining <= 0.0:
+            raise unreachable(delta, total, current)
+        following = _segments_epsilon(segments, remaining, accountant)
+        if following <= current:
+            return current
+        current = max(following, following * (1.0 + 1e-9) + 1e-12)
+    raise unreachable(delta, total, current)
 
