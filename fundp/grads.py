@@ -91,6 +91,15 @@ def keyed_model_rng(key: torch.Tensor | None, batch: Any, randomness: str) -> It
         yield
 
 
+# What vmap's in-place broadcast error means in a model, and what to do.
+_SHARED_WRITE = (
+    "Under torch.func.vmap (per-example gradients) loss_fn wrote a per-example value in place into a tensor "
+    "shared by every example. nn.GRU / nn.RNN called without an initial hidden state do this (the zero state "
+    "the module creates): pass h0 = x.new_zeros(num_layers * num_directions, batch_size, hidden_size). In your "
+    "own code, create the written-to tensor from the input (x.new_zeros(...), torch.zeros_like(x)) or write "
+    "out of place")
+
+
 def per_sample_grads_and_losses(
     loss_fn: LossFn, *, has_aux: bool = False, randomness: str = "error"
 ) -> Callable:
@@ -114,7 +123,12 @@ def per_sample_grads_and_losses(
     def f(params, batch, key: torch.Tensor | None = None):
         check_batch(batch)
         with keyed_model_rng(key, batch, randomness):
-            grads, extra = batched(params, batch)
+            try:
+                grads, extra = batched(params, batch)
+            except RuntimeError as error:
+                if "doesn't match the broadcast shape" not in str(error):
+                    raise
+                raise RuntimeError(f"{error}. {_SHARED_WRITE}") from error
         return grads, extra[0], (extra[1] if has_aux else None)
 
     return f

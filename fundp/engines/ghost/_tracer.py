@@ -189,6 +189,9 @@ _LAYER_OPS = {"linear", "layer_norm", "rms_norm", "batch_norm", "group_norm", "i
 # Ops whose output holds no value of their input (only its shape): not batch data.
 _DATA_FREE = {"zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full",
               "rand_like", "randn_like", "randint_like"}
+# Recurrent kernels that write each example's state into their initial state ``hx`` (nn.GRU, nn.RNN;
+# nn.LSTM's kernel does not): under torch.func.vmap an ``hx`` shared by all examples fails.
+_RNN_STATE_OPS = {"gru": "nn.GRU", "rnn_tanh": "nn.RNN", "rnn_relu": "nn.RNN(nonlinearity='relu')"}
 
 _DROPOUTS = {F.dropout: 2, F.alpha_dropout: 2, F.feature_alpha_dropout: 2, F.dropout1d: 2, F.dropout2d: 2,
              F.dropout3d: 2}
@@ -233,6 +236,7 @@ class Tracer(TorchFunctionMode):
             if isinstance(leaf, torch.Tensor) and leaf._base is not None:
                 self.batch_roots.set(leaf._base, True)
         self.activations = IdentityMap()  # layer input -> {(layout, keep_last): its [B, T, ...] rows}
+        self.batch_shaped = IdentityMap()  # x.new_zeros(...), zeros_like(x) of batch data x -> True
         self.probes: list[torch.Tensor] = []
         self.uses: list[Use] = []
         self.unsupported: dict[int, str] = {}
@@ -379,6 +383,8 @@ class Tracer(TorchFunctionMode):
         if batched and self.batch_size > 1:
             self._check_interaction(func, name, args, kwargs, batched)
             self._check_write(name, args, batched)
+        if name in _RNN_STATE_OPS:
+            self._check_rnn_state(name, args)
         rule = self.rules.get(func)
         if rule is not None and (derived or getattr(rule, "always", False)):
             handled = rule(self, func, args, kwargs)
@@ -404,6 +410,9 @@ class Tracer(TorchFunctionMode):
             self._derive(func, name, args, kwargs, out, derived)
         elif batched:
             self.propagate(func, name, args, kwargs, out)
+            if name in _DATA_FREE:
+                for tensor in _tensors_out(out):
+                    self.batch_shaped.set(tensor, True)
         if name in ("argsort", "randperm") or (name == "sort" and isinstance(out, tuple)):
             indices = out[1] if name == "sort" else out
             if isinstance(indices, torch.Tensor) and indices.dim() == 1 and indices.shape[0] == self.batch_size:
@@ -433,6 +442,24 @@ class Tracer(TorchFunctionMode):
                 f"loss_fn calls the random op {op_name(func)}: pass randomness='different' (dp_step or "
                 "per_sample_grads) so each example's randomness is drawn from the key, or put the model in eval mode"
             )
+
+    def _check_rnn_state(self, name: str, args) -> None:
+        """``torch.gru(input, hx, ...)`` / ``torch.gru(data, batch_sizes, hx, ...)`` (and ``rnn_tanh``,
+        ``rnn_relu``) with an ``hx`` not made from the batch, e.g. the zeros ``nn.GRU`` creates when
+        called without one: per-example gradients of these layers come from ``vmap`` (``"auto"``,
+        ``"vmap"``), where PyTorch's kernel fails writing an example's state into that shared tensor."""
+        hx = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1].is_floating_point() else (
+            args[2] if len(args) > 2 else None)
+        if not isinstance(hx, torch.Tensor) or self.layouts.get(hx) is not None or self.batch_shaped.get(hx) is not None:
+            return
+        from fundp.engines.ghost._engine import GhostUnsupportedError  # (the engine imports this module)
+
+        raise GhostUnsupportedError(
+            f"{_RNN_STATE_OPS[name]} is called without an initial hidden state made from the "
+            "batch: its per-example gradients come from torch.func.vmap (grad_method='auto' or 'vmap'), where "
+            "PyTorch's kernel cannot write each example's state into the zero state the module creates. Pass one "
+            "made from the input: h0 = x.new_zeros(num_layers * num_directions, batch_size, hidden_size); "
+            "out, h = rnn(x, h0)")
 
     # ----------------------------------------------------------------------------- parameters
 
