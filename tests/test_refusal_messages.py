@@ -60,3 +60,55 @@ def test_gru_and_rnn_with_initial_state_from_the_input_are_exact(cls):
         assert_exact(loss_fn, params, x, grad_method, rtol=1e-5)
     with pytest.raises(fundp.engines.ghost.GhostUnsupportedError, match=r"(gru|rnn_tanh).*grad_method='auto'"):
         noiseless_step(loss_fn, "ghost")(params, x, fundp.random.key(0))
+
+
+# ------------------------------------------------------------------ 2. unusual einsum equations
+
+
+def einsum_problem(equation, w_shape, x_shape, extra=None):
+    g = torch.Generator().manual_seed(1)
+    params = {"w": torch.randn(*w_shape, generator=g, dtype=torch.float64)}
+    if extra is not None:
+        params["v"] = torch.randn(*extra, generator=g, dtype=torch.float64)
+    x = torch.randn(B, *x_shape, generator=g, dtype=torch.float64)
+    param_first = equation.startswith("oi,")
+
+    def loss_fn(p, b):
+        operands = [p["w"], b] if param_first else [b, p["w"]] + ([p["v"]] if extra is not None else [])
+        out = torch.einsum(equation, *operands)
+        return out.pow(2).reshape(out.shape[0], -1).sum(dim=1)
+
+    return loss_fn, params, x
+
+
+@pytest.mark.parametrize("equation,w_shape,x_shape", [
+    ("bi,ii->bi", (3, 3), (3,)),  # the parameter's diagonal: before, "output subscript i appears more than once"
+    ("bi,ij->bi", (3, 5), (3,)),  # j summed in the parameter alone: before, "output subscript j does not appear"
+])
+def test_einsum_the_rule_cannot_take_is_exact_in_auto_and_named_by_ghost(equation, w_shape, x_shape):
+    loss_fn, params, x = einsum_problem(equation, w_shape, x_shape)
+    assert_exact(loss_fn, params, x, "auto")
+    with pytest.raises(fundp.engines.ghost.GhostUnsupportedError,
+                       match=rf"einsum\('{equation}'\), which the ghost engine has no rule for.*grad_method='auto'"):
+        noiseless_step(loss_fn, "ghost")(params, x, fundp.random.key(0))
+
+
+@pytest.mark.parametrize("equation,w_shape,x_shape,extra", [
+    ("bti,oi->bto", (5, 3), (2, 3), None),
+    ("oi,bti->bto", (5, 3), (2, 3), None),  # parameter first
+    ("bij,jk->bik", (3, 5), (2, 3), None),
+    ("bti,io->bo", (3, 5), (2, 3), None),
+    ("bti,oi,o->bt", (5, 3), (2, 3), (5,)),  # three operands: auto
+])
+def test_einsum_equations_are_exact(equation, w_shape, x_shape, extra):
+    loss_fn, params, x = einsum_problem(equation, w_shape, x_shape, extra)
+    assert_exact(loss_fn, params, x, "auto")
+    if extra is None:
+        assert_exact(loss_fn, params, x, "ghost")
+
+
+def test_einsum_with_ellipsis_says_to_spell_the_dims_out():
+    loss_fn, params, x = einsum_problem("...i,ij->...j", (3, 5), (2, 3))
+    assert_exact(loss_fn, params, x, "auto")
+    with pytest.raises(fundp.engines.ghost.GhostUnsupportedError, match=r"'\.\.\.i,ij->\.\.\.j'.*spell every dim out"):
+        noiseless_step(loss_fn, "ghost")(params, x, fundp.random.key(0))

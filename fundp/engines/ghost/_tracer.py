@@ -401,7 +401,8 @@ class Tracer(TorchFunctionMode):
             if lost:
                 self.report(derived, f"used by {name} on rows that are not the examples in order ({lost[0].reason})")
             else:
-                self.report(derived, f"used by {name}, which the ghost engine has no rule for")
+                shown = f"einsum({args[0]!r})" if name == "einsum" and args and isinstance(args[0], str) else name
+                self.report(derived, f"used by {shown}, which the ghost engine has no rule for")
             out = func(*args, **kwargs)
             self.propagate(func, name, args, kwargs, out)
             return out
@@ -897,7 +898,8 @@ class Tracer(TorchFunctionMode):
         equation = args[0]
         operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
         if "..." in equation or "->" not in equation:
-            return Untrusted("einsum without an explicit output")
+            return Untrusted(f"einsum({equation!r}) with '...' or an implicit output, whose batch dim the tracer does "
+                             "not follow; spell every dim out, e.g. 'bti,ij->btj'")
         inputs, output = equation.replace(" ", "").split("->")
         found = None
         for subscripts, tensor in zip(inputs.split(","), operands):
