@@ -91,13 +91,24 @@ def keyed_model_rng(key: torch.Tensor | None, batch: Any, randomness: str) -> It
         yield
 
 
-# What vmap's in-place broadcast error means in a model, and what to do.
-_SHARED_WRITE = (
-    "Under torch.func.vmap (per-example gradients) loss_fn wrote a per-example value in place into a tensor "
-    "shared by every example. nn.GRU / nn.RNN called without an initial hidden state do this (the zero state "
-    "the module creates): pass h0 = x.new_zeros(num_layers * num_directions, batch_size, hidden_size). In your "
-    "own code, create the written-to tensor from the input (x.new_zeros(...), torch.zeros_like(x)) or write "
-    "out of place")
+# What torch.func's errors mean in a model, and what to do: (words of torch's message, fundp's hint).
+_VMAP_HINTS = (
+    ("doesn't match the broadcast shape",
+     "Under torch.func.vmap (per-example gradients) loss_fn wrote a per-example value in place into a tensor "
+     "shared by every example. nn.GRU / nn.RNN called without an initial hidden state do this (the zero state "
+     "the module creates): pass h0 = x.new_zeros(num_layers * num_directions, batch_size, hidden_size). In your "
+     "own code, create the written-to tensor from the input (x.new_zeros(...), torch.zeros_like(x)) or write "
+     "out of place"),
+    ("autograd.Function with functorch transforms",
+     "Per-example gradients by torch.func.vmap (grad_method='vmap', and 'auto' for parameters the ghost path "
+     "cannot handle) need every custom torch.autograd.Function written for torch.func (setup_context and "
+     "generate_vmap_rule = True). checkpoint(..., use_reentrant=True) is such a Function: with it use "
+     "grad_method='ghost' or 'auto' (which follow it), or drop the checkpoint"),
+    ("don't yet support saved tensor hooks",
+     "Per-example gradients by torch.func.vmap (grad_method='vmap', and 'auto' for parameters the ghost path "
+     "cannot handle) cannot run saved-tensor hooks such as torch.utils.checkpoint(..., use_reentrant=False): "
+     "pass use_reentrant=True with grad_method='ghost' or 'auto', or drop the checkpoint"),
+)
 
 
 def per_sample_grads_and_losses(
@@ -126,9 +137,10 @@ def per_sample_grads_and_losses(
             try:
                 grads, extra = batched(params, batch)
             except RuntimeError as error:
-                if "doesn't match the broadcast shape" not in str(error):
+                hint = next((hint for words, hint in _VMAP_HINTS if words in str(error)), None)
+                if hint is None:
                     raise
-                raise RuntimeError(f"{error}. {_SHARED_WRITE}") from error
+                raise RuntimeError(f"{str(error).rstrip('.')}. {hint}") from error
         return grads, extra[0], (extra[1] if has_aux else None)
 
     return f

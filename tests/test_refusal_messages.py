@@ -112,3 +112,78 @@ def test_einsum_with_ellipsis_says_to_spell_the_dims_out():
     assert_exact(loss_fn, params, x, "auto")
     with pytest.raises(fundp.engines.ghost.GhostUnsupportedError, match=r"'\.\.\.i,ij->\.\.\.j'.*spell every dim out"):
         noiseless_step(loss_fn, "ghost")(params, x, fundp.random.key(0))
+
+
+# ------------------------------------------------------------------ 3. autograd.Function, checkpoint
+
+
+class _Scale(torch.autograd.Function):
+    """``x * w`` as an old-style Function (no setup_context): torch.func cannot run it."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g * w, (g * x).sum_to_size(w.shape)
+
+
+def block_problem():
+    g = torch.Generator().manual_seed(1)
+    params = {"w": torch.randn(4, 3, generator=g, dtype=torch.float64), "b": torch.randn(4, generator=g, dtype=torch.float64),
+              "s": torch.randn(4, generator=g, dtype=torch.float64)}
+    batches = [torch.randn(B, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    return params, batches
+
+
+def block(p, h):
+    return torch.tanh(torch.nn.functional.linear(h, p["w"], p["b"]))
+
+
+def checkpointed(reentrant):
+    def loss_fn(p, b):
+        h = torch.utils.checkpoint.checkpoint(block, p, b, use_reentrant=reentrant)
+        return (h * p["s"]).pow(2).sum(dim=1)
+
+    return loss_fn
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("grad_method", ["ghost", "auto"])
+def test_reentrant_checkpoint_is_exact_on_every_compiled_call(grad_method):
+    # Before: the second fundp.compile call refused, blaming "tag_activation_checkpoint has no layout rule".
+    params, batches = block_problem()
+    loss_fn = checkpointed(reentrant=True)
+    torch._dynamo.reset()
+    step = fundp.compile(noiseless_step(loss_fn, grad_method), backend="eager")
+    for call, batch in enumerate(batches):
+        out = step(params, batch, fundp.random.key(call))
+        ref = reference_step(loss_fn, params, batch, max_norm=0.5, expected_batch_size=B, dtype=None)
+        for name in params:
+            torch.testing.assert_close(out.grads[name], ref.grads[name], rtol=1e-10, atol=1e-12)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("grad_method", ["ghost", "auto", "vmap"])
+def test_non_reentrant_checkpoint_says_use_reentrant(grad_method):
+    # Before: CheckpointError "Recomputed values ... have different metadata" (ghost, auto) and
+    # "torch.func ... don't yet support saved tensor hooks" (vmap).
+    params, batches = block_problem()
+    with pytest.raises((ValueError, RuntimeError), match=r"use_reentrant=True with grad_method='ghost' or 'auto'"):
+        noiseless_step(checkpointed(reentrant=False), grad_method)(params, batches[0], fundp.random.key(0))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("grad_method", ["ghost", "auto", "vmap"])
+def test_custom_autograd_function_says_how_to_write_it(grad_method):
+    params, batches = block_problem()
+
+    def loss_fn(p, b):
+        return _Scale.apply(block(p, b), p["s"]).pow(2).sum(dim=1)
+
+    words = "custom autograd.Function" if grad_method == "ghost" else "setup_context and generate_vmap_rule = True"
+    with pytest.raises((ValueError, RuntimeError), match=words):
+        noiseless_step(loss_fn, grad_method)(params, batches[0], fundp.random.key(0))

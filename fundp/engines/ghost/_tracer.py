@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from fundp.engines.ghost._index import IdentityMap
+from fundp.engines.ghost._index import IdentityMap, is_compiling
 from fundp.engines.ghost._layout import (
     UNTRUSTED,
     ExamplesInteractError,
@@ -244,6 +244,8 @@ class Tracer(TorchFunctionMode):
         # Why the computation depends on batch values the layouts cannot follow (a Python number read
         # from the batch), or None: then every call is verified.
         self.data_dependent: str | None = None
+        # Whether the engine must run outside torch.compile graphs (a checkpointed block, see dispatch).
+        self.eager_only = False
 
     # ----------------------------------------------------------------------------- queries
 
@@ -385,6 +387,19 @@ class Tracer(TorchFunctionMode):
             self._check_write(name, args, batched)
         if name in _RNN_STATE_OPS:
             self._check_rnn_state(name, args)
+        if derived and not torch.is_grad_enabled():
+            # A parameter used with grad off inside the traced (grad-on) loss_fn: checkpoint(...,
+            # use_reentrant=True) runs its block so, and recomputes it in the backward.  Dynamo would
+            # turn that block into one op the tracer cannot look into: the engine stays out of graphs.
+            self.eager_only = True
+        if derived and not is_compiling() and _in_nonreentrant_checkpoint():
+            from fundp.engines.ghost._engine import GhostUnsupportedError  # (the engine imports this module)
+
+            raise GhostUnsupportedError(
+                f"a parameter is used by {name} inside torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
+                f"{_module_of_caller()}, which recomputes the block during the backward outside the ghost engine's "
+                "sight (and torch.func.vmap, which grad_method='auto' and 'vmap' use, does not support it either): "
+                "pass use_reentrant=True with grad_method='ghost' or 'auto', or drop the checkpoint")
         rule = self.rules.get(func)
         if rule is not None and (derived or getattr(rule, "always", False)):
             handled = rule(self, func, args, kwargs)
@@ -1009,6 +1024,12 @@ class Tracer(TorchFunctionMode):
         if full or (dims is not None and layout.dim in dims):
             if tensor.is_floating_point() or tensor.is_complex():
                 self.interact(f"{name} reduces over the batch dimension")
+
+
+def _in_nonreentrant_checkpoint() -> bool:
+    """Whether the innermost saved-tensor hooks are those of ``checkpoint(use_reentrant=False)``."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", "")
 
 
 def _same_rows(a: Layout, b: Layout) -> bool:
