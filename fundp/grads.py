@@ -104,6 +104,10 @@ _VMAP_HINTS = (
      "cannot handle) need every custom torch.autograd.Function written for torch.func (setup_context and "
      "generate_vmap_rule = True). checkpoint(..., use_reentrant=True) is such a Function: with it use "
      "grad_method='ghost' or 'auto' (which follow it), or drop the checkpoint"),
+    ("that would mutate a captured Tensor",
+     "loss_fn updates a tensor it does not take as input in place (a buffer or counter updated in forward, a "
+     "running statistic, BatchNorm in train mode with track_running_stats): per-example gradients need a pure "
+     "forward. Update such state outside the step, or put those modules in eval mode"),
     ("don't yet support saved tensor hooks",
      "Per-example gradients by torch.func.vmap (grad_method='vmap', and 'auto' for parameters the ghost path "
      "cannot handle) cannot run saved-tensor hooks such as torch.utils.checkpoint(..., use_reentrant=False): "

@@ -187,3 +187,56 @@ def test_custom_autograd_function_says_how_to_write_it(grad_method):
     words = "custom autograd.Function" if grad_method == "ghost" else "setup_context and generate_vmap_rule = True"
     with pytest.raises((ValueError, RuntimeError), match=words):
         noiseless_step(loss_fn, grad_method)(params, batches[0], fundp.random.key(0))
+
+
+# ------------------------------------------------------------------ 4. state changed between forwards
+
+
+class _CountingModel(torch.nn.Module):
+    """Counts its calls in a buffer and lets the count scale its output: not a pure function."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x) * (1 + 0.1 * self.calls)
+
+
+def stateful_problem(module):
+    torch.manual_seed(0)
+    model = module.double()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def loss_fn(p, b):
+        return torch.func.functional_call(model, p, (b,)).pow(2).sum(dim=1)
+
+    return loss_fn, params, torch.randn(B, 3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("grad_method", ["ghost", "auto"])
+def test_state_changed_between_forwards_is_named_not_blamed_on_a_parameter(grad_method):
+    # Before: "the ghost engine's per-example gradients for params['lin.bias'] do not match autograd".
+    loss_fn, params, x = stateful_problem(_CountingModel())
+    with pytest.raises(fundp.engines.ghost.GhostVerificationError,
+                       match=r"changes state between calls.*Make the forward pure.*eval mode") as error:
+        noiseless_step(loss_fn, grad_method)(params, x, fundp.random.key(0))
+    assert "params[" not in str(error.value)
+
+
+@pytest.mark.parametrize("module", [_CountingModel, lambda: torch.nn.Sequential(torch.nn.Linear(3, 4),
+                                                                                 torch.nn.BatchNorm1d(4))])
+def test_vmap_says_a_forward_that_updates_state_must_be_made_pure(module):
+    # Before: torch's "attempted to call in-place operation ... that would mutate a captured Tensor".
+    loss_fn, params, x = stateful_problem(module())
+    with pytest.raises(RuntimeError, match=r"buffer or counter updated in forward.*eval mode"):
+        noiseless_step(loss_fn, "vmap")(params, x, fundp.random.key(0))
+
+
+@pytest.mark.parametrize("grad_method", ["ghost", "auto"])
+def test_batchnorm_in_train_mode_says_use_eval_mode(grad_method):
+    loss_fn, params, x = stateful_problem(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)))
+    with pytest.raises(fundp.engines.ghost.ExamplesInteractError, match=r"batch_norm.*BatchNorm1d.*eval-mode"):
+        noiseless_step(loss_fn, grad_method)(params, x, fundp.random.key(0))
