@@ -104,6 +104,11 @@ _VMAP_HINTS = (
      "cannot handle) need every custom torch.autograd.Function written for torch.func (setup_context and "
      "generate_vmap_rule = True). checkpoint(..., use_reentrant=True) is such a Function: with it use "
      "grad_method='ghost' or 'auto' (which follow it), or drop the checkpoint"),
+    ("stack expects each tensor to be equal size",
+     "Under torch.func.vmap (per-example gradients) loss_fn gave examples results of different shapes: a shape "
+     "read from the data (pack_padded_sequence with per-example lengths, x[:n] with n from the batch). Keep "
+     "every example's shapes fixed: run the padded batch with a mask, and read an RNN's output at each "
+     "example's last position with gather"),
     ("that would mutate a captured Tensor",
      "loss_fn updates a tensor it does not take as input in place (a buffer or counter updated in forward, a "
      "running statistic, BatchNorm in train mode with track_running_stats): per-example gradients need a pure "

@@ -240,3 +240,22 @@ def test_batchnorm_in_train_mode_says_use_eval_mode(grad_method):
     loss_fn, params, x = stateful_problem(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)))
     with pytest.raises(fundp.engines.ghost.ExamplesInteractError, match=r"batch_norm.*BatchNorm1d.*eval-mode"):
         noiseless_step(loss_fn, grad_method)(params, x, fundp.random.key(0))
+
+
+# ------------------------------------------------------------------ 5. found on the way
+
+
+@pytest.mark.parametrize("grad_method", ["auto", "vmap"])
+def test_packed_sequences_say_keep_shapes_fixed(grad_method):
+    # Before: "stack expects each tensor to be equal size, but got [3, 3] at entry 0 and [1, 3] at entry 1".
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, batch_first=True)
+    params = {k: v.detach().clone() for k, v in lstm.named_parameters()}
+
+    def loss_fn(p, b):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(b["x"], b["n"], batch_first=True, enforce_sorted=False)
+        return torch.func.functional_call(lstm, p, (packed,))[1][0][-1].pow(2).sum(dim=1)
+
+    batch = {"x": torch.randn(B, 3, 3), "n": torch.tensor([3, 1, 2, 3])}
+    with pytest.raises(RuntimeError, match=r"results of different shapes.*pack_padded_sequence.*mask"):
+        noiseless_step(loss_fn, grad_method)(params, batch, fundp.random.key(0))

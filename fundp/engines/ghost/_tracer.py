@@ -460,13 +460,13 @@ class Tracer(TorchFunctionMode):
             )
 
     def _check_rnn_state(self, name: str, args) -> None:
-        """``torch.gru(input, hx, ...)`` / ``torch.gru(data, batch_sizes, hx, ...)`` (and ``rnn_tanh``,
-        ``rnn_relu``) with an ``hx`` not made from the batch, e.g. the zeros ``nn.GRU`` creates when
-        called without one: per-example gradients of these layers come from ``vmap`` (``"auto"``,
-        ``"vmap"``), where PyTorch's kernel fails writing an example's state into that shared tensor."""
-        hx = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1].is_floating_point() else (
-            args[2] if len(args) > 2 else None)
-        if not isinstance(hx, torch.Tensor) or self.layouts.get(hx) is not None or self.batch_shaped.get(hx) is not None:
+        """``torch.gru(input, hx, ...)`` (and ``rnn_tanh``, ``rnn_relu``) with an ``hx`` not made from the
+        batch, e.g. the zeros ``nn.GRU`` creates when called without one: per-example gradients of these
+        layers come from ``vmap`` (``"auto"``, ``"vmap"``), where PyTorch's kernel fails writing an
+        example's state into that shared tensor."""
+        hx = args[1] if len(args) > 1 else None  # (a packed sequence, (data, batch_sizes, hx, ...), fails vmap anyway)
+        if not isinstance(hx, torch.Tensor) or not hx.is_floating_point() or self.layouts.get(hx) is not None \
+                or self.batch_shaped.get(hx) is not None:
             return
         from fundp.engines.ghost._engine import GhostUnsupportedError  # (the engine imports this module)
 
