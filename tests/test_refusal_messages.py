@@ -245,6 +245,7 @@ def test_batchnorm_in_train_mode_says_use_eval_mode(grad_method):
 # ------------------------------------------------------------------ 5. found on the way
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("grad_method", ["auto", "vmap"])
 def test_packed_sequences_say_keep_shapes_fixed(grad_method):
     # Before: "stack expects each tensor to be equal size, but got [3, 3] at entry 0 and [1, 3] at entry 1".
