@@ -9,7 +9,7 @@ forward changes the losses of a different batch composition, so on every call
 (``check_batch_consistency=True``):
 
 * draw a random half of the rows, in random order, from the step's model key
-  (``rows = argsort(u)[:B // 2]`` with ``u = uniform(fold_in(key, DOMAIN), [B])``: tensor ops
+  (``rows = argsort(hash(key, arange(B)))[:B // 2]``, :func:`consistency_rows`: tensor ops
   only, a new subset each call, no recompilation);
 * run ``loss_fn`` once more on those rows alone (forward only, ``torch.no_grad``) and compare with
   the full batch's losses of the same rows: example ``i`` fails when
@@ -50,14 +50,15 @@ from typing import Any, Callable
 import optree
 import torch
 
-from fundp import random as fundp_random
 from fundp.engines.ghost._index import is_compiling
 from fundp.engines.ghost._layout import ExamplesInteractError
+from fundp.engines.ghost._verify import _take
 
 __all__ = ["BatchConsistencyError", "check_batch_consistency", "consistency_rows", "inconsistent_rows"]
 
-DOMAIN = 0x43484B31  # "CHK1": the check's own stream of the model key
-_FALLBACK_KEY_SEED = 20261206  # engines called without a key (randomness="error" allows it)
+DOMAIN = 0x43484B31  # "CHK1": mixed into the key's words for the check's subsets
+_MASK32 = 0xFFFFFFFF
+_FALLBACK_WORDS = (20261206, 0x5EED)  # engines called without a key (randomness="error" allows it)
 
 ADVICE = ("examples of a batch interact inside loss_fn through code the ghost engine's tracer cannot see "
           "(torch.jit, an extension op, a batch statistic computed out of its sight), so per-example "
@@ -78,19 +79,36 @@ class BatchConsistencyError(ExamplesInteractError):
     """
 
 
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit words (int64 holding ``[0, 2**32)``): two rounds of
+    ``x ^= x >> 16; x *= 0x45d9f3b`` (an odd multiplier: products stay below ``2**59``)."""
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
 def consistency_rows(key: torch.Tensor | None, size: int, device: torch.device) -> torch.Tensor:
     """``LongTensor[size // 2]``: a random half of ``range(size)`` in random order, drawn from ``key``.
+
+    The rows are sorted by a keyed hash of their index, ``mix(mix(i + k0 ^ DOMAIN) ^ k1)`` with
+    ``(k0, k1)`` the key's words: a bijection of 32-bit words, so no two rows tie, a new subset and
+    order for each key, and about twenty integer ops (the threefry draw of :mod:`fundp.random`
+    costs ~20x more op launches eagerly; the subset needs to be unpredictable to the model, not
+    cryptographic).  Tensor ops only: no host read, no recompilation under ``torch.compile``.
 
     Example:
       >>> import torch, fundp
       >>> rows = consistency_rows(fundp.random.key(0), 6, torch.device("cpu"))
-      >>> rows.shape, bool((rows.sort().values.unique().numel() == 3))
-      (torch.Size([3]), True)
+      >>> rows.shape, rows.unique().numel()
+      (torch.Size([3]), 3)
     """
+    index = torch.arange(size, dtype=torch.int64, device=device)
     if key is None:
-        key = fundp_random.key(_FALLBACK_KEY_SEED, device=device)
-    scores = fundp_random.uniform(fundp_random.fold_in(key, DOMAIN), (size,))
-    return scores.argsort()[: size // 2].to(device)
+        k0, k1 = torch.tensor(_FALLBACK_WORDS, dtype=torch.int64, device=device).unbind()
+    else:
+        k0, k1 = key.to(device=device, dtype=torch.int64).unbind()
+    scores = _mix32(_mix32(((index + k0) & _MASK32) ^ DOMAIN) ^ k1)
+    return scores.argsort()[: size // 2]
 
 
 def inconsistent_rows(full: torch.Tensor, rows: torch.Tensor, half: torch.Tensor, tol: float) -> torch.Tensor:
@@ -113,10 +131,6 @@ def inconsistent_rows(full: torch.Tensor, rows: torch.Tensor, half: torch.Tensor
     close = both & ((batch - half_wide).abs() <= bound)
     same = (batch == half_wide) | (torch.isnan(batch) & torch.isnan(half_wide))
     return ~(close | same)
-
-
-def _take(batch: Any, rows: torch.Tensor) -> Any:
-    return optree.tree_map(lambda leaf: leaf.index_select(0, rows.to(leaf.device)), batch)
 
 
 def check_batch_consistency(
