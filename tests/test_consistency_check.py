@@ -184,6 +184,14 @@ def test_a_batch_of_one_and_models_with_dropout_skip_the_check(monkeypatch):
     assert calls == []
 
 
+def test_a_loss_fn_with_the_batch_size_written_into_it_gets_a_clear_error():
+    def fixed_size(p, b):  # works for B rows and for one (verification), not for B // 2
+        return F.linear(b, p["w"]).reshape(B if b.shape[0] == B else 1, -1).sum(1)
+
+    with pytest.raises((RuntimeError, ValueError), match="any size.*check_batch_consistency=False"):
+        make_step(fixed_size)(coupled_params(), coupled_batches()[0], fundp.random.key(0))
+
+
 def test_the_option_is_checked():
     with pytest.raises(TypeError, match="check_batch_consistency must be a bool"):
         make_step(coupled_loss(_hidden_center), check_batch_consistency="yes")

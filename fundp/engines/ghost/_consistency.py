@@ -144,12 +144,21 @@ def check_batch_consistency(
         return
     rows = consistency_rows(key, size, losses.device)
     detached = optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, params)
-    with torch.no_grad():
-        out = loss_fn(detached, _take(batch, rows))
+    try:
+        with torch.no_grad():
+            out = loss_fn(detached, _take(batch, rows))
+    except (RuntimeError, ValueError, IndexError, TypeError) as error:
+        raise type(error)(
+            f"loss_fn failed on {rows.numel()} of the batch's {size} rows, run by the per-call batch-consistency "
+            f"check ({error}). loss_fn must accept a batch of any size (no batch size written into it); "
+            "or pass check_batch_consistency=False") from error
     half = out[0] if has_aux else out
     if not isinstance(half, torch.Tensor) or half.shape != rows.shape:
         shape = tuple(half.shape) if isinstance(half, torch.Tensor) else type(half).__name__
-        raise ValueError(f"loss_fn must return per-example losses of shape [B]; on {rows.numel()} rows it gave {shape}")
+        raise ValueError(
+            f"loss_fn returned {shape} on {rows.numel()} of the batch's {size} rows, run by the per-call batch-consistency "
+            f"check; it must return [{rows.numel()}] per-example losses: a batch of any size (no batch size written "
+            "into it); or pass check_batch_consistency=False")
     bad = inconsistent_rows(losses.detach(), rows, half.detach(), tol)
     if is_compiling():
         torch._assert_async(~bad.any(), "BatchConsistencyError: a loss of the batch differs from the same "
