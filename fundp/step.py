@@ -125,6 +125,7 @@ def clipped_grad_sum(
     has_aux: bool = False,
     randomness: Randomness = "error",
     verify: Verify = "first",
+    check_batch_consistency: bool = True,
     check_finite: bool = False,
 ) -> ClippedSumFn:
     """Transform: returns ``f(params, batch, mask=None, key=None, *, max_norm=None) -> ClippedSum``.
@@ -139,6 +140,8 @@ def clipped_grad_sum(
     when ``randomness="different"``.  ``max_norm`` at call time overrides the built threshold
     (a 0-d tensor under ``torch.compile`` never recompiles).  ``verify`` is passed to the
     engine: when a fast engine (``"ghost"``) is checked against single-example gradients.
+    ``check_batch_consistency``: on every call of the ghost path, the losses of a random half of
+    the batch must equal the batch's (see :mod:`fundp.engines.ghost._consistency`).
     ``check_finite``: debug mode, raise ``FloatingPointError`` for NaN/Inf params or losses of
     real rows (a device sync, outside the graph).
 
@@ -153,9 +156,12 @@ def clipped_grad_sum(
     _check_choice("grad_method", grad_method, GRAD_METHODS)
     _check_choice("randomness", randomness, RANDOMNESS)
     _check_verify(verify)
+    if not isinstance(check_batch_consistency, bool):
+        raise TypeError(f"check_batch_consistency must be a bool, got {check_batch_consistency!r}")
     _check_max_norm_tree(max_norm, clip_style)
     gamma = check_positive("gamma", gamma)
-    engine = make_engine(grad_method, loss_fn, has_aux=has_aux, randomness=randomness, verify=verify)
+    engine = make_engine(grad_method, loss_fn, has_aux=has_aux, randomness=randomness, verify=verify,
+                         check_batch_consistency=check_batch_consistency)
     built_max_norm = max_norm
 
     def f(
@@ -549,6 +555,7 @@ def dp_step(
     has_aux: bool = False,
     randomness: Randomness = "error",
     verify: Verify = "first",
+    check_batch_consistency: bool = True,
     check_finite: bool = False,
     distributed: bool = False,
     process_group: Any = None,
@@ -587,6 +594,13 @@ def dp_step(
       randomness: ``"different"`` for models with dropout (driven by ``key``).
       verify: ``"first"`` (default), ``"always"`` or ``False``: when the engine checks its fast
         path against single-example gradients (see :mod:`fundp.engines`).
+      check_batch_consistency: on every call of the ghost path (``"auto"``/``"ghost"``), one extra
+        forward (no backward) of a random half of the batch, in random order: each of its losses
+        must equal the same example's loss in the batch, or
+        :class:`~fundp.engines.ghost.BatchConsistencyError` is raised.  Catches examples coupled
+        by code the tracer cannot see (``torch.jit``, extension ops) on any call, not only the
+        verified first one.  Skipped with ``randomness != "error"``.  See
+        :mod:`fundp.engines.ghost._consistency` (tolerances, cost, what it cannot see).
       check_finite: debug mode: raise ``FloatingPointError`` when params or a real example's
         loss are NaN/Inf (synchronises with the device; off by default).
       distributed: inside an initialised ``torch.distributed`` group, each rank passes its shard
@@ -713,6 +727,7 @@ def dp_step(
         has_aux=has_aux,
         randomness=randomness,
         verify=verify,
+        check_batch_consistency=check_batch_consistency,
         check_finite=check_finite,
     )
     chunk_fn = summed

@@ -28,11 +28,14 @@ Uses the tracer cannot see (``torch.jit``, custom ``autograd.Function``, extensi
 independently: the rules compute from detached parameters, so any autograd path from the loss
 to a parameter is a use they did not take (a graph walk, eagerly).  And the verification pass
 (:mod:`._verify`, ``dp_step(verify="first")`` by default) checks the engine against plain autograd
-and single examples on real data on the first call per input signature.
+and single examples on real data on the first call per input signature; on every later call a
+cheap check (:mod:`._consistency`, ``check_batch_consistency=True``) reruns the forward on a random
+half of the batch and compares the losses, so couplings hidden from the tracer are caught when they act.
 
 :func:`ghost_plan` shows the plan for a model.
 """
 
+from fundp.engines.ghost._consistency import BatchConsistencyError
 from fundp.engines.ghost._engine import GhostUnsupportedError, ghost_plan, make_ghost_engine
 from fundp.engines.ghost._layout import ExamplesInteractError, to_examples
 from fundp.engines.ghost._registry import RULES, register_rule
@@ -40,6 +43,7 @@ from fundp.engines.ghost._uses import Factor, Ids, Rows
 from fundp.engines.ghost._verify import GhostVerificationError
 
 __all__ = [
+    "BatchConsistencyError",
     "ExamplesInteractError",
     "Factor",
     "GhostUnsupportedError",

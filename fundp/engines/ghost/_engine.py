@@ -17,7 +17,8 @@ from fundp.engines.ghost._registry import RULES
 from fundp.engines.ghost._tracer import Tracer, Untrusted
 from fundp.engines.ghost._uses import Rows, materialise, transpose_form
 from fundp.engines.ghost._mixed import vmap_rows
-from fundp.engines.ghost._verify import verify_engine
+from fundp.engines.ghost._verify import tolerance, verify_engine
+from fundp.engines.ghost._consistency import check_batch_consistency as _check_consistency
 from fundp.grads import keyed_model_rng
 
 __all__ = ["GhostUnsupportedError", "make_ghost_engine", "ghost_plan", "VERIFY_MODES"]
@@ -180,7 +181,7 @@ def _signature(leaves: list, batch: Any) -> tuple:
 
 def make_ghost_engine(
     loss_fn: Callable, *, has_aux: bool = False, randomness: str = "error", fallback: bool = False,
-    verify: bool | str = "first",
+    verify: bool | str = "first", check_batch_consistency: bool = True,
 ) -> Callable:
     """Returns ``engine(params, batch, key) -> EngineOutput`` (see :mod:`fundp.engines.base`).
 
@@ -188,7 +189,9 @@ def make_ghost_engine(
     :class:`GhostUnsupportedError`.  ``fallback=True`` (``"auto"``): such parameters get their
     per-example gradients from ``vmap(grad)`` (with ``randomness != "error"`` the whole step falls
     back to ``vmap``, so that every part of an example's gradient sees the same dropout mask).
-    ``verify``: see :mod:`fundp.engines.ghost._verify`.
+    ``verify``: see :mod:`fundp.engines.ghost._verify`.  ``check_batch_consistency``: on every call
+    of the ghost path, the losses of a random half of the batch must equal the batch's
+    (:mod:`fundp.engines.ghost._consistency`; skipped with ``randomness != "error"``).
 
     Example:
       >>> import torch
@@ -206,6 +209,8 @@ def make_ghost_engine(
         raise ValueError(f"randomness must be 'error', 'different' or 'same', got {randomness!r}")
     if verify not in VERIFY_MODES or isinstance(verify, bool) and verify:
         raise ValueError(f"verify must be False, 'first' or 'always', got {verify!r}")
+    if not isinstance(check_batch_consistency, bool):
+        raise TypeError(f"check_batch_consistency must be a bool, got {check_batch_consistency!r}")
     if randomness == "same":
         if not fallback:
             raise ValueError("grad_method='ghost' runs the batch in one forward and cannot share one random draw "
@@ -310,6 +315,8 @@ def make_ghost_engine(
         data_dependent = tracer.data_dependent is not None
         if verify == "always" or (verify == "first" and (data_dependent or _signature(leaves, batch) not in verified)):
             run_verification(params, batch, key, sq_norm_leaves, losses, weighted_sum_leaves, data_dependent)
+        if check_batch_consistency and randomness == "error":  # a half would draw other dropout masks
+            _check_consistency(loss_fn, params, batch, key, losses, has_aux, tolerance(leaves))
         aux = optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
         return EngineOutput(sq_norms, losses, aux, weighted_sum)
 

@@ -1,0 +1,174 @@
+"""The per-call batch-consistency check: the batch's losses must not depend on which other examples
+are in it, nor on their order.
+
+The ghost engine's tracer proves the row layout of every op it sees, and the verification pass
+(:mod:`._verify`) checks the result on the first call per input signature.  Code the tracer cannot
+see (a ``torch.jit`` function, an extension op) can still couple examples on a *later* call, e.g.
+a batch statistic that is inactive on the first batch.  Any such coupling that changes the
+forward changes the losses of a different batch composition, so on every call
+(``check_batch_consistency=True``):
+
+* draw a random half of the rows, in random order, from the step's model key
+  (``rows = argsort(hash(key, arange(B)))[:B // 2]``, :func:`consistency_rows`: tensor ops
+  only, a new subset each call, no recompilation);
+* run ``loss_fn`` once more on those rows alone (forward only, ``torch.no_grad``) and compare with
+  the full batch's losses of the same rows: example ``i`` fails when
+
+  ``|L_i(batch) - L_i(half)| > tol * (|L_i(batch)| + |L_i(half)| + mean_j |L_j(batch)|)``
+
+  (non-finite losses must be identical, NaN matching NaN).
+
+A batch statistic (a mean, a max, a quantile of the batch) differs between a batch and a random
+half of it, and an order-dependent op (a sort, a scan, a rank) sees another order, so a coupling
+that moves a loss by more than the tolerance is caught on the call where it acts (a statistic
+that is the same for the half by chance, e.g. the batch maximum when its row was drawn, is
+caught with probability 1/2 per call).
+
+Tolerances (:func:`fundp.engines.ghost._verify.tolerance`): ``1e-7`` when the parameters are
+float64, ``1e-3`` in float32, ``5e-2`` with 16-bit parameters or autocast.  A batch of half the
+size may take other kernels (other blocking of a reduction), so rows can differ by rounding: a
+few units in the last place of each reduction, amplified by the network's conditioning; the
+relative tolerances are ``~10^8`` (float64) and ``~10^4`` (float32) units of round-off, and the
+scale includes the batch's mean absolute loss so that a loss near zero by cancellation
+(a fitted regression) is compared against the batch's loss scale, not against itself.
+
+What it cannot see: a coupling that changes only the backward (a custom ``autograd.Function``
+whose backward mixes rows while its forward does not), and models with random ops
+(``randomness != "error"``: the half would draw other dropout masks), where the check is skipped.
+
+Reporting.  Eagerly the check reads one boolean on the host (free on the CPU, one device
+synchronisation per call on an accelerator) and raises :class:`BatchConsistencyError` naming the
+rows and their losses.  Inside a ``torch.compile`` graph it stays tensor-only:
+``torch._assert_async`` raises a ``RuntimeError`` with the same advice (on CUDA a device-side
+assert, which ends the process's CUDA context; no synchronisation while the check passes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optree
+import torch
+
+from fundp.engines.ghost._index import is_compiling
+from fundp.engines.ghost._layout import ExamplesInteractError
+from fundp.engines.ghost._verify import _take
+
+__all__ = ["BatchConsistencyError", "check_batch_consistency", "consistency_rows", "inconsistent_rows"]
+
+DOMAIN = 0x43484B31  # "CHK1": mixed into the key's words for the check's subsets
+_MASK32 = 0xFFFFFFFF
+_FALLBACK_WORDS = (20261206, 0x5EED)  # engines called without a key (randomness="error" allows it)
+
+ADVICE = ("examples of a batch interact inside loss_fn through code the ghost engine's tracer cannot see "
+          "(torch.jit, an extension op, a batch statistic computed out of its sight), so per-example "
+          "gradients and DP-SGD's guarantee do not apply. Remove the coupling (compute it per example), or "
+          "use grad_method='vmap' (each example alone); check_batch_consistency=False turns this check off")
+
+
+class BatchConsistencyError(ExamplesInteractError):
+    """A loss of the batch differs from the same example's loss in a random half of the batch.
+
+    Raised by the per-call check of ``dp_step(..., check_batch_consistency=True)``; an
+    :class:`~fundp.engines.ghost.ExamplesInteractError` (a ``ValueError``).
+
+    Example:
+      >>> from fundp.engines.ghost import BatchConsistencyError, ExamplesInteractError
+      >>> issubclass(BatchConsistencyError, ExamplesInteractError)
+      True
+    """
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit words (int64 holding ``[0, 2**32)``): two rounds of
+    ``x ^= x >> 16; x *= 0x45d9f3b`` (an odd multiplier: products stay below ``2**59``)."""
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def consistency_rows(key: torch.Tensor | None, size: int, device: torch.device) -> torch.Tensor:
+    """``LongTensor[size // 2]``: a random half of ``range(size)`` in random order, drawn from ``key``.
+
+    The rows are sorted by a keyed hash of their index, ``mix(mix(i + k0 ^ DOMAIN) ^ k1)`` with
+    ``(k0, k1)`` the key's words: a bijection of 32-bit words, so no two rows tie, a new subset and
+    order for each key, and about twenty integer ops (the threefry draw of :mod:`fundp.random`
+    costs ~20x more op launches eagerly; the subset needs to be unpredictable to the model, not
+    cryptographic).  Tensor ops only: no host read, no recompilation under ``torch.compile``.
+
+    Example:
+      >>> import torch, fundp
+      >>> rows = consistency_rows(fundp.random.key(0), 6, torch.device("cpu"))
+      >>> rows.shape, rows.unique().numel()
+      (torch.Size([3]), 3)
+    """
+    index = torch.arange(size, dtype=torch.int64, device=device)
+    if key is None:
+        k0, k1 = torch.tensor(_FALLBACK_WORDS, dtype=torch.int64, device=device).unbind()
+    else:
+        k0, k1 = key.to(device=device, dtype=torch.int64).unbind()
+    scores = _mix32(_mix32(((index + k0) & _MASK32) ^ DOMAIN) ^ k1)
+    return scores.argsort()[: size // 2]
+
+
+def inconsistent_rows(full: torch.Tensor, rows: torch.Tensor, half: torch.Tensor, tol: float) -> torch.Tensor:
+    """``BoolTensor[h]``: which of ``rows`` have a loss in the half (``half[k]``) that differs from
+    the batch's (``full[rows[k]]``) by more than the tolerance (see the module docstring).
+
+    Example:
+      >>> import torch
+      >>> full = torch.tensor([1.0, 2.0, float("nan"), 4.0])
+      >>> inconsistent_rows(full, torch.tensor([3, 2, 0]), torch.tensor([4.0, float("nan"), 1.5]), 1e-3)
+      tensor([False, False,  True])
+    """
+    wide = torch.float64 if full.dtype == torch.float64 else torch.float32
+    full_wide, half_wide = full.to(wide), half.to(wide)
+    batch = full_wide.index_select(0, rows)
+    finite = torch.isfinite(full_wide)
+    scale = torch.where(finite, full_wide.abs(), torch.zeros_like(full_wide)).sum() / finite.sum().clamp(min=1)
+    both = torch.isfinite(batch) & torch.isfinite(half_wide)
+    bound = tol * (batch.abs() + half_wide.abs() + scale)
+    close = both & ((batch - half_wide).abs() <= bound)
+    same = (batch == half_wide) | (torch.isnan(batch) & torch.isnan(half_wide))
+    return ~(close | same)
+
+
+def check_batch_consistency(
+    loss_fn: Callable, params: Any, batch: Any, key: torch.Tensor | None, losses: torch.Tensor, has_aux: bool,
+    tol: float,
+) -> None:
+    """Runs ``loss_fn`` on a random half of ``batch`` (forward only) and raises when a row's loss
+    differs from ``losses`` (``[B]``, the full batch's); see the module docstring."""
+    size = losses.shape[0]
+    if size < 2:
+        return
+    rows = consistency_rows(key, size, losses.device)
+    detached = optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, params)
+    try:
+        with torch.no_grad():
+            out = loss_fn(detached, _take(batch, rows))
+    except (RuntimeError, ValueError, IndexError, TypeError) as error:
+        raise type(error)(
+            f"loss_fn failed on {rows.numel()} of the batch's {size} rows, run by the per-call batch-consistency "
+            f"check ({error}). loss_fn must accept a batch of any size (no batch size written into it); "
+            "or pass check_batch_consistency=False") from error
+    half = out[0] if has_aux else out
+    if not isinstance(half, torch.Tensor) or half.shape != rows.shape:
+        shape = tuple(half.shape) if isinstance(half, torch.Tensor) else type(half).__name__
+        raise ValueError(
+            f"loss_fn returned {shape} on {rows.numel()} of the batch's {size} rows, run by the per-call batch-consistency "
+            f"check; it must return [{rows.numel()}] per-example losses: a batch of any size (no batch size written "
+            "into it); or pass check_batch_consistency=False")
+    bad = inconsistent_rows(losses.detach(), rows, half.detach(), tol)
+    if is_compiling():
+        torch._assert_async(~bad.any(), "BatchConsistencyError: a loss of the batch differs from the same "
+                            "example's loss in a random half of the batch: " + ADVICE)
+        return
+    if bool(bad.any()):
+        which = rows[bad].tolist()
+        first = which[0]
+        position = int(bad.nonzero()[0])
+        raise BatchConsistencyError(
+            f"example {first}'s loss is {float(losses[first]):.9g} in the batch of {size} but "
+            f"{float(half[position]):.9g} in a random half of it ({len(which)} of {rows.numel()} rows differ, "
+            f"tolerance {tol:g}): {ADVICE}")
