@@ -111,29 +111,88 @@ def forget_keys() -> None:
         _USED_KEYS.clear()
 
 
+def _reuse_error(words: tuple[int, int]) -> KeyReuseError:
+    return KeyReuseError(
+        f"key {list(words)} was already used by a step in this process: the same key gives the "
+        "same noise bit for bit, so two releases with it cancel the noise. Derive a fresh key per "
+        "step: fundp.random.fold_in(key, t) or fundp.random.split(key), or let fundp.train_step "
+        "derive it (it splits TrainState.key every step, so its loops never repeat a key); start an "
+        "independent run from fundp.random.os_key(). Opt out explicitly only where equal noise is "
+        "wanted (e.g. comparing two steps): dp_step(..., check_key_reuse=False)"
+    )
+
+
 def claim_key(key: torch.Tensor) -> tuple[int, int]:
     """Records ``key`` as used by this process; raises :class:`KeyReuseError` if it already was.
 
-    Returns the key's words (pass them to :func:`release_key` when the step fails).
+    Reads the key's two words on the host: free for a CPU key (the default of
+    :func:`fundp.random.key`), one 16-byte device read (a sync) for an accelerator key.
+    Returns the key's words.
     """
     from fundp.random import key_data
 
     words = key_data(key)
     with _LOCK:
         if words in _USED_KEYS:
-            raise KeyReuseError(
-                f"key {list(words)} was already used by a step in this process: the same key gives the "
-                "same noise, so reusing it cancels privacy. Derive one key per step, e.g. "
-                "fundp.random.fold_in(key, t) (or opt out explicitly: dp_step(..., check_key_reuse=False))"
-            )
+            raise _reuse_error(words)
         _USED_KEYS.add(words)
     return words
 
 
-def release_key(words: tuple[int, int]) -> None:
-    """Undoes :func:`claim_key` for a step that raised before releasing anything."""
+def _define_claim_key_op() -> Any:
+    """``torch.ops.fundp.claim_key(key) -> key`` (a copy): :func:`claim_key` as an opaque custom op.
+
+    Inside ``torch.compile`` (``fullgraph=True`` included) the op stays in the graph as one node
+    (no graph break) and runs :func:`claim_key` on the real key each time the graph runs, so the
+    compiled step refuses a reused key as the eager one does.  The step draws its randomness from
+    the op's output, so the op can be neither dropped nor reordered after the noise.
+    """
+    existing = getattr(getattr(torch.ops, "fundp", None), "claim_key", None)
+    if existing is not None:  # already registered in this process (fundp imported twice)
+        return existing
+
+    @torch.library.custom_op("fundp::claim_key", mutates_args=())
+    def claim_key_op(key: torch.Tensor) -> torch.Tensor:
+        claim_key(key)
+        return key.clone()
+
+    @claim_key_op.register_fake
+    def _(key: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(key)
+
+    return claim_key_op
+
+
+_claim_key_op = _define_claim_key_op()
+
+
+def claimed(key: torch.Tensor) -> torch.Tensor:
+    """``key``, refused (:class:`KeyReuseError`) if a step of this process already used it.
+
+    Under ``torch.compile`` the check is the custom op ``fundp::claim_key`` (one graph node, no
+    graph break: ``fullgraph=True`` works), which also records the key; the step draws from its
+    output.  Eagerly the key is only checked here and recorded by :func:`record_key` once the step
+    has completed, so a step that raises (a wrong batch, an engine refusal) leaves its key usable.
+    """
+    if torch.compiler.is_compiling():
+        return _claim_key_op(key)
+    from fundp.random import key_data
+
+    words = key_data(key)
     with _LOCK:
-        _USED_KEYS.discard(words)
+        used = words in _USED_KEYS
+    if used:
+        raise _reuse_error(words)
+    return key
+
+
+def record_key(key: torch.Tensor) -> None:
+    """Records ``key`` as used once an eager step completed (the compiled op already recorded it)."""
+    if not torch.compiler.is_compiling():
+        from fundp.random import key_data
+
+        with _LOCK:
+            _USED_KEYS.add(key_data(key))
 
 
 # ----------------------------------------------------------------------------- ledgers
