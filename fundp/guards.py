@@ -9,10 +9,13 @@ Two things live here, so that :func:`fundp.dp_step` consults one place:
 
   - **keys**: a key already used by *any* step of the process is refused (the same key gives the
     same noise bit for bit; two releases with equal noise cancel it).  The used keys' two 32-bit
-    words are kept in a process-wide set (16 bytes a step); CPU keys are read without a device
-    sync.  Opt out per step with ``dp_step(..., check_key_reuse=False)`` (e.g. a test comparing two
-    steps on one key, or ``torch.compile(step, fullgraph=True)``, which cannot run host code);
-    :func:`forget_keys` starts a new run scope.
+    words are kept in a process-wide set (16 bytes a step); CPU keys (the default) are read
+    without a device sync.  Eagerly a plain check; inside ``torch.compile`` the custom op
+    ``fundp::claim_key``, so a compiled step (``fullgraph=True`` included) refuses a reused key
+    with no graph break.  Opt out per step with ``dp_step(..., check_key_reuse=False)`` (e.g. a
+    test comparing two steps on one key); :func:`forget_keys` starts a new run scope.
+  - **masks**: without ``sampler=``, a step's first batch passed without a mask whose last two
+    rows are equal (as padding rows are) warns (:class:`PaddingWithoutMaskWarning`).
   - **ledgers**: a ledger that a completed step already recorded on is *consumed*; every step
     object of the process refuses it (a flag on the ledger object itself: no cap, no registry).
     A step that raises leaves its ledger unconsumed, so the same ledger continues the run.
@@ -34,7 +37,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["UNSUPPORTED", "check_combination", "forget_keys", "KeyReuseError", "StaleLedgerError"]
+__all__ = ["UNSUPPORTED", "check_combination", "forget_keys", "KeyReuseError", "PaddingWithoutMaskWarning", "StaleLedgerError"]
 
 #: Refused pairs of ``dp_step`` options (sorted names) -> (exception type, reason).
 UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
@@ -211,6 +214,44 @@ def consume(ledger: Any) -> None:
     """Marks ``ledger`` as consumed (called once a step that recorded on it has completed)."""
     if ledger is not None and hasattr(ledger, "_consumed"):
         object.__setattr__(ledger, "_consumed", True)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+class PaddingWithoutMaskWarning(UserWarning):
+    """A step's first batch came without a mask and its last two rows are equal, as padding is."""
+
+
+def warn_if_padded_without_mask(batch: Any) -> bool:
+    """Warns when a batch passed without a mask looks padded; returns whether it warned.
+
+    Padded Poisson batches (``fundp.data.poisson_batches``) fill their padding rows with copies
+    of one example, so without the mask each padding row counts as a real example (up to
+    ``pad_to_multiple - 1`` copies: that example's influence is that many times ``C``).  A
+    step built without ``sampler=`` cannot know the batch is padded; it looks once, at its first
+    eager call: when the last two rows of every leaf are equal (the padding of a batch with at
+    least two padding rows), it warns.  Equal rows can be genuine (duplicates in the data), hence
+    a warning, not an error; ``dp_step(..., sampler=batches)`` makes it a refusal.  Reads two
+    rows (one device sync, once per step object; none inside ``torch.compile``).
+    """
+    import optree
+
+    leaves = [leaf for leaf in optree.tree_leaves(batch) if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1]
+    if not leaves or leaves[0].shape[0] < 2 or torch.compiler.is_compiling():
+        return False
+    if not all(torch.equal(leaf[-1], leaf[-2]) for leaf in leaves):
+        return False
+    warnings.warn(
+        "the batch came without a mask and its last two rows are equal, as the padding rows of "
+        "fundp.data.poisson_batches are: without its mask each padding row counts as a real "
+        "example (copies of one example, whose influence is then a multiple of max_norm). Pass "
+        "step(..., mask=mask) with the mask the sampler yields, and build the step with "
+        "dp_step(..., sampler=batches) so that a missing mask is refused",
+        PaddingWithoutMaskWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 # ----------------------------------------------------------------------------- params

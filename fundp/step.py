@@ -618,7 +618,9 @@ def dp_step(
     ``ledger`` and ``mask`` are keyword-only; a ledger that a completed call of *any* step already
     recorded on (the caller forgot ``ledger = out.ledger``) is refused; a call that raises does
     not consume its ledger (continue with the same one); a reused key is refused; params that
-    require grad are detached (one warning), so no autograd graph grows across steps.
+    require grad are detached (one warning), so no autograd graph grows across steps.  Without
+    ``sampler=``, the first eager batch passed without a mask is looked at once: equal last two
+    rows (as the padding of Poisson batches) warn (:class:`fundp.guards.PaddingWithoutMaskWarning`).
 
     Example:
       >>> import torch, fundp
@@ -704,6 +706,7 @@ def dp_step(
     built_sigma = noise_multiplier
     built_threshold = max_norm
     rank_check: Callable[..., None] | None = None
+    looked_for_padding: list[bool] = []  # non-empty once the first eager unmasked batch was looked at
     if distributed:
         from fundp import distributed as fundp_distributed
 
@@ -765,15 +768,23 @@ def dp_step(
         elif noise_state is not None:
             raise ValueError("noise_state is for dp_step(..., noise_mechanism=...)")
         size = check_batch(batch)
-        if row_multiple is not None and size % row_multiple != 0:
-            raise ValueError(
-                f"the batch has {size} rows but the sampler pads every batch to a multiple of "
-                f"{row_multiple}: it does not come from this sampler"
-            )
+        if row_multiple is not None:
+            rows = size
+            if distributed:  # a rank sees its shard (fundp.distributed.shard): the ranks' rows together
+                from fundp import distributed as fundp_distributed
+
+                rows *= fundp_distributed.rank_and_world_size(process_group)[1]
+            if rows % row_multiple != 0:
+                raise ValueError(
+                    f"the batch has {rows} rows{' over the ranks' if distributed else ''} but the sampler pads "
+                    f"every batch to a multiple of {row_multiple}: it does not come from this sampler"
+                )
         if needs_mask and mask is None:
             raise ValueError("the sampler's batches are padded: pass step(..., mask=mask) with the mask it yields")
         if num_examples is not None and mask is None and size > num_examples:
             raise ValueError(f"the batch has {size} rows, more than num_examples={num_examples}")
+        if mask is None and not looked_for_padding and not torch.compiler.is_compiling():
+            looked_for_padding.append(fundp_guards.warn_if_padded_without_mask(batch))  # once per step object
         params = detach_params(params)
         new_ledger = None
         if ledger is not None or budget is not None:

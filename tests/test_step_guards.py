@@ -84,6 +84,27 @@ def test_key_reuse_is_refused_by_default():
     assert torch.equal(relaxed(PARAMS, BATCH, key).grads["w"], relaxed(PARAMS, BATCH, key).grads["w"])
 
 
+def test_a_padded_poisson_batch_without_its_mask_warns_even_without_a_sampler():
+    """Issue 20: without sampler= a padded batch passed without its mask counted its padding rows
+    (copies of one example) as real examples, silently.  The step's first batch is looked at."""
+    import warnings
+
+    from fundp.guards import PaddingWithoutMaskWarning
+
+    batches = data.poisson_batches(400, 0.05, fundp.random.key(0), steps=3, pad_to_multiple=16)
+    x = torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
+    indices, mask = batches[0]
+    assert int(mask.sum()) <= indices.shape[0] - 2  # at least two padding rows
+    step = make_step(expected_batch_size=20.0, sample_rate=0.05)  # no sampler=
+    with pytest.warns(PaddingWithoutMaskWarning, match="mask"):
+        step(PARAMS, x[indices], fundp.random.key(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PaddingWithoutMaskWarning)
+        make_step()(PARAMS, x[indices], fundp.random.key(2), mask=mask)  # with its mask: silent
+        make_step()(PARAMS, x[:32], fundp.random.key(3))  # a fixed batch of distinct rows: silent
+        step(PARAMS, x[indices], fundp.random.key(4))  # looked at once per step object (one sync)
+
+
 def test_sampler_guard_refuses_batches_that_do_not_come_from_it():
     batches = data.poisson_batches(400, 0.05, fundp.random.key(0), steps=3, pad_to_multiple=16)
     step = fundp.dp_step(LOSS, max_norm=1.0, noise_multiplier=1.0, sampler=batches, grad_method="vmap")
