@@ -13,7 +13,8 @@ Two things live here, so that :func:`fundp.dp_step` consults one place:
     without a device sync.  Eagerly a plain check; inside ``torch.compile`` the custom op
     ``fundp::claim_key``, so a compiled step (``fullgraph=True`` included) refuses a reused key
     with no graph break.  Opt out per step with ``dp_step(..., check_key_reuse=False)`` (e.g. a
-    test comparing two steps on one key); :func:`forget_keys` starts a new run scope.
+    test comparing two steps on one key); :func:`forget_keys` starts a new run scope.  A
+    noiseless call (sigma a plain 0, no adaptive clipping) is not checked: it has no noise to cancel.
   - **masks**: without ``sampler=``, a step's first batch passed without a mask whose last two
     rows are equal (as padding rows are) warns (:class:`PaddingWithoutMaskWarning`).
   - **ledgers**: a ledger that a completed step already recorded on is *consumed*; every step

@@ -32,6 +32,7 @@ from typing import Any, Callable, Protocol
 import optree
 import torch
 
+from fundp import guards as fundp_guards
 from fundp import random as fundp_random
 from fundp._validate import check_batch, check_int, check_mask, check_nonnegative, check_positive, check_sample_rate
 from fundp.clipping import (
@@ -43,7 +44,6 @@ from fundp.clipping import (
     per_layer_thresholds,
 )
 from fundp.engines import make_engine
-from fundp import guards as fundp_guards
 from fundp.guards import detach_params
 from fundp.noise import noise_like
 from fundp.types import ClippedSum, ClipStyle, GradMethod, Randomness, Step, StepResult, Verify
@@ -594,7 +594,9 @@ def dp_step(
         words on the host (no device sync for a CPU key, the default) and stays in the compiled
         graph as one custom op (``torch.compile(step, fullgraph=True)`` works); an eager call
         that raises leaves its key unused.  Opt out explicitly with ``False`` (e.g. to compare two
-        steps on one key); :func:`fundp.guards.forget_keys` starts a new key scope.
+        steps on one key); :func:`fundp.guards.forget_keys` starts a new key scope.  A noiseless
+        call (``noise_multiplier`` a plain 0, no adaptive clipping) is not checked: it adds no
+        noise a repeated key could cancel.
       adaptive_clipping: a :class:`fundp.adaptive.QuantileClipping` config: ``max_norm`` then
         comes from ``step(..., clip_state=cfg.init(C0))`` and the updated state is returned in
         ``out.clip_state``; the noisy count of unclipped examples uses its own key and the ledger
@@ -783,14 +785,18 @@ def dp_step(
             raise ValueError("the sampler's batches are padded: pass step(..., mask=mask) with the mask it yields")
         if num_examples is not None and mask is None and size > num_examples:
             raise ValueError(f"the batch has {size} rows, more than num_examples={num_examples}")
-        if mask is None and not looked_for_padding and not torch.compiler.is_compiling():
+        if mask is None and not torch.compiler.is_compiling() and not looked_for_padding:
             looked_for_padding.append(fundp_guards.warn_if_padded_without_mask(batch))  # once per step object
         params = detach_params(params)
         new_ledger = None
         if ledger is not None or budget is not None:
             new_ledger = _before_step(ledger, sigma, sample_rate, budget, adaptive_clipping)
-        if check_key_reuse:
-            key = fundp_guards.claimed(key)  # a key used by any step of the process is refused
+        # A key used by any step of the process is refused; a noiseless step (sigma a plain 0, no
+        # adaptive count noise) adds no noise that a repeated key could cancel, so it is not checked.
+        guard_key = check_key_reuse and not (
+            adaptive_clipping is None and isinstance(sigma, (int, float)) and sigma == 0)
+        if guard_key:
+            key = fundp_guards.claimed(key)
         noise_key, model_key, count_key = fundp_random.split(key, 3)
         if distributed:
             from fundp import distributed as fundp_distributed
@@ -828,7 +834,7 @@ def dp_step(
         loss = clipped.loss_sum / torch.clamp_min(clipped.num_examples, 1).to(clipped.loss_sum.dtype)
         if ledger is not None:
             _after_step(ledger)  # the step completed: its ledger is now consumed, process-wide
-        if check_key_reuse:
+        if guard_key:
             fundp_guards.record_key(key)  # eagerly, the key counts as used once the step completed
         return StepResult(grads, new_ledger, loss, clipped.norms, clipped.num_nonfinite, clipped.aux, new_clip_state, new_noise_state)
 

@@ -95,6 +95,17 @@ def test_the_explicit_opt_out_allows_equal_keys():
         make_step(check_key_reuse=None)
 
 
+def test_a_noiseless_step_is_not_checked_and_records_nothing():
+    quiet = make_step(noise_multiplier=0.0)  # sigma a plain 0: no noise that a repeated key could cancel
+    key = fundp.random.key(8)
+    assert torch.equal(quiet(PARAMS, BATCH, key).grads["w"], quiet(PARAMS, BATCH, key).grads["w"])
+    make_step()(PARAMS, BATCH, key)  # the noiseless calls did not record it
+    with pytest.raises(guards.KeyReuseError):
+        make_step()(PARAMS, BATCH, key)
+    with pytest.raises(guards.KeyReuseError):  # a per-call sigma 0 as a tensor is not read (no sync): checked
+        make_step()(PARAMS, BATCH, key, noise_multiplier=torch.tensor(0.0))
+
+
 def test_an_eager_step_that_raises_leaves_its_key_unused():
     bad = fundp.dp_step(lambda p, b: (b @ p["w"]).sum(), max_norm=1.0, noise_multiplier=1.0,  # not per-example
                         expected_batch_size=2.0, grad_method="vmap")

@@ -307,8 +307,7 @@ def assert_matches_vmap(
     where = f" [{'custom step' if step is not None else 'dp_step'}({described})]"
 
     if step is None:
-        # Noiseless (sigma = 0): a repeated key repeats no noise, so the comparison may reuse its key.
-        step = fundp.dp_step(loss_fn, noise_multiplier=0.0, **({"check_key_reuse": False} | settings))
+        step = fundp.dp_step(loss_fn, noise_multiplier=0.0, **settings)
     if transform is not None:
         step = transform(step)
     key = fundp.random.key(0) if key is None else key
