@@ -77,8 +77,11 @@ def _as_budget(budget: Any) -> Budget:
     return Budget(epsilon, delta, accountant)
 
 
-def spend(ledger: Any, *, noise_multiplier: float, sample_rate: float, budget: Any, steps: int = 1) -> Any:
+def spend(ledger: Any, *, noise_multiplier: float, sample_rate: float, budget: Any, steps: int = 1,
+          truncation: Any = None) -> Any:
     """Returns ``accountant_step(ledger, ...)`` if its epsilon is within ``budget``, else raises.
+
+    ``truncation`` as in :func:`fundp.accountant_step` (the steps' truncated Poisson sampler).
 
     Example:
       >>> import fundp
@@ -92,7 +95,8 @@ def spend(ledger: Any, *, noise_multiplier: float, sample_rate: float, budget: A
     from fundp.accounting import accountant_step, epsilon
 
     budget = _as_budget(budget)
-    proposed = accountant_step(ledger, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+    proposed = accountant_step(ledger, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
+                               truncation=truncation)
     would_spend = epsilon(proposed, budget.delta, accountant=budget.accountant)
     if would_spend > budget.epsilon:
         spent = epsilon(ledger, budget.delta, accountant=budget.accountant)

@@ -5,8 +5,11 @@ budget it already spent, never forget it.  The file holds only plain tensors, st
 bools, so it loads with ``torch.load(..., weights_only=True)`` (no pickled code).  Pytrees are
 stored as their leaves and their paths; :func:`load` rebuilds them from templates you pass
 (``opt.init(params)``), the way JAX checkpointing restores into a target structure.  Stateful
-mechanisms (adaptive clipping, correlated noise) are values too: pass their state as
-``extra_state`` and restore it against ``extra_state_like``.
+mechanisms are values too: the adaptive-clipping and correlated-noise states of a
+:class:`fundp.TrainState` are saved as ``clip_state`` / ``noise_state`` (so
+``save(path, **state._asdict())`` stores the whole loop state, and
+:meth:`fundp.TrainState.restore` reads it back); any other state goes in ``extra_state`` and is
+restored against ``extra_state_like``.
 
 Guards (each one refuses to load rather than resume a run with a wrong privacy record):
 
@@ -63,7 +66,10 @@ __all__ = ["CheckpointError", "RunState", "save", "load"]
 
 _FORMAT = "fundp-checkpoint-2"
 _TREES = ("params", "opt_state", "extra_state")
-_FIELDS = frozenset({"format", "params", "opt_state", "extra_state", "paths", "ledger", "check_ledger", "key", "step", "extra", "digest", "run_id"})
+#: Trees stored only when given (a file without them reads as before, digest included).
+_STATE_TREES = ("clip_state", "noise_state")
+_FIELDS = frozenset({"format", "params", "opt_state", "extra_state", "paths", "ledger", "check_ledger", "key", "step", "extra", "digest"})
+_OPTIONAL_FIELDS = frozenset({"run_id", *_STATE_TREES})
 _RUN_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _TEMPORARY = ".fundp-tmp."
 
@@ -95,6 +101,8 @@ class RunState(NamedTuple):
       extra: the JSON dict saved as ``extra`` (``{}`` if none).
       extra_state: mechanism state restored into ``extra_state_like`` (``None`` if none saved).
       run_id: the run the checkpoint belongs to (``None`` for a file written before run ids).
+      clip_state: the adaptive-clipping state restored into ``clip_state_like`` (``None`` if none saved).
+      noise_state: the correlated-noise state restored into ``noise_state_like`` (``None`` if none saved).
 
     Example:
       >>> import tempfile, os, torch, fundp
@@ -114,6 +122,8 @@ class RunState(NamedTuple):
     extra: dict
     extra_state: Any = None
     run_id: str | None = None
+    clip_state: Any = None
+    noise_state: Any = None
 
 
 # --------------------------------------------------------------------------- canonical bytes and digest
@@ -156,6 +166,11 @@ def _digest(payload: dict) -> str:
     put("step", str(payload["step"]).encode())
     if payload.get("run_id") is not None:  # files written before run ids keep their digest
         put("run_id", payload["run_id"].encode())
+    for tree in _STATE_TREES:  # stored only when given: files without them keep their digest
+        if tree in payload:
+            put(tree + ".count", str(len(payload[tree])).encode())
+            for index, leaf in enumerate(payload[tree]):
+                put_tensor(f"{tree}[{index}]", leaf)
     return hasher.hexdigest()
 
 
@@ -252,6 +267,8 @@ def save(
     extra_state: Any = None,
     check_ledger: bool = True,
     run_id: str | None = None,
+    clip_state: Any = None,
+    noise_state: Any = None,
 ) -> None:
     """Atomically writes the run state to ``path``, with a SHA-256 digest of its contents.
 
@@ -269,6 +286,10 @@ def save(
       run_id: the run's identity (letters, digits, ``_.:-``, at most 128); default: a fresh
         random id.  A resumed run passes ``state.run_id``, so that ``load(..., run_id=...)``
         can refuse another run's file.
+      clip_state, noise_state: the adaptive-clipping and correlated-noise states (pytrees of
+        tensors, e.g. :class:`fundp.adaptive.QuantileClipState`, :class:`fundp.mf.NoiseState`)
+        of a :class:`fundp.TrainState`; ``None``: not stored.  Restore them with
+        ``load(..., clip_state_like=..., noise_state_like=...)``.
 
     Example:
       >>> import tempfile, os, torch, fundp
@@ -318,6 +339,9 @@ def save(
         if name == "extra_state" and tree is None:
             stored[name], paths[name] = None, None
         else:
+            stored[name], paths[name] = _flatten(name, tree)
+    for name, tree in (("clip_state", clip_state), ("noise_state", noise_state)):
+        if tree is not None:
             stored[name], paths[name] = _flatten(name, tree)
     payload: dict[str, Any] = {
         "format": _FORMAT,
@@ -374,13 +398,14 @@ def _read(path: str) -> dict:
             f"{path} has format {payload['format']!r}, this fundp reads {_FORMAT!r} "
             "(checkpoints without an integrity digest are refused)"
         )
-    if set(payload) not in (_FIELDS, _FIELDS - {"run_id"}):
-        raise CheckpointError(f"{path}: unexpected fields {sorted(set(payload) ^ _FIELDS)} in the checkpoint")
+    if not _FIELDS <= set(payload) <= _FIELDS | _OPTIONAL_FIELDS:
+        unexpected = (set(payload) - _FIELDS - _OPTIONAL_FIELDS) | (_FIELDS - set(payload))
+        raise CheckpointError(f"{path}: unexpected fields {sorted(unexpected)} in the checkpoint")
     return payload
 
 
 def _check_types(payload: dict) -> None:
-    for tree in _TREES:
+    for tree in (*_TREES, *(name for name in _STATE_TREES if name in payload)):
         leaves = payload[tree]
         if leaves is None and tree == "extra_state":
             continue
@@ -430,6 +455,8 @@ def load(
     device: Any = None,
     run_id: str | None = None,
     allow_other_run: bool = False,
+    clip_state_like: Any = None,
+    noise_state_like: Any = None,
 ) -> RunState:
     """Reads a checkpoint written by :func:`save` into the templates' structure, after checking it.
 
@@ -449,6 +476,9 @@ def load(
       run_id: the run you are resuming: a checkpoint of another run (or one without a run id)
         raises :class:`CheckpointError`, unless ``allow_other_run=True`` (e.g. fine-tuning from
         another run's weights, knowingly taking over its ledger).  ``None``: not checked.
+      clip_state_like, noise_state_like: templates of the adaptive-clipping and correlated-noise
+        states saved (e.g. ``cfg.init(C0)``, ``mechanism.init(params)``); each is required exactly
+        when that state was saved, like ``extra_state_like``.
 
     Example:
       >>> import tempfile, os, torch, fundp
@@ -490,12 +520,13 @@ def load(
         paths = json.loads(payload["paths"])
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: invalid ledger, extra or paths field: {error}") from error
-    if not isinstance(extra, dict) or not isinstance(paths, dict) or set(paths) != set(_TREES):
+    stored_trees = (*_TREES, *(name for name in _STATE_TREES if name in payload))
+    if not isinstance(extra, dict) or not isinstance(paths, dict) or set(paths) != set(stored_trees):
         raise CheckpointError(f"{path}: invalid extra or paths field")
     step = payload["step"]
     if payload["check_ledger"] and ledger is not None and ledger.steps != step:
         raise CheckpointError(f"{path}: the ledger records {ledger.steps} steps but the saved step is {step}")
-    for tree in _TREES:
+    for tree in stored_trees:
         leaves, tree_paths = payload[tree], paths[tree]
         if (leaves is None) != (tree_paths is None) or (leaves is not None and len(leaves) != len(tree_paths)):
             raise CheckpointError(f"{path}: {tree} and its paths disagree")
@@ -506,6 +537,13 @@ def load(
             f"{path} holds extra_state ({len(payload['extra_state'])} tensors, mechanism state such as "
             "adaptive clipping or correlated noise): pass extra_state_like= to restore it"
         )
+    for tree, like in (("clip_state", clip_state_like), ("noise_state", noise_state_like)):
+        if tree not in payload and like is not None:
+            raise CheckpointError(f"{path} holds no {tree}, but {tree}_like was given")
+        if tree in payload and like is None:
+            raise CheckpointError(
+                f"{path} holds a {tree} ({len(payload[tree])} tensors): pass {tree}_like= to restore it "
+                "(dropping it would restart the mechanism mid-run)")
     key = payload["key"] if device is None else payload["key"].to(device)
     return RunState(
         params=_restore("params", payload["params"], paths["params"], params_like),
@@ -516,4 +554,6 @@ def load(
         extra=extra,
         extra_state=None if extra_state_like is None else _restore("extra_state", payload["extra_state"], paths["extra_state"], extra_state_like),
         run_id=saved_run,
+        clip_state=None if clip_state_like is None else _restore("clip_state", payload["clip_state"], paths["clip_state"], clip_state_like),
+        noise_state=None if noise_state_like is None else _restore("noise_state", payload["noise_state"], paths["noise_state"], noise_state_like),
     )

@@ -91,6 +91,35 @@ def keyed_model_rng(key: torch.Tensor | None, batch: Any, randomness: str) -> It
         yield
 
 
+# What torch.func's errors mean in a model, and what to do: (words of torch's message, fundp's hint).
+_VMAP_HINTS = (
+    ("doesn't match the broadcast shape",
+     "Under torch.func.vmap (per-example gradients) loss_fn wrote a per-example value in place into a tensor "
+     "shared by every example. nn.GRU / nn.RNN called without an initial hidden state do this (the zero state "
+     "the module creates): pass h0 = x.new_zeros(num_layers * num_directions, batch_size, hidden_size). In your "
+     "own code, create the written-to tensor from the input (x.new_zeros(...), torch.zeros_like(x)) or write "
+     "out of place"),
+    ("autograd.Function with functorch transforms",
+     "Per-example gradients by torch.func.vmap (grad_method='vmap', and 'auto' for parameters the ghost path "
+     "cannot handle) need every custom torch.autograd.Function written for torch.func (setup_context and "
+     "generate_vmap_rule = True). checkpoint(..., use_reentrant=True) is such a Function: with it use "
+     "grad_method='ghost' or 'auto' (which follow it), or drop the checkpoint"),
+    ("stack expects each tensor to be equal size",
+     "Under torch.func.vmap (per-example gradients) loss_fn gave examples results of different shapes: a shape "
+     "read from the data (pack_padded_sequence with per-example lengths, x[:n] with n from the batch). Keep "
+     "every example's shapes fixed: run the padded batch with a mask, and read an RNN's output at each "
+     "example's last position with gather"),
+    ("that would mutate a captured Tensor",
+     "loss_fn updates a tensor it does not take as input in place (a buffer or counter updated in forward, a "
+     "running statistic, BatchNorm in train mode with track_running_stats): per-example gradients need a pure "
+     "forward. Update such state outside the step, or put those modules in eval mode"),
+    ("don't yet support saved tensor hooks",
+     "Per-example gradients by torch.func.vmap (grad_method='vmap', and 'auto' for parameters the ghost path "
+     "cannot handle) cannot run saved-tensor hooks such as torch.utils.checkpoint(..., use_reentrant=False): "
+     "pass use_reentrant=True with grad_method='ghost' or 'auto', or drop the checkpoint"),
+)
+
+
 def per_sample_grads_and_losses(
     loss_fn: LossFn, *, has_aux: bool = False, randomness: str = "error"
 ) -> Callable:
@@ -114,7 +143,13 @@ def per_sample_grads_and_losses(
     def f(params, batch, key: torch.Tensor | None = None):
         check_batch(batch)
         with keyed_model_rng(key, batch, randomness):
-            grads, extra = batched(params, batch)
+            try:
+                grads, extra = batched(params, batch)
+            except RuntimeError as error:
+                hint = next((hint for words, hint in _VMAP_HINTS if words in str(error)), None)
+                if hint is None:
+                    raise
+                raise RuntimeError(f"{str(error).rstrip('.')}. {hint}") from error
         return grads, extra[0], (extra[1] if has_aux else None)
 
     return f

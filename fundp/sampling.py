@@ -227,7 +227,25 @@ class StepIndexedBatches:
         return self.steps
 
 
-class PoissonBatches(StepIndexedBatches):
+class _RateSampledBatches(StepIndexedBatches):
+    """What Poisson samplers share: ``num_examples``, ``sample_rate``, ``steps``, ``key``, ``device``
+    and the divisor of the noisy sum, ``expected_batch_size``."""
+
+    def __init__(self, num_examples: int, sample_rate: float, key: torch.Tensor, steps: int | None,
+                 device: torch.device | str | None):
+        self.num_examples = check_int("num_examples", num_examples, minimum=1, maximum=_MAX_EXAMPLES)
+        self.sample_rate = check_sample_rate(sample_rate)
+        self.steps = _check_steps(steps)
+        self.key = _cpu_key(key)
+        self.device = device
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``sample_rate * num_examples``: the divisor of the noisy gradient sum."""
+        return self.sample_rate * self.num_examples
+
+
+class PoissonBatches(_RateSampledBatches):
     """Iterable of padded Poisson batches ``(indices: LongTensor[P], mask: BoolTensor[P])``.
 
     Made by :func:`poisson_batches`; see it for the arguments.  Iterating again replays the same
@@ -258,17 +276,8 @@ class PoissonBatches(StepIndexedBatches):
         pad_to_multiple: int = 32,
         device: torch.device | str | None = None,
     ):
-        self.num_examples = check_int("num_examples", num_examples, minimum=1, maximum=_MAX_EXAMPLES)
-        self.sample_rate = check_sample_rate(sample_rate)
-        self.steps = _check_steps(steps)
+        super().__init__(num_examples, sample_rate, key, steps, device)
         self.pad_to_multiple = check_int("pad_to_multiple", pad_to_multiple, minimum=1)
-        self.key = _cpu_key(key)
-        self.device = device
-
-    @property
-    def expected_batch_size(self) -> float:
-        """``sample_rate * num_examples``: the divisor of the noisy gradient sum."""
-        return self.sample_rate * self.num_examples
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The padded batch of step ``step``, drawn from ``fold_in(key, step)``."""
@@ -349,7 +358,7 @@ def truncation_probability(num_examples: int, sample_rate: float, max_batch_size
     return float(stats.binom.sf(max_batch_size, num_examples + 1, sample_rate))
 
 
-class TruncatedPoissonBatches(StepIndexedBatches):
+class TruncatedPoissonBatches(_RateSampledBatches):
     """Poisson batches truncated at ``max_batch_size`` and padded to exactly that size: one shape.
 
     Made by :func:`truncated_poisson_batches`; see it for the arguments and the accounting.
@@ -373,22 +382,13 @@ class TruncatedPoissonBatches(StepIndexedBatches):
         steps: int | None,
         device: torch.device | str | None = None,
     ):
-        self.num_examples = check_int("num_examples", num_examples, minimum=1, maximum=_MAX_EXAMPLES)
-        self.sample_rate = check_sample_rate(sample_rate)
+        super().__init__(num_examples, sample_rate, key, steps, device)
         self.max_batch_size = check_int("max_batch_size", max_batch_size, minimum=1)
-        self.steps = _check_steps(steps)
-        self.key = _cpu_key(key)
-        self.device = device
         self.truncation_probability = truncation_probability(self.num_examples, self.sample_rate, self.max_batch_size)
 
     @property
     def pad_to_multiple(self) -> int:
         return self.max_batch_size
-
-    @property
-    def expected_batch_size(self) -> float:
-        """``sample_rate * num_examples``: the divisor of the noisy gradient sum."""
-        return self.sample_rate * self.num_examples
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of step ``step``: Poisson draw from ``fold_in(fold_in(key, step), 0)``; if it

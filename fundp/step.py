@@ -429,6 +429,9 @@ def _before_step(
     sample_rate: float | None,
     budget: Any,
     adaptive: Any,
+    truncation: Any = None,
+    noise_mechanism: Any = None,
+    noise_state: Any = None,
 ) -> Any:
     # Plain Python on plain numbers: kept out of the compiled graph so a growing ledger never
     # triggers a recompile.  Runs before the data is touched, so an over-budget step is refused
@@ -440,6 +443,13 @@ def _before_step(
         raise ValueError("budget needs a ledger: pass step(..., ledger=fundp.Ledger())")
     if ledger is None:
         return None
+    if noise_mechanism is not None:
+        # The mechanism records its step t with its participation schema (fundp.mf: reads t).
+        if truncation is not None:
+            raise ValueError("truncated Poisson batches are not a participation schema of a noise_mechanism: "
+                             "its ledger cannot account them (use the mechanism's own sampler)")
+        return noise_mechanism.account(ledger, noise_multiplier=float(noise_multiplier), step=noise_state.step,
+                                       adaptive_clipping=adaptive)
     if sample_rate is None:
         raise ValueError("sample_rate is required to update a ledger: pass dp_step(..., sample_rate=q)")
     sigma = float(noise_multiplier)
@@ -450,10 +460,10 @@ def _before_step(
     if budget is not None:
         from fundp.budget import spend
 
-        return spend(ledger, noise_multiplier=sigma, sample_rate=sample_rate, budget=budget)
+        return spend(ledger, noise_multiplier=sigma, sample_rate=sample_rate, budget=budget, truncation=truncation)
     from fundp.accounting import accountant_step
 
-    return accountant_step(ledger, noise_multiplier=sigma, sample_rate=sample_rate)
+    return accountant_step(ledger, noise_multiplier=sigma, sample_rate=sample_rate, truncation=truncation)
 
 
 @torch.compiler.disable
@@ -486,8 +496,8 @@ def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: A
         check_batches_match(inner, noise_mechanism, expected_batch_size=expected_batch_size)
         return sample_rate, expected_batch_size, int(inner.pad_to_multiple), True
     if inner.sampling == "truncated_poisson":
-        # One fixed shape; the ledger records the Poisson steps and the truncation term is added
-        # by fundp.accounting.truncation (delta + (1 + e^eps) T p).
+        # One fixed shape; the ledger records each step's truncation (a TruncatedPoisson event),
+        # so fundp.epsilon adds its term (delta + (1 + e^eps) T p).
         from fundp.sampling import _check_poisson_rate
 
         if sample_rate is None:
@@ -495,10 +505,6 @@ def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: A
         if expected_batch_size is None:
             expected_batch_size = inner.expected_batch_size
         _check_poisson_rate(inner, sample_rate, expected_batch_size)
-        warnings.warn(
-            "truncated Poisson batches: the ledger records the Poisson steps; report epsilon with "
-            "fundp.accounting.truncation.epsilon(ledger, delta, sampler), which adds the truncation "
-            "term (fundp.epsilon(ledger, delta) alone leaves it out)", UserWarning, stacklevel=3)
         return sample_rate, expected_batch_size, int(inner.max_batch_size), True
     if inner.sampling == "poisson":
         if sample_rate is None:
@@ -507,6 +513,14 @@ def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: A
             expected_batch_size = inner.expected_batch_size
     check_sampling_matches(sampler, sample_rate, expected_batch_size=expected_batch_size)
     return sample_rate, expected_batch_size, int(inner.pad_to_multiple), True
+
+
+def _truncation_of(sampler: Any) -> Any:
+    """The truncated Poisson sampler the ledger records each step's truncation of, or ``None``."""
+    from fundp.sampling import sampler_of
+
+    inner = sampler_of(sampler)
+    return inner if inner.sampling == "truncated_poisson" else None
 
 
 def dp_step(
@@ -604,8 +618,10 @@ def dp_step(
       noise_mechanism: a correlated-noise mechanism (``init(params) -> state``,
         ``sample(state, key, stddev, like) -> (noise, state)``, e.g. from :mod:`fundp.mf`):
         its noise replaces the i.i.d. draw; ``step(..., noise_state=mech.init(params))`` and
-        ``out.noise_state`` carry its state.  DP-SGD's ledger does not apply (a ledger is
-        refused): account with the mechanism's own accountant.
+        ``out.noise_state`` carry its state.  A ledger records each step with the mechanism's
+        participation schema (``mech.account``, a :class:`fundp.accounting.CorrelatedNoiseSteps`
+        event; with adaptive clipping the count too), so ``fundp.epsilon(out.ledger, delta)`` is its
+        epsilon; a mechanism without ``account`` refuses a ledger.
 
     The step computes ``StepResult(grads, ledger, loss, norms, num_nonfinite, aux, clip_state,
     noise_state)`` with ``grads = (sum_i c_i g_i + N(0, (sigma S)^2)) / expected_batch_size``.
@@ -707,6 +723,7 @@ def dp_step(
         raise ValueError("compile_chunk needs physical_batch_size (it compiles the accumulation's chunk function)")
     built_sigma = noise_multiplier
     built_threshold = max_norm
+    truncation = None if sampler is None else _truncation_of(sampler)
     rank_check: Callable[..., None] | None = None
     looked_for_padding: list[bool] = []  # non-empty once the first eager unmasked batch was looked at
     if distributed:
@@ -762,10 +779,10 @@ def dp_step(
                 refuse({"noise_mechanism": True, "noise_multiplier (per call)": True})
             if noise_state is None:
                 raise ValueError("noise_mechanism needs step(..., noise_state=mechanism.init(params)); keep out.noise_state")
-            if ledger is not None:
+            if ledger is not None and not callable(getattr(noise_mechanism, "account", None)):
                 raise ValueError(
-                    "a ledger records DP-SGD's independent noise, which a correlated noise_mechanism does not "
-                    "add: pass ledger=None and account with the mechanism's accountant (fundp.mf)"
+                    "this noise_mechanism cannot record its steps in a ledger: it has no account(ledger, ...), "
+                    "as the fundp.mf mechanisms have; pass ledger=None and account it yourself"
                 )
         elif noise_state is not None:
             raise ValueError("noise_state is for dp_step(..., noise_mechanism=...)")
@@ -790,7 +807,8 @@ def dp_step(
         params = detach_params(params)
         new_ledger = None
         if ledger is not None or budget is not None:
-            new_ledger = _before_step(ledger, sigma, sample_rate, budget, adaptive_clipping)
+            new_ledger = _before_step(ledger, sigma, sample_rate, budget, adaptive_clipping, truncation,
+                                      noise_mechanism, noise_state)
         # A key used by any step of the process is refused; a noiseless step (sigma a plain 0, no
         # adaptive count noise) adds no noise that a repeated key could cancel, so it is not checked.
         guard_key = check_key_reuse and not (

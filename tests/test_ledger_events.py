@@ -63,11 +63,12 @@ def test_ten_thousand_distinct_sigmas_recorded_step_by_step_in_under_a_second():
     """Issue 20: ``accountant_step`` revalidated the whole ledger each call (3.5 s for 10^3
     distinct sigmas, 34 s for 3 x 10^3).  Now O(1) amortised."""
     sigmas = np.linspace(0.8, 2.0, 10**4).tolist()
-    start = time.perf_counter()
+    # CPU time of this process: what the work costs, whatever else runs on a shared machine
+    start = time.process_time()
     ledger = Ledger()
     for sigma in sigmas:
         ledger = accountant_step(ledger, noise_multiplier=sigma, sample_rate=0.01)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert ledger.steps == 10**4 and len(ledger.segments) == 10**4
     assert elapsed < 1.0, f"{elapsed:.2f} s to record 10^4 steps"
 
@@ -79,9 +80,9 @@ def test_rdp_epsilon_of_a_hundred_thousand_distinct_sigmas_in_under_a_second():
         ledger = accountant_step(ledger, noise_multiplier=sigma, sample_rate=0.01)
     elapsed = []
     for _ in range(2):  # best of two: the first call in a process also loads numpy's kernels
-        start = time.perf_counter()
+        start = time.process_time()
         value = epsilon(ledger, DELTA, accountant="rdp")
-        elapsed.append(time.perf_counter() - start)
+        elapsed.append(time.process_time() - start)
     elapsed = min(elapsed)
     # Bracketed by the ramp's extremes (RDP is monotone in sigma): independent of the schedule path.
     low = epsilon(Ledger([(1.6, 0.01, 10**5)]), DELTA, accountant="rdp")

@@ -334,7 +334,8 @@ def test_epsilon_cyclic_poisson_banded_against_dp_accounting():
     ledger = fundp.Ledger()
     for t in range(n):
         ledger = mech.account(ledger, noise_multiplier=sigma, step=t)
-    assert ledger == mech.ledger(sigma) and ledger.steps == 25
+    assert ledger == mech.ledger(sigma) and ledger.steps == n  # every step counts; 25 of them are charged
+    assert fundp.epsilon(ledger, delta) == eps
 
 
 def test_epsilon_cyclic_without_amplification_is_composed_gaussian():
@@ -364,7 +365,8 @@ def test_account_single_participation_records_one_gaussian():
     ledger = fundp.Ledger()
     for t in range(16):
         ledger = mech.account(ledger, noise_multiplier=2.0, step=t)
-    assert ledger.segments == ((2.0, 1.0, 1),)
+    assert ledger.segments == () and ledger.steps == 16
+    assert fundp.accounting.accountants.composition(ledger) == (((2.0, 1.0, 1),), 0.0)  # one Gaussian run
     assert fundp.epsilon(ledger, 1e-5) == pytest.approx(mf.epsilon(mech, noise_multiplier=2.0, delta=1e-5), rel=1e-3)
 
 

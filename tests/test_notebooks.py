@@ -9,11 +9,12 @@ also checks that:
   overlapping each other (checked on the drawn figure, just before the PNG is made);
 * nothing is imported from outside the installed package (no ``sys.path`` edits, no
   ``examples``), and no notebook forces a headless backend.
+
+Each notebook is executed once per session (``tests/notebook_runs.py``); the executed copies are
+also what ``tests/test_docs.py`` renders in the documentation site.
 """
 
 import math
-import os
-import pathlib
 import re
 import sys
 
@@ -25,9 +26,8 @@ import nbformat
 import sklearn  # noqa: F401
 
 import fundp.datasets
+from notebook_runs import FIGURE_CHECK_SETUP, NOTEBOOKS, PLOTTING_CALL, ROOT, executed
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 EXPECTED = [
     "01_quickstart",
     "02_build_dp_step_by_hand",
@@ -36,63 +36,6 @@ EXPECTED = [
     "05_beyond_dp_sgd",
     "06_user_level_and_auditing",
 ]
-
-# A cell that calls plt.<x>(, ax.<x>( / axes[i].<x>( / ax_loss.<x>(, or <anything>.plot(.
-PLOTTING_CALL = re.compile(r"\b(?:plt|ax\w*(?:\[[^\]]*\])?)\.\w+\(|\.plot\(")
-
-# Runs in the kernel before the notebook's first cell.  It wraps the canvas's print_figure (which
-# the inline backend calls to make each PNG) with a check of the drawn figure, and records what
-# it finds; the last injected cell asserts that nothing was found.
-FIGURE_CHECK_SETUP = r'''
-import matplotlib.backend_bases as _fundp_bb
-from matplotlib.transforms import Bbox as _FundpBbox
-
-_fundp_figure_problems = []
-
-def _fundp_overlap_area(a, b):
-    inter = _FundpBbox.intersection(a, b)
-    return 0.0 if inter is None else max(inter.width, 0.0) * max(inter.height, 0.0)
-
-def _fundp_check_figure(fig):
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    where = f"cell [{get_ipython().execution_count}]"
-    axes = [ax for ax in fig.axes if ax.get_visible() and ax.axison and not hasattr(ax, "_colorbar")]
-    for ax in axes:
-        name = f"{where} axes {ax.get_title()!r}"
-        if not ax.get_xlabel().strip():
-            _fundp_figure_problems.append(f"{name}: no x label")
-        if not ax.get_ylabel().strip():
-            _fundp_figure_problems.append(f"{name}: no y label")
-        for axis_name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
-            labels = [t for t in axis.get_ticklabels(which="both") if t.get_visible() and t.get_text().strip()]
-            boxes = [t.get_window_extent(renderer) for t in labels]
-            for i in range(len(boxes)):
-                for j in range(i + 1, len(boxes)):
-                    if _fundp_overlap_area(boxes[i], boxes[j]) > 1.0:  # square pixels
-                        _fundp_figure_problems.append(
-                            f"{name}: {axis_name} tick labels {labels[i].get_text()!r} and {labels[j].get_text()!r} overlap")
-    for i in range(len(axes)):
-        for j in range(i + 1, len(axes)):
-            if axes[i].get_position().bounds == axes[j].get_position().bounds:
-                continue  # twin axes share their box on purpose
-            area = _fundp_overlap_area(axes[i].get_tightbbox(renderer), axes[j].get_tightbbox(renderer))
-            if area > 4.0:
-                _fundp_figure_problems.append(
-                    f"{where}: axes {axes[i].get_title()!r} and {axes[j].get_title()!r} overlap ({area:.0f} px^2): "
-                    "call fig.tight_layout()")
-
-_fundp_print_figure = _fundp_bb.FigureCanvasBase.print_figure
-
-def _fundp_checked_print_figure(self, *args, **kwargs):
-    _fundp_check_figure(self.figure)
-    return _fundp_print_figure(self, *args, **kwargs)
-
-_fundp_bb.FigureCanvasBase.print_figure = _fundp_checked_print_figure
-'''
-
-FIGURE_CHECK_TEARDOWN = "assert not _fundp_figure_problems, '\\n'.join(_fundp_figure_problems)"
-
 
 def test_the_notebooks_exist():
     names = [path.stem for path in NOTEBOOKS]
@@ -121,18 +64,8 @@ def test_plotting_cell_pattern():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_and_shows_its_figures(path):
-    notebook = nbformat.read(path, as_version=4)
-    cells = list(notebook.cells)
+    cells = executed(path).cells  # executed once per session, shared with tests/test_docs.py
     plotting = [i for i, cell in enumerate(cells) if cell.cell_type == "code" and PLOTTING_CALL.search(cell.source)]
-    notebook.cells = [nbformat.v4.new_code_cell(FIGURE_CHECK_SETUP), *cells, nbformat.v4.new_code_cell(FIGURE_CHECK_TEARDOWN)]
-    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
-    try:
-        client.execute()  # raises CellExecutionError on any error, including failed asserts and figure problems
-    finally:
-        if os.environ.get("FUNDP_NOTEBOOK_OUTPUT_DIR"):  # keep the executed notebook (e.g. as a CI artifact)
-            out_dir = pathlib.Path(os.environ["FUNDP_NOTEBOOK_OUTPUT_DIR"])
-            out_dir.mkdir(parents=True, exist_ok=True)
-            nbformat.write(notebook, out_dir / path.name)
     for i in plotting:
         outputs = cells[i].outputs
         images = [o for o in outputs if o.output_type in ("display_data", "execute_result") and "image/png" in o.get("data", {})]

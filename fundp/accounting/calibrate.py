@@ -291,7 +291,7 @@ def calibrate_noise_schedule(
     runs = list(counts.items())
 
     def schedule_ledger(scale: float) -> Ledger:
-        return Ledger(base.segments + tuple((scale * value, q, count) for value, count in runs))
+        return Ledger(base.segments + tuple((scale * value, q, count) for value, count in runs), base.events)
 
     def spent(scale: float) -> float:
         with warnings.catch_warnings():

@@ -43,7 +43,7 @@ times; ``z_sk = (F x_s)_k`` the exact DFT, ``^`` marks computed values.
    (:func:`fft_error_constant`); the inverse transform obeys the same bound with ``||P||_1 / N``.
 2. *Powers and products.*  With ``M_sk = max(|z^_sk|, min(|z^_sk| + e_s, ||x_s||_1)) >=
    max(|z_sk|, |z^_sk|)`` and ``|a^c - b^c| <= c |a - b| max(|a|, |b|)^{c-1}``, telescoping over
-   ``s`` gives, for the product ``P_k = prod_s z_sk^{c_s}``,
+   ``s`` gives, for the product ``P_k = prod_s z_sk^{c_s}``, ::
 
        |prod_s z^_sk^{c_s} - P_k| <= A_k C_k,   A_k = prod_s M_sk^{c_s},   C_k = sum_s c_s e_s / M_sk.
 
@@ -57,7 +57,7 @@ times; ``z_sk = (F x_s)_k`` the exact DFT, ``^`` marks computed values.
 5. *Inverse transform.*  Each entry of ``(1/N) F^* P`` is moved by at most the mean over all ``N``
    frequencies of the spectral error ``B_k`` (sum of 2.-4.), and the computed inverse adds at most
    ``(gamma_N + u) mean_k |P^_k|`` (step 1 applied to the inverse, whose input's L1 norm over
-   ``N`` is ``mean_k |P^_k|``).  So every tilted entry satisfies
+   ``N`` is ``mean_k |P^_k|``).  So every tilted entry satisfies ::
 
        |m^_j - m_j| <= entry_error = (1 + 4u) (mean_k B_k + (gamma_N + u) mean_k |P^_k|).
 
@@ -178,8 +178,12 @@ def discretize(
     tail_mass: float,
     coarsen_above: float | Sequence[float] = math.inf,
     coarsening: int | Sequence[int] = 1,
+    optimistic: bool = False,
 ) -> DiscretePLD:
     """A dominating PLD of one subsampled Gaussian step on the grid ``interval * Z``.
+
+    With ``optimistic=True``, a *dominated* one on the same grid points instead (for certified
+    lower bounds; see :func:`_merged_onto_grid`).
 
     The loss is kept on ``[t_lo, t_hi]`` where each tail has ``P``-mass ``<= tail_mass``; the lower
     tail is rounded up onto the lowest grid point, the upper tail goes to ``+inf``, and each cell in
@@ -219,6 +223,10 @@ def discretize(
     else:
         thresholds = np.arange(k_lo, k_hi + 1) * h
         widths = np.full(thresholds.size - 1, h)
+    if optimistic:
+        points = positions if positions is not None else np.arange(k_lo, k_hi + 1)
+        masses = _merged_onto_grid(points, h, sample_rate, noise_multiplier, direction)
+        return DiscretePLD(h, k_lo, masses, 0.0, positions)
     p_below, p_cells, q_cells, p_above = sg.interval_masses(thresholds, sample_rate, noise_multiplier, direction)
     with np.errstate(over="ignore", invalid="ignore"):
         up = (p_cells - np.exp(thresholds[:-1]) * q_cells) / -np.expm1(-widths)
@@ -231,6 +239,88 @@ def discretize(
     masses[0] += p_below
     masses.setflags(write=False)
     return DiscretePLD(h, k_lo, masses, float(p_above), positions)
+
+
+#: Balancing margins of :func:`_merged_onto_grid`: every output is over-balanced by a relative
+#: ``_BALANCE_RELATIVE`` of what it corrects plus ``_BALANCE_ABSOLUTE`` of its cell's ``P + e^t Q``,
+#: and donations are sized as if each donating cell's ``P + e^t Q`` were off by ``_MASS_ERROR`` (the
+#: normal-CDF cell masses are accurate to ~1e-13 relative).
+_BALANCE_RELATIVE, _BALANCE_ABSOLUTE, _MASS_ERROR = 1e-6, 1e-10, 1e-12
+
+
+def _merged_onto_grid(points: np.ndarray, h: float, sample_rate: float, noise_multiplier: float,
+                      direction: str) -> np.ndarray:
+    """``P``-masses at the grid losses ``t_j = points[j] * h`` of a pair *dominated* by one step's.
+
+    **Merge.**  The loss line is cut at the midpoints between grid points: cell ``j`` around
+    ``t_j`` holds ``(P_j, Q_j)``, an atom of loss ``lam_j = log(P_j / Q_j)`` inside the cell
+    (merging the outcomes of a cell is a post-processing, so the merged pair is dominated: data
+    processing).  Its *excess* ``E_j = P_j - e^{t_j} Q_j`` is ``>= 0`` iff ``lam_j >= t_j``.
+
+    **Balance.**  A randomised post-processing then mixes neighbouring atoms so that each output
+    ``j`` has loss at least, and close to, ``t_j``.  Atom ``j`` keeps a fraction ``x_j`` for output
+    ``j``, sends ``d_j`` down to output ``j - 1`` and ``u_j`` up to output ``j + 1``:
+
+    * ``lam_j < t_j`` (``need_j = -E_j (1 + r) + a S_j > 0``, ``S_j = P_j + e^{t_j} Q_j``): output
+      ``j`` asks atom ``j + 1`` (loss above ``t_j``: ``F_j = P_{j+1} - e^{t_j} Q_{j+1} > 0``) for
+      ``d_{j+1} = need_j / F_j``; then its excess ``x_j E_j + d_{j+1} F_j >= -r E_j + a S_j > 0``.
+      If ``d_{j+1} > 1`` (the top of the support) it gets nothing and is *unbalanced*.
+    * otherwise output ``j`` asks atom ``j - 1`` (loss below ``t_j``: ``G_j = P_{j-1} - e^{t_j}
+      Q_{j-1} < 0``) for ``u_{j-1} = ((1 - r) x_j^- E_j - a S_j) / |G_j|`` (clipped to
+      ``[0, 1 - d_{j-1}]``), where ``x_j^- = 1 - d_j - E_{j+1} / |G_{j+1}|`` bounds ``x_j`` from
+      below; its excess ``x_j E_j + u_{j-1} G_j >= r x_j^- E_j + a S_j > 0``.
+
+    ``r = 1e-6``, ``a = 1e-10``, and ``F`` is shrunk, ``|G|`` enlarged, by ``1e-12`` of the donor's
+    ``P + e^t Q`` (round-off of the cell masses).  So every output but the unbalanced ones has
+    loss ``>= t_j``, and its ``P'``-mass goes to ``t_j``; an unbalanced output is atom ``j``'s share
+    alone (loss above the cell's lower cut ``> t_{j-1}``) and goes to ``t_{j-1}`` (output 0: dropped).
+    The two tails beyond the outer cells are dropped (mass to ``-inf``).
+
+    Placing every output's mass at a grid loss *at or below* its loss is what a lower bound allows
+    (see :mod:`~fundp.accounting.prv`); the ``Q``-masses are not kept (the result is not itself a
+    PLD, only a stochastically smaller loss).  Merging cells of width ``w`` removes ~``w^2/12`` of
+    the loss variance per step, against the ``~w^2/6`` connect-the-dots adds: the lower bound's
+    gap is about half the upper's where the density is smooth.  Not so next to the edge of the
+    support (``log(1 - q)`` for "remove", ``-log(1 - q)`` for "add"): the outermost cell has no
+    neighbour beyond to balance with, and up to a fraction of ``h`` of its mass's loss is lost per
+    step; that mass shrinks fast with ``h`` (see :func:`~fundp.accounting.prv.epsilon_bounds`).
+
+    ``points``: increasing lattice indices (dense or sparse); returns masses of the same length.
+    """
+    t = points * h
+    edges = np.concatenate([[points[0] - 0.5], (points[:-1] + points[1:]) / 2, [points[-1] + 0.5]]) * h
+    _, p, q, _ = sg.interval_masses(edges, sample_rate, noise_multiplier, direction)
+    r, a, tau = _BALANCE_RELATIVE, _BALANCE_ABSOLUTE, _MASS_ERROR
+    scaled = np.exp(t) * q  # e^{t_j} Q_j (t <= _MAX_LOSS + h: finite)
+    excess, size = p - scaled, p + scaled
+    need = -excess * (1 + r) + a * size
+    down = need > 0
+    # F_j shrunk (a donation from above must cover ``need`` whatever the round-off), |G_j| enlarged
+    # (a donation from below must not overdraw the excess).
+    donor_up = p[1:] - np.exp(t[:-1]) * q[1:] - tau * (p[1:] + np.exp(t[:-1]) * q[1:])
+    donor_down = np.exp(t[1:]) * q[:-1] - p[:-1] + tau * (p[:-1] + np.exp(t[1:]) * q[:-1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        asked = np.where(donor_up > 0, need[:-1] / np.where(donor_up > 0, donor_up, 1.0), np.inf)
+    granted = down[:-1] & (asked <= 1)
+    d = np.zeros(p.size)
+    d[1:] = np.where(granted, asked, 0.0)
+    balanced = ~down
+    balanced[:-1] |= granted
+    asks_below = ~down[1:] & (donor_down > 0)
+    safe_down = np.where(asks_below, donor_down, 1.0)
+    u_max = np.zeros(p.size)  # most that output j + 1 can ask of atom j
+    u_max[:-1] = np.where(asks_below, np.maximum(excess[1:], 0.0) / safe_down, 0.0)
+    x_low = np.clip(1 - d - u_max, 0.0, 1.0)
+    u = np.zeros(p.size)
+    u[:-1] = np.where(asks_below, ((1 - r) * x_low[1:] * excess[1:] - a * size[1:]) / safe_down, 0.0)
+    u = np.clip(u, 0.0, 1 - d)
+    outputs = (1 - d - u) * p
+    outputs[:-1] += d[1:] * p[1:]
+    outputs[1:] += u[:-1] * p[:-1]
+    # Balanced outputs stay at t_j; the others go one grid point down (output 0: dropped).
+    index = np.arange(points.size) - ~balanced
+    keep = index >= 0
+    return np.bincount(index[keep], weights=outputs[keep], minlength=points.size)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -250,6 +340,10 @@ class ComposedPLD:
     * ``relative_error``: a bound on the relative error of the untilted masses from the round-off
       of the tilted input weights and of the untilting factors (the finite part of delta and the
       allowances are scaled by ``1 + relative_error``).
+
+    ``optimistic``: composed from dominated steps (``discretize(..., optimistic=True)``), so that
+    :meth:`delta` and :meth:`epsilon` are certified *lower* bounds (:meth:`delta_lower`); then
+    ``wrap_above_log`` and ``wrap_below`` bound what wrapped around the window (see there).
     """
 
     interval: float
@@ -263,6 +357,9 @@ class ComposedPLD:
     mean: float
     variance: float
     relative_error: float = 0.0
+    optimistic: bool = False
+    wrap_above_log: float = -math.inf
+    wrap_below: float = 0.0
 
     def _positive_part(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Losses ``> 0`` with their untilted masses and error allowances."""
@@ -283,7 +380,10 @@ class ComposedPLD:
         return self.start * self.interval if self.tilt > 0 else -math.inf
 
     def delta(self, epsilon: float) -> float:
-        """Upper bound on ``delta(eps) = E[(1 - e^{eps - L})_+] + P(L = inf)`` for ``eps >= 0``."""
+        """Upper bound on ``delta(eps) = E[(1 - e^{eps - L})_+] + P(L = inf)`` for ``eps >= 0``
+        (a lower bound if ``optimistic``: :meth:`delta_lower`)."""
+        if self.optimistic:
+            return self.delta_lower(epsilon)
         finite, allowances = self.delta_parts(epsilon)
         return float(min(1.0, max(finite + allowances, 0.0)))
 
@@ -304,12 +404,55 @@ class ComposedPLD:
         above = losses > epsilon
         return float(max((masses[above] * np.exp(epsilon - losses[above])).sum(), 0.0))
 
+    def _lower_part(self) -> tuple[np.ndarray, np.ndarray]:
+        """Losses ``> 0`` with a lower bound on each one's mass in the linear (uncircled) composition
+        of the computed input weights, before the wrap-around allowances:
+        ``max(m^_j - entry_error, 0) e^{log_scale - tilt l_j} / (1 + relative_error)`` (the untilting
+        factor clipped at ``e^600``, which can only lower it)."""
+        first = max(0, 1 - self.start)
+        losses = (self.start + first + np.arange(max(self.masses.size - first, 0))) * self.interval
+        scale = np.exp(np.minimum(self.log_scale - self.tilt * losses, 600.0))
+        lower = np.maximum(self.masses[first:] - self.entry_error, 0.0) * scale / (1 + self.relative_error)
+        return losses, lower
+
+    def _wrapped_above(self, epsilon) -> np.ndarray:
+        """Bound on the untilted, delta-weighted mass that wrapped from above the window onto atoms
+        above ``epsilon``: ``exp(wrap_above_log - tilt max(eps, window start))`` (see :meth:`delta_lower`)."""
+        with np.errstate(over="ignore"):  # +inf: the bound is void and delta_lower is 0
+            return np.exp(self.wrap_above_log - self.tilt * np.maximum(epsilon, self.start * self.interval))
+
+    def delta_lower(self, epsilon: float) -> float:
+        """Certified lower bound on delta at ``epsilon`` from an ``optimistic`` composition.
+
+        Each stored entry ``m^_j`` is the circular composition, so it holds the linear mass at
+        ``l_j`` plus mass that wrapped: from above the window's top (true loss ``l > l_j``, tilted
+        weight ``e^{tilt l}`` untilted at ``l_j``: amplified by ``e^{tilt (l - l_j)}``) and from
+        below its start (true loss ``l < l_j``: damped).  With ``f(l) = (1 - e^{eps - l})_+ <= 1``,
+
+            delta_lower = sum_{l_j > eps} max(m^_j - entry_error, 0) s_j f(l_j) / (1 + relative_error)
+                          - e^{K(tilt + lam) - lam top - tilt max(eps, start)} - wrap_below,
+
+        where ``s_j`` untilts and the middle term bounds ``E[e^{tilt (L - max(eps, start))}; L > top]``
+        for any ``lam > 0`` (Chernoff; its log is ``wrap_above_log - tilt max(eps, start)``), and
+        ``wrap_below`` bounds the untilted mass below the window's start times ``e^{-tilt N h}``
+        (it lands ``N h`` or more higher, where untilting damps it by at least that; ``f <= 1``).
+        Clipped at 0; ``+ infinity_mass`` (exact composition).
+        """
+        losses, lower = self._lower_part()
+        above = losses > epsilon
+        finite = float(np.sum(lower[above] * -np.expm1(epsilon - losses[above])))
+        value = finite + self.infinity_mass - float(self._wrapped_above(epsilon)) - self.wrap_below
+        return float(min(max(value, 0.0), 1.0))
+
     def epsilon(self, delta: float) -> float:
         """The smallest ``eps >= 0`` with ``self.delta(eps) <= delta`` (``inf`` if none).
 
         Between consecutive atoms ``delta(eps) = A - e^eps B`` with ``A``, ``B`` tail sums of
         ``masses`` (plus allowances) and ``masses * e^{-loss}``, so the crossing is solved exactly.
+        If ``optimistic``, a certified lower bound instead: :meth:`epsilon_lower`.
         """
+        if self.optimistic:
+            return self.epsilon_lower(delta)
         extra = self.infinity_mass + self.missing_mass
         if extra >= delta:
             return math.inf
@@ -335,6 +478,33 @@ class ComposedPLD:
         if b[k] <= 0 or extra + a[k] <= delta:
             return float(upper)
         eps = math.log((extra + a[k] - delta) / b[k])
+        return float(min(max(eps, left[k]), upper))
+
+    def epsilon_lower(self, delta: float) -> float:
+        """``sup {eps >= 0 : delta_lower'(eps) > delta}`` (0 if empty): a certified lower bound on
+        epsilon, since the true delta exceeds ``delta`` wherever a lower bound on it does, and it
+        is non-increasing (and continuous) in ``eps``.
+
+        ``delta_lower'`` is :meth:`delta_lower` with the wrapped-above term frozen at the left end of
+        each piece between atoms (it only decreases in ``eps``: a lower value still), so on every
+        piece it is ``A - e^eps B - c`` and the crossing is solved exactly, then nudged down by a
+        relative ``1e-12`` for the logarithm's round-off.
+        """
+        losses, lower = self._lower_part()
+        a = np.concatenate([np.cumsum(lower[::-1])[::-1], [0.0]]) + self.infinity_mass
+        b = np.concatenate([np.cumsum((lower * np.exp(-losses))[::-1])[::-1], [0.0]])
+        left = np.concatenate([[0.0], losses])
+        c = self._wrapped_above(left) + self.wrap_below
+        with np.errstate(invalid="ignore", over="ignore"):
+            at_left = a - c - np.exp(left) * b
+        exceeds = np.flatnonzero(np.nan_to_num(at_left, nan=-np.inf) > delta)
+        if exceeds.size == 0:
+            return 0.0
+        k = int(exceeds[-1])
+        upper = losses[k] if k < losses.size else math.inf
+        if b[k] <= 0:
+            return float(upper)
+        eps = math.log((a[k] - c[k] - delta) / b[k]) * (1 - 1e-12)
         return float(min(max(eps, left[k]), upper))
 
 
@@ -389,6 +559,12 @@ def _edge_search(u, sd: float, log_tail: float, sign: int, max_lam: float) -> tu
             values[best + offset] = u(best + offset)
     chosen = min(values, key=lambda key: sign * values[key])
     return chosen, values[chosen]
+
+
+def _chernoff(log_bound, sd: float, max_lam: float) -> float:
+    """``min`` over ``lam > 0`` of the convex ``log_bound(lam)`` (a Chernoff exponent), by
+    :func:`_edge_search`'s walk from the Gaussian scale ``1 / sd``; any ``lam`` gives a valid bound."""
+    return _edge_search(lambda log_lam: log_bound(math.exp(log_lam)), sd, -0.5, +1, max_lam)[1]
 
 
 def _spectrum_mean_full(half_spectrum: np.ndarray, size: int) -> float:
@@ -545,6 +721,7 @@ def compose(
     max_size: int = 1 << 24,
     aim: Sequence[tuple[DiscretePLD, int]] | _Stack | None = None,
     stack: _Stack | None = None,
+    optimistic: bool = False,
 ) -> ComposedPLD:
     """Composes ``count`` copies of each ``pld`` (all on one grid) by one FFT.
 
@@ -565,6 +742,12 @@ def compose(
 
     Each PLD is folded onto the circle, transformed once, raised to its count in Fourier space and
     multiplied with the others: ``O(N log N)`` whatever the number of steps.
+
+    **Optimistic** (``plds`` from ``discretize(..., optimistic=True)``, for lower bounds): the same
+    window, but what wraps around is bounded the other way (:meth:`ComposedPLD.delta_lower`):
+    ``wrap_above_log = min_lam K(tilt + lam) - lam top`` and ``wrap_below = min_lam e^{K(-lam) +
+    lam start} e^{-tilt N h}`` (Chernoff, ``top``/``start`` the window's ends; ``-inf`` / 0 when the
+    support fits).
     """
     h = plds[0][0].interval
     plds = [(pld, count) for pld, count in plds if count > 0]
@@ -576,7 +759,8 @@ def compose(
         pld = plds[0][0]
         dense = np.zeros(int(pld.grid[-1] - pld.grid[0]) + 1)
         dense[pld.grid - pld.grid[0]] = pld.masses
-        return ComposedPLD(h, int(pld.grid[0]), dense, 0.0, 0.0, pld.infinity_mass, 0.0, 0.0, mean, variance)
+        return ComposedPLD(h, int(pld.grid[0]), dense, 0.0, 0.0, pld.infinity_mass, 0.0, 0.0, mean, variance,
+                           optimistic=optimistic)
 
     log_mgf = stack.log_mgf
     weights_all, peaks, totals = stack._weights(tilt)
@@ -603,6 +787,17 @@ def compose(
     size = sp_fft.next_fast_len(max(math.ceil(hi / h) - start + 1, 16), real=True)
     if size > max_size:
         raise MemoryError(f"composed PLD window needs {size} points (> {max_size})")
+    wrap_above_log, wrap_below = -math.inf, 0.0
+    if optimistic:
+        missing = 0.0
+        top, bottom = (start + size - 1) * h, start * h
+        if top < support_hi:
+            wrap_above_log = _chernoff(lambda lam: log_mgf(tilt + lam) - lam * top, spread, max_lam)
+        if bottom > support_lo:
+            # Mass below the window reappears N h (or more) higher, its tilted weight untilted there:
+            # damped by e^{-tilt N h} at least.
+            wrap_below = math.exp(min(_chernoff(lambda lam: log_mgf(-lam) + lam * bottom, spread, max_lam), 0.0)
+                                  - tilt * size * h)
 
     gamma = fft_error_constant(size)
     log_spectrum = np.zeros(size // 2 + 1, dtype=complex)
@@ -669,4 +864,4 @@ def compose(
     infinity_mass = -math.expm1(log_finite)
     composed_relative_error = math.expm1(min(float(total_steps * relative_error) + 4 * _EPS * (abs(log_scale) + 8), 700.0))
     return ComposedPLD(h, start, masses, tilt, log_scale, infinity_mass, missing, entry_error, mean, variance,
-                       composed_relative_error)
+                       composed_relative_error, optimistic, wrap_above_log, wrap_below)

@@ -10,12 +10,17 @@ the untruncated ledger becomes, for the truncated run (derivation in
 
     delta_truncated(eps) = delta_ledger(eps) + (1 + e^eps) P.
 
-Every function here takes the sampler (``batches``) and charges ``p`` for *every* step of the
-ledger (also steps taken with other samplers: an over-charge, never an under-charge).  The
-functions are exact reductions to the ledger's own accountant: :func:`epsilon` returns the least
-``eps`` certified by ``epsilon_ledger(delta - (1 + e^eps) P) <= eps``; :func:`calibrate_noise`
-calibrates at ``delta - (1 + e^target) P``; :func:`max_steps` searches the largest certified
-``T``.
+A step built with a truncated Poisson sampler (``fundp.dp_step(..., sampler=batches)``) records
+each step's truncation in its ledger (a :class:`~fundp.accounting.TruncatedPoisson` event), and
+:func:`fundp.epsilon` / :func:`fundp.delta` on that ledger include the term: use them.
+
+The functions here take the sampler (``batches``) for a ledger recorded *without* those events
+(e.g. by hand with :func:`~fundp.accountant_step`): they charge ``p`` for every step of the
+ledger that no event already charges (also steps taken with other samplers: an over-charge, never
+an under-charge).  On a ledger recorded by the step they agree with :func:`fundp.epsilon`.  They
+are exact reductions to the ledger's own accountant: :func:`epsilon` returns the least ``eps``
+certified by ``epsilon_ledger(delta - (1 + e^eps) P) <= eps``; :func:`calibrate_noise` calibrates
+at ``delta - (1 + e^target) P``; :func:`max_steps` searches the largest certified ``T``.
 
 Example:
   >>> import fundp
@@ -26,6 +31,10 @@ Example:
   >>> plain, truncated = fundp.epsilon(ledger, 1e-5), truncation.epsilon(ledger, 1e-5, batches)
   >>> plain < truncated < plain * 1.01  # p is about 1e-11 per step
   True
+  >>> recorded = fundp.accountant_step(fundp.Ledger(), noise_multiplier=1.1, sample_rate=256 / 60000, steps=1000,
+  ...                                  truncation=batches)
+  >>> fundp.epsilon(recorded, 1e-5) == truncated
+  True
 """
 
 from __future__ import annotations
@@ -34,12 +43,12 @@ import math
 from typing import Any
 
 from fundp.accounting import _checks
-from fundp.accounting.accountants import delta as ledger_delta
+from fundp.accounting.accountants import composition, delta_of, epsilon_of, unreachable
 from fundp.accounting.accountants import epsilon as ledger_epsilon
 from fundp.accounting.calibrate import _bisect
 from fundp.accounting.calibrate import calibrate_noise as ledger_calibrate_noise
 from fundp.accounting.calibrate import max_steps as ledger_max_steps
-from fundp.accounting.ledger import Ledger, accountant_step
+from fundp.accounting.ledger import Ledger, TruncatedPoisson, accountant_step
 
 __all__ = ["calibrate_noise", "delta", "epsilon", "max_steps", "truncation_total"]
 
@@ -59,15 +68,26 @@ def truncation_total(batches: Any, steps: int) -> float:
     return _checks.steps(steps) * _per_step(batches)
 
 
-def _unreachable(delta: float, total: float, epsilon: float) -> _checks.UnreachableTargetError:
-    return _checks.UnreachableTargetError(
-        f"the truncation term (1 + e^eps) * T * p = {(1.0 + math.exp(epsilon)) * total:.3g} at eps={epsilon:.4g} "
-        f"leaves nothing of delta={delta}: raise max_batch_size (p = P[Binomial(N + 1, q) > max_batch_size])"
-    )
+def _without_truncation(ledger: Ledger) -> tuple[Ledger, float, int]:
+    """``(ledger without its truncation events, their P, their steps)``."""
+    if not isinstance(ledger, Ledger):
+        raise TypeError(f"ledger must be a fundp.Ledger, got {type(ledger).__name__}")
+    truncated = [event for event in ledger.events if isinstance(event, TruncatedPoisson)]
+    if not truncated:
+        return ledger, 0.0, 0
+    rest = Ledger(ledger.segments, [event for event in ledger.events if not isinstance(event, TruncatedPoisson)])
+    return rest, sum(e.steps * e.truncation_probability for e in truncated), sum(e.steps for e in truncated)
+
+
+def _total(ledger: Ledger, batches: Any, more_steps: int = 0) -> tuple[Ledger, float]:
+    """``(ledger without truncation events, P)``: the recorded events' ``P`` plus ``p`` for every other step."""
+    rest, recorded, charged = _without_truncation(ledger)
+    return rest, recorded + truncation_total(batches, max(0, ledger.steps - charged) + more_steps)
 
 
 def delta(ledger: Ledger, epsilon: float, batches: Any, *, accountant: str = "prv") -> float:
-    """``delta_ledger(epsilon) + (1 + e^epsilon) T p``, capped at 1 (``T = ledger.steps``).
+    """``delta_ledger(epsilon) + (1 + e^epsilon) P``, capped at 1: ``P`` = the ledger's recorded
+    truncation events' plus ``p`` for each of its other steps.
 
     Example:
       >>> import math, fundp
@@ -79,35 +99,24 @@ def delta(ledger: Ledger, epsilon: float, batches: Any, *, accountant: str = "pr
       1.0
     """
     epsilon = _checks.epsilon(epsilon)
-    total = truncation_total(batches, ledger.steps)
-    return min(1.0, ledger_delta(ledger, epsilon, accountant=accountant) + (1.0 + math.exp(epsilon)) * total)
+    accountant = _checks.accountant(accountant)
+    rest, total = _total(ledger, batches)
+    segments, other = composition(rest)
+    return delta_of(segments, total + other, epsilon, accountant)
 
 
 def epsilon(ledger: Ledger, delta: float, batches: Any, *, accountant: str = "prv") -> float:
-    """The least ``eps`` with ``delta_ledger(eps) + (1 + e^eps) T p <= delta`` (certified).
-
-    ``eps`` is certified when ``epsilon_ledger(delta - (1 + e^eps) T p) <= eps``.  The map
-    ``g(e) = epsilon_ledger(delta - (1 + e^e) T p)`` is increasing, so iterating it from
-    ``epsilon_ledger(delta)`` (a lower bound) climbs to its least fixed point; the returned value
-    is the first iterate, nudged up by a relative 1e-9, that passes the certificate.
+    """The least ``eps`` with ``delta_ledger(eps) + (1 + e^eps) P <= delta`` (certified; ``P`` as
+    in :func:`delta`), computed by :func:`fundp.accounting.accountants.epsilon_of`.
 
     Raises :class:`~fundp.accounting.UnreachableTargetError` if the truncation term alone uses up
     ``delta``.
     """
     delta = _checks.delta(delta)
-    total = truncation_total(batches, ledger.steps)
-    if total == 0.0 or not ledger.segments:
-        return ledger_epsilon(ledger, delta, accountant=accountant)
-    current = ledger_epsilon(ledger, delta, accountant=accountant)
-    for _ in range(100):
-        remaining = delta - (1.0 + math.exp(min(current, 700.0))) * total
-        if remaining <= 0.0:
-            raise _unreachable(delta, total, current)
-        following = ledger_epsilon(ledger, remaining, accountant=accountant)
-        if following <= current:
-            return current
-        current = max(following, following * (1.0 + 1e-9) + 1e-12)
-    raise _unreachable(delta, total, current)
+    accountant = _checks.accountant(accountant)
+    rest, total = _total(ledger, batches)
+    segments, other = composition(rest)
+    return epsilon_of(segments, total + other, delta, accountant)
 
 
 def calibrate_noise(target_epsilon: float, delta: float, batches: Any, *, steps: int,
@@ -118,13 +127,12 @@ def calibrate_noise(target_epsilon: float, delta: float, batches: Any, *, steps:
     target = _checks.epsilon(target_epsilon, "target_epsilon")
     delta = _checks.delta(delta)
     steps = _checks.steps(steps)
-    prior = 0 if ledger is None else ledger.steps
-    total = truncation_total(batches, prior + steps)
+    rest, total = _total(Ledger() if ledger is None else ledger, batches, steps)
     remaining = delta - (1.0 + math.exp(min(target, 700.0))) * total
     if remaining <= 0.0:
-        raise _unreachable(delta, total, target)
+        raise unreachable(delta, total, target)
     return ledger_calibrate_noise(target, remaining, sample_rate=batches.sample_rate, steps=steps,
-                                  accountant=accountant, ledger=ledger)
+                                  accountant=accountant, ledger=rest)
 
 
 def max_steps(target_epsilon: float, delta: float, batches: Any, *, noise_multiplier: float,
@@ -138,20 +146,20 @@ def max_steps(target_epsilon: float, delta: float, batches: Any, *, noise_multip
     """
     target = _checks.epsilon(target_epsilon, "target_epsilon")
     delta = _checks.delta(delta)
-    base = Ledger() if ledger is None else ledger
+    base, prior = _total(Ledger() if ledger is None else ledger, batches)
     per_step = _per_step(batches)
     factor = 1.0 + math.exp(min(target, 700.0))
 
     def certified(steps: int) -> bool:
-        remaining = delta - factor * per_step * (base.steps + steps)
+        remaining = delta - factor * (prior + per_step * steps)
         if remaining <= 0.0:
             return False
         grown = accountant_step(base, noise_multiplier=noise_multiplier, sample_rate=batches.sample_rate, steps=steps)
         return ledger_epsilon(grown, remaining, accountant=accountant) <= target
 
     high = ledger_max_steps(target, delta, noise_multiplier=noise_multiplier, sample_rate=batches.sample_rate,
-                            accountant=accountant, ledger=ledger) + 1
+                            accountant=accountant, ledger=base) + 1
     if not certified(1):
-        raise _unreachable(delta, per_step * (base.steps + 1), target)
+        raise unreachable(delta, prior + per_step, target)
     # 1 is certified; high is not (the untruncated budget is already exceeded there).
     return _bisect(certified, 1, high)

@@ -229,30 +229,60 @@ class CorrelatedNoise:
     # ------------------------------------------------------------------ accounting
 
     def ledger(self, noise_multiplier: float) -> Any:
-        """The :class:`fundp.Ledger` of the whole ``n``-step run at ``noise_multiplier``.
-
-        Cyclic Poisson: ``ceil(n / b)`` Poisson-subsampled Gaussian steps ``(sigma, q)``.  Single
-        participation / min-sep: one Gaussian mechanism, i.e. one step at sample rate 1 (the
-        ledger's accountants treat ``q = 1`` as the plain Gaussian mechanism).
+        """The :class:`fundp.Ledger` of the whole ``n``-step run at ``noise_multiplier``: :meth:`account` of steps ``[0, n)``.
 
         Example:
           >>> import fundp
           >>> mech = fundp.mf.mechanism(fundp.mf.identity(10), fundp.mf.cyclic_poisson(1, 0.01))
-          >>> mech.ledger(1.0).segments
-          (Segment(noise_multiplier=1.0, sample_rate=0.01, steps=10),)
+          >>> ledger = mech.ledger(1.0)
+          >>> ledger.steps, ledger.events[0]
+          (10, CorrelatedNoiseSteps(participation='cyclic_poisson', noise_multiplier=1.0, sample_rate=0.01, charged=True, steps=10))
+          >>> fundp.epsilon(ledger, 1e-5) == fundp.epsilon(fundp.Ledger([(1.0, 0.01, 10)]), 1e-5)
+          True
         """
         from fundp.accounting import Ledger
 
         return self.account(Ledger(), noise_multiplier=noise_multiplier, steps=self.steps)
 
-    def account(self, ledger: Any, *, noise_multiplier: float, step: int | None = None, steps: int | None = None) -> Any:
-        """Returns ``ledger`` with the privacy cost of steps ``[step, step + steps)`` of this mechanism.
+    def max_participations(self) -> int:
+        """The most steps of the ``n``-step run one example joins: 1 (single participation),
+        ``max_participations`` or ``ceil(n / min_sep)`` (min-separation), ``ceil(n / b)`` (cyclic Poisson).
 
-        Either ``step`` (one step, index ``step``) or ``steps`` (the first ``steps`` from 0).
-        Cyclic Poisson with ``b`` partitions: one ``(sigma, q)`` DP-SGD step for each ``t`` with
-        ``t mod b == 0`` (``ceil(T / b)`` after ``T`` steps, the most any example joins).  Single /
-        min-sep: the whole run is one Gaussian mechanism, recorded at ``t = 0`` as one step
-        ``(sigma, 1.0)``; later steps add nothing.  ``noise_multiplier = 0`` is refused.
+        Example:
+          >>> import fundp
+          >>> fundp.mf.mechanism(fundp.mf.identity(10), fundp.mf.min_separation(4)).max_participations()
+          3
+        """
+        participation = self.participation
+        if isinstance(participation, SingleParticipation):
+            return 1
+        if isinstance(participation, MinSeparation):
+            most = -(-self.steps // participation.min_sep)
+            return most if participation.max_participations is None else min(most, participation.max_participations)
+        return -(-self.steps // participation.num_partitions)
+
+    def account(self, ledger: Any, *, noise_multiplier: float, step: int | None = None, steps: int | None = None,
+                adaptive_clipping: Any = None) -> Any:
+        """Returns ``ledger`` with steps ``[step, step + steps)`` of this mechanism recorded as
+        :class:`~fundp.accounting.CorrelatedNoiseSteps` events (all of them count in ``ledger.steps``).
+
+        Either ``step`` (one step, index ``step``) or ``steps`` (the first ``steps`` from 0); steps
+        past the horizon ``n`` are refused (the sensitivity covers no more).  The *charged* steps
+        spend privacy: under cyclic Poisson with ``b`` partitions each ``t`` with ``t mod b == 0``
+        is one ``(sigma, q)`` Poisson-subsampled Gaussian (``ceil(T / b)`` after ``T`` steps, the
+        most any example joins; Choquette-Choo et al. 2023, Thm 4); under single participation /
+        min-sep the whole run is one Gaussian mechanism, charged at ``t = 0`` as ``(sigma, 1)``.
+        :func:`fundp.epsilon` composes them with whatever else the ledger holds (the MF run's
+        dominating mechanism composes like any other, also interleaved: concurrent composition,
+        Vadhan & Zhang 2023).  ``noise_multiplier = 0`` is refused.
+
+        ``adaptive_clipping``: the :class:`fundp.adaptive.QuantileClipping` whose noisy unclipped
+        count (sensitivity 1, std ``sigma_b``) is released at every step too.  Single / min-sep:
+        each example joins at most ``k`` = :meth:`max_participations` steps, so the counts are a
+        Gaussian mechanism with ``mu^2 = k / sigma_b^2`` and the run with them one with
+        ``mu^2 = 1 / sigma^2 + k / sigma_b^2``: recorded at noise multiplier
+        :func:`fundp.adaptive.ledger_noise_multiplier` ``(cfg, sigma, num_counts=k)``.  Cyclic
+        Poisson: refused (its amplification argument does not cover the count).
 
         Example:
           >>> import fundp
@@ -260,11 +290,9 @@ class CorrelatedNoise:
           >>> ledger = fundp.Ledger()
           >>> for t in range(8):
           ...     ledger = mech.account(ledger, noise_multiplier=1.0, step=t)
-          >>> ledger.steps
-          2
+          >>> ledger.steps, [(event.charged, event.steps) for event in ledger.events]
+          (8, [(False, 6), (True, 2)])
         """
-        from fundp.accounting import accountant_step
-
         sigma = check_positive("noise_multiplier", noise_multiplier)
         if (step is None) == (steps is None):
             raise ValueError("pass exactly one of step (one step) or steps (the first steps steps)")
@@ -275,13 +303,35 @@ class CorrelatedNoise:
             start, count = 0, int(steps)  # type: ignore[arg-type]
         if start < 0 or count < 0:
             raise ValueError("step and steps must be >= 0")
-        if isinstance(self.participation, CyclicPoisson):
-            b = self.participation.num_partitions
-            visits = -(-(start + count) // b) - (-(-start // b))  # multiples of b in [start, start + count)
-            return accountant_step(ledger, noise_multiplier=sigma, sample_rate=self.participation.sample_rate, steps=visits)
-        if start == 0 and count > 0:
-            return accountant_step(ledger, noise_multiplier=sigma, sample_rate=1.0, steps=1)
-        return ledger
+        if start + count > self.steps:
+            raise ValueError(
+                f"steps up to {start + count} recorded, but this mechanism was built for n = {self.steps} steps and "
+                "its sensitivity (so the privacy guarantee) covers no more; build it with a larger n"
+            )
+        participation = self.participation
+        if adaptive_clipping is not None:
+            if isinstance(participation, CyclicPoisson):
+                raise NotImplementedError(
+                    "adaptive clipping with a cyclic-Poisson correlated-noise mechanism is not accounted: the "
+                    "amplification argument (Choquette-Choo et al. 2023, Thm 4) does not cover the noisy count; "
+                    "use single_participation / min_separation, or a fixed clipping norm")
+            from fundp.adaptive import ledger_noise_multiplier
+
+            sigma = ledger_noise_multiplier(adaptive_clipping, sigma, num_counts=self.max_participations())
+        from fundp.accounting import CorrelatedNoiseSteps, Ledger
+
+        if not isinstance(ledger, Ledger):
+            raise TypeError(f"ledger must be a fundp.Ledger, got {type(ledger).__name__}")
+        if isinstance(participation, CyclicPoisson):
+            b = participation.num_partitions
+            charged = -(-(start + count) // b) - (-(-start // b))  # multiples of b in [start, start + count)
+            name, rate = "cyclic_poisson", participation.sample_rate
+        else:
+            charged = 1 if start == 0 and count > 0 else 0
+            name = "single_participation" if isinstance(participation, SingleParticipation) else "min_separation"
+            rate = 1.0
+        return ledger.record(CorrelatedNoiseSteps(name, sigma, rate, True, charged),
+                             CorrelatedNoiseSteps(name, sigma, rate, False, count - charged))
 
     def epsilon(self, noise_multiplier: float, delta: float, *, accountant: str = "prv") -> float:
         """Epsilon of the whole ``n``-step run (see :func:`fundp.mf.epsilon`)."""
@@ -333,6 +383,11 @@ def epsilon(mechanism: CorrelatedNoise, *, noise_multiplier: float, delta: float
     ``ceil(n / b)`` steps, with the given ``accountant`` (``"prv"`` or ``"rdp"``); at sample rate 1
     (no amplification) the exact Gaussian mechanism with ``mu = sqrt(ceil(n / b)) / sigma``.
     ``noise_multiplier = 0`` gives ``inf``.
+
+    The ledger a step records (``dp_step(..., noise_mechanism=mechanism)``, :meth:`CorrelatedNoise.account`)
+    gives the same: after the whole run ``fundp.epsilon(ledger, delta)`` equals this (exactly under
+    amplification, where this *is* that ledger's epsilon; within the ledger's 1e-9 closed-form
+    margin, above, for the Gaussian participations).
 
     Example:
       >>> import fundp

@@ -215,6 +215,7 @@ def make_ghost_engine(
         return make_vmap_engine(loss_fn, has_aux=has_aux, randomness=randomness)
     verified: dict = {}
     calls = [0]
+    eager_only = [False]  # a traced call saw a checkpointed block: later compiled calls run eagerly
 
     @torch.compiler.disable
     def run_verification(params, batch, key, sq_norm_leaves, losses, weighted_sum_leaves, data_dependent):
@@ -244,6 +245,7 @@ def make_ghost_engine(
     def engine(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
         leaves, treespec = optree.tree_flatten(params)
         tracer, proxies, losses, aux = trace(loss_fn, params, batch, has_aux, randomness, key)
+        eager_only[0] = eager_only[0] or tracer.eager_only
         reasons = fallback_reasons(tracer, proxies, losses)
         if reasons:
             whole = refuse_or_vmap(params, batch, key, reasons, tracer)
@@ -320,7 +322,7 @@ def make_ghost_engine(
     def dispatch(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
         if not is_compiling():  # (fundp.compile runs each signature's first call eagerly)
             check_params(params)
-        if is_compiling() and not _autograd_ops_traced():
+        if is_compiling() and (eager_only[0] or not _autograd_ops_traced()):
             return outside_graph(params, batch, key)
         return engine(params, batch, key)
 

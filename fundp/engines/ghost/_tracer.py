@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from fundp.engines.ghost._index import IdentityMap
+from fundp.engines.ghost._index import IdentityMap, is_compiling
 from fundp.engines.ghost._layout import (
     UNTRUSTED,
     ExamplesInteractError,
@@ -189,6 +189,9 @@ _LAYER_OPS = {"linear", "layer_norm", "rms_norm", "batch_norm", "group_norm", "i
 # Ops whose output holds no value of their input (only its shape): not batch data.
 _DATA_FREE = {"zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full",
               "rand_like", "randn_like", "randint_like"}
+# Recurrent kernels that write each example's state into their initial state ``hx`` (nn.GRU, nn.RNN;
+# nn.LSTM's kernel does not): under torch.func.vmap an ``hx`` shared by all examples fails.
+_RNN_STATE_OPS = {"gru": "nn.GRU", "rnn_tanh": "nn.RNN", "rnn_relu": "nn.RNN(nonlinearity='relu')"}
 
 _DROPOUTS = {F.dropout: 2, F.alpha_dropout: 2, F.feature_alpha_dropout: 2, F.dropout1d: 2, F.dropout2d: 2,
              F.dropout3d: 2}
@@ -233,6 +236,7 @@ class Tracer(TorchFunctionMode):
             if isinstance(leaf, torch.Tensor) and leaf._base is not None:
                 self.batch_roots.set(leaf._base, True)
         self.activations = IdentityMap()  # layer input -> {(layout, keep_last): its [B, T, ...] rows}
+        self.batch_shaped = IdentityMap()  # x.new_zeros(...), zeros_like(x) of batch data x -> True
         self.probes: list[torch.Tensor] = []
         self.uses: list[Use] = []
         self.unsupported: dict[int, str] = {}
@@ -240,6 +244,8 @@ class Tracer(TorchFunctionMode):
         # Why the computation depends on batch values the layouts cannot follow (a Python number read
         # from the batch), or None: then every call is verified.
         self.data_dependent: str | None = None
+        # Whether the engine must run outside torch.compile graphs (a checkpointed block, see dispatch).
+        self.eager_only = False
 
     # ----------------------------------------------------------------------------- queries
 
@@ -379,6 +385,21 @@ class Tracer(TorchFunctionMode):
         if batched and self.batch_size > 1:
             self._check_interaction(func, name, args, kwargs, batched)
             self._check_write(name, args, batched)
+        if name in _RNN_STATE_OPS:
+            self._check_rnn_state(name, args)
+        if derived and not torch.is_grad_enabled():
+            # A parameter used with grad off inside the traced (grad-on) loss_fn: checkpoint(...,
+            # use_reentrant=True) runs its block so, and recomputes it in the backward.  Dynamo would
+            # turn that block into one op the tracer cannot look into: the engine stays out of graphs.
+            self.eager_only = True
+        if derived and not is_compiling() and _in_nonreentrant_checkpoint():
+            from fundp.engines.ghost._engine import GhostUnsupportedError  # (the engine imports this module)
+
+            raise GhostUnsupportedError(
+                f"a parameter is used by {name} inside torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
+                f"{_module_of_caller()}, which recomputes the block during the backward outside the ghost engine's "
+                "sight (and torch.func.vmap, which grad_method='auto' and 'vmap' use, does not support it either): "
+                "pass use_reentrant=True with grad_method='ghost' or 'auto', or drop the checkpoint")
         rule = self.rules.get(func)
         if rule is not None and (derived or getattr(rule, "always", False)):
             handled = rule(self, func, args, kwargs)
@@ -395,7 +416,8 @@ class Tracer(TorchFunctionMode):
             if lost:
                 self.report(derived, f"used by {name} on rows that are not the examples in order ({lost[0].reason})")
             else:
-                self.report(derived, f"used by {name}, which the ghost engine has no rule for")
+                shown = f"einsum({args[0]!r})" if name == "einsum" and args and isinstance(args[0], str) else name
+                self.report(derived, f"used by {shown}, which the ghost engine has no rule for")
             out = func(*args, **kwargs)
             self.propagate(func, name, args, kwargs, out)
             return out
@@ -404,6 +426,9 @@ class Tracer(TorchFunctionMode):
             self._derive(func, name, args, kwargs, out, derived)
         elif batched:
             self.propagate(func, name, args, kwargs, out)
+            if name in _DATA_FREE:
+                for tensor in _tensors_out(out):
+                    self.batch_shaped.set(tensor, True)
         if name in ("argsort", "randperm") or (name == "sort" and isinstance(out, tuple)):
             indices = out[1] if name == "sort" else out
             if isinstance(indices, torch.Tensor) and indices.dim() == 1 and indices.shape[0] == self.batch_size:
@@ -433,6 +458,24 @@ class Tracer(TorchFunctionMode):
                 f"loss_fn calls the random op {op_name(func)}: pass randomness='different' (dp_step or "
                 "per_sample_grads) so each example's randomness is drawn from the key, or put the model in eval mode"
             )
+
+    def _check_rnn_state(self, name: str, args) -> None:
+        """``torch.gru(input, hx, ...)`` (and ``rnn_tanh``, ``rnn_relu``) with an ``hx`` not made from the
+        batch, e.g. the zeros ``nn.GRU`` creates when called without one: per-example gradients of these
+        layers come from ``vmap`` (``"auto"``, ``"vmap"``), where PyTorch's kernel fails writing an
+        example's state into that shared tensor."""
+        hx = args[1] if len(args) > 1 else None  # (a packed sequence, (data, batch_sizes, hx, ...), fails vmap anyway)
+        if not isinstance(hx, torch.Tensor) or not hx.is_floating_point() or self.layouts.get(hx) is not None \
+                or self.batch_shaped.get(hx) is not None:
+            return
+        from fundp.engines.ghost._engine import GhostUnsupportedError  # (the engine imports this module)
+
+        raise GhostUnsupportedError(
+            f"{_RNN_STATE_OPS[name]} is called without an initial hidden state made from the "
+            "batch: its per-example gradients come from torch.func.vmap (grad_method='auto' or 'vmap'), where "
+            "PyTorch's kernel cannot write each example's state into the zero state the module creates. Pass one "
+            "made from the input: h0 = x.new_zeros(num_layers * num_directions, batch_size, hidden_size); "
+            "out, h = rnn(x, h0)")
 
     # ----------------------------------------------------------------------------- parameters
 
@@ -870,7 +913,8 @@ class Tracer(TorchFunctionMode):
         equation = args[0]
         operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
         if "..." in equation or "->" not in equation:
-            return Untrusted("einsum without an explicit output")
+            return Untrusted(f"einsum({equation!r}) with '...' or an implicit output, whose batch dim the tracer does "
+                             "not follow; spell every dim out, e.g. 'bti,ij->btj'")
         inputs, output = equation.replace(" ", "").split("->")
         found = None
         for subscripts, tensor in zip(inputs.split(","), operands):
@@ -980,6 +1024,12 @@ class Tracer(TorchFunctionMode):
         if full or (dims is not None and layout.dim in dims):
             if tensor.is_floating_point() or tensor.is_complex():
                 self.interact(f"{name} reduces over the batch dimension")
+
+
+def _in_nonreentrant_checkpoint() -> bool:
+    """Whether the innermost saved-tensor hooks are those of ``checkpoint(use_reentrant=False)``."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", "")
 
 
 def _same_rows(a: Layout, b: Layout) -> bool:

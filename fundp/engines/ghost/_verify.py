@@ -143,6 +143,8 @@ def verify_engine(
         out = loss_fn(optree.tree_unflatten(treespec, proxies), sub_batch)
         sub_losses = out[0] if has_aux else out
         weighted = (sub_losses.double() * sub_weights).sum()
+    if all_rows:
+        _check_same_losses(losses, sub_losses.detach(), tol)
     truth = list(torch.autograd.grad(weighted, [proxies[i] for i in differentiable], allow_unused=True))
     truth_by_leaf: list = [None] * len(leaves)
     for i, grad in zip(differentiable, truth):
@@ -185,6 +187,26 @@ def verify_engine(
                     f"but the example alone gives {math.sqrt(true_sq[i]):.6g} (tolerance {tol:g} of the global norm "
                     f"{math.sqrt(global_sq):.6g}). Use grad_method='vmap', or report the model.")
     return True
+
+
+def _check_same_losses(losses: torch.Tensor, again: torch.Tensor, tol: float) -> None:
+    """The same batch (with the same keyed draws) run through ``loss_fn`` a second time must give the
+    same losses; otherwise every comparison after it would blame a parameter for what is a change of
+    state between the two forwards."""
+    if again.numel() != losses.numel():
+        return
+    first, second = losses.double(), again.double().reshape(losses.shape)
+    finite = torch.isfinite(first) & torch.isfinite(second)
+    differ = finite & ((first - second).abs() > tol * (first.abs() + second.abs()) + 1e-12)
+    if bool(differ.any()):
+        row = int(differ.nonzero()[0, 0])
+        raise GhostVerificationError(
+            f"loss_fn gave example {row} the loss {float(first[row]):.6g} on the batch forward and "
+            f"{float(second[row]):.6g} on the same batch again (with the same random draws): it changes state "
+            "between calls (a buffer or counter updated in forward, a running statistic, BatchNorm in train mode "
+            "with track_running_stats, a Python-side counter), so the single-example reruns that check the "
+            "per-example gradients see another model. Make the forward pure: update such state outside the step, "
+            "or put those modules in eval mode")
 
 
 def _check_losses_alone(loss_fn, proxies, treespec, batch, losses, rows, has_aux, tol, seed) -> None:

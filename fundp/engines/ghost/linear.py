@@ -141,6 +141,8 @@ def einsum_rule(tracer, func, args, kwargs):
     if len(layout.group) != 1 and tracer.batch_size > 1:
         return None
     x_sub, w_sub = subscripts[x_pos], subscripts[w_pos]
+    if len(set(w_sub)) != len(w_sub) or any(c not in x_sub and c not in output for c in w_sub):
+        return None  # a diagonal of the parameter ("bi,ii->bi") or a dim summed alone: the generic path
     letter = x_sub[layout.dim] if tracer.batch_size > 1 else None
     if letter is not None and (letter in w_sub or letter not in output):
         return None
