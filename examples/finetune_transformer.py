@@ -188,12 +188,16 @@ def train(args) -> dict:
         noise_multiplier = 0.0
     else:
         noise_multiplier = fundp.calibrate_noise(args.epsilon, args.delta, sample_rate=sample_rate, steps=steps)
+    # Keys stay on the CPU (the step moves the noise key to the device): the key-reuse guard then
+    # reads each step's key without a device sync.
+    batch_key, train_key = fundp.random.split(fundp.random.key(args.seed))
+    batches = fundp.data.poisson_batches(num_examples, sample_rate, batch_key, steps=steps,
+                                         pad_to_multiple=args.pad_to_multiple)
     step = fundp.dp_step(
         make_loss(model, args.model),
         max_norm=args.max_norm,
         noise_multiplier=noise_multiplier,
-        expected_batch_size=sample_rate * num_examples,
-        sample_rate=sample_rate if noise_multiplier > 0 else None,
+        sampler=batches,  # sample_rate and expected_batch_size come from the batches; every batch needs its mask
         grad_method=args.grad_method,
     )
     if args.compile:
@@ -201,10 +205,6 @@ def train(args) -> dict:
     opt = fundp.optim.adam(args.lr)
     opt_state = opt.init(params)
     ledger = fundp.Ledger() if noise_multiplier > 0 else None
-    key = fundp.random.key(args.seed, device=device)
-    batch_key, train_key = fundp.random.split(key)
-    batches = fundp.data.poisson_batches(num_examples, sample_rate, batch_key, steps=steps,
-                                         pad_to_multiple=args.pad_to_multiple)
     iterator, bar = progress(enumerate(batches), steps, enabled=not args.quiet)
     history: dict = {"loss": [], "epsilon": []}
     start = time.perf_counter()

@@ -11,7 +11,7 @@ Every piece is explicit and functional:
   of ``--pad-to-multiple`` rows so the compiled step sees a handful of shapes (or exactly one with
   ``--physical-batch-size``, where ``fundp.data.accumulated_dp_step`` adds fixed-size chunks);
 * the step is ``torch.compile(fundp.dp_step(...))`` and the optimizer ``fundp.optim.adam``;
-* the ledger records every step with the *sampler's* sample rate (``check_sampling_matches``);
+* the ledger records every step with the *sampler's* sample rate (``dp_step(..., sampler=batches)``);
 * the run length is the largest number of steps whose epsilon stays within ``--target-epsilon``
   (found up front by bisection on the accountant), and the progress bar shows the loss and the
   running epsilon from the ledger the steps return.
@@ -139,15 +139,11 @@ def train(args: argparse.Namespace) -> dict:
             compile_chunk=compile_fn or False,
         )
     else:
-        expected_batch_size = args.batch_size
-        # The guard: the rate the ledger will record must be the rate the batches are drawn with.
-        fundp.data.check_sampling_matches(batches, sample_rate, expected_batch_size=expected_batch_size)
         step = fundp.dp_step(
             loss_fn,
             max_norm=args.max_norm,
             noise_multiplier=args.noise_multiplier,
-            expected_batch_size=expected_batch_size,
-            sample_rate=sample_rate,
+            sampler=batches,  # the rate the ledger records is the rate the batches are drawn with
         )
         if compile_fn is not None:
             step = compile_fn(step)  # one compilation per padded shape (a handful over the run)

@@ -93,12 +93,15 @@ def train(args) -> dict:
         logits = fundp.functional_call(model, params, (batch["x"],))
         return F.cross_entropy(logits, batch["y"], reduction="none")
 
+    # Keys stay on the CPU (the step moves the noise key to the device): the key-reuse guard then
+    # reads each step's key without a device sync.
+    batch_key, train_key = fundp.random.split(fundp.random.key(args.seed))
+    batches = fundp.data.poisson_batches(num_examples, sample_rate, batch_key, steps=steps, pad_to_multiple=args.pad_to_multiple)
     step = fundp.dp_step(
         loss_fn,
         max_norm=args.max_norm,
         noise_multiplier=noise_multiplier,
-        expected_batch_size=sample_rate * num_examples,
-        sample_rate=sample_rate if noise_multiplier > 0 else None,
+        sampler=batches,  # sample_rate and expected_batch_size come from the batches; every batch needs its mask
         grad_method=args.grad_method,
     )
     if args.compile:
@@ -106,9 +109,6 @@ def train(args) -> dict:
     opt = fundp.optim.sgd(args.lr, momentum=0.9)
     opt_state = opt.init(params)
     ledger = fundp.Ledger() if noise_multiplier > 0 else None
-    key = fundp.random.key(args.seed, device=device)
-    batch_key, train_key = fundp.random.split(key)
-    batches = fundp.data.poisson_batches(num_examples, sample_rate, batch_key, steps=steps, pad_to_multiple=args.pad_to_multiple)
     iterator, bar = progress(enumerate(batches), steps, enabled=not args.quiet)
     history = {"loss": [], "epsilon": []}
     start = time.perf_counter()

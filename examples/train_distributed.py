@@ -51,15 +51,15 @@ def main(argv=None) -> dict:
     def loss_fn(params, batch):
         return F.cross_entropy(fundp.functional_call(model, params, (batch["x"],)), batch["y"], reduction="none")
 
-    step = fundp.dp_step(
-        loss_fn, max_norm=args.max_norm, noise_multiplier=noise_multiplier,
-        expected_batch_size=sample_rate * num_examples, sample_rate=sample_rate, distributed=True,
-    )
-    opt = fundp.optim.sgd(args.lr, momentum=0.9)
-    opt_state, ledger = opt.init(params), fundp.Ledger()
     batch_key, train_key = fundp.random.split(fundp.random.key(args.seed))
     # pad_to_multiple is a multiple of world_size, so every shard has a fixed shape.
     batches = fundp.data.poisson_batches(num_examples, sample_rate, batch_key, steps=steps, pad_to_multiple=16 * world_size)
+    step = fundp.dp_step(
+        loss_fn, max_norm=args.max_norm, noise_multiplier=noise_multiplier,
+        sampler=batches, distributed=True,  # the global batches' rate and E[B]; each rank passes its shard's mask
+    )
+    opt = fundp.optim.sgd(args.lr, momentum=0.9)
+    opt_state, ledger = opt.init(params), fundp.Ledger()
     for t, (indices, mask) in enumerate(batches):
         rows, shard_mask = fundp.distributed.shard(indices, mask, rank, world_size)
         batch = {"x": x_train[rows].to(device), "y": y_train[rows].to(device)}

@@ -9,10 +9,14 @@ Two things live here, so that :func:`fundp.dp_step` consults one place:
 
   - **keys**: a key already used by *any* step of the process is refused (the same key gives the
     same noise bit for bit; two releases with equal noise cancel it).  The used keys' two 32-bit
-    words are kept in a process-wide set (16 bytes a step); CPU keys are read without a device
-    sync.  Opt out per step with ``dp_step(..., check_key_reuse=False)`` (e.g. a test comparing two
-    steps on one key, or ``torch.compile(step, fullgraph=True)``, which cannot run host code);
-    :func:`forget_keys` starts a new run scope.
+    words are kept in a process-wide set (16 bytes a step); CPU keys (the default) are read
+    without a device sync.  Eagerly a plain check; inside ``torch.compile`` the custom op
+    ``fundp::claim_key``, so a compiled step (``fullgraph=True`` included) refuses a reused key
+    with no graph break.  Opt out per step with ``dp_step(..., check_key_reuse=False)`` (e.g. a
+    test comparing two steps on one key); :func:`forget_keys` starts a new run scope.  A
+    noiseless call (sigma a plain 0, no adaptive clipping) is not checked: it has no noise to cancel.
+  - **masks**: without ``sampler=``, a step's first batch passed without a mask whose last two
+    rows are equal (as padding rows are) warns (:class:`PaddingWithoutMaskWarning`).
   - **ledgers**: a ledger that a completed step already recorded on is *consumed*; every step
     object of the process refuses it (a flag on the ledger object itself: no cap, no registry).
     A step that raises leaves its ledger unconsumed, so the same ledger continues the run.
@@ -34,7 +38,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["UNSUPPORTED", "check_combination", "forget_keys", "KeyReuseError", "StaleLedgerError"]
+__all__ = ["UNSUPPORTED", "check_combination", "forget_keys", "KeyReuseError", "PaddingWithoutMaskWarning", "StaleLedgerError"]
 
 #: Refused pairs of ``dp_step`` options (sorted names) -> (exception type, reason).
 UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
@@ -111,29 +115,88 @@ def forget_keys() -> None:
         _USED_KEYS.clear()
 
 
+def _reuse_error(words: tuple[int, int]) -> KeyReuseError:
+    return KeyReuseError(
+        f"key {list(words)} was already used by a step in this process: the same key gives the "
+        "same noise bit for bit, so two releases with it cancel the noise. Derive a fresh key per "
+        "step: fundp.random.fold_in(key, t) or fundp.random.split(key), or let fundp.train_step "
+        "derive it (it splits TrainState.key every step, so its loops never repeat a key); start an "
+        "independent run from fundp.random.os_key(). Opt out explicitly only where equal noise is "
+        "wanted (e.g. comparing two steps): dp_step(..., check_key_reuse=False)"
+    )
+
+
 def claim_key(key: torch.Tensor) -> tuple[int, int]:
     """Records ``key`` as used by this process; raises :class:`KeyReuseError` if it already was.
 
-    Returns the key's words (pass them to :func:`release_key` when the step fails).
+    Reads the key's two words on the host: free for a CPU key (the default of
+    :func:`fundp.random.key`), one 16-byte device read (a sync) for an accelerator key.
+    Returns the key's words.
     """
     from fundp.random import key_data
 
     words = key_data(key)
     with _LOCK:
         if words in _USED_KEYS:
-            raise KeyReuseError(
-                f"key {list(words)} was already used by a step in this process: the same key gives the "
-                "same noise, so reusing it cancels privacy. Derive one key per step, e.g. "
-                "fundp.random.fold_in(key, t) (or opt out explicitly: dp_step(..., check_key_reuse=False))"
-            )
+            raise _reuse_error(words)
         _USED_KEYS.add(words)
     return words
 
 
-def release_key(words: tuple[int, int]) -> None:
-    """Undoes :func:`claim_key` for a step that raised before releasing anything."""
+def _define_claim_key_op() -> Any:
+    """``torch.ops.fundp.claim_key(key) -> key`` (a copy): :func:`claim_key` as an opaque custom op.
+
+    Inside ``torch.compile`` (``fullgraph=True`` included) the op stays in the graph as one node
+    (no graph break) and runs :func:`claim_key` on the real key each time the graph runs, so the
+    compiled step refuses a reused key as the eager one does.  The step draws its randomness from
+    the op's output, so the op can be neither dropped nor reordered after the noise.
+    """
+    existing = getattr(getattr(torch.ops, "fundp", None), "claim_key", None)
+    if existing is not None:  # already registered in this process (fundp imported twice)
+        return existing
+
+    @torch.library.custom_op("fundp::claim_key", mutates_args=())
+    def claim_key_op(key: torch.Tensor) -> torch.Tensor:
+        claim_key(key)
+        return key.clone()
+
+    @claim_key_op.register_fake
+    def _(key: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(key)
+
+    return claim_key_op
+
+
+_claim_key_op = _define_claim_key_op()
+
+
+def claimed(key: torch.Tensor) -> torch.Tensor:
+    """``key``, refused (:class:`KeyReuseError`) if a step of this process already used it.
+
+    Under ``torch.compile`` the check is the custom op ``fundp::claim_key`` (one graph node, no
+    graph break: ``fullgraph=True`` works), which also records the key; the step draws from its
+    output.  Eagerly the key is only checked here and recorded by :func:`record_key` once the step
+    has completed, so a step that raises (a wrong batch, an engine refusal) leaves its key usable.
+    """
+    if torch.compiler.is_compiling():
+        return _claim_key_op(key)
+    from fundp.random import key_data
+
+    words = key_data(key)
     with _LOCK:
-        _USED_KEYS.discard(words)
+        used = words in _USED_KEYS
+    if used:
+        raise _reuse_error(words)
+    return key
+
+
+def record_key(key: torch.Tensor) -> None:
+    """Records ``key`` as used once an eager step completed (the compiled op already recorded it)."""
+    if not torch.compiler.is_compiling():
+        from fundp.random import key_data
+
+        with _LOCK:
+            _USED_KEYS.add(key_data(key))
 
 
 # ----------------------------------------------------------------------------- ledgers
@@ -152,6 +215,44 @@ def consume(ledger: Any) -> None:
     """Marks ``ledger`` as consumed (called once a step that recorded on it has completed)."""
     if ledger is not None and hasattr(ledger, "_consumed"):
         object.__setattr__(ledger, "_consumed", True)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+class PaddingWithoutMaskWarning(UserWarning):
+    """A step's first batch came without a mask and its last two rows are equal, as padding is."""
+
+
+def warn_if_padded_without_mask(batch: Any) -> bool:
+    """Warns when a batch passed without a mask looks padded; returns whether it warned.
+
+    Padded Poisson batches (``fundp.data.poisson_batches``) fill their padding rows with copies
+    of one example, so without the mask each padding row counts as a real example (up to
+    ``pad_to_multiple - 1`` copies: that example's influence is that many times ``C``).  A
+    step built without ``sampler=`` cannot know the batch is padded; it looks once, at its first
+    eager call: when the last two rows of every leaf are equal (the padding of a batch with at
+    least two padding rows), it warns.  Equal rows can be genuine (duplicates in the data), hence
+    a warning, not an error; ``dp_step(..., sampler=batches)`` makes it a refusal.  Reads two
+    rows (one device sync, once per step object; none inside ``torch.compile``).
+    """
+    import optree
+
+    leaves = [leaf for leaf in optree.tree_leaves(batch) if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1]
+    if not leaves or leaves[0].shape[0] < 2 or torch.compiler.is_compiling():
+        return False
+    if not all(torch.equal(leaf[-1], leaf[-2]) for leaf in leaves):
+        return False
+    warnings.warn(
+        "the batch came without a mask and its last two rows are equal, as the padding rows of "
+        "fundp.data.poisson_batches are: without its mask each padding row counts as a real "
+        "example (copies of one example, whose influence is then a multiple of max_norm). Pass "
+        "step(..., mask=mask) with the mask the sampler yields, and build the step with "
+        "dp_step(..., sampler=batches) so that a missing mask is refused",
+        PaddingWithoutMaskWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 # ----------------------------------------------------------------------------- params

@@ -32,6 +32,7 @@ from typing import Any, Callable, Protocol
 import optree
 import torch
 
+from fundp import guards as fundp_guards
 from fundp import random as fundp_random
 from fundp._validate import check_batch, check_int, check_mask, check_nonnegative, check_positive, check_sample_rate
 from fundp.clipping import (
@@ -427,18 +428,8 @@ def privatize(
 # --------------------------------------------------------------------------- outside the graph
 
 
-class _Guards:
-    """What a step's guards need between calls (never its math); the memory itself is
-    process-wide, in :mod:`fundp.guards`."""
-
-    def __init__(self, check_key_reuse: bool):
-        self.check_key_reuse = check_key_reuse
-
-
 @torch.compiler.disable
 def _before_step(
-    guards: _Guards,
-    key: torch.Tensor,
     ledger: Any,
     noise_multiplier: Any,
     sample_rate: float | None,
@@ -452,14 +443,10 @@ def _before_step(
     # triggers a recompile.  Runs before the data is touched, so an over-budget step is refused
     # before anything is computed.  The ledger is consumed only once the step has completed
     # (:func:`_after_step`): a step that raises leaves it usable.
-    from fundp import guards as fundp_guards
-
     if ledger is not None:
         fundp_guards.check_not_consumed(ledger)
     elif budget is not None:
         raise ValueError("budget needs a ledger: pass step(..., ledger=fundp.Ledger())")
-    if guards.check_key_reuse:
-        fundp_guards.claim_key(key)
     if ledger is None:
         return None
     if noise_mechanism is not None:
@@ -565,7 +552,7 @@ def dp_step(
     compile_chunk: bool | Callable = False,
     sampler: Any = None,
     num_examples: int | None = None,
-    check_key_reuse: bool = False,
+    check_key_reuse: bool = True,
     adaptive_clipping: Any = None,
     noise_mechanism: Any = None,
 ) -> Step:
@@ -628,11 +615,16 @@ def dp_step(
         multiple of its ``pad_to_multiple`` or that comes without its mask.
       num_examples: ``N``: ``expected_batch_size`` defaults to (and must equal)
         ``sample_rate * N``; a batch of more than ``N`` rows without a mask is refused.
-      check_key_reuse: raise :class:`fundp.guards.KeyReuseError` (a ``ValueError``) when a key
-        already used by any step of this process is passed again (it would repeat the noise).
-        Still off by default (turning it on is pending: many callers compare steps on one key).  Reads the key on the host (no sync for CPU keys; outside the graph, so
-        ``torch.compile(step, fullgraph=True)`` needs ``check_key_reuse=False``).  Opt out
-        explicitly with ``False``; :func:`fundp.guards.forget_keys` starts a new key scope.
+      check_key_reuse: on by default: a key already used by *any* step of this process is refused
+        with :class:`fundp.guards.KeyReuseError` (a ``ValueError``; the same key repeats the noise
+        bit for bit).  Derive one key per step (``fundp.random.fold_in(key, t)``, or
+        :func:`fundp.train_step`, which splits its key every step).  The check reads the key's two
+        words on the host (no device sync for a CPU key, the default) and stays in the compiled
+        graph as one custom op (``torch.compile(step, fullgraph=True)`` works); an eager call
+        that raises leaves its key unused.  Opt out explicitly with ``False`` (e.g. to compare two
+        steps on one key); :func:`fundp.guards.forget_keys` starts a new key scope.  A noiseless
+        call (``noise_multiplier`` a plain 0, no adaptive clipping) is not checked: it adds no
+        noise a repeated key could cancel.
       adaptive_clipping: a :class:`fundp.adaptive.QuantileClipping` config: ``max_norm`` then
         comes from ``step(..., clip_state=cfg.init(C0))`` and the updated state is returned in
         ``out.clip_state``; the noisy count of unclipped examples uses its own key and the ledger
@@ -651,14 +643,16 @@ def dp_step(
     ``key`` is split into a noise key and a model key; the same key gives the same result.
 
     ``torch.compile(step)`` works and does not recompile across steps of one batch shape;
-    ``torch.compile(step, fullgraph=True)`` works when no ledger, budget or host check (key reuse) is used
-    (those run in a small function outside the graph, before it).
+    ``torch.compile(step, fullgraph=True)`` works when no ledger or budget is used (those run in a
+    small function outside the graph, before it); the key-reuse check is one custom op inside it.
 
     Guards (see :mod:`fundp.guards`, which also holds the table of refused combinations):
     ``ledger`` and ``mask`` are keyword-only; a ledger that a completed call of *any* step already
     recorded on (the caller forgot ``ledger = out.ledger``) is refused; a call that raises does
     not consume its ledger (continue with the same one); a reused key is refused; params that
-    require grad are detached (one warning), so no autograd graph grows across steps.
+    require grad are detached (one warning), so no autograd graph grows across steps.  Without
+    ``sampler=``, the first eager batch passed without a mask is looked at once: equal last two
+    rows (as the padding of Poisson batches) warn (:class:`fundp.guards.PaddingWithoutMaskWarning`).
 
     Example:
       >>> import torch, fundp
@@ -744,9 +738,9 @@ def dp_step(
         raise ValueError("compile_chunk needs physical_batch_size (it compiles the accumulation's chunk function)")
     built_sigma = noise_multiplier
     built_threshold = max_norm
-    guards = _Guards(check_key_reuse)
     truncation = None if sampler is None else _truncation_of(sampler)
     rank_check: Callable[..., None] | None = None
+    looked_for_padding: list[bool] = []  # non-empty once the first eager unmasked batch was looked at
     if distributed:
         from fundp import distributed as fundp_distributed
 
@@ -808,20 +802,34 @@ def dp_step(
         elif noise_state is not None:
             raise ValueError("noise_state is for dp_step(..., noise_mechanism=...)")
         size = check_batch(batch)
-        if row_multiple is not None and size % row_multiple != 0:
-            raise ValueError(
-                f"the batch has {size} rows but the sampler pads every batch to a multiple of "
-                f"{row_multiple}: it does not come from this sampler"
-            )
+        if row_multiple is not None:
+            rows = size
+            if distributed:  # a rank sees its shard (fundp.distributed.shard): the ranks' rows together
+                from fundp import distributed as fundp_distributed
+
+                rows *= fundp_distributed.rank_and_world_size(process_group)[1]
+            if rows % row_multiple != 0:
+                raise ValueError(
+                    f"the batch has {rows} rows{' over the ranks' if distributed else ''} but the sampler pads "
+                    f"every batch to a multiple of {row_multiple}: it does not come from this sampler"
+                )
         if needs_mask and mask is None:
             raise ValueError("the sampler's batches are padded: pass step(..., mask=mask) with the mask it yields")
         if num_examples is not None and mask is None and size > num_examples:
             raise ValueError(f"the batch has {size} rows, more than num_examples={num_examples}")
+        if mask is None and not torch.compiler.is_compiling() and not looked_for_padding:
+            looked_for_padding.append(fundp_guards.warn_if_padded_without_mask(batch))  # once per step object
         params = detach_params(params)
         new_ledger = None
-        if ledger is not None or budget is not None or check_key_reuse:
-            new_ledger = _before_step(guards, key, ledger, sigma, sample_rate, budget, adaptive_clipping, truncation,
+        if ledger is not None or budget is not None:
+            new_ledger = _before_step(ledger, sigma, sample_rate, budget, adaptive_clipping, truncation,
                                       noise_mechanism, noise_state)
+        # A key used by any step of the process is refused; a noiseless step (sigma a plain 0, no
+        # adaptive count noise) adds no noise that a repeated key could cancel, so it is not checked.
+        guard_key = check_key_reuse and not (
+            adaptive_clipping is None and isinstance(sigma, (int, float)) and sigma == 0)
+        if guard_key:
+            key = fundp_guards.claimed(key)
         noise_key, model_key, count_key = fundp_random.split(key, 3)
         if distributed:
             from fundp import distributed as fundp_distributed
@@ -859,6 +867,8 @@ def dp_step(
         loss = clipped.loss_sum / torch.clamp_min(clipped.num_examples, 1).to(clipped.loss_sum.dtype)
         if ledger is not None:
             _after_step(ledger)  # the step completed: its ledger is now consumed, process-wide
+        if guard_key:
+            fundp_guards.record_key(key)  # eagerly, the key counts as used once the step completed
         return StepResult(grads, new_ledger, loss, clipped.norms, clipped.num_nonfinite, clipped.aux, new_clip_state, new_noise_state)
 
     step.sample_rate = sample_rate  # type: ignore[attr-defined]

@@ -42,16 +42,6 @@ def variant(request):
     reset_compiler()
 
 
-@pytest.fixture(autouse=True)
-def _new_key_scope():
-    """Each test is its own run: keys used by an earlier test may be used again
-    (``dp_step``'s key-reuse guard is process-wide and on by default)."""
-    from fundp.guards import forget_keys
-
-    forget_keys()
-    yield
-
-
 @pytest.fixture
 def float64_by_default():
     """float64 for every tensor a test creates, restored afterwards (no global side effect)."""

@@ -104,6 +104,23 @@ def diverge_at_step_5(rank: int, params, batch, mask, model) -> dict:
     return {"raised_at": None, "steps": ledger.steps}
 
 
+def sampler_steps(rank: int, world_size: int | None = None) -> list:
+    """Three steps of ``dp_step(sampler=batches, distributed=True)`` on each rank's shard of the
+    Poisson batches (``world_size=None``: one process, the whole batches, the same keys)."""
+    model, params, batch, _ = global_problem()
+    clean = {"x": torch.nan_to_num(batch["x"]), "y": batch["y"]}
+    batches = fundp.data.poisson_batches(13, 0.5, fundp.random.key(1), steps=3, pad_to_multiple=4)
+    step = fundp.dp_step(classification_loss(model), max_norm=CLIP_NORM, noise_multiplier=SIGMA, sampler=batches,
+                         grad_method="vmap", distributed=world_size is not None)
+    grads = []
+    for t, (indices, mask) in enumerate(batches):
+        if world_size is not None:
+            indices, mask = fundp.distributed.shard(indices, mask, rank, world_size)
+        out = step(params, {k: v[indices] for k, v in clean.items()}, fundp.random.fold_in(fundp.random.key(42), t), mask=mask)
+        grads.append(out.grads)
+    return grads
+
+
 def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str) -> None:
     torch.set_num_threads(1)
     try:
@@ -119,6 +136,11 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str)
         if scenario in ("consistency", "step_own_os_key"):
             result = consistency_checks(rank, params) if scenario == "consistency" else step_with_own_keys(rank, params, batch, mask, model)
             torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+            dist.barrier()
+            dist.destroy_process_group()
+            return
+        if scenario == "sampler":
+            torch.save({"grads": sampler_steps(rank, world_size)}, os.path.join(out_dir, f"rank{rank}.pt"))
             dist.barrier()
             dist.destroy_process_group()
             return

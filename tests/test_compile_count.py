@@ -57,7 +57,9 @@ def test_compiled_dp_step_compiles_once_per_padded_shape(problem, dynamic, grad_
     # The last step again, eagerly: the compiled step computes the same thing.
     last = batches[STEPS - 1]
     key = fundp.random.fold_in(fundp.random.key(1), STEPS - 1)
-    expected = eager(params, {"x": x[last[0]], "y": y[last[0]]}, key, mask=last[1])
+    reference = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=Q * N, grad_method=grad_method,
+                              verify=False, check_key_reuse=False)  # the compiled step's key, again
+    expected = reference(params, {"x": x[last[0]], "y": y[last[0]]}, key, mask=last[1])
     for k in params:
         torch.testing.assert_close(outs[-1].grads[k], expected.grads[k], rtol=1e-5, atol=1e-6)
 
@@ -94,7 +96,8 @@ def test_inductor_accumulated_step_matches_eager_and_compiles_once(problem):
         loss_fn, physical_batch_size=16, max_norm=1.0, noise_multiplier=1.0, sampler=batches, grad_method="vmap",
         compile_chunk=functools.partial(torch.compile, backend=counter, dynamic=False),
     )  # fmt: skip
-    eager = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=Q * N, grad_method="vmap")
+    eager = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=Q * N, grad_method="vmap",
+                          check_key_reuse=False)  # replays the compiled run's keys, to compare
     for fast, slow in zip(run(compiled, params, x, y, batches), run(eager, params, x, y, batches)):
         for k in params:
             torch.testing.assert_close(fast.grads[k], slow.grads[k], rtol=1e-4, atol=1e-5)
@@ -106,13 +109,14 @@ def test_steps_built_with_different_float_settings_each_compile_to_one_graph(pro
     # max_norm / noise_multiplier must then still trace (no graph break under fullgraph=True).
     params, loss, x, y = problem
     batch = {"x": x[:8], "y": y[:8]}
+    keys = iter(fundp.random.split(fundp.random.key(0), 12))  # a fresh key per step
     for grad_method in ("vmap", "ghost"):
         for max_norm, sigma in ((1.0, 1.1), (0.5, 0.7), (0.25, 0.9)):
-            step = fundp.dp_step(loss, max_norm=max_norm, noise_multiplier=sigma, expected_batch_size=8.0,
-                                 grad_method=grad_method)
-            compiled = fundp.compile(step, backend="eager", fullgraph=True)
-            compiled(params, batch, fundp.random.key(0))  # eager first call (verification)
-            out = compiled(params, batch, fundp.random.key(0))
-            expected = step(params, batch, fundp.random.key(0))
+            kw = dict(max_norm=max_norm, noise_multiplier=sigma, expected_batch_size=8.0, grad_method=grad_method)
+            compiled = fundp.compile(fundp.dp_step(loss, **kw), backend="eager", fullgraph=True)
+            compiled(params, batch, next(keys))  # eager first call (verification)
+            key = next(keys)
+            out = compiled(params, batch, key)
+            expected = fundp.dp_step(loss, check_key_reuse=False, **kw)(params, batch, key)  # the same key, eagerly
             for name in params:
                 torch.testing.assert_close(out.grads[name], expected.grads[name])

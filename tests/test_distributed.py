@@ -46,6 +46,19 @@ def test_two_ranks_equal_one_process(tmp_path, scenario):
         assert fundp.Ledger.from_dict(results[0]["ledger"]) == reference.ledger
 
 
+def test_a_step_built_from_a_sampler_takes_each_ranks_shard(tmp_path):
+    """dp_step(sampler=batches, distributed=True): the sampler's row multiple (4) is checked on the
+    ranks' rows together (each shard has 2 or 4 rows); the result equals one process."""
+    processes, alive, _ = launch(tmp_path, "sampler")
+    errors = {r: (tmp_path / f"rank{r}.err").read_text() for r in range(2) if (tmp_path / f"rank{r}.err").exists()}
+    assert not alive and not errors, errors
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["grads"] for r in range(2)]
+    for t, expected in enumerate(dist_workers.sampler_steps(0)):
+        for name, value in expected.items():
+            assert torch.equal(results[0][t][name], results[1][t][name])
+            torch.testing.assert_close(results[0][t][name], value, rtol=1e-12, atol=1e-14)
+
+
 def test_a_failing_rank_does_not_hang_the_others(tmp_path):
     processes, alive, elapsed = launch(tmp_path, "fail", timeout=90)
     assert not alive, "a rank hung"

@@ -54,8 +54,11 @@ def test_noise_statistics_and_key_determinism():
     batch = {"x": torch.randn(4, 50_000, dtype=torch.float64)}
     loss_fn = lambda p, b: b["x"] @ p["w"]
     sigma, clip_norm, ebs = 1.3, 0.7, 4.0
-    step = fundp.dp_step(loss_fn, max_norm=clip_norm, noise_multiplier=sigma, expected_batch_size=ebs, grad_method="vmap")
-    clean = fundp.dp_step(loss_fn, max_norm=clip_norm, noise_multiplier=0.0, expected_batch_size=ebs, grad_method="vmap")
+    # This test compares steps on one key on purpose: the key-reuse guard is opted out of explicitly.
+    step = fundp.dp_step(loss_fn, max_norm=clip_norm, noise_multiplier=sigma, expected_batch_size=ebs, grad_method="vmap",
+                         check_key_reuse=False)
+    clean = fundp.dp_step(loss_fn, max_norm=clip_norm, noise_multiplier=0.0, expected_batch_size=ebs, grad_method="vmap",
+                          check_key_reuse=False)
     key = fundp.random.key(11)
     noisy = step(params, batch, key).grads["w"]
     assert torch.equal(noisy, step(params, batch, key).grads["w"])  # same key, same output
@@ -70,7 +73,8 @@ def test_noise_statistics_and_key_determinism():
 def test_padded_rows_never_leak_even_with_nan():
     model = make(MLP)
     params, loss_fn, batch = params_of(model), classification_loss(model), data_for(model, 6)
-    step = fundp.dp_step(loss_fn, max_norm=0.5, noise_multiplier=1.0, expected_batch_size=4.0, grad_method="vmap")
+    step = fundp.dp_step(loss_fn, max_norm=0.5, noise_multiplier=1.0, expected_batch_size=4.0, grad_method="vmap",
+                         check_key_reuse=False)  # two batches on one key, compared
     mask = torch.tensor([True, True, True, True, False, False])
     poisoned = {"x": batch["x"].clone(), "y": batch["y"]}
     poisoned["x"][4:] = float("nan")
@@ -84,7 +88,8 @@ def test_padded_rows_never_leak_even_with_nan():
 def test_nonfinite_real_example_is_dropped_and_counted():
     model = make(MLP)
     params, loss_fn, batch = params_of(model), classification_loss(model), data_for(model, 5)
-    step = fundp.dp_step(loss_fn, max_norm=0.5, noise_multiplier=0.0, expected_batch_size=5.0, grad_method="vmap")
+    step = fundp.dp_step(loss_fn, max_norm=0.5, noise_multiplier=0.0, expected_batch_size=5.0, grad_method="vmap",
+                         check_key_reuse=False)  # two batches on one key, compared
     poisoned = {"x": batch["x"].clone(), "y": batch["y"]}
     poisoned["x"][2, 0] = float("inf")
     out = step(params, poisoned, fundp.random.key(0))
@@ -97,10 +102,10 @@ def test_nonfinite_real_example_is_dropped_and_counted():
     debug(params, poisoned, fundp.random.key(0))  # Inf input, finite loss (tanh saturates): allowed
     poisoned["x"][2, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="loss"):
-        debug(params, poisoned, fundp.random.key(0))
+        debug(params, poisoned, fundp.random.key(1))
     bad_params = dict(params, **{"net.0.bias": params["net.0.bias"] * float("nan")})
     with pytest.raises(FloatingPointError, match="net.0.bias"):
-        debug(bad_params, batch, fundp.random.key(0))
+        debug(bad_params, batch, fundp.random.key(2))
 
 
 @pytest.mark.parametrize("grad_method", ["vmap", "auto"])
@@ -122,7 +127,7 @@ def test_aux_is_per_example_under_every_engine(grad_method):
     torch.testing.assert_close(out.aux["loss"], expected["loss"], rtol=1e-10, atol=1e-12)
     simple = fundp.dp_step(lambda p, b: ((b @ p["w"]) ** 2, b @ p["w"]), max_norm=1.0, noise_multiplier=0.0,
                            expected_batch_size=2, has_aux=True, grad_method=grad_method)
-    torch.testing.assert_close(simple({"w": torch.ones(2)}, torch.eye(2), fundp.random.key(0)).aux, torch.ones(2))
+    torch.testing.assert_close(simple({"w": torch.ones(2)}, torch.eye(2), fundp.random.key(1)).aux, torch.ones(2))
 
 
 def _small_problem(dtype=torch.float32):
@@ -133,7 +138,8 @@ def _small_problem(dtype=torch.float32):
 def test_compiled_step_matches_eager_and_does_not_recompile():
     torch._dynamo.reset()
     model, params, loss_fn, batch = _small_problem()
-    step = fundp.dp_step(loss_fn, max_norm=0.5, noise_multiplier=0.0, expected_batch_size=8, grad_method="vmap")
+    step = fundp.dp_step(loss_fn, max_norm=0.5, noise_multiplier=0.0, expected_batch_size=8, grad_method="vmap",
+                         check_key_reuse=False)  # eager and compiled on one key, compared
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(step, backend=counter)
     mask = torch.ones(8, dtype=torch.bool)
@@ -150,7 +156,8 @@ def test_compiled_step_matches_eager_and_does_not_recompile():
 def test_compiled_noise_equals_eager_noise():
     torch._dynamo.reset()
     _, params, loss_fn, batch = _small_problem()
-    step = fundp.dp_step(loss_fn, max_norm=0.5, noise_multiplier=2.0, expected_batch_size=8, grad_method="vmap")
+    step = fundp.dp_step(loss_fn, max_norm=0.5, noise_multiplier=2.0, expected_batch_size=8, grad_method="vmap",
+                         check_key_reuse=False)  # eager and compiled on one key, compared
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(step, backend=counter)
     for i in range(3):

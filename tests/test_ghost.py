@@ -290,17 +290,19 @@ def test_compiled_ghost_step_is_one_graph_equals_eager_and_does_not_recompile():
     model = make(TinyAttention)
     params, loss = params_of(model), classification_loss(model)
     step = fundp.dp_step(loss, max_norm=0.05, noise_multiplier=1.0, expected_batch_size=6, grad_method="ghost")
+    reference = fundp.dp_step(loss, max_norm=0.05, noise_multiplier=1.0, expected_batch_size=6, grad_method="ghost",
+                              check_key_reuse=False)  # the eager step on the compiled step's keys
     key = fundp.random.key(3)
     step(params, batch_for(model, 6), key)  # the first call of a shape verifies (eagerly)
-    with fundp.compile_options():
-        explanation = torch._dynamo.explain(step)(params, batch_for(model, 6), key)
+    with fundp.compile_options():  # the key guard is in the graph too
+        explanation = torch._dynamo.explain(step)(params, batch_for(model, 6), fundp.random.fold_in(key, 100))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()  # dynamo's real tracing and guards, eager kernels
     compiled = fundp.compile(step, backend=counter)
     for seed in range(3):  # new batch tensors and keys each step: no recompile
         batch = batch_for(model, 6, seed=seed)
-        eager, fast = step(params, batch, fundp.random.fold_in(key, seed)), compiled(params, batch, fundp.random.fold_in(key, seed))
+        eager, fast = reference(params, batch, fundp.random.fold_in(key, seed)), compiled(params, batch, fundp.random.fold_in(key, seed))
         assert_close_global(fast.grads, eager.grads, 1e-10)
     assert counter.frame_count == 1
     torch._dynamo.reset()
@@ -310,7 +312,8 @@ def test_compiled_verification_runs_once_per_shape_and_then_one_graph():
     model = make(TinyAttention)
     params, loss = params_of(model), classification_loss(model)
     step = fundp.dp_step(loss, max_norm=0.05, noise_multiplier=1.0, expected_batch_size=6, grad_method="ghost")
-    eager_step = fundp.dp_step(loss, max_norm=0.05, noise_multiplier=1.0, expected_batch_size=6, grad_method="ghost")
+    eager_step = fundp.dp_step(loss, max_norm=0.05, noise_multiplier=1.0, expected_batch_size=6, grad_method="ghost",
+                               check_key_reuse=False)  # the reference, on the compiled step's keys
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
     compiled = fundp.compile(step, backend=counter)
@@ -354,7 +357,7 @@ def test_dropout_needs_a_key_driven_randomness_and_is_deterministic_in_the_key()
     with pytest.raises(RuntimeError, match="randomness='different'"):
         make_ghost_engine(loss)(params, batch)
     step = fundp.dp_step(loss, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=6, grad_method="ghost",
-                         randomness="different")
+                         randomness="different", check_key_reuse=False)  # one key twice: compared
     state = torch.get_rng_state()
     first, again = step(params, batch, fundp.random.key(1)), step(params, batch, fundp.random.key(1))
     other = step(params, batch, fundp.random.key(2))
@@ -387,7 +390,7 @@ def test_ghost_step_under_no_grad_and_with_grad_requiring_params():
         out = step(params_of(model), batch, fundp.random.key(0))
     assert_close_global(out.grads, expected, 1e-10)
     live = dict(model.named_parameters())  # not detached: the engine must not leave .grad behind
-    out = step(live, batch, fundp.random.key(0))
+    out = step(live, batch, fundp.random.key(1))
     assert_close_global(out.grads, expected, 1e-10)
     assert all(p.grad is None for p in live.values())
 
@@ -398,13 +401,14 @@ def test_aot_compiled_ghost_step_equals_eager_with_or_without_the_scoped_option(
     # the graph (AOT graphs would hide the probes from autograd and give zero norms).
     model = make(MLP)
     params, loss = params_of(model), classification_loss(model)
-    step = fundp.dp_step(loss, max_norm=0.05, noise_multiplier=0.0, expected_batch_size=6, grad_method="ghost", verify=False)
+    kw = dict(max_norm=0.05, noise_multiplier=0.0, expected_batch_size=6, grad_method="ghost", verify=False)
+    step, reference = fundp.dp_step(loss, **kw), fundp.dp_step(loss, check_key_reuse=False, **kw)  # reference: same keys
     torch._dynamo.reset()
     compiled = (torch.compile if wrap == "torch.compile" else fundp.compile)(step, backend="aot_eager")
     for seed in range(2):
         batch = batch_for(model, 6, seed=seed)
         assert_close_global(compiled(params, batch, fundp.random.key(seed)).grads,
-                            step(params, batch, fundp.random.key(seed)).grads, 1e-10)
+                            reference(params, batch, fundp.random.key(seed)).grads, 1e-10)
     torch._dynamo.reset()
 
 
@@ -412,12 +416,13 @@ def test_fundp_compile_fullgraph_with_the_default_engine_and_verification():
     model = make(TinyAttention)
     params, loss = params_of(model), classification_loss(model)
     step = fundp.dp_step(loss, max_norm=0.05, noise_multiplier=1.0, expected_batch_size=6)  # auto, verify="first"
+    reference = fundp.dp_step(loss, max_norm=0.05, noise_multiplier=1.0, expected_batch_size=6, check_key_reuse=False)
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
-    compiled = fundp.compile(step, backend=counter, fullgraph=True)
+    compiled = fundp.compile(step, backend=counter, fullgraph=True)  # with the key guard in the graph
     for seed in range(3):
         batch, key = batch_for(model, 6, seed=seed), fundp.random.key(seed)
-        assert_close_global(compiled(params, batch, key).grads, step(params, batch, key).grads, 1e-10)
+        assert_close_global(compiled(params, batch, key).grads, reference(params, batch, key).grads, 1e-10)
     assert counter.frame_count == 1  # the first call ran eagerly (and verified), then one graph
     torch._dynamo.reset()
 

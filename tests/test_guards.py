@@ -4,6 +4,8 @@ import warnings
 
 import pytest
 import torch
+import torch._dynamo
+import torch._dynamo.testing
 
 import fundp
 from fundp import guards
@@ -58,17 +60,84 @@ def test_a_step_that_raises_does_not_consume_its_ledger():
     assert out.ledger == fundp.accountant_step(fundp.Ledger(), noise_multiplier=1.0, sample_rate=0.01, steps=2)
 
 
-def test_key_reuse_is_refused_across_step_objects():
-    first, second = make_step(check_key_reuse=True), make_step(check_key_reuse=True)
+def test_key_reuse_is_refused_across_step_objects_by_default():
+    first, second = make_step(), make_step()  # no check_key_reuse argument: the guard is on
     first(PARAMS, BATCH, fundp.random.key(3))
-    with pytest.raises(guards.KeyReuseError, match="already used by a step in this process"):
+    with pytest.raises(guards.KeyReuseError, match="already used by a step in this process") as raised:
         second(PARAMS, BATCH, fundp.random.key(3))  # an equal key, another step object
+    message = str(raised.value)  # says what to do
+    assert "fold_in(key, t)" in message and "train_step" in message and "check_key_reuse=False" in message
     second(PARAMS, BATCH, fundp.random.key(4))
-    relaxed = make_step(check_key_reuse=False)  # the explicit opt-out
-    key = fundp.random.key(4)
-    assert torch.equal(relaxed(PARAMS, BATCH, key).grads["w"], relaxed(PARAMS, BATCH, key).grads["w"])
     guards.forget_keys()  # a new key scope
     second(PARAMS, BATCH, fundp.random.key(3))
+
+
+def test_a_fresh_key_per_step_is_accepted_and_train_step_loops_never_repeat_one():
+    key = fundp.random.key(0)
+    steps = [make_step(), make_step(sample_rate=0.02)]
+    for t in range(20):  # two step objects, one run: fold_in gives every step its own key
+        steps[t % 2](PARAMS, BATCH, fundp.random.fold_in(key, t))
+    opt = fundp.optim.sgd(0.1)
+    state = fundp.TrainState.create(PARAMS, opt, fundp.random.key(1), ledger=None)
+    for _ in range(20):
+        state, _ = fundp.train_step(steps[0], opt, state, BATCH)
+    assert state.step == 20
+    with pytest.raises(guards.KeyReuseError):  # the same run started again from its key: refused
+        fundp.train_step(steps[1], opt, fundp.TrainState.create(PARAMS, opt, fundp.random.key(1), ledger=None), BATCH)
+
+
+def test_the_explicit_opt_out_allows_equal_keys():
+    relaxed = make_step(check_key_reuse=False)
+    key = fundp.random.key(4)
+    assert torch.equal(relaxed(PARAMS, BATCH, key).grads["w"], relaxed(PARAMS, BATCH, key).grads["w"])
+    make_step()(PARAMS, BATCH, key)  # an opted-out step does not record its keys
+    with pytest.raises(TypeError, match="check_key_reuse"):
+        make_step(check_key_reuse=None)
+
+
+def test_a_noiseless_step_is_not_checked_and_records_nothing():
+    quiet = make_step(noise_multiplier=0.0)  # sigma a plain 0: no noise that a repeated key could cancel
+    key = fundp.random.key(8)
+    assert torch.equal(quiet(PARAMS, BATCH, key).grads["w"], quiet(PARAMS, BATCH, key).grads["w"])
+    make_step()(PARAMS, BATCH, key)  # the noiseless calls did not record it
+    with pytest.raises(guards.KeyReuseError):
+        make_step()(PARAMS, BATCH, key)
+    with pytest.raises(guards.KeyReuseError):  # a per-call sigma 0 as a tensor is not read (no sync): checked
+        make_step()(PARAMS, BATCH, key, noise_multiplier=torch.tensor(0.0))
+
+
+def test_an_eager_step_that_raises_leaves_its_key_unused():
+    bad = fundp.dp_step(lambda p, b: (b @ p["w"]).sum(), max_norm=1.0, noise_multiplier=1.0,  # not per-example
+                        expected_batch_size=2.0, grad_method="vmap")
+    key = fundp.random.key(5)
+    with pytest.raises(Exception) as raised:
+        bad(PARAMS, BATCH, key)
+    assert not isinstance(raised.value, guards.KeyReuseError)
+    make_step()(PARAMS, BATCH, key)  # nothing was released with it: still usable
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "fundp.compile"])
+def test_a_compiled_step_refuses_a_reused_key_inside_one_graph(how):
+    """fullgraph=True: the guard is a custom op in the graph (no graph break), checked every call."""
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    if how == "torch.compile":
+        compiled = torch.compile(make_step(), backend=counter, fullgraph=True)
+    else:  # the default engine; its first call per signature runs eagerly
+        compiled = fundp.compile(make_step(grad_method="auto"), backend=counter, fullgraph=True)
+    key = fundp.random.key(6)
+    outs = [compiled(PARAMS, BATCH, fundp.random.fold_in(key, t)) for t in range(3)]
+    with pytest.raises(guards.KeyReuseError, match="already used"):
+        compiled(PARAMS, BATCH, fundp.random.fold_in(key, 2))  # reused inside the graph
+    with pytest.raises(guards.KeyReuseError):
+        make_step()(PARAMS, BATCH, fundp.random.fold_in(key, 1))  # one registry, eager and compiled
+    make_step()(PARAMS, BATCH, fundp.random.key(7))  # used eagerly ...
+    with pytest.raises(guards.KeyReuseError):
+        compiled(PARAMS, BATCH, fundp.random.key(7))  # ... refused in the graph
+    assert counter.frame_count == 1  # one graph: the guard did not break it
+    reference = make_step(check_key_reuse=False)  # the compiled step computes the eager step's noise
+    assert torch.equal(outs[2].grads["w"], reference(PARAMS, BATCH, fundp.random.fold_in(key, 2)).grads["w"])
+    torch._dynamo.reset()
 
 
 def graph_depth(tensor):
@@ -95,7 +164,7 @@ def test_params_that_require_grad_are_detached_and_the_graph_stays_flat():
         opt = fundp.optim.sgd(0.1)
         opt_state = opt.init(out.grads)
         for t in range(200):
-            out = step(params, x, fundp.random.key(t))
+            out = step(params, x, fundp.random.key(t + 1))  # a fresh key per step
             assert max(graph_depth(g) for g in (*out.grads.values(), out.loss, out.norms)) == 0
             updates, opt_state = opt.update(out.grads, opt_state, params)
             params = fundp.optim.apply_updates(params, updates)

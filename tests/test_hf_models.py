@@ -164,12 +164,14 @@ def test_compiled_step_is_one_graph_and_equals_eager(name):
     max_norm = threshold_for(grads, "flat")
     step = fundp.dp_step(case.loss_fn, max_norm=max_norm, noise_multiplier=1.0, expected_batch_size=B,
                          grad_method="auto")
+    reference = fundp.dp_step(case.loss_fn, max_norm=max_norm, noise_multiplier=1.0, expected_batch_size=B,
+                              grad_method="auto", check_key_reuse=False)  # the eager step on the compiled step's keys
     key = fundp.random.key(3)
     torch._dynamo.reset()
     try:
         step(case.params, case.batch, key)  # the first call of this shape verifies (eagerly)
-        with fundp.compile_options():
-            explanation = torch._dynamo.explain(step)(case.params, case.batch, key)
+        with fundp.compile_options():  # the key guard is in the graph too
+            explanation = torch._dynamo.explain(step)(case.params, case.batch, fundp.random.fold_in(key, 100))
         assert explanation.graph_break_count == 0, explanation.break_reasons
         torch._dynamo.reset()
         counter = torch._dynamo.testing.CompileCounter()  # dynamo's real tracing and guards, eager kernels
@@ -177,7 +179,7 @@ def test_compiled_step_is_one_graph_and_equals_eager(name):
         for seed in range(2):  # a new batch and key: no recompile
             batch = build_batch(name, seed)
             k = fundp.random.fold_in(key, seed)
-            eager, fast = step(case.params, batch, k), compiled(case.params, batch, k)
+            eager, fast = reference(case.params, batch, k), compiled(case.params, batch, k)
             assert_close_global(fast.grads, eager.grads, 1e-10)
             torch.testing.assert_close(fast.norms, eager.norms, rtol=1e-10, atol=0)
         assert counter.frame_count == 1

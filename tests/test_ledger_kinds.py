@@ -9,6 +9,7 @@ Gaussian mechanism's closed form, Balle & Wang 2018, or ceil(n / b) Poisson step
 
 import collections
 import fractions
+import itertools
 import json
 import math
 import pickle
@@ -230,13 +231,17 @@ def gaussian_mechanism_epsilon(mu, delta):
     return high
 
 
+_RUNS = itertools.count()  # each run its own keys: a key used by any earlier step is refused
+
+
 def run_mf_steps(mech, steps, sigma=1.0, ledger=None):
+    run_key = fundp.random.fold_in(fundp.random.key(5), next(_RUNS))
     step = fundp.dp_step(LOSS, max_norm=1.0, noise_multiplier=sigma, expected_batch_size=5.0, grad_method="vmap",
                          noise_mechanism=mech)
     ledger = fundp.Ledger() if ledger is None else ledger
     noise_state = mech.init(PARAMS)
     for t in range(steps):
-        out = step(PARAMS, ROWS, fundp.random.fold_in(fundp.random.key(5), t), mask=MASK, noise_state=noise_state, ledger=ledger)
+        out = step(PARAMS, ROWS, fundp.random.fold_in(run_key, t), mask=MASK, noise_state=noise_state, ledger=ledger)
         ledger, noise_state = out.ledger, out.noise_state
     return ledger
 

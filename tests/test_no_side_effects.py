@@ -35,12 +35,12 @@ def test_building_and_running_steps_leaves_dynamo_config_and_other_compiled_code
         return F.cross_entropy(fundp.functional_call(model, p, (b["x"],)), b["y"], reduction="none")
 
     batch = {"x": torch.randn(5, 4, dtype=torch.float64), "y": torch.arange(5) % 3}
-    for grad_method in ("auto", "ghost", "vmap"):
+    for i, grad_method in enumerate(("auto", "ghost", "vmap")):
         step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=5, grad_method=grad_method)
-        step(params, batch, fundp.random.key(0))
+        step(params, batch, fundp.random.key(3 * i))  # a fresh key per step
         torch._dynamo.reset()
-        fundp.compile(step, backend="eager")(params, batch, fundp.random.key(1))
-        torch.compile(step, backend="eager")(params, batch, fundp.random.key(2))
+        fundp.compile(step, backend="eager")(params, batch, fundp.random.key(3 * i + 1))
+        torch.compile(step, backend="eager")(params, batch, fundp.random.key(3 * i + 2))
         torch._dynamo.reset()
     assert torch._dynamo.config.get_config_copy() == config_before
     assert _breaks(_unrelated, torch.randn(3)) == breaks_before

@@ -36,7 +36,7 @@ def test_forgetting_to_keep_the_new_ledger_is_refused():
     # The right loop runs, and equals the accountant applied by hand.
     ledger = fundp.Ledger()
     for t in range(3):
-        ledger = step(PARAMS, BATCH, fundp.random.key(t), ledger=ledger).ledger
+        ledger = step(PARAMS, BATCH, fundp.random.key(10 + t), ledger=ledger).ledger  # a fresh key per step
     assert ledger == fundp.accountant_step(fundp.Ledger(), noise_multiplier=1.0, sample_rate=0.01, steps=3)
     # A fresh ledger starts a new run.
     assert step(PARAMS, BATCH, fundp.random.key(9), ledger=fundp.Ledger()).ledger.steps == 1
@@ -73,15 +73,36 @@ def test_a_refused_budget_step_leaves_the_ledger_usable():
         step(PARAMS, BATCH, fundp.random.key(0), ledger=ledger)
 
 
-def test_key_reuse_is_detected_in_debug_mode():
-    step = make_step(check_key_reuse=True)
+def test_key_reuse_is_refused_by_default():
+    step = make_step()  # no check_key_reuse argument: the guard is on
     key = fundp.random.key(3)
     step(PARAMS, BATCH, key)
     step(PARAMS, BATCH, fundp.random.fold_in(key, 1))
     with pytest.raises(ValueError, match="already used"):
         step(PARAMS, BATCH, fundp.random.key(3))  # an equal key, not only the same object
-    relaxed = make_step()
-    assert torch.equal(relaxed(PARAMS, BATCH, key).grads["w"], relaxed(PARAMS, BATCH, key).grads["w"])  # off by default
+    relaxed = make_step(check_key_reuse=False)  # the explicit opt-out
+    assert torch.equal(relaxed(PARAMS, BATCH, key).grads["w"], relaxed(PARAMS, BATCH, key).grads["w"])
+
+
+def test_a_padded_poisson_batch_without_its_mask_warns_even_without_a_sampler():
+    """Issue 20: without sampler= a padded batch passed without its mask counted its padding rows
+    (copies of one example) as real examples, silently.  The step's first batch is looked at."""
+    import warnings
+
+    from fundp.guards import PaddingWithoutMaskWarning
+
+    batches = data.poisson_batches(400, 0.05, fundp.random.key(0), steps=3, pad_to_multiple=16)
+    x = torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
+    indices, mask = batches[0]
+    assert int(mask.sum()) <= indices.shape[0] - 2  # at least two padding rows
+    step = make_step(expected_batch_size=20.0, sample_rate=0.05)  # no sampler=
+    with pytest.warns(PaddingWithoutMaskWarning, match="mask"):
+        step(PARAMS, x[indices], fundp.random.key(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PaddingWithoutMaskWarning)
+        make_step()(PARAMS, x[indices], fundp.random.key(2), mask=mask)  # with its mask: silent
+        make_step()(PARAMS, x[:32], fundp.random.key(3))  # a fixed batch of distinct rows: silent
+        step(PARAMS, x[indices], fundp.random.key(4))  # looked at once per step object (one sync)
 
 
 def test_sampler_guard_refuses_batches_that_do_not_come_from_it():

@@ -33,11 +33,14 @@ def test_adaptive_clipping_update_and_state():
     # Unclipped real rows at C = 1: 0.5, 0.8, 0.2 (2.5 is padding) -> f = 3 / 5; C <- C exp(-0.2 (0.6 - 0.5)).
     assert float(out.clip_state.max_norm) == pytest.approx(math.exp(-0.2 * 0.1), rel=1e-12)
     # The gradient half is exactly dp_step at C = 1 with the same key (the count has its own key).
-    plain = fundp.dp_step(LOSS, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=5.0, grad_method="vmap")
+    plain = fundp.dp_step(LOSS, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=5.0, grad_method="vmap",
+                          check_key_reuse=False)  # the reference, on the step's key
     torch.testing.assert_close(out.grads["w"], plain(params, batch_with_norms(), key, mask=MASK).grads["w"], rtol=0, atol=0)
     # The next step clips at the new C.
+    key = fundp.random.fold_in(key, 1)  # the next step's key
     again = step(params, batch_with_norms(), key, mask=MASK, clip_state=out.clip_state)
-    at_new_c = fundp.dp_step(LOSS, max_norm=math.exp(-0.02), noise_multiplier=1.0, expected_batch_size=5.0, grad_method="vmap")
+    at_new_c = fundp.dp_step(LOSS, max_norm=math.exp(-0.02), noise_multiplier=1.0, expected_batch_size=5.0, grad_method="vmap",
+                             check_key_reuse=False)  # the reference, on the step's key
     torch.testing.assert_close(again.grads["w"], at_new_c(params, batch_with_norms(), key, mask=MASK).grads["w"], rtol=1e-12, atol=1e-15)
 
 
@@ -97,7 +100,7 @@ def test_identity_noise_mechanism_reproduces_dp_step():
     mech = IdentityMechanism()
     kw = dict(max_norm=1.0, noise_multiplier=1.3, expected_batch_size=5.0, clip_style="per_layer", grad_method="vmap")
     step = fundp.dp_step(loss_fn, noise_mechanism=mech, **kw)
-    plain = fundp.dp_step(loss_fn, **kw)
+    plain = fundp.dp_step(loss_fn, check_key_reuse=False, **kw)  # the reference, on the step's keys
     state = mech.init(params)
     for t in range(3):
         out = step(params, batch, fundp.random.key(t), mask=MASK, noise_state=state)

@@ -96,7 +96,8 @@ def test_every_dp_step_option_works_with_accumulation(options):
     base_loss = classification_loss(model)
     loss_fn = (lambda p, b: (lambda l: (l, l.detach()))(base_loss(p, b))) if options.get("has_aux") else base_loss
     batch, mask = data_for(model, 20), torch.arange(20) < 17
-    kw = dict(max_norm=0.5, noise_multiplier=1.2, expected_batch_size=18.0, grad_method="vmap") | options
+    # Three step objects compared on one key: the key-reuse guard is opted out of explicitly.
+    kw = dict(max_norm=0.5, noise_multiplier=1.2, expected_batch_size=18.0, grad_method="vmap", check_key_reuse=False) | options
     key = fundp.random.key(3)
     # A fresh (equal) ledger per step object: a consumed ledger is refused by every step object.
     fresh = (lambda: fundp.Ledger()) if "budget" in options else (lambda: None)
@@ -119,7 +120,8 @@ def test_empty_batches_give_pure_noise_in_both(physical):
     """All rows masked, and a batch of zero rows: grads are the noise alone, the same for both."""
     params = {"w": torch.zeros(5, dtype=torch.float64)}
     loss_fn = lambda p, b: b @ p["w"]
-    step = fundp.dp_step(loss_fn, max_norm=0.7, noise_multiplier=2.0, expected_batch_size=4.0, grad_method="vmap", physical_batch_size=physical)
+    step = fundp.dp_step(loss_fn, max_norm=0.7, noise_multiplier=2.0, expected_batch_size=4.0, grad_method="vmap", physical_batch_size=physical,
+                         check_key_reuse=False)  # two batches on one key, compared
     key = fundp.random.key(9)
     expected = fundp.noise({"w": torch.zeros(5, dtype=torch.float64)}, fundp.random.split(key)[0], 2.0 * 0.7)["w"] / 4.0
     masked = step(params, torch.full((8, 5), float("nan"), dtype=torch.float64), key, mask=torch.zeros(8, dtype=torch.bool))
@@ -132,18 +134,21 @@ def test_empty_batches_give_pure_noise_in_both(physical):
 
 def test_fullgraph_compile_without_a_ledger():
     """No ledger, budget or debug check: the whole step is one graph (fullgraph=True), with or
-    without accumulation, and equals the eager step."""
+    without accumulation, and equals the eager step.  The key-reuse guard (on by default) is in
+    that graph: a custom op, no graph break."""
     torch._dynamo.reset()
     model = make(MLP, dtype=torch.float32)
     params, loss_fn, batch = params_of(model), classification_loss(model), data_for(model, 8, dtype=torch.float32)
     mask = torch.arange(8) < 6
     for physical in (None, 4):
         torch._dynamo.reset()
-        eager = fundp.dp_step(loss_fn, max_norm=0.5, noise_multiplier=1.0, expected_batch_size=8, grad_method="vmap", physical_batch_size=physical)
+        kw = dict(max_norm=0.5, noise_multiplier=1.0, expected_batch_size=8, grad_method="vmap", physical_batch_size=physical)
+        eager = fundp.dp_step(loss_fn, check_key_reuse=False, **kw)  # the reference, on the compiled step's keys
         counter = torch._dynamo.testing.CompileCounter()
-        compiled = torch.compile(eager, backend=counter, fullgraph=True)
+        compiled = torch.compile(fundp.dp_step(loss_fn, **kw), backend=counter, fullgraph=True)
         for i in range(3):
-            fast, slow = compiled(params, batch, fundp.random.key(i), mask=mask), eager(params, batch, fundp.random.key(i), mask=mask)
+            key = fundp.random.key(100 * (physical or 0) + i)
+            fast, slow = compiled(params, batch, key, mask=mask), eager(params, batch, key, mask=mask)
             for k in params:
                 torch.testing.assert_close(fast.grads[k], slow.grads[k], rtol=1e-5, atol=1e-6)
         assert counter.frame_count == 1
@@ -167,7 +172,8 @@ def test_tensor_hyperparameters_change_without_recompiling():
     for t in range(9):
         c, sigma = 0.1 + 0.05 * t, 0.5 + 0.1 * t
         out = compiled(params, batch, fundp.random.key(t), max_norm=torch.tensor(c), noise_multiplier=torch.tensor(sigma))
-        ref = fundp.dp_step(loss_fn, max_norm=c, noise_multiplier=sigma, expected_batch_size=8, grad_method="vmap")(params, batch, fundp.random.key(t))
+        ref = fundp.dp_step(loss_fn, max_norm=c, noise_multiplier=sigma, expected_batch_size=8, grad_method="vmap",
+                            check_key_reuse=False)(params, batch, fundp.random.key(t))  # the compiled step's key
         for k in params:
             torch.testing.assert_close(out.grads[k], ref.grads[k], rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 1
@@ -179,7 +185,7 @@ def test_tensor_hyperparameters_change_without_recompiling():
     compiled, ledger = torch.compile(scheduled, backend=counter), fundp.Ledger()
     for t in range(4):
         sigma.fill_(1.0 + t)
-        ledger = compiled(params, batch, fundp.random.key(t), ledger=ledger).ledger
+        ledger = compiled(params, batch, fundp.random.key(100 + t), ledger=ledger).ledger  # fresh keys
     expected = fundp.Ledger()
     for t in range(4):  # the ledger read each step's value (outside the graph)
         expected = fundp.accountant_step(expected, noise_multiplier=1.0 + t, sample_rate=0.1)

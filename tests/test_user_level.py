@@ -56,7 +56,7 @@ def test_user_clipped_sum_equals_per_user_micro_batching(case, reduction, grad_m
         indices, example_mask, user_mask = batches[t]
         step = fundp.dp_step(user_loss(loss_fn, reduction=reduction), max_norm=C, noise_multiplier=0.0,
                              sampler=batches, grad_method=grad_method)
-        out = step(params, batches.gather(data, indices, example_mask), fundp.random.key(1), mask=user_mask)
+        out = step(params, batches.gather(data, indices, example_mask), fundp.random.fold_in(fundp.random.key(1), t), mask=user_mask)
         reference = per_user_reference(loss_fn, params, data, indices, example_mask, user_mask, reduction=reduction)
         for name in params:
             torch.testing.assert_close(out.grads[name], reference[name] / batches.expected_batch_size, rtol=1e-10, atol=1e-13)
