@@ -26,18 +26,45 @@ from typing import Any
 
 import torch
 
-from fundp.clipping import ScaledSqNorm, norm_dtype, normalised_rows, scaled_sq_norm, usable_scales
+from fundp.clipping import SUM_DTYPE, ScaledSqNorm, norm_dtype, normalised_rows, scaled_sq_norm, usable_scales
 from fundp.engines.ghost._index import IdentityMap, is_compiling
 from fundp.engines.ghost._uses import Factor, Ids, Rows, materialise
 
-__all__ = ["LeafGrads", "RowsLeaf", "Shared", "full_precision", "leaf_sq_norms"]
+__all__ = ["LeafGrads", "RowsLeaf", "Shared", "full_precision", "leaf_sq_norms", "sum_dtype"]
 
 
-def _keep_rows(factors: torch.Tensor, tensor: torch.Tensor, scale: bool) -> torch.Tensor:
-    """``c_i * t_i`` (or ``t_i``) for rows with ``c_i != 0``, exact zeros elsewhere (NaN-safe)."""
+def sum_dtype(dtype: torch.dtype, *inputs: torch.dtype) -> torch.dtype:
+    """The dtype a leaf's book-keeping sum ``sum_i c_i g_i`` is multiplied and accumulated in,
+    from the parameter's ``dtype`` and the dtypes of the tensors its gradients come from.
+
+    float32 where the parameter and every input are float32 (the fast path); float64
+    (:data:`~fundp.clipping.SUM_DTYPE`) otherwise: float64 parameters, and 16-bit parameters or
+    activations (bfloat16 / float16, autocast).  Not float32 for those: float32 rounds a sum of
+    ``B`` rows of norm ``C`` to about ``B C 2^-24``, so one example moved it by up to
+    ``C (1 + 7.6e-5)`` at B = 4096 (measured, ``benchmarks/low_precision.py --ghost-sum float32``)
+    against the ``C (1 + 1e-6)`` claimed for 16-bit training (issue 25); float64 keeps every
+    difference within ``B^2 2^-53 C`` (2e-9 C at B = 4096).
+
+    Example:
+      >>> import torch
+      >>> from fundp.engines.ghost._norms import sum_dtype
+      >>> sum_dtype(torch.bfloat16), sum_dtype(torch.float32), sum_dtype(torch.float32, torch.bfloat16)
+      (torch.float64, torch.float32, torch.float64)
+    """
+    if dtype == torch.float32 and all(d == torch.float32 for d in inputs):
+        return torch.float32
+    return SUM_DTYPE
+
+
+def _keep_rows(factors: torch.Tensor, tensor: torch.Tensor, scale: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``c_i * t_i`` (or ``t_i``) for rows with ``c_i != 0``, exact zeros elsewhere (NaN-safe), in
+    ``dtype`` (default ``tensor``'s): the upcast comes before the product, so ``c_i t_i`` is
+    rounded once, in ``dtype``."""
+    dtype = tensor.dtype if dtype is None else dtype
     rows = factors.reshape((-1,) + (1,) * (tensor.dim() - 1))
-    kept = tensor * rows.to(tensor.dtype) if scale else tensor
-    return torch.where(rows != 0, kept, torch.zeros((), dtype=kept.dtype, device=kept.device))
+    values = tensor.to(dtype)
+    kept = values * rows.to(dtype) if scale else values
+    return torch.where(rows != 0, kept, torch.zeros((), dtype=dtype, device=kept.device))
 
 
 class Shared:
@@ -301,12 +328,18 @@ def _joined(tensors: list) -> Any:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
 
 
+def _form_tensors(form: Any) -> list:
+    """The floating-point tensors a use's per-example gradients are formed from."""
+    return [t for t in form if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
 class LeafGrads:
     """All uses of one parameter after the backward: its ``[B]`` squared norms and weighted sum."""
 
     def __init__(self, leaf: torch.Tensor, forms: list):
         self.leaf = leaf
         self.dtype = norm_dtype(leaf.dtype)
+        self.sum_dtype = sum_dtype(leaf.dtype, *(t.dtype for form in forms for t in _form_tensors(form)))
         kinds = {type(form) for form in forms}
         factors = [form for form in forms if isinstance(form, Factor)]
         if Rows in kinds or (factors and (leaf.dim() != 2 or any(
@@ -375,19 +408,20 @@ class LeafGrads:
             return self._weighted_sum(factors)
 
     def _weighted_sum(self, factors: torch.Tensor) -> torch.Tensor:
-        dtype = self.leaf.dtype
+        """``sum_i c_i g_i`` in :func:`sum_dtype` (not rounded to the parameter dtype: the step
+        adds the noise to it and rounds once, at the end)."""
+        dtype = self.sum_dtype
         if self.kind == "rows":
-            kept = _keep_rows(factors, self.rows, scale=True)
-            return kept.sum(dim=0).to(dtype)
-        total = torch.zeros(self.leaf.shape, dtype=self.dtype, device=self.leaf.device)
+            return _keep_rows(factors, self.rows, scale=True, dtype=dtype).sum(dim=0)
+        total = torch.zeros(self.leaf.shape, dtype=dtype, device=self.leaf.device)
         if self.left is not None:
-            left = _keep_rows(factors, self.left, scale=True)
-            right = _keep_rows(factors, self.right, scale=False)
+            left = _keep_rows(factors, self.left, scale=True, dtype=dtype)
+            right = _keep_rows(factors, self.right, scale=False, dtype=dtype)
             total = total + left.reshape(-1, left.shape[-1]).T @ right.reshape(-1, right.shape[-1])
         if self.ids is not None:
-            rows = _keep_rows(factors, self.id_rows, scale=True)
+            rows = _keep_rows(factors, self.id_rows, scale=True, dtype=dtype)
             total = total.index_add(0, self.ids.reshape(-1), rows.reshape(-1, rows.shape[-1]))
-        return total.to(dtype)
+        return total
 
 
 class RowsLeaf:
@@ -403,7 +437,8 @@ class RowsLeaf:
         return scaled_sq_norm(self.rows)
 
     def weighted_sum(self, factors: torch.Tensor) -> torch.Tensor:
-        return _keep_rows(factors, self.rows, scale=True).sum(dim=0)
+        """``sum_i c_i g_i`` multiplied and accumulated in :func:`sum_dtype` (at least float32)."""
+        return _keep_rows(factors, self.rows, scale=True, dtype=sum_dtype(self.rows.dtype)).sum(dim=0)
 
 
 def leaf_sq_norms(handlers: list) -> list:
