@@ -14,7 +14,7 @@ from fundp.engines.ghost import attention, broadcast, conv, embedding, linear, n
 from fundp.engines.ghost._index import is_compiling
 from fundp.engines.ghost._norms import LeafGrads, RowsLeaf, leaf_sq_norms
 from fundp.engines.ghost._registry import RULES
-from fundp.engines.ghost._tracer import Tracer, Untrusted
+from fundp.engines.ghost._tracer import ProbeMismatchError, Tracer, Untrusted
 from fundp.engines.ghost._uses import Rows, materialise, transpose_form
 from fundp.engines.ghost._mixed import vmap_rows
 from fundp.engines.ghost._verify import verify_engine
@@ -46,13 +46,22 @@ def _proxy(leaf: Any) -> Any:
     return leaf.detach().requires_grad_() if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() else leaf
 
 
-def trace(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomness: str, key):
-    """Runs ``loss_fn`` under the tracer; returns ``(tracer, proxies, losses, aux)``."""
+def trace(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomness: str, key, *, proxy: bool = True,
+          probes: list | None = None, probe_grad: bool = True):
+    """Runs ``loss_fn`` under the tracer; returns ``(tracer, proxies, losses, aux)``.
+
+    ``proxy=False``: ``params`` are used as they are (the primals of a ``torch.func`` transform);
+    ``probes``, ``probe_grad``: see :class:`~fundp.engines.ghost._tracer.Tracer`.
+    """
     size = check_batch(batch)
-    with torch.enable_grad():
-        proxy_params = optree.tree_map(_proxy, params)
+    if proxy:
+        with torch.enable_grad():
+            proxy_params = optree.tree_map(_proxy, params)
+    else:
+        proxy_params = params
     proxies = optree.tree_leaves(proxy_params)
-    tracer = Tracer(proxies, optree.tree_leaves(batch), size, random_ok=randomness != "error", rules=RULES)
+    tracer = Tracer(proxies, optree.tree_leaves(batch), size, random_ok=randomness != "error", rules=RULES,
+                    probes=probes, probe_grad=probe_grad)
     # enable_grad: the probes' gradients are needed even when the caller is under torch.no_grad().
     with keyed_model_rng(key, batch, randomness), torch.enable_grad(), tracer:
         out = loss_fn(proxy_params, batch)
@@ -123,15 +132,34 @@ def _path_names(params: Any) -> list:
     return ["params" + "".join(f"[{p!r}]" for p in path) for path in paths]
 
 
-def _leaf_forms(tracer: Tracer, proxies: list, grads: list, skip: set) -> dict:
-    """``{leaf index: [Factor | Ids | Rows in the leaf's own shape]}`` from every recorded use."""
+def _pulled(tracer: Tracer, use: Any) -> bool:
+    """Whether a use's target is computed from parameters (a slice, an expand, a table lookup, several
+    leaves): its per-example gradients are then pulled back to the leaves by a vector-Jacobian product."""
+    origin = tracer.origin(use.target)
+    return origin is not None and not (origin.form in ("same", "T") and len(origin.leaves) == 1)
+
+
+def _leaf_forms(tracer: Tracer, proxies: list, grads: list, skip: set, pull: Callable | None = None) -> dict:
+    """``{leaf index: [Factor | Ids | Rows in the leaf's own shape]}`` from every recorded use.
+
+    ``pull``: ``pull([(k, rows)]) -> {leaf index: [B, *leaf.shape]}``, the per-example gradients that
+    the rows ``rows [B, *target.shape]`` of the ``k``-th pulled use's target give the leaves (the
+    compiled path); by default a batched ``torch.autograd.grad`` through the proxies.
+    """
     forms: dict = {}
+    pending: list = []
+    wanted: set = set()
+    position = -1
     for use in tracer.uses:
         origin = tracer.origin(use.target)
-        if origin is None or not origin.leaves - skip:
+        if origin is None:
+            continue
+        pulled = _pulled(tracer, use)
+        position += pulled
+        if not origin.leaves - skip:
             continue
         form = use.resolve(grads)
-        if origin.form in ("same", "T") and len(origin.leaves) == 1:
+        if not pulled:
             (index,) = origin.leaves
             leaf = proxies[index]
             if origin.form == "T":
@@ -142,15 +170,68 @@ def _leaf_forms(tracer: Tracer, proxies: list, grads: list, skip: set) -> dict:
             continue
         # A tensor computed from parameters (a slice, an expand, a table lookup): its per-example
         # gradients are pulled back to the parameters by a batched vector-Jacobian product.
-        rows = materialise(form, tuple(use.target.shape))
+        rows = materialise(form, tuple(use.target.shape)).to(use.target.dtype)
+        if pull is not None:
+            pending.append((position, rows))
+            wanted |= origin.leaves - skip
+            continue
         # Leaves on vmap get their whole gradient there; the others still need this use's share.
         indices = sorted(origin.leaves - skip)
-        pulled = torch.autograd.grad([use.target], [proxies[i] for i in indices], grad_outputs=[rows.to(use.target.dtype)],
-                                     retain_graph=True, allow_unused=True, is_grads_batched=True)
-        for index, grad in zip(indices, pulled):
+        pulled_grads = torch.autograd.grad([use.target], [proxies[i] for i in indices], grad_outputs=[rows],
+                                           retain_graph=True, allow_unused=True, is_grads_batched=True)
+        for index, grad in zip(indices, pulled_grads):
             if grad is not None:
                 forms.setdefault(index, []).append(Rows(grad))
+    if pending and pull is not None:
+        for index, grad in pull(pending).items():
+            if index in wanted:
+                forms.setdefault(index, []).append(Rows(grad))
     return forms
+
+
+def _reaches(loss_fn: Callable, plain: list, treespec: Any, batch: Any, has_aux: bool, randomness: str, key: Any,
+             watched: list) -> bool:
+    """Whether the losses depend (through autograd, structurally) on a leaf at ``watched`` once the
+    rules have taken their uses: a use no rule recorded.  (A run whose values the compiler drops.)"""
+    merged = list(plain)
+    with torch.enable_grad():
+        for index in watched:
+            merged[index] = plain[index].detach().requires_grad_()
+    _, _, losses, _ = trace(loss_fn, optree.tree_unflatten(treespec, merged), batch, has_aux, randomness, key,
+                            proxy=False, probe_grad=False)
+    return bool(losses.requires_grad)
+
+
+def _puller(loss_fn: Callable, plain: list, treespec: Any, batch: Any, has_aux: bool, randomness: str, key: Any,
+            count: int) -> Callable:
+    """The ``pull`` of :func:`_leaf_forms` under ``torch.compile``: ``vmap`` of the vector-Jacobian
+    product of a run of ``loss_fn`` differentiable in the floating leaves, whose outputs are the
+    ``count`` pulled uses' targets (the compiler keeps only what computes those)."""
+    floating = [i for i, leaf in enumerate(plain) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+
+    def targets(*primals: torch.Tensor) -> tuple:
+        merged = list(plain)
+        for index, primal in zip(floating, primals):
+            merged[index] = primal
+        tracer, _, _, _ = trace(loss_fn, optree.tree_unflatten(treespec, merged), batch, has_aux, randomness, key,
+                                proxy=False, probe_grad=False)
+        found = tuple(use.target for use in tracer.uses if _pulled(tracer, use))
+        if len(found) != count:
+            raise ProbeMismatchError(f"a second run of loss_fn used {len(found)} tensors computed from parameters, "
+                                     f"the first {count}")
+        return found
+
+    outputs, vjp_fn = torch.func.vjp(targets, *[plain[i] for i in floating])
+
+    def pull(pending: list) -> dict:
+        size = pending[0][1].shape[0]
+        rows = [torch.zeros((size,) + tuple(t.shape), dtype=t.dtype, device=t.device) for t in outputs]
+        for position, value in pending:
+            rows[position] = value
+        pulled = torch.func.vmap(vjp_fn)(tuple(rows))
+        return dict(zip(floating, pulled))
+
+    return pull
 
 
 def ghost_plan(loss_fn: Callable, params: Any, batch: Any, *, has_aux: bool = False) -> dict:
@@ -241,8 +322,8 @@ def make_ghost_engine(
             return _vmap_or_refuse(tracer, reasons, params, whole, params, batch, key)
         return None
 
-    def engine(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
-        leaves, treespec = optree.tree_flatten(params)
+    def autograd_front(params: Any, batch: Any, key: Any) -> Any:
+        """Eagerly: one ``torch.autograd.grad`` to the probes (and the parameters' proxies)."""
         tracer, proxies, losses, aux = trace(loss_fn, params, batch, has_aux, randomness, key)
         reasons = fallback_reasons(tracer, proxies, losses)
         if reasons:
@@ -250,22 +331,13 @@ def make_ghost_engine(
             if whole is not None:
                 return whole
         # The parameters' proxies join the backward: one still reached by the loss has a use no rule
-        # recorded.  Eagerly the graph walk has found those already; under torch.compile it cannot
-        # run, and dynamo does not show every op to the tracer (Tensor properties such as `.T`), so
-        # this (free when nothing is reached: autograd returns None) is what keeps compiled exact.
+        # recorded (the graph walk has found those already eagerly; this is free when nothing is
+        # reached: autograd returns None).
         watched = [i for i, p in enumerate(proxies) if i not in reasons and isinstance(p, torch.Tensor) and p.requires_grad]
         grads: list = []
-        raw: Any = None
         if tracer.probes or watched:
             raw = torch.autograd.grad(losses, tracer.probes + [proxies[i] for i in watched],
                                       grad_outputs=torch.ones_like(losses), allow_unused=True, retain_graph=False)
-            if is_compiling() and any(g is None for g in raw[:len(tracer.probes)]):
-                # Under torch.compile a probe's gradient is None when a graph break in loss_fn (a
-                # print, an .item(), a data-dependent branch) put the probe in a graph compiled
-                # apart (its autograd hidden from this one), and also when the probe truly does
-                # not reach the loss: the two cannot be told apart here, and zeros would silently
-                # zero the norms.  The engine runs again outside the graph instead (exact).
-                return outside_graph(params, batch, key)
             grads = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if g is None else g
                      for p, g in zip(tracer.probes, raw)]
             unseen = {i: UNSEEN for i, g in zip(watched, raw[len(tracer.probes):]) if g is not None}
@@ -274,8 +346,57 @@ def make_ghost_engine(
                 whole = refuse_or_vmap(params, batch, key, reasons, tracer)
                 if whole is not None:
                     return whole
-        forms = _leaf_forms(tracer, proxies, grads, set(reasons))
-        grads, raw = [], None  # output gradients that no form holds (norm layers, biases: rows) are freed now
+        return tracer, proxies, losses, aux, grads, reasons, None
+
+    def functional_front(params: Any, batch: Any, key: Any) -> Any:
+        """Under ``torch.compile``: the same, by ``torch.func.vjp`` (which dynamo traces with no option).
+
+        ``vjp`` needs the probes as its inputs, but the rules make them inside the forward.  The
+        traced forward (plain zero probes, the parameters' proxies requiring grad) gives everything
+        the engine keeps; a second run takes those very probes as the primals of ``vjp`` and gives
+        their gradients.  The two runs apply the same ops to the same tensors: the compiler merges
+        them (common subexpressions), so the forward is computed once.
+        """
+        tracer, proxies, losses, aux = trace(loss_fn, params, batch, has_aux, randomness, key, probe_grad=False)
+        reasons = fallback_reasons(tracer, proxies, losses)
+        leaves, treespec = optree.tree_flatten(params)
+        plain = [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        watched = [i for i, p in enumerate(proxies) if i not in reasons and isinstance(p, torch.Tensor) and p.requires_grad]
+        if losses.requires_grad and watched and (not reasons or _reaches(
+                loss_fn, plain, treespec, batch, has_aux, randomness, key, watched)):
+            # The losses still depend on a parameter through an op no rule took (one the tracer did
+            # not see: structurally, whatever the values).  Which leaf is not known: none is trusted.
+            reasons.update({i: UNSEEN for i in watched})
+        if reasons:
+            whole = refuse_or_vmap(params, batch, key, reasons, tracer)
+            if whole is not None:
+                return whole
+        grads: list = []
+        if tracer.probes:
+            def probed(*probes: torch.Tensor) -> torch.Tensor:
+                again, _, out, _ = trace(loss_fn, optree.tree_unflatten(treespec, plain), batch, has_aux, randomness,
+                                         key, proxy=False, probes=list(probes))
+                if len(again.probes) != len(probes):
+                    raise ProbeMismatchError(f"a second run of loss_fn made {len(again.probes)} probes, the first "
+                                             f"{len(probes)}")
+                return out
+
+            _, probe_vjp = torch.func.vjp(probed, *tracer.probes)
+            grads = list(probe_vjp(torch.ones_like(losses)))
+        pull = None
+        if any(_pulled(tracer, use) and tracer.origin(use.target).leaves - set(reasons) for use in tracer.uses):
+            pull = _puller(loss_fn, plain, treespec, batch, has_aux, randomness, key,
+                           sum(_pulled(tracer, use) for use in tracer.uses))
+        return tracer, proxies, losses, aux, grads, reasons, pull
+
+    def engine(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
+        leaves, treespec = optree.tree_flatten(params)
+        front = (functional_front if is_compiling() else autograd_front)(params, batch, key)
+        if isinstance(front, EngineOutput):
+            return front
+        tracer, proxies, losses, aux, grads, reasons, pull = front
+        forms = _leaf_forms(tracer, proxies, grads, set(reasons), pull)
+        grads = []  # output gradients that no form holds (norm layers, biases: rows) are freed now
         handlers: list[Any] = [None] * len(leaves)
         size = losses.shape[0]
         for index, leaf in enumerate(leaves):
@@ -311,16 +432,16 @@ def make_ghost_engine(
         aux = optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
         return EngineOutput(sq_norms, losses, aux, weighted_sum)
 
-    # Under torch.compile the probes' backward must be traced into the same graph as the forward
-    # (fundp.compile switches dynamo's trace_autograd_ops on).  With the option off, dynamo would
-    # split the graph at torch.autograd.grad and AOT-compiled graphs hide the probes from eager
-    # autograd: their gradients would come back as zeros.  Then the engine runs eagerly instead.
+    # Under torch.compile the engine differentiates by torch.func.vjp (functional_front), which
+    # dynamo traces into the step's graph with no option set.  A signature's first call (verify=
+    # "first") runs outside the graph, eagerly, where it is verified; later calls trace.
     outside_graph = torch.compiler.disable(engine)
 
     def dispatch(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
-        if not is_compiling():  # (fundp.compile runs each signature's first call eagerly)
+        if not is_compiling():
             check_params(params)
-        if is_compiling() and not _autograd_ops_traced():
+            return engine(params, batch, key)
+        if verify == "always" or (verify == "first" and _signature(optree.tree_leaves(params), batch) not in verified):
             return outside_graph(params, batch, key)
         return engine(params, batch, key)
 
@@ -341,8 +462,3 @@ def _vmap_or_refuse(tracer: Any, reasons: dict, params: Any, run: Callable, *arg
             f"{tracer.data_dependent}, and the ghost path cannot handle {details}; grad_method='vmap' cannot read "
             "Python values from the batch either. Compute that value with tensor ops (e.g. a mask instead of "
             "int(lengths.max())), or outside loss_fn") from error
-
-
-def _autograd_ops_traced() -> bool:
-    config = getattr(getattr(torch, "_dynamo", None), "config", None)
-    return bool(getattr(config, "trace_autograd_ops", False))
