@@ -189,39 +189,64 @@ def _leaf_forms(tracer: Tracer, proxies: list, grads: list, skip: set, pull: Cal
     return forms
 
 
-def _reaches(loss_fn: Callable, plain: list, treespec: Any, batch: Any, has_aux: bool, randomness: str, key: Any,
+def _plain(leaf: Any) -> Any:
+    return leaf.detach() if isinstance(leaf, torch.Tensor) else leaf
+
+
+def _with_leaves(params: Any, make: Callable) -> Any:
+    """``params`` with leaf ``i`` replaced by ``make(i, leaf)``.  (The tree spec lives only here: under
+    torch.compile one must not live across a graph break in ``loss_fn``.)"""
+    leaves, spec = optree.tree_flatten(params)
+    return optree.tree_unflatten(spec, [make(i, leaf) for i, leaf in enumerate(leaves)])
+
+
+def _outside_level(forms: dict) -> dict:
+    """The forms with every tensor passed through a view: tensors the compiled path's rules kept
+    inside ``torch.func.vjp`` are wrappers of a finished transform, which ops unwrap (dynamo cannot
+    hand such a wrapper to a graph after a break).  One tensor stays one tensor (shared activations)."""
+    done: list = []  # (tensor, its view), looked up with `is` (no id(): dynamo would guard on it)
+
+    def plain(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        for known, view in done:
+            if known is value:
+                return view
+        done.append((value, value.view(value.shape)))
+        return done[-1][1]
+
+    return {index: [type(form)(*(plain(part) for part in form)) for form in leaf_forms]
+            for index, leaf_forms in forms.items()}
+
+
+def _reaches(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomness: str, key: Any,
              watched: list) -> bool:
     """Whether the losses depend (through autograd, structurally) on a leaf at ``watched`` once the
     rules have taken their uses: a use no rule recorded.  (A run whose values the compiler drops.)"""
-    merged = list(plain)
     with torch.enable_grad():
-        for index in watched:
-            merged[index] = plain[index].detach().requires_grad_()
-    _, _, losses, _ = trace(loss_fn, optree.tree_unflatten(treespec, merged), batch, has_aux, randomness, key,
-                            proxy=False, probe_grad=False)
+        merged = _with_leaves(params, lambda i, leaf: leaf.detach().requires_grad_() if i in watched else _plain(leaf))
+    _, _, losses, _ = trace(loss_fn, merged, batch, has_aux, randomness, key, proxy=False, probe_grad=False)
     return bool(losses.requires_grad)
 
 
-def _puller(loss_fn: Callable, plain: list, treespec: Any, batch: Any, has_aux: bool, randomness: str, key: Any,
-            count: int) -> Callable:
+def _puller(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomness: str, key: Any, count: int) -> Callable:
     """The ``pull`` of :func:`_leaf_forms` under ``torch.compile``: ``vmap`` of the vector-Jacobian
     product of a run of ``loss_fn`` differentiable in the floating leaves, whose outputs are the
     ``count`` pulled uses' targets (the compiler keeps only what computes those)."""
-    floating = [i for i, leaf in enumerate(plain) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+    leaves = optree.tree_leaves(params)
+    floating = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
 
     def targets(*primals: torch.Tensor) -> tuple:
-        merged = list(plain)
-        for index, primal in zip(floating, primals):
-            merged[index] = primal
-        tracer, _, _, _ = trace(loss_fn, optree.tree_unflatten(treespec, merged), batch, has_aux, randomness, key,
-                                proxy=False, probe_grad=False)
+        given = dict(zip(floating, primals))
+        merged = _with_leaves(params, lambda i, leaf: given.get(i, _plain(leaf)))
+        tracer, _, _, _ = trace(loss_fn, merged, batch, has_aux, randomness, key, proxy=False, probe_grad=False)
         found = tuple(use.target for use in tracer.uses if _pulled(tracer, use))
         if len(found) != count:
             raise ProbeMismatchError(f"a second run of loss_fn used {len(found)} tensors computed from parameters, "
                                      f"the first {count}")
         return found
 
-    outputs, vjp_fn = torch.func.vjp(targets, *[plain[i] for i in floating])
+    outputs, vjp_fn = torch.func.vjp(targets, *[leaves[i].detach() for i in floating])
 
     def pull(pending: list) -> dict:
         size = pending[0][1].shape[0]
@@ -351,51 +376,58 @@ def make_ghost_engine(
     def functional_front(params: Any, batch: Any, key: Any) -> Any:
         """Under ``torch.compile``: the same, by ``torch.func.vjp`` (which dynamo traces with no option).
 
-        ``vjp`` needs the probes as its inputs, but the rules make them inside the forward.  The
-        traced forward (plain zero probes, the parameters' proxies requiring grad) gives everything
-        the engine keeps; a second run takes those very probes as the primals of ``vjp`` and gives
-        their gradients.  The two runs apply the same ops to the same tensors: the compiler merges
-        them (common subexpressions), so the forward is computed once.
+        ``vjp`` needs the probes as its inputs, but the rules make them inside the forward.  A first
+        run (proxies requiring grad, plain zero probes) learns their shapes, the leaves the ghost path
+        cannot handle and whether the losses still depend on a parameter once the rules have taken
+        their uses; a second run takes zero probes of those shapes as the primals of ``vjp``.  Nothing
+        the first run computes is used: the compiler drops it (it costs tracing time only).
         """
-        tracer, proxies, losses, aux = trace(loss_fn, params, batch, has_aux, randomness, key, probe_grad=False)
-        reasons = fallback_reasons(tracer, proxies, losses)
-        leaves, treespec = optree.tree_flatten(params)
-        plain = [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        first, proxies, losses, _ = trace(loss_fn, params, batch, has_aux, randomness, key, probe_grad=False)
+        reasons = fallback_reasons(first, proxies, losses)
         watched = [i for i, p in enumerate(proxies) if i not in reasons and isinstance(p, torch.Tensor) and p.requires_grad]
         if losses.requires_grad and watched and (not reasons or _reaches(
-                loss_fn, plain, treespec, batch, has_aux, randomness, key, watched)):
+                loss_fn, params, batch, has_aux, randomness, key, watched)):
             # The losses still depend on a parameter through an op no rule took (one the tracer did
-            # not see: structurally, whatever the values).  Which leaf is not known: none is trusted.
+            # not see): structurally, whatever the values.  Which leaf is not known: none is trusted.
             reasons.update({i: UNSEEN for i in watched})
         if reasons:
-            whole = refuse_or_vmap(params, batch, key, reasons, tracer)
+            whole = refuse_or_vmap(params, batch, key, reasons, first)
             if whole is not None:
                 return whole
-        grads: list = []
-        if tracer.probes:
-            def probed(*probes: torch.Tensor) -> torch.Tensor:
-                again, _, out, _ = trace(loss_fn, optree.tree_unflatten(treespec, plain), batch, has_aux, randomness,
-                                         key, proxy=False, probes=list(probes))
-                if len(again.probes) != len(probes):
-                    raise ProbeMismatchError(f"a second run of loss_fn made {len(again.probes)} probes, the first "
-                                             f"{len(probes)}")
-                return out
-
-            _, probe_vjp = torch.func.vjp(probed, *tracer.probes)
-            grads = list(probe_vjp(torch.ones_like(losses)))
+        pulled = [use for use in first.uses if _pulled(first, use)]
         pull = None
-        if any(_pulled(tracer, use) and tracer.origin(use.target).leaves - set(reasons) for use in tracer.uses):
-            pull = _puller(loss_fn, plain, treespec, batch, has_aux, randomness, key,
-                           sum(_pulled(tracer, use) for use in tracer.uses))
-        return tracer, proxies, losses, aux, grads, reasons, pull
+        if any(first.origin(use.target).leaves - set(reasons) for use in pulled):
+            pull = _puller(loss_fn, params, batch, has_aux, randomness, key, len(pulled))
+        plain_params = optree.tree_map(_plain, params)
+        kept: dict = {}
+
+        def probed(*probes: torch.Tensor) -> torch.Tensor:
+            tracer, found, out, aux = trace(loss_fn, plain_params, batch, has_aux, randomness, key, proxy=False,
+                                            probes=list(probes))
+            if len(tracer.probes) != len(probes):
+                raise ProbeMismatchError(f"a second run of loss_fn made {len(tracer.probes)} probes, the first "
+                                         f"{len(probes)}")
+            kept.update(tracer=tracer, proxies=found, aux=aux)
+            return out
+
+        zeros = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in first.probes]
+        if zeros:
+            losses, probe_vjp = torch.func.vjp(probed, *zeros)
+            grads = list(probe_vjp(torch.ones_like(losses)))
+        else:
+            losses, grads = probed(), []
+        return kept["tracer"], kept["proxies"], losses, kept["aux"], grads, reasons, pull
 
     def engine(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
-        leaves, treespec = optree.tree_flatten(params)
         front = (functional_front if is_compiling() else autograd_front)(params, batch, key)
         if isinstance(front, EngineOutput):
             return front
         tracer, proxies, losses, aux, grads, reasons, pull = front
+        # (flattened after the forward: a tree spec must not live across a graph break in loss_fn)
+        leaves, treespec = optree.tree_flatten(params)
         forms = _leaf_forms(tracer, proxies, grads, set(reasons), pull)
+        if pull is not None or is_compiling():
+            forms = _outside_level(forms)
         grads = []  # output gradients that no form holds (norm layers, biases: rows) are freed now
         handlers: list[Any] = [None] * len(leaves)
         size = losses.shape[0]
