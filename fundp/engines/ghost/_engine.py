@@ -14,7 +14,7 @@ from fundp.engines.ghost import attention, broadcast, conv, embedding, linear, n
 from fundp.engines.ghost._index import is_compiling
 from fundp.engines.ghost._norms import LeafGrads, RowsLeaf, leaf_sq_norms
 from fundp.engines.ghost._registry import RULES
-from fundp.engines.ghost._tracer import ProbeMismatchError, Tracer, Untrusted
+from fundp.engines.ghost._tracer import Tracer, Untrusted
 from fundp.engines.ghost._uses import Rows, materialise, transpose_form
 from fundp.engines.ghost._mixed import vmap_rows
 from fundp.engines.ghost._verify import verify_engine
@@ -242,8 +242,8 @@ def _puller(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomnes
         tracer, _, _, _ = trace(loss_fn, merged, batch, has_aux, randomness, key, proxy=False, probe_grad=False)
         found = tuple(use.target for use in tracer.uses if _pulled(tracer, use))
         if len(found) != count:
-            raise ProbeMismatchError(f"a second run of loss_fn used {len(found)} tensors computed from parameters, "
-                                     f"the first {count}")
+            raise GhostUnsupportedError(f"a second run of loss_fn used {len(found)} tensors computed from parameters, "
+                                        f"the first {count}: run the step eagerly or with grad_method='vmap'")
         return found
 
     outputs, vjp_fn = torch.func.vjp(targets, *[leaves[i].detach() for i in floating])
@@ -398,24 +398,28 @@ def make_ghost_engine(
         pull = None
         if any(first.origin(use.target).leaves - set(reasons) for use in pulled):
             pull = _puller(loss_fn, params, batch, has_aux, randomness, key, len(pulled))
-        plain_params = optree.tree_map(_plain, params)
+        # The parameters and the batch's floating tensors join the primals (their gradients, unused,
+        # are dropped by the compiler): inside the transform, views made out of the tracer's sight
+        # (dynamo does not show `w.T`) then have as their base the very tensors the tracer follows.
+        inputs = [_plain(leaf) for leaf in optree.tree_leaves((params, batch))]
+        joined = [i for i, leaf in enumerate(inputs) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+        zeros = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in first.probes]
         kept: dict = {}
 
-        def probed(*probes: torch.Tensor) -> torch.Tensor:
-            tracer, found, out, aux = trace(loss_fn, plain_params, batch, has_aux, randomness, key, proxy=False,
-                                            probes=list(probes))
-            if len(tracer.probes) != len(probes):
-                raise ProbeMismatchError(f"a second run of loss_fn made {len(tracer.probes)} probes, the first "
-                                         f"{len(probes)}")
-            kept.update(tracer=tracer, proxies=found, aux=aux)
+        def probed(*primals: torch.Tensor) -> torch.Tensor:
+            given = dict(zip(joined, primals[len(zeros):]))
+            tree = _with_leaves((params, batch), lambda i, leaf: given.get(i, inputs[i]))
+            tracer, found, out, aux = trace(loss_fn, tree[0], tree[1], has_aux, randomness, key, proxy=False,
+                                            probes=list(primals[:len(zeros)]))
+            kept.update(tracer=tracer, proxies=found, aux=aux, fits=not tracer.mismatched and len(tracer.probes) == len(zeros))
             return out
 
-        zeros = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in first.probes]
-        if zeros:
-            losses, probe_vjp = torch.func.vjp(probed, *zeros)
-            grads = list(probe_vjp(torch.ones_like(losses)))
-        else:
-            losses, grads = probed(), []
+        losses, probe_vjp = torch.func.vjp(probed, *zeros, *[inputs[i] for i in joined])
+        if not kept["fits"]:
+            # The second run saw other layer calls than the first (it should not happen): the engine
+            # runs eagerly, outside the graph, instead.
+            return outside_graph(params, batch, key)
+        grads = list(probe_vjp(torch.ones_like(losses))[:len(zeros)])
         return kept["tracer"], kept["proxies"], losses, kept["aux"], grads, reasons, pull
 
     def engine(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:

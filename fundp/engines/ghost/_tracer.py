@@ -32,12 +32,7 @@ from fundp.engines.ghost._layout import (
 )
 from fundp.engines.ghost._uses import Use
 
-__all__ = ["Tracer", "Derived", "Untrusted", "op_name", "arg", "ProbeMismatchError"]
-
-
-class ProbeMismatchError(RuntimeError):
-    """Two runs of ``loss_fn`` on the same inputs asked for different probes (the compiled path
-    learns the probes' shapes in one run and differentiates with respect to them in another)."""
+__all__ = ["Tracer", "Derived", "Untrusted", "op_name", "arg"]
 
 
 class Derived(NamedTuple):
@@ -224,6 +219,7 @@ class Tracer(TorchFunctionMode):
         # shape, which that ``vjp`` then takes as its primals.
         self.supplied = probes
         self.probe_grad = probe_grad
+        self.mismatched = False
         self.proxies = proxies
         self.batch_size = batch_size
         self.random_ok = random_ok
@@ -323,11 +319,13 @@ class Tracer(TorchFunctionMode):
         return probed, len(self.probes) - 1
 
     def _supplied_probe(self, tensor: torch.Tensor, shape: tuple) -> torch.Tensor:
+        """The next supplied probe; where it does not fit (this run asks for other probes than the run
+        that learned them), a plain zero tensor and ``self.mismatched`` set (the caller falls back)."""
         index = len(self.probes)
         probe = self.supplied[index] if index < len(self.supplied) else None
         if probe is None or tuple(probe.shape) != shape or probe.dtype != tensor.dtype:
-            raise ProbeMismatchError(f"probe {index}: the pass that learned the probes made "
-                                     f"{'none' if probe is None else tuple(probe.shape)}, this one {shape}")
+            self.mismatched = True
+            return torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
         return probe
 
     def saved_rows(self, tensor: torch.Tensor, layout: Layout, keep_last: int = 1) -> Callable[[], torch.Tensor]:
