@@ -246,7 +246,7 @@ def _puller(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomnes
                                         f"the first {count}: run the step eagerly or with grad_method='vmap'")
         return found
 
-    outputs, vjp_fn = torch.func.vjp(targets, *[leaves[i].detach() for i in floating])
+    outputs, vjp_fn = torch.func.vjp(targets, *[leaves[i].detach() for i in floating])[:2]
 
     def pull(pending: list) -> dict:
         size = pending[0][1].shape[0]
@@ -401,7 +401,7 @@ def make_ghost_engine(
         # The parameters and the batch's floating tensors join the primals (their gradients, unused,
         # are dropped by the compiler): inside the transform, views made out of the tracer's sight
         # (dynamo does not show `w.T`) then have as their base the very tensors the tracer follows.
-        inputs = [_plain(leaf) for leaf in optree.tree_leaves((params, batch))]
+        inputs: list = [_plain(leaf) for leaf in optree.tree_leaves((params, batch))]  # type: ignore[arg-type,var-annotated]
         joined = [i for i, leaf in enumerate(inputs) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
         zeros = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in first.probes]
         kept: dict = {}
@@ -414,7 +414,7 @@ def make_ghost_engine(
             kept.update(tracer=tracer, proxies=found, aux=aux, fits=not tracer.mismatched and len(tracer.probes) == len(zeros))
             return out
 
-        losses, probe_vjp = torch.func.vjp(probed, *zeros, *[inputs[i] for i in joined])
+        losses, probe_vjp = torch.func.vjp(probed, *zeros, *[inputs[i] for i in joined])[:2]
         if not kept["fits"]:
             # The second run saw other layer calls than the first (it should not happen): the engine
             # runs eagerly, outside the graph, instead.

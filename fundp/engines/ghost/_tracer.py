@@ -322,7 +322,8 @@ class Tracer(TorchFunctionMode):
         """The next supplied probe; where it does not fit (this run asks for other probes than the run
         that learned them), a plain zero tensor and ``self.mismatched`` set (the caller falls back)."""
         index = len(self.probes)
-        probe = self.supplied[index] if index < len(self.supplied) else None
+        supplied = self.supplied or []
+        probe = supplied[index] if index < len(supplied) else None
         if probe is None or tuple(probe.shape) != shape or probe.dtype != tensor.dtype:
             self.mismatched = True
             return torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
