@@ -192,3 +192,27 @@ def test_fundp_compile_is_a_thin_wrapper_that_sets_no_option():
                     *clipped_reference(micro_batch_grads(model, loss, params, batch), C, B))
     assert counter.frame_count == 1  # first call eager (verified), then one graph
     assert torch._dynamo.config.trace_autograd_ops is False
+
+
+def test_without_first_call_verification_every_call_runs_one_graph():
+    # verify="first" runs a signature's first call outside the graph (a break that dynamo keeps as a
+    # split of the step into a few graphs around the engine's); with verify=False nothing breaks.
+    model = make(MLP)
+    params, loss = params_of(model), classification_loss(model)
+    runs = [0]
+
+    def backend(gm, inputs):
+        def run(*args):
+            runs[0] += 1
+            return gm.forward(*args)
+
+        return run
+
+    step = fundp.dp_step(loss, max_norm=C, noise_multiplier=0.0, expected_batch_size=B, verify=False)
+    compiled = torch.compile(step, backend=backend)
+    for seed in range(3):
+        runs[0] = 0
+        batch = data_for(model, B, seed=seed + 1)
+        check_exact(compiled(params, batch, fundp.random.key(seed)),
+                    *clipped_reference(micro_batch_grads(model, loss, params, batch), C, B))
+        assert runs[0] == 1, f"call {seed} ran {runs[0]} graphs"
