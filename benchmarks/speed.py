@@ -16,6 +16,7 @@ the non-private eager step; a step is gradient + SGD update of the parameters.
                     (one torch.randn of all trainable elements, added to the gradients)
   fundp_auto        fundp.dp_step(grad_method="auto") + update        (eager)
   fundp_auto_comp   fundp.compile(that step)                          (the recommended configuration)
+  fundp_auto_plaincomp  torch.compile(that step), plain (no fundp wrapper, no dynamo option)
 
 Transformer models (HuggingFace ``transformers`` / ``peft``, random-initialised from configs, nothing
 downloaded; 2 layers, d=128 (``--hf-dim``), 4 heads (d / 32), T=64, eval mode = dropout off): ``gpt2`` (GPT2LMHeadModel,
@@ -68,7 +69,7 @@ import fundp
 
 MODES = ["nonprivate", "nonprivate_comp", "fundp_vmap", "fundp_vmap_comp", "fundp_ghost", "fundp_ghost_comp",
          "opacus_hooks", "opacus_ghost"]
-EXTRA_MODES = ["floor", "fundp_auto", "fundp_auto_comp"]
+EXTRA_MODES = ["floor", "fundp_auto", "fundp_auto_comp", "fundp_auto_plaincomp"]
 HF_MODES = ["nonprivate", "floor", "fundp_auto", "fundp_auto_comp", "opacus_hooks", "opacus_ghost"]
 MAX_NORM, SIGMA, LR = 1.0, 1.0, 0.05
 
@@ -282,8 +283,8 @@ def build_step(name, mode, size, device):
                            grad_method=method)
         # fundp.compile: torch.compile with the ghost engine's autograd.grad traced into the graph
         # (plain torch.compile runs the engine outside the graph); older fundp: torch.compile.
-        compile_step = getattr(fundp, "compile", torch.compile)
-        dp = compile_step(dp) if mode.endswith("_comp") else dp
+        compile_step = torch.compile if mode.endswith("_plaincomp") else getattr(fundp, "compile", torch.compile)
+        dp = compile_step(dp) if mode.endswith("comp") else dp
         keys = [fundp.random.key(0)]
 
         def step():

@@ -1,15 +1,14 @@
-"""``fundp.compile(step)``: ``torch.compile`` with the ghost engine's backward inside the graph.
+"""``fundp.compile(step)``: a thin convenience over ``torch.compile``.
 
-The ghost engine takes one ``torch.autograd.grad`` inside the step.  Dynamo traces that call only
-with ``torch._dynamo.config.trace_autograd_ops = True``; otherwise it breaks the graph there (still
-correct, two graphs).  fundp never changes that global option: :func:`compile` switches it on only
-while the compiled step runs (a ``config.patch`` around each call), so other compiled code in the
-process is unaffected.
+Plain ``torch.compile(step)`` compiles fundp's steps, the default ghost engine included, to one
+graph: the engine differentiates with ``torch.func.vjp``, which dynamo traces with no option set,
+and fundp touches no dynamo option.  With ``verify="first"`` a signature's first call runs the
+engine outside the graph (it is verified there, eagerly), so under plain ``torch.compile`` that
+first call breaks the graph once and the next call recompiles.
 
-The ghost engine's verification pass (``dp_step(verify="first")``) runs eagerly on the first call
-of each input signature.  :func:`compile` therefore runs that first call of each signature eagerly
-(it verifies), and every later call through the compiled graph, which then has no verification in
-it: ``fundp.compile(step, fullgraph=True)`` works with the default engine.
+:func:`compile` runs each signature's first call eagerly instead (it verifies) and every later call
+through ``torch.compile``: the compiled step never sees an unverified signature, so
+``fundp.compile(step, fullgraph=True)`` works with the default engine.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ __all__ = ["compile", "dynamo_options"]
 
 
 def dynamo_options() -> Any:
-    """The context in which fundp's steps trace to one graph (a no-op where the option does not exist).
+    """Kept for compatibility: a context that sets nothing (fundp's steps need no dynamo option).
 
     Example:
       >>> import torch
@@ -34,14 +33,11 @@ def dynamo_options() -> Any:
       ...     torch.ones(2).sum()
       tensor(2.)
     """
-    config = getattr(getattr(torch, "_dynamo", None), "config", None)
-    if config is not None and hasattr(config, "trace_autograd_ops"):
-        return config.patch(trace_autograd_ops=True)
     return contextlib.nullcontext()
 
 
 def compile(step: Callable, **compile_kwargs: Any) -> Callable:  # noqa: A001  (mirrors torch.compile)
-    """Returns ``torch.compile(step, **compile_kwargs)`` run under :func:`dynamo_options`.
+    """Returns ``torch.compile(step, **compile_kwargs)`` whose first call of each signature runs eagerly.
 
     Example:
       >>> import torch, fundp
@@ -67,8 +63,7 @@ def compile(step: Callable, **compile_kwargs: Any) -> Callable:  # noqa: A001  (
             out = step(*args, **kwargs)
             seen.add(signature)
             return out
-        with dynamo_options():
-            return compiled(*args, **kwargs)
+        return compiled(*args, **kwargs)
 
     return run
 

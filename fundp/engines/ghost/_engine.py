@@ -47,13 +47,22 @@ def _proxy(leaf: Any) -> Any:
     return leaf.detach().requires_grad_() if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() else leaf
 
 
-def trace(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomness: str, key):
-    """Runs ``loss_fn`` under the tracer; returns ``(tracer, proxies, losses, aux)``."""
+def trace(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomness: str, key, *, proxy: bool = True,
+          probes: list | None = None, probe_grad: bool = True):
+    """Runs ``loss_fn`` under the tracer; returns ``(tracer, proxies, losses, aux)``.
+
+    ``proxy=False``: ``params`` are used as they are (the primals of a ``torch.func`` transform);
+    ``probes``, ``probe_grad``: see :class:`~fundp.engines.ghost._tracer.Tracer`.
+    """
     size = check_batch(batch)
-    with torch.enable_grad():
-        proxy_params = optree.tree_map(_proxy, params)
+    if proxy:
+        with torch.enable_grad():
+            proxy_params = optree.tree_map(_proxy, params)
+    else:
+        proxy_params = params
     proxies = optree.tree_leaves(proxy_params)
-    tracer = Tracer(proxies, optree.tree_leaves(batch), size, random_ok=randomness != "error", rules=RULES)
+    tracer = Tracer(proxies, optree.tree_leaves(batch), size, random_ok=randomness != "error", rules=RULES,
+                    probes=probes, probe_grad=probe_grad)
     # enable_grad: the probes' gradients are needed even when the caller is under torch.no_grad().
     with keyed_model_rng(key, batch, randomness), torch.enable_grad(), tracer:
         out = loss_fn(proxy_params, batch)
@@ -124,15 +133,34 @@ def _path_names(params: Any) -> list:
     return ["params" + "".join(f"[{p!r}]" for p in path) for path in paths]
 
 
-def _leaf_forms(tracer: Tracer, proxies: list, grads: list, skip: set) -> dict:
-    """``{leaf index: [Factor | Ids | Rows in the leaf's own shape]}`` from every recorded use."""
+def _pulled(tracer: Tracer, use: Any) -> bool:
+    """Whether a use's target is computed from parameters (a slice, an expand, a table lookup, several
+    leaves): its per-example gradients are then pulled back to the leaves by a vector-Jacobian product."""
+    origin = tracer.origin(use.target)
+    return origin is not None and not (origin.form in ("same", "T") and len(origin.leaves) == 1)
+
+
+def _leaf_forms(tracer: Tracer, proxies: list, grads: list, skip: set, pull: Callable | None = None) -> dict:
+    """``{leaf index: [Factor | Ids | Rows in the leaf's own shape]}`` from every recorded use.
+
+    ``pull``: ``pull([(k, rows)]) -> {leaf index: [B, *leaf.shape]}``, the per-example gradients that
+    the rows ``rows [B, *target.shape]`` of the ``k``-th pulled use's target give the leaves (the
+    compiled path); by default a batched ``torch.autograd.grad`` through the proxies.
+    """
     forms: dict = {}
+    pending: list = []
+    wanted: set = set()
+    position = -1
     for use in tracer.uses:
         origin = tracer.origin(use.target)
-        if origin is None or not origin.leaves - skip:
+        if origin is None:
+            continue
+        pulled = _pulled(tracer, use)
+        position += pulled
+        if not origin.leaves - skip:
             continue
         form = use.resolve(grads)
-        if origin.form in ("same", "T") and len(origin.leaves) == 1:
+        if not pulled:
             (index,) = origin.leaves
             leaf = proxies[index]
             if origin.form == "T":
@@ -143,15 +171,93 @@ def _leaf_forms(tracer: Tracer, proxies: list, grads: list, skip: set) -> dict:
             continue
         # A tensor computed from parameters (a slice, an expand, a table lookup): its per-example
         # gradients are pulled back to the parameters by a batched vector-Jacobian product.
-        rows = materialise(form, tuple(use.target.shape))
+        rows = materialise(form, tuple(use.target.shape)).to(use.target.dtype)
+        if pull is not None:
+            pending.append((position, rows))
+            wanted |= origin.leaves - skip
+            continue
         # Leaves on vmap get their whole gradient there; the others still need this use's share.
         indices = sorted(origin.leaves - skip)
-        pulled = torch.autograd.grad([use.target], [proxies[i] for i in indices], grad_outputs=[rows.to(use.target.dtype)],
-                                     retain_graph=True, allow_unused=True, is_grads_batched=True)
-        for index, grad in zip(indices, pulled):
+        pulled_grads = torch.autograd.grad([use.target], [proxies[i] for i in indices], grad_outputs=[rows],
+                                           retain_graph=True, allow_unused=True, is_grads_batched=True)
+        for index, grad in zip(indices, pulled_grads):
             if grad is not None:
                 forms.setdefault(index, []).append(Rows(grad))
+    if pending and pull is not None:
+        for index, grad in pull(pending).items():
+            if index in wanted:
+                forms.setdefault(index, []).append(Rows(grad))
     return forms
+
+
+def _plain(leaf: Any) -> Any:
+    return leaf.detach() if isinstance(leaf, torch.Tensor) else leaf
+
+
+def _with_leaves(params: Any, make: Callable) -> Any:
+    """``params`` with leaf ``i`` replaced by ``make(i, leaf)``.  (The tree spec lives only here: under
+    torch.compile one must not live across a graph break in ``loss_fn``.)"""
+    leaves, spec = optree.tree_flatten(params)
+    return optree.tree_unflatten(spec, [make(i, leaf) for i, leaf in enumerate(leaves)])
+
+
+def _outside_level(forms: dict) -> dict:
+    """The forms with every tensor passed through a view: tensors the compiled path's rules kept
+    inside ``torch.func.vjp`` are wrappers of a finished transform, which ops unwrap (dynamo cannot
+    hand such a wrapper to a graph after a break).  One tensor stays one tensor (shared activations)."""
+    done: list = []  # (tensor, its view), looked up with `is` (no id(): dynamo would guard on it)
+
+    def plain(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        for known, view in done:
+            if known is value:
+                return view
+        done.append((value, value.view(value.shape)))
+        return done[-1][1]
+
+    return {index: [type(form)(*(plain(part) for part in form)) for form in leaf_forms]
+            for index, leaf_forms in forms.items()}
+
+
+def _reaches(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomness: str, key: Any,
+             watched: list) -> bool:
+    """Whether the losses depend (through autograd, structurally) on a leaf at ``watched`` once the
+    rules have taken their uses: a use no rule recorded.  (A run whose values the compiler drops.)"""
+    with torch.enable_grad():
+        merged = _with_leaves(params, lambda i, leaf: leaf.detach().requires_grad_() if i in watched else _plain(leaf))
+    _, _, losses, _ = trace(loss_fn, merged, batch, has_aux, randomness, key, proxy=False, probe_grad=False)
+    return bool(losses.requires_grad)
+
+
+def _puller(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomness: str, key: Any, count: int) -> Callable:
+    """The ``pull`` of :func:`_leaf_forms` under ``torch.compile``: ``vmap`` of the vector-Jacobian
+    product of a run of ``loss_fn`` differentiable in the floating leaves, whose outputs are the
+    ``count`` pulled uses' targets (the compiler keeps only what computes those)."""
+    leaves = optree.tree_leaves(params)
+    floating = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+
+    def targets(*primals: torch.Tensor) -> tuple:
+        given = dict(zip(floating, primals))
+        merged = _with_leaves(params, lambda i, leaf: given.get(i, _plain(leaf)))
+        tracer, _, _, _ = trace(loss_fn, merged, batch, has_aux, randomness, key, proxy=False, probe_grad=False)
+        found = tuple(use.target for use in tracer.uses if _pulled(tracer, use))
+        if len(found) != count:
+            raise GhostUnsupportedError(f"a second run of loss_fn used {len(found)} tensors computed from parameters, "
+                                        f"the first {count}: run the step eagerly or with grad_method='vmap'")
+        return found
+
+    outputs, vjp_fn = torch.func.vjp(targets, *[leaves[i].detach() for i in floating])[:2]
+
+    def pull(pending: list) -> dict:
+        size = pending[0][1].shape[0]
+        rows = [torch.zeros((size,) + tuple(t.shape), dtype=t.dtype, device=t.device) for t in outputs]
+        for position, value in pending:
+            rows[position] = value
+        pulled = torch.func.vmap(vjp_fn)(tuple(rows))
+        return dict(zip(floating, pulled))
+
+    return pull
 
 
 def ghost_plan(loss_fn: Callable, params: Any, batch: Any, *, has_aux: bool = False) -> dict:
@@ -247,8 +353,8 @@ def make_ghost_engine(
             return _vmap_or_refuse(tracer, reasons, params, whole, params, batch, key)
         return None
 
-    def engine(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
-        leaves, treespec = optree.tree_flatten(params)
+    def autograd_front(params: Any, batch: Any, key: Any) -> Any:
+        """Eagerly: one ``torch.autograd.grad`` to the probes (and the parameters' proxies)."""
         tracer, proxies, losses, aux = trace(loss_fn, params, batch, has_aux, randomness, key)
         eager_only[0] = eager_only[0] or tracer.eager_only
         reasons = fallback_reasons(tracer, proxies, losses)
@@ -257,22 +363,13 @@ def make_ghost_engine(
             if whole is not None:
                 return whole
         # The parameters' proxies join the backward: one still reached by the loss has a use no rule
-        # recorded.  Eagerly the graph walk has found those already; under torch.compile it cannot
-        # run, and dynamo does not show every op to the tracer (Tensor properties such as `.T`), so
-        # this (free when nothing is reached: autograd returns None) is what keeps compiled exact.
+        # recorded (the graph walk has found those already eagerly; this is free when nothing is
+        # reached: autograd returns None).
         watched = [i for i, p in enumerate(proxies) if i not in reasons and isinstance(p, torch.Tensor) and p.requires_grad]
         grads: list = []
-        raw: Any = None
         if tracer.probes or watched:
             raw = torch.autograd.grad(losses, tracer.probes + [proxies[i] for i in watched],
                                       grad_outputs=torch.ones_like(losses), allow_unused=True, retain_graph=False)
-            if is_compiling() and any(g is None for g in raw[:len(tracer.probes)]):
-                # Under torch.compile a probe's gradient is None when a graph break in loss_fn (a
-                # print, an .item(), a data-dependent branch) put the probe in a graph compiled
-                # apart (its autograd hidden from this one), and also when the probe truly does
-                # not reach the loss: the two cannot be told apart here, and zeros would silently
-                # zero the norms.  The engine runs again outside the graph instead (exact).
-                return outside_graph(params, batch, key)
             grads = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if g is None else g
                      for p, g in zip(tracer.probes, raw)]
             unseen = {i: UNSEEN for i, g in zip(watched, raw[len(tracer.probes):]) if g is not None}
@@ -281,8 +378,71 @@ def make_ghost_engine(
                 whole = refuse_or_vmap(params, batch, key, reasons, tracer)
                 if whole is not None:
                     return whole
-        forms = _leaf_forms(tracer, proxies, grads, set(reasons))
-        grads, raw = [], None  # output gradients that no form holds (norm layers, biases: rows) are freed now
+        return tracer, proxies, losses, aux, grads, reasons, None
+
+    def functional_front(params: Any, batch: Any, key: Any) -> Any:
+        """Under ``torch.compile``: the same, by ``torch.func.vjp`` (which dynamo traces with no option).
+
+        ``vjp`` needs the probes as its inputs, but the rules make them inside the forward.  A first
+        run (proxies requiring grad, plain zero probes) learns their shapes, the leaves the ghost path
+        cannot handle and whether the losses still depend on a parameter once the rules have taken
+        their uses; a second run takes zero probes of those shapes as the primals of ``vjp``.  Nothing
+        the first run computes is used: the compiler drops it (it costs tracing time only).
+        """
+        first, proxies, losses, _ = trace(loss_fn, params, batch, has_aux, randomness, key, probe_grad=False)
+        if first.eager_only:  # a checkpointed block (a parameter used with grad off): run eagerly, now and later
+            eager_only[0] = True
+            return outside_graph(params, batch, key)
+        reasons = fallback_reasons(first, proxies, losses)
+        watched = [i for i, p in enumerate(proxies) if i not in reasons and isinstance(p, torch.Tensor) and p.requires_grad]
+        if losses.requires_grad and watched and (not reasons or _reaches(
+                loss_fn, params, batch, has_aux, randomness, key, watched)):
+            # The losses still depend on a parameter through an op no rule took (one the tracer did
+            # not see): structurally, whatever the values.  Which leaf is not known: none is trusted.
+            reasons.update({i: UNSEEN for i in watched})
+        if reasons:
+            whole = refuse_or_vmap(params, batch, key, reasons, first)
+            if whole is not None:
+                return whole
+        pulled = [use for use in first.uses if _pulled(first, use)]
+        pull = None
+        if any(first.origin(use.target).leaves - set(reasons) for use in pulled):
+            pull = _puller(loss_fn, params, batch, has_aux, randomness, key, len(pulled))
+        # The parameters and the batch's floating tensors join the primals (their gradients, unused,
+        # are dropped by the compiler): inside the transform, views made out of the tracer's sight
+        # (dynamo does not show `w.T`) then have as their base the very tensors the tracer follows.
+        inputs: list = [_plain(leaf) for leaf in optree.tree_leaves((params, batch))]  # type: ignore[arg-type,var-annotated]
+        joined = [i for i, leaf in enumerate(inputs) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+        zeros = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in first.probes]
+        kept: dict = {}
+
+        def probed(*primals: torch.Tensor) -> torch.Tensor:
+            given = dict(zip(joined, primals[len(zeros):]))
+            tree = _with_leaves((params, batch), lambda i, leaf: given.get(i, inputs[i]))
+            tracer, found, out, aux = trace(loss_fn, tree[0], tree[1], has_aux, randomness, key, proxy=False,
+                                            probes=list(primals[:len(zeros)]))
+            kept.update(tracer=tracer, proxies=found, aux=aux, fits=not tracer.mismatched and len(tracer.probes) == len(zeros))
+            return out
+
+        losses, probe_vjp = torch.func.vjp(probed, *zeros, *[inputs[i] for i in joined])[:2]
+        if not kept["fits"]:
+            # The second run saw other layer calls than the first (it should not happen): the engine
+            # runs eagerly, outside the graph, instead.
+            return outside_graph(params, batch, key)
+        grads = list(probe_vjp(torch.ones_like(losses))[:len(zeros)])
+        return kept["tracer"], kept["proxies"], losses, kept["aux"], grads, reasons, pull
+
+    def engine(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
+        front = (functional_front if is_compiling() else autograd_front)(params, batch, key)
+        if isinstance(front, EngineOutput):
+            return front
+        tracer, proxies, losses, aux, grads, reasons, pull = front
+        # (flattened after the forward: a tree spec must not live across a graph break in loss_fn)
+        leaves, treespec = optree.tree_flatten(params)
+        forms = _leaf_forms(tracer, proxies, grads, set(reasons), pull)
+        if pull is not None or is_compiling():
+            forms = _outside_level(forms)
+        grads = []  # output gradients that no form holds (norm layers, biases: rows) are freed now
         handlers: list[Any] = [None] * len(leaves)
         size = losses.shape[0]
         for index, leaf in enumerate(leaves):
@@ -320,16 +480,18 @@ def make_ghost_engine(
         aux = optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
         return EngineOutput(sq_norms, losses, aux, weighted_sum)
 
-    # Under torch.compile the probes' backward must be traced into the same graph as the forward
-    # (fundp.compile switches dynamo's trace_autograd_ops on).  With the option off, dynamo would
-    # split the graph at torch.autograd.grad and AOT-compiled graphs hide the probes from eager
-    # autograd: their gradients would come back as zeros.  Then the engine runs eagerly instead.
+    # Under torch.compile the engine differentiates by torch.func.vjp (functional_front), which
+    # dynamo traces into the step's graph with no option set.  A signature's first call (verify=
+    # "first") runs outside the graph, eagerly, where it is verified; later calls trace.
     outside_graph = torch.compiler.disable(engine)
 
     def dispatch(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
-        if not is_compiling():  # (fundp.compile runs each signature's first call eagerly)
+        if not is_compiling():
             check_params(params)
-        if is_compiling() and (eager_only[0] or not _autograd_ops_traced()):
+            return engine(params, batch, key)
+        if eager_only[0]:  # a traced call saw a checkpointed block (a parameter used with grad off)
+            return outside_graph(params, batch, key)
+        if verify == "always" or (verify == "first" and _signature(optree.tree_leaves(params), batch) not in verified):
             return outside_graph(params, batch, key)
         return engine(params, batch, key)
 
@@ -350,8 +512,3 @@ def _vmap_or_refuse(tracer: Any, reasons: dict, params: Any, run: Callable, *arg
             f"{tracer.data_dependent}, and the ghost path cannot handle {details}; grad_method='vmap' cannot read "
             "Python values from the batch either. Compute that value with tensor ops (e.g. a mask instead of "
             "int(lengths.max())), or outside loss_fn") from error
-
-
-def _autograd_ops_traced() -> bool:
-    config = getattr(getattr(torch, "_dynamo", None), "config", None)
-    return bool(getattr(config, "trace_autograd_ops", False))

@@ -214,8 +214,15 @@ def _module_of_caller() -> str:
 class Tracer(TorchFunctionMode):
     """Records supported layer calls on parameter-derived tensors; follows batch rows."""
 
-    def __init__(self, proxies: list, batch_leaves: list, batch_size: int, random_ok: bool, rules: dict):
+    def __init__(self, proxies: list, batch_leaves: list, batch_size: int, random_ok: bool, rules: dict,
+                 probes: list | None = None, probe_grad: bool = True):
         super().__init__()
+        # ``probes``: the probes to add, in order (the primals of a ``torch.func.vjp``: the compiled
+        # path), instead of fresh zero leaves; ``probe_grad=False``: plain zero tensors of the full
+        # shape, which that ``vjp`` then takes as its primals.
+        self.supplied = probes
+        self.probe_grad = probe_grad
+        self.mismatched = False
         self.proxies = proxies
         self.batch_size = batch_size
         self.random_ok = random_ok
@@ -304,14 +311,29 @@ class Tracer(TorchFunctionMode):
         The gradient of the summed loss with respect to ``z`` is the per-row output gradient.
         """
         shape = tensor.shape if shape is None else shape
-        base = torch.zeros((), dtype=tensor.dtype, device=tensor.device).requires_grad_()
-        probe = base.expand(shape)
+        if self.supplied is not None:
+            probe = self._supplied_probe(tensor, tuple(shape))
+        elif self.probe_grad:
+            probe = torch.zeros((), dtype=tensor.dtype, device=tensor.device).requires_grad_().expand(shape)
+        else:
+            probe = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
         self.probes.append(probe)
         probed = tensor + probe
         layout = self.layouts.get(tensor)
         if layout is not None:
             self.layouts.set(probed, layout)
         return probed, len(self.probes) - 1
+
+    def _supplied_probe(self, tensor: torch.Tensor, shape: tuple) -> torch.Tensor:
+        """The next supplied probe; where it does not fit (this run asks for other probes than the run
+        that learned them), a plain zero tensor and ``self.mismatched`` set (the caller falls back)."""
+        index = len(self.probes)
+        supplied = self.supplied or []
+        probe = supplied[index] if index < len(supplied) else None
+        if probe is None or tuple(probe.shape) != shape or probe.dtype != tensor.dtype:
+            self.mismatched = True
+            return torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
+        return probe
 
     def saved_rows(self, tensor: torch.Tensor, layout: Layout, keep_last: int = 1) -> Callable[[], torch.Tensor]:
         """Returns ``rows()``: ``to_examples(tensor.detach(), layout, keep_last)``, built on first call.
