@@ -350,7 +350,12 @@ def make_ghost_engine(
             from fundp.engines.vmap import make_vmap_engine
 
             whole = make_vmap_engine(loss_fn, has_aux=has_aux, randomness=randomness)
-            return _vmap_or_refuse(tracer, reasons, params, whole, params, batch, key)
+            out = _vmap_or_refuse(tracer, reasons, params, whole, params, batch, key)
+            if not is_compiling() and tracer is not None and tracer.data_dependent is None:
+                # Every leaf on vmap (exact by construction): nothing of the ghost path to verify, so
+                # later compiled calls of this signature need not leave the graph to verify.
+                verified[_signature(optree.tree_leaves(params), batch)] = "vmap"
+            return out
         return None
 
     def autograd_front(params: Any, batch: Any, key: Any) -> Any:
