@@ -106,3 +106,21 @@ def micro_batch_grads(model, loss_fn, params, batch):
         grads = torch.autograd.grad(loss, list(leaf_params.values()), allow_unused=True)
         rows.append({k: (g if g is not None else torch.zeros_like(leaf_params[k])) for k, g in zip(leaf_params, grads)})
     return {k: torch.stack([row[k] for row in rows]) for k in params}
+
+
+def graph_break_loss(graph_break: str):
+    """A two-layer ``loss_fn(p, b)`` (``p``: ``w [h, d]``, ``v [k, h]``; ``b``: ``x``, ``y``, ``m``) with a
+    graph break in it: ``"print"``, ``"item"`` (a logged ``.item()``) or ``"branch"`` (a data-dependent
+    ``if (mask == 0).any():``, HuggingFace's mask check)."""
+
+    def loss_fn(p, b):
+        h = torch.tanh(F.linear(b["x"], p["w"]))
+        if graph_break == "print":
+            print("logging from loss_fn")
+        elif graph_break == "item":
+            float(p["w"].sum().item())
+        elif (b["m"] == 0).any():
+            h = h * 1.0
+        return F.cross_entropy(F.linear(h, p["v"]), b["y"], reduction="none")
+
+    return loss_fn

@@ -16,6 +16,7 @@ from fundp.engines.ghost import _norms
 from fundp.engines.ghost._norms import LeafGrads, leaf_sq_norms
 from fundp.engines.ghost._uses import Factor, Ids
 from fundp.testing import micro_batch_grads
+from models import graph_break_loss
 
 B, T, D, P = 5, 4, 8, 4  # 2 T^2 <= P D: the linear weight's norm takes the ghost (Gram) form
 BAD = 2  # the adversarial example's row (not 0 or B - 1, which first-call verification checks)
@@ -181,15 +182,7 @@ def test_graph_break_in_loss_fn_under_fundp_compile_is_exact_on_every_call(graph
     params = {"w": torch.randn(3, 4, generator=g, dtype=torch.float64),
               "v": torch.randn(2, 3, generator=g, dtype=torch.float64)}
 
-    def loss_fn(p, b):
-        h = torch.tanh(F.linear(b["x"], p["w"]))
-        if graph_break == "print":
-            print("logging from loss_fn")
-        elif graph_break == "item":
-            float(p["w"].sum().item())
-        elif (b["m"] == 0).any():
-            h = h * 1.0
-        return F.cross_entropy(F.linear(h, p["v"]), b["y"], reduction="none")
+    loss_fn = graph_break_loss(graph_break)
 
     torch._dynamo.reset()
     step = fundp.dp_step(loss_fn, max_norm=0.5, noise_multiplier=0.0, expected_batch_size=6)

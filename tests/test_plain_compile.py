@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 import fundp
 from fundp.engines.ghost import GhostUnsupportedError
-from models import MLP, SmallCNN, TinyAttention, classification_loss, data_for, make, micro_batch_grads, params_of
+from models import (MLP, SmallCNN, TinyAttention, classification_loss, data_for, graph_break_loss, make, micro_batch_grads,
+                    params_of)
 
 C, B = 0.05, 6
 
@@ -99,15 +100,7 @@ def _reference(loss_fn, params, batch):
 def test_graph_break_in_loss_fn_under_plain_compile_is_exact_on_every_call(graph_break, capsys):
     params, batch = _two_layer_problem()
 
-    def loss_fn(p, b):
-        h = torch.tanh(F.linear(b["x"], p["w"]))
-        if graph_break == "print":
-            print("logging from loss_fn")
-        elif graph_break == "item":
-            float(p["w"].sum().item())
-        elif (b["m"] == 0).any():  # a data-dependent branch (HuggingFace's mask check)
-            h = h * 1.0
-        return F.cross_entropy(F.linear(h, p["v"]), b["y"], reduction="none")
+    loss_fn = graph_break_loss(graph_break)
 
     step = fundp.dp_step(loss_fn, max_norm=C, noise_multiplier=0.0, expected_batch_size=B)
     compiled = torch.compile(step, backend="aot_eager")
