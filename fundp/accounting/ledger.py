@@ -286,12 +286,13 @@ class Ledger:
 
     @property
     def events(self) -> tuple[Any, ...]:
-        """The recorded events (:class:`TruncatedPoisson`, :class:`CorrelatedNoiseSteps`), sorted by kind and fields."""
+        """The recorded events (:class:`~fundp.accounting.TruncatedPoisson`,
+        :class:`~fundp.accounting.CorrelatedNoiseSteps`), sorted by kind and fields."""
         return self._materialise()[1]
 
     @property
     def steps(self) -> int:
-        """Total number of steps composed (O(1)): the segments' steps and the correlated-noise steps."""
+        """Total number of steps composed, the segments' steps and the correlated-noise steps (read in O(1))."""
         return self._steps
 
     def record(self, *events: Any) -> "Ledger":
