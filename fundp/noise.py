@@ -90,7 +90,8 @@ def add_gaussian_noise(tree: Any, key: torch.Tensor, stddev: Any, *, snap_float6
     ``stddev = 0`` is never snapped.  The snapping runs eagerly (a graph break under
     ``torch.compile``).  ``release_dtypes``: the dtype each leaf (in optree order) is finally
     rounded to by the caller, when it differs from the leaf's own (a float64 sum released as
-    float32 parameters is not snapped); default: the leaves' dtypes.
+    float32 parameters is not snapped); an entry ``None`` or ``release_dtypes=None``: the leaf's
+    own dtype.
 
     Example:
       >>> import torch, fundp
@@ -224,13 +225,14 @@ def _snapped_sum(total: torch.Tensor, noise: torch.Tensor, grid: float) -> torch
 
 
 def _release_dtypes(leaves: list, release_dtypes: Any) -> list:
-    """The dtype each leaf is finally released in: ``release_dtypes`` (one per leaf) or the leaf's own."""
+    """The dtype each leaf is finally released in: ``release_dtypes`` (one per leaf, ``None``: the
+    leaf's own, as in :func:`fundp.privatize`'s ``dtypes``) or, when ``None``, every leaf's own."""
     if release_dtypes is None:
         return [leaf.dtype for leaf in leaves]
     dtypes = list(release_dtypes)
-    if len(dtypes) != len(leaves) or not all(isinstance(d, torch.dtype) for d in dtypes):
-        raise TypeError(f"release_dtypes must hold one torch.dtype per leaf ({len(leaves)}), got {release_dtypes!r}")
-    return dtypes
+    if len(dtypes) != len(leaves) or not all(d is None or isinstance(d, torch.dtype) for d in dtypes):
+        raise TypeError(f"release_dtypes must hold one torch.dtype (or None) per leaf ({len(leaves)}), got {release_dtypes!r}")
+    return [leaf.dtype if d is None else d for leaf, d in zip(leaves, dtypes)]
 
 
 def _noisy_leaf(leaf: torch.Tensor, noise: torch.Tensor, stddev: float, release_dtype: torch.dtype, snap: bool) -> torch.Tensor:

@@ -99,8 +99,9 @@ def secure_noise(tree: Any, stddev: float, *, release_dtypes: Any = None) -> Any
 
     ``release_dtypes``: the dtype each leaf (in optree order) is finally rounded to, for a
     caller that adds the noise to a float64 copy and rounds later; passing it keeps float32
-    and 16-bit parameters' outputs unsnapped, bit for bit as before.  Default: each leaf's own
-    dtype (such a caller's float32 outputs are then snapped too: still private, on the grid).
+    and 16-bit parameters' outputs unsnapped, bit for bit as before.  An entry ``None``, and the
+    default ``None``: the leaf's own dtype (such a caller's float32 outputs are then snapped
+    too: still private, on the grid).
 
     Example:
       >>> import torch, fundp

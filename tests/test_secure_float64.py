@@ -178,6 +178,9 @@ def test_secure_float32_unchanged_bit_for_bit(monkeypatch):
     assert torch.equal(leaves["a"], (x.float().double() + z).float())
     assert torch.equal(leaves["b"], (x.bfloat16().double() + z).bfloat16())
     assert torch.equal(leaves["wide"], x + z)
+    # A None entry is the leaf's own dtype (float64 here: snapped), as in privatize's dtypes.
+    both = fundp.secure.secure_noise({"f": x, "g": x[:0]}, 1.3, release_dtypes=[None, torch.float32])
+    assert torch.equal(both["f"], snapped_sum(x, z, 2.0**-19))
     snapped = fundp.secure.secure_noise({"w": x}, 1.3)["w"]  # the same entropy, released in float64
     assert torch.equal(snapped, snapped_sum(x, z, 2.0**-19)) and not torch.equal(snapped, x + z)
 
