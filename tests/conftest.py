@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 # derandomize: every run draws the same examples (tests fix their keys; CI must not fail by chance).
 settings.register_profile("ci", deadline=None, max_examples=40, print_blob=True, derandomize=True)
 settings.load_profile("ci")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# (threads per worker: the root conftest.py)
 
 COMPILE_BACKEND = os.environ.get("FUNDP_TEST_COMPILE_BACKEND", "aot_eager")
 
