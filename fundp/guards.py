@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -253,6 +254,39 @@ def warn_if_padded_without_mask(batch: Any) -> bool:
         stacklevel=3,
     )
     return True
+
+
+# ----------------------------------------------------------------------------- batches' provenance
+
+_MASK_SOURCES: dict[int, tuple[Any, Any]] = {}
+
+
+def tag_mask(mask: Any, sampler: Any) -> None:
+    """Remembers that ``sampler`` yielded ``mask`` (weakly: forgotten when the mask is freed).
+
+    fundp's samplers tag the mask of every batch they yield (``batches[t]``, iteration), so a
+    step can refuse a batch whose sampler contradicts what it accounts, even when it was built
+    without ``sampler=`` (:func:`mask_source`).  A copy of the mask (``mask.to(device)`` onto
+    another device, slicing) carries no tag: the check is then skipped, not failed.
+    """
+    if not isinstance(mask, torch.Tensor):
+        return
+    key = id(mask)
+
+    def forget(ref: Any, key: int = key) -> None:
+        entry = _MASK_SOURCES.get(key)
+        if entry is not None and entry[0] is ref:
+            _MASK_SOURCES.pop(key, None)
+
+    _MASK_SOURCES[key] = (weakref.ref(mask, forget), sampler)
+
+
+def mask_source(mask: Any) -> Any:
+    """The sampler that yielded ``mask`` (:func:`tag_mask`), or ``None`` when unknown."""
+    entry = None if mask is None else _MASK_SOURCES.get(id(mask))
+    if entry is None or entry[0]() is not mask:
+        return None
+    return entry[1]
 
 
 # ----------------------------------------------------------------------------- params

@@ -462,6 +462,7 @@ class _Sampling(NamedTuple):
     needs_mask: bool
     truncation: Any
     num_examples: int | None
+    source: tuple | None = None
 
 
 def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: Any,
@@ -535,8 +536,56 @@ def _sampling_plan(sampler: Any, sample_rate: Any, expected_batch_size: Any, num
     if expected_batch_size is None:
         raise ValueError("expected_batch_size is required (sample_rate * num_examples) unless a sampler or num_examples is given")
     truncation = None if sampler is None else _truncation_of(sampler)
+    source = None if sampler is None else _source_of(sampler)
     return _Sampling(sample_rate, check_positive("expected_batch_size", expected_batch_size), row_multiple, needs_mask,
-                     truncation, num_examples)
+                     truncation, num_examples, source)
+
+
+def _source_of(sampler: Any) -> tuple:
+    """What identifies a sampler's batches: ``(sampling, sample_rate, num_examples)``."""
+    from fundp.sampling import sampler_of
+
+    inner = sampler_of(sampler)
+    return (inner.sampling, getattr(inner, "sample_rate", None), getattr(inner, "num_examples", None))
+
+
+def _check_batch_source(sampling: _Sampling, mask: Any, noise_mechanism: Any) -> None:
+    """Sampling assumptions come from the sampler: a batch whose mask a fundp sampler yielded
+    (:func:`fundp.guards.mask_source`) is refused when that sampler contradicts the step (another
+    sampler than ``sampler=``; another rate or divisor than ``sample_rate=`` / ``expected_batch_size=``;
+    truncated batches without their truncation; shuffled batches for DP-SGD's Poisson accounting;
+    Poisson batches for a correlated-noise mechanism, cyclic Poisson ones without a mechanism)."""
+    source = fundp_guards.mask_source(mask)
+    if source is None:
+        return
+    kind, rate, num = _source_of(source)
+    if sampling.source is not None:
+        if (kind, rate, num) != sampling.source:
+            raise ValueError(f"the batch's mask comes from {source!r}, not from the sampler the step was built for "
+                             f"(sampling, sample_rate, num_examples = {sampling.source})")
+        return
+    if kind == "cyclic_poisson" or noise_mechanism is not None:
+        if kind != "cyclic_poisson" or noise_mechanism is None:
+            raise ValueError(f"the batch comes from {source!r}, but {'cyclic Poisson batches need' if noise_mechanism is None else 'a noise_mechanism accounts only'} "
+                             "dp_step(..., noise_mechanism=mechanism) with fundp.mf.cyclic_poisson_batches built for it: pass sampler=batches")
+        from fundp.mf import check_batches_match
+
+        check_batches_match(source, noise_mechanism, expected_batch_size=sampling.expected_batch_size)
+        return
+    if kind == "shuffle":
+        if sampling.sample_rate is not None:
+            raise ValueError(f"the batch comes from shuffled fixed-size batches ({source!r}): DP-SGD's Poisson accounting "
+                             f"(sample_rate={sampling.sample_rate}) does not cover them; use fundp.data.poisson_batches")
+        return
+    if kind == "truncated_poisson":
+        raise ValueError("the batch comes from truncated Poisson batches, whose truncation the ledger must record: "
+                         "build the step with dp_step(..., sampler=batches)")
+    if sampling.sample_rate is not None and not math.isclose(sampling.sample_rate, rate, rel_tol=1e-12, abs_tol=0.0):
+        raise ValueError(f"the step accounts sample_rate={sampling.sample_rate} but the batch comes from {source!r}, "
+                         f"Poisson-sampled at {rate}: the ledger would be wrong. Build the step with sampler=batches")
+    if not math.isclose(sampling.expected_batch_size, rate * num, rel_tol=1e-6):
+        raise ValueError(f"expected_batch_size={sampling.expected_batch_size} but the batch comes from {source!r}, "
+                         f"whose sample_rate * num_examples = {rate * num}. Build the step with sampler=batches")
 
 
 def _check_batch_rows(sampling: _Sampling, batch: Any, mask: Any, world_size: Callable[[], int] | None) -> None:
@@ -820,8 +869,10 @@ def dp_step(
         sigma, threshold = _call_settings(params, clip_style, built_sigma, max_norm, noise_multiplier,
                                           adaptive_clipping, clip_state, noise_mechanism, noise_state)
         _check_batch_rows(sampling, batch, mask, world_size)
-        if mask is None and not torch.compiler.is_compiling() and not looked_for_padding:
-            looked_for_padding.append(fundp_guards.warn_if_padded_without_mask(batch))  # once per step object
+        if not torch.compiler.is_compiling():
+            _check_batch_source(sampling, mask, noise_mechanism)
+            if mask is None and not looked_for_padding:
+                looked_for_padding.append(fundp_guards.warn_if_padded_without_mask(batch))  # once per step object
         params = detach_params(params)
         events = (privatizer.event(noise_state, noise_multiplier=sigma),) + (() if quantile is None else (quantile.event(clip_state),))
         new_ledger = None if ledger is None and budget is None else _before_step(ledger, budget, events, sampling)
