@@ -15,8 +15,10 @@ Two things live here, so that :func:`fundp.dp_step` consults one place:
     with no graph break.  Opt out per step with ``dp_step(..., check_key_reuse=False)`` (e.g. a
     test comparing two steps on one key); :func:`forget_keys` starts a new run scope.  A
     noiseless call (sigma a plain 0, no adaptive clipping) is not checked: it has no noise to cancel.
-  - **masks**: without ``sampler=``, a step's first batch passed without a mask whose last two
-    rows are equal (as padding rows are) warns (:class:`PaddingWithoutMaskWarning`).
+  - **masks**: fundp's samplers tag each mask they yield with themselves (:func:`tag_mask`,
+    weakly), so a step refuses a batch whose sampler contradicts its accounting, ``sampler=`` or
+    not; without ``sampler=``, a step's first batch passed without a mask whose last two rows are
+    equal (as padding rows are) warns (:class:`PaddingWithoutMaskWarning`).
   - **ledgers**: a ledger that a completed step already recorded on is *consumed*; every step
     object of the process refuses it (a flag on the ledger object itself: no cap, no registry).
     A step that raises leaves its ledger unconsumed, so the same ledger continues the run.
@@ -63,19 +65,22 @@ UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
         "secure_mode with a noise_mechanism: the mechanism draws its own noise"),
     ("adaptive_clipping", "noise_mechanism"): (
         NotImplementedError,
-        "adaptive_clipping with a correlated noise_mechanism: the noisy unclipped-count query is "
-        "not accounted by the mechanism's accountant (fundp.mf), so epsilon would be under-reported"),
+        "adaptive_clipping with a cyclic-Poisson (or non-fundp.mf) correlated noise_mechanism: the amplification "
+        "argument (Choquette-Choo et al. 2023, Thm 4) does not cover the noisy unclipped-count query, so epsilon "
+        "would be under-reported; single_participation / min_separation mechanisms of fundp.mf are accounted"),
     ("noise_mechanism", "noise_multiplier (per call)"): (
         ValueError,
         "a noise_multiplier schedule (step(..., noise_multiplier=...)) with a correlated noise_mechanism "
-        "is accounted nowhere (fundp.mf.epsilon takes one sigma): build the step with the schedule's "
+        "is accounted nowhere (fundp.mf.mechanism_epsilon takes one sigma): build the step with the schedule's "
         "largest-epsilon (smallest) sigma instead"),
 }
 
 
-def check_combination(options: dict[str, bool]) -> None:
+def check_combination(options: dict[str, bool], accepted: Any = ()) -> None:
     """Raises the :data:`UNSUPPORTED` table's error for the first refused pair among ``options``
-    (``{name: in use}``).
+    (``{name: in use}``), except the pairs in ``accepted`` (a pair whose refusal is narrower than
+    its names: ``("adaptive_clipping", "noise_mechanism")`` for a single-participation or
+    min-separation mechanism of :mod:`fundp.mf`, whose ``account`` composes the count query).
 
     Example:
       >>> from fundp.guards import check_combination
@@ -87,7 +92,7 @@ def check_combination(options: dict[str, bool]) -> None:
       budget accounts DP-SGD's ledger, which does not apply to a noise_mechanism
     """
     for (first, second), (error, reason) in UNSUPPORTED.items():
-        if options.get(first) and options.get(second):
+        if options.get(first) and options.get(second) and (first, second) not in accepted:
             raise error(reason)
 
 

@@ -16,10 +16,12 @@ The pipeline, each stage a pure function of values:
 2. :func:`accumulate` — optional: the same, over fixed-size physical chunks of a logical batch,
    the chunks' sums added with :func:`add_clipped_sums` (gradient accumulation);
 3. the all-reduce across ranks (``distributed=True``), which keeps ``S``;
-4. :func:`privatize` — noise ``N(0, (sigma S)^2)`` from the key, then the division, once;
-5. accounting — the ledger records one logical step, outside the compiled graph.
+4. a privatizer (:mod:`fundp.privatizers`: i.i.d., secure or correlated noise, and adaptive
+   clipping's count query) — the noisy sum and the privacy event it spent; then the division, once;
+5. accounting — the ledger records the events with the sampler's rate, outside the compiled graph.
 
-:func:`dp_step` composes them; every option works with every other (accumulation included), and
+:func:`dp_step` assembles three values — the sampling plan, the clipped-sum function and the
+privatizer — after consulting the table of refused combinations (:data:`fundp.guards.UNSUPPORTED`);
 noise, normalisation and accounting happen in exactly one place (here).
 """
 
@@ -658,6 +660,16 @@ def _privatizer_plan(noise_multiplier: Any, secure_mode: bool, noise_mechanism: 
     return privatizers.gaussian_privatizer(noise_multiplier)
 
 
+def _amplified_or_foreign(noise_mechanism: Any) -> bool:
+    """A mechanism whose count query cannot be accounted with it: cyclic Poisson (amplified), or
+    not a :class:`fundp.mf.CorrelatedNoise` (its ``account`` knows no count)."""
+    if noise_mechanism is None:
+        return False
+    from fundp.mf import CorrelatedNoise, CyclicPoisson
+
+    return not isinstance(noise_mechanism, CorrelatedNoise) or isinstance(noise_mechanism.participation, CyclicPoisson)
+
+
 def _check_build(noise_multiplier: Any, flags: dict[str, Any]) -> Any:
     if isinstance(noise_multiplier, torch.Tensor):
         check_nonnegative("noise_multiplier", noise_multiplier)
@@ -804,8 +816,9 @@ def dp_step(
         its noise replaces the i.i.d. draw; ``step(..., noise_state=mech.init(params))`` and
         ``out.noise_state`` carry its state.  A ledger records each step with the mechanism's
         participation schema (``mech.account``, a :class:`fundp.accounting.CorrelatedNoiseSteps`
-        event; with adaptive clipping the count too), so ``fundp.epsilon(out.ledger, delta)`` is its
-        epsilon; a mechanism without ``account`` refuses a ledger.
+        event; with adaptive clipping the count too, for single-participation and min-separation
+        mechanisms), so ``fundp.epsilon(out.ledger, delta)`` is its epsilon; a mechanism without
+        ``account`` refuses a ledger.
 
     The step computes ``StepResult(grads, ledger, loss, norms, num_nonfinite, aux, clip_state,
     noise_state)`` with ``grads = (sum_i c_i g_i + N(0, (sigma S)^2)) / expected_batch_size``.
@@ -820,9 +833,15 @@ def dp_step(
     ``ledger`` and ``mask`` are keyword-only; a ledger that a completed call of *any* step already
     recorded on (the caller forgot ``ledger = out.ledger``) is refused; a call that raises does
     not consume its ledger (continue with the same one); a reused key is refused; params that
-    require grad are detached (one warning), so no autograd graph grows across steps.  Without
+    require grad are detached (one warning), so no autograd graph grows across steps.  Sampling
+    assumptions come from the sampler: the masks fundp's samplers yield are tagged with their
+    sampler, and an eager call refuses a batch whose mask's sampler contradicts the step (another
+    sampler than ``sampler=``, another ``sample_rate`` or ``expected_batch_size``, truncated
+    batches without ``sampler=``, shuffled batches for Poisson accounting, Poisson batches for a
+    ``noise_mechanism``), also when the step was built without ``sampler=``.  Without
     ``sampler=``, the first eager batch passed without a mask is looked at once: equal last two
-    rows (as the padding of Poisson batches) warn (:class:`fundp.guards.PaddingWithoutMaskWarning`).
+    rows (as the padding of Poisson batches) warn (:class:`fundp.guards.PaddingWithoutMaskWarning`;
+    pass ``mask=`` to state which rows are real).
 
     Example:
       >>> import torch, fundp
@@ -846,7 +865,7 @@ def dp_step(
         "adaptive_clipping": adaptive_clipping is not None, "distributed": distributed, "secure_mode": secure_mode,
         "clip_style=per_layer": clip_style == "per_layer", "budget": budget is not None,
         "noise_mechanism": noise_mechanism is not None,
-    })
+    }, accepted=() if _amplified_or_foreign(noise_mechanism) else (("adaptive_clipping", "noise_mechanism"),))
     quantile = None if adaptive_clipping is None else quantile_privatizer(adaptive_clipping, sampling.expected_batch_size)
     summed, chunk_fn = _clipped_sum_plan(
         loss_fn, physical_batch_size, compile_chunk, max_norm=max_norm, clip_style=clip_style, gamma=gamma,

@@ -166,3 +166,47 @@ def test_dp_step_is_the_assembly_of_its_values(kind):
         count = unclipped + 3.0 * fundp.random.normal(count_key, (), torch.float64)
         fraction = min(max(float(count) / 5.0, 0.0), 1.0)
         assert float(out.clip_state.max_norm) == pytest.approx(0.5 * math.exp(-0.2 * (fraction - 0.5)), rel=1e-14)
+
+
+def test_adaptive_clipping_with_min_separation_noise_is_accounted_as_dp_accounting_says():
+    """Issue 20 item 4: adaptive clipping + a min-separation mechanism is accepted; the run is one
+    Gaussian mechanism (the MF release, sigma) composed with k count releases (sigma_b each, k the
+    most steps an example joins): checked against dp_accounting's PLD accountant."""
+    import dp_accounting
+
+    loss_fn, params, _ = _model()
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sigma, sigma_b, n, delta = 1.5, 2.0, 4, 1e-5
+    cfg = adaptive.quantile_clipping(count_noise_multiplier=sigma_b)
+    mech = mf.mechanism(mf.banded_toeplitz([1.0, 0.5], n), mf.min_separation(2))
+    step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=sigma, expected_batch_size=5.0, grad_method="vmap",
+                         adaptive_clipping=cfg, noise_mechanism=mech)
+    ledger, clip_state, noise_state = fundp.Ledger(), cfg.init(1.0), mech.init(params)
+    for t in range(n):  # two fixed batches in turn: every example joins steps 2 apart, k = 2 times
+        rows = x[5 * (t % 2) : 5 * (t % 2) + 5]
+        out = step(params, rows, fundp.random.fold_in(fundp.random.key(31), t), ledger=ledger,
+                   clip_state=clip_state, noise_state=noise_state)
+        ledger, clip_state, noise_state = out.ledger, out.clip_state, out.noise_state
+    assert ledger.steps == n and mech.max_participations() == 2
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    accountant.compose(dp_accounting.GaussianDpEvent(sigma))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma_b), 2))
+    assert fundp.epsilon(ledger, delta) == pytest.approx(accountant.get_epsilon(delta), rel=2e-3)
+    # cyclic Poisson (amplified) stays refused, with the table's reason, before the first step
+    error, reason = fundp.guards.UNSUPPORTED[("adaptive_clipping", "noise_mechanism")]
+    with pytest.raises(error, match="cyclic-Poisson"):
+        fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=sigma, expected_batch_size=5.0, adaptive_clipping=cfg,
+                      noise_mechanism=mf.mechanism(mf.banded_toeplitz([1.0, 0.5], n), mf.cyclic_poisson(2, 0.5)))
+
+
+def test_mf_names_do_not_shadow_the_ledger_functions():
+    """fundp.mf's whole-run epsilon / calibration have their own names; the old ones (with another
+    signature than fundp.epsilon / fundp.calibrate_noise) are deprecated aliases, not public."""
+    assert "epsilon" not in mf.__all__ and "calibrate_noise" not in mf.__all__
+    mech = mf.mechanism(mf.identity(8), mf.single_participation())
+    sigma = mf.calibrate_mechanism_noise(mech, target_epsilon=2.0, delta=1e-5)
+    assert mf.mechanism_epsilon(mech, noise_multiplier=sigma, delta=1e-5) == pytest.approx(2.0, rel=1e-6)
+    with pytest.warns(DeprecationWarning, match="mechanism_epsilon"):
+        assert mf.epsilon(mech, noise_multiplier=sigma, delta=1e-5) == mf.mechanism_epsilon(mech, noise_multiplier=sigma, delta=1e-5)
+    with pytest.warns(DeprecationWarning, match="calibrate_mechanism_noise"):
+        assert mf.calibrate_noise(mech, target_epsilon=2.0, delta=1e-5) == sigma
