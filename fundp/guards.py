@@ -15,7 +15,7 @@ Two things live here, so that :func:`fundp.dp_step` consults one place:
     with no graph break.  Opt out per step with ``dp_step(..., check_key_reuse=False)`` (e.g. a
     test comparing two steps on one key); :func:`forget_keys` starts a new run scope.  A
     noiseless call (sigma a plain 0, no adaptive clipping) is not checked: it has no noise to cancel.
-  - **masks**: fundp's samplers tag each mask they yield with themselves (:func:`tag_mask`,
+  - **masks**: fundp's samplers tag each mask they yield with themselves (``tag_mask``,
     weakly), so a step refuses a batch whose sampler contradicts its accounting, ``sampler=`` or
     not; without ``sampler=``, a step's first batch passed without a mask whose last two rows are
     equal (as padding rows are) warns (:class:`PaddingWithoutMaskWarning`).
