@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from fundp import random as fundp_random
 from fundp._validate import check_int
-from fundp.step import ClippedSum
+from fundp.types import ClippedSum
 
 __all__ = [
     "rank_and_world_size",

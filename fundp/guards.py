@@ -15,8 +15,10 @@ Two things live here, so that :func:`fundp.dp_step` consults one place:
     with no graph break.  Opt out per step with ``dp_step(..., check_key_reuse=False)`` (e.g. a
     test comparing two steps on one key); :func:`forget_keys` starts a new run scope.  A
     noiseless call (sigma a plain 0, no adaptive clipping) is not checked: it has no noise to cancel.
-  - **masks**: without ``sampler=``, a step's first batch passed without a mask whose last two
-    rows are equal (as padding rows are) warns (:class:`PaddingWithoutMaskWarning`).
+  - **masks**: fundp's samplers tag each mask they yield with themselves (``tag_mask``,
+    weakly), so a step refuses a batch whose sampler contradicts its accounting, ``sampler=`` or
+    not; without ``sampler=``, a step's first batch passed without a mask whose last two rows are
+    equal (as padding rows are) warns (:class:`PaddingWithoutMaskWarning`).
   - **ledgers**: a ledger that a completed step already recorded on is *consumed*; every step
     object of the process refuses it (a flag on the ledger object itself: no cap, no registry).
     A step that raises leaves its ledger unconsumed, so the same ledger continues the run.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -62,19 +65,22 @@ UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
         "secure_mode with a noise_mechanism: the mechanism draws its own noise"),
     ("adaptive_clipping", "noise_mechanism"): (
         NotImplementedError,
-        "adaptive_clipping with a correlated noise_mechanism: the noisy unclipped-count query is "
-        "not accounted by the mechanism's accountant (fundp.mf), so epsilon would be under-reported"),
+        "adaptive_clipping with a cyclic-Poisson (or non-fundp.mf) correlated noise_mechanism: the amplification "
+        "argument (Choquette-Choo et al. 2023, Thm 4) does not cover the noisy unclipped-count query, so epsilon "
+        "would be under-reported; single_participation / min_separation mechanisms of fundp.mf are accounted"),
     ("noise_mechanism", "noise_multiplier (per call)"): (
         ValueError,
         "a noise_multiplier schedule (step(..., noise_multiplier=...)) with a correlated noise_mechanism "
-        "is accounted nowhere (fundp.mf.epsilon takes one sigma): build the step with the schedule's "
+        "is accounted nowhere (fundp.mf.mechanism_epsilon takes one sigma): build the step with the schedule's "
         "largest-epsilon (smallest) sigma instead"),
 }
 
 
-def check_combination(options: dict[str, bool]) -> None:
+def check_combination(options: dict[str, bool], accepted: Any = ()) -> None:
     """Raises the :data:`UNSUPPORTED` table's error for the first refused pair among ``options``
-    (``{name: in use}``).
+    (``{name: in use}``), except the pairs in ``accepted`` (a pair whose refusal is narrower than
+    its names: ``("adaptive_clipping", "noise_mechanism")`` for a single-participation or
+    min-separation mechanism of :mod:`fundp.mf`, whose ``account`` composes the count query).
 
     Example:
       >>> from fundp.guards import check_combination
@@ -86,7 +92,7 @@ def check_combination(options: dict[str, bool]) -> None:
       budget accounts DP-SGD's ledger, which does not apply to a noise_mechanism
     """
     for (first, second), (error, reason) in UNSUPPORTED.items():
-        if options.get(first) and options.get(second):
+        if options.get(first) and options.get(second) and (first, second) not in accepted:
             raise error(reason)
 
 
@@ -253,6 +259,39 @@ def warn_if_padded_without_mask(batch: Any) -> bool:
         stacklevel=3,
     )
     return True
+
+
+# ----------------------------------------------------------------------------- batches' provenance
+
+_MASK_SOURCES: dict[int, tuple[Any, Any]] = {}
+
+
+def tag_mask(mask: Any, sampler: Any) -> None:
+    """Remembers that ``sampler`` yielded ``mask`` (weakly: forgotten when the mask is freed).
+
+    fundp's samplers tag the mask of every batch they yield (``batches[t]``, iteration), so a
+    step can refuse a batch whose sampler contradicts what it accounts, even when it was built
+    without ``sampler=`` (:func:`mask_source`).  A copy of the mask (``mask.to(device)`` onto
+    another device, slicing) carries no tag: the check is then skipped, not failed.
+    """
+    if not isinstance(mask, torch.Tensor):
+        return
+    key = id(mask)
+
+    def forget(ref: Any, key: int = key) -> None:
+        entry = _MASK_SOURCES.get(key)
+        if entry is not None and entry[0] is ref:
+            _MASK_SOURCES.pop(key, None)
+
+    _MASK_SOURCES[key] = (weakref.ref(mask, forget), sampler)
+
+
+def mask_source(mask: Any) -> Any:
+    """The sampler that yielded ``mask`` (:func:`tag_mask`), or ``None`` when unknown."""
+    entry = None if mask is None else _MASK_SOURCES.get(id(mask))
+    if entry is None or entry[0]() is not mask:
+        return None
+    return entry[1]
 
 
 # ----------------------------------------------------------------------------- params

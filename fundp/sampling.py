@@ -201,6 +201,15 @@ def _pad(indices: torch.Tensor, pad_to_multiple: int, device: Any) -> tuple[torc
     return padded, mask
 
 
+def _tagged(sampler: Any, batch: Any) -> Any:
+    """``batch``, its mask tagged with the sampler that yielded it (:func:`fundp.guards.tag_mask`)."""
+    if isinstance(batch, tuple) and len(batch) == 2:
+        from fundp.guards import tag_mask
+
+        tag_mask(batch[1], sampler)
+    return batch
+
+
 class StepIndexedBatches:
     """A sequence of batches indexed by step: ``batches[t]`` is ``self.batch(t)``, iteration runs
     ``t = 0, 1, ...`` up to ``steps`` (forever when ``steps`` is None)."""
@@ -213,12 +222,12 @@ class StepIndexedBatches:
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.steps is not None and not 0 <= operator.index(step) < self.steps:
             raise IndexError(f"step {step} out of range for {self.steps} steps")
-        return self.batch(step)
+        return _tagged(self, self.batch(step))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         step = 0
         while self.steps is None or step < self.steps:
-            yield self.batch(step)
+            yield _tagged(self, self.batch(step))
             step += 1
 
     def __len__(self) -> int:
@@ -519,7 +528,7 @@ class ShuffledBatches:
             start = (step % self.batches_per_epoch) * self.batch_size
             assert permutation is not None
             rows = permutation[start : start + self.batch_size]
-            yield _pad(rows, self.batch_size, None)
+            yield _tagged(self, _pad(rows, self.batch_size, None))
 
     def __len__(self) -> int:
         return self.steps

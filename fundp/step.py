@@ -16,10 +16,12 @@ The pipeline, each stage a pure function of values:
 2. :func:`accumulate` — optional: the same, over fixed-size physical chunks of a logical batch,
    the chunks' sums added with :func:`add_clipped_sums` (gradient accumulation);
 3. the all-reduce across ranks (``distributed=True``), which keeps ``S``;
-4. :func:`privatize` — noise ``N(0, (sigma S)^2)`` from the key, then the division, once;
-5. accounting — the ledger records one logical step, outside the compiled graph.
+4. a privatizer (:mod:`fundp.privatizers`: i.i.d., secure or correlated noise, and adaptive
+   clipping's count query) — the noisy sum and the privacy event it spent; then the division, once;
+5. accounting — the ledger records the events with the sampler's rate, outside the compiled graph.
 
-:func:`dp_step` composes them; every option works with every other (accumulation included), and
+:func:`dp_step` assembles three values — the sampling plan, the clipped-sum function and the
+privatizer — after consulting the table of refused combinations (:data:`fundp.guards.UNSUPPORTED`);
 noise, normalisation and accounting happen in exactly one place (here).
 """
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import optree
 import torch
@@ -45,7 +47,8 @@ from fundp.clipping import (
 )
 from fundp.engines import make_engine
 from fundp.guards import detach_params
-from fundp.noise import noise_like
+from fundp.privatizers import quantile_privatizer
+from fundp.privatizers import round_to as _round_to
 from fundp.types import ClippedSum, ClipStyle, GradMethod, Randomness, Step, StepResult, Verify
 
 __all__ = [
@@ -164,6 +167,7 @@ def clipped_grad_sum(
     engine = make_engine(grad_method, loss_fn, has_aux=has_aux, randomness=randomness, verify=verify,
                          check_batch_consistency=check_batch_consistency)
     built_max_norm = max_norm
+    engine_checks_params = grad_method in ("ghost", "auto")  # its dispatch runs check_params on eager calls
 
     def f(
         params: Any, batch: Any, mask: torch.Tensor | None = None, key: torch.Tensor | None = None, *, max_norm: Any = None
@@ -172,7 +176,7 @@ def clipped_grad_sum(
         size = check_batch(batch)
         if mask is not None:
             check_mask(mask, size)
-        dtypes = _param_dtypes(params)
+        dtypes = _param_dtypes(params, engine_checks_params)
         out = engine(params, batch, key)
         if not isinstance(out.losses, torch.Tensor) or out.losses.shape != (size,):
             raise ValueError(f"loss_fn must return per-example losses of shape [B] = [{size}]")
@@ -197,8 +201,10 @@ def clipped_grad_sum(
     return f
 
 
-def _param_dtypes(params: Any) -> tuple:
-    """The parameters' dtypes in leaf order; complex parameters are refused (``TypeError``)."""
+def _param_dtypes(params: Any, engine_checks_params: bool = False) -> tuple:
+    """The parameters' dtypes in leaf order; complex parameters are refused (``TypeError``), and
+    aliased ones (:func:`_refuse_aliased_params`; eagerly left to the engine when
+    ``engine_checks_params``: the ghost engine scans them on every eager call, once is enough)."""
     dtypes = tuple(getattr(leaf, "dtype", None) for leaf in optree.tree_leaves(params))
     for path, dtype in zip(optree.tree_paths(params), dtypes):
         if dtype is not None and dtype.is_complex:
@@ -207,7 +213,8 @@ def _param_dtypes(params: Any) -> tuple:
                 "only (the real part's norm would not bound the sensitivity). Keep complex weights as a real "
                 "parameter of shape [..., 2] and build them with torch.view_as_complex inside loss_fn"
             )
-    _refuse_aliased_params(params)
+    if not (engine_checks_params and not torch.compiler.is_compiling()):
+        _refuse_aliased_params(params)
     return dtypes
 
 
@@ -229,14 +236,6 @@ def _refuse_aliased_params(params: Any) -> None:
                     f"params{''.join(f'[{p!r}]' for p in paths[j])} and params{''.join(f'[{p!r}]' for p in paths[i])} "
                     "share memory (the same tensor): their per-example gradients would be clipped apart although "
                     "they update one parameter. Pass the tensor once and reuse it inside loss_fn")
-
-
-def _round_to(tree: Any, dtypes: Any) -> Any:
-    """``tree``'s leaves rounded to ``dtypes`` (a tuple in leaf order; ``None``: kept)."""
-    if dtypes is None:
-        return tree
-    leaves, spec = optree.tree_flatten(tree)
-    return optree.tree_unflatten(spec, [leaf if d is None else leaf.to(d) for leaf, d in zip(leaves, dtypes)])
 
 
 def _same_sensitivity(first: Any, second: Any) -> Any:
@@ -363,6 +362,11 @@ def accumulate(clipped_sum_fn: ClippedSumFn, physical_batch_size: int) -> Clippe
 # --------------------------------------------------------------------------- noise
 
 
+def _normalise(noisy_sum: Any, expected_batch_size: Any, dtypes: Any) -> Any:
+    """``noisy_sum / expected_batch_size`` rounded to ``dtypes`` once (post-processing)."""
+    return _round_to(optree.tree_map(lambda g: g / expected_batch_size, noisy_sum), dtypes)
+
+
 def privatize(
     clipped: Any,
     key: torch.Tensor,
@@ -378,7 +382,8 @@ def privatize(
     always calibrated to what was actually clipped (per-layer clipping of four leaves at
     ``C = 1`` has ``S = 2``, not 1).  The noise is drawn from ``key``; with ``secure_mode=True``
     it comes from :mod:`fundp.secure` (OS entropy, hardened sampler) and ``key`` is not used.
-    ``noise_multiplier`` is a number >= 0 or a 0-d tensor.
+    ``noise_multiplier`` is a number >= 0 or a 0-d tensor.  The noise is that of
+    :func:`fundp.privatizers.gaussian_privatizer` (:func:`~fundp.privatizers.secure_gaussian_privatizer`).
 
     Deprecated form: ``privatize(grad_sum_tree, key, noise_stddev=..., expected_batch_size=...)``
     (the caller computes the sensitivity; see :func:`fundp.noise.add_gaussian_noise`).
@@ -390,6 +395,8 @@ def privatize(
       >>> fundp.privatize(clipped, fundp.random.key(0), noise_multiplier=0.0, expected_batch_size=2.0)["w"]
       tensor([0.3000, 0.4000])
     """
+    from fundp.privatizers import gaussian_privatizer, secure_gaussian_privatizer
+
     expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
     if isinstance(clipped, ClippedSum):
         if noise_stddev is not None:
@@ -398,9 +405,7 @@ def privatize(
             raise ValueError("privatize needs noise_multiplier (the std is noise_multiplier * clipped.sensitivity)")
         if clipped.sensitivity is None:
             raise ValueError("this ClippedSum carries no sensitivity; build it with fundp.clipped_grad_sum")
-        stddev = _check_scalar("noise_multiplier", noise_multiplier) * clipped.sensitivity
-        grad_sum = clipped.grads
-        dtypes = clipped.dtypes
+        sigma, sensitivity, dtypes = _check_scalar("noise_multiplier", noise_multiplier), clipped.sensitivity, clipped.dtypes
     else:
         if noise_stddev is None:
             raise TypeError("privatize takes a fundp.ClippedSum (or, deprecated, a gradient tree with noise_stddev=)")
@@ -410,66 +415,33 @@ def privatize(
             DeprecationWarning,
             stacklevel=2,
         )
-        stddev = _check_scalar("noise_stddev", noise_stddev)
-        grad_sum = clipped
+        sigma, sensitivity = 1.0, _check_scalar("noise_stddev", noise_stddev)
         dtypes = tuple(leaf.dtype for leaf in optree.tree_leaves(clipped))
     # Noise is drawn in float64 and added to the float64 sum; the result is rounded to the
     # parameters' dtypes once, at the very end (post-processing of the Gaussian mechanism).
-    wide = optree.tree_map(lambda g: g.to(SUM_DTYPE), grad_sum)
-    if secure_mode:
-        from fundp.secure import secure_noise
-
-        noisy = secure_noise(wide, float(stddev))
-    else:
-        noisy = optree.tree_map(torch.add, wide, noise_like(wide, key, stddev))
-    return _round_to(optree.tree_map(lambda g: g / expected_batch_size, noisy), dtypes)
+    privatizer = (secure_gaussian_privatizer if secure_mode else gaussian_privatizer)(sigma)
+    noisy, _, _ = privatizer.privatize(clipped, sensitivity, key, None)
+    return _normalise(noisy, expected_batch_size, dtypes)
 
 
 # --------------------------------------------------------------------------- outside the graph
 
 
 @torch.compiler.disable
-def _before_step(
-    ledger: Any,
-    noise_multiplier: Any,
-    sample_rate: float | None,
-    budget: Any,
-    adaptive: Any,
-    truncation: Any = None,
-    noise_mechanism: Any = None,
-    noise_state: Any = None,
-) -> Any:
+def _before_step(ledger: Any, budget: Any, events: tuple, sampling: "_Sampling") -> Any:
     # Plain Python on plain numbers: kept out of the compiled graph so a growing ledger never
     # triggers a recompile.  Runs before the data is touched, so an over-budget step is refused
     # before anything is computed.  The ledger is consumed only once the step has completed
     # (:func:`_after_step`): a step that raises leaves it usable.
+    from fundp.privatizers import record
+
     if ledger is not None:
         fundp_guards.check_not_consumed(ledger)
     elif budget is not None:
         raise ValueError("budget needs a ledger: pass step(..., ledger=fundp.Ledger())")
     if ledger is None:
         return None
-    if noise_mechanism is not None:
-        # The mechanism records its step t with its participation schema (fundp.mf: reads t).
-        if truncation is not None:
-            raise ValueError("truncated Poisson batches are not a participation schema of a noise_mechanism: "
-                             "its ledger cannot account them (use the mechanism's own sampler)")
-        return noise_mechanism.account(ledger, noise_multiplier=float(noise_multiplier), step=noise_state.step,
-                                       adaptive_clipping=adaptive)
-    if sample_rate is None:
-        raise ValueError("sample_rate is required to update a ledger: pass dp_step(..., sample_rate=q)")
-    sigma = float(noise_multiplier)
-    if adaptive is not None:
-        from fundp.adaptive import ledger_noise_multiplier
-
-        sigma = float(ledger_noise_multiplier(adaptive, sigma))
-    if budget is not None:
-        from fundp.budget import spend
-
-        return spend(ledger, noise_multiplier=sigma, sample_rate=sample_rate, budget=budget, truncation=truncation)
-    from fundp.accounting import accountant_step
-
-    return accountant_step(ledger, noise_multiplier=sigma, sample_rate=sample_rate, truncation=truncation)
+    return record(ledger, events, sample_rate=sampling.sample_rate, truncation=sampling.truncation, budget=budget)
 
 
 @torch.compiler.disable
@@ -479,7 +451,20 @@ def _after_step(ledger: Any) -> None:
     consume(ledger)
 
 
-# --------------------------------------------------------------------------- the step
+# --------------------------------------------------------------------------- the plan's three values
+
+
+class _Sampling(NamedTuple):
+    """What the step knows of its batches: the rate the ledger records, the divisor, the row
+    multiple and mask a sampler's batches come with, its truncation, ``N``."""
+
+    sample_rate: float | None
+    expected_batch_size: float
+    row_multiple: int | None
+    needs_mask: bool
+    truncation: Any
+    num_examples: int | None
+    source: tuple | None = None
 
 
 def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: Any,
@@ -527,6 +512,203 @@ def _truncation_of(sampler: Any) -> Any:
 
     inner = sampler_of(sampler)
     return inner if inner.sampling == "truncated_poisson" else None
+
+
+def _sampling_plan(sampler: Any, sample_rate: Any, expected_batch_size: Any, num_examples: Any, noise_mechanism: Any) -> _Sampling:
+    """The batches' side of the plan, from the sampler (or, without one, the numbers given)."""
+    if sample_rate is not None:
+        sample_rate = check_sample_rate(sample_rate)
+    row_multiple: int | None = None
+    needs_mask = False
+    if sampler is not None:
+        sample_rate, expected_batch_size, row_multiple, needs_mask = _sampling_of(
+            sampler, sample_rate, expected_batch_size, noise_mechanism)
+    if num_examples is not None:
+        num_examples = check_int("num_examples", num_examples, minimum=1)
+        if sample_rate is None:
+            raise ValueError("num_examples needs sample_rate (expected_batch_size = sample_rate * num_examples)")
+        implied = sample_rate * num_examples
+        if expected_batch_size is None:
+            expected_batch_size = implied
+        elif not math.isclose(check_positive("expected_batch_size", expected_batch_size), implied, rel_tol=1e-6):
+            raise ValueError(
+                f"expected_batch_size={expected_batch_size} but sample_rate * num_examples = "
+                f"{sample_rate} * {num_examples} = {implied}"
+            )
+    if expected_batch_size is None:
+        raise ValueError("expected_batch_size is required (sample_rate * num_examples) unless a sampler or num_examples is given")
+    truncation = None if sampler is None else _truncation_of(sampler)
+    source = None if sampler is None else _source_of(sampler)
+    return _Sampling(sample_rate, check_positive("expected_batch_size", expected_batch_size), row_multiple, needs_mask,
+                     truncation, num_examples, source)
+
+
+def _source_of(sampler: Any) -> tuple:
+    """What identifies a sampler's batches: ``(sampling, sample_rate, num_examples)``."""
+    from fundp.sampling import sampler_of
+
+    inner = sampler_of(sampler)
+    return (inner.sampling, getattr(inner, "sample_rate", None), getattr(inner, "num_examples", None))
+
+
+def _check_batch_source(sampling: _Sampling, mask: Any, noise_mechanism: Any) -> None:
+    """Sampling assumptions come from the sampler: a batch whose mask a fundp sampler yielded
+    (:func:`fundp.guards.mask_source`) is refused when that sampler contradicts the step (another
+    sampler than ``sampler=``; another rate or divisor than ``sample_rate=`` / ``expected_batch_size=``;
+    truncated batches without their truncation; shuffled batches for DP-SGD's Poisson accounting;
+    Poisson batches for a correlated-noise mechanism, cyclic Poisson ones without a mechanism)."""
+    source = fundp_guards.mask_source(mask)
+    if source is None:
+        return
+    kind, rate, num = _source_of(source)
+    if sampling.source is not None:
+        if (kind, rate, num) != sampling.source:
+            raise ValueError(f"the batch's mask comes from {source!r}, not from the sampler the step was built for "
+                             f"(sampling, sample_rate, num_examples = {sampling.source})")
+        return
+    if kind == "cyclic_poisson" or noise_mechanism is not None:
+        if kind != "cyclic_poisson" or noise_mechanism is None:
+            raise ValueError(f"the batch comes from {source!r}, but {'cyclic Poisson batches need' if noise_mechanism is None else 'a noise_mechanism accounts only'} "
+                             "dp_step(..., noise_mechanism=mechanism) with fundp.mf.cyclic_poisson_batches built for it: pass sampler=batches")
+        from fundp.mf import check_batches_match
+
+        check_batches_match(source, noise_mechanism, expected_batch_size=sampling.expected_batch_size)
+        return
+    if kind == "shuffle":
+        if sampling.sample_rate is not None:
+            raise ValueError(f"the batch comes from shuffled fixed-size batches ({source!r}): DP-SGD's Poisson accounting "
+                             f"(sample_rate={sampling.sample_rate}) does not cover them; use fundp.data.poisson_batches")
+        return
+    if kind == "truncated_poisson":
+        raise ValueError("the batch comes from truncated Poisson batches, whose truncation the ledger must record: "
+                         "build the step with dp_step(..., sampler=batches)")
+    if sampling.sample_rate is not None and not math.isclose(sampling.sample_rate, rate, rel_tol=1e-12, abs_tol=0.0):
+        raise ValueError(f"the step accounts sample_rate={sampling.sample_rate} but the batch comes from {source!r}, "
+                         f"Poisson-sampled at {rate}: the ledger would be wrong. Build the step with sampler=batches")
+    if not math.isclose(sampling.expected_batch_size, rate * num, rel_tol=1e-6):
+        raise ValueError(f"expected_batch_size={sampling.expected_batch_size} but the batch comes from {source!r}, "
+                         f"whose sample_rate * num_examples = {rate * num}. Build the step with sampler=batches")
+
+
+def _check_batch_rows(sampling: _Sampling, batch: Any, mask: Any, world_size: Callable[[], int] | None) -> None:
+    """A batch must be one its sampler could have yielded: its rows a multiple of the sampler's
+    padding (over the ranks), its mask with it, no more rows than ``N``."""
+    size = check_batch(batch)
+    if sampling.row_multiple is not None:
+        rows = size if world_size is None else size * world_size()  # a rank sees its shard
+        if rows % sampling.row_multiple != 0:
+            raise ValueError(
+                f"the batch has {rows} rows{' over the ranks' if world_size else ''} but the sampler pads "
+                f"every batch to a multiple of {sampling.row_multiple}: it does not come from this sampler"
+            )
+    if sampling.needs_mask and mask is None:
+        raise ValueError("the sampler's batches are padded: pass step(..., mask=mask) with the mask it yields")
+    if sampling.num_examples is not None and mask is None and size > sampling.num_examples:
+        raise ValueError(f"the batch has {size} rows, more than num_examples={sampling.num_examples}")
+
+
+def _clipped_sum_plan(loss_fn: Callable, physical_batch_size: Any, compile_chunk: Any, **options: Any) -> tuple[ClippedSumFn, ClippedSumFn]:
+    """The data half of the plan: :func:`clipped_grad_sum`, accumulated over physical chunks when
+    ``physical_batch_size`` is given (:func:`accumulate`).  Returns ``(summed, chunk function)``."""
+    summed = clipped_grad_sum(loss_fn, **options)
+    chunk_fn = summed
+    if physical_batch_size is None:
+        if compile_chunk:
+            raise ValueError("compile_chunk needs physical_batch_size (it compiles the accumulation's chunk function)")
+        return summed, chunk_fn
+    physical_batch_size = check_int("physical_batch_size", physical_batch_size, minimum=1)
+    if compile_chunk is True:
+        chunk_fn = torch.compile(summed, dynamic=False)
+    elif callable(compile_chunk):
+        chunk_fn = compile_chunk(summed)
+    elif compile_chunk is not False and compile_chunk is not None:
+        raise TypeError("compile_chunk must be a bool or a callable applied to the chunk function")
+    return accumulate(chunk_fn, physical_batch_size), chunk_fn
+
+
+def _all_reduced(summed: ClippedSumFn, process_group: Any, settings: tuple) -> Callable[..., ClippedSum]:
+    """Transform of a clipped-sum function for ``distributed=True``: each rank sums its shard
+    (its model key folded with its rank: dropout differs, the noise key stays shared) and the
+    sums are all-reduced (SUM).  The ranks' rows are disjoint, so the sensitivity is kept.  The
+    first call checks that every rank holds the same key, settings and params; every call's key
+    and settings ride along in the collective (:func:`fundp.distributed.call_fingerprint`)."""
+    from fundp import distributed as fundp_distributed
+
+    rank_check = fundp_distributed.first_call_check(settings, process_group)
+
+    def reduced(params: Any, batch: Any, mask: Any, key: Any, *, max_norm: Any, step_key: torch.Tensor,
+                per_call: tuple, fingerprint: tuple) -> ClippedSum:
+        fundp_distributed.check_not_sharded(params)
+        rank_check(step_key, params=params, per_call=per_call)
+        rank, _ = fundp_distributed.rank_and_world_size(process_group)
+        clipped = summed(params, batch, mask, fundp_random.fold_in(key, rank), max_norm=max_norm)
+        total = fundp_distributed.all_reduce_clipped_sum(
+            clipped, process_group, fingerprint=fundp_distributed.call_fingerprint(step_key, fingerprint))
+        return total._replace(sensitivity=clipped.sensitivity)
+
+    return reduced
+
+
+def _privatizer_plan(noise_multiplier: Any, secure_mode: bool, noise_mechanism: Any) -> Any:
+    """The noise half of the plan: i.i.d., secure or correlated (:mod:`fundp.privatizers`)."""
+    from fundp import privatizers
+
+    if noise_mechanism is not None:
+        return privatizers.correlated_privatizer(noise_mechanism, noise_multiplier)
+    if secure_mode:
+        return privatizers.secure_gaussian_privatizer(noise_multiplier)
+    return privatizers.gaussian_privatizer(noise_multiplier)
+
+
+def _amplified_or_foreign(noise_mechanism: Any) -> bool:
+    """A mechanism whose count query cannot be accounted with it: cyclic Poisson (amplified), or
+    not a :class:`fundp.mf.CorrelatedNoise` (its ``account`` knows no count)."""
+    if noise_mechanism is None:
+        return False
+    from fundp.mf import CorrelatedNoise, CyclicPoisson
+
+    return not isinstance(noise_mechanism, CorrelatedNoise) or isinstance(noise_mechanism.participation, CyclicPoisson)
+
+
+def _check_build(noise_multiplier: Any, flags: dict[str, Any]) -> Any:
+    if isinstance(noise_multiplier, torch.Tensor):
+        check_nonnegative("noise_multiplier", noise_multiplier)
+        if not is_threshold_tensor(noise_multiplier):
+            raise TypeError("noise_multiplier must be a number or a 0-d floating tensor")
+    else:
+        noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool")
+    return noise_multiplier
+
+
+def _call_settings(params: Any, clip_style: str, built_sigma: Any, max_norm: Any, noise_multiplier: Any,
+                   adaptive_clipping: Any, clip_state: Any, noise_mechanism: Any, noise_state: Any) -> tuple[Any, Any]:
+    """This call's ``(sigma, threshold)`` from the per-call overrides and the mechanisms' states (checked)."""
+    sigma = built_sigma if noise_multiplier is None else _check_scalar("noise_multiplier", noise_multiplier)
+    threshold = max_norm
+    if threshold is not None:
+        if clip_style == "per_layer" and not isinstance(threshold, (int, float, torch.Tensor)):
+            per_layer_thresholds(threshold, params)
+        elif not is_threshold_tensor(threshold):
+            threshold = check_positive("max_norm", threshold)
+    if adaptive_clipping is not None:
+        if clip_state is None:
+            raise ValueError("adaptive_clipping needs step(..., clip_state=cfg.init(initial_max_norm)); keep out.clip_state")
+        if threshold is not None:
+            raise ValueError("max_norm and clip_state both set the threshold: with adaptive_clipping pass clip_state only")
+        threshold = clip_state.max_norm
+    elif clip_state is not None:
+        raise ValueError("clip_state is for dp_step(..., adaptive_clipping=...)")
+    if noise_mechanism is not None:
+        if noise_multiplier is not None:
+            fundp_guards.check_combination({"noise_mechanism": True, "noise_multiplier (per call)": True})
+        if noise_state is None:
+            raise ValueError("noise_mechanism needs step(..., noise_state=mechanism.init(params)); keep out.noise_state")
+    elif noise_state is not None:
+        raise ValueError("noise_state is for dp_step(..., noise_mechanism=...)")
+    return sigma, threshold
 
 
 def dp_step(
@@ -634,8 +816,9 @@ def dp_step(
         its noise replaces the i.i.d. draw; ``step(..., noise_state=mech.init(params))`` and
         ``out.noise_state`` carry its state.  A ledger records each step with the mechanism's
         participation schema (``mech.account``, a :class:`fundp.accounting.CorrelatedNoiseSteps`
-        event; with adaptive clipping the count too), so ``fundp.epsilon(out.ledger, delta)`` is its
-        epsilon; a mechanism without ``account`` refuses a ledger.
+        event; with adaptive clipping the count too, for single-participation and min-separation
+        mechanisms), so ``fundp.epsilon(out.ledger, delta)`` is its epsilon; a mechanism without
+        ``account`` refuses a ledger.
 
     The step computes ``StepResult(grads, ledger, loss, norms, num_nonfinite, aux, clip_state,
     noise_state)`` with ``grads = (sum_i c_i g_i + N(0, (sigma S)^2)) / expected_batch_size``.
@@ -650,9 +833,15 @@ def dp_step(
     ``ledger`` and ``mask`` are keyword-only; a ledger that a completed call of *any* step already
     recorded on (the caller forgot ``ledger = out.ledger``) is refused; a call that raises does
     not consume its ledger (continue with the same one); a reused key is refused; params that
-    require grad are detached (one warning), so no autograd graph grows across steps.  Without
+    require grad are detached (one warning), so no autograd graph grows across steps.  Sampling
+    assumptions come from the sampler: the masks fundp's samplers yield are tagged with their
+    sampler, and an eager call refuses a batch whose mask's sampler contradicts the step (another
+    sampler than ``sampler=``, another ``sample_rate`` or ``expected_batch_size``, truncated
+    batches without ``sampler=``, shuffled batches for Poisson accounting, Poisson batches for a
+    ``noise_mechanism``), also when the step was built without ``sampler=``.  Without
     ``sampler=``, the first eager batch passed without a mask is looked at once: equal last two
-    rows (as the padding of Poisson batches) warn (:class:`fundp.guards.PaddingWithoutMaskWarning`).
+    rows (as the padding of Poisson batches) warn (:class:`fundp.guards.PaddingWithoutMaskWarning`;
+    pass ``mask=`` to state which rows are real).
 
     Example:
       >>> import torch, fundp
@@ -662,208 +851,68 @@ def dp_step(
       >>> step({"w": torch.tensor([3.0, 0.1])}, batch, fundp.random.key(0)).grads["w"]
       tensor([0.5000, 0.1000])
     """
-    if isinstance(noise_multiplier, torch.Tensor):
-        check_nonnegative("noise_multiplier", noise_multiplier)
-        if not is_threshold_tensor(noise_multiplier):
-            raise TypeError("noise_multiplier must be a number or a 0-d floating tensor")
-    else:
-        noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
-    for name, flag in (("check_finite", check_finite), ("distributed", distributed), ("secure_mode", secure_mode), ("check_key_reuse", check_key_reuse)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool")
-    if sample_rate is not None:
-        sample_rate = check_sample_rate(sample_rate)
-    row_multiple: int | None = None
-    needs_mask = False
-    if sampler is not None:
-        sample_rate, expected_batch_size, row_multiple, needs_mask = _sampling_of(
-            sampler, sample_rate, expected_batch_size, noise_mechanism)
-    if num_examples is not None:
-        num_examples = check_int("num_examples", num_examples, minimum=1)
-        if sample_rate is None:
-            raise ValueError("num_examples needs sample_rate (expected_batch_size = sample_rate * num_examples)")
-        implied = sample_rate * num_examples
-        if expected_batch_size is None:
-            expected_batch_size = implied
-        elif not math.isclose(check_positive("expected_batch_size", expected_batch_size), implied, rel_tol=1e-6):
-            raise ValueError(
-                f"expected_batch_size={expected_batch_size} but sample_rate * num_examples = "
-                f"{sample_rate} * {num_examples} = {implied}"
-            )
-    if expected_batch_size is None:
-        raise ValueError("expected_batch_size is required (sample_rate * num_examples) unless a sampler or num_examples is given")
-    expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
+    noise_multiplier = _check_build(noise_multiplier, {"check_finite": check_finite, "distributed": distributed,
+                                                       "secure_mode": secure_mode, "check_key_reuse": check_key_reuse})
+    sampling = _sampling_plan(sampler, sample_rate, expected_batch_size, num_examples, noise_mechanism)
     if budget is not None:
         from fundp.budget import _as_budget
 
         budget = _as_budget(budget)
-        if sample_rate is None:
+        if sampling.sample_rate is None:
             raise ValueError("budget needs sample_rate: pass dp_step(..., sample_rate=q)")
-    if noise_mechanism is not None:
-        if not (callable(getattr(noise_mechanism, "init", None)) and callable(getattr(noise_mechanism, "sample", None))):
-            raise TypeError("noise_mechanism must have init(params) -> state and sample(state, key, stddev, like) -> (noise, state)")
-    from fundp.guards import check_combination
-
-    check_combination({
-        "adaptive_clipping": adaptive_clipping is not None,
-        "distributed": distributed,
-        "secure_mode": secure_mode,
-        "clip_style=per_layer": clip_style == "per_layer",
-        "budget": budget is not None,
+    privatizer = _privatizer_plan(noise_multiplier, secure_mode, noise_mechanism)
+    fundp_guards.check_combination({
+        "adaptive_clipping": adaptive_clipping is not None, "distributed": distributed, "secure_mode": secure_mode,
+        "clip_style=per_layer": clip_style == "per_layer", "budget": budget is not None,
         "noise_mechanism": noise_mechanism is not None,
-    })
-    summed = clipped_grad_sum(
-        loss_fn,
-        max_norm=max_norm,
-        clip_style=clip_style,
-        gamma=gamma,
-        grad_method=grad_method,
-        has_aux=has_aux,
-        randomness=randomness,
-        verify=verify,
-        check_batch_consistency=check_batch_consistency,
-        check_finite=check_finite,
-    )
-    chunk_fn = summed
-    if physical_batch_size is not None:
-        physical_batch_size = check_int("physical_batch_size", physical_batch_size, minimum=1)
-        if compile_chunk is True:
-            chunk_fn = torch.compile(summed, dynamic=False)
-        elif callable(compile_chunk):
-            chunk_fn = compile_chunk(summed)
-        elif compile_chunk is not False and compile_chunk is not None:
-            raise TypeError("compile_chunk must be a bool or a callable applied to the chunk function")
-        summed = accumulate(chunk_fn, physical_batch_size)
-    elif compile_chunk:
-        raise ValueError("compile_chunk needs physical_batch_size (it compiles the accumulation's chunk function)")
-    built_sigma = noise_multiplier
-    built_threshold = max_norm
-    truncation = None if sampler is None else _truncation_of(sampler)
-    rank_check: Callable[..., None] | None = None
-    looked_for_padding: list[bool] = []  # non-empty once the first eager unmasked batch was looked at
+    }, accepted=() if _amplified_or_foreign(noise_mechanism) else (("adaptive_clipping", "noise_mechanism"),))
+    quantile = None if adaptive_clipping is None else quantile_privatizer(adaptive_clipping, sampling.expected_batch_size)
+    summed, chunk_fn = _clipped_sum_plan(
+        loss_fn, physical_batch_size, compile_chunk, max_norm=max_norm, clip_style=clip_style, gamma=gamma,
+        grad_method=grad_method, has_aux=has_aux, randomness=randomness, verify=verify,
+        check_batch_consistency=check_batch_consistency, check_finite=check_finite)
+    reduced, world_size = None, None
     if distributed:
         from fundp import distributed as fundp_distributed
 
-        # Every rank must hold the same key, settings and params: checked once, on the first call.
-        rank_check = fundp_distributed.first_call_check(
-            (
-                ("max_norm", max_norm),
-                ("noise_multiplier", noise_multiplier),
-                ("expected_batch_size", expected_batch_size),
-                ("sample_rate", sample_rate),
-                ("clip_style", clip_style),
-                ("gamma", gamma),
-                ("grad_method", grad_method),
-                ("physical_batch_size", physical_batch_size),
-                ("secure_mode", secure_mode),
-            ),
-            process_group,
-        )
+        reduced = _all_reduced(summed, process_group, (
+            ("max_norm", max_norm), ("noise_multiplier", noise_multiplier), ("expected_batch_size", sampling.expected_batch_size),
+            ("sample_rate", sampling.sample_rate), ("clip_style", clip_style), ("gamma", gamma), ("grad_method", grad_method),
+            ("physical_batch_size", physical_batch_size), ("secure_mode", secure_mode)))
+        world_size = lambda: fundp_distributed.rank_and_world_size(process_group)[1]  # noqa: E731
+    built_sigma, built_threshold = noise_multiplier, max_norm
+    looked_for_padding: list[bool] = []  # non-empty once the first eager unmasked batch was looked at
 
-    def step(
-        params: Any,
-        batch: Any,
-        key: torch.Tensor,
-        *,
-        ledger: Any = None,
-        mask: torch.Tensor | None = None,
-        max_norm: Any = None,
-        noise_multiplier: Any = None,
-        clip_state: Any = None,
-        noise_state: Any = None,
-    ) -> StepResult:
-        sigma = built_sigma if noise_multiplier is None else _check_scalar("noise_multiplier", noise_multiplier)
-        threshold = max_norm
-        if threshold is not None:
-            if clip_style == "per_layer" and not isinstance(threshold, (int, float, torch.Tensor)):
-                per_layer_thresholds(threshold, params)
-            elif not is_threshold_tensor(threshold):
-                threshold = check_positive("max_norm", threshold)
-        if adaptive_clipping is not None:
-            if clip_state is None:
-                raise ValueError("adaptive_clipping needs step(..., clip_state=cfg.init(initial_max_norm)); keep out.clip_state")
-            if threshold is not None:
-                raise ValueError("max_norm and clip_state both set the threshold: with adaptive_clipping pass clip_state only")
-            threshold = clip_state.max_norm
-        elif clip_state is not None:
-            raise ValueError("clip_state is for dp_step(..., adaptive_clipping=...)")
-        if noise_mechanism is not None:
-            if noise_multiplier is not None:
-                from fundp.guards import check_combination as refuse
-
-                refuse({"noise_mechanism": True, "noise_multiplier (per call)": True})
-            if noise_state is None:
-                raise ValueError("noise_mechanism needs step(..., noise_state=mechanism.init(params)); keep out.noise_state")
-            if ledger is not None and not callable(getattr(noise_mechanism, "account", None)):
-                raise ValueError(
-                    "this noise_mechanism cannot record its steps in a ledger: it has no account(ledger, ...), "
-                    "as the fundp.mf mechanisms have; pass ledger=None and account it yourself"
-                )
-        elif noise_state is not None:
-            raise ValueError("noise_state is for dp_step(..., noise_mechanism=...)")
-        size = check_batch(batch)
-        if row_multiple is not None:
-            rows = size
-            if distributed:  # a rank sees its shard (fundp.distributed.shard): the ranks' rows together
-                from fundp import distributed as fundp_distributed
-
-                rows *= fundp_distributed.rank_and_world_size(process_group)[1]
-            if rows % row_multiple != 0:
-                raise ValueError(
-                    f"the batch has {rows} rows{' over the ranks' if distributed else ''} but the sampler pads "
-                    f"every batch to a multiple of {row_multiple}: it does not come from this sampler"
-                )
-        if needs_mask and mask is None:
-            raise ValueError("the sampler's batches are padded: pass step(..., mask=mask) with the mask it yields")
-        if num_examples is not None and mask is None and size > num_examples:
-            raise ValueError(f"the batch has {size} rows, more than num_examples={num_examples}")
-        if mask is None and not torch.compiler.is_compiling() and not looked_for_padding:
-            looked_for_padding.append(fundp_guards.warn_if_padded_without_mask(batch))  # once per step object
+    def step(params: Any, batch: Any, key: torch.Tensor, *, ledger: Any = None, mask: torch.Tensor | None = None,
+             max_norm: Any = None, noise_multiplier: Any = None, clip_state: Any = None, noise_state: Any = None) -> StepResult:
+        sigma, threshold = _call_settings(params, clip_style, built_sigma, max_norm, noise_multiplier,
+                                          adaptive_clipping, clip_state, noise_mechanism, noise_state)
+        _check_batch_rows(sampling, batch, mask, world_size)
+        if not torch.compiler.is_compiling():
+            _check_batch_source(sampling, mask, noise_mechanism)
+            if mask is None and not looked_for_padding:
+                looked_for_padding.append(fundp_guards.warn_if_padded_without_mask(batch))  # once per step object
         params = detach_params(params)
-        new_ledger = None
-        if ledger is not None or budget is not None:
-            new_ledger = _before_step(ledger, sigma, sample_rate, budget, adaptive_clipping, truncation,
-                                      noise_mechanism, noise_state)
+        events = (privatizer.event(noise_state, noise_multiplier=sigma),) + (() if quantile is None else (quantile.event(clip_state),))
+        new_ledger = None if ledger is None and budget is None else _before_step(ledger, budget, events, sampling)
         # A key used by any step of the process is refused; a noiseless step (sigma a plain 0, no
         # adaptive count noise) adds no noise that a repeated key could cancel, so it is not checked.
-        guard_key = check_key_reuse and not (
-            adaptive_clipping is None and isinstance(sigma, (int, float)) and sigma == 0)
-        if guard_key:
-            key = fundp_guards.claimed(key)
+        guard_key = check_key_reuse and not (quantile is None and isinstance(sigma, (int, float)) and sigma == 0)
+        key = fundp_guards.claimed(key) if guard_key else key
         noise_key, model_key, count_key = fundp_random.split(key, 3)
-        if distributed:
-            from fundp import distributed as fundp_distributed
-
-            fundp_distributed.check_not_sharded(params)
-            assert rank_check is not None
-            rank_check(key, params=params, per_call=(("ledger", ledger), ("max_norm (call)", max_norm), ("noise_multiplier (call)", noise_multiplier)))
-            rank, _ = fundp_distributed.rank_and_world_size(process_group)
-            # Each rank's dropout masks differ; the noise key stays shared.
-            model_key = fundp_random.fold_in(model_key, rank)
-        clipped = summed(params, batch, mask, model_key, max_norm=threshold)
-        if distributed:
-            # The ranks' rows are disjoint: the reduced sum has the same sensitivity.
-            # Ranks agree on every call: this call's key and settings ride along in the collective.
-            fingerprint = fundp_distributed.call_fingerprint(key, (
-                ("noise_multiplier", sigma), ("max_norm", built_threshold if threshold is None else threshold),
-                ("ledger steps", None if ledger is None else ledger.steps)))
-            reduced = fundp_distributed.all_reduce_clipped_sum(clipped, process_group, fingerprint=fingerprint)
-            clipped = reduced._replace(sensitivity=clipped.sensitivity)
-        new_noise_state = None
-        if noise_mechanism is not None:
-            like = _round_to(clipped.grads, clipped.dtypes)
-            draws, new_noise_state = noise_mechanism.sample(noise_state, noise_key, sigma * clipped.sensitivity, like)
-            grads = _round_to(
-                optree.tree_map(lambda g, z: (g + z.to(g.dtype)) / expected_batch_size, clipped.grads, draws), clipped.dtypes)
+        if reduced is None:
+            clipped = summed(params, batch, mask, model_key, max_norm=threshold)
         else:
-            grads = privatize(
-                clipped, noise_key, noise_multiplier=sigma, expected_batch_size=expected_batch_size, secure_mode=secure_mode
-            )
+            clipped = reduced(
+                params, batch, mask, model_key, max_norm=threshold, step_key=key,
+                per_call=(("ledger", ledger), ("max_norm (call)", max_norm), ("noise_multiplier (call)", noise_multiplier)),
+                fingerprint=(("noise_multiplier", sigma), ("max_norm", built_threshold if threshold is None else threshold),
+                             ("ledger steps", None if ledger is None else ledger.steps)))
+        noisy, new_noise_state, _ = privatizer.privatize(clipped, clipped.sensitivity, noise_key, noise_state, noise_multiplier=sigma)
+        grads = _normalise(noisy, sampling.expected_batch_size, clipped.dtypes)
         if distributed and secure_mode:
             grads = fundp_distributed.broadcast_from_rank0(grads, process_group)
-        new_clip_state = None
-        if adaptive_clipping is not None:
-            new_clip_state = _adapt(adaptive_clipping, clip_state, clipped, threshold, mask, count_key, expected_batch_size)
+        new_clip_state = None if quantile is None else quantile.privatize((clipped.norms, mask), 1, count_key, clip_state)[1]
         loss = clipped.loss_sum / torch.clamp_min(clipped.num_examples, 1).to(clipped.loss_sum.dtype)
         if ledger is not None:
             _after_step(ledger)  # the step completed: its ledger is now consumed, process-wide
@@ -871,17 +920,9 @@ def dp_step(
             fundp_guards.record_key(key)  # eagerly, the key counts as used once the step completed
         return StepResult(grads, new_ledger, loss, clipped.norms, clipped.num_nonfinite, clipped.aux, new_clip_state, new_noise_state)
 
-    step.sample_rate = sample_rate  # type: ignore[attr-defined]
+    step.sample_rate = sampling.sample_rate  # type: ignore[attr-defined]
     step.max_norm = max_norm  # type: ignore[attr-defined]  # read by fundp.audit (canary strength)
-    step.expected_batch_size = expected_batch_size  # type: ignore[attr-defined]
+    step.expected_batch_size = sampling.expected_batch_size  # type: ignore[attr-defined]
     step.physical_batch_size = physical_batch_size  # type: ignore[attr-defined]
     step.chunk_fn = chunk_fn  # type: ignore[attr-defined]
     return step
-
-
-def _adapt(cfg: Any, state: Any, clipped: ClippedSum, threshold: Any, mask: torch.Tensor | None, key: torch.Tensor, expected_batch_size: float) -> Any:
-    """One quantile update (Andrew et al. 2021) from the noisy count of unclipped real examples."""
-    from fundp.adaptive import noisy_unclipped_count, update
-
-    noisy_count = noisy_unclipped_count(clipped.norms, threshold, mask, key.to(clipped.norms.device), cfg)
-    return update(cfg, state, noisy_count, expected_batch_size)

@@ -173,9 +173,10 @@ def test_params_that_require_grad_are_detached_and_the_graph_stays_flat():
 
 def test_refused_combinations_come_from_the_guard_table_with_their_reason():
     mech = fundp.mf.mechanism(fundp.mf.tree(8), fundp.mf.single_participation())
+    cyclic = fundp.mf.mechanism(fundp.mf.identity(8), fundp.mf.cyclic_poisson(2, 0.5))
     cfg = fundp.adaptive.quantile_clipping(count_noise_multiplier=10.0)
     cases = {
-        ("adaptive_clipping", "noise_mechanism"): dict(adaptive_clipping=cfg, noise_mechanism=mech),
+        ("adaptive_clipping", "noise_mechanism"): dict(adaptive_clipping=cfg, noise_mechanism=cyclic),
         ("budget", "noise_mechanism"): dict(budget=(1.0, 1e-5), noise_mechanism=mech),
         ("noise_mechanism", "secure_mode"): dict(noise_mechanism=mech, secure_mode=True),
         ("adaptive_clipping", "secure_mode"): dict(adaptive_clipping=cfg, secure_mode=True),

@@ -100,7 +100,7 @@ def test_a_padded_poisson_batch_without_its_mask_warns_even_without_a_sampler():
         step(PARAMS, x[indices], fundp.random.key(1))
     with warnings.catch_warnings():
         warnings.simplefilter("error", PaddingWithoutMaskWarning)
-        make_step()(PARAMS, x[indices], fundp.random.key(2), mask=mask)  # with its mask: silent
+        make_step(expected_batch_size=20.0, sample_rate=0.05)(PARAMS, x[indices], fundp.random.key(2), mask=mask)  # with its mask: silent
         make_step()(PARAMS, x[:32], fundp.random.key(3))  # a fixed batch of distinct rows: silent
         step(PARAMS, x[indices], fundp.random.key(4))  # looked at once per step object (one sync)
 

@@ -15,7 +15,8 @@ et al. 2024).
 * sensitivity: :func:`sensitivity`, :func:`toeplitz_sensitivity`, :func:`sensitivity_brute_force`;
 * the mechanism: :func:`mechanism` -> :class:`CorrelatedNoise` with ``init(params)`` and
   ``sample(state, key, stddev, like)``, the state a :class:`NoiseState` pytree; :func:`mf_noise`
-  for hand-written loops; :func:`epsilon`, :func:`calibrate_noise`.
+  for hand-written loops; :func:`mechanism_epsilon`, :func:`calibrate_mechanism_noise` (the old names
+  ``epsilon`` / ``calibrate_noise`` are deprecated aliases: ``fundp.epsilon`` takes a ledger).
 
 Example:
   >>> import torch, fundp
@@ -24,7 +25,7 @@ Example:
   >>> params = {"w": torch.zeros(3)}
   >>> state = mech.init(params)
   >>> noise, state = mech.sample(state, fundp.random.key(1), 1.0 * 1.0, params)  # sigma * clip norm
-  >>> round(fundp.mf.epsilon(mech, noise_multiplier=1.0, delta=1e-5), 3) == round(
+  >>> round(fundp.mf.mechanism_epsilon(mech, noise_multiplier=1.0, delta=1e-5), 3) == round(
   ...     fundp.epsilon(fundp.accountant_step(fundp.Ledger(), noise_multiplier=1.0, sample_rate=0.05, steps=8), 1e-5), 3)
   True
 """
@@ -45,9 +46,11 @@ from fundp.mf.mechanism import (
     CorrelatedNoise,
     NoiseState,
     amplified_banded,
+    calibrate_mechanism_noise,
     calibrate_noise,
     epsilon,
     mechanism,
+    mechanism_epsilon,
     mf_noise,
 )
 from fundp.mf.optimize import optimize_banded_toeplitz, optimize_blt, prefix_error, prefix_loss, sqrt_toeplitz_coefs
@@ -91,18 +94,18 @@ __all__ = [
     "banded",
     "banded_toeplitz",
     "blt",
-    "calibrate_noise",
+    "calibrate_mechanism_noise",
     "check_batches_match",
     "column_norms",
     "cyclic_poisson",
     "cyclic_poisson_batches",
-    "epsilon",
     "gaussian_delta",
     "gaussian_epsilon",
     "identity",
     "max_participation_sum",
     "max_participations",
     "mechanism",
+    "mechanism_epsilon",
     "mf_noise",
     "min_separation",
     "optimize_banded_toeplitz",

@@ -41,7 +41,7 @@ from fundp.mf.sensitivity import sensitivity as dense_sensitivity
 from fundp.mf.sensitivity import column_norms, max_participation_sum, toeplitz_sensitivity
 from fundp.mf.strategies import BandedMatrix, BandedToeplitz, BufferedToeplitz, Strategy, TreeAggregation
 
-__all__ = ["NoiseState", "CorrelatedNoise", "mechanism", "mf_noise", "epsilon", "calibrate_noise", "AmplifiedBanded", "amplified_banded"]
+__all__ = ["NoiseState", "CorrelatedNoise", "mechanism", "mf_noise", "mechanism_epsilon", "calibrate_mechanism_noise", "AmplifiedBanded", "amplified_banded"]
 
 
 class NoiseState(NamedTuple):
@@ -334,8 +334,8 @@ class CorrelatedNoise:
                              CorrelatedNoiseSteps(name, sigma, rate, False, count - charged))
 
     def epsilon(self, noise_multiplier: float, delta: float, *, accountant: str = "prv") -> float:
-        """Epsilon of the whole ``n``-step run (see :func:`fundp.mf.epsilon`)."""
-        return epsilon(self, noise_multiplier=noise_multiplier, delta=delta, accountant=accountant)
+        """Epsilon of the whole ``n``-step run (see :func:`fundp.mf.mechanism_epsilon`)."""
+        return mechanism_epsilon(self, noise_multiplier=noise_multiplier, delta=delta, accountant=accountant)
 
 
 def mechanism(strategy: Strategy, participation: Participation, *, state_dtype: torch.dtype | None = None) -> CorrelatedNoise:
@@ -374,7 +374,7 @@ def mf_noise(tree: Any, state: NoiseState, key: torch.Tensor, stddev: Any, mecha
     return optree.tree_map(torch.add, tree, noise), new_state
 
 
-def epsilon(mechanism: CorrelatedNoise, *, noise_multiplier: float, delta: float, accountant: str = "prv") -> float:
+def mechanism_epsilon(mechanism: CorrelatedNoise, *, noise_multiplier: float, delta: float, accountant: str = "prv") -> float:
     """Epsilon of the ``n``-step run of ``mechanism`` at ``noise_multiplier`` and ``delta``.
 
     Single participation / min-sep: the exact epsilon of the Gaussian mechanism with
@@ -392,7 +392,7 @@ def epsilon(mechanism: CorrelatedNoise, *, noise_multiplier: float, delta: float
     Example:
       >>> import fundp
       >>> mech = fundp.mf.mechanism(fundp.mf.tree(64), fundp.mf.single_participation())
-      >>> round(fundp.mf.epsilon(mech, noise_multiplier=1.0, delta=1e-5), 4)
+      >>> round(fundp.mf.mechanism_epsilon(mech, noise_multiplier=1.0, delta=1e-5), 4)
       4.3772
     """
     if not isinstance(mechanism, CorrelatedNoise):
@@ -412,8 +412,8 @@ def epsilon(mechanism: CorrelatedNoise, *, noise_multiplier: float, delta: float
     return float(ledger_epsilon(mechanism.ledger(sigma), delta, accountant=accountant))
 
 
-def calibrate_noise(mechanism: CorrelatedNoise, *, target_epsilon: float, delta: float, accountant: str = "prv") -> float:
-    """Smallest noise multiplier whose :func:`epsilon` is ``<= target_epsilon``.
+def calibrate_mechanism_noise(mechanism: CorrelatedNoise, *, target_epsilon: float, delta: float, accountant: str = "prv") -> float:
+    """Smallest noise multiplier whose :func:`mechanism_epsilon` is ``<= target_epsilon``.
 
     Gaussian participations: ``1 / mu`` with ``mu`` the largest meeting the target (closed form
     and root finding).  Cyclic Poisson: :func:`fundp.calibrate_noise` with ``steps = ceil(n / b)``.
@@ -421,8 +421,8 @@ def calibrate_noise(mechanism: CorrelatedNoise, *, target_epsilon: float, delta:
     Example:
       >>> import fundp
       >>> mech = fundp.mf.mechanism(fundp.mf.identity(10), fundp.mf.single_participation())
-      >>> sigma = fundp.mf.calibrate_noise(mech, target_epsilon=2.0, delta=1e-5)
-      >>> round(fundp.mf.epsilon(mech, noise_multiplier=sigma, delta=1e-5), 6)
+      >>> sigma = fundp.mf.calibrate_mechanism_noise(mech, target_epsilon=2.0, delta=1e-5)
+      >>> round(fundp.mf.mechanism_epsilon(mech, noise_multiplier=sigma, delta=1e-5), 6)
       2.0
     """
     if not isinstance(mechanism, CorrelatedNoise):
@@ -434,6 +434,24 @@ def calibrate_noise(mechanism: CorrelatedNoise, *, target_epsilon: float, delta:
         steps = -(-mechanism.steps // participation.num_partitions)
         return _calibrate_cyclic(target, delta, participation.sample_rate, steps, accountant)
     return 1.0 / mf_accounting._gaussian_mu_for(target, delta)
+
+
+def epsilon(mechanism: CorrelatedNoise, **kwargs: Any) -> float:
+    """Deprecated name of :func:`mechanism_epsilon` (``fundp.epsilon`` takes a ledger)."""
+    import warnings
+
+    warnings.warn("fundp.mf.epsilon is deprecated: use fundp.mf.mechanism_epsilon (fundp.epsilon takes a ledger, "
+                  "e.g. mechanism.ledger(sigma))", DeprecationWarning, stacklevel=2)
+    return mechanism_epsilon(mechanism, **kwargs)
+
+
+def calibrate_noise(mechanism: CorrelatedNoise, **kwargs: Any) -> float:
+    """Deprecated name of :func:`calibrate_mechanism_noise` (``fundp.calibrate_noise`` takes a sample rate)."""
+    import warnings
+
+    warnings.warn("fundp.mf.calibrate_noise is deprecated: use fundp.mf.calibrate_mechanism_noise",
+                  DeprecationWarning, stacklevel=2)
+    return calibrate_mechanism_noise(mechanism, **kwargs)
 
 
 def _calibrate_cyclic(target: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:

@@ -105,7 +105,7 @@ class CyclicPoissonBatches(StepIndexedBatches):
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The padded batch of step ``step``: partition ``step mod b`` sampled from ``fold_in(step_key, step)``."""
-        from fundp.data import poisson_indices  # the exact keyed Bernoulli draw of DP-SGD's batches
+        from fundp.sampling import poisson_indices  # the exact keyed Bernoulli draw of DP-SGD's batches
 
         step = check_int("step", step, minimum=0, maximum=2**32 - 1)
         group = self.partitions[step % self.num_partitions]
