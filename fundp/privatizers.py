@@ -233,7 +233,11 @@ def secure_gaussian_privatizer(noise_multiplier: Any) -> Privatizer:
         from fundp.secure import secure_noise
 
         spent = iid.event(state, noise_multiplier=noise_multiplier)
-        return secure_noise(_wide(_grads_of(clipped_sum)), float(spent.noise_multiplier * sensitivity)), state, spent
+        # release_dtypes: float64 leaves are snapped to the secure grid; leaves released in a
+        # coarser dtype keep their one rounding to it (no floating-point attack there).
+        noisy = secure_noise(_wide(_grads_of(clipped_sum)), float(spent.noise_multiplier * sensitivity),
+                             release_dtypes=getattr(clipped_sum, "dtypes", None))
+        return noisy, state, spent
 
     return iid._replace(name="secure_gaussian", privatize=privatize)
 

@@ -53,7 +53,7 @@ def test_gaussian_privatizer_is_the_keyed_draw():
 def test_secure_privatizer_draws_from_the_secure_sampler(monkeypatch):
     calls = []
 
-    def fake(tree, stddev):
+    def fake(tree, stddev, *, release_dtypes=None):
         calls.append(stddev)
         return optree.tree_map(lambda g: g + stddev, tree)
 
