@@ -834,7 +834,12 @@ def dp_step(
         if distributed:
             from fundp import distributed as fundp_distributed
 
-            fundp_distributed.check_not_sharded(params)
+            from fundp import sharding as fundp_sharding
+
+            # Sharded (FSDP2 / DTensor) leaves are gathered; the clipped sum is reduce-scattered below.
+            params, layout = fundp_sharding.unshard(params, process_group, key=key, batch=batch, mask=mask, options={
+                "secure_mode": secure_mode, "noise_mechanism": noise_mechanism is not None,
+                "adaptive_clipping": adaptive_clipping is not None})
             assert rank_check is not None
             rank_check(key, params=params, per_call=(("ledger", ledger), ("max_norm (call)", max_norm), ("noise_multiplier (call)", noise_multiplier)))
             rank, _ = fundp_distributed.rank_and_world_size(process_group)
@@ -847,7 +852,10 @@ def dp_step(
             fingerprint = fundp_distributed.call_fingerprint(key, (
                 ("noise_multiplier", sigma), ("max_norm", built_threshold if threshold is None else threshold),
                 ("ledger steps", None if ledger is None else ledger.steps)))
-            reduced = fundp_distributed.all_reduce_clipped_sum(clipped, process_group, fingerprint=fingerprint)
+            if layout is None:
+                reduced = fundp_distributed.all_reduce_clipped_sum(clipped, process_group, fingerprint=fingerprint)
+            else:
+                reduced = fundp_sharding.reduce_clipped_sum(clipped, layout, process_group, fingerprint=fingerprint)
             clipped = reduced._replace(sensitivity=clipped.sensitivity)
         new_noise_state = None
         if noise_mechanism is not None:

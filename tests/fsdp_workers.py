@@ -1,0 +1,187 @@
+"""Worker processes for test_fsdp.py: dp_step on parameters sharded by FSDP2's ``fully_shard``.
+
+Each scenario runs on every rank of a gloo process group (CPU, float64) and saves what the test
+compares with one process on the whole batch (:func:`single_process`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import fundp
+from dist_workers import CLIP_NORM, EXPECTED_BATCH, SIGMA, global_problem
+from models import MLP, classification_loss, make, params_of
+
+CLIP_STYLES = ("flat", "per_layer", "automatic")
+
+
+class TiedHead(nn.Module):
+    """Embedding whose weight is also the output layer's (one parameter used twice)."""
+
+    def __init__(self, vocab=7, dim=5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        h = torch.tanh(self.mix(self.embed(tokens).mean(dim=1)))
+        return self.head(h)
+
+
+def tied_problem():
+    model = make(TiedHead)
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 7, (9, 4), generator=g)
+    y = torch.randint(0, 7, (9,), generator=g)
+    mask = torch.ones(9, dtype=torch.bool)
+    mask[4] = False
+    return model, params_of(model), {"x": tokens, "y": y}, mask
+
+
+def max_norm_for(style, params):
+    if style == "per_layer":
+        return {name: CLIP_NORM * (1 + 0.25 * i) for i, name in enumerate(sorted(params))}
+    return CLIP_NORM
+
+
+def step_for(model, style, distributed):
+    return fundp.dp_step(classification_loss(model), max_norm=max_norm_for(style, params_of(model)), clip_style=style,
+                         noise_multiplier=SIGMA, expected_batch_size=EXPECTED_BATCH, sample_rate=0.1,
+                         grad_method="vmap", distributed=distributed, check_key_reuse=False)  # keys repeat across problems
+
+
+def single_process(problem: str = "mlp", styles: tuple = CLIP_STYLES) -> dict:
+    """Per clip style: one process's dp_step on the whole batch (plain params), key 42 + style."""
+    model, params, batch, mask = global_problem() if problem == "mlp" else tied_problem()
+    results = {}
+    for index, style in enumerate(styles if problem == "mlp" else ("flat",)):
+        out = step_for(model, style, False)(params, batch, fundp.random.fold_in(fundp.random.key(42), index),
+                                            ledger=fundp.Ledger(), mask=mask)
+        results[style] = {"grads": out.grads, "loss": out.loss, "ledger": out.ledger.to_dict()}
+    return results
+
+
+def sharded_model(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight is not getattr(getattr(model, "embed", None), "weight", None):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+class CountingThreefry:
+    """Records the number of counters of every Threefry call (to show no rank draws full-size noise)."""
+
+    def __init__(self):
+        self.original = fundp.random._threefry2x32
+        self.counts: list[int] = []
+
+    def __enter__(self):
+        def counting(key, x0, x1):
+            if x0.numel() and int(x0.max()) < fundp.random._FOLD_IN_DOMAIN:  # not split / fold_in
+                self.counts.append(int(x0.numel()))
+            return self.original(key, x0, x1)
+
+        fundp.random._threefry2x32 = counting
+        return self
+
+    def __exit__(self, *exc):
+        fundp.random._threefry2x32 = self.original
+
+
+def fsdp_steps(rank: int, world_size: int, problem: str, styles: tuple = CLIP_STYLES) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    model, _, batch, mask = global_problem() if problem == "mlp" else tied_problem()
+    rows, shard_mask = fundp.distributed.shard(torch.arange(mask.shape[0]), mask, rank, world_size)
+    local = {k: v[rows] for k, v in batch.items()}
+    plain_names = set(params_of(model))
+    sharded_model(model, mesh)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    assert set(params) == plain_names, (set(params), plain_names)
+    results = {}
+    for index, style in enumerate(styles if problem == "mlp" else ("flat",)):
+        step = step_for(model, style, True)
+        with CountingThreefry() as counter:
+            out = step(params, local, fundp.random.fold_in(fundp.random.key(42), index), ledger=fundp.Ledger(), mask=shard_mask)
+        results[style] = {
+            "grads": {name: g.full_tensor() for name, g in out.grads.items()},
+            "local_numel": {name: g.to_local().numel() for name, g in out.grads.items()},
+            "placements": {name: str(g.placements) for name, g in out.grads.items()},
+            "loss": out.loss,
+            "ledger": out.ledger.to_dict(),
+            "threefry_counts": counter.counts,
+        }
+    # The noise alone: gathered shards equal one process's draw bit for bit.
+    from fundp.noise import standard_normal_chunks
+
+    key = fundp.random.key(3)
+    names = sorted(params)
+    shards = fundp.sharding.standard_normal_shards([params[n].detach() for n in names], key)
+    whole = standard_normal_chunks([params[n].detach().full_tensor() for n in names], key)
+    results["noise_equal"] = all(torch.equal(s.full_tensor(), w) for s, w in zip(shards, whole))
+    results["noise_local_numel"] = sum(s.to_local().numel() for s in shards)
+    return results
+
+
+def mismatches(rank: int, world_size: int) -> dict:
+    """Ranks that differ in model or batch shape, or pass the same rows: each raises, naming it."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    model, _, batch, mask = global_problem()
+    rows, shard_mask = fundp.distributed.shard(torch.arange(13), mask, rank, world_size)
+    local = {k: v[rows] for k, v in batch.items()}
+    outcomes = {}
+
+    def attempt(name, model, local, shard_mask):
+        step = step_for(model, "flat", True)
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        try:
+            step(params, local, fundp.random.key(42), mask=shard_mask)
+            outcomes[name] = "ok"
+        except (fundp.distributed.RankMismatchError, NotImplementedError) as error:
+            outcomes[name] = f"{type(error).__name__}: {error}"
+
+    other = sharded_model(make(MLP, hidden=8 + rank), mesh)  # rank 1 built a wider model
+    attempt("param_shape", other, local, shard_mask)
+    same = sharded_model(make(MLP), mesh)
+    cut = {k: v[: 2 + rank] for k, v in local.items()}  # rank 1 has one more row
+    attempt("batch_shape", same, cut, shard_mask[: 2 + rank])
+    everyone = {k: v[:6] for k, v in batch.items()}  # every rank passes the same rows (tensor-parallel style)
+    attempt("shared_rows", same, everyone, mask[:6])
+    attempt("fine", same, local, shard_mask)
+    return outcomes
+
+
+def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=20))
+        if scenario == "all":  # one launch for several checks: spawning ranks costs more than the steps
+            result = {"mlp": fsdp_steps(rank, world_size, "mlp"), "tied": fsdp_steps(rank, world_size, "tied"),
+                      "mismatch": mismatches(rank, world_size)}
+        elif scenario == "flat":
+            result = {"mlp": fsdp_steps(rank, world_size, "mlp", styles=("flat",))}
+        else:
+            raise ValueError(scenario)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as handle:
+            handle.write(traceback.format_exc())
+        raise

@@ -1,0 +1,140 @@
+"""dp_step on parameters sharded by FSDP2 (gloo, CPU, float64) equals one process on the whole batch,
+and each rank draws only the noise of the coordinates it owns, bit-identical to one process's draw."""
+
+import math
+import multiprocessing
+
+import pytest
+import torch
+
+import fsdp_workers
+import fundp
+from fundp.noise import standard_normal_chunks
+from test_distributed import launch
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+# --------------------------------------------------------------------------- noise at offsets (one process)
+
+
+@pytest.mark.parametrize("total", [1, 2, 7, 8, 1001])
+def test_normal_at_equals_the_whole_stream_bit_for_bit(total):
+    key = fundp.random.key(11)
+    whole = fundp.random.normal(key, (total,), torch.float64)
+    g = torch.Generator().manual_seed(total)
+    for indices in (torch.arange(total), torch.randint(0, total, (min(total, 50),), generator=g),
+                    torch.arange(total // 2, total), torch.tensor([total - 1])):
+        assert torch.equal(fundp.sharding.normal_at(key, total, indices), whole[indices])
+
+
+def test_normal_at_refuses_positions_outside_the_stream():
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        fundp.sharding.normal_at(fundp.random.key(0), 5, torch.tensor([5]))
+
+
+def test_box_indices_are_the_row_major_positions_of_a_block():
+    full = torch.arange(4 * 5 * 3).reshape(4, 5, 3)
+    assert torch.equal(fundp.sharding.box_indices((4, 5, 3), (2, 3, 1), (1, 2, 2)), full[1:3, 2:5, 2:3])
+    assert fundp.sharding.box_indices((4, 0), (4, 0), (0, 0)).shape == (4, 0)
+
+
+def test_blocks_of_leaves_equal_one_draw_of_the_tree_and_cost_two_counters_each():
+    """Row blocks of each leaf (what Shard(0) gives a rank) equal the single-process noise; only
+    the block's elements are drawn (two Threefry counters per element)."""
+    shapes = [(8, 6), (8,), (3, 8), (3,)]
+    leaves = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    key = fundp.random.key(5)
+    whole = standard_normal_chunks(leaves, key)
+    total = sum(math.prod(s) for s in shapes)
+    start = 0
+    for shape, expected in zip(shapes, whole):
+        rows = (shape[0] + 1) // 2  # the second half of the rows, as on rank 1 of 2
+        local_shape = (shape[0] - rows,) + shape[1:]
+        positions = start + fundp.sharding.box_indices(shape, local_shape, (rows,) + (0,) * (len(shape) - 1))
+        with fsdp_workers.CountingThreefry() as counter:
+            drawn = fundp.sharding.normal_at(key, total, positions)
+        assert torch.equal(drawn, expected[rows:])
+        assert counter.counts == [2 * math.prod(local_shape)]
+        start += math.prod(shape)
+
+
+# --------------------------------------------------------------------------- FSDP2 ranks
+
+
+_CONTEXT = multiprocessing.get_context("forkserver")
+# The fork server imports torch and fundp once; each rank is a fork of it (not a fresh interpreter
+# importing them again, which costs more than the steps on a small machine).
+_CONTEXT.set_forkserver_preload(["torch", "torch.distributed.fsdp", "fundp", "fsdp_workers"])
+
+
+def _results(tmp_path, scenario, world_size, timeout=100):
+    processes, alive, elapsed = launch(tmp_path, scenario, world_size=world_size, timeout=timeout,
+                                       target=fsdp_workers.run, context=_CONTEXT)
+    errors = {r: (tmp_path / f"rank{r}.err").read_text() for r in range(world_size) if (tmp_path / f"rank{r}.err").exists()}
+    assert not alive and not errors, errors
+    assert all(p.exitcode == 0 for p in processes)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One launch of two ranks runs every two-rank check (spawning ranks costs more than the steps)."""
+    return _results(tmp_path_factory.mktemp("fsdp2"), "all", 2)
+
+
+def _check_equal_to_one_process(results, reference):
+    for style, expected in reference.items():
+        for rank, result in enumerate(results):
+            got = result[style]
+            for name, value in expected["grads"].items():
+                assert "Shard(dim=0)" in got["placements"][name]
+                assert torch.equal(got["grads"][name], results[0][style]["grads"][name])  # ranks agree bit for bit
+                torch.testing.assert_close(got["grads"][name], value, rtol=1e-12, atol=1e-14, msg=f"{style} {name}")
+            torch.testing.assert_close(got["loss"], expected["loss"], rtol=1e-12, atol=0)
+            assert fundp.Ledger.from_dict(got["ledger"]) == fundp.Ledger.from_dict(expected["ledger"])
+            # No rank draws more noise than its shard: one Threefry draw per leaf with a local
+            # block, two counters per local element.
+            local = got["local_numel"]
+            drawn = [2 * local[name] for name in sorted(expected["grads"]) if local[name]]
+            assert got["threefry_counts"] == drawn, (got["threefry_counts"], local)
+            assert sum(local.values()) < sum(v.numel() for v in expected["grads"].values())
+        assert sum(r[style]["local_numel"][n] for r in results for n in expected["grads"]) == \
+            sum(v.numel() for v in expected["grads"].values())  # the shards cover every coordinate once
+    for result in results:
+        assert result["noise_equal"] is True
+
+
+@pytest.mark.slow
+def test_two_fsdp2_ranks_equal_one_process_for_every_clip_style(two_ranks):
+    """MLP with every Linear under fully_shard (uneven shards: a bias of 3 rows over 2 ranks),
+    padded rows holding NaN; flat, per-layer and automatic clipping; noise included."""
+    _check_equal_to_one_process([r["mlp"] for r in two_ranks], fsdp_workers.single_process("mlp"))
+
+
+@pytest.mark.slow
+def test_four_fsdp2_ranks_equal_one_process(tmp_path):
+    """Four ranks (a bias of 3 rows leaves rank 3 an empty shard, which draws no noise)."""
+    results = _results(tmp_path, "flat", 4)
+    _check_equal_to_one_process([r["mlp"] for r in results], fsdp_workers.single_process("mlp", styles=("flat",)))
+
+
+@pytest.mark.slow
+def test_fsdp2_tied_embedding_equals_one_process(two_ranks):
+    reference = fsdp_workers.single_process("tied")
+    assert set(reference["flat"]["grads"]) == {"embed.weight", "mix.weight", "mix.bias"}  # the tie is one leaf
+    _check_equal_to_one_process([r["tied"] for r in two_ranks], reference)
+
+
+@pytest.mark.slow
+def test_ranks_with_other_shapes_or_the_same_rows_are_refused_naming_what_differs(two_ranks):
+    results = [r["mismatch"] for r in two_ranks]
+    for result in results:
+        assert result["param_shape"].startswith("RankMismatchError: the 2 ranks of the distributed step disagree on params['net.0.bias']")
+        assert 'rank 0 has "torch.float64 [8] placements' in result["param_shape"]
+        assert 'rank 1 has "torch.float64 [9] placements' in result["param_shape"]
+        assert "disagree on batch shapes:" in result["batch_shape"]
+        assert "rank 0 has '[[2, 6], [2]] mask [2]', rank 1 has '[[3, 6], [3]] mask [3]'" in result["batch_shape"]
+        assert "pass the same batch rows" in result["shared_rows"] and "tensor parallelism" in result["shared_rows"]
+        assert result["fine"] == "ok"
+    assert results[0] == results[1]
