@@ -53,20 +53,44 @@ def max_norm_for(style, params):
     return CLIP_NORM
 
 
-def step_for(model, style, distributed):
+# Variants beyond the clip styles: (name, dp_step options); each runs with flat clipping.
+VARIANTS = (("ghost", {"grad_method": "ghost"}), ("accumulate", {"physical_batch_size": 2}))
+
+
+def step_for(model, style, distributed, **options):
+    options = {"grad_method": "vmap", **options}
     return fundp.dp_step(classification_loss(model), max_norm=max_norm_for(style, params_of(model)), clip_style=style,
                          noise_multiplier=SIGMA, expected_batch_size=EXPECTED_BATCH, sample_rate=0.1,
-                         grad_method="vmap", distributed=distributed, check_key_reuse=False)  # keys repeat across problems
+                         distributed=distributed, check_key_reuse=False, **options)  # keys repeat across problems
+
+
+def runs(problem, styles):
+    """``(name, clip style, options, key)`` of each step compared with one process."""
+    if problem != "mlp":
+        return [("flat", "flat", {}, fundp.random.key(43))]
+    out = [(style, style, {}, fundp.random.fold_in(fundp.random.key(42), i)) for i, style in enumerate(styles)]
+    if styles == CLIP_STYLES:
+        out += [(name, "flat", options, fundp.random.fold_in(fundp.random.key(44), i)) for i, (name, options) in enumerate(VARIANTS)]
+    return out
+
+
+def sgd_steps(params, step, batch, mask, steps=2, lr=0.5):
+    """A short training loop: the params (plain or DTensor) updated by SGD on the private gradients."""
+    for t in range(steps):
+        grads = step(params, batch, fundp.random.fold_in(fundp.random.key(45), t), mask=mask).grads
+        params = {name: p - lr * grads[name] for name, p in params.items()}
+    return params
 
 
 def single_process(problem: str = "mlp", styles: tuple = CLIP_STYLES) -> dict:
     """Per clip style: one process's dp_step on the whole batch (plain params), key 42 + style."""
     model, params, batch, mask = global_problem() if problem == "mlp" else tied_problem()
     results = {}
-    for index, style in enumerate(styles if problem == "mlp" else ("flat",)):
-        out = step_for(model, style, False)(params, batch, fundp.random.fold_in(fundp.random.key(42), index),
-                                            ledger=fundp.Ledger(), mask=mask)
-        results[style] = {"grads": out.grads, "loss": out.loss, "ledger": out.ledger.to_dict()}
+    for name, style, options, key in runs(problem, styles):
+        out = step_for(model, style, False, **options)(params, batch, key, ledger=fundp.Ledger(), mask=mask)
+        results[name] = {"grads": out.grads, "loss": out.loss, "ledger": out.ledger.to_dict()}
+    if problem == "mlp" and styles == CLIP_STYLES:
+        results["trained"] = sgd_steps(params, step_for(model, "flat", False), batch, mask)
     return results
 
 
@@ -112,11 +136,11 @@ def fsdp_steps(rank: int, world_size: int, problem: str, styles: tuple = CLIP_ST
     params = {name: p.detach() for name, p in model.named_parameters()}
     assert set(params) == plain_names, (set(params), plain_names)
     results = {}
-    for index, style in enumerate(styles if problem == "mlp" else ("flat",)):
-        step = step_for(model, style, True)
+    for name, style, options, key in runs(problem, styles):
+        step = step_for(model, style, True, **options)
         with CountingThreefry() as counter:
-            out = step(params, local, fundp.random.fold_in(fundp.random.key(42), index), ledger=fundp.Ledger(), mask=shard_mask)
-        results[style] = {
+            out = step(params, local, key, ledger=fundp.Ledger(), mask=shard_mask)
+        results[name] = {
             "grads": {name: g.full_tensor() for name, g in out.grads.items()},
             "local_numel": {name: g.to_local().numel() for name, g in out.grads.items()},
             "placements": {name: str(g.placements) for name, g in out.grads.items()},
@@ -124,6 +148,10 @@ def fsdp_steps(rank: int, world_size: int, problem: str, styles: tuple = CLIP_ST
             "ledger": out.ledger.to_dict(),
             "threefry_counts": counter.counts,
         }
+    if problem == "mlp" and styles == CLIP_STYLES:
+        trained = sgd_steps(params, step_for(model, "flat", True), local, shard_mask)
+        results["trained"] = {name: p.full_tensor() for name, p in trained.items()}
+        results["trained_placements"] = {name: str(p.placements) for name, p in trained.items()}
     # The noise alone: gathered shards equal one process's draw bit for bit.
     from fundp.noise import standard_normal_chunks
 

@@ -62,6 +62,53 @@ def test_blocks_of_leaves_equal_one_draw_of_the_tree_and_cost_two_counters_each(
 # --------------------------------------------------------------------------- FSDP2 ranks
 
 
+@pytest.fixture
+def one_rank_fsdp_model(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from models import MLP, make
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        model = fsdp_workers.sharded_model(make(MLP), init_device_mesh("cpu", (1,)))
+        yield model, {name: p.detach() for name, p in model.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_params_without_distributed_are_refused_naming_the_leaf(one_rank_fsdp_model):
+    from models import classification_loss
+
+    model, params = one_rank_fsdp_model
+    step = fundp.dp_step(classification_loss(model), max_norm=1.0, noise_multiplier=1.0, expected_batch_size=2, grad_method="vmap")
+    batch = {"x": torch.randn(2, 6, dtype=torch.float64), "y": torch.tensor([0, 1])}
+    with pytest.raises(TypeError, match=r"params\['net.0.bias'\] is a DTensor shard .* distributed=True"):
+        step(params, batch, fundp.random.key(0))
+
+
+class _Mechanism:  # the interface of a correlated-noise mechanism (never reached: refused first)
+    def init(self, params):
+        return ()
+
+    def sample(self, state, key, stddev, like):
+        raise AssertionError("not reached")
+
+
+@pytest.mark.parametrize("option", ["secure_mode", "noise_mechanism"])
+def test_sharded_step_refuses_what_it_does_not_support_yet(one_rank_fsdp_model, option):
+    from models import classification_loss
+
+    model, params = one_rank_fsdp_model
+    extra = {"secure_mode": True} if option == "secure_mode" else {"noise_mechanism": _Mechanism()}
+    step = fundp.dp_step(classification_loss(model), max_norm=1.0, noise_multiplier=1.0, expected_batch_size=2,
+                         grad_method="vmap", distributed=True, **extra)
+    batch = {"x": torch.randn(2, 6, dtype=torch.float64), "y": torch.tensor([0, 1])}
+    state = {"noise_state": ()} if option == "noise_mechanism" else {}
+    with pytest.raises(NotImplementedError, match=f"sharded .* with {option}: not supported yet"):
+        step(params, batch, fundp.random.key(0), **state)
+
+
 _CONTEXT = multiprocessing.get_context("forkserver")
 # The fork server imports torch and fundp once; each rank is a fork of it (not a fresh interpreter
 # importing them again, which costs more than the steps on a small machine).
@@ -84,6 +131,12 @@ def two_ranks(tmp_path_factory):
 
 
 def _check_equal_to_one_process(results, reference):
+    trained = reference.pop("trained", None)
+    if trained is not None:  # two SGD steps on the DTensor params (their gradients are DTensors too)
+        for result in results:
+            for name, value in trained.items():
+                assert result["trained_placements"][name] == "(Shard(dim=0),)"
+                torch.testing.assert_close(result["trained"][name], value, rtol=1e-12, atol=1e-14)
     for style, expected in reference.items():
         for rank, result in enumerate(results):
             got = result[style]
@@ -108,7 +161,8 @@ def _check_equal_to_one_process(results, reference):
 @pytest.mark.slow
 def test_two_fsdp2_ranks_equal_one_process_for_every_clip_style(two_ranks):
     """MLP with every Linear under fully_shard (uneven shards: a bias of 3 rows over 2 ranks),
-    padded rows holding NaN; flat, per-layer and automatic clipping; noise included."""
+    padded rows holding NaN; flat, per-layer and automatic clipping, the ghost engine, gradient
+    accumulation (physical_batch_size=2), and two SGD steps on the DTensor params; noise included."""
     _check_equal_to_one_process([r["mlp"] for r in two_ranks], fsdp_workers.single_process("mlp"))
 
 
