@@ -27,9 +27,11 @@ Threefry counter ``c``.  Every element is thus a pure function of two counters, 
 unchanged.
 
 Scope (refused otherwise, naming the reason): placements ``Shard(d)`` and ``Replicate()`` on a
-1-D mesh (FSDP2's layout; every rank is a data rank with examples of its own); i.i.d. Gaussian
-noise (no ``secure_mode``, ``noise_mechanism`` or ``adaptive_clipping`` yet).  Tensor parallelism,
-where ranks share a batch, is not supported yet: two ranks passing the same batch are refused.
+mesh spanning the step's process group, of any dimension (FSDP2 on a 1-D mesh, HSDP's
+``(Replicate(), Shard(0))`` on a 2-D one): every rank is a data rank with examples of its own,
+whatever the layout, because the model runs on the gathered parameters; i.i.d. Gaussian noise (no
+``secure_mode`` or ``noise_mechanism`` yet).  Tensor parallelism, where ranks share a batch and
+compute one forward together, is not supported yet: two ranks passing the same rows are refused.
 
 A model wrapped by ``fully_shard`` runs on the full parameters inside
 :func:`fundp.functional_call`, which suspends FSDP2's forward hooks for the call
@@ -250,14 +252,22 @@ def _refuse_options(options: dict[str, bool]) -> None:
         )
 
 
-def _refuse_meshes(leaves: list) -> None:
+def _refuse_meshes(leaves: list, paths: list, group: Any) -> None:
+    """Every sharded leaf's mesh must span the step's process group: each rank is a data rank
+    (its rows are its own examples), so the clipped sums are reduced over every mesh axis."""
+    import torch.distributed as dist
+
     dtensor = _dtensor_type()
-    for leaf in leaves:
-        if isinstance(leaf, dtensor) and leaf.device_mesh.ndim != 1:
-            raise NotImplementedError(
-                f"a parameter is sharded over a {leaf.device_mesh.ndim}-D mesh: fundp's sharded step supports "
-                "1-D meshes (FSDP2) only so far"
-            )
+    world = sorted(dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size()))
+    for leaf, path in zip(leaves, paths):
+        if isinstance(leaf, dtensor):
+            ranks = sorted(int(r) for r in leaf.device_mesh.mesh.reshape(-1).tolist())
+            if ranks != world:
+                raise NotImplementedError(
+                    f"params{''.join(f'[{p!r}]' for p in path)} lives on a mesh of ranks {ranks[:8]} but the step's "
+                    f"process group has ranks {world[:8]}: fundp's sharded step needs every parameter's mesh to span "
+                    "the group (every rank a data rank)"
+                )
         local_box(leaf)  # refuses placements other than Shard / Replicate
 
 
@@ -298,10 +308,10 @@ def unshard(params: Any, group: Any = None, *, key: torch.Tensor, batch: Any, ma
     if not is_sharded(params):
         return params, None
     _refuse_options(options or {})
-    _refuse_meshes(leaves)
     from fundp import distributed as fundp_distributed
 
     paths = optree.tree_paths(params)
+    _refuse_meshes(leaves, paths, group)
     settings = [("params" + "".join(f"[{p!r}]" for p in path), _describe(leaf)) for path, leaf in zip(paths, leaves)]
     settings.append(("batch shapes", _batch_shapes(batch, mask)))
     fundp_distributed.check_consistent(key, settings, group)

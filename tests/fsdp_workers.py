@@ -124,10 +124,11 @@ class CountingThreefry:
         fundp.random._threefry2x32 = self.original
 
 
-def fsdp_steps(rank: int, world_size: int, problem: str, styles: tuple = CLIP_STYLES) -> dict:
+def fsdp_steps(rank: int, world_size: int, problem: str, styles: tuple = CLIP_STYLES, mesh_shape: tuple | None = None) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (world_size,))
+    # 2-D: HSDP, placements (Replicate(), Shard(0))
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard")) if mesh_shape else init_device_mesh("cpu", (world_size,))
     model, _, batch, mask = global_problem() if problem == "mlp" else tied_problem()
     rows, shard_mask = fundp.distributed.shard(torch.arange(mask.shape[0]), mask, rank, world_size)
     local = {k: v[rows] for k, v in batch.items()}
@@ -198,12 +199,18 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str)
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=20))
+                                timeout=datetime.timedelta(seconds=5 if scenario == "dies" else 20))
         if scenario == "all":  # one launch for several checks: spawning ranks costs more than the steps
             result = {"mlp": fsdp_steps(rank, world_size, "mlp"), "tied": fsdp_steps(rank, world_size, "tied"),
                       "mismatch": mismatches(rank, world_size)}
         elif scenario == "flat":
-            result = {"mlp": fsdp_steps(rank, world_size, "mlp", styles=("flat",))}
+            result = {"mlp": fsdp_steps(rank, world_size, "mlp", styles=("flat",)),
+                      "hsdp": fsdp_steps(rank, world_size, "mlp", styles=("flat",), mesh_shape=(2, world_size // 2))}
+        elif scenario == "dies":  # rank 1 dies before the step: the others fail within the group's timeout
+            if rank == 1:
+                raise RuntimeError("rank 1 dies before the step")
+            fsdp_steps(rank, world_size, "mlp", styles=("flat",))
+            result = {}
         else:
             raise ValueError(scenario)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

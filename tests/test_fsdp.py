@@ -130,7 +130,7 @@ def two_ranks(tmp_path_factory):
     return _results(tmp_path_factory.mktemp("fsdp2"), "all", 2)
 
 
-def _check_equal_to_one_process(results, reference):
+def _check_equal_to_one_process(results, reference, placement="Shard(dim=0)", replicas=1):
     trained = reference.pop("trained", None)
     if trained is not None:  # two SGD steps on the DTensor params (their gradients are DTensors too)
         for result in results:
@@ -141,7 +141,7 @@ def _check_equal_to_one_process(results, reference):
         for rank, result in enumerate(results):
             got = result[style]
             for name, value in expected["grads"].items():
-                assert "Shard(dim=0)" in got["placements"][name]
+                assert placement in got["placements"][name], got["placements"][name]
                 assert torch.equal(got["grads"][name], results[0][style]["grads"][name])  # ranks agree bit for bit
                 torch.testing.assert_close(got["grads"][name], value, rtol=1e-12, atol=1e-14, msg=f"{style} {name}")
             torch.testing.assert_close(got["loss"], expected["loss"], rtol=1e-12, atol=0)
@@ -153,7 +153,7 @@ def _check_equal_to_one_process(results, reference):
             assert got["threefry_counts"] == drawn, (got["threefry_counts"], local)
             assert sum(local.values()) < sum(v.numel() for v in expected["grads"].values())
         assert sum(r[style]["local_numel"][n] for r in results for n in expected["grads"]) == \
-            sum(v.numel() for v in expected["grads"].values())  # the shards cover every coordinate once
+            replicas * sum(v.numel() for v in expected["grads"].values())  # every coordinate once per replica
     for result in results:
         assert result["noise_equal"] is True
 
@@ -170,7 +170,20 @@ def test_two_fsdp2_ranks_equal_one_process_for_every_clip_style(two_ranks):
 def test_four_fsdp2_ranks_equal_one_process(tmp_path):
     """Four ranks (a bias of 3 rows leaves rank 3 an empty shard, which draws no noise)."""
     results = _results(tmp_path, "flat", 4)
-    _check_equal_to_one_process([r["mlp"] for r in results], fsdp_workers.single_process("mlp", styles=("flat",)))
+    reference = fsdp_workers.single_process("mlp", styles=("flat",))
+    _check_equal_to_one_process([r["mlp"] for r in results], reference)
+    # HSDP: a 2 x 2 mesh, each parameter replicated over the first axis and sharded over the second.
+    _check_equal_to_one_process([r["hsdp"] for r in results], reference, placement="(Replicate(), Shard(dim=0))", replicas=2)
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_makes_the_others_fail_instead_of_hanging(tmp_path):
+    processes, alive, elapsed = launch(tmp_path, "dies", world_size=2, timeout=60, target=fsdp_workers.run, context=_CONTEXT)
+    assert not alive, "a rank hung"
+    assert processes[0].exitcode != 0 and processes[1].exitcode != 0
+    assert "rank 1 dies before the step" in (tmp_path / "rank1.err").read_text()
+    assert (tmp_path / "rank0.err").exists()  # the survivor raised (the collective timed out or lost its peer)
+    assert elapsed < 60
 
 
 @pytest.mark.slow
