@@ -7,16 +7,13 @@ compares with one process on the whole batch (:func:`single_process`).
 from __future__ import annotations
 
 import datetime
-import os
-import traceback
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 import fundp
-from dist_workers import CLIP_NORM, EXPECTED_BATCH, SIGMA, global_problem
+from dist_workers import CLIP_NORM, EXPECTED_BATCH, SIGMA, global_problem, record_error, save_and_leave
 from models import MLP, classification_loss, make, params_of
 
 CLIP_STYLES = ("flat", "per_layer", "automatic")
@@ -213,10 +210,7 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str)
             result = {}
         else:
             raise ValueError(scenario)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
+        save_and_leave(result, out_dir, rank)
     except Exception:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as handle:
-            handle.write(traceback.format_exc())
+        record_error(out_dir, rank)
         raise
