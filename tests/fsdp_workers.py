@@ -7,6 +7,7 @@ compares with one process on the whole batch (:func:`single_process`).
 from __future__ import annotations
 
 import datetime
+import os
 
 import torch
 import torch.distributed as dist
@@ -192,6 +193,52 @@ def mismatches(rank: int, world_size: int) -> dict:
     return outcomes
 
 
+def adam_steps(step, params, opt_state, ledger, rank, world_size, first, last):
+    """Steps ``first..last-1`` of a DP-Adam loop on the global problem (``world_size=None``: one process)."""
+    _, _, batch, mask = global_problem()
+    opt = fundp.optim.adam(0.05)
+    for t in range(first, last):
+        if world_size is None:
+            local, local_mask = batch, mask
+        else:
+            rows, local_mask = fundp.distributed.shard(torch.arange(13), mask, rank, world_size)
+            local = {k: v[rows] for k, v in batch.items()}
+        out = step(params, local, fundp.random.fold_in(fundp.random.key(47), t), ledger=ledger, mask=local_mask)
+        updates, opt_state = opt.update(out.grads, opt_state, params)
+        params, ledger = fundp.optim.apply_updates(params, updates), out.ledger
+    return params, opt_state, ledger
+
+
+def single_process_adam(steps=4):
+    model, params, _, _ = global_problem()
+    params, _, ledger = adam_steps(step_for(model, "flat", False), params, fundp.optim.adam(0.05).init(params),
+                                   fundp.Ledger(), 0, None, 0, steps)
+    return params, ledger
+
+
+def checkpointed(rank: int, world_size: int, phase: str, directory: str) -> dict:
+    """``save``: 2 Adam steps, a sharded checkpoint, 2 more (the uninterrupted run); ``resume``:
+    load the checkpoint into params of another initialisation laid out on this world size, 2 steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = sharded_model(make(MLP, seed=0 if phase == "save" else 1), mesh)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    opt_state = fundp.optim.adam(0.05).init(params)
+    step = step_for(model, "flat", True)
+    if phase == "save":
+        params, opt_state, ledger = adam_steps(step, params, opt_state, fundp.Ledger(), rank, world_size, 0, 2)
+        fundp.sharded_checkpoint.save(directory, params=params, opt_state=opt_state, ledger=ledger, key=fundp.random.key(47),
+                                      step=2, run_id="fsdp-test")
+    else:
+        state = fundp.sharded_checkpoint.load(directory, params_like=params, opt_state_like=opt_state, run_id="fsdp-test")
+        assert state.step == 2 and state.key.tolist() == fundp.random.key(47).tolist()
+        params, opt_state, ledger = state.params, state.opt_state, state.ledger
+    params, opt_state, ledger = adam_steps(step, params, opt_state, ledger, rank, world_size, 2, 4)
+    return {"params": {name: p.full_tensor() for name, p in params.items()}, "ledger": ledger.to_dict(),
+            "placements": {name: str(p.placements) for name, p in params.items()}}
+
+
 def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str) -> None:
     torch.set_num_threads(1)
     try:
@@ -208,6 +255,8 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str)
                 raise RuntimeError("rank 1 dies before the step")
             fsdp_steps(rank, world_size, "mlp", styles=("flat",))
             result = {}
+        elif scenario.startswith("checkpoint_"):  # checkpoint_save / checkpoint_resume, in out_dir/../checkpoint
+            result = checkpointed(rank, world_size, scenario.split("_")[1], os.path.join(os.path.dirname(out_dir), "checkpoint"))
         else:
             raise ValueError(scenario)
         save_and_leave(result, out_dir, rank)

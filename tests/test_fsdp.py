@@ -205,3 +205,44 @@ def test_ranks_with_other_shapes_or_the_same_rows_are_refused_naming_what_differ
         assert "pass the same batch rows" in result["shared_rows"] and "tensor parallelism" in result["shared_rows"]
         assert result["fine"] == "ok"
     assert results[0] == results[1]
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_bit_identically_and_onto_four_ranks(tmp_path):
+    """2 ranks: 2 Adam steps, a DCP checkpoint, 2 more; resumed on 2 ranks: bit-identical to the
+    uninterrupted run; resumed on 4 ranks (resharded by DCP): equal to it and to one process to 1e-12."""
+    for name in ("save", "resume2", "resume4"):
+        (tmp_path / name).mkdir()
+    uninterrupted = _results(tmp_path / "save", "checkpoint_save", 2)
+    resumed = _results(tmp_path / "resume2", "checkpoint_resume", 2)
+    resharded = _results(tmp_path / "resume4", "checkpoint_resume", 4)
+    reference, ledger = fsdp_workers.single_process_adam()
+    assert fundp.Ledger.from_dict(uninterrupted[0]["ledger"]) == ledger and ledger.steps == 4
+    for name, value in reference.items():
+        for result in uninterrupted + resumed + resharded:
+            assert result["placements"][name] == "(Shard(dim=0),)"
+            torch.testing.assert_close(result["params"][name], value, rtol=1e-12, atol=1e-14)
+        for result in resumed:
+            assert torch.equal(result["params"][name], uninterrupted[0]["params"][name])
+    for result in resumed + resharded:
+        assert fundp.Ledger.from_dict(result["ledger"]) == ledger
+
+
+def test_a_sharded_checkpoint_refuses_other_templates_runs_and_unthreaded_ledgers(one_rank_fsdp_model, tmp_path):
+    from fundp.checkpoint import CheckpointError
+
+    _, params = one_rank_fsdp_model
+    ledger = fundp.accountant_step(fundp.Ledger(), noise_multiplier=1.0, sample_rate=0.1, steps=2)
+    save = fundp.sharded_checkpoint.save
+    with pytest.raises(CheckpointError, match="the ledger records 2 steps but step=3"):
+        save(tmp_path / "a", params=params, opt_state=(), ledger=ledger, key=fundp.random.key(1), step=3)
+    save(tmp_path / "b", params=params, opt_state=(), ledger=ledger, key=fundp.random.key(1), step=2, run_id="one")
+    state = fundp.sharded_checkpoint.load(tmp_path / "b", params_like=params, opt_state_like=(), run_id="one")
+    assert state.ledger == ledger and state.step == 2 and state.run_id == "one"
+    with pytest.raises(CheckpointError, match="belongs to run 'one', not 'two'"):
+        fundp.sharded_checkpoint.load(tmp_path / "b", params_like=params, opt_state_like=(), run_id="two")
+    wider = dict(params, **{"net.0.bias": torch.zeros(9, dtype=torch.float64)})
+    with pytest.raises(CheckpointError, match=r"params: the tensor at \('net.0.bias',\) is torch.float64 \(8,\) in the checkpoint but torch.float64 \(9,\)"):
+        fundp.sharded_checkpoint.load(tmp_path / "b", params_like=wider, opt_state_like=())
+    with pytest.raises(CheckpointError, match="params: the checkpoint holds"):
+        fundp.sharded_checkpoint.load(tmp_path / "b", params_like={"w": torch.zeros(2)}, opt_state_like=())
