@@ -59,6 +59,7 @@ __all__ = [
     "unshard",
     "reduce_clipped_sum",
     "fsdp_hooks_suspended",
+    "gathered_frozen",
 ]
 
 
@@ -431,6 +432,41 @@ def fsdp_hooks_suspended(model: torch.nn.Module) -> Iterator[None]:
         for hooks, copy in saved:
             hooks.clear()
             hooks.update(copy)
+
+
+def gathered_frozen(model: torch.nn.Module, params: dict) -> dict:
+    """The full values (detached) of ``model``'s DTensor parameters that ``params`` leaves out.
+
+    Frozen parameters (a LoRA adapter's base weights) are used as the module holds them; under
+    FSDP2 it holds shards, so they are all-gathered at each forward of the call: a collective, so
+    every rank must run the same number of forwards (fundp's engines do, for batches of one shape
+    on every rank; a rank that does not is caught by the process group's timeout).  Plain
+    parameters are not included.
+
+    Example:
+      >>> import torch, fundp
+      >>> fundp.sharding.gathered_frozen(torch.nn.Linear(2, 1), {})
+      {}
+    """
+    dtensor = _dtensor_type()
+    frozen = [(name, p) for name, p in model.named_parameters()
+              if name not in params and dtensor is not None and isinstance(p, dtensor)]
+    if not frozen:
+        return {}
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec
+    from torch.distributed.tensor._redistribute import redistribute_local_tensor
+
+    gathered = {}
+    # Called inside vmap / grad: the all-gather runs on the raw local shards, outside the
+    # transforms and autograd (DTensor.full_tensor is an autograd.Function, which they refuse);
+    # the gathered values are constants of the call.
+    with torch._C._DisableFuncTorch(), torch.no_grad():
+        for name, p in frozen:
+            spec = p._spec
+            target = DTensorSpec(spec.mesh, (Replicate(),) * spec.mesh.ndim, tensor_meta=spec.tensor_meta)
+            gathered[name] = redistribute_local_tensor(p._local_tensor, spec, target)
+    return gathered
 
 
 def _has_fsdp(model: torch.nn.Module) -> bool:

@@ -89,6 +89,8 @@ def single_process(problem: str = "mlp", styles: tuple = CLIP_STYLES) -> dict:
         results[name] = {"grads": out.grads, "loss": out.loss, "ledger": out.ledger.to_dict()}
     if problem == "mlp" and styles == CLIP_STYLES:
         results["trained"] = sgd_steps(params, step_for(model, "flat", False), batch, mask)
+        head = {name: p for name, p in params.items() if name.startswith("net.4.")}
+        results["frozen"] = step_for(model, "flat", False)(head, batch, fundp.random.key(48), mask=mask).grads
     return results
 
 
@@ -147,7 +149,11 @@ def fsdp_steps(rank: int, world_size: int, problem: str, styles: tuple = CLIP_ST
             "ledger": out.ledger.to_dict(),
             "threefry_counts": counter.counts,
         }
-    if problem == "mlp" and styles == CLIP_STYLES:
+    if problem == "mlp" and styles == CLIP_STYLES:  # frozen layers (as LoRA's base): only the head is trained
+        head = {name: p for name, p in params.items() if name.startswith("net.4.")}
+        for engine in ("vmap", "ghost"):
+            out = step_for(model, "flat", True, grad_method=engine)(head, local, fundp.random.key(48), mask=shard_mask)
+            results[f"frozen_{engine}"] = {name: g.full_tensor() for name, g in out.grads.items()}
         trained = sgd_steps(params, step_for(model, "flat", True), local, shard_mask)
         results["trained"] = {name: p.full_tensor() for name, p in trained.items()}
         results["trained_placements"] = {name: str(p.placements) for name, p in trained.items()}

@@ -131,6 +131,13 @@ def two_ranks(tmp_path_factory):
 
 
 def _check_equal_to_one_process(results, reference, placement="Shard(dim=0)", replicas=1):
+    frozen = reference.pop("frozen", None)
+    if frozen is not None:  # only the head passed: the frozen layers' shards are gathered by fundp.functional_call
+        for result in results:
+            for engine in ("vmap", "ghost"):
+                assert set(result[f"frozen_{engine}"]) == set(frozen) == {"net.4.weight", "net.4.bias"}
+                for name, value in frozen.items():
+                    torch.testing.assert_close(result[f"frozen_{engine}"][name], value, rtol=1e-12, atol=1e-14)
     trained = reference.pop("trained", None)
     if trained is not None:  # two SGD steps on the DTensor params (their gradients are DTensors too)
         for result in results:
