@@ -261,6 +261,17 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str)
                 raise RuntimeError("rank 1 dies before the step")
             fsdp_steps(rank, world_size, "mlp", styles=("flat",))
             result = {}
+        elif scenario.startswith("example"):  # examples/finetune_fsdp.py, full and LoRA, 2 float64 steps
+            import sys
+
+            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
+            import finetune_fsdp
+
+            argv = ["--steps", "2", "--num-examples", "64", "--batch-size", "8", "--dtype", "float64", "--grad-method", "vmap"]
+            result = {}
+            for mode, extra in (("full", []), ("lora", ["--lora"])):
+                fundp.guards.forget_keys()  # two independent runs from the same seed
+                result[mode] = finetune_fsdp.main(argv + extra)
         elif scenario.startswith("checkpoint_"):  # checkpoint_save / checkpoint_resume, in out_dir/../checkpoint
             result = checkpointed(rank, world_size, scenario.split("_")[1], os.path.join(os.path.dirname(out_dir), "checkpoint"))
         else:

@@ -112,7 +112,8 @@ def test_sharded_step_refuses_what_it_does_not_support_yet(one_rank_fsdp_model, 
 _CONTEXT = multiprocessing.get_context("forkserver")
 # The fork server imports torch and fundp once; each rank is a fork of it (not a fresh interpreter
 # importing them again, which costs more than the steps on a small machine).
-_CONTEXT.set_forkserver_preload(["torch", "torch.distributed.fsdp", "fundp", "fsdp_workers"])
+_CONTEXT.set_forkserver_preload(["torch", "torch.distributed.fsdp", "fundp", "fsdp_workers",
+                                  "transformers.models.llama.modeling_llama"])
 
 
 def _results(tmp_path, scenario, world_size, timeout=100):
@@ -253,3 +254,21 @@ def test_a_sharded_checkpoint_refuses_other_templates_runs_and_unthreaded_ledger
         fundp.sharded_checkpoint.load(tmp_path / "b", params_like=wider, opt_state_like=())
     with pytest.raises(CheckpointError, match="params: the checkpoint holds"):
         fundp.sharded_checkpoint.load(tmp_path / "b", params_like={"w": torch.zeros(2)}, opt_state_like=())
+
+
+@pytest.mark.slow
+def test_the_fsdp_example_on_two_ranks_equals_one_rank(tmp_path, capsys):
+    """examples/finetune_fsdp.py (tiny Llama, full and LoRA fine-tuning, float64): 2 ranks end where 1 rank does."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = _results(tmp_path / "one", "example", 1)[0]
+    two = _results(tmp_path / "two", "example", 2)
+    for mode in ("full", "lora"):
+        assert len(one[mode]["losses"]) == 2 and all(math.isfinite(x) for x in one[mode]["losses"])
+        assert one[mode]["ledger"].steps == 2 and one[mode]["epsilon"] <= 8.0 + 1e-6
+        for result in two:
+            assert set(result[mode]["params"]) == set(one[mode]["params"])
+            for name, value in one[mode]["params"].items():
+                torch.testing.assert_close(result[mode]["params"][name], value, rtol=1e-10, atol=1e-12)
+            assert result[mode]["losses"] == pytest.approx(one[mode]["losses"], rel=1e-10)
+    assert all("lora_" in name for name in one["lora"]["params"])
