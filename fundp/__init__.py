@@ -26,7 +26,7 @@ from fundp.model_check import UnsupportedModuleError, check_model, functional_ca
 from fundp.noise import add_gaussian_noise, noise
 from fundp.step import ClippedSum, StepResult, accumulate, add_clipped_sums, clipped_grad_sum, dp_step, privatize, split_batch
 from fundp.types import Step
-from fundp import adaptive, data, datasets, distributed, loader, mf, one_run_audit, sampling, user_level  # noqa: E402  (after step: they build on it)
+from fundp import adaptive, data, datasets, distributed, loader, mf, one_run_audit, sampling, sharded_checkpoint, sharding, user_level  # noqa: E402  (after step: they build on it)
 from fundp.train_state import TrainState, train_step
 
 from fundp.accounting import Ledger, accountant_step, calibrate_noise, delta, epsilon, max_steps
@@ -80,4 +80,6 @@ __all__ = [
     "privatize",
     "random",
     "secure",
+    "sharded_checkpoint",
+    "sharding",
 ]

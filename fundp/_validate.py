@@ -199,6 +199,10 @@ def check_params(params: Any, name: str = "params") -> None:
     for index, leaf in enumerate(leaves):
         if not isinstance(leaf, torch.Tensor):
             continue
+        if type(leaf).__name__ == "DTensor":
+            raise TypeError(f"{leaf_name(index)} is a DTensor shard (FSDP2 / tensor parallel): only dp_step(..., distributed=True) "
+                            "takes sharded parameters (it gathers them, see fundp.sharding); elsewhere pass full tensors "
+                            "(DTensor.full_tensor())")
         if leaf.is_complex():
             raise TypeError(f"{leaf_name(index)} is complex ({leaf.dtype}): fundp clips real gradients; write the parameter "
                              "as two real tensors (real and imaginary parts) and build the complex value in loss_fn")

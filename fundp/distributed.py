@@ -13,7 +13,8 @@ All ranks then hold bit-identical gradients, equal to one process on the whole b
 included), and every rank's ledger records the logical step once.  No DDP wrapper is needed:
 ``dp_step`` does the gradient reduction itself (DDP's hooks would never fire under
 ``torch.func.grad``, and reducing unclipped gradients would break the privacy analysis).
-Tensor-sharded parameters (FSDP, DTensor) are not supported yet and are refused.
+Tensor-sharded parameters (FSDP2, DTensor) are gathered, and the clipped sum reduce-scattered
+and noised per shard, by :mod:`fundp.sharding`.
 
 The scheme is only private if every rank holds the same key, settings and parameters: a rank
 that calls ``fundp.random.os_key()`` on its own adds different noise, and the all-reduced sum

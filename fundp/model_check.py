@@ -127,4 +127,11 @@ def functional_call(model: nn.Module, params: dict, args: Any, kwargs: dict | No
     problems = [p for p in (_problem(name, m) for name, m in model.named_modules()) if p]
     if problems:
         raise UnsupportedModuleError("; ".join(problems))
+    from fundp.sharding import _has_fsdp, fsdp_hooks_suspended
+
+    if _has_fsdp(model):  # fundp's sharded step passes the full parameters: FSDP2 must not swap its own in
+        from fundp.sharding import gathered_frozen
+
+        with fsdp_hooks_suspended(model):
+            return torch.func.functional_call(model, {**gathered_frozen(model, params), **params}, args, kwargs)
     return torch.func.functional_call(model, params, args, kwargs)

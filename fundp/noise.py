@@ -37,6 +37,10 @@ def standard_normal_chunks(leaves: list, key: torch.Tensor) -> list:
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor) or not leaf.dtype.is_floating_point:
             raise TypeError(f"noise needs floating-point tensor leaves, got {getattr(leaf, 'dtype', type(leaf))}")
+    if any(type(leaf).__name__ == "DTensor" for leaf in leaves):  # sharded: each rank draws its coordinates only
+        from fundp.sharding import standard_normal_shards
+
+        return standard_normal_shards(leaves, key)
     device = leaves[0].device
     sizes = [leaf.numel() for leaf in leaves]
     standard = fundp_random.normal(key.to(device), (sum(sizes),), torch.float64)

@@ -626,24 +626,30 @@ def _clipped_sum_plan(loss_fn: Callable, physical_batch_size: Any, compile_chunk
     return accumulate(chunk_fn, physical_batch_size), chunk_fn
 
 
-def _all_reduced(summed: ClippedSumFn, process_group: Any, settings: tuple) -> Callable[..., ClippedSum]:
+def _all_reduced(summed: ClippedSumFn, process_group: Any, settings: tuple, options: dict[str, Any]) -> Callable[..., ClippedSum]:
     """Transform of a clipped-sum function for ``distributed=True``: each rank sums its shard
     (its model key folded with its rank: dropout differs, the noise key stays shared) and the
-    sums are all-reduced (SUM).  The ranks' rows are disjoint, so the sensitivity is kept.  The
-    first call checks that every rank holds the same key, settings and params; every call's key
-    and settings ride along in the collective (:func:`fundp.distributed.call_fingerprint`)."""
+    sums are all-reduced (SUM), or reduce-scattered for sharded (FSDP2 / DTensor) params, whose
+    leaves are gathered for the call (:func:`fundp.sharding.unshard`; ``options``: the step's
+    settings that sharding refuses).  The ranks' rows are disjoint, so the sensitivity is kept.
+    The first call checks that every rank holds the same key, settings and params; every call's
+    key and settings ride along in the collective (:func:`fundp.distributed.call_fingerprint`)."""
     from fundp import distributed as fundp_distributed
+    from fundp import sharding as fundp_sharding
 
     rank_check = fundp_distributed.first_call_check(settings, process_group)
 
     def reduced(params: Any, batch: Any, mask: Any, key: Any, *, max_norm: Any, step_key: torch.Tensor,
                 per_call: tuple, fingerprint: tuple) -> ClippedSum:
-        fundp_distributed.check_not_sharded(params)
+        params, layout = fundp_sharding.unshard(params, process_group, key=step_key, batch=batch, mask=mask, options=options)
         rank_check(step_key, params=params, per_call=per_call)
         rank, _ = fundp_distributed.rank_and_world_size(process_group)
         clipped = summed(params, batch, mask, fundp_random.fold_in(key, rank), max_norm=max_norm)
-        total = fundp_distributed.all_reduce_clipped_sum(
-            clipped, process_group, fingerprint=fundp_distributed.call_fingerprint(step_key, fingerprint))
+        call_fingerprint = fundp_distributed.call_fingerprint(step_key, fingerprint)
+        if layout is None:
+            total = fundp_distributed.all_reduce_clipped_sum(clipped, process_group, fingerprint=call_fingerprint)
+        else:
+            total = fundp_sharding.reduce_clipped_sum(clipped, layout, process_group, fingerprint=call_fingerprint)
         return total._replace(sensitivity=clipped.sensitivity)
 
     return reduced
@@ -878,7 +884,9 @@ def dp_step(
         reduced = _all_reduced(summed, process_group, (
             ("max_norm", max_norm), ("noise_multiplier", noise_multiplier), ("expected_batch_size", sampling.expected_batch_size),
             ("sample_rate", sampling.sample_rate), ("clip_style", clip_style), ("gamma", gamma), ("grad_method", grad_method),
-            ("physical_batch_size", physical_batch_size), ("secure_mode", secure_mode)))
+            ("physical_batch_size", physical_batch_size), ("secure_mode", secure_mode)),
+            {"secure_mode": secure_mode, "noise_mechanism": noise_mechanism is not None,
+             "adaptive_clipping": adaptive_clipping is not None})
         world_size = lambda: fundp_distributed.rank_and_world_size(process_group)[1]  # noqa: E731
     built_sigma, built_threshold = noise_multiplier, max_norm
     looked_for_padding: list[bool] = []  # non-empty once the first eager unmasked batch was looked at

@@ -161,10 +161,20 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str)
             total = fundp.distributed.all_reduce_clipped_sum(fundp.add_clipped_sums(first, second))
             grads = fundp.privatize(total, noise_key, noise_multiplier=SIGMA, expected_batch_size=EXPECTED_BATCH)
             result = {"grads": grads, "loss": total.loss_sum / total.num_examples}
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
+        save_and_leave(result, out_dir, rank)
     except Exception:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as handle:
-            handle.write(traceback.format_exc())
+        record_error(out_dir, rank)
         raise
+
+
+def save_and_leave(result, out_dir: str, rank: int) -> None:
+    """Saves this rank's result, waits for every rank, and leaves the process group."""
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def record_error(out_dir: str, rank: int) -> None:
+    """Writes the current exception's traceback to ``rank{rank}.err`` (what the tests read)."""
+    with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as handle:
+        handle.write(traceback.format_exc())

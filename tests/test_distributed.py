@@ -13,11 +13,11 @@ import fundp
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
-def launch(tmp_path, scenario, world_size=2, timeout=120):
-    context = multiprocessing.get_context("spawn")
+def launch(tmp_path, scenario, world_size=2, timeout=120, target=dist_workers.run, context=None):
+    context = context or multiprocessing.get_context("spawn")
     init_file = tmp_path / "rendezvous"
     processes = [
-        context.Process(target=dist_workers.run, args=(rank, world_size, str(init_file), str(tmp_path), scenario))
+        context.Process(target=target, args=(rank, world_size, str(init_file), str(tmp_path), scenario))
         for rank in range(world_size)
     ]
     start = time.monotonic()

@@ -1,0 +1,477 @@
+"""Exact DP-SGD with sharded parameters: FSDP2 (``fully_shard``) and other DTensor layouts.
+
+With ``dp_step(..., distributed=True)`` a parameter may be a
+:class:`~torch.distributed.tensor.DTensor` (what ``fully_shard`` leaves in
+``model.named_parameters()``).  One logical step over ``W`` ranks, each rank holding its own
+examples (rows ``rank::W`` of the global batch, :func:`fundp.distributed.shard`):
+
+1. **unshard**: each sharded leaf is all-gathered to the full tensor (:func:`unshard`), so the
+   per-example gradients and their norms are those of the whole model and need no communication
+   (the data axes own whole examples); every engine and clip style works unchanged;
+2. **clip and sum locally**, as one process would on the rank's rows;
+3. **reduce-scatter** the clipped sum (:func:`reduce_clipped_sum`): each rank keeps the sum of
+   the coordinates it owns, laid out like the parameter (a DTensor with the same placements);
+   the loss sum and counts are all-reduced with the per-call fingerprint of
+   :mod:`fundp.distributed`;
+4. **noise once per coordinate, by its owner** (:func:`standard_normal_shards`): each rank draws
+   only the noise of its own coordinates, from the counter-based key at their offsets in the
+   single-process stream, so the gathered noisy gradient equals the single-process step bit for
+   bit; no rank draws a full-size noise tensor.
+
+The fundp noise stream (:func:`fundp.noise.standard_normal_chunks`) is one Box–Muller stream of
+``n = sum_l numel(leaf_l)`` normals from :func:`fundp.random.normal`: with ``h = ceil(n / 2)``,
+element ``i`` is ``sqrt(-2 ln u_j) cos(2 pi u_{h+j})`` for ``i < h`` (``j = i``) and
+``sqrt(-2 ln u_j) sin(2 pi u_{h+j})`` otherwise (``j = i - h``), where ``u_c`` is the uniform of
+Threefry counter ``c``.  Every element is thus a pure function of two counters, and
+:func:`normal_at` computes any subset of the stream without the rest: the stream itself is
+unchanged.
+
+Scope (refused otherwise, naming the reason): placements ``Shard(d)`` and ``Replicate()`` on a
+mesh spanning the step's process group, of any dimension (FSDP2 on a 1-D mesh, HSDP's
+``(Replicate(), Shard(0))`` on a 2-D one): every rank is a data rank with examples of its own,
+whatever the layout, because the model runs on the gathered parameters; i.i.d. Gaussian noise (no
+``secure_mode`` or ``noise_mechanism`` yet).  Tensor parallelism, where ranks share a batch and
+compute one forward together, is not supported yet: two ranks passing the same rows are refused.
+
+A model wrapped by ``fully_shard`` runs on the full parameters inside
+:func:`fundp.functional_call`, which suspends FSDP2's forward hooks for the call
+(:func:`fsdp_hooks_suspended`): fundp gathers the parameters itself, once per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, NamedTuple
+
+import optree
+import torch
+
+from fundp import random as fundp_random
+
+__all__ = [
+    "is_sharded",
+    "normal_at",
+    "local_box",
+    "box_indices",
+    "standard_normal_shards",
+    "ShardLayout",
+    "unshard",
+    "reduce_clipped_sum",
+    "fsdp_hooks_suspended",
+    "gathered_frozen",
+]
+
+
+def _dtensor_type() -> Any:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    return DTensor
+
+
+def is_sharded(tree: Any) -> bool:
+    """True when a leaf of ``tree`` is a :class:`~torch.distributed.tensor.DTensor`.
+
+    Example:
+      >>> import torch, fundp
+      >>> fundp.sharding.is_sharded({"w": torch.ones(2)})
+      False
+    """
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(leaf, dtensor) for leaf in optree.tree_leaves(tree))
+
+
+# --------------------------------------------------------------------------- noise at offsets
+
+
+def normal_at(key: torch.Tensor, total: int, indices: torch.Tensor) -> torch.Tensor:
+    """Elements ``indices`` of ``fundp.random.normal(key, (total,), torch.float64)``, without the rest.
+
+    Each element ``i`` is computed from its two Threefry counters (``j`` and ``h + j`` with
+    ``h = ceil(total / 2)``, ``j = i mod h``) with the same float64 operations as
+    :func:`fundp.random.normal`, so the values are equal bit for bit; the cost is two counters per
+    requested element (``indices.numel()`` values are allocated, never ``total``).
+
+    Args:
+      key: a fundp key.
+      total: the length of the whole stream (``sum_l numel(leaf_l)`` for a tree's noise).
+      indices: int64 tensor of positions in ``[0, total)``, any shape (the result has its shape).
+
+    Example:
+      >>> import torch, fundp
+      >>> key = fundp.random.key(0)
+      >>> full = fundp.random.normal(key, (7,), torch.float64)
+      >>> bool(torch.equal(fundp.sharding.normal_at(key, 7, torch.tensor([5, 1])), full[[5, 1]]))
+      True
+    """
+    fundp_random._check_key(key)
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be an int64 tensor, got {indices.dtype}")
+    half = (total + 1) // 2
+    flat = indices.reshape(-1).to(key.device)
+    if flat.numel() and not torch.compiler.is_compiling():
+        low, high = int(flat.min()), int(flat.max())
+        if low < 0 or high >= total:
+            raise ValueError(f"indices must lie in [0, total) = [0, {total}), got values in [{low}, {high}]")
+    first = flat < half
+    j = torch.where(first, flat, flat - half)
+    counters = torch.cat([j, j + half])
+    hi, lo = fundp_random._threefry2x32(key, counters >> 32, counters & fundp_random._MASK32)
+    u = fundp_random._uniform_from_bits(hi, lo, torch.float64)
+    count = flat.numel()
+    # The same operations, in the same order, as fundp.random.normal (elementwise, so equal bits).
+    radius = torch.sqrt(-2.0 * torch.log(u[:count]))
+    angle = (2.0 * math.pi) * u[count:]
+    samples = torch.where(first, radius * torch.cos(angle), radius * torch.sin(angle))
+    return samples.reshape(indices.shape)
+
+
+def local_box(tensor: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(local_shape, global_offset)`` of this rank's block of a DTensor (plain tensor: the whole).
+
+    Only ``Shard(d)`` and ``Replicate()`` placements are accepted: their local block is a box of
+    the global tensor (``_StridedShard`` and ``Partial`` are refused).
+
+    Example:
+      >>> import torch, fundp
+      >>> fundp.sharding.local_box(torch.ones(2, 3))
+      ((2, 3), (0, 0))
+    """
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(tensor, dtensor):
+        return tuple(tensor.shape), (0,) * tensor.dim()
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for placement in tensor.placements:
+        if type(placement) not in (Shard, Replicate):
+            raise NotImplementedError(
+                f"a sharded parameter has placement {placement}: fundp's sharded step supports Shard(d) and "
+                "Replicate() placements only (FSDP2's fully_shard layout)"
+            )
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return tuple(int(s) for s in shape), tuple(int(o) for o in offset)
+
+
+def box_indices(global_shape: tuple[int, ...], local_shape: tuple[int, ...], offset: tuple[int, ...]) -> torch.Tensor:
+    """Row-major flat indices (int64, shape ``local_shape``) of the box ``offset + [0, local_shape)``.
+
+    Example:
+      >>> import fundp
+      >>> fundp.sharding.box_indices((3, 4), (2, 2), (1, 2)).tolist()
+      [[6, 7], [10, 11]]
+    """
+    index = torch.zeros((), dtype=torch.int64)
+    for size, local, start in zip(global_shape, local_shape, offset):
+        index = index.unsqueeze(-1) * int(size) + torch.arange(int(start), int(start) + int(local), dtype=torch.int64)
+    return index
+
+
+def standard_normal_shards(leaves: list, key: torch.Tensor) -> list:
+    """:func:`fundp.noise.standard_normal_chunks` for leaves that may be DTensors: each rank draws its blocks only.
+
+    Leaf ``l``'s noise occupies positions ``[o_l, o_l + numel_l)`` of one stream of
+    ``sum_l numel_l`` standard normals (``numel_l`` of the *global* shape, ``o_l`` the sum of the
+    preceding ones), exactly as in one process; a DTensor leaf gets the values at its local block's
+    positions (:func:`normal_at`), returned as a float64 DTensor with the leaf's mesh, placements
+    and global shape; a plain leaf gets all of its values.  Gathered, the noise equals the
+    single-process draw bit for bit.
+
+    Example:
+      >>> import torch, fundp
+      >>> from fundp.noise import standard_normal_chunks
+      >>> leaves = [torch.zeros(2, 3), torch.zeros(4)]
+      >>> key = fundp.random.key(1)
+      >>> all(torch.equal(a, b) for a, b in zip(fundp.sharding.standard_normal_shards(leaves, key),
+      ...                                       standard_normal_chunks(leaves, key)))
+      True
+    """
+    dtensor = _dtensor_type()
+    total = sum(math.prod(leaf.shape) for leaf in leaves)
+    chunks, start = [], 0
+    for leaf in leaves:
+        local_shape, offset = local_box(leaf)
+        positions = start + box_indices(tuple(leaf.shape), local_shape, offset)
+        device = leaf.to_local().device if dtensor is not None and isinstance(leaf, dtensor) else leaf.device
+        local = normal_at(key.to(device), total, positions.to(device))
+        if dtensor is not None and isinstance(leaf, dtensor):
+            local = dtensor.from_local(local, leaf.device_mesh, leaf.placements, run_check=False,
+                                       shape=leaf.shape, stride=_contiguous_stride(tuple(leaf.shape)))
+        chunks.append(local)
+        start += math.prod(leaf.shape)
+    return chunks
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, step = [], 1
+    for size in reversed(shape):
+        stride.append(step)
+        step *= max(int(size), 1)
+    return tuple(reversed(stride))
+
+
+# --------------------------------------------------------------------------- the step's hooks
+
+
+class _LeafSpec(NamedTuple):
+    mesh: Any
+    placements: tuple
+    shape: tuple[int, ...]
+
+
+class ShardLayout(NamedTuple):
+    """How a parameter tree is sharded: per leaf (optree order) a spec or ``None`` (a plain, replicated leaf).
+
+    Made by :func:`unshard`; used by :func:`reduce_clipped_sum` to give the clipped sum the
+    parameters' layout.
+
+    Example:
+      >>> from fundp.sharding import ShardLayout
+      >>> ShardLayout(specs=(None,)).specs
+      (None,)
+    """
+
+    specs: tuple
+
+
+def _describe(leaf: Any) -> str:
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(leaf, dtensor):
+        return (f"{leaf.dtype} {list(leaf.shape)} placements {tuple(str(p) for p in leaf.placements)} "
+                f"mesh {tuple(leaf.device_mesh.shape)}")
+    return f"{leaf.dtype} {list(leaf.shape)} (not sharded)"
+
+
+def _refuse_options(options: dict[str, bool]) -> None:
+    used = [name for name, flag in options.items() if flag]
+    if used:
+        raise NotImplementedError(
+            f"sharded (DTensor / FSDP2) params with {', '.join(used)}: not supported yet; the sharded step "
+            "adds i.i.d. Gaussian noise (research mode) only"
+        )
+
+
+def _refuse_meshes(leaves: list, paths: list, group: Any) -> None:
+    """Every sharded leaf's mesh must span the step's process group: each rank is a data rank
+    (its rows are its own examples), so the clipped sums are reduced over every mesh axis."""
+    import torch.distributed as dist
+
+    dtensor = _dtensor_type()
+    world = sorted(dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size()))
+    for leaf, path in zip(leaves, paths):
+        if isinstance(leaf, dtensor):
+            ranks = sorted(int(r) for r in leaf.device_mesh.mesh.reshape(-1).tolist())
+            if ranks != world:
+                raise NotImplementedError(
+                    f"params{''.join(f'[{p!r}]' for p in path)} lives on a mesh of ranks {ranks[:8]} but the step's "
+                    f"process group has ranks {world[:8]}: fundp's sharded step needs every parameter's mesh to span "
+                    "the group (every rank a data rank)"
+                )
+        local_box(leaf)  # refuses placements other than Shard / Replicate
+
+
+def _batch_shapes(batch: Any, mask: Any) -> str:
+    shapes = [list(leaf.shape) if isinstance(leaf, torch.Tensor) else type(leaf).__name__ for leaf in optree.tree_leaves(batch)]
+    return repr(shapes) + ("" if mask is None else f" mask {list(mask.shape)}")
+
+
+def _batch_digest(batch: Any, mask: Any) -> str:
+    """Digest of the batch's real rows (ranks holding the same rows share a batch: not data ranks)."""
+    from fundp.distributed import _canonical
+
+    if mask is not None and not bool(mask.any()):
+        return "no real rows"
+    return _canonical([batch, mask])
+
+
+@torch.compiler.disable
+def unshard(params: Any, group: Any = None, *, key: torch.Tensor, batch: Any, mask: Any = None,
+            options: dict[str, bool] | None = None) -> tuple[Any, ShardLayout | None]:
+    """Returns ``(full_params, layout)``: each DTensor leaf all-gathered to a plain tensor.
+
+    Plain trees come back unchanged with ``layout=None``.  Before any collective on the
+    parameters, every rank's parameter layout (dtype, global shape, placements, mesh) and batch
+    shapes are compared with :func:`fundp.distributed.check_consistent`, on every call, so a rank
+    with another model or batch shape raises :class:`~fundp.distributed.RankMismatchError` naming
+    what differs instead of hanging in an all-gather.  Two ranks passing the same real rows are
+    refused too (tensor parallelism, where ranks share a batch, is not supported: its examples
+    would be counted once per rank).  ``options``: ``{name: in use}`` of step options the sharded
+    step does not support yet (refused).
+
+    Example:
+      >>> import torch, fundp
+      >>> fundp.sharding.unshard({"w": torch.ones(2)}, key=fundp.random.key(0), batch=torch.ones(1, 2))
+      ({'w': tensor([1., 1.])}, None)
+    """
+    leaves, treedef = optree.tree_flatten(params)
+    if not is_sharded(params):
+        return params, None
+    _refuse_options(options or {})
+    from fundp import distributed as fundp_distributed
+
+    paths = optree.tree_paths(params)
+    _refuse_meshes(leaves, paths, group)
+    settings = [("params" + "".join(f"[{p!r}]" for p in path), _describe(leaf)) for path, leaf in zip(paths, leaves)]
+    settings.append(("batch shapes", _batch_shapes(batch, mask)))
+    fundp_distributed.check_consistent(key, settings, group)
+    _refuse_shared_batches(_batch_digest(batch, mask), group)
+    dtensor = _dtensor_type()
+    specs = tuple(
+        _LeafSpec(leaf.device_mesh, tuple(leaf.placements), tuple(leaf.shape)) if isinstance(leaf, dtensor) else None
+        for leaf in leaves
+    )
+    full = [leaf.full_tensor() if isinstance(leaf, dtensor) else leaf for leaf in leaves]
+    return optree.tree_unflatten(treedef, full), ShardLayout(specs)
+
+
+def _refuse_shared_batches(digest: str, group: Any) -> None:
+    import torch.distributed as dist
+
+    from fundp.distributed import RankMismatchError, _fingerprint, rank_and_world_size
+
+    _, world_size = rank_and_world_size(group)
+    if world_size == 1 or digest == "no real rows":
+        return
+    mine = torch.tensor([_fingerprint(digest)], dtype=torch.int64)
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(gathered, mine, group=group)
+    values = [int(t) for t in gathered]
+    same = [r for r in range(world_size) if values.count(values[r]) > 1]
+    if same:
+        raise RankMismatchError(
+            f"ranks {same} pass the same batch rows: with sharded params every rank's rows must be its own "
+            "examples (fundp.distributed.shard); tensor parallelism, where ranks share a batch, is not supported yet"
+        )
+
+
+def reduce_clipped_sum(clipped: Any, layout: ShardLayout, group: Any = None, *, fingerprint: Any = None) -> Any:
+    """Sums a :class:`~fundp.types.ClippedSum` over ranks, each rank keeping its own coordinates.
+
+    Sharded leaves (``layout.specs[l]`` not ``None``) are reduce-scattered: the local full-size
+    sum becomes a ``Partial`` DTensor redistributed to the parameter's placements, so the result
+    is a float64 DTensor laid out like the parameter.  Plain leaves, the loss sum and the counts
+    are all-reduced with :func:`fundp.distributed.all_reduce_clipped_sum` (``fingerprint``: the
+    per-call check of key and settings).  ``norms`` stay local.
+
+    Example:
+      >>> import os, tempfile, torch, torch.distributed as dist, fundp
+      >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rdv"), rank=0, world_size=1)
+      >>> f = fundp.clipped_grad_sum(lambda p, b: b @ p["w"], max_norm=1.0, grad_method="vmap")
+      >>> clipped = f({"w": torch.zeros(2)}, torch.eye(2))
+      >>> fundp.sharding.reduce_clipped_sum(clipped, fundp.sharding.ShardLayout((None,))).grads["w"]
+      tensor([1., 1.], dtype=torch.float64)
+      >>> dist.destroy_process_group()
+    """
+    from torch.distributed.tensor import DTensor, Partial
+
+    from fundp.distributed import all_reduce_clipped_sum
+
+    leaves, treedef = optree.tree_flatten(clipped.grads)
+    if len(leaves) != len(layout.specs):
+        raise ValueError(f"the clipped sum has {len(leaves)} leaves but the layout describes {len(layout.specs)}")
+    plain = [leaf for leaf, spec in zip(leaves, layout.specs) if spec is None]
+    reduced = all_reduce_clipped_sum(clipped._replace(grads=plain), group, fingerprint=fingerprint)
+    plain_iter: Iterator[torch.Tensor] = iter(reduced.grads)
+    out = []
+    for leaf, spec in zip(leaves, layout.specs):
+        if spec is None:
+            out.append(next(plain_iter))
+            continue
+        partial = DTensor.from_local(leaf.contiguous(), spec.mesh, [Partial("sum")] * spec.mesh.ndim, run_check=False,
+                                     shape=leaf.shape, stride=leaf.stride())
+        out.append(partial.redistribute(spec.mesh, spec.placements))
+    return reduced._replace(grads=optree.tree_unflatten(treedef, out))
+
+
+# --------------------------------------------------------------------------- FSDP2 modules
+
+
+@contextlib.contextmanager
+def fsdp_hooks_suspended(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, the FSDP2 forward hooks of ``model``'s ``fully_shard`` modules are removed.
+
+    fundp's sharded step gathers the parameters itself and calls the model functionally on the
+    full tensors (:func:`fundp.functional_call` enters this block for FSDP2 models); FSDP2's own
+    hooks would swap its sharded parameters back in and all-gather them inside ``vmap``.  The
+    hooks (and their order) are restored on exit, so ordinary FSDP2 training is unaffected.
+    A module without ``fully_shard`` is left as it is.
+
+    Example:
+      >>> import torch, fundp
+      >>> with fundp.sharding.fsdp_hooks_suspended(torch.nn.Linear(2, 1)):
+      ...     pass
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        yield
+        return
+    saved: list[tuple[dict, dict]] = []
+    try:
+        for module in model.modules():
+            if not isinstance(module, FSDPModule):
+                continue
+            state = module._get_fsdp_state()
+            ids = set()
+            for handle in (getattr(state, "_pre_forward_hook_handle", None), getattr(state, "_post_forward_hook_handle", None)):
+                if handle is None or not hasattr(handle, "id"):
+                    raise NotImplementedError(
+                        "fully_shard over a group of modules (fully_shard([a, b])) is not supported by fundp's sharded step")
+                ids.add(handle.id)
+            for name in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                         "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                hooks = getattr(module, name)
+                if any(i in hooks for i in ids):
+                    saved.append((hooks, dict(hooks)))
+                    for i in ids:
+                        hooks.pop(i, None)
+        yield
+    finally:
+        for hooks, copy in saved:
+            hooks.clear()
+            hooks.update(copy)
+
+
+def gathered_frozen(model: torch.nn.Module, params: dict) -> dict:
+    """The full values (detached) of ``model``'s DTensor parameters that ``params`` leaves out.
+
+    Frozen parameters (a LoRA adapter's base weights) are used as the module holds them; under
+    FSDP2 it holds shards, so they are all-gathered at each forward of the call: a collective, so
+    every rank must run the same number of forwards (fundp's engines do, for batches of one shape
+    on every rank; a rank that does not is caught by the process group's timeout).  Plain
+    parameters are not included.
+
+    Example:
+      >>> import torch, fundp
+      >>> fundp.sharding.gathered_frozen(torch.nn.Linear(2, 1), {})
+      {}
+    """
+    dtensor = _dtensor_type()
+    frozen = [(name, p) for name, p in model.named_parameters()
+              if name not in params and dtensor is not None and isinstance(p, dtensor)]
+    if not frozen:
+        return {}
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec
+    from torch.distributed.tensor._redistribute import redistribute_local_tensor
+
+    gathered = {}
+    # Called inside vmap / grad: the all-gather runs on the raw local shards, outside the
+    # transforms and autograd (DTensor.full_tensor is an autograd.Function, which they refuse);
+    # the gathered values are constants of the call.
+    with torch._C._DisableFuncTorch(), torch.no_grad():
+        for name, p in frozen:
+            spec = p._spec
+            target = DTensorSpec(spec.mesh, (Replicate(),) * spec.mesh.ndim, tensor_meta=spec.tensor_meta)
+            gathered[name] = redistribute_local_tensor(p._local_tensor, spec, target)
+    return gathered
+
+
+def _has_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(module, FSDPModule) for module in model.modules())
