@@ -114,11 +114,12 @@ import math
 import warnings
 from typing import Sequence
 
-from scipy import optimize, special
+import numpy as np
+from scipy import optimize, special, stats
 
 from fundp.accounting import gdp, rdp
 from fundp.accounting import subsampled_gaussian as sg
-from fundp.accounting.pld import ComposedPLD, _Stack, choose_tilt, compose, discretize, saddle_point_epsilon
+from fundp.accounting.pld import ComposedPLD, DiscretePLD, _Stack, choose_tilt, compose, discretize, saddle_point, saddle_point_epsilon
 
 __all__ = ["epsilon", "delta", "epsilon_bounds", "delta_bounds", "RELATIVE_ERROR"]
 
@@ -271,6 +272,104 @@ def _composed_cached(segments: tuple, h: float, direction: str, log10_tail: int,
                    optimistic=optimistic)
 
 
+#: The split composition (:func:`_split_composed`) cuts each step's loss where the expected number
+#: of steps with a loss above the cut, over the whole run, is this.
+_SPLIT_TAIL_STEPS = 1e-3
+_U = 2.0**-53
+
+
+@functools.lru_cache(maxsize=4)
+def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, at_loss: float) -> ComposedPLD | None:
+    """The composed PLD of one segment ``(sigma, q, T)`` as a sum of terms composed with their own tilts.
+
+    Each step's (pessimistic) PLD ``x`` is cut at a loss ``c`` into a bulk ``b`` (losses ``< c``)
+    and a tail ``t`` (``>= c``, holding ``~_SPLIT_TAIL_STEPS / T`` of the mass), and
+
+        x^{*T} = sum_n C(T, n) b^{*(T-n)} * t^{*n}.
+
+    The terms ``n <= n_max`` are composed by :func:`~fundp.accounting.pld.compose`, each tilted
+    for precision at ``at_loss`` by its own saddle point, with its own
+    provable round-off bound and wrap-around bound; the rest has mass ``||x||_1^T P(Bin(T, p) >
+    n_max)`` (``p = ||t||_1 / ||x||_1``) and, since ``f(l) = (1 - e^{eps - l})_+ <= 1``, adds at
+    most that to delta: it is counted with the wrapped mass.  Nothing is approximated, so every
+    delta of the sum is an upper bound as before.
+
+    Why: for small ``q`` the composed loss is a mixture of a narrow bulk and rare large single-step
+    losses; at small delta the epsilon of interest lies in the valley between them, where *no* one
+    tilt makes the mass large against the peak, and the round-off allowance (a fraction of the
+    tilted peak per entry) dominates.  Term by term each distribution is unimodal and a tilt at its
+    own saddle point makes the mass at ``at_loss`` large again.  ``None`` if the step has no tail
+    to split off.
+    """
+    (sigma, q, steps), = segments
+    tail = 10.0**log10_tail
+    step = _step_pld(sigma, q, h, direction, math.floor(math.log10(tail / (2 * steps))))
+    masses = np.asarray(step.masses)
+    suffix = np.cumsum(masses[::-1])[::-1]
+    cut = int(np.searchsorted(-suffix, -_SPLIT_TAIL_STEPS / steps))  # first index with suffix <= target
+    if cut <= 0 or cut >= masses.size or steps < 2:
+        return None
+    bulk = DiscretePLD(h, step.start, masses[:cut], 0.0)
+    upper = DiscretePLD(h, step.start + cut, masses[cut:], 0.0)
+    mass_bulk, mass_tail = float(np.sum(bulk.masses)), float(np.sum(upper.masses))
+    total = mass_bulk + mass_tail
+    p, log_total = mass_tail / total, steps * math.log(total)
+    # The terms n > n_max: ||x||_1^T P(Bin(T, p) > n_max) <= tail / 2 (logsf nudged up by 1e-6).
+    budget = tail / 2
+    n_max = 0
+    while n_max < steps and stats.binom.logsf(n_max, steps, p) + log_total + 1e-6 > math.log(budget):
+        n_max += 1
+    remainder = math.exp(stats.binom.logsf(n_max, steps, p) + log_total + 1e-6) if n_max < steps else 0.0
+    terms = []
+    for n in range(n_max + 1):
+        plds = [(pld, count) for pld, count in ((bulk, steps - n), (upper, n)) if count > 0]
+        log_binom = math.lgamma(steps + 1) - math.lgamma(n + 1) - math.lgamma(steps - n + 1)
+        stack = _Stack(plds)
+        term = compose(plds, budget / (n_max + 1) * math.exp(-log_binom), tilt=saddle_point(stack, at_loss),
+                       lowest_loss=at_loss / 2, max_size=_MAX_POINTS, stack=stack)
+        # Scaled by C(T, n) through its untilting factor (whose round-off grows by 4u |log C|).
+        terms.append(dataclasses.replace(
+            term, log_scale=term.log_scale + log_binom, missing_mass=term.missing_mass * math.exp(log_binom),
+            relative_error=term.relative_error + 4 * _U * (abs(log_binom) + 1) * (1 + term.relative_error)))
+    top = max(term.start + term.masses.size for term in terms)
+    merged = np.zeros(max(top - 1, 1))  # losses 1 .. top - 1 (times h)
+    allowances = np.zeros_like(merged)
+    for term in terms:
+        losses, term_masses, allowance = term._positive_part()
+        index = term.start + max(0, 1 - term.start) - 1
+        merged[index:index + term_masses.size] += term_masses
+        allowances[index:index + term_masses.size] += allowance
+    mean, variance = step.moments()
+    infinity = -math.expm1(steps * math.log1p(-step.infinity_mass)) if step.infinity_mass < 1 else 1.0
+    return ComposedPLD(
+        h, 1, merged, 0.0, 0.0, infinity, sum(term.missing_mass for term in terms) + remainder, 0.0,
+        steps * mean, steps * variance, max(term.relative_error for term in terms), allowances=allowances,
+        trusted_from=max(term.lowest_trusted_loss for term in terms))
+
+
+def _without_round_off(pld: ComposedPLD) -> ComposedPLD:
+    """``pld`` without its round-off allowances: an *estimate* (not a bound) of what they cost."""
+    return dataclasses.replace(pld, entry_error=0.0, relative_error=0.0, allowances=None)
+
+
+def _split_if_round_off_dominates(segments: tuple, bound: float, pld: ComposedPLD, direction: str, tail: float,
+                                  at_loss: float, query) -> tuple[float, ComposedPLD]:
+    """The better of ``(bound, pld)`` and the split composition (:func:`_split_composed`) on the same
+    grid, tried only where the round-off allowance costs more than a quarter of ``RELATIVE_ERROR``
+    (``query(pld)`` with and without it) and the ledger is one subsampled segment.  Both are bounds."""
+    if len(segments) != 1 or segments[0][1] >= 1 or pld.allowances is not None:
+        return bound, pld
+    core = query(_without_round_off(pld))
+    if not (math.isfinite(bound) and bound > core * (1 + RELATIVE_ERROR / 4)):
+        return bound, pld
+    split = _split_composed(segments, pld.interval, direction, math.floor(math.log10(_rounded_tail(tail))),
+                            float(f"{at_loss:.3g}"))
+    if split is None:
+        return bound, pld
+    value = query(split)
+    return (value, split) if value < bound else (bound, pld)
+
+
 @functools.lru_cache(maxsize=8)
 def _stack(segments: tuple, h: float, direction: str, log10_tail: int, optimistic: bool = False) -> _Stack:
     """The single-step PLDs of ``segments``, concatenated for vectorised cumulants."""
@@ -385,7 +484,7 @@ def _warn_if_round_off_dominates(answer: float, pld: ComposedPLD, delta: float) 
     large part of a very small delta when the heavy tail of a small-``q`` PLD limits the tilt.
     The same PLD without the allowance estimates what the bound would be without it; if the gap
     exceeds the 0.1% promise, warn with its size (the answer is still a rigorous upper bound)."""
-    core = dataclasses.replace(pld, entry_error=0.0, relative_error=0.0).epsilon(delta)
+    core = _without_round_off(pld).epsilon(delta)
     if core > 0 and answer > core * (1 + _PROMISE):
         warnings.warn(
             f"epsilon {answer:.6g} at delta {delta:.3g} is a rigorous upper bound, but the FFT round-off "
@@ -445,6 +544,8 @@ def _epsilon_search(segments: tuple, delta: float) -> tuple[float, str, Composed
                     fine, fine_pld = again, again_pld
             if fine < bound:
                 bound, pld = fine, fine_pld
+        bound, pld = _split_if_round_off_dominates(segments, bound, pld, direction, tail, bound,
+                                                   lambda composed: composed.epsilon(delta))
         if bound > answer:
             answer, answer_pld, answer_direction = bound, pld, direction
     if answer_pld is not None and math.isfinite(answer):
@@ -519,6 +620,8 @@ def _delta_search(segments: tuple, epsilon: float) -> tuple[float, str, Composed
                 again, pld = query(h_again, direction, tail, floor)
                 fine = min(fine, again)
             bound = min(bound, fine)
+        bound, pld = _split_if_round_off_dominates(segments, bound, pld, direction, tail, epsilon,
+                                                   lambda composed: min(1.0, composed.delta(epsilon)))
         if bound > answer:
             answer, answer_direction, answer_pld = bound, direction, pld
     if epsilon > _LARGEST_EPSILON:
@@ -537,7 +640,7 @@ def _lower_pass(segments: tuple, like: ComposedPLD, direction: str, tail: float,
             warnings.simplefilter("error", UserWarning)  # no silent coarsening of the lower pass
             # ``like.interval`` is already quantised: the nudge keeps `_quantize` from rounding it down.
             return _composed(segments, like.interval / refine * (1 + 1e-9), direction, _rounded_tail(tail), at_loss,
-                             optimistic=True, tilt=like.tilt if refine == 1 else None)
+                             optimistic=True, tilt=like.tilt if refine == 1 and like.allowances is None else None)
     except UserWarning:
         return None
 
