@@ -279,7 +279,8 @@ _U = 2.0**-53
 
 
 @functools.lru_cache(maxsize=4)
-def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, at_loss: float) -> ComposedPLD | None:
+def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, at_loss: float,
+                    optimistic: bool = False) -> ComposedPLD | None:
     """The composed PLD of one segment ``(sigma, q, T)`` as a sum of terms composed with their own tilts.
 
     Each step's (pessimistic) PLD ``x`` is cut at a loss ``c`` into a bulk ``b`` (losses ``< c``)
@@ -300,10 +301,17 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
     tilted peak per entry) dominates.  Term by term each distribution is unimodal and a tilt at its
     own saddle point makes the mass at ``at_loss`` large again.  ``None`` if the step has no tail
     to split off.
+
+    ``optimistic``: the same expansion of the *dominated* steps (:func:`epsilon_bounds`), a lower
+    bound: the terms ``n > n_max`` are dropped (``f >= 0``), each term's entries are lowered by its
+    round-off bound, and what may have wrapped around each term's window (its
+    ``wrap_above_log``, ``wrap_below``) is subtracted as one constant, evaluated at the loss
+    ``at_loss / 2`` (it decreases with epsilon): the result's delta and epsilon are lower bounds
+    for ``eps >= at_loss / 2`` (``trusted_from``; :func:`_split_lower` voids them below).
     """
     (sigma, q, steps), = segments
     tail = 10.0**log10_tail
-    step = _step_pld(sigma, q, h, direction, math.floor(math.log10(tail / (2 * steps))))
+    step = _step_pld(sigma, q, h, direction, math.floor(math.log10(tail / (2 * steps))), optimistic)
     masses = np.asarray(step.masses)
     suffix = np.cumsum(masses[::-1])[::-1]
     cut = int(np.searchsorted(-suffix, -_SPLIT_TAIL_STEPS / steps))  # first index with suffix <= target
@@ -320,13 +328,14 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
     while n_max < steps and stats.binom.logsf(n_max, steps, p) + log_total + 1e-6 > math.log(budget):
         n_max += 1
     remainder = math.exp(stats.binom.logsf(n_max, steps, p) + log_total + 1e-6) if n_max < steps else 0.0
-    terms = []
+    terms, binomials = [], []
     for n in range(n_max + 1):
         plds = [(pld, count) for pld, count in ((bulk, steps - n), (upper, n)) if count > 0]
         log_binom = math.lgamma(steps + 1) - math.lgamma(n + 1) - math.lgamma(steps - n + 1)
         stack = _Stack(plds)
         term = compose(plds, budget / (n_max + 1) * math.exp(-log_binom), tilt=saddle_point(stack, at_loss),
-                       lowest_loss=at_loss / 2, max_size=_MAX_POINTS, stack=stack)
+                       lowest_loss=at_loss / 2, max_size=_MAX_POINTS, stack=stack, optimistic=optimistic)
+        binomials.append(math.exp(log_binom))
         # Scaled by C(T, n) through its untilting factor (whose round-off grows by 4u |log C|).
         terms.append(dataclasses.replace(
             term, log_scale=term.log_scale + log_binom, missing_mass=term.missing_mass * math.exp(log_binom),
@@ -334,12 +343,22 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
     top = max(term.start + term.masses.size for term in terms)
     merged = np.zeros(max(top - 1, 1))  # losses 1 .. top - 1 (times h)
     allowances = np.zeros_like(merged)
+    mean, variance = step.moments()
+    if optimistic:
+        floor = at_loss / 2
+        wrapped = 0.0
+        for term, binomial in zip(terms, binomials):
+            _, lower = term._lower_part()
+            index = term.start + max(0, 1 - term.start) - 1
+            merged[index:index + lower.size] += lower
+            wrapped += binomial * (float(term._wrapped_above(floor)) + term.wrap_below)
+        return ComposedPLD(h, 1, merged, 0.0, 0.0, 0.0, 0.0, 0.0, steps * mean, steps * variance, optimistic=True,
+                           wrap_below=wrapped, trusted_from=floor)
     for term in terms:
         losses, term_masses, allowance = term._positive_part()
         index = term.start + max(0, 1 - term.start) - 1
         merged[index:index + term_masses.size] += term_masses
         allowances[index:index + term_masses.size] += allowance
-    mean, variance = step.moments()
     infinity = -math.expm1(steps * math.log1p(-step.infinity_mass)) if step.infinity_mass < 1 else 1.0
     return ComposedPLD(
         h, 1, merged, 0.0, 0.0, infinity, sum(term.missing_mass for term in terms) + remainder, 0.0,
@@ -355,15 +374,18 @@ def _without_round_off(pld: ComposedPLD) -> ComposedPLD:
 def _split_if_round_off_dominates(segments: tuple, bound: float, pld: ComposedPLD, direction: str, tail: float,
                                   at_loss: float, query) -> tuple[float, ComposedPLD]:
     """The better of ``(bound, pld)`` and the split composition (:func:`_split_composed`) on the same
-    grid, tried only where the round-off allowance costs more than a quarter of ``RELATIVE_ERROR``
+    grid, tried only where the round-off allowance costs more than ``2 RELATIVE_ERROR``
     (``query(pld)`` with and without it) and the ledger is one subsampled segment.  Both are bounds."""
     if len(segments) != 1 or segments[0][1] >= 1 or pld.allowances is not None:
         return bound, pld
     core = query(_without_round_off(pld))
-    if not (math.isfinite(bound) and bound > core * (1 + RELATIVE_ERROR / 4)):
+    if not (math.isfinite(bound) and bound > core * (1 + 2 * RELATIVE_ERROR)):
         return bound, pld
-    split = _split_composed(segments, pld.interval, direction, math.floor(math.log10(_rounded_tail(tail))),
-                            float(f"{at_loss:.3g}"))
+    try:
+        split = _split_composed(segments, pld.interval, direction, math.floor(math.log10(_rounded_tail(tail))),
+                                float(f"{at_loss:.3g}"))
+    except MemoryError:  # a term's window exceeds the point budget: keep the plain pass (and its warning)
+        split = None
     if split is None:
         return bound, pld
     value = query(split)
@@ -649,14 +671,34 @@ def _lower_pass(segments: tuple, like: ComposedPLD, direction: str, tail: float,
 _LOWER_REFINEMENTS = (1, 2, 4)
 
 
+def _split_lower(segments: tuple, like: ComposedPLD, direction: str, tail: float, at_loss: float, query,
+                 epsilon_query: bool) -> float:
+    """``query`` of the optimistic split composition (:func:`_split_composed`) on ``like``'s grid, a
+    certified lower bound where its answer is at least its ``trusted_from`` (0 otherwise, or if a
+    window would not fit)."""
+    try:
+        pld = _split_composed(segments, like.interval, direction, math.floor(math.log10(_rounded_tail(tail))),
+                              float(f"{at_loss:.3g}"), optimistic=True)
+    except MemoryError:
+        return 0.0
+    if pld is None:
+        return 0.0
+    value = query(pld)
+    # An epsilon answer must lie at or above trusted_from; a delta is asked at ``at_loss`` itself,
+    # which is above it.
+    return value if not epsilon_query or value >= pld.trusted_from else 0.0
+
+
 def _lower(segments: tuple, like: ComposedPLD | None, direction: str, tail: float, at_loss: float, upper: float,
-           query) -> float:
+           query, epsilon_query: bool = False) -> float:
     """The largest ``query(pld)`` over the optimistic passes of :func:`_lower_pass` (each a certified
     lower bound) on the upper bound's grid, then on grids 2 and 4 times finer while the bounds are
     more than ``_PROMISE`` apart: next to the edge of a step's support (small ``q``) the dominated
     discretisation loses a first-order share of a cell, which finer grids shrink fast.  0 if none fits."""
     if like is None:
         return 0.0
+    if like.allowances is not None:  # the upper bound came from the split composition: so does the lower
+        return min(_split_lower(segments, like, direction, tail, at_loss, query, epsilon_query), upper)
     best = 0.0
     for refine in _LOWER_REFINEMENTS:
         pld = _lower_pass(segments, like, direction, tail, at_loss, refine)
@@ -688,7 +730,7 @@ def epsilon_bounds(segments: Segments, delta: float) -> tuple[float, float]:
     upper, direction, pld = _epsilon_search(segments, delta)
     aim = upper if math.isfinite(upper) or pld is None else pld.mean
     tail = _TAIL_FRACTION * delta * (1 - delta)
-    return _lower(segments, pld, direction, tail, aim, upper, lambda lower: lower.epsilon(delta)), upper
+    return _lower(segments, pld, direction, tail, aim, upper, lambda lower: lower.epsilon(delta), True), upper
 
 
 def delta_bounds(segments: Segments, epsilon: float) -> tuple[float, float]:
