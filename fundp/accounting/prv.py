@@ -126,6 +126,8 @@ __all__ = ["epsilon", "delta", "epsilon_bounds", "delta_bounds", "RELATIVE_ERROR
 #: Target relative error of the final pass (the promise is 0.1%).
 RELATIVE_ERROR = 1e-4
 _COARSE_RELATIVE_ERROR = 16 * RELATIVE_ERROR
+#: Target relative error (on delta) of :func:`delta`'s final pass: ten times inside its 1% promise.
+_DELTA_RELATIVE_ERROR = 1e-3
 #: Tail mass cut off per step (all steps together), and mass allowed above the composed window
 #: (added to delta in full), each as a fraction of ``delta (1 - delta)``: ``1 - delta`` bounds
 #: ``|d delta / d eps|`` from above, so near ``delta = 1`` the budget shrinks with the slope.
@@ -630,15 +632,15 @@ def _delta_search(segments: tuple, epsilon: float) -> tuple[float, str, Composed
         floor = max(_TAIL_FRACTION * answer, 1e-300)
         tail = max(_TAIL_FRACTION * bound, floor)
         slope = pld.delta_slope(epsilon) / max(bound, 1e-300)
-        h_fine = _interval_for_delta(epsilon, pld.variance, steps, RELATIVE_ERROR, slope)
+        h_fine = _interval_for_delta(epsilon, pld.variance, steps, _DELTA_RELATIVE_ERROR, slope)
         if _quantize(h_fine) < pld.interval:
             fine, fine_pld = query(h_fine, direction, tail, floor)
             # Richardson check of the error model, as in `epsilon` (here on log delta).
             ratio = (pld.interval / fine_pld.interval) ** 2
             excess = (math.log(bound) - math.log(fine)) / (ratio - 1) if fine > 0 and ratio > 1.01 else 0.0
             pld = fine_pld
-            if excess > 2 * RELATIVE_ERROR:
-                h_again = fine_pld.interval * max(math.sqrt(RELATIVE_ERROR / excess), 0.25)
+            if excess > 2 * _DELTA_RELATIVE_ERROR:
+                h_again = fine_pld.interval * max(math.sqrt(_DELTA_RELATIVE_ERROR / excess), 0.25)
                 again, pld = query(h_again, direction, tail, floor)
                 fine = min(fine, again)
             bound = min(bound, fine)
