@@ -71,7 +71,9 @@ times; ``z_sk = (F x_s)_k`` the exact DFT, ``^`` marks computed values.
 extended precision, tilted and untilted.  It is rigorous but pessimistic (each ``e_s`` is a worst
 case, where the actual error behaves like a random walk): it is ~``T u (8 log2 N + 10)`` of the
 tilted spectrum's mean modulus, which is what limits tightness at very small delta when the heavy
-tail of a small-``q`` PLD forbids a large tilt (see :mod:`~fundp.accounting.prv`).
+tail of a small-``q`` PLD forbids a large tilt (:mod:`~fundp.accounting.prv` then splits the
+composition).  Each entry's true mass lies within its allowance and is weighted by the same
+``f(l) = 1 - e^{eps - l}`` in delta, so the allowances are weighted by ``f`` too.
 
 Only the finite part of each single-step PLD is convolved; the ``+inf`` masses compose as
 ``1 - prod (1 - p_inf)^T``.

@@ -27,6 +27,16 @@ pass's own excess (Richardson) - if the model was optimistic, one more refinemen
 towards the epsilon of interest (see :func:`~fundp.accounting.pld.compose`), aimed by a
 saddle-point estimate on the coarse grid, and re-aimed if the answer lands far from the aim.
 
+**Split composition** (small ``q`` at small delta).  The composed loss of a small-``q`` ledger is
+a mixture of a narrow bulk and rare large single-step losses; at small delta the epsilon of
+interest lies in the valley between them, where no single tilt makes the mass large against the
+tilted peak, and the provable round-off allowance (a fraction ``~T u log N`` of that peak per
+entry) would dominate.  Where it costs more than ``2 RELATIVE_ERROR`` on a one-segment ledger,
+the step is cut into bulk and tail and the binomial expansion of the composition is summed term by
+term, each at its own tilt (:func:`_split_composed`; its lower-bound twin for ``bounds=True``).
+If that cannot be done (several segments, or a term's window over the point budget), the answer is
+still a rigorous bound and a ``UserWarning`` says how much the allowance may cost.
+
 **Both directions.**  epsilon is the larger of the "remove" and "add" epsilons.  The fine pass runs
 first on the direction with the larger coarse bound; the other is refined only if its coarse bound
 (an upper bound) could still exceed the answer.  At ``q = 1`` they coincide and one is computed.
