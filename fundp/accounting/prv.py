@@ -6,7 +6,7 @@ discretised on a grid of spacing ``h`` and all steps are composed by one FFT
 mechanism by one that dominates it), so the answer is a **rigorous upper bound** on epsilon (or
 delta) whatever ``h`` is.  ``h`` only decides how *tight* the bound is, and that is what this
 module chooses, aiming at a relative excess of ``RELATIVE_ERROR = 1e-4`` (ten times inside the
-0.1% promise).
+0.1% promise); :func:`delta` aims at ``1e-3`` of delta (ten times inside its 1% promise).
 
 **Choosing h.**  Connect-the-dots keeps each grid cell's ``P``- and ``Q``-mass and adds at most
 ``h^2/4`` variance per step, so the composed loss stays close to a valid PLD whose mean is raised by
