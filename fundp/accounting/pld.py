@@ -71,7 +71,9 @@ times; ``z_sk = (F x_s)_k`` the exact DFT, ``^`` marks computed values.
 extended precision, tilted and untilted.  It is rigorous but pessimistic (each ``e_s`` is a worst
 case, where the actual error behaves like a random walk): it is ~``T u (8 log2 N + 10)`` of the
 tilted spectrum's mean modulus, which is what limits tightness at very small delta when the heavy
-tail of a small-``q`` PLD forbids a large tilt (see :mod:`~fundp.accounting.prv`).
+tail of a small-``q`` PLD forbids a large tilt (:mod:`~fundp.accounting.prv` then splits the
+composition).  Each entry's true mass lies within its allowance and is weighted by the same
+``f(l) = 1 - e^{eps - l}`` in delta, so the allowances are weighted by ``f`` too.
 
 Only the finite part of each single-step PLD is convolved; the ``+inf`` masses compose as
 ``1 - prod (1 - p_inf)^T``.
@@ -360,6 +362,12 @@ class ComposedPLD:
     optimistic: bool = False
     wrap_above_log: float = -math.inf
     wrap_below: float = 0.0
+    #: Per-entry untilted round-off allowances (same length as ``masses``), used instead of
+    #: ``entry_error`` when given (a sum of terms composed with different tilts: see
+    #: :func:`~fundp.accounting.prv._split_composed`), and the loss from which delta is trusted
+    #: (``-inf``: everywhere, or the window's start if tilted).
+    allowances: np.ndarray | None = None
+    trusted_from: float = -math.inf
 
     def _positive_part(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Losses ``> 0`` with their untilted masses and error allowances."""
@@ -369,6 +377,8 @@ class ComposedPLD:
         # the allowance then exceeds 1 and delta saturates, which is the pessimistic answer.
         exponent = np.minimum(self.log_scale - self.tilt * losses, 600.0)
         scale = np.exp(exponent)
+        if self.allowances is not None:
+            return losses, self.masses[first:] * scale, self.allowances[first:] * scale
         with np.errstate(divide="ignore"):
             allowance = np.exp(np.minimum(math.log(self.entry_error) + exponent, 600.0)) if self.entry_error > 0 else np.zeros_like(losses)
         return losses, self.masses[first:] * scale, allowance
@@ -377,7 +387,7 @@ class ComposedPLD:
     def lowest_trusted_loss(self) -> float:
         """Below the window, tilted mass that wrapped to its top was down-weighted by untilting, so
         delta is only bounded for eps at or above the window's start (untilted: everywhere)."""
-        return self.start * self.interval if self.tilt > 0 else -math.inf
+        return max(self.trusted_from, self.start * self.interval if self.tilt > 0 else -math.inf)
 
     def delta(self, epsilon: float) -> float:
         """Upper bound on ``delta(eps) = E[(1 - e^{eps - L})_+] + P(L = inf)`` for ``eps >= 0``
@@ -395,8 +405,11 @@ class ComposedPLD:
         losses, masses, allowance = self._positive_part()
         above = losses > epsilon
         scale = 1 + self.relative_error
-        finite = float(np.sum(masses[above] * -np.expm1(epsilon - losses[above])))
-        return scale * finite, self.infinity_mass + self.missing_mass + scale * float(np.sum(allowance[above]))
+        # Each true mass is within its allowance of the computed one and is weighted, like it, by
+        # ``f(l) = 1 - e^{eps - l}`` in ``[0, 1]``: the allowances count with the same weights.
+        weight = -np.expm1(epsilon - losses[above])
+        finite = float(np.sum(masses[above] * weight))
+        return scale * finite, self.infinity_mass + self.missing_mass + scale * float(np.sum(allowance[above] * weight))
 
     def delta_slope(self, epsilon: float) -> float:
         """``-d delta / d eps = e^eps sum_{l > eps} m_l e^{-l}``: used to size grids."""
@@ -459,11 +472,14 @@ class ComposedPLD:
         losses, masses, allowance = self._positive_part()
         # Suffix sums accumulate from the smallest terms, so the tails we care about are not
         # swamped by the bulk.
-        # Round-off in the inputs and the untilting is relative: enlarge every positive mass by it
-        # (the piece's delta A - e^eps B, with B >= 0, only grows when A grows).
+        # Every true mass lies in [0, m_l + allowance_l] (round-off, module docstring), enlarged by
+        # the relative round-off of the inputs and the untilting: ``u_l = scale * max(m_l + a_l, 0)``.
+        # Since ``f(l) = 1 - e^{eps - l} >= 0`` above eps, ``sum u_l f(l)`` bounds the true delta,
+        # and on each piece it is ``A - e^eps B`` with both sums taken over ``u``.
         scale = 1 + self.relative_error
-        a = np.concatenate([np.cumsum((scale * (np.maximum(masses, 0.0) + allowance) + np.minimum(masses, 0.0))[::-1])[::-1], [0.0]])
-        b = np.concatenate([np.cumsum((masses * np.exp(-losses))[::-1])[::-1], [0.0]])
+        upper_masses = scale * np.maximum(masses + allowance, 0.0)
+        a = np.concatenate([np.cumsum(upper_masses[::-1])[::-1], [0.0]])
+        b = np.concatenate([np.cumsum((upper_masses * np.exp(-losses))[::-1])[::-1], [0.0]])
         # Piece k covers [left_k, losses[k]) where only atoms j >= k lie strictly above eps.
         left = np.concatenate([[0.0], losses])
         with np.errstate(invalid="ignore", over="ignore"):

@@ -6,7 +6,7 @@ discretised on a grid of spacing ``h`` and all steps are composed by one FFT
 mechanism by one that dominates it), so the answer is a **rigorous upper bound** on epsilon (or
 delta) whatever ``h`` is.  ``h`` only decides how *tight* the bound is, and that is what this
 module chooses, aiming at a relative excess of ``RELATIVE_ERROR = 1e-4`` (ten times inside the
-0.1% promise).
+0.1% promise); :func:`delta` aims at ``1e-3`` of delta (ten times inside its 1% promise).
 
 **Choosing h.**  Connect-the-dots keeps each grid cell's ``P``- and ``Q``-mass and adds at most
 ``h^2/4`` variance per step, so the composed loss stays close to a valid PLD whose mean is raised by
@@ -26,6 +26,16 @@ pass's own excess (Richardson) - if the model was optimistic, one more refinemen
 **Tilting.**  FFT round-off is relative to the largest entry; each pass therefore tilts the PLD
 towards the epsilon of interest (see :func:`~fundp.accounting.pld.compose`), aimed by a
 saddle-point estimate on the coarse grid, and re-aimed if the answer lands far from the aim.
+
+**Split composition** (small ``q`` at small delta).  The composed loss of a small-``q`` ledger is
+a mixture of a narrow bulk and rare large single-step losses; at small delta the epsilon of
+interest lies in the valley between them, where no single tilt makes the mass large against the
+tilted peak, and the provable round-off allowance (a fraction ``~T u log N`` of that peak per
+entry) would dominate.  Where it costs more than ``2 RELATIVE_ERROR`` on a one-segment ledger,
+the step is cut into bulk and tail and the binomial expansion of the composition is summed term by
+term, each at its own tilt (:func:`_split_composed`; its lower-bound twin for ``bounds=True``).
+If that cannot be done (several segments, or a term's window over the point budget), the answer is
+still a rigorous bound and a ``UserWarning`` says how much the allowance may cost.
 
 **Both directions.**  epsilon is the larger of the "remove" and "add" epsilons.  The fine pass runs
 first on the direction with the larger coarse bound; the other is refined only if its coarse bound
@@ -114,17 +124,20 @@ import math
 import warnings
 from typing import Sequence
 
-from scipy import optimize, special
+import numpy as np
+from scipy import optimize, special, stats
 
 from fundp.accounting import gdp, rdp
 from fundp.accounting import subsampled_gaussian as sg
-from fundp.accounting.pld import ComposedPLD, _Stack, choose_tilt, compose, discretize, saddle_point_epsilon
+from fundp.accounting.pld import ComposedPLD, DiscretePLD, _Stack, choose_tilt, compose, discretize, saddle_point, saddle_point_epsilon
 
 __all__ = ["epsilon", "delta", "epsilon_bounds", "delta_bounds", "RELATIVE_ERROR"]
 
 #: Target relative error of the final pass (the promise is 0.1%).
 RELATIVE_ERROR = 1e-4
 _COARSE_RELATIVE_ERROR = 16 * RELATIVE_ERROR
+#: Target relative error (on delta) of :func:`delta`'s final pass: ten times inside its 1% promise.
+_DELTA_RELATIVE_ERROR = 1e-3
 #: Tail mass cut off per step (all steps together), and mass allowed above the composed window
 #: (added to delta in full), each as a fraction of ``delta (1 - delta)``: ``1 - delta`` bounds
 #: ``|d delta / d eps|`` from above, so near ``delta = 1`` the budget shrinks with the slope.
@@ -271,6 +284,126 @@ def _composed_cached(segments: tuple, h: float, direction: str, log10_tail: int,
                    optimistic=optimistic)
 
 
+#: The split composition (:func:`_split_composed`) cuts each step's loss where the expected number
+#: of steps with a loss above the cut, over the whole run, is this.
+_SPLIT_TAIL_STEPS = 1e-3
+_U = 2.0**-53
+
+
+@functools.lru_cache(maxsize=4)
+def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, at_loss: float,
+                    optimistic: bool = False) -> ComposedPLD | None:
+    """The composed PLD of one segment ``(sigma, q, T)`` as a sum of terms composed with their own tilts.
+
+    Each step's (pessimistic) PLD ``x`` is cut at a loss ``c`` into a bulk ``b`` (losses ``< c``)
+    and a tail ``t`` (``>= c``, holding ``~_SPLIT_TAIL_STEPS / T`` of the mass), and
+
+        x^{*T} = sum_n C(T, n) b^{*(T-n)} * t^{*n}.
+
+    The terms ``n <= n_max`` are composed by :func:`~fundp.accounting.pld.compose`, each tilted
+    for precision at ``at_loss`` by its own saddle point, with its own
+    provable round-off bound and wrap-around bound; the rest has mass ``||x||_1^T P(Bin(T, p) >
+    n_max)`` (``p = ||t||_1 / ||x||_1``) and, since ``f(l) = (1 - e^{eps - l})_+ <= 1``, adds at
+    most that to delta: it is counted with the wrapped mass.  Nothing is approximated, so every
+    delta of the sum is an upper bound as before.
+
+    Why: for small ``q`` the composed loss is a mixture of a narrow bulk and rare large single-step
+    losses; at small delta the epsilon of interest lies in the valley between them, where *no* one
+    tilt makes the mass large against the peak, and the round-off allowance (a fraction of the
+    tilted peak per entry) dominates.  Term by term each distribution is unimodal and a tilt at its
+    own saddle point makes the mass at ``at_loss`` large again.  ``None`` if the step has no tail
+    to split off.
+
+    ``optimistic``: the same expansion of the *dominated* steps (:func:`epsilon_bounds`), a lower
+    bound: the terms ``n > n_max`` are dropped (``f >= 0``), each term's entries are lowered by its
+    round-off bound, and what may have wrapped around each term's window (its
+    ``wrap_above_log``, ``wrap_below``) is subtracted as one constant, evaluated at the loss
+    ``at_loss / 2`` (it decreases with epsilon): the result's delta and epsilon are lower bounds
+    for ``eps >= at_loss / 2`` (``trusted_from``; :func:`_split_lower` voids them below).
+    """
+    (sigma, q, steps), = segments
+    tail = 10.0**log10_tail
+    step = _step_pld(sigma, q, h, direction, math.floor(math.log10(tail / (2 * steps))), optimistic)
+    masses = np.asarray(step.masses)
+    suffix = np.cumsum(masses[::-1])[::-1]
+    cut = int(np.searchsorted(-suffix, -_SPLIT_TAIL_STEPS / steps))  # first index with suffix <= target
+    if cut <= 0 or cut >= masses.size or steps < 2:
+        return None
+    bulk = DiscretePLD(h, step.start, masses[:cut], 0.0)
+    upper = DiscretePLD(h, step.start + cut, masses[cut:], 0.0)
+    mass_bulk, mass_tail = float(np.sum(bulk.masses)), float(np.sum(upper.masses))
+    total = mass_bulk + mass_tail
+    p, log_total = mass_tail / total, steps * math.log(total)
+    # The terms n > n_max: ||x||_1^T P(Bin(T, p) > n_max) <= tail / 2 (logsf nudged up by 1e-6).
+    budget = tail / 2
+    n_max = 0
+    while n_max < steps and stats.binom.logsf(n_max, steps, p) + log_total + 1e-6 > math.log(budget):
+        n_max += 1
+    remainder = math.exp(stats.binom.logsf(n_max, steps, p) + log_total + 1e-6) if n_max < steps else 0.0
+    terms, binomials = [], []
+    for n in range(n_max + 1):
+        plds = [(pld, count) for pld, count in ((bulk, steps - n), (upper, n)) if count > 0]
+        log_binom = math.lgamma(steps + 1) - math.lgamma(n + 1) - math.lgamma(steps - n + 1)
+        stack = _Stack(plds)
+        term = compose(plds, budget / (n_max + 1) * math.exp(-log_binom), tilt=saddle_point(stack, at_loss),
+                       lowest_loss=at_loss / 2, max_size=_MAX_POINTS, stack=stack, optimistic=optimistic)
+        binomials.append(math.exp(log_binom))
+        # Scaled by C(T, n) through its untilting factor (whose round-off grows by 4u |log C|).
+        terms.append(dataclasses.replace(
+            term, log_scale=term.log_scale + log_binom, missing_mass=term.missing_mass * math.exp(log_binom),
+            relative_error=term.relative_error + 4 * _U * (abs(log_binom) + 1) * (1 + term.relative_error)))
+    top = max(term.start + term.masses.size for term in terms)
+    merged = np.zeros(max(top - 1, 1))  # losses 1 .. top - 1 (times h)
+    allowances = np.zeros_like(merged)
+    mean, variance = step.moments()
+    if optimistic:
+        floor = at_loss / 2
+        wrapped = 0.0
+        for term, binomial in zip(terms, binomials):
+            _, lower = term._lower_part()
+            index = term.start + max(0, 1 - term.start) - 1
+            merged[index:index + lower.size] += lower
+            wrapped += binomial * (float(term._wrapped_above(floor)) + term.wrap_below)
+        return ComposedPLD(h, 1, merged, 0.0, 0.0, 0.0, 0.0, 0.0, steps * mean, steps * variance, optimistic=True,
+                           wrap_below=wrapped, trusted_from=floor)
+    for term in terms:
+        losses, term_masses, allowance = term._positive_part()
+        index = term.start + max(0, 1 - term.start) - 1
+        merged[index:index + term_masses.size] += term_masses
+        allowances[index:index + term_masses.size] += allowance
+    infinity = -math.expm1(steps * math.log1p(-step.infinity_mass)) if step.infinity_mass < 1 else 1.0
+    return ComposedPLD(
+        h, 1, merged, 0.0, 0.0, infinity, sum(term.missing_mass for term in terms) + remainder, 0.0,
+        steps * mean, steps * variance, max(term.relative_error for term in terms), allowances=allowances,
+        trusted_from=max(term.lowest_trusted_loss for term in terms))
+
+
+def _without_round_off(pld: ComposedPLD) -> ComposedPLD:
+    """``pld`` without its round-off allowances: an *estimate* (not a bound) of what they cost."""
+    return dataclasses.replace(pld, entry_error=0.0, relative_error=0.0, allowances=None)
+
+
+def _split_if_round_off_dominates(segments: tuple, bound: float, pld: ComposedPLD, direction: str, tail: float,
+                                  at_loss: float, query) -> tuple[float, ComposedPLD]:
+    """The better of ``(bound, pld)`` and the split composition (:func:`_split_composed`) on the same
+    grid, tried only where the round-off allowance costs more than ``2 RELATIVE_ERROR``
+    (``query(pld)`` with and without it) and the ledger is one subsampled segment.  Both are bounds."""
+    if len(segments) != 1 or segments[0][1] >= 1 or pld.allowances is not None:
+        return bound, pld
+    core = query(_without_round_off(pld))
+    if not (math.isfinite(bound) and bound > core * (1 + 2 * RELATIVE_ERROR)):
+        return bound, pld
+    try:
+        split = _split_composed(segments, pld.interval, direction, math.floor(math.log10(_rounded_tail(tail))),
+                                float(f"{at_loss:.3g}"))
+    except MemoryError:  # a term's window exceeds the point budget: keep the plain pass (and its warning)
+        split = None
+    if split is None:
+        return bound, pld
+    value = query(split)
+    return (value, split) if value < bound else (bound, pld)
+
+
 @functools.lru_cache(maxsize=8)
 def _stack(segments: tuple, h: float, direction: str, log10_tail: int, optimistic: bool = False) -> _Stack:
     """The single-step PLDs of ``segments``, concatenated for vectorised cumulants."""
@@ -385,7 +518,7 @@ def _warn_if_round_off_dominates(answer: float, pld: ComposedPLD, delta: float) 
     large part of a very small delta when the heavy tail of a small-``q`` PLD limits the tilt.
     The same PLD without the allowance estimates what the bound would be without it; if the gap
     exceeds the 0.1% promise, warn with its size (the answer is still a rigorous upper bound)."""
-    core = dataclasses.replace(pld, entry_error=0.0, relative_error=0.0).epsilon(delta)
+    core = _without_round_off(pld).epsilon(delta)
     if core > 0 and answer > core * (1 + _PROMISE):
         warnings.warn(
             f"epsilon {answer:.6g} at delta {delta:.3g} is a rigorous upper bound, but the FFT round-off "
@@ -445,6 +578,8 @@ def _epsilon_search(segments: tuple, delta: float) -> tuple[float, str, Composed
                     fine, fine_pld = again, again_pld
             if fine < bound:
                 bound, pld = fine, fine_pld
+        bound, pld = _split_if_round_off_dominates(segments, bound, pld, direction, tail, bound,
+                                                   lambda composed: composed.epsilon(delta))
         if bound > answer:
             answer, answer_pld, answer_direction = bound, pld, direction
     if answer_pld is not None and math.isfinite(answer):
@@ -507,18 +642,20 @@ def _delta_search(segments: tuple, epsilon: float) -> tuple[float, str, Composed
         floor = max(_TAIL_FRACTION * answer, 1e-300)
         tail = max(_TAIL_FRACTION * bound, floor)
         slope = pld.delta_slope(epsilon) / max(bound, 1e-300)
-        h_fine = _interval_for_delta(epsilon, pld.variance, steps, RELATIVE_ERROR, slope)
+        h_fine = _interval_for_delta(epsilon, pld.variance, steps, _DELTA_RELATIVE_ERROR, slope)
         if _quantize(h_fine) < pld.interval:
             fine, fine_pld = query(h_fine, direction, tail, floor)
             # Richardson check of the error model, as in `epsilon` (here on log delta).
             ratio = (pld.interval / fine_pld.interval) ** 2
             excess = (math.log(bound) - math.log(fine)) / (ratio - 1) if fine > 0 and ratio > 1.01 else 0.0
             pld = fine_pld
-            if excess > 2 * RELATIVE_ERROR:
-                h_again = fine_pld.interval * max(math.sqrt(RELATIVE_ERROR / excess), 0.25)
+            if excess > 2 * _DELTA_RELATIVE_ERROR:
+                h_again = fine_pld.interval * max(math.sqrt(_DELTA_RELATIVE_ERROR / excess), 0.25)
                 again, pld = query(h_again, direction, tail, floor)
                 fine = min(fine, again)
             bound = min(bound, fine)
+        bound, pld = _split_if_round_off_dominates(segments, bound, pld, direction, tail, epsilon,
+                                                   lambda composed: min(1.0, composed.delta(epsilon)))
         if bound > answer:
             answer, answer_direction, answer_pld = bound, direction, pld
     if epsilon > _LARGEST_EPSILON:
@@ -537,7 +674,7 @@ def _lower_pass(segments: tuple, like: ComposedPLD, direction: str, tail: float,
             warnings.simplefilter("error", UserWarning)  # no silent coarsening of the lower pass
             # ``like.interval`` is already quantised: the nudge keeps `_quantize` from rounding it down.
             return _composed(segments, like.interval / refine * (1 + 1e-9), direction, _rounded_tail(tail), at_loss,
-                             optimistic=True, tilt=like.tilt if refine == 1 else None)
+                             optimistic=True, tilt=like.tilt if refine == 1 and like.allowances is None else None)
     except UserWarning:
         return None
 
@@ -546,14 +683,34 @@ def _lower_pass(segments: tuple, like: ComposedPLD, direction: str, tail: float,
 _LOWER_REFINEMENTS = (1, 2, 4)
 
 
+def _split_lower(segments: tuple, like: ComposedPLD, direction: str, tail: float, at_loss: float, query,
+                 epsilon_query: bool) -> float:
+    """``query`` of the optimistic split composition (:func:`_split_composed`) on ``like``'s grid, a
+    certified lower bound where its answer is at least its ``trusted_from`` (0 otherwise, or if a
+    window would not fit)."""
+    try:
+        pld = _split_composed(segments, like.interval, direction, math.floor(math.log10(_rounded_tail(tail))),
+                              float(f"{at_loss:.3g}"), optimistic=True)
+    except MemoryError:
+        return 0.0
+    if pld is None:
+        return 0.0
+    value = query(pld)
+    # An epsilon answer must lie at or above trusted_from; a delta is asked at ``at_loss`` itself,
+    # which is above it.
+    return value if not epsilon_query or value >= pld.trusted_from else 0.0
+
+
 def _lower(segments: tuple, like: ComposedPLD | None, direction: str, tail: float, at_loss: float, upper: float,
-           query) -> float:
+           query, epsilon_query: bool = False) -> float:
     """The largest ``query(pld)`` over the optimistic passes of :func:`_lower_pass` (each a certified
     lower bound) on the upper bound's grid, then on grids 2 and 4 times finer while the bounds are
     more than ``_PROMISE`` apart: next to the edge of a step's support (small ``q``) the dominated
     discretisation loses a first-order share of a cell, which finer grids shrink fast.  0 if none fits."""
     if like is None:
         return 0.0
+    if like.allowances is not None:  # the upper bound came from the split composition: so does the lower
+        return min(_split_lower(segments, like, direction, tail, at_loss, query, epsilon_query), upper)
     best = 0.0
     for refine in _LOWER_REFINEMENTS:
         pld = _lower_pass(segments, like, direction, tail, at_loss, refine)
@@ -585,7 +742,7 @@ def epsilon_bounds(segments: Segments, delta: float) -> tuple[float, float]:
     upper, direction, pld = _epsilon_search(segments, delta)
     aim = upper if math.isfinite(upper) or pld is None else pld.mean
     tail = _TAIL_FRACTION * delta * (1 - delta)
-    return _lower(segments, pld, direction, tail, aim, upper, lambda lower: lower.epsilon(delta)), upper
+    return _lower(segments, pld, direction, tail, aim, upper, lambda lower: lower.epsilon(delta), True), upper
 
 
 def delta_bounds(segments: Segments, epsilon: float) -> tuple[float, float]:
