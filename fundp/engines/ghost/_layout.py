@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["Layout", "UNTRUSTED", "ExamplesInteractError", "standard", "to_examples", "reshape_layout"]
+__all__ = ["Layout", "Untrusted", "UNTRUSTED", "ExamplesInteractError", "standard", "to_examples", "reshape_layout"]
 
 
 class ExamplesInteractError(ValueError):
@@ -50,6 +50,19 @@ class Layout(NamedTuple):
     @property
     def batch_size(self) -> int:
         return int(self.group[self.pos])
+
+
+class Untrusted(NamedTuple):
+    """Rows of a batch-derived tensor whose owners the tracer cannot prove (default deny).
+
+    ``mixes``: losses computed from such rows may mix examples, so the whole step leaves the ghost
+    path.  Every untrusted tensor mixes until proven otherwise: an op the tracer has no layout rule
+    for may move values across the batch (a loss function, a scan, a gather, a reshape that splits
+    the batch), and nothing downstream can tell.
+    """
+
+    reason: str
+    mixes: bool = True
 
 
 UNTRUSTED = "untrusted"

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from fundp.engines.ghost._layout import Layout, to_examples
-from fundp.engines.ghost._tracer import arg
 from fundp.engines.ghost._uses import Ids, Rows
 
 __all__ = ["broadcast_rule", "BROADCAST_OPS"]
