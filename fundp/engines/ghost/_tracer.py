@@ -29,6 +29,7 @@ from fundp.engines.ghost import (  # noqa: F401  (register the layout rules)
     _layout_reductions,
     _layout_views,
 )
+from fundp.engines.ghost._errors import GhostUnsupportedError
 from fundp.engines.ghost._index import IdentityMap, is_compiling
 from fundp.engines.ghost._layout import ExamplesInteractError, Layout, Untrusted, move_dims, standard, to_examples
 from fundp.engines.ghost._layout_elementwise import CASTS as _CASTS
@@ -325,8 +326,6 @@ class Tracer(TorchFunctionMode):
             # turn that block into one op the tracer cannot look into: the engine stays out of graphs.
             self.eager_only = True
         if derived and not is_compiling() and _in_nonreentrant_checkpoint():
-            from fundp.engines.ghost._engine import GhostUnsupportedError  # (the engine imports this module)
-
             raise GhostUnsupportedError(
                 f"a parameter is used by {name} inside torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
                 f"{_module_of_caller()}, which recomputes the block during the backward outside the ghost engine's "
@@ -398,8 +397,6 @@ class Tracer(TorchFunctionMode):
         if not isinstance(hx, torch.Tensor) or not hx.is_floating_point() or self.layouts.get(hx) is not None \
                 or self.batch_shaped.get(hx) is not None:
             return
-        from fundp.engines.ghost._engine import GhostUnsupportedError  # (the engine imports this module)
-
         raise GhostUnsupportedError(
             f"{_RNN_STATE_OPS[name]} is called without an initial hidden state made from the "
             "batch: its per-example gradients come from torch.func.vmap (grad_method='auto' or 'vmap'), where "
