@@ -210,8 +210,12 @@ def gather(tracer: Any, call: Call) -> Any:
     -> untrusted, mixing.  ``tril``/``triu``/``diagonal`` of the last two dims keep the batch.  Along
     another dim no rule proves the rows either: default deny."""
     name, layout, ndim = call.name, call.layout, call.first.dim()
-    flat = ("take", "put", "masked_select", "nonzero", "diagonal", "diag", "tril", "triu")
-    dim = norm_dims(arg(call.args, call.kwargs, 1, "dim", 0), ndim)[0] if name not in flat else None
+    flat = ("take", "put", "masked_select", "nonzero", "diagonal", "diag", "tril", "triu", "index_put")
+    if name == "take_along_dim":  # take_along_dim(input, indices, dim=None): None flattens
+        dim = arg(call.args, call.kwargs, 2, "dim")
+    else:
+        dim = arg(call.args, call.kwargs, 1, "dim", 0) if name not in flat else None
+    dim = norm_dims(dim, ndim)[0] if dim is not None else None
     if dim is None or dim == layout.dim:
         if name in ("tril", "triu", "diagonal") and layout.dim < ndim - 2:
             return layout

@@ -1,0 +1,70 @@
+"""Layout rules of indexing (fundp/engines/ghost/_layout_indexing.py): basic and advanced indexing,
+reorderings of the batch by a known permutation, the unsort idioms, gathers; exact against
+micro-batching, and refused where the index is not known to be a permutation of the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ghost_helpers import B, D, T, assert_layout_exact, assert_layout_refused, assert_rule_used, head, rule_cases
+
+pytestmark = pytest.mark.usefixtures("float64_by_default")  # tests/conftest.py
+
+
+def _sorted_rows(b):
+    """``(x[perm], perm)`` with ``perm`` the batch sorted by a data value (an argsort: a known permutation)."""
+    perm = b["x"][:, 0, 0].argsort()
+    return b["x"][perm], perm
+
+
+def _unsorted(h, perm, op):
+    """Rows of ``h`` (in the order ``perm``) put back in the batch's order by ``op``."""
+    out = torch.zeros_like(h)
+    return getattr(out, op)(0, perm, h)
+
+
+EXACT = [
+    ("__getitem__", "basic", lambda p, b: head(b["x"][:, 1:, None, :D], p), D),
+    ("__getitem__", "ellipsis", lambda p, b: head(b["x"][..., 0, :], p), D),
+    ("__getitem__", "argsort_then_inverse", lambda p, b: head(_sorted_rows(b)[0], p)[_sorted_rows(b)[1].argsort()], D),
+    ("__getitem__", "arange_and_lengths", lambda p, b: head(
+        b["x"][torch.arange(len(b["x"])), b["ids"][:, 0] % T], p), D),
+    ("flip", "batch_flipped_twice", lambda p, b: head(b["x"].flip(0), p).flip(0), D),
+    ("roll", "batch_rolled_back", lambda p, b: head(b["x"].roll(1, 0), p).roll(-1, 0), D),
+    ("flip", "features", lambda p, b: head(b["x"].flip(-1), p), D),
+    ("index_select", "permutation", lambda p, b: head(
+        b["x"].index_select(0, b["x"][:, 0, 0].argsort()), p)[b["x"][:, 0, 0].argsort().argsort()], D),
+    ("index_copy", "unsort", lambda p, b: head(_unsorted(_sorted_rows(b)[0].tanh(), _sorted_rows(b)[1],
+                                                         "index_copy"), p), D),
+    ("index_add_", "unsort_in_place", lambda p, b: head(_unsorted(_sorted_rows(b)[0].tanh(), _sorted_rows(b)[1],
+                                                                  "index_add_"), p), D),
+    ("tril", "per_example_matrix", lambda p, b: head(torch.tril(b["x"][:, :D, :]), p), D),
+]
+
+_FIXED = torch.tensor([1, 0, 3, 2, 5, 4])  # a permutation the tracer does not know as one
+
+REFUSED = [
+    ("__getitem__", "unknown_index", lambda p, b: head(b["x"][_FIXED[: len(b["x"])]], p), D,
+     "indexing takes a subset or a reordering of the batch"),
+    ("index_select", "unknown_index", lambda p, b: head(b["x"].index_select(0, _FIXED[: len(b["x"])]), p), D,
+     "index_select picks rows of the batch by an index not known to be a permutation"),
+    ("index_copy", "along_features", lambda p, b: head(torch.zeros_like(b["x"]).index_copy(
+        2, torch.arange(D - 1, -1, -1), b["x"]), p), D, "index_copy writes rows in an order"),
+    ("gather", "along_the_batch", lambda p, b: head(b["x"].gather(0, torch.zeros_like(b["ids"])[..., None].expand(
+        -1, -1, D)), p), D, "gather moves values across the batch"),
+    ("take_along_dim", "along_features", lambda p, b: head(torch.take_along_dim(
+        b["x"], b["ids"][..., None] % D, dim=2).expand(-1, -1, D), p), D, "take_along_dim has no layout rule"),
+    ("index_put", "a_row", lambda p, b: head(b["x"].index_put((torch.tensor([0]),), torch.zeros(T, D)), p), D,
+     "index_put moves values across the batch"),
+]
+
+
+@pytest.mark.parametrize("op, loss_fn, width", rule_cases(EXACT))
+def test_indexing_keeps_or_reorders_the_rows_exactly(monkeypatch, op, loss_fn, width):
+    assert_rule_used(monkeypatch, op, lambda: assert_layout_exact(loss_fn, width))
+
+
+@pytest.mark.parametrize("op, loss_fn, width, match", rule_cases(REFUSED))
+def test_indexing_by_an_unknown_index_is_refused(monkeypatch, op, loss_fn, width, match):
+    assert_rule_used(monkeypatch, op, lambda: assert_layout_refused(loss_fn, match, width))

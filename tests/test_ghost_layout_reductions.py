@@ -1,0 +1,45 @@
+"""Layout rules of reductions and scans (fundp/engines/ghost/_layout_reductions.py): over other dims
+the rows stay, exactly; over the batch a float reduction raises ExamplesInteractError and any other
+makes the rows untrusted (refused)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ghost_helpers import D, T, assert_layout_exact, assert_layout_refused, assert_rule_used, head, rule_cases
+
+pytestmark = pytest.mark.usefixtures("float64_by_default")  # tests/conftest.py
+
+EXACT = [
+    ("sum", "keepdim", lambda p, b: head(b["x"] * b["x"].sum(-1, keepdim=True), p), D),
+    ("mean", "tokens", lambda p, b: head(b["x"].mean(1), p), D),
+    ("softmax", "features", lambda p, b: head(torch.softmax(b["x"], dim=-1), p), D),
+    ("cumsum", "tokens", lambda p, b: head(b["x"].cumsum(1), p), D),
+    ("amax", "two_dims", lambda p, b: head(b["x"].amax(dim=(1,)), p), D),
+    ("sort", "features", lambda p, b: head(b["x"].sort(-1).values, p), D),
+    ("max", "elementwise_maximum", lambda p, b: head(torch.max(b["x"], b["x"].flip(-1)), p), D),
+]
+
+REFUSED = [
+    ("sort", "over_the_batch", lambda p, b: head(b["x"].sort(0).values, p), D, "sort over the batch dimension", False),
+    ("argsort", "over_the_batch", lambda p, b: head(b["x"] * b["x"].argsort(0), p), D,
+     "argsort over the batch dimension", False),
+    ("mean", "centred_by_the_batch", lambda p, b: head(b["x"] - b["x"].mean(0), p), D,
+     "mean reduces over the batch dimension", True),
+    ("softmax", "over_the_batch", lambda p, b: head(torch.softmax(b["x"], dim=0), p), D,
+     "softmax reduces over the batch dimension", True),
+]
+
+
+@pytest.mark.parametrize("op, loss_fn, width", rule_cases(EXACT))
+def test_reductions_over_other_dims_keep_the_rows_exactly(monkeypatch, op, loss_fn, width):
+    assert_rule_used(monkeypatch, op, lambda: assert_layout_exact(loss_fn, width))
+
+
+@pytest.mark.parametrize("op, loss_fn, width, match, interact", rule_cases(REFUSED))
+def test_reductions_over_the_batch_are_refused(monkeypatch, op, loss_fn, width, match, interact):
+    if interact:  # raised before the call, by the tracer's interaction check (the rule is not reached)
+        assert_layout_refused(loss_fn, match, width, interact=True)
+    else:
+        assert_rule_used(monkeypatch, op, lambda: assert_layout_refused(loss_fn, match, width))
