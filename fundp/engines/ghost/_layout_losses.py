@@ -16,6 +16,8 @@ CLASS_LOSSES = {"cross_entropy", "nll_loss", "multi_margin_loss", "multilabel_ma
 ELEMENTWISE_LOSSES = {"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
                       "binary_cross_entropy_with_logits", "kl_div", "poisson_nll_loss", "soft_margin_loss",
                       "multilabel_soft_margin_loss"}
+# Where a class loss's ``weight`` [C] sits when passed by position.
+_WEIGHT_POSITION = {"cross_entropy": 2, "nll_loss": 2, "multi_margin_loss": 4}
 
 
 def _reduction(name: str, args, kwargs) -> Any:
@@ -53,6 +55,10 @@ def class_loss(tracer: Any, call: Call) -> Any:
     layout = tracer.layouts.get(scores)
     if isinstance(layout, Layout) and (scores.dim() < 2 or layout.dim == 1):
         return Untrusted(f"{name} normalises over the batch dimension (its class dim)")
+    weight = arg(args, kwargs, _WEIGHT_POSITION.get(name, len(args)), "weight")
+    if isinstance(weight, torch.Tensor) and tracer.layouts.get(weight) is not None:
+        # Class weights are read at each row's target class (weight[y_i]), not at row i.
+        return Untrusted(f"{name}: the weights do not align with the rows")
     # [N, C, d1, ...] -> [N, d1, ...]: the class dim goes; every input aligns with the output.
     found = None
     for tensor in call.inputs:
