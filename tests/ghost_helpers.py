@@ -11,10 +11,12 @@ from typing import Any, Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import fundp
 from fundp.engines.ghost import ExamplesInteractError, GhostUnsupportedError
 from fundp.testing import reference_step
+from models import classification_loss, data_for, micro_batch_grads
 
 B, T, D, V = 6, 5, 4, 7
 
@@ -130,3 +132,154 @@ def assert_rule_used(monkeypatch, op: str, run: Callable[[], Any]) -> None:
     monkeypatch.setitem(_layout_rules.LAYOUT_RULES, op, counted)
     run()
     assert seen, f"the layout rule of {op!r} ({rule.__name__}) was never asked"
+
+
+# ------------------------------------------------------------------------------------- models
+# (moved from tests/test_ghost.py; its ``reference_step`` is ``model_reference_step`` here)
+
+
+class SequenceModel(nn.Module):
+    """Embedding (padding_idx, repeated tokens) + LayerNorm + Linear on [B, T, d] + RMSNorm + head."""
+
+    def __init__(self, vocab=7, dim=6, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.norm = nn.LayerNorm(dim)
+        self.wide = nn.Linear(dim, 40)  # 2 T^2 = 72 <= 6 * 40: ghost branch
+        self.narrow = nn.Linear(40, 2)  # 2 T^2 = 72 > 40 * 2: materialised branch
+        self.rms = nn.RMSNorm(2)
+        self.head = nn.Linear(2, classes)
+
+    def forward(self, tokens):
+        h = self.norm(self.embed(tokens))
+        h = self.rms(self.narrow(torch.tanh(self.wide(h))))
+        return self.head(h.mean(dim=1))
+
+
+class Conv1dModel(nn.Module):
+    """Grouped, dilated Conv1d with "same" padding, GroupNorm, and a strided Conv2d without bias."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, padding="same", dilation=2, groups=2)
+        self.norm = nn.GroupNorm(2, 4)
+        self.conv2 = nn.Conv2d(1, 2, (3, 2), stride=(1, 2), padding=(1, 0), bias=False)
+        self.head = nn.Linear(4 * 5 + 2 * 4 * 2, classes)
+
+    def forward(self, x):
+        h = F.relu(self.norm(self.conv(x)))  # [B, 4, 5]
+        image = x[:, :1, :].unsqueeze(1).expand(-1, 1, 4, 5).contiguous()  # [B, 1, 4, 5]
+        k = F.relu(self.conv2(image))  # [B, 2, 4, 2]
+        return self.head(torch.cat([h.flatten(1), k.flatten(1)], dim=1))
+
+
+class TiedLoop(nn.Module):
+    """Weight tying (embedding = output layer) and one block applied twice."""
+
+    def __init__(self, vocab=9, dim=5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.block = nn.Linear(dim, dim)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        for _ in range(2):
+            h = torch.tanh(self.block(h))
+        return F.linear(h.mean(dim=1), self.embed.weight)  # logits over the vocabulary
+
+
+class ConvTwice(nn.Module):
+    """One Conv2d applied twice: its per-example gradients are summed over both uses before the norm."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 5 * 5, classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(torch.tanh(self.conv(x))))
+        return self.head(h.flatten(1))
+
+
+class PositionalModel(nn.Module):
+    """A positional embedding fed ``arange(T)``: broadcast over the batch (the broadcast rule)."""
+
+    def __init__(self, vocab=6, length=5, dim=4, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Embedding(length, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.head((self.embed(tokens) + self.position(positions)).mean(dim=1))
+
+
+class WithAttention(nn.Module):
+    """nn.MultiheadAttention (packed projection, seen through by the attention rule) and a scale."""
+
+    def __init__(self, vocab=6, dim=4, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.attention = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        h = h + self.attention(h, h, h, need_weights=False)[0]
+        return self.head(h.mean(dim=1) * self.scale)
+
+
+def batch_for(model, size, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(model, (SequenceModel, TiedLoop, PositionalModel, WithAttention, WithBilinear)):
+        vocab = model.embed.num_embeddings
+        x = torch.randint(0, vocab, (size, 5 if isinstance(model, PositionalModel) else 6), generator=g)
+        x[:, 1] = x[:, 0]  # repeated tokens within an example
+        classes = vocab if isinstance(model, TiedLoop) else 3
+    elif isinstance(model, Conv1dModel):
+        x, classes = torch.randn(size, 2, 5, generator=g, dtype=dtype), 3
+    elif isinstance(model, ConvTwice):
+        x, classes = torch.randn(size, 2, 5, 5, generator=g, dtype=dtype), 3
+    else:
+        return data_for(model, size, seed=seed, dtype=dtype)
+    return {"x": x, "y": torch.randint(0, classes, (size,), generator=g)}
+
+
+def model_reference_step(model, params, batch, max_norm, style, gamma=0.01):
+    """``sum_i clip(g_i) / B`` from micro-batched gradients, clipped here by hand."""
+    grads = micro_batch_grads(model, classification_loss(model), params, batch)
+    sq = {k: g.flatten(1).square().sum(1) for k, g in grads.items()}
+    total = torch.sqrt(sum(sq.values()))
+    size = batch["y"].shape[0]
+    out = {}
+    for k, g in grads.items():
+        if style == "flat":
+            c = torch.clamp(max_norm / total, max=1.0)
+        elif style == "automatic":
+            c = max_norm / (total + gamma)
+        else:
+            c = torch.clamp(max_norm / torch.sqrt(sq[k]).clamp_min(1e-300), max=1.0)
+        out[k] = (g * c.reshape((-1,) + (1,) * (g.dim() - 1))).sum(0) / size
+    return out, total
+
+
+def assert_close_global(actual, expected, rel):
+    scale = torch.sqrt(sum(v.square().sum() for v in expected.values()))
+    error = torch.sqrt(sum((actual[k] - expected[k]).square().sum() for k in expected))
+    assert error <= rel * scale, f"relative error {float(error / scale):.2e} > {rel}"
+
+
+class WithBilinear(nn.Module):
+    """nn.Bilinear (no ghost rule) between supported layers."""
+
+    def __init__(self, vocab=6, dim=4, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.bilinear = nn.Bilinear(dim, dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        h = self.embed(tokens).mean(dim=1)
+        return self.head(self.bilinear(h, h))

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ghost_helpers import B, D, T, assert_layout_exact, assert_layout_refused, assert_rule_used, head, rule_cases
+import fundp
+from fundp.engines.ghost import GhostUnsupportedError, ghost_plan
+from ghost_helpers import (
+    B, D, T, assert_exact, assert_layout_exact, assert_layout_refused, assert_rule_used, features, head, rule_cases,
+)
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")  # tests/conftest.py
 
@@ -68,3 +73,84 @@ def test_indexing_keeps_or_reorders_the_rows_exactly(monkeypatch, op, loss_fn, w
 @pytest.mark.parametrize("op, loss_fn, width, match", rule_cases(REFUSED))
 def test_indexing_by_an_unknown_index_is_refused(monkeypatch, op, loss_fn, width, match):
     assert_rule_used(monkeypatch, op, lambda: assert_layout_refused(loss_fn, match, width))
+
+
+# (moved from tests/test_ghost_exactness.py)
+@pytest.mark.parametrize("reorder", ["argsort_index", "index_select", "flip", "sort_indices"])
+def test_a_batch_reordered_inside_loss_fn_is_mapped_back_exactly(reorder):
+    g = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(3, D, generator=g), "b": torch.randn(3, generator=g), "v": torch.randn(3, 3, generator=g)}
+
+    def loss_fn(p, b):
+        x = b["x"]
+        if reorder == "flip":
+            moved, perm = x.flip(0), None
+        else:
+            perm = x[:, 0].argsort() if reorder != "sort_indices" else torch.sort(x[:, 1]).indices
+            moved = x.index_select(0, perm) if reorder == "index_select" else x[perm]
+        h = torch.tanh(F.linear(moved, p["w"], p["b"]))
+        h = h.flip(0) if perm is None else h[perm.argsort()]  # the original order restored
+        return F.cross_entropy(h @ p["v"], b["y"], reduction="none")
+
+    params_batch = features()
+    assert set(ghost_plan(loss_fn, params, params_batch).values()) == {"ghost"}
+    for style in ("flat", "per_layer", "automatic"):
+        assert_exact(loss_fn, params, params_batch, style)
+
+
+# (moved from tests/test_ghost_exactness.py)
+def test_rows_picked_by_an_unknown_index_are_not_trusted():
+    g = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(3, D, generator=g), "v": torch.randn(3, 3, generator=g)}
+    picks = torch.tensor([1, 0, 3, 2, 5, 4])  # a permutation the tracer cannot know is one
+
+    def loss_fn(p, b):
+        h = torch.tanh(F.linear(b["x"][picks[: b["x"].shape[0]] % b["x"].shape[0]], p["w"]))
+        return F.cross_entropy(h @ p["v"], b["y"], reduction="none")
+
+    plan = ghost_plan(loss_fn, params, features())
+    # Row i's loss pairs x[picks[i]] with y[i]: examples are mixed, so no parameter stays on ghost.
+    assert all(why.startswith("vmap") and "reordering of the batch" in why for why in plan.values())
+    with pytest.raises(GhostUnsupportedError, match=r"params\['w'\]"):
+        fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=B, grad_method="ghost")(
+            params, features(), fundp.random.key(0))
+
+
+# (moved from tests/test_ghost_exactness.py)
+def test_pooling_by_arange_and_lengths_keeps_the_rows():
+    # GPT2ForSequenceClassification pools with logits[torch.arange(B), last_positions].
+    g = torch.Generator().manual_seed(14)
+    params = {"w": torch.randn(D, D, generator=g), "head": torch.randn(3, D, generator=g)}
+    batch = {"x": torch.randn(B, T, D, generator=g), "y": torch.randint(0, 3, (B,), generator=g),
+             "last": torch.randint(0, T, (B,), generator=g)}
+
+    def loss_fn(p, b):
+        h = torch.tanh(F.linear(b["x"], p["w"]))
+        pooled = h[torch.arange(b["x"].shape[0]), b["last"]]
+        return F.cross_entropy(F.linear(pooled, p["head"]), b["y"], reduction="none")
+
+    assert set(ghost_plan(loss_fn, params, batch).values()) == {"ghost"}
+    assert_exact(loss_fn, params, batch, "flat")
+
+
+# (moved from tests/test_ghost_exactness.py)
+def test_padding_mask_gathered_with_a_broadcast_arange_keeps_the_rows():
+    # HuggingFace's mask code: padding_mask[arange(B)[:, None, None, None], kv_idx[None, None, None, :]].
+    g = torch.Generator().manual_seed(18)
+    params = {"w": torch.randn(D, D, generator=g), "head": torch.randn(3, D, generator=g)}
+    batch = {"x": torch.randn(B, T, D, generator=g), "y": torch.randint(0, 3, (B,), generator=g),
+             "keep": torch.rand(B, T, generator=g) > 0.3}
+    batch["keep"][:, 0] = True
+
+    def loss_fn(p, b):
+        size = b["x"].shape[0]
+        rows = torch.arange(size).view(-1, 1, 1, 1)
+        columns = torch.arange(T).view(1, 1, 1, -1)
+        allowed = b["keep"][rows, columns]  # [B, 1, 1, T]
+        h = torch.tanh(F.linear(b["x"], p["w"])).unsqueeze(1)  # [B, 1, T, d]
+        scores = (h @ h.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+        mixed = (torch.softmax(scores, dim=-1) @ h).squeeze(1)
+        return F.cross_entropy(F.linear(mixed.mean(1), p["head"]), b["y"], reduction="none")
+
+    assert set(ghost_plan(loss_fn, params, batch).values()) == {"ghost"}
+    assert_exact(loss_fn, params, batch, "flat")

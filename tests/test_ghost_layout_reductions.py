@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ghost_helpers import D, T, assert_layout_exact, assert_layout_refused, assert_rule_used, head, rule_cases
+import fundp
+from fundp.engines.ghost import ExamplesInteractError
+from ghost_helpers import (
+    B, D, T, assert_layout_exact, assert_layout_refused, assert_rule_used, features, head, rule_cases,
+)
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")  # tests/conftest.py
 
@@ -43,3 +48,23 @@ def test_reductions_over_the_batch_are_refused(monkeypatch, op, loss_fn, width, 
         assert_layout_refused(loss_fn, match, width, interact=True)
     else:
         assert_rule_used(monkeypatch, op, lambda: assert_layout_refused(loss_fn, match, width))
+
+
+# (moved from tests/test_ghost_exactness.py)
+@pytest.mark.parametrize("mixing", ["centre", "softmax_over_batch", "matmul_over_batch"])
+def test_statistics_over_the_batch_inside_loss_fn_are_refused(mixing):
+    g = torch.Generator().manual_seed(9)
+    params = {"w": torch.randn(3, D, generator=g)}
+
+    def loss_fn(p, b):
+        h = F.linear(b["x"], p["w"])
+        if mixing == "centre":
+            h = h - h.mean(0)
+        elif mixing == "softmax_over_batch":
+            h = torch.softmax(h, dim=0)
+        else:
+            h = h @ (h.T @ h)
+        return F.cross_entropy(h, b["y"], reduction="none")
+
+    with pytest.raises(ExamplesInteractError, match="mixes examples"):
+        fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=B)(params, features(), fundp.random.key(0))
