@@ -134,6 +134,16 @@ def assert_rule_used(monkeypatch, op: str, run: Callable[[], Any]) -> None:
     assert seen, f"the layout rule of {op!r} ({rule.__name__}) was never asked"
 
 
+
+def assert_rule_refuses(monkeypatch, op: str, loss_fn: Callable, match: str, width: int = D,
+                        interact: bool = False) -> None:
+    """:func:`assert_layout_refused`; the rule of ``op`` must be asked, except for an interaction
+    (raised before the call by the tracer's check, for float reductions and normalisations)."""
+    if interact:
+        assert_layout_refused(loss_fn, match, width, interact=True)
+    else:
+        assert_rule_used(monkeypatch, op, lambda: assert_layout_refused(loss_fn, match, width))
+
 # ------------------------------------------------------------------------------------- models
 # (moved from tests/test_ghost.py; its ``reference_step`` is ``model_reference_step`` here)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ghost_helpers import B, D, T, assert_layout_exact, assert_layout_refused, assert_rule_used, head, rule_cases
+from ghost_helpers import B, D, T, assert_layout_exact, assert_rule_refuses, assert_rule_used, head, rule_cases
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")  # tests/conftest.py
 
@@ -43,7 +43,4 @@ def test_frozen_layers_keep_the_rows_exactly(monkeypatch, op, loss_fn, width):
 
 @pytest.mark.parametrize("op, loss_fn, width, match, interact", rule_cases(REFUSED))
 def test_layers_across_the_batch_are_refused(monkeypatch, op, loss_fn, width, match, interact):
-    if interact:  # raised before the call, by the tracer's interaction check (the rule is not reached)
-        assert_layout_refused(loss_fn, match, width, interact=True)
-    else:
-        assert_rule_used(monkeypatch, op, lambda: assert_layout_refused(loss_fn, match, width))
+    assert_rule_refuses(monkeypatch, op, loss_fn, match, width, interact)

@@ -47,4 +47,5 @@ def test_matrix_products_keep_the_rows_exactly(monkeypatch, op, loss_fn, width):
 
 @pytest.mark.parametrize("op, loss_fn, width, match, interact", rule_cases(REFUSED))
 def test_products_across_the_batch_are_refused(monkeypatch, op, loss_fn, width, match, interact):
+    # (the matmul and einsum rules raise ExamplesInteractError themselves: asked in every case)
     assert_rule_used(monkeypatch, op, lambda: assert_layout_refused(loss_fn, match, width, interact=interact))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import fundp
 from fundp.engines.ghost import ExamplesInteractError
 from ghost_helpers import (
-    B, D, T, assert_layout_exact, assert_layout_refused, assert_rule_used, features, head, rule_cases,
+    B, D, T, assert_layout_exact, assert_rule_refuses, assert_rule_used, features, head, rule_cases,
 )
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")  # tests/conftest.py
@@ -44,10 +44,7 @@ def test_reductions_over_other_dims_keep_the_rows_exactly(monkeypatch, op, loss_
 
 @pytest.mark.parametrize("op, loss_fn, width, match, interact", rule_cases(REFUSED))
 def test_reductions_over_the_batch_are_refused(monkeypatch, op, loss_fn, width, match, interact):
-    if interact:  # raised before the call, by the tracer's interaction check (the rule is not reached)
-        assert_layout_refused(loss_fn, match, width, interact=True)
-    else:
-        assert_rule_used(monkeypatch, op, lambda: assert_layout_refused(loss_fn, match, width))
+    assert_rule_refuses(monkeypatch, op, loss_fn, match, width, interact)
 
 
 # (moved from tests/test_ghost_exactness.py)
