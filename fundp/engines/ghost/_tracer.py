@@ -3,8 +3,9 @@
 For every torch call it knows
 
 * which tensors come from the batch, and which of their rows belong to which example
-  (:mod:`._layout`); an op that mixes examples raises :class:`ExamplesInteractError` or makes the
-  rows untrusted;
+  (:mod:`._layout`); how each op moves them is a table of layout rules keyed by op name
+  (:mod:`._layout_rules`, default deny); an op that mixes examples raises
+  :class:`ExamplesInteractError` or makes the rows untrusted;
 * which tensors come from the parameters alone (the parameters, their views, casts, transposes,
   slices, ``expand``-ed copies, position-table lookups): :class:`Derived`;
 * which parameter-derived tensors reach a supported layer op (a registered rule records the use
