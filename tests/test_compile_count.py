@@ -48,7 +48,7 @@ def test_compiled_dp_step_compiles_once_per_padded_shape(problem, dynamic, grad_
     assert 2 <= len(shapes) <= 4  # E[B] = 30, sd 5.2: sizes 16, 32, 48 (the bucketing at work)
     counter = torch._dynamo.testing.CompileCounter()
     # verify=False: the ghost engine's first-call verification (an eager pass per shape, tested in
-    # test_ghost.py) would add frames; fundp.compile traces its backward into the graph.
+    # test_ghost_compile.py) would add frames; fundp.compile traces its backward into the graph.
     eager = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=Q * N, grad_method=grad_method,
                           verify=False)
     compiled = fundp.compile(eager, backend=counter, dynamic=dynamic)

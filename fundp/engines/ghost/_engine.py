@@ -19,26 +19,12 @@ from fundp.engines.ghost._uses import Rows, materialise, transpose_form
 from fundp.engines.ghost._mixed import vmap_rows
 from fundp.engines.ghost._verify import tolerance, verify_engine
 from fundp.engines.ghost._consistency import check_batch_consistency as _check_consistency
+from fundp.engines.ghost._errors import GhostUnsupportedError
 from fundp.grads import keyed_model_rng
 
 __all__ = ["GhostUnsupportedError", "make_ghost_engine", "ghost_plan", "VERIFY_MODES"]
 
 VERIFY_MODES = (False, "first", "always")
-
-
-class GhostUnsupportedError(ValueError):
-    """A parameter cannot be handled by the ghost engine (``grad_method="ghost"``).
-
-    Example:
-      >>> import torch
-      >>> from fundp.engines.ghost import GhostUnsupportedError, make_ghost_engine
-      >>> loss_fn = lambda p, b: torch.nn.functional.linear(b[torch.tensor([1, 0])], p["w"]).sum(dim=1)
-      >>> try:  # rows reordered by an index the tracer cannot follow
-      ...     make_ghost_engine(loss_fn)({"w": torch.ones(1, 2)}, torch.ones(2, 2), None)
-      ... except GhostUnsupportedError as error:
-      ...     print(str(error)[:46])
-      grad_method='ghost' cannot handle params['w']:
-    """
 
 
 def _proxy(leaf: Any) -> Any:

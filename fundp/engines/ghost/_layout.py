@@ -6,8 +6,9 @@ group=(B,), pos=0``; GPT-2's ``x.view(-1, d)``: ``dim=0, group=(B, T), pos=0``; 
 ``[T, B, d]``: ``dim=1``), and ``order``: ``None`` when example ``i`` is at batch index ``i``, else
 a tensor with ``order[r]`` the example at batch index ``r`` (a batch sorted inside ``loss_fn``).
 
-Ops move layouts exactly when the tracer knows them (views, reshapes, transposes, indexing,
-concatenation, reductions over other dims, elementwise ops, per-example losses, frozen layers).
+Ops move layouts exactly when the tracer has a layout rule for them (:mod:`._layout_rules`: views,
+reshapes, transposes, indexing, concatenation, reductions over other dims, elementwise ops,
+per-example losses, frozen layers).
 Default deny: any other op makes its output untrusted *and* mixing, so the step leaves the ghost
 path (``"auto"``: vmap) unless the losses never depend on it.  An op that mixes examples raises
 :class:`ExamplesInteractError` (a float reduction over the batch, batch norm with batch statistics)
@@ -22,7 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["Layout", "UNTRUSTED", "ExamplesInteractError", "standard", "to_examples", "reshape_layout"]
+__all__ = ["Layout", "Untrusted", "UNTRUSTED", "ExamplesInteractError", "standard", "to_examples", "reshape_layout"]
 
 
 class ExamplesInteractError(ValueError):
@@ -50,6 +51,19 @@ class Layout(NamedTuple):
     @property
     def batch_size(self) -> int:
         return int(self.group[self.pos])
+
+
+class Untrusted(NamedTuple):
+    """Rows of a batch-derived tensor whose owners the tracer cannot prove (default deny).
+
+    ``mixes``: losses computed from such rows may mix examples, so the whole step leaves the ghost
+    path.  Every untrusted tensor mixes until proven otherwise: an op the tracer has no layout rule
+    for may move values across the batch (a loss function, a scan, a gather, a reshape that splits
+    the batch), and nothing downstream can tell.
+    """
+
+    reason: str
+    mixes: bool = True
 
 
 UNTRUSTED = "untrusted"

@@ -3,8 +3,9 @@
 For every torch call it knows
 
 * which tensors come from the batch, and which of their rows belong to which example
-  (:mod:`._layout`); an op that mixes examples raises :class:`ExamplesInteractError` or makes the
-  rows untrusted;
+  (:mod:`._layout`); how each op moves them is a table of layout rules keyed by op name
+  (:mod:`._layout_rules`, default deny); an op that mixes examples raises
+  :class:`ExamplesInteractError` or makes the rows untrusted;
 * which tensors come from the parameters alone (the parameters, their views, casts, transposes,
   slices, ``expand``-ed copies, position-table lookups): :class:`Derived`;
 * which parameter-derived tensors reach a supported layer op (a registered rule records the use
@@ -20,17 +21,27 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from fundp.engines.ghost._index import IdentityMap, is_compiling
-from fundp.engines.ghost._layout import (
-    UNTRUSTED,
-    ExamplesInteractError,
-    Layout,
-    move_dims,
-    reshape_layout,
-    standard,
-    to_examples,
+from fundp.engines.ghost import (  # noqa: F401  (register the layout rules)
+    _layout_elementwise,
+    _layout_indexing,
+    _layout_layers,
+    _layout_losses,
+    _layout_matmul,
+    _layout_reductions,
+    _layout_views,
 )
+from fundp.engines.ghost._errors import GhostUnsupportedError
+from fundp.engines.ghost._index import IdentityMap, is_compiling
+from fundp.engines.ghost._layout import ExamplesInteractError, Layout, Untrusted, move_dims, standard, to_examples
+from fundp.engines.ghost._layout_elementwise import CASTS as _CASTS
+from fundp.engines.ghost._layout_elementwise import DATA_FREE as _DATA_FREE
+from fundp.engines.ghost._layout_indexing import permuted_rows
+from fundp.engines.ghost._layout_reductions import FLOAT_REDUCTIONS as _FLOAT_REDUCTIONS
+from fundp.engines.ghost._layout_reductions import reduction_dims as _reduction_dims
+from fundp.engines.ghost._layout_rules import Call, apply_layout_rule, arg, op_name, same_rows as _same_rows
+from fundp.engines.ghost._layout_views import EXPANDS as _EXPANDS
 from fundp.engines.ghost._uses import Use
+from fundp.engines.ghost.broadcast import broadcast_rule
 
 __all__ = ["Tracer", "Derived", "Untrusted", "op_name", "arg"]
 
@@ -47,32 +58,6 @@ class Derived(NamedTuple):
     form: str
     base: Any = None
     ids: Any = None
-
-
-class Untrusted(NamedTuple):
-    """Rows of a batch-derived tensor whose owners the tracer cannot prove (default deny).
-
-    ``mixes``: losses computed from such rows may mix examples, so the whole step leaves the ghost
-    path.  Every untrusted tensor mixes until proven otherwise: an op the tracer has no layout rule
-    for may move values across the batch (a loss function, a scan, a gather, a reshape that splits
-    the batch), and nothing downstream can tell.
-    """
-
-    reason: str
-    mixes: bool = True
-
-
-def arg(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
-    return args[position] if len(args) > position else kwargs.get(name, default)
-
-
-def op_name(func: Any) -> str:
-    name = getattr(func, "__name__", None)
-    if name == "__get__":  # a property such as Tensor.T / .mT
-        return getattr(getattr(func, "__self__", None), "__name__", "__get__")
-    if name is None:
-        name = str(func)
-    return name
 
 
 def _tensors_in(values: Any) -> list:
@@ -93,14 +78,6 @@ def _tensors_out(out: Any) -> list:
     return []
 
 
-def _dims(value: Any, ndim: int) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, int):
-        value = [value]
-    return [d + ndim if d < 0 else d for d in value]
-
-
 # Reading metadata is not a use of a value.
 _METADATA = {"size", "dim", "numel", "__len__", "stride", "ndimension", "is_floating_point", "is_contiguous",
              "element_size", "nelement", "get_device", "data_ptr", "__hash__", "shape", "dtype", "device",
@@ -109,23 +86,7 @@ _METADATA = {"size", "dim", "numel", "__len__", "stride", "ndimension", "is_floa
              "__bool__", "__int__", "__float__", "item", "tolist", "is_meta", "is_quantized", "is_mkldnn", "grad",
              "_base", "output_nr", "_cdata", "__index__", "retains_grad", "__reduce_ex__", "__deepcopy__",
              "__array__", "__contains__", "nbytes", "itemsize", "is_inference"}
-_CASTS = {"to", "float", "double", "half", "bfloat16", "type", "type_as", "contiguous", "clone", "__get__", "cpu",
-          "cuda", "requires_grad_", "as_subclass"}
 _TRANSPOSE_2D = {"t", "T", "mT", "H", "mH", "adjoint", "transpose", "swapaxes", "swapdims", "permute"}
-_RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "ravel", "squeeze", "unsqueeze"}
-_EXPANDS = {"expand", "expand_as", "broadcast_to"}
-_FLOAT_REDUCTIONS = {"sum", "mean", "nansum", "nanmean", "prod", "std", "var", "std_mean", "var_mean", "norm",
-                     "amax", "amin", "logsumexp", "median", "nanmedian", "max", "min", "aminmax", "quantile",
-                     "nanquantile", "linalg_vector_norm", "vector_norm", "cumsum", "cumprod", "logcumsumexp",
-                     "cummax", "cummin", "softmax", "log_softmax", "softmin", "normalize", "trapz", "trapezoid",
-                     "diff"}
-_OTHER_REDUCTIONS = {"argmax", "argmin", "all", "any", "count_nonzero", "sort", "argsort", "topk", "kthvalue",
-                     "msort", "unique", "unique_consecutive", "mode"}
-# Where the ``dim`` argument sits when passed by position.
-_DIM_POSITION = {"norm": 2, "normalize": 2, "quantile": 2, "nanquantile": 2, "topk": 2, "kthvalue": 2,
-                 "linalg_vector_norm": 2, "vector_norm": 2, "softmax": 1, "log_softmax": 1, "softmin": 1}
-_DIM_DEFAULT = {"normalize": 1, "softmax": None, "log_softmax": None, "sort": -1, "argsort": -1, "topk": -1,
-                "kthvalue": -1, "msort": 0, "cumsum": None, "logcumsumexp": None}
 _BATCH_NORMS = {F.batch_norm}
 _ARANGE_VIEWS = {"view", "reshape", "unsqueeze", "__getitem__", "to", "contiguous", "clone", "view_as", "reshape_as"}
 # Methods that write into their first argument (a set: dynamo traces membership, not str methods).
@@ -134,61 +95,12 @@ _INPLACE = {name for name in dir(torch.Tensor) if name.endswith("_") and not nam
 
 
 
-def _pointwise_names() -> frozenset:
-    """Names of torch functions and methods whose aten ops are all elementwise (tagged pointwise).
-
-    Only these (and the explicit extras below) keep the layout of their batch-derived inputs by the
-    elementwise rule: default deny, every other op without a layout rule makes its output untrusted.
-    """
-    candidates = set(dir(torch)) | set(dir(torch.Tensor)) | set(dir(F)) | set(dir(torch.special))
-    found = set()
-    for name in candidates:
-        if name.startswith("_"):
-            continue
-        packet = getattr(torch.ops.aten, name.rstrip("_"), None)
-        try:
-            if packet is not None and any(torch.Tag.pointwise in getattr(packet, o).tags for o in packet.overloads()):
-                found.add(name)
-        except (AttributeError, RuntimeError):
-            continue
-    return frozenset(found - {"max", "min", "equal"})
-
-
-# Dunder spellings of elementwise operators (reflected and in-place included).
-_DUNDER_POINTWISE = {f"__{prefix}{op}__" for op in ("add", "sub", "mul", "truediv", "div", "floordiv", "mod", "pow",
-                                                      "and", "or", "xor", "lshift", "rshift")
-                     for prefix in ("", "r", "i")} | {
-    "__neg__", "__pos__", "__abs__", "__invert__", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__"}
-# Elementwise in the rows although aten does not tag them so: random masks drawn per element, casts,
-# tensors of the same shape whose values do not depend on the data.
-_EXTRA_POINTWISE = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d",
-                    "detach", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
-                    "randint_like", "fill_", "zero_", "copy_", "floor_divide", "floor_divide_", "logsigmoid",
-                    "log_sigmoid", "hardswish", "softsign", "tanhshrink", "subtract", "multiply", "divide",
-                    "bernoulli", "bernoulli_", "masked_fill", "masked_fill_", "clamp", "clip", "polar", "complex",
-                    "real", "imag", "view_as_real", "conj", "resolve_conj", "resolve_neg"}
-POINTWISE = _pointwise_names() | _DUNDER_POINTWISE | _EXTRA_POINTWISE | _CASTS
-# Loss functions with a layout rule (reduction="none"): the class dim of cross_entropy / nll_loss is 1.
-_CLASS_LOSSES = {"cross_entropy", "nll_loss", "multi_margin_loss", "multilabel_margin_loss"}
-_ELEMENTWISE_LOSSES = {"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
-                       "binary_cross_entropy_with_logits", "kl_div", "poisson_nll_loss", "soft_margin_loss",
-                       "multilabel_soft_margin_loss"}
 # Python values read from a tensor: the computation then depends on the data in ways no layout follows.
 _READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__complex__", "__array__"}
 # In-place writes along a dim given by position 1 (``target.index_add_(dim, index, source)``).
 _DIM_WRITES = {"index_add_", "index_copy_", "index_fill_", "index_reduce_", "scatter_", "scatter_add_",
                "scatter_reduce_"}
 
-_BATCHED_MATRIX_OPS = {"cdist", "scaled_dot_product_attention"}
-_LAYER_OPS = {"linear", "layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm", "pad",
-              "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-              "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
-              "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-              "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "interpolate", "upsample",
-              "pixel_shuffle", "pixel_unshuffle", "local_response_norm"}
-# Ops whose output holds no value of their input (only its shape): not batch data.
-_DATA_FREE = {"zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full",
-              "rand_like", "randn_like", "randint_like"}
 # Recurrent kernels that write each example's state into their initial state ``hx`` (nn.GRU, nn.RNN;
 # nn.LSTM's kernel does not): under torch.func.vmap an ``hx`` shared by all examples fails.
 _RNN_STATE_OPS = {"gru": "nn.GRU", "rnn_tanh": "nn.RNN", "rnn_relu": "nn.RNN(nonlinearity='relu')"}
@@ -415,8 +327,6 @@ class Tracer(TorchFunctionMode):
             # turn that block into one op the tracer cannot look into: the engine stays out of graphs.
             self.eager_only = True
         if derived and not is_compiling() and _in_nonreentrant_checkpoint():
-            from fundp.engines.ghost._engine import GhostUnsupportedError  # (the engine imports this module)
-
             raise GhostUnsupportedError(
                 f"a parameter is used by {name} inside torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
                 f"{_module_of_caller()}, which recomputes the block during the backward outside the ghost engine's "
@@ -429,8 +339,6 @@ class Tracer(TorchFunctionMode):
                 out = handled
                 return out
         if derived and batched:
-            from fundp.engines.ghost.broadcast import broadcast_rule
-
             handled = broadcast_rule(self, func, name, args, kwargs)
             if handled is not None:
                 return handled
@@ -490,8 +398,6 @@ class Tracer(TorchFunctionMode):
         if not isinstance(hx, torch.Tensor) or not hx.is_floating_point() or self.layouts.get(hx) is not None \
                 or self.batch_shaped.get(hx) is not None:
             return
-        from fundp.engines.ghost._engine import GhostUnsupportedError  # (the engine imports this module)
-
         raise GhostUnsupportedError(
             f"{_RNN_STATE_OPS[name]} is called without an initial hidden state made from the "
             "batch: its per-example gradients come from torch.func.vmap (grad_method='auto' or 'vmap'), where "
@@ -547,410 +453,16 @@ class Tracer(TorchFunctionMode):
             self.layouts.set(tensor, self._layout_after(func, name, args, kwargs, first, first_layout, tensor))
 
     def _layout_after(self, func, name, args, kwargs, first, layout, out) -> Any:
+        """The layout of ``out``: untrusted where an input's rows are (a known permutation is never
+        untrusted), else what the layout rule registered for ``name`` says (:mod:`._layout_rules`;
+        default deny)."""
         tracked = [t for t in _tensors_in(args) + _tensors_in(kwargs.values()) if self.layouts.get(t) is not None]
         untrusted = [self.layouts.get(t) for t in tracked
                      if isinstance(self.layouts.get(t), Untrusted) and self.permutations.get(t) is None]
         if untrusted:
             return next((u for u in untrusted if u.mixes), untrusted[0])
         inputs = [t for t in tracked if isinstance(self.layouts.get(t), Layout)]
-        if name in _DATA_FREE:
-            return None  # the values do not come from the batch
-        if name in ("index_add", "index_copy", "index_add_", "index_copy_"):
-            return self._unsort_layout(name, args, kwargs)
-        if isinstance(layout, Layout):
-            ndim = first.dim()
-            if name in ("embedding", "one_hot") and first is args[0]:
-                return layout  # trailing feature dims appended: the ids' dims keep their places
-            if name in _RESHAPES:
-                found = reshape_layout(layout, tuple(first.shape), tuple(out.shape))
-                return Untrusted(f"{name} splits the batch dimension") if found == UNTRUSTED else found
-            if name in ("t", "T", "mT", "H", "mH", "adjoint", "transpose", "swapaxes", "swapdims"):
-                if name in ("transpose", "swapaxes", "swapdims"):
-                    a, b = _dims([arg(args, kwargs, 1, "dim0")], ndim)[0], _dims([arg(args, kwargs, 2, "dim1")], ndim)[0]
-                else:
-                    a, b = (0, 1) if ndim < 2 or name in ("t", "T") and ndim == 2 else (ndim - 2, ndim - 1)
-                    if name == "T" and ndim > 2:
-                        return move_dims(layout, ndim, list(range(ndim))[::-1])
-                permutation = list(range(ndim))
-                permutation[a], permutation[b] = permutation[b], permutation[a]
-                return move_dims(layout, ndim, permutation)
-            if name == "permute":
-                dims = args[1:] if len(args) > 2 or not isinstance(arg(args, kwargs, 1, "dims"), (list, tuple)) else arg(args, kwargs, 1, "dims")
-                return move_dims(layout, ndim, list(dims))
-            if name in ("movedim", "moveaxis"):
-                source = _dims(arg(args, kwargs, 1, "source"), ndim)
-                destination = _dims(arg(args, kwargs, 2, "destination"), ndim)
-                order = [d for d in range(ndim) if d not in source]
-                slots: list[Any] = [None] * ndim
-                for s, d in zip(source, destination):
-                    slots[d] = s
-                rest = iter(order)
-                return move_dims(layout, ndim, [p if p is not None else next(rest) for p in slots])
-            if name in _EXPANDS or name == "repeat":
-                offset = out.dim() - ndim
-                if out.shape[layout.dim + offset] != first.shape[layout.dim]:
-                    return Untrusted(f"{name} repeats the batch dimension", mixes=True)
-                return layout._replace(dim=layout.dim + offset)
-            if name == "__getitem__":
-                return self._index_layout(layout, first, args[1], out)
-            if name in ("select", "narrow", "split", "chunk", "unbind", "tensor_split", "split_with_sizes"):
-                default = 0
-                dim = arg(args, kwargs, 2 if name in ("split", "chunk", "tensor_split", "split_with_sizes") else 1, "dim", default)
-                dim = _dims(dim, ndim)[0]
-                if dim == layout.dim:
-                    return Untrusted(f"{name} takes part of the batch", mixes=True)
-                if name in ("select", "unbind") and dim < layout.dim:
-                    return layout._replace(dim=layout.dim - 1)
-                return layout
-            if name in _FLOAT_REDUCTIONS or name in _OTHER_REDUCTIONS:
-                dims, _ = _reduction_dims(name, args, kwargs, first)
-                if dims is None or layout.dim in dims:
-                    return Untrusted(f"{name} over the batch dimension", mixes=True)
-                if out.dim() == ndim:
-                    return layout
-                return layout._replace(dim=layout.dim - sum(1 for d in dims if d < layout.dim))
-            if name in ("flip", "roll", "index_select", "fliplr", "flipud"):
-                return self._reorder_layout(name, layout, first, args, kwargs, out)
-            if name in ("gather", "take_along_dim", "scatter", "scatter_add", "index_add", "index_copy", "index_fill",
-                        "scatter_reduce", "index_put", "put", "take", "masked_select", "nonzero", "diagonal", "diag",
-                        "tril", "triu"):
-                dim = _dims(arg(args, kwargs, 1, "dim", 0), ndim)[0] if name not in ("take", "put", "masked_select", "nonzero", "diagonal", "diag", "tril", "triu") else None
-                if dim is None or dim == layout.dim:
-                    if name in ("tril", "triu", "diagonal") and layout.dim < ndim - 2:
-                        return layout
-                    return Untrusted(f"{name} moves values across the batch", mixes=True)
-        if name in ("cat", "concat", "concatenate", "stack"):
-            tensors = arg(args, kwargs, 0, "tensors")
-            dim = arg(args, kwargs, 1, "dim", 0)
-            return self._cat_layout(name, tensors, dim, out)
-        if name in ("matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm"):
-            return self._matmul_layout(name, args, kwargs, out)
-        if name == "einsum":
-            return self._einsum_layout(args, out)
-        if name in _CLASS_LOSSES or name in _ELEMENTWISE_LOSSES:
-            return self._loss_layout(name, args, kwargs, inputs, out)
-        if name in _BATCHED_MATRIX_OPS:
-            return self._batched_matrix_layout(name, inputs, out)
-        if name in _LAYER_OPS and isinstance(layout, Layout) and len(inputs) == 1:
-            return self._layer_layout(name, args, kwargs, layout, first, out)
-        if name == "bilinear" and isinstance(out, torch.Tensor):
-            # x1 [.., n1], x2 [.., n2] -> [.., out]: the last dims are contracted, the leading ones kept.
-            layouts = [self.layouts.get(t) for t in inputs]
-            if inputs and all(t.dim() == out.dim() and lay.dim < t.dim() - 1 and _same_rows(lay, layouts[0])
-                              for t, lay in zip(inputs, layouts)):
-                return layouts[0]
-            return Untrusted("bilinear works across the batch dimension")
-        if name in POINTWISE:
-            return self._elementwise_layout(inputs, out, name)
-        # Default deny: an op without a layout rule may move values across the batch.
-        return Untrusted(f"{name} has no layout rule, so the rows of its output may mix examples")
-
-    def _permuted_rows(self, target: torch.Tensor, index: Any, source: Any) -> Any:
-        """The layout of ``target`` (which held no batch data) after its rows ``index[r]`` receive
-        ``source``'s rows ``r`` along dim 0, for a known permutation ``index`` (the unsort idiom), or None."""
-        layout = self.trusted(source)
-        if self.layouts.get(target) is not None or layout is None or self.permutations.get(index) is None:
-            return None
-        if layout.dim != 0 or len(layout.group) != 1 or source.dim() != target.dim() \
-                or not (index.dim() == 1 and index.shape[0] == self.batch_size == target.shape[0] == source.shape[0]):
-            return None
-        inverse = index.argsort()
-        self.inverses.set(inverse, index)
-        # Row j of the target is source row argsort(index)[j], i.e. example order[argsort(index)[j]].
-        return layout._replace(order=self._compose(layout.order, inverse))
-
-    def _unsort_layout(self, name, args, kwargs) -> Any:
-        target, dim = args[0], arg(args, kwargs, 1, "dim")
-        index, source = arg(args, kwargs, 2, "index"), arg(args, kwargs, 3, "source")
-        if isinstance(dim, int) and _dims(dim, target.dim())[0] == 0:
-            found = self._permuted_rows(target, index, source)
-            if found is not None:
-                return found
-        return Untrusted(f"{name} writes rows in an order the tracer does not follow")
-
-    def _loss_layout(self, name, args, kwargs, inputs, out) -> Any:
-        """Per-example losses (``reduction="none"``) keep the rows; any other reduction mixes them."""
-        reduction = arg(args, kwargs, {"kl_div": 5, "poisson_nll_loss": 7}.get(name, 4 if name in (
-            "cross_entropy", "nll_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits") else 3),
-            "reduction", "mean")
-        if name == "huber_loss" or name == "smooth_l1_loss":
-            reduction = kwargs.get("reduction", args[3] if len(args) > 3 and isinstance(args[3], str) else "mean")
-        if reduction != "none" or not isinstance(out, torch.Tensor):
-            return Untrusted(f"{name} with reduction={reduction!r} reduces over the batch")
-        if name in _CLASS_LOSSES:
-            scores = arg(args, kwargs, 0, "input")
-            layout = self.layouts.get(scores)
-            if isinstance(layout, Layout) and (scores.dim() < 2 or layout.dim == 1):
-                return Untrusted(f"{name} normalises over the batch dimension (its class dim)")
-            # [N, C, d1, ...] -> [N, d1, ...]: the class dim goes; every input aligns with the output.
-            found = None
-            for tensor in inputs:
-                layout = self.layouts.get(tensor)
-                dim = layout.dim
-                if tensor is scores and scores.dim() >= 2:
-                    dim = dim if dim == 0 else dim - 1
-                elif tensor is not scores and (tensor.dim() != out.dim() or tensor.shape[dim] != out.shape[dim]):
-                    return Untrusted(f"{name}: the {'weights' if tensor.dim() == 1 else 'target'} do not align with the rows")
-                candidate = layout._replace(dim=dim)
-                if found is not None and not _same_rows(found, candidate):
-                    return Untrusted(f"{name} combines rows of different examples")
-                found = candidate
-            return found
-        return self._elementwise_layout(inputs, out, name)
-
-    def _layer_layout(self, name, args, kwargs, layout, first, out) -> Any:
-        """A layer op whose only batch-derived input is its first (frozen weights, or none): ``linear``
-        and ``bilinear`` contract the last dim; the norms normalise over trailing dims (checked for
-        interaction before the call); the channel-first ops (conv, pooling, resizing) need the batch
-        leading; ``pad`` pads trailing dims."""
-        ndim = first.dim()
-        if name in ("linear", "layer_norm", "rms_norm", "batch_norm"):
-            keep = layout.dim < ndim - 1 or name == "batch_norm"
-        elif name == "pad":
-            pad = arg(args, kwargs, 1, "pad")
-            keep = layout.dim < ndim - len(pad) // 2
-        else:  # channel-first ops: [N, C, *spatial]
-            keep = layout.dim == 0 and ndim >= 3
-        if keep and isinstance(out, torch.Tensor) and out.dim() == ndim and out.shape[layout.dim] == first.shape[layout.dim]:
-            return layout
-        return Untrusted(f"{name} works across the batch dimension")
-
-    def _batched_matrix_layout(self, name, inputs, out) -> Any:
-        """``cdist`` and friends: the leading dims are batch dims, the last two are per-matrix."""
-        for tensor in inputs:
-            if self.layouts.get(tensor).dim >= tensor.dim() - 2:
-                return Untrusted(f"{name} combines rows of the batch dimension")
-        return self._elementwise_layout(inputs, out, name)
-
-    def _elementwise_layout(self, inputs: list, out: torch.Tensor, name: str) -> Any:
-        found = None
-        for tensor in inputs:
-            layout = self.layouts.get(tensor)
-            aligned = layout.dim + (out.dim() - tensor.dim())
-            if aligned < 0 or aligned >= out.dim() or out.shape[aligned] != tensor.shape[layout.dim]:
-                # Ops that append trailing dims (an embedding lookup, one_hot) keep the leading ones.
-                if out.dim() > tensor.dim() and tuple(out.shape[:tensor.dim()]) == tuple(tensor.shape):
-                    aligned = layout.dim
-                else:
-                    return Untrusted(f"{name} changes the batch dimension")
-            candidate = layout._replace(dim=aligned)
-            if found is None:
-                found = candidate
-            elif found.dim != candidate.dim or found.group != candidate.group or found.order is not candidate.order:
-                return Untrusted(f"{name} combines rows of different examples")
-        return found
-
-    def _index_layout(self, layout: Layout, tensor: torch.Tensor, index: Any, out: torch.Tensor) -> Any:
-        items = list(index) if isinstance(index, tuple) else [index]
-        # Expand the Ellipsis to full slices.
-        consumed = sum(1 for item in items if item is not None and item is not Ellipsis and not (
-            isinstance(item, torch.Tensor) and item.dtype == torch.bool and item.dim() > 1))
-        expanded = []
-        for item in items:
-            if item is Ellipsis:
-                expanded.extend([slice(None)] * (tensor.dim() - consumed))
-            else:
-                expanded.append(item)
-        out_dim, in_dim = 0, 0
-        advanced = False
-        for item in expanded:
-            if item is None:
-                out_dim += 1
-                continue
-            if in_dim == layout.dim:
-                if isinstance(item, slice) and item == slice(None):
-                    return layout._replace(dim=out_dim) if not advanced else Untrusted("advanced indexing moves the batch")
-                if isinstance(item, torch.Tensor) and item.dim() == 1 and item.dtype != torch.bool \
-                        and self.permutations.get(item) is not None:
-                    position = self._advanced_position(expanded)
-                    if position is None:
-                        return Untrusted("advanced indexing moves the batch")
-                    order = self._compose(layout.order, item)
-                    return layout._replace(dim=position, order=order)
-                if isinstance(item, torch.Tensor) and self.batch_aranges.get(item) is not None and layout.order is None:
-                    position = self._broadcast_arange_position(expanded, item)
-                    if position is not None:
-                        return layout._replace(dim=position)
-                if isinstance(item, slice) and item.step in (None, 1) and (item.start in (None, 0)) and \
-                        (item.stop is None or (isinstance(item.stop, int) and item.stop >= tensor.shape[in_dim])):
-                    return layout._replace(dim=out_dim)
-                return Untrusted("indexing takes a subset or a reordering of the batch", mixes=True)
-            if isinstance(item, int):
-                in_dim += 1
-                continue
-            if isinstance(item, torch.Tensor):
-                advanced = True
-            in_dim += 1
-            out_dim += 1
-        if in_dim <= layout.dim:
-            return layout._replace(dim=out_dim + (layout.dim - in_dim)) if not advanced else Untrusted("advanced indexing moves the batch")
-        return Untrusted("indexing moves the batch")
-
-    def _advanced_position(self, items: list) -> int | None:
-        """Where the rows land for ``x[..., perm, idx, ...]`` (numpy's advanced-indexing rule), or None.
-
-        Every other tensor index must be 1-D of the batch size or 0-d (paired row by row with the
-        permutation, e.g. ``logits[arange(B), lengths]``); the advanced block stays in place when
-        its items are adjacent and goes first otherwise.
-        """
-        advanced = []
-        for position, item in enumerate(items):
-            if isinstance(item, torch.Tensor):
-                if item.dtype == torch.bool or item.dim() > 1 or (item.dim() == 1 and item.shape[0] != self.batch_size):
-                    return None
-                advanced.append(position)
-            elif isinstance(item, int):
-                advanced.append(position)
-            elif not (item is None or isinstance(item, slice)):
-                return None
-        if advanced != list(range(advanced[0], advanced[-1] + 1)):
-            return 0
-        return sum(1 for item in items[: advanced[0]] if item is None or isinstance(item, slice))
-
-    def _broadcast_arange_position(self, items: list, batch_index: torch.Tensor) -> int | None:
-        """Where the rows land for ``x[arange(B).view(B, 1, 1, 1), j]`` (broadcast index tensors), or None.
-
-        The other tensor indices must have size 1 where ``batch_index`` has the batch, so that
-        result row ``i`` along that dim reads row ``i`` of ``x`` (HuggingFace's padding masks).
-        """
-        tensors = [item for item in items if isinstance(item, torch.Tensor)]
-        if any(t.dtype == torch.bool for t in tensors) or any(
-                not (item is None or isinstance(item, (slice, torch.Tensor))) for item in items):
-            return None
-        rank = max(t.dim() for t in tensors)
-        axis = self.batch_aranges.get(batch_index) + rank - batch_index.dim()
-        for t in tensors:
-            if t is batch_index:
-                continue
-            local = axis - (rank - t.dim())
-            if 0 <= local < t.dim() and t.shape[local] != 1:
-                return None
-        positions = [i for i, item in enumerate(items) if isinstance(item, torch.Tensor)]
-        if positions != list(range(positions[0], positions[-1] + 1)):
-            return axis
-        return sum(1 for item in items[: positions[0]] if item is None or isinstance(item, slice)) + axis
-
-    def _reorder_layout(self, name, layout, tensor, args, kwargs, out) -> Any:
-        ndim = tensor.dim()
-        dims: Any
-        if name == "fliplr":
-            dims = [1]
-        elif name == "flipud":
-            dims = [0]
-        elif name == "flip":
-            dims = _dims(arg(args, kwargs, 1, "dims"), ndim) if len(args) <= 2 else _dims(list(args[1:]), ndim)
-        elif name == "roll":
-            dims = _dims(arg(args, kwargs, 2, "dims"), ndim)
-        else:
-            dims = _dims(arg(args, kwargs, 1, "dim"), ndim)
-        if dims is None or layout.dim in dims:
-            if len(layout.group) != 1 or (name == "roll" and (dims is None or len(dims) != 1)):
-                return Untrusted(f"{name} reorders the batch", mixes=True)
-            if name in ("flip", "fliplr", "flipud"):
-                if layout.order is not None and self.flipped.get(layout.order) is not None:
-                    return layout._replace(order=None)  # flipped twice: the examples in order
-                flipped = (layout.order if layout.order is not None else torch.arange(self.batch_size, device=tensor.device)).flip(0)
-                if layout.order is None:
-                    self.flipped.set(flipped, True)
-                return layout._replace(order=flipped)
-            current = layout.order if layout.order is not None else torch.arange(self.batch_size, device=tensor.device)
-            if name == "roll":
-                return layout._replace(order=current.roll(arg(args, kwargs, 1, "shifts"), 0))
-            index = arg(args, kwargs, 2, "index")
-            if self.permutations.get(index) is None:
-                return Untrusted("index_select picks rows of the batch by an index not known to be a permutation", mixes=True)
-            return layout._replace(order=self._compose(layout.order, index))
-        return layout
-
-    def _compose(self, order: Any, index: torch.Tensor) -> Any:
-        """The order of rows ``index`` of a tensor whose rows are in ``order``: ``order[index]``, with
-        ``None`` for the identity (a permutation followed by its inverse, ``h[perm][perm.argsort()]``)."""
-        if self.batch_aranges.get(index) == 0 and index.dim() == 1:
-            return order  # arange(B): the rows stay where they are
-        if order is None:
-            return index
-        if self.inverses.get(index) is order or self.inverses.get(order) is index:
-            return None
-        return order.index_select(0, index)
-
-    def _cat_layout(self, name, tensors, dim, out) -> Any:
-        found = None
-        for tensor in tensors:
-            layout = self.layouts.get(tensor)
-            if layout is None:
-                continue
-            ndim = tensor.dim()
-            cat_dim = _dims(dim, out.dim() if name == "stack" else ndim)[0]
-            if name == "stack":
-                candidate = layout._replace(dim=layout.dim + (1 if cat_dim <= layout.dim else 0))
-            else:
-                if cat_dim == layout.dim:
-                    return Untrusted("cat joins along the batch dimension", mixes=True)
-                candidate = layout
-            if found is None:
-                found = candidate
-            elif found.dim != candidate.dim or found.group != candidate.group or found.order is not candidate.order:
-                return Untrusted(f"{name} combines rows of different examples")
-        return found
-
-    def _matmul_layout(self, name, args, kwargs, out) -> Any:
-        if name in ("addmm", "baddbmm", "addbmm"):
-            a, b, extra = args[1], args[2], args[0]
-        elif name == "__rmatmul__":
-            a, b, extra = args[1], args[0], None
-        else:
-            a, b, extra = args[0], args[1], None
-        found = []
-        for tensor, side in ((a, "left"), (b, "right")):
-            layout = self.layouts.get(tensor)
-            if not isinstance(layout, Layout):
-                continue
-            ndim = tensor.dim()
-            if ndim == 1:
-                self.interact(f"{name} contracts over the batch")
-            contracted = ndim - 1 if side == "left" else ndim - 2
-            if layout.dim == contracted:
-                self.interact(f"{name} contracts over the batch dimension")
-            other = b if side == "left" else a
-            if isinstance(other, torch.Tensor) and other.dim() == 1:  # a matrix-vector product drops one dim
-                found.append(layout if side == "left" or layout.dim < ndim - 2 else layout._replace(dim=out.dim() - 1))
-            elif side == "left" and layout.dim == ndim - 2:
-                found.append(layout._replace(dim=out.dim() - 2))
-            elif side == "right" and layout.dim == ndim - 1:
-                found.append(layout._replace(dim=out.dim() - 1))
-            else:
-                found.append(layout._replace(dim=layout.dim + out.dim() - ndim))
-        if isinstance(self.layouts.get(extra), Layout):
-            layout = self.layouts.get(extra)
-            found.append(layout._replace(dim=layout.dim + out.dim() - extra.dim()))
-        if not found:
-            return None
-        first = found[0]
-        for other in found[1:]:
-            if other.dim != first.dim or other.group != first.group or other.order is not first.order:
-                self.interact(f"{name} combines rows of different examples")
-        return first
-
-    def _einsum_layout(self, args, out) -> Any:
-        equation = args[0]
-        operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
-        if "..." in equation or "->" not in equation:
-            return Untrusted(f"einsum({equation!r}) with '...' or an implicit output, whose batch dim the tracer does "
-                             "not follow; spell every dim out, e.g. 'bti,ij->btj'")
-        inputs, output = equation.replace(" ", "").split("->")
-        found = None
-        for subscripts, tensor in zip(inputs.split(","), operands):
-            layout = self.layouts.get(tensor)
-            if not isinstance(layout, Layout):
-                continue
-            letter = subscripts[layout.dim]
-            if letter not in output:
-                self.interact("einsum sums over the batch dimension")
-            candidate = layout._replace(dim=output.index(letter))
-            if found is not None and (found.dim != candidate.dim or found.order is not candidate.order):
-                self.interact("einsum combines rows of different examples")
-            found = candidate
-        return found
+        return apply_layout_rule(self, Call(func, name, args, kwargs, first, layout, inputs, out))
 
     # ----------------------------------------------------------------------------- interaction
 
@@ -998,7 +510,7 @@ class Tracer(TorchFunctionMode):
             return known[0] if known else None
         if isinstance(items[0], torch.Tensor) and all(item == slice(None) for item in items[1:]) \
                 and isinstance(value, torch.Tensor):
-            found = self._permuted_rows(target, items[0], value)  # out[order] = h
+            found = permuted_rows(self, target, items[0], value)  # out[order] = h
             if found is not None:
                 return found
         if any(isinstance(item, torch.Tensor) or not (item is None or item is Ellipsis or isinstance(item, (int, slice)))
@@ -1054,10 +566,6 @@ def _in_nonreentrant_checkpoint() -> bool:
     return hooks is not None and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", "")
 
 
-def _same_rows(a: Layout, b: Layout) -> bool:
-    return a.dim == b.dim and a.group == b.group and a.pos == b.pos and a.order is b.order
-
-
 def _basic_view_dims(items: list, shape: tuple) -> tuple:
     """For a basic index (ints, slices, ``None``, ``...``) of a tensor of ``shape``: ``(mapping, full)``,
     ``mapping[j]`` the tensor dim behind view dim ``j`` (``None`` for an inserted dim) and ``full[d]``
@@ -1089,26 +597,6 @@ def _is_permuted_view(tensor: torch.Tensor, base: torch.Tensor, order: list) -> 
     return base.dim() == tensor.dim() == len(order) \
         and tuple(tensor.shape) == tuple(base.shape[d] for d in order) \
         and tuple(tensor.stride()) == tuple(base.stride()[d] for d in order)
-
-
-def _reduction_dims(name: str, args, kwargs, tensor) -> tuple:
-    """``(dims or None for all, full)`` that a reduction/scan ``name`` works along."""
-    if name in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor):
-        return [], False
-    position = _DIM_POSITION.get(name, 1)
-    dim = kwargs.get("dim", kwargs.get("axis", args[position] if len(args) > position else _DIM_DEFAULT.get(name)))
-    if name in ("std", "var", "std_mean", "var_mean") and isinstance(dim, bool):
-        dim = None
-    if name in ("softmax", "log_softmax", "softmin") and dim is None:
-        dim = -1 if tensor.dim() in (0, 1, 3) else 1  # torch's legacy implicit dim
-    if name == "diff" and dim is None:
-        dim = -1
-    if isinstance(dim, (list, tuple)) and len(dim) == 0:
-        return None, True
-    dims = _dims(dim, tensor.dim())
-    if dims is None:
-        return None, name not in ("cumsum", "cumprod", "logcumsumexp", "cummax", "cummin")
-    return dims, False
 
 
 def _repeat_is_expand(args) -> bool:

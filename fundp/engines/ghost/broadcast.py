@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from fundp.engines.ghost._layout import Layout, to_examples
-from fundp.engines.ghost._tracer import arg
+from fundp.engines.ghost._layout import Layout
 from fundp.engines.ghost._uses import Ids, Rows
+from fundp.engines.ghost.embedding import drop_padding
 
 __all__ = ["broadcast_rule", "BROADCAST_OPS"]
 
@@ -133,8 +133,6 @@ def _record(tracer, operand, source, source_shape, kind, index, layout: Layout, 
         ids, padding_idx, table = tracer.origin(operand).ids
 
         def resolve_ids(grads):
-            from fundp.engines.ghost.embedding import drop_padding
-
             g = grads[index]
             g = g.movedim(layout.dim, 0)  # a single-dim batch group (checked below)
             flat_ids = ids.reshape((1,) * (g.dim() - 1 - ids.dim()) + tuple(ids.shape))

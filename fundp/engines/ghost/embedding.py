@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fundp.engines.ghost._errors import GhostUnsupportedError
 from fundp.engines.ghost._layout import to_examples
 from fundp.engines.ghost._registry import register_rule
-from fundp.engines.ghost._tracer import arg
+from fundp.engines.ghost._layout_rules import arg
 from fundp.engines.ghost._uses import Ids
 
 __all__ = ["embedding_rule", "drop_padding"]
@@ -32,8 +33,6 @@ def embedding_rule(tracer, func, args, kwargs):
     padding_idx, max_norm = arg(args, kwargs, 2, "padding_idx"), arg(args, kwargs, 3, "max_norm")
     scale_grad_by_freq = arg(args, kwargs, 5, "scale_grad_by_freq", False)
     if max_norm is not None and isinstance(weight, torch.Tensor) and tracer.origin(weight) is not None:
-        from fundp.engines.ghost._engine import GhostUnsupportedError  # (the engine imports this module)
-
         raise GhostUnsupportedError(
             "F.embedding(max_norm=...) (nn.Embedding(max_norm=...)) renormalises the table in place during the "
             "forward, a write to the parameter that per-example gradients cannot follow (grad_method='vmap' cannot "
