@@ -500,13 +500,18 @@ def make_ghost_engine(
         losses and norms must equal its own."""
         params, batch, key = tree
         leaves = optree.tree_leaves(params)
-        if verify == "first" and _signature(leaves, batch) in verified:
+        signature = _signature(leaves, batch)
+        if verify == "first" and signature in verified:
             return
-        eager = engine(params, batch, key, consistency=False)
+        eager = engine(params, batch, key, consistency=False)  # records the signature once verified
         structure = optree.tree_structure(params)
         flat = structure.flatten_up_to(eager.sq_norms)
-        compiled = _unpack_norms(outputs[1:], flat)
-        check_same_outputs(eager.losses, flat, outputs[0], compiled, _path_names(params), tolerance(leaves))
+        try:
+            check_same_outputs(eager.losses, flat, outputs[0], _unpack_norms(outputs[1:], flat), _path_names(params),
+                               tolerance(leaves))
+        except Exception:
+            verified.pop(signature, None)  # the compiled graph is not verified: check again next call
+            raise
 
     in_graph = InGraphVerifier(torch.compiler.disable(check_compiled))
 
