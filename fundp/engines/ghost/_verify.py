@@ -2,7 +2,9 @@
 
 ``dp_step(..., verify="first")`` (the default) runs it on the first call for each new input
 signature (batch shapes and dtypes, parameter shapes); ``"always"`` on every call; ``False`` never.
-It runs eagerly (outside any ``torch.compile`` graph) and checks two things:
+It runs eagerly and checks two things (under ``torch.compile`` it is one opaque op of the graph,
+``fundp::ghost_verify``, see :func:`verify_in_graph`, which runs it eagerly and compares the
+compiled losses and norms with the verified ones row by row):
 
 1. **The whole decomposition, for every example at once.**  With random weights
    ``w_i ~ U[1/2, 3/2]``, the engine's book-keeping sum ``sum_i w_i g_i`` (its ``weighted_sum`` —
