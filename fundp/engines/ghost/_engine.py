@@ -494,15 +494,15 @@ def make_ghost_engine(
         aux = optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
         return EngineOutput(sq_norms, losses, aux, weighted_sum)
 
-    def check_compiled(tree: Any, outputs: list) -> None:
+    def check_compiled(tree: Any, outputs: list) -> bool:
         """At run time, inside the compiled graph (``fundp::ghost_verify``): an unverified signature
         (or every call with ``verify="always"``) runs the engine eagerly, verified, and the compiled
-        losses and norms must equal its own."""
+        losses and norms must equal its own.  Returns whether the signature is verified for good."""
         params, batch, key = tree
         leaves = optree.tree_leaves(params)
         signature = _signature(leaves, batch)
         if verify == "first" and signature in verified:
-            return
+            return True
         eager = engine(params, batch, key, consistency=False)  # records the signature once verified
         structure = optree.tree_structure(params)
         flat = structure.flatten_up_to(eager.sq_norms)
@@ -512,6 +512,7 @@ def make_ghost_engine(
         except Exception:
             verified.pop(signature, None)  # the compiled graph is not verified: check again next call
             raise
+        return verify == "first" and signature in verified
 
     in_graph = InGraphVerifier(torch.compiler.disable(check_compiled))
 

@@ -34,6 +34,7 @@ compares the batched losses of up to 16 random examples alone and of two random 
 from __future__ import annotations
 
 import ast
+import functools
 import itertools
 import math
 import weakref
@@ -257,17 +258,27 @@ _NUMBERS = itertools.count()
 
 
 class InGraphVerifier:
-    """``verifier(tree, outputs)`` checks a compiled call at run time (see :func:`verify_in_graph`);
-    registered under :attr:`number`, the only thing the graph holds of it (weakly: an engine that
-    is gone lets it go)."""
+    """``verifier(layout, inputs, outputs)`` checks a compiled call at run time (see
+    :func:`verify_in_graph`); registered under :attr:`number`, the only thing the graph holds of it
+    (weakly: an engine that is gone lets it go).
 
-    def __init__(self, check: Callable[[Any, list], None]) -> None:
+    ``check(tree, outputs) -> bool`` raises when the call is wrong and returns whether its
+    signature is now verified for good; such input shapes are remembered, so that later calls
+    return after one set look-up (no tree rebuilt).
+    """
+
+    def __init__(self, check: Callable[[Any, list], bool]) -> None:
         self.check = check
         self.number = next(_NUMBERS)
+        self.passed: set = set()
         _VERIFIERS[self.number] = self
 
-    def __call__(self, tree: Any, outputs: list) -> None:
-        self.check(tree, outputs)
+    def __call__(self, layout: str, inputs: list, outputs: list) -> None:
+        shapes = (layout,) + tuple((tuple(t.shape), t.dtype) for t in inputs)
+        if shapes in self.passed:
+            return
+        if self.check(rebuild(layout, inputs), outputs):
+            self.passed.add(shapes)
 
 
 def describe(tree: Any, tensors: list) -> str | None:
@@ -327,7 +338,12 @@ def rebuild(layout: str, tensors: list) -> Any:
         items = [build(inner) for inner in value]
         return items if kind == "l" else tuple(items)
 
-    return build(ast.literal_eval(layout))
+    return build(_parsed(layout))
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(layout: str) -> Any:
+    return ast.literal_eval(layout)
 
 
 def _top_level_excluded() -> Any:
@@ -353,7 +369,7 @@ def _ghost_verify(verifier: int, layout: str, inputs: list[torch.Tensor], output
     # excluded are reset to top level (the caller's autocast state kept).
     include, exclude = torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
     with torch._C._ForceDispatchKeyGuard(include, exclude & _TOP_LEVEL_EXCLUDED):
-        check(rebuild(layout, list(inputs)), list(outputs))
+        check(layout, list(inputs), list(outputs))
     return [t.clone() for t in outputs]
 
 
