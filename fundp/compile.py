@@ -1,14 +1,14 @@
 """``fundp.compile(step)``: a thin convenience over ``torch.compile``.
 
 Plain ``torch.compile(step)`` compiles fundp's steps, the default ghost engine included, to one
-graph: the engine differentiates with ``torch.func.vjp``, which dynamo traces with no option set,
-and fundp touches no dynamo option.  With ``verify="first"`` a signature's first call runs the
-engine outside the graph (it is verified there, eagerly), so under plain ``torch.compile`` that
-first call breaks the graph once and the next call recompiles.
+graph on every call, the first included: the engine differentiates with ``torch.func.vjp``, which
+dynamo traces with no option set, and its first-call verification (``verify="first"``) is one
+opaque op of that graph (``fundp::ghost_verify``), which runs the verified eager engine when the
+graph first runs for a signature and returns at once afterwards.  fundp touches no dynamo option.
 
 :func:`compile` runs each signature's first call eagerly instead (it verifies) and every later call
-through ``torch.compile``: the compiled step never sees an unverified signature, so
-``fundp.compile(step, fullgraph=True)`` works with the default engine.
+through ``torch.compile``.  It is kept as a convenience; ``torch.compile(step)`` needs it for
+nothing (``fullgraph=True`` works with either).
 """
 
 from __future__ import annotations

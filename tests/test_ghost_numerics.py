@@ -199,6 +199,30 @@ def test_graph_break_in_loss_fn_under_fundp_compile_is_exact_on_every_call(graph
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("dtype, magnitude, tol", [(torch.float64, 1e11, 1e-6), (torch.float32, 1e5, 1e-3)],
+                         ids=["float64", "float32"])
+def test_every_example_adversarial_under_plain_torch_compile_is_clipped_to_max_norm(dtype, magnitude, tol):
+    """Every row's Gram form cancels: under ``torch.compile`` all of them are recomputed
+    materialised (the op ``fundp::recompute_flagged``, no cap on how many), on every call."""
+    import torch._dynamo
+
+    params, batch, loss_fn = linear_problem(dtype, magnitude)
+    torch._dynamo.reset()
+    max_norm = 0.25
+    compiled = torch.compile(fundp.clipped_grad_sum(loss_fn, max_norm=max_norm, grad_method="ghost"), backend="aot_eager")
+    for seed in range(2):
+        _, batch, _ = linear_problem(dtype, magnitude, seed=seed)
+        x = batch["x"]
+        x[:, 0, 0], x[:, 1, 0] = magnitude, -magnitude
+        out = compiled(params, batch)
+        norms = true_grads(loss_fn, params, batch, autocast=False).norm(dim=1)
+        assert bool((norms > 2 * max_norm).all())  # every example must be clipped
+        torch.testing.assert_close(out.norms.double(), norms, rtol=tol, atol=0)
+        factors = torch.clamp(max_norm / out.norms.double(), max=1.0)
+        assert bool((factors * norms <= max_norm * (1 + tol)).all())
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------ parameters the engine must refuse or handle
 
 

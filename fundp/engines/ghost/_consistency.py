@@ -35,6 +35,9 @@ scale includes the batch's mean absolute loss so that a loss near zero by cancel
 What it cannot see: a coupling that changes only the backward (a custom ``autograd.Function``
 whose backward mixes rows while its forward does not), and models with random ops
 (``randomness != "error"``: the half would draw other dropout masks), where the check is skipped.
+With dropout what remains is the tracer (every call) and the first call's whole-batch
+verification (same keyed draws): a coupling hidden from the tracer that acts only on a later
+batch is not caught; ``grad_method="vmap"`` or ``verify="always"`` covers it.
 
 Reporting.  Eagerly the check reads one boolean on the host (free on the CPU, one device
 synchronisation per call on an accelerator) and raises :class:`BatchConsistencyError` naming the

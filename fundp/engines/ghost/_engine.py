@@ -8,6 +8,7 @@ import optree
 import torch
 
 from fundp import random as fundp_random
+from fundp.clipping import ScaledSqNorm
 from fundp._validate import check_batch, check_params
 from fundp.engines.base import EngineOutput
 from fundp.engines.ghost import attention, broadcast, conv, embedding, linear, norms  # noqa: F401  (register rules)
@@ -17,7 +18,8 @@ from fundp.engines.ghost._registry import RULES
 from fundp.engines.ghost._tracer import Tracer, Untrusted
 from fundp.engines.ghost._uses import Rows, materialise, transpose_form
 from fundp.engines.ghost._mixed import vmap_rows
-from fundp.engines.ghost._verify import tolerance, verify_engine
+from fundp.engines.ghost._verify import (InGraphVerifier, check_same_outputs, describe, tolerance, verify_engine,
+                                         verify_in_graph)
 from fundp.engines.ghost._consistency import check_batch_consistency as _check_consistency
 from fundp.engines.ghost._errors import GhostUnsupportedError
 from fundp.grads import keyed_model_rng
@@ -423,7 +425,7 @@ def make_ghost_engine(
         grads = list(probe_vjp(torch.ones_like(losses))[:len(zeros)])
         return kept["tracer"], kept["proxies"], losses, kept["aux"], grads, reasons, pull
 
-    def engine(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
+    def engine(params: Any, batch: Any, key: torch.Tensor | None = None, consistency: bool = True) -> EngineOutput:
         front = (functional_front if is_compiling() else autograd_front)(params, batch, key)
         if isinstance(front, EngineOutput):
             return front
@@ -455,6 +457,14 @@ def make_ghost_engine(
             return [handler.weighted_sum(c) for handler, c in zip(handlers, factor_leaves)]
 
         losses = losses.detach()
+        # A Python value read from the batch steers the computation: every call is verified.
+        data_dependent = tracer.data_dependent is not None
+        checked = None
+        if verify and is_compiling() and not data_dependent:
+            # In the graph, as one opaque op that verifies at run time (see verify_in_graph).
+            checked = _verified_in_graph(params, batch, key, losses, sq_norm_leaves)
+            if checked is not None:
+                losses, sq_norm_leaves = checked
         sq_norms = optree.tree_unflatten(treespec, sq_norm_leaves)
         del treespec  # a tree spec must not live across the verification's graph break under torch.compile
 
@@ -462,18 +472,47 @@ def make_ghost_engine(
             structure = optree.tree_structure(params)
             return optree.tree_unflatten(structure, weighted_sum_leaves(structure.flatten_up_to(factors)))
 
-        # A Python value read from the batch steers the computation: every call is verified.
-        data_dependent = tracer.data_dependent is not None
-        if verify == "always" or (verify == "first" and (data_dependent or _signature(leaves, batch) not in verified)):
+        if checked is None and (verify == "always" or (
+                verify == "first" and (data_dependent or _signature(leaves, batch) not in verified))):
             run_verification(params, batch, key, sq_norm_leaves, losses, weighted_sum_leaves, data_dependent)
-        if check_batch_consistency and randomness == "error":  # a half would draw other dropout masks
+        if consistency and check_batch_consistency and randomness == "error":  # a half would draw other dropout masks
             _check_consistency(loss_fn, params, batch, key, losses, has_aux, tolerance(leaves))
         aux = optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
         return EngineOutput(sq_norms, losses, aux, weighted_sum)
 
+    def check_compiled(tree: Any, outputs: list) -> bool:
+        """At run time, inside the compiled graph (``fundp::ghost_verify``): an unverified signature
+        (or every call with ``verify="always"``) runs the engine eagerly, verified, and the compiled
+        losses and norms must equal its own.  Returns whether the signature is verified for good."""
+        params, batch, key = tree
+        leaves = optree.tree_leaves(params)
+        signature = _signature(leaves, batch)
+        if verify == "first" and signature in verified:
+            return True
+        eager = engine(params, batch, key, consistency=False)  # records the signature once verified
+        structure = optree.tree_structure(params)
+        flat = structure.flatten_up_to(eager.sq_norms)
+        try:
+            check_same_outputs(eager.losses, flat, outputs[0], _unpack_norms(outputs[1:], flat), _path_names(params),
+                               tolerance(leaves))
+        except Exception:
+            verified.pop(signature, None)  # the compiled graph is not verified: check again next call
+            raise
+        return verify == "first" and signature in verified
+
+    in_graph = InGraphVerifier(torch.compiler.disable(check_compiled))
+
+    def _verified_in_graph(params: Any, batch: Any, key: Any, losses: torch.Tensor, sq_norm_leaves: list) -> Any:
+        """``(losses, sq_norm_leaves)`` passed through the in-graph verification; ``None`` when the
+        inputs' containers cannot be described to it (:func:`~._verify.describe`)."""
+        passed = verify_in_graph(in_graph, (params, batch, key), [losses] + _pack_norms(sq_norm_leaves))
+        if passed is None:
+            return None
+        return passed[0], _unpack_norms(passed[1:], sq_norm_leaves)
+
     # Under torch.compile the engine differentiates by torch.func.vjp (functional_front), which
-    # dynamo traces into the step's graph with no option set.  A signature's first call (verify=
-    # "first") runs outside the graph, eagerly, where it is verified; later calls trace.
+    # dynamo traces into the step's graph with no option set; its verification is one op of that
+    # graph (verify_in_graph), so every call, the first included, runs one graph.
     outside_graph = torch.compiler.disable(engine)
 
     def dispatch(params: Any, batch: Any, key: torch.Tensor | None = None) -> EngineOutput:
@@ -482,11 +521,41 @@ def make_ghost_engine(
             return engine(params, batch, key)
         if eager_only[0]:  # a traced call saw a checkpointed block (a parameter used with grad off)
             return outside_graph(params, batch, key)
-        if verify == "always" or (verify == "first" and _signature(optree.tree_leaves(params), batch) not in verified):
+        if verify and describe((params, batch, key), []) is None and (
+                verify == "always" or _signature(optree.tree_leaves(params), batch) not in verified):
+            # Inputs in containers the in-graph verification cannot rebuild (a namedtuple): the
+            # signature's first call runs outside the graph, eagerly, where it is verified.
             return outside_graph(params, batch, key)
         return engine(params, batch, key)
 
     return dispatch
+
+
+def _pack_norms(sq_norm_leaves: list) -> list:
+    """The tensors of per-leaf squared norms (plain ``[B]`` or ``ScaledSqNorm``; ``None`` has none)."""
+    tensors: list = []
+    for sq in sq_norm_leaves:
+        if isinstance(sq, ScaledSqNorm):
+            tensors += [sq.scale, sq.scaled]
+        elif sq is not None:
+            tensors.append(sq)
+    return tensors
+
+
+def _unpack_norms(tensors: list, like: list) -> list:
+    """The inverse of :func:`_pack_norms`, shaped like the leaves ``like``."""
+    out: list = []
+    position = 0
+    for sq in like:
+        if isinstance(sq, ScaledSqNorm):
+            out.append(ScaledSqNorm(tensors[position], tensors[position + 1]))
+            position += 2
+        elif sq is None:
+            out.append(None)
+        else:
+            out.append(tensors[position])
+            position += 1
+    return out
 
 
 def _vmap_or_refuse(tracer: Any, reasons: dict, params: Any, run: Callable, *args: Any) -> Any:

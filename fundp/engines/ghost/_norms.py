@@ -258,28 +258,37 @@ def _materialised_sq_norm(left: Any, right: Any, ids: Any = None, id_rows: Any =
 def _recompute_flagged(total: torch.Tensor, flagged: torch.Tensor, parts: tuple, num_rows: int) -> torch.Tensor:
     """``total`` with the ``flagged`` examples' squared norms recomputed materialised (only those).
 
-    Eagerly the flagged rows are picked out; under ``torch.compile`` (no data-dependent shapes)
-    a ``torch.cond`` runs the materialised form only when some example is flagged."""
+    ``parts``: ``(left, right, ids, id_rows)`` of :func:`_materialised_sq_norm` (``None`` where
+    absent).  Eagerly the flagged rows are picked out.  Under ``torch.compile`` (no data-dependent
+    shapes in a graph) the same code runs as the opaque op ``fundp::recompute_flagged``, eagerly
+    each time the graph runs: one node, whose inputs are tensors the norms computed anyway.  (A
+    ``torch.cond`` here cost the compiled transformer step 13-57%: its operands left the fused
+    kernels; see benchmarks/RESULTS.md.)  On an accelerator the op reads ``flagged.any()`` on the
+    host, one small synchronisation per ghost-form layer, as the ``torch.cond`` did.
+    """
     if is_compiling():
-        def recompute(total, flagged, *parts):
-            return torch.where(flagged, _materialised_sq_norm(*_unpack(parts), num_rows=num_rows), total)
+        return _recompute_flagged_op(total, flagged, *parts, num_rows)
+    return _recompute_flagged_eagerly(total, flagged, parts, num_rows)
 
-        def keep(total, flagged, *parts):
-            return total.clone()
 
-        operands = tuple(t for t in parts if t is not None)
-        present = tuple(t is not None for t in parts)
-
-        def _unpack(tensors):
-            it = iter(tensors)
-            return tuple(next(it) if here else None for here in present)
-
-        return torch.cond(flagged.any(), recompute, keep, (total, flagged) + operands)
+def _recompute_flagged_eagerly(total: torch.Tensor, flagged: torch.Tensor, parts: tuple, num_rows: int) -> torch.Tensor:
     index = flagged.nonzero().squeeze(1)
     if index.numel() == 0:
         return total
     picked: list[Any] = [None if t is None else t.index_select(0, index) for t in parts]
     return total.index_put((index,), _materialised_sq_norm(*picked, num_rows=num_rows))  # type: ignore[misc]
+
+
+@torch.library.custom_op("fundp::recompute_flagged", mutates_args=())
+def _recompute_flagged_op(total: torch.Tensor, flagged: torch.Tensor, left: torch.Tensor | None,
+                          right: torch.Tensor | None, ids: torch.Tensor | None, id_rows: torch.Tensor | None,
+                          num_rows: int) -> torch.Tensor:
+    return _recompute_flagged_eagerly(total, flagged, (left, right, ids, id_rows), num_rows).clone()
+
+
+@_recompute_flagged_op.register_fake
+def _(total, flagged, left, right, ids, id_rows, num_rows):
+    return torch.empty_like(total)
 
 
 def _cross_term(left: torch.Tensor, right: torch.Tensor, ids: torch.Tensor, id_rows: torch.Tensor) -> tuple:

@@ -2,7 +2,9 @@
 
 ``dp_step(..., verify="first")`` (the default) runs it on the first call for each new input
 signature (batch shapes and dtypes, parameter shapes); ``"always"`` on every call; ``False`` never.
-It runs eagerly (outside any ``torch.compile`` graph) and checks two things:
+It runs eagerly and checks two things (under ``torch.compile`` it is one opaque op of the graph,
+``fundp::ghost_verify``, see :func:`verify_in_graph`, which runs it eagerly and compares the
+compiled losses and norms with the verified ones row by row):
 
 1. **The whole decomposition, for every example at once.**  With random weights
    ``w_i ~ U[1/2, 3/2]``, the engine's book-keeping sum ``sum_i w_i g_i`` (its ``weighted_sum`` —
@@ -31,7 +33,11 @@ compares the batched losses of up to 16 random examples alone and of two random 
 
 from __future__ import annotations
 
+import ast
+import functools
+import itertools
 import math
+import weakref
 from typing import Any, Callable
 
 import optree
@@ -233,3 +239,175 @@ def _check_losses_alone(loss_fn, proxies, treespec, batch, losses, rows, has_aux
                 "differently for other examples, so the examples of a batch interact and per-example gradients "
                 "(DP-SGD's guarantee) do not apply. Compute such values per example, or with tensor ops only.")
 
+
+
+# --- In the graph: the first call's verification as one opaque op ----------------------------------
+#
+# Under ``torch.compile`` a call of a ``torch.compiler.disable``-d function is a graph break, and
+# dynamo keeps the split it made on the first call: a step whose first call left the graph to be
+# verified ran as four graphs on every later call.  Instead the compiled engine hands its inputs and
+# its outputs (losses, squared norms) to the custom op ``fundp::ghost_verify``: one node of the
+# graph (no break, no guard on Python state), which runs eagerly each time the graph runs.  It
+# returns copies of the outputs, which the step then uses, so the op can be neither dropped nor
+# moved after the clipping.  At run time the op looks the signature up: verified, it returns at
+# once (a dictionary look-up); not yet verified, it runs the engine eagerly with its verification
+# and compares the compiled losses and norms with the verified ones, row by row.
+
+_VERIFIERS: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+_NUMBERS = itertools.count()
+
+
+class InGraphVerifier:
+    """``verifier(layout, inputs, outputs)`` checks a compiled call at run time (see
+    :func:`verify_in_graph`); registered under :attr:`number`, the only thing the graph holds of it
+    (weakly: an engine that is gone lets it go).
+
+    ``check(tree, outputs) -> bool`` raises when the call is wrong and returns whether its
+    signature is now verified for good; such input shapes are remembered, so that later calls
+    return after one set look-up (no tree rebuilt).
+    """
+
+    def __init__(self, check: Callable[[Any, list], bool]) -> None:
+        self.check = check
+        self.number = next(_NUMBERS)
+        self.passed: set = set()
+        _VERIFIERS[self.number] = self
+
+    def __call__(self, layout: str, inputs: list, outputs: list) -> None:
+        shapes = (layout,) + tuple((tuple(t.shape), t.dtype) for t in inputs)
+        if shapes in self.passed:
+            return
+        if self.check(rebuild(layout, inputs), outputs):
+            self.passed.add(shapes)
+
+
+def describe(tree: Any, tensors: list) -> str | None:
+    """A Python literal for ``tree`` whose tensors are appended to ``tensors`` (``('t', index)``);
+    ``None`` for a tree of other containers (a namedtuple, a dataclass) or leaves.
+
+    Dicts, lists, tuples, tensors, ``None``, booleans, numbers and strings only: while dynamo
+    traces, every step of this function is folded to a constant (the string is a constant of the
+    graph); :func:`rebuild` reads it back at run time.
+
+    Example:
+      >>> import torch
+      >>> tensors = []
+      >>> describe({"x": torch.ones(2), "n": 3}, tensors), len(tensors)
+      ("('d',(('x',('t',0)),('n',('c',3)),))", 1)
+    """
+    if isinstance(tree, torch.Tensor):
+        tensors.append(tree.detach())
+        return "('t'," + str(len(tensors) - 1) + ")"
+    if tree is None or type(tree) in (bool, int, str) or (type(tree) is float and math.isfinite(tree)):
+        return "('c'," + repr(tree) + ")"
+    if type(tree) is dict:
+        parts = []
+        for name, value in tree.items():
+            inner = describe(value, tensors) if type(name) in (str, int) else None
+            if inner is None:
+                return None
+            parts.append("(" + repr(name) + "," + inner + "),")
+        return "('d',(" + "".join(parts) + "))"
+    if type(tree) in (list, tuple):
+        parts = []
+        for value in tree:
+            inner = describe(value, tensors)
+            if inner is None:
+                return None
+            parts.append(inner + ",")
+        return "(" + ("'l'" if type(tree) is list else "'u'") + ",(" + "".join(parts) + "))"
+    return None
+
+
+def rebuild(layout: str, tensors: list) -> Any:
+    """The tree that :func:`describe` gave ``layout`` for, with ``tensors`` in its tensors' places.
+
+    Example:
+      >>> import torch
+      >>> rebuild("('d',(('x',('t',0)),('n',('c',3)),))", [torch.ones(2)])
+      {'x': tensor([1., 1.]), 'n': 3}
+    """
+    def build(node: tuple) -> Any:
+        kind, value = node
+        if kind == "t":
+            return tensors[value]
+        if kind == "c":
+            return value
+        if kind == "d":
+            return {name: build(inner) for name, inner in value}
+        items = [build(inner) for inner in value]
+        return items if kind == "l" else tuple(items)
+
+    return build(_parsed(layout))
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(layout: str) -> Any:
+    return ast.literal_eval(layout)
+
+
+def _top_level_excluded() -> Any:
+    """The dispatch keys excluded at top level (autocast keys included: whether each is excluded
+    follows the caller's autocast state, which the verification keeps)."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    for name in dir(torch._C.DispatchKey):
+        if name.startswith("Autocast"):
+            excluded = excluded | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, name))
+    return excluded
+
+
+_TOP_LEVEL_EXCLUDED = _top_level_excluded()
+
+
+@torch.library.custom_op("fundp::ghost_verify", mutates_args=())
+def _ghost_verify(verifier: int, layout: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    check = _VERIFIERS.get(verifier)
+    if check is None:
+        raise RuntimeError("the ghost engine of this compiled step no longer exists: build the step again")
+    # The verification runs loss_fn eagerly, with autograd and vmap: a custom op's kernel runs below
+    # autograd, and a compiled graph with every key above the backend excluded, so the keys
+    # excluded are reset to top level (the caller's autocast state kept).
+    include, exclude = torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
+    with torch._C._ForceDispatchKeyGuard(include, exclude & _TOP_LEVEL_EXCLUDED):
+        check(layout, list(inputs), list(outputs))
+    return [t.clone() for t in outputs]
+
+
+@_ghost_verify.register_fake
+def _(verifier: int, layout: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.empty_like(t) for t in outputs]
+
+
+def verify_in_graph(verifier: InGraphVerifier, tree: Any, outputs: list) -> list | None:
+    """``outputs`` (tensors) passed through ``fundp::ghost_verify``, which runs
+    ``verifier(tree, outputs)`` on the real tensors each time the graph runs; ``None`` (nothing
+    done) when ``tree`` is not made of dicts, lists and tuples (:func:`describe`)."""
+    inputs: list = []
+    layout = describe(tree, inputs)
+    if layout is None:
+        return None
+    return _ghost_verify(verifier.number, layout, inputs, [t.detach() for t in outputs])
+
+
+def check_same_outputs(losses: torch.Tensor, sq_norms: list, compiled_losses: torch.Tensor, compiled_sq_norms: list,
+                       names: list, tol: float) -> None:
+    """The compiled engine's losses and per-leaf squared norms (``[B]`` each, plain or
+    ``ScaledSqNorm``; ``None`` for a leaf without) must equal the verified eager engine's, on every
+    row: ``|sqrt(s'_il) - sqrt(s_il)| <= tol * sqrt(sum_l s_il)``; a row whose squared norm is not
+    finite must be so in both."""
+    total = sum((_plain(sq) for sq in sq_norms if sq is not None), torch.zeros_like(losses, dtype=torch.float64))
+    scale = total.sqrt().nan_to_num(0.0, 0.0, 0.0) + 1e-150
+    _check_same_losses(losses, compiled_losses, tol)
+    for name, sq, compiled in zip(names, sq_norms, compiled_sq_norms):
+        if sq is None or compiled is None:
+            continue
+        expected, got = _plain(sq).sqrt(), _plain(compiled).sqrt()
+        finite = torch.isfinite(expected)
+        bad = (finite != torch.isfinite(got)) | (finite & ((got - expected).abs() > tol * scale))
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise GhostVerificationError(
+                f"under torch.compile the ghost engine's per-example norm of {name} for example {row} is "
+                f"{float(got[row]):.6g}, but the verified eager engine gives {float(expected[row]):.6g} "
+                f"(tolerance {tol:g} of the example's norm {float(scale[row]):.6g}). Use grad_method='vmap', "
+                "or report the model.")
