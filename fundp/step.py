@@ -167,7 +167,6 @@ def clipped_grad_sum(
     engine = make_engine(grad_method, loss_fn, has_aux=has_aux, randomness=randomness, verify=verify,
                          check_batch_consistency=check_batch_consistency)
     built_max_norm = max_norm
-    engine_checks_params = grad_method in ("ghost", "auto")  # its dispatch runs check_params on eager calls
 
     def f(
         params: Any, batch: Any, mask: torch.Tensor | None = None, key: torch.Tensor | None = None, *, max_norm: Any = None
@@ -176,7 +175,7 @@ def clipped_grad_sum(
         size = check_batch(batch)
         if mask is not None:
             check_mask(mask, size)
-        dtypes = _param_dtypes(params, engine_checks_params)
+        dtypes = _param_dtypes(params)
         out = engine(params, batch, key)
         if not isinstance(out.losses, torch.Tensor) or out.losses.shape != (size,):
             raise ValueError(f"loss_fn must return per-example losses of shape [B] = [{size}]")
@@ -201,10 +200,9 @@ def clipped_grad_sum(
     return f
 
 
-def _param_dtypes(params: Any, engine_checks_params: bool = False) -> tuple:
+def _param_dtypes(params: Any) -> tuple:
     """The parameters' dtypes in leaf order; complex parameters are refused (``TypeError``), and
-    aliased ones (:func:`_refuse_aliased_params`; eagerly left to the engine when
-    ``engine_checks_params``: the ghost engine scans them on every eager call, once is enough)."""
+    aliased ones (:func:`_refuse_aliased_params`)."""
     dtypes = tuple(getattr(leaf, "dtype", None) for leaf in optree.tree_leaves(params))
     for path, dtype in zip(optree.tree_paths(params), dtypes):
         if dtype is not None and dtype.is_complex:
@@ -213,8 +211,9 @@ def _param_dtypes(params: Any, engine_checks_params: bool = False) -> tuple:
                 "only (the real part's norm would not bound the sensitivity). Keep complex weights as a real "
                 "parameter of shape [..., 2] and build them with torch.view_as_complex inside loss_fn"
             )
-    if not (engine_checks_params and not torch.compiler.is_compiling()):
-        _refuse_aliased_params(params)
+    # Always here, even where the ghost engine scans again: under torch.compile this function
+    # may run eagerly at a graph break while the engine's own scan is traced away.
+    _refuse_aliased_params(params)
     return dtypes
 
 
