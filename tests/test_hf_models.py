@@ -160,7 +160,10 @@ def test_ghost_plan_covers_99_percent_of_parameter_elements(name):
 # ContextVar.reset, which dynamo cannot trace: 4 graph breaks (still exact).  Strict: this fails
 # loudly once it is fixed.
 _CONTEXTVAR_BREAK = pytest.mark.xfail(strict=True, reason="kernels' ContextVar.reset graph-breaks the consistency check's second forward")
-COMPILED_CASES = [pytest.param(n, marks=_CONTEXTVAR_BREAK) if n.startswith("llama") else n for n in MODEL_NAMES]
+# Compiling a transformer's step is the suite's costliest check (minutes per model on 2 cores):
+# plain Llama is covered by llama_tied (the same layers, with the tied head on top).
+COMPILED_CASES = [pytest.param(n, marks=_CONTEXTVAR_BREAK) if n.startswith("llama") else n
+                  for n in MODEL_NAMES if n != "llama"]
 
 
 @pytest.mark.slow
@@ -178,10 +181,7 @@ def test_compiled_step_is_one_graph_and_equals_eager(name):
     torch._dynamo.reset()
     try:
         step(case.params, case.batch, key)  # the first call of this shape verifies (eagerly)
-        with fundp.compile_options():  # the key guard is in the graph too
-            explanation = torch._dynamo.explain(step)(case.params, case.batch, fundp.random.fold_in(key, 100))
-        assert explanation.graph_break_count == 0, explanation.break_reasons
-        torch._dynamo.reset()
+        # One compilation, checked by the counter: a graph break would show as a second frame.
         counter = torch._dynamo.testing.CompileCounter()  # dynamo's real tracing and guards, eager kernels
         compiled = fundp.compile(step, backend=counter)
         for seed in range(2):  # a new batch and key: no recompile
