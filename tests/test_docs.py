@@ -34,9 +34,19 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 pytestmark = pytest.mark.timeout(1800)
 
 
+_BUILT: list[pathlib.Path] = []  # the site, built once per process (under pytest-xdist a worker
+# may tear a module fixture down between two tests of the module and set it up again)
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """Builds the site once for this module; returns the HTML output directory."""
+    """Builds the site once per process; returns the HTML output directory."""
+    if not _BUILT:
+        _BUILT.append(build_site(tmp_path_factory))
+    return _BUILT[0]
+
+
+def build_site(tmp_path_factory) -> pathlib.Path:
     for path in NOTEBOOKS:
         executed(path)  # once per session: a failing notebook fails here, as in test_notebooks
     out = tmp_path_factory.mktemp("docs") / "html"

@@ -155,22 +155,16 @@ def test_ghost_plan_covers_99_percent_of_parameter_elements(name):
     assert fraction >= 0.99, f"{fraction:.1%} of the elements on ghost; not on ghost: {others}"
 
 
-# Known limitation (not yet fixed): the per-call batch-consistency check runs loss_fn a second time in
-# the graph, and the `kernels` package's CompileableContextVar (Llama's kernelized layers) then calls
-# ContextVar.reset, which dynamo cannot trace: 4 graph breaks (still exact).  Strict: this fails
-# loudly once it is fixed.
-_CONTEXTVAR_BREAK = pytest.mark.xfail(strict=True, reason="kernels' ContextVar.reset graph-breaks the consistency check's second forward")
 # Compiling a transformer's step is the suite's costliest check (minutes per model on 2 cores):
 # plain Llama is covered by llama_tied (the same layers, with the tied head on top).
-COMPILED_CASES = [pytest.param(n, marks=_CONTEXTVAR_BREAK) if n.startswith("llama") else n
-                  for n in MODEL_NAMES if n != "llama"]
+COMPILED_CASES = [n for n in MODEL_NAMES if n != "llama"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", COMPILED_CASES)
 def test_compiled_step_is_one_graph_and_equals_eager(name):
-    # fundp.compile = torch.compile with dynamo tracing the engine's autograd.grad (see fundp/compile.py).
-    # The first call of an input shape verifies the engine eagerly; the calls after it are one graph.
+    # Plain torch.compile, the fast path: the ghost engine is traced through torch.func.vjp and the
+    # first call's verification is one opaque op of the graph, so every call runs one graph.
     case, grads = case_for(name)
     max_norm = threshold_for(grads, "flat")
     step = fundp.dp_step(case.loss_fn, max_norm=max_norm, noise_multiplier=1.0, expected_batch_size=B,
@@ -183,7 +177,7 @@ def test_compiled_step_is_one_graph_and_equals_eager(name):
         step(case.params, case.batch, key)  # the first call of this shape verifies (eagerly)
         # One compilation, checked by the counter: a graph break would show as a second frame.
         counter = torch._dynamo.testing.CompileCounter()  # dynamo's real tracing and guards, eager kernels
-        compiled = fundp.compile(step, backend=counter)
+        compiled = torch.compile(step, backend=counter)
         for seed in range(2):  # a new batch and key: no recompile
             batch = build_batch(name, seed)
             k = fundp.random.fold_in(key, seed)
