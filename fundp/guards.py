@@ -17,8 +17,9 @@ Two things live here, so that :func:`fundp.dp_step` consults one place:
     noiseless call (sigma a plain 0, no adaptive clipping) is not checked: it has no noise to cancel.
   - **masks**: fundp's samplers tag each mask they yield with themselves (``tag_mask``,
     weakly), so a step refuses a batch whose sampler contradicts its accounting, ``sampler=`` or
-    not; without ``sampler=``, a step's first batch passed without a mask whose last two rows are
-    equal (as padding rows are) warns (:class:`PaddingWithoutMaskWarning`).
+    not; they also tag the padded index tensors they yield (``tag_padded``), which a step refuses
+    without ``mask=``.  Without ``sampler=``, a step's first untagged batch passed without a mask
+    whose last two rows are equal (as padding rows are) warns (:class:`PaddingWithoutMaskWarning`).
   - **ledgers**: a ledger that a completed step already recorded on is *consumed*; every step
     object of the process refuses it (a flag on the ledger object itself: no cap, no registry).
     A step that raises leaves its ledger unconsumed, so the same ledger continues the run.
@@ -264,6 +265,29 @@ def warn_if_padded_without_mask(batch: Any) -> bool:
 # ----------------------------------------------------------------------------- batches' provenance
 
 _MASK_SOURCES: dict[int, tuple[Any, Any]] = {}
+_PADDED_BATCHES: dict[int, tuple[Any, Any]] = {}
+
+
+def _remember(registry: dict[int, tuple[Any, Any]], tensor: Any, value: Any) -> None:
+    """``registry[id(tensor)] = value``, weakly: the entry goes when ``tensor`` is freed."""
+    if not isinstance(tensor, torch.Tensor):
+        return
+    key = id(tensor)
+
+    def forget(ref: Any, key: int = key) -> None:
+        entry = registry.get(key)
+        if entry is not None and entry[0] is ref:
+            registry.pop(key, None)
+
+    registry[key] = (weakref.ref(tensor, forget), value)
+
+
+def _recall(registry: dict[int, tuple[Any, Any]], tensor: Any) -> Any:
+    """What :func:`_remember` stored for ``tensor`` (this very object), or ``None``."""
+    entry = None if tensor is None else registry.get(id(tensor))
+    if entry is None or entry[0]() is not tensor:
+        return None
+    return entry[1]
 
 
 def tag_mask(mask: Any, sampler: Any) -> None:
@@ -274,24 +298,50 @@ def tag_mask(mask: Any, sampler: Any) -> None:
     without ``sampler=`` (:func:`mask_source`).  A copy of the mask (``mask.to(device)`` onto
     another device, slicing) carries no tag: the check is then skipped, not failed.
     """
-    if not isinstance(mask, torch.Tensor):
-        return
-    key = id(mask)
-
-    def forget(ref: Any, key: int = key) -> None:
-        entry = _MASK_SOURCES.get(key)
-        if entry is not None and entry[0] is ref:
-            _MASK_SOURCES.pop(key, None)
-
-    _MASK_SOURCES[key] = (weakref.ref(mask, forget), sampler)
+    _remember(_MASK_SOURCES, mask, sampler)
 
 
 def mask_source(mask: Any) -> Any:
     """The sampler that yielded ``mask`` (:func:`tag_mask`), or ``None`` when unknown."""
-    entry = None if mask is None else _MASK_SOURCES.get(id(mask))
-    if entry is None or entry[0]() is not mask:
-        return None
-    return entry[1]
+    return _recall(_MASK_SOURCES, mask)
+
+
+def tag_padded(batch: Any, sampler: Any) -> None:
+    """Remembers that ``sampler`` padded ``batch`` (a tensor; weakly, as :func:`tag_mask` does).
+
+    fundp's samplers tag the padded index tensor of every batch whose rows may include padding
+    (every Poisson batch: whether it is padded is chance, so the refusal must not be; a shuffled
+    batch only when it is padded), so that a step given it without ``mask=`` refuses it
+    (:func:`refuse_padded_without_mask`).  Data gathered with it (``x[indices]``) is a new tensor
+    without the tag: for such batches the heuristic :func:`warn_if_padded_without_mask` remains.
+    """
+    _remember(_PADDED_BATCHES, batch, sampler)
+
+
+def refuse_padded_without_mask(batch: Any) -> None:
+    """Raises ``ValueError`` when a leaf of ``batch`` is a padded batch tagged by :func:`tag_padded`
+    (the step was called with ``mask=None``): its padding rows would each count as a real example.
+
+    Example:
+      >>> import fundp
+      >>> from fundp.guards import refuse_padded_without_mask
+      >>> indices, mask = fundp.data.poisson_batches(10, 0.5, fundp.random.key(0), steps=1, pad_to_multiple=8)[0]
+      >>> try:
+      ...     refuse_padded_without_mask(indices)
+      ... except ValueError as error:
+      ...     print(str(error).split(":")[0])
+      mask=None with a padded batch of PoissonBatches(...)
+    """
+    import optree
+
+    for leaf in optree.tree_leaves(batch):
+        sampler = _recall(_PADDED_BATCHES, leaf)
+        if sampler is not None:
+            raise ValueError(
+                f"mask=None with a padded batch of {type(sampler).__name__}(...): its padding rows (copies of "
+                "one example) would each count as a real example, multiplying that example's influence. Pass "
+                "the mask the sampler yielded with the batch: `indices, mask = batches[t]; "
+                "step(params, batch, key, mask=mask)`")
 
 
 # ----------------------------------------------------------------------------- params

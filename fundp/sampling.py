@@ -201,12 +201,16 @@ def _pad(indices: torch.Tensor, pad_to_multiple: int, device: Any) -> tuple[torc
     return padded, mask
 
 
-def _tagged(sampler: Any, batch: Any) -> Any:
-    """``batch``, its mask tagged with the sampler that yielded it (:func:`fundp.guards.tag_mask`)."""
+def _tagged(sampler: Any, batch: Any, padded: bool = True) -> Any:
+    """``batch``, its mask tagged with the sampler that yielded it (:func:`fundp.guards.tag_mask`)
+    and, when its rows may be padding (``padded``), its indices too (:func:`fundp.guards.tag_padded`:
+    a step refuses them without their mask)."""
     if isinstance(batch, tuple) and len(batch) == 2:
-        from fundp.guards import tag_mask
+        from fundp.guards import tag_mask, tag_padded
 
         tag_mask(batch[1], sampler)
+        if padded:
+            tag_padded(batch[0], sampler)
     return batch
 
 
@@ -528,7 +532,7 @@ class ShuffledBatches:
             start = (step % self.batches_per_epoch) * self.batch_size
             assert permutation is not None
             rows = permutation[start : start + self.batch_size]
-            yield _tagged(self, _pad(rows, self.batch_size, None))
+            yield _tagged(self, _pad(rows, self.batch_size, None), padded=rows.shape[0] < self.batch_size)
 
     def __len__(self) -> int:
         return self.steps

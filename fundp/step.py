@@ -897,6 +897,8 @@ def dp_step(
         _check_batch_rows(sampling, batch, mask, world_size)
         if not torch.compiler.is_compiling():
             _check_batch_source(sampling, mask, noise_mechanism)
+            if mask is None:
+                fundp_guards.refuse_padded_without_mask(batch)
             if mask is None and not looked_for_padding:
                 looked_for_padding.append(fundp_guards.warn_if_padded_without_mask(batch))  # once per step object
         params = detach_params(params)

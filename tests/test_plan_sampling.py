@@ -108,3 +108,26 @@ def test_no_import_cycle_among_fundp_modules():
 
     cycles = [m for m in graph if not m.startswith(ghost) and reaches(m, m, set())]
     assert cycles == []
+
+
+def test_a_padded_poisson_batch_without_its_mask_is_refused():
+    """Issue 20: a fundp Poisson sampler's padded batch passed without its mask is refused (its
+    padding rows, copies of example 0, would each count as an example); with its mask it trains."""
+    batches = fundp.data.poisson_batches(N, 0.25, fundp.random.key(7), steps=2, pad_to_multiple=8)
+    indices, mask = batches[0]
+    table = X.clone()
+    step = fundp.dp_step(lambda p, i: loss_fn(p, table[i]), max_norm=1.0, noise_multiplier=1.0, grad_method="vmap",
+                         sample_rate=0.25, expected_batch_size=10.0)  # no sampler=: the tag is what refuses
+    with pytest.raises(ValueError, match="mask=None with a padded batch of PoissonBatches"):
+        step(PARAMS, indices, fundp.random.key(8), ledger=fundp.Ledger())
+    with pytest.raises(ValueError, match="mask=None"):  # inside a batch tuple
+        _step(sample_rate=0.25, expected_batch_size=10.0)(PARAMS, (indices,), fundp.random.key(8))
+    out = step(PARAMS, indices, fundp.random.key(8), ledger=fundp.Ledger(), mask=mask)  # the refusal drew no key
+    assert out.ledger == fundp.Ledger([(1.0, 0.25, 1)])
+    # a full shuffled batch has no padding and needs no mask; the padded last one does
+    shuffled = list(fundp.sampling.shuffled_batches(5, 2, fundp.random.key(9), steps=3, drop_last=False))
+    plain = fundp.dp_step(lambda p, i: loss_fn(p, table[i]), max_norm=1.0, noise_multiplier=1.0, grad_method="vmap",
+                          expected_batch_size=2.0)
+    plain(PARAMS, shuffled[0][0], fundp.random.key(10))
+    with pytest.raises(ValueError, match="mask=None with a padded batch of ShuffledBatches"):
+        plain(PARAMS, shuffled[2][0], fundp.random.key(11))

@@ -134,3 +134,13 @@ def test_num_examples_guard():
         step(PARAMS, torch.ones(301, 2), fundp.random.key(0))
     with pytest.raises(ValueError, match="sample_rate"):
         fundp.dp_step(LOSS, max_norm=1.0, noise_multiplier=1.0, num_examples=300)
+
+
+def test_an_untagged_batch_with_duplicate_rows_only_warns():
+    """The heuristic for batches no fundp sampler tagged stays a warning (duplicates can be real)."""
+    from fundp.guards import PaddingWithoutMaskWarning
+
+    batch = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    with pytest.warns(PaddingWithoutMaskWarning):
+        out = make_step()(PARAMS, batch, fundp.random.key(31))
+    assert torch.isfinite(out.grads["w"]).all()  # it trained
