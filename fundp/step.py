@@ -484,7 +484,12 @@ def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: A
         if expected_batch_size is None:
             expected_batch_size = inner.expected_batch_size
         check_batches_match(inner, noise_mechanism, expected_batch_size=expected_batch_size)
+        _check_cyclic_participation(inner, noise_mechanism)
         return sample_rate, expected_batch_size, int(inner.pad_to_multiple), True
+    if noise_mechanism is not None:
+        raise ValueError(f"{inner.sampling} batches ({inner!r}) with a noise_mechanism: the mechanism accounts only "
+                         "the batches of its participation schema (an example may join steps closer or more often than "
+                         "it assumes): use fundp.mf.cyclic_poisson_batches built for it")
     if inner.sampling == "truncated_poisson":
         # One fixed shape; the ledger records each step's truncation (a TruncatedPoisson event),
         # so fundp.epsilon adds its term (delta + (1 + e^eps) T p).
@@ -503,6 +508,21 @@ def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: A
             expected_batch_size = inner.expected_batch_size
     check_sampling_matches(sampler, sample_rate, expected_batch_size=expected_batch_size)
     return sample_rate, expected_batch_size, int(inner.pad_to_multiple), True
+
+
+def _check_cyclic_participation(batches: Any, mechanism: Any) -> None:
+    """Cyclic Poisson batches with ``b`` partitions put an example in steps ``b`` apart, at most
+    ``ceil(n / b)`` of the mechanism's ``n``: refused unless the mechanism's participation allows
+    that (``min_sep <= b``; single participation: ``n <= b``)."""
+    most = getattr(mechanism, "max_participations", None)
+    if most is None:
+        return
+    b, sep = int(batches.num_partitions), int(getattr(mechanism.participation, "min_sep", 1))
+    joins = -(-int(mechanism.steps) // b)
+    if b < sep or joins > most():
+        raise ValueError(f"cyclic Poisson batches with num_partitions={b} put an example in up to {joins} of the "
+                         f"mechanism's {mechanism.steps} steps, {b} apart; {mechanism.participation!r} assumes at most "
+                         f"{most()}, at least {sep} apart")
 
 
 def _truncation_of(sampler: Any) -> Any:

@@ -131,3 +131,20 @@ def test_a_padded_poisson_batch_without_its_mask_is_refused():
     plain(PARAMS, shuffled[0][0], fundp.random.key(10))
     with pytest.raises(ValueError, match="mask=None with a padded batch of ShuffledBatches"):
         plain(PARAMS, shuffled[2][0], fundp.random.key(11))
+
+
+def test_a_mechanism_is_refused_at_build_with_batches_that_break_its_participation():
+    """With sampler=, too: plain or truncated Poisson batches for any correlated-noise mechanism, and
+    cyclic Poisson batches whose partitions put an example closer or more often than the mechanism
+    assumes (an example of 2 partitions joins 2 of 4 steps, 2 apart)."""
+    minsep = mf.mechanism(mf.banded_toeplitz([1.0, 0.5], 4), mf.min_separation(2))
+    poisson = fundp.data.poisson_batches(N, 0.25, fundp.random.key(3), steps=4, pad_to_multiple=8)
+    truncated = fundp.data.truncated_poisson_batches(N, 0.25, fundp.random.key(3), max_batch_size=16, steps=4)
+    for batches in (poisson, truncated):
+        with pytest.raises(ValueError, match="with a noise_mechanism: the mechanism accounts only"):
+            _step(sampler=batches, noise_mechanism=minsep)
+    cyclic = mf.cyclic_poisson_batches(N, 0.5, fundp.random.key(4), num_partitions=2, steps=4, pad_to_multiple=8)
+    _step(sampler=cyclic, noise_mechanism=minsep)  # 2 apart, at most 2 of 4: what min_separation(2) allows
+    for participation in (mf.single_participation(), mf.min_separation(3), mf.min_separation(2, max_participations=1)):
+        with pytest.raises(ValueError, match="num_partitions=2 put an example in up to 2"):
+            _step(sampler=cyclic, noise_mechanism=mf.mechanism(mf.identity(4), participation))
