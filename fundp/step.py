@@ -487,7 +487,7 @@ def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: A
         _check_cyclic_participation(inner, noise_mechanism)
         return sample_rate, expected_batch_size, int(inner.pad_to_multiple), True
     if noise_mechanism is not None:
-        raise ValueError(f"{inner.sampling} batches ({inner!r}) with a noise_mechanism: the mechanism accounts only "
+        raise ValueError(f"{type(inner).__name__} batches with a noise_mechanism: the mechanism accounts only "
                          "the batches of its participation schema (an example may join steps closer or more often than "
                          "it assumes): use fundp.mf.cyclic_poisson_batches built for it")
     if inner.sampling == "truncated_poisson":
