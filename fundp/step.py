@@ -514,11 +514,11 @@ def _check_cyclic_participation(batches: Any, mechanism: Any) -> None:
     """Cyclic Poisson batches with ``b`` partitions put an example in steps ``b`` apart, at most
     ``ceil(n / b)`` of the mechanism's ``n``: refused unless the mechanism's participation allows
     that (``min_sep <= b``; single participation: ``n <= b``)."""
-    most = getattr(mechanism, "max_participations", None)
-    if most is None:
+    most, steps = getattr(mechanism, "max_participations", None), getattr(mechanism, "steps", None)
+    if most is None or steps is None:  # not a fundp.mf mechanism: check_batches_match is all we know
         return
     b, sep = int(batches.num_partitions), int(getattr(mechanism.participation, "min_sep", 1))
-    joins = -(-int(mechanism.steps) // b)
+    joins = -(-int(steps) // b)
     if b < sep or joins > most():
         raise ValueError(f"cyclic Poisson batches with num_partitions={b} put an example in up to {joins} of the "
                          f"mechanism's {mechanism.steps} steps, {b} apart; {mechanism.participation!r} assumes at most "
