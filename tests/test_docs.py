@@ -34,8 +34,8 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 pytestmark = pytest.mark.timeout(1800)
 
 
-_BUILT: list[pathlib.Path] = []  # the site, built once per process (under pytest-xdist a worker
-# may tear a module fixture down between two tests of the module and set it up again)
+_BUILT: list[pathlib.Path] = []  # the site, built once per process (also if pytest sets the
+# module fixture up again, as a pytest-xdist worker can)
 
 
 @pytest.fixture(scope="module")
