@@ -306,7 +306,13 @@ def normal(key: torch.Tensor, shape: tuple[int, ...] | torch.Size, dtype: torch.
     half = (count + 1) // 2
     hi, lo = _bits(key, 2 * half)
     u = _uniform_from_bits(hi, lo, torch.float64)
-    radius = torch.sqrt(-2.0 * torch.log(u[:half]))
-    angle = (2.0 * math.pi) * u[half:]
+    radius, angle = _box_muller(u[:half], u[half:])
     samples = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
     return samples[:count].reshape(shape).to(dtype)
+
+
+def _box_muller(u_radius: torch.Tensor, u_angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sqrt(-2 ln u_radius), 2 pi u_angle)``, elementwise in float64: :func:`normal`'s samples are
+    ``radius * cos(angle)`` and ``radius * sin(angle)``.  One definition, so that
+    :func:`fundp.sharding.normal_at` (any subset of the stream) equals :func:`normal` bit for bit."""
+    return torch.sqrt(-2.0 * torch.log(u_radius)), (2.0 * math.pi) * u_angle

@@ -121,9 +121,8 @@ def normal_at(key: torch.Tensor, total: int, indices: torch.Tensor) -> torch.Ten
     hi, lo = fundp_random._threefry2x32(key, counters >> 32, counters & fundp_random._MASK32)
     u = fundp_random._uniform_from_bits(hi, lo, torch.float64)
     count = flat.numel()
-    # The same operations, in the same order, as fundp.random.normal (elementwise, so equal bits).
-    radius = torch.sqrt(-2.0 * torch.log(u[:count]))
-    angle = (2.0 * math.pi) * u[count:]
+    # The same operations as fundp.random.normal (elementwise, so equal bits).
+    radius, angle = fundp_random._box_muller(u[:count], u[count:])
     samples = torch.where(first, radius * torch.cos(angle), radius * torch.sin(angle))
     return samples.reshape(indices.shape)
 
