@@ -394,8 +394,6 @@ def privatize(
       >>> fundp.privatize(clipped, fundp.random.key(0), noise_multiplier=0.0, expected_batch_size=2.0)["w"]
       tensor([0.3000, 0.4000])
     """
-    from fundp.privatizers import gaussian_privatizer, secure_gaussian_privatizer
-
     expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
     if isinstance(clipped, ClippedSum):
         if noise_stddev is not None:
@@ -418,8 +416,7 @@ def privatize(
         dtypes = tuple(leaf.dtype for leaf in optree.tree_leaves(clipped))
     # Noise is drawn in float64 and added to the float64 sum; the result is rounded to the
     # parameters' dtypes once, at the very end (post-processing of the Gaussian mechanism).
-    privatizer = (secure_gaussian_privatizer if secure_mode else gaussian_privatizer)(sigma)
-    noisy, _, _ = privatizer.privatize(clipped, sensitivity, key, None)
+    noisy, _, _ = _privatizer_plan(sigma, secure_mode, None).privatize(clipped, sensitivity, key, None)
     return _normalise(noisy, expected_batch_size, dtypes)
 
 
