@@ -8,7 +8,6 @@ import optree
 import torch
 
 from fundp import random as fundp_random
-from fundp.clipping import ScaledSqNorm
 from fundp._validate import check_batch, check_params
 from fundp.engines.base import EngineOutput
 from fundp.engines.ghost import attention, broadcast, conv, embedding, linear, norms  # noqa: F401  (register rules)
@@ -531,31 +530,14 @@ def make_ghost_engine(
     return dispatch
 
 
-def _pack_norms(sq_norm_leaves: list) -> list:
+def _pack_norms(sq_norm_leaves: Any) -> list:
     """The tensors of per-leaf squared norms (plain ``[B]`` or ``ScaledSqNorm``; ``None`` has none)."""
-    tensors: list = []
-    for sq in sq_norm_leaves:
-        if isinstance(sq, ScaledSqNorm):
-            tensors += [sq.scale, sq.scaled]
-        elif sq is not None:
-            tensors.append(sq)
-    return tensors
+    return optree.tree_leaves(sq_norm_leaves)
 
 
-def _unpack_norms(tensors: list, like: list) -> list:
+def _unpack_norms(tensors: list, like: Any) -> Any:
     """The inverse of :func:`_pack_norms`, shaped like the leaves ``like``."""
-    out: list = []
-    position = 0
-    for sq in like:
-        if isinstance(sq, ScaledSqNorm):
-            out.append(ScaledSqNorm(tensors[position], tensors[position + 1]))
-            position += 2
-        elif sq is None:
-            out.append(None)
-        else:
-            out.append(tensors[position])
-            position += 1
-    return out
+    return optree.tree_unflatten(optree.tree_structure(like), tensors)
 
 
 def _vmap_or_refuse(tracer: Any, reasons: dict, params: Any, run: Callable, *args: Any) -> Any:
