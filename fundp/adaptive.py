@@ -235,9 +235,14 @@ def noisy_unclipped_count(
       >>> adaptive.noisy_unclipped_count(torch.tensor([0.5, 2.0]), 1.0, None, fundp.random.key(0), cfg)
       tensor(1., dtype=torch.float64)
     """
+    _checked(cfg)
+    return _with_count_noise(unclipped_count(norms, max_norm, mask), _as_threshold(max_norm, norms), key, cfg)
+
+
+def _with_count_noise(count: torch.Tensor, threshold: torch.Tensor, key: torch.Tensor, cfg: QuantileClipping) -> torch.Tensor:
+    """``count + N(0, sigma_b^2)`` in ``threshold``'s dtype, the noise drawn from ``key`` (the count
+    may be the sum of several ranks' counts: the noise is added once, to the total)."""
     _, _, sigma_b = _checked(cfg)
-    count = unclipped_count(norms, max_norm, mask)
-    threshold = _as_threshold(max_norm, norms)
     dtype = threshold.dtype if threshold.dtype.is_floating_point else torch.float64
     noise = fundp_random.normal(key, tuple(count.shape), dtype).to(count.device)
     return count.to(dtype) + sigma_b * noise

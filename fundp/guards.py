@@ -46,10 +46,6 @@ __all__ = ["UNSUPPORTED", "check_combination", "forget_keys", "KeyReuseError", "
 
 #: Refused pairs of ``dp_step`` options (sorted names) -> (exception type, reason).
 UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
-    ("adaptive_clipping", "distributed"): (
-        NotImplementedError,
-        "adaptive_clipping with distributed=True is not supported yet: the noisy unclipped count "
-        "would have to be all-reduced and noised once"),
     ("adaptive_clipping", "secure_mode"): (
         NotImplementedError,
         "adaptive_clipping with secure_mode=True is not supported yet: the count query's noise "

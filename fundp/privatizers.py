@@ -278,7 +278,7 @@ def correlated_privatizer(mechanism: Any, noise_multiplier: Any) -> Privatizer:
     return Privatizer("correlated", mechanism.init, privatize, event, built)
 
 
-def quantile_privatizer(cfg: Any, expected_batch_size: Any) -> Privatizer:
+def quantile_privatizer(cfg: Any, expected_batch_size: Any, *, reduce_count: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Privatizer:
     """Adaptive clipping's count query (:mod:`fundp.adaptive`) as a privatizer of sensitivity 1.
 
     ``init(initial_max_norm)`` is ``cfg.init``; ``privatize((norms, mask), 1, key, state)``
@@ -286,6 +286,11 @@ def quantile_privatizer(cfg: Any, expected_batch_size: Any) -> Privatizer:
     the state's threshold and returns ``(noisy_count, update(cfg, state, noisy_count,
     expected_batch_size), QuantileCountQuery(cfg))``.  Its event composes with the gradient's
     (:func:`record`).
+
+    ``reduce_count`` (``distributed=True``): sums the exact int64 unclipped count of this rank's
+    rows over the ranks (:func:`fundp.distributed.all_reduce_sum`) *before* the noise, which is
+    then added once, from the key every rank shares: every rank releases the same noisy count,
+    and so keeps the same clip state, equal to one process's on the whole batch bit for bit.
 
     Example:
       >>> import torch, fundp
@@ -306,7 +311,11 @@ def quantile_privatizer(cfg: Any, expected_batch_size: Any) -> Privatizer:
         if isinstance(sensitivity, (int, float)) and sensitivity != 1:
             raise ValueError(f"the unclipped count has sensitivity 1, got {sensitivity}")
         norms, mask = query
-        noisy = adaptive.noisy_unclipped_count(norms, state.max_norm, mask, key.to(norms.device), cfg)
+        if reduce_count is None:
+            noisy = adaptive.noisy_unclipped_count(norms, state.max_norm, mask, key.to(norms.device), cfg)
+        else:
+            count = reduce_count(adaptive.unclipped_count(norms, state.max_norm, mask))
+            noisy = adaptive._with_count_noise(count, adaptive._as_threshold(state.max_norm, norms), key.to(norms.device), cfg)
         return noisy, adaptive.update(cfg, state, noisy, expected_batch_size), event(state)
 
     return Privatizer("quantile_count", cfg.init, privatize, event, None)

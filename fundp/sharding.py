@@ -243,12 +243,20 @@ def _describe(leaf: Any) -> str:
     return f"{leaf.dtype} {list(leaf.shape)} (not sharded)"
 
 
+_REFUSED_OPTIONS = {
+    "noise_mechanism": "a mechanism other than fundp.mf's CorrelatedNoise would receive sharded gradients and "
+                       "state it was not written for; fundp.mf mechanisms keep their state sharded like the params",
+    "secure_mode": "secure-mode noise comes from OS entropy, so no rank can draw another rank's coordinates and "
+                   "the result cannot equal one process's",
+}
+
+
 def _refuse_options(options: dict[str, bool]) -> None:
     used = [name for name, flag in options.items() if flag]
     if used:
         raise NotImplementedError(
-            f"sharded (DTensor / FSDP2) params with {', '.join(used)}: not supported yet; the sharded step "
-            "adds i.i.d. Gaussian noise (research mode) only"
+            f"sharded (DTensor / FSDP2) params with {', '.join(used)}: not supported yet ("
+            + "; ".join(f"{name}: {_REFUSED_OPTIONS.get(name, 'not supported')}" for name in used) + ")"
         )
 
 
@@ -474,3 +482,77 @@ def _has_fsdp(model: torch.nn.Module) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+# --------------------------------------------------------------------------- correlated-noise state
+
+
+def _stacked_placements(placements: tuple) -> tuple:
+    """Placements of ``[m, *shape]`` stacked over a tensor of ``shape``: ``Shard(d)`` becomes ``Shard(d + 1)``."""
+    from torch.distributed.tensor import Shard
+
+    return tuple(Shard(p.dim + 1) if isinstance(p, Shard) else p for p in placements)
+
+
+def stacked_shard(leaf: Any, local: torch.Tensor) -> Any:
+    """This rank's block ``local`` (``[m, *local_shape]``) of a tensor ``[m, *leaf.shape]``, laid out like ``leaf``.
+
+    For a DTensor ``leaf`` the result is a DTensor of global shape ``[m, *leaf.shape]`` on
+    ``leaf``'s mesh whose trailing dims are placed as ``leaf`` (``Shard(d)`` becomes
+    ``Shard(d + 1)``, ``Replicate()`` stays): the state of a correlated-noise mechanism
+    (:meth:`fundp.mf.CorrelatedNoise.init`) for sharded parameters, ``m`` buffers of the rank's own
+    coordinates and nothing else.  A plain ``leaf``: ``local`` itself.
+
+    Example:
+      >>> import torch, fundp
+      >>> fundp.sharding.stacked_shard(torch.zeros(3), torch.zeros(2, 3)).shape
+      torch.Size([2, 3])
+    """
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(leaf, dtensor):
+        return local
+    local_shape, _ = local_box(leaf)
+    if tuple(local.shape[1:]) != local_shape:
+        raise ValueError(f"the block has shape {list(local.shape)} but the leaf's local shape is {list(local_shape)}")
+    shape = (int(local.shape[0]), *leaf.shape)
+    return dtensor.from_local(local, leaf.device_mesh, _stacked_placements(tuple(leaf.placements)), run_check=False,
+                              shape=shape, stride=_contiguous_stride(shape))
+
+
+def on_local_blocks(fn: Any, buffer: Any, chunk: Any, leaf: Any) -> tuple[Any, Any]:
+    """``fn(buffer, chunk, leaf) -> (noise, new_buffer)`` run on this rank's blocks when ``chunk`` is a DTensor.
+
+    The online recurrences of :mod:`fundp.mf.strategies` act on every coordinate independently,
+    so a rank runs them on its own block: ``buffer`` (``[m, *shape]``, :func:`stacked_shard`),
+    the standard normals ``chunk`` of its coordinates (:func:`standard_normal_shards`) and the
+    gradient ``leaf`` are replaced by their local tensors, and ``noise`` / ``new_buffer`` come
+    back as DTensors laid out like ``leaf`` / ``buffer``: the same float64 operations on the same
+    values as one process, so the gathered noise is bit-identical.  A buffer not laid out like
+    the leaf (a state from :meth:`~fundp.mf.CorrelatedNoise.init` of unsharded parameters, or of
+    another layout) raises ``ValueError``.  Plain ``chunk``: ``fn`` as it is.
+
+    Example:
+      >>> import torch, fundp
+      >>> fundp.sharding.on_local_blocks(lambda b, z, g: (z, b), torch.zeros(1, 2), torch.ones(2), torch.zeros(2))
+      (tensor([1., 1.]), tensor([[0., 0.]]))
+    """
+    dtensor = _dtensor_type()
+    sharded = dtensor is not None and isinstance(chunk, dtensor)
+    if not sharded:
+        if dtensor is not None and isinstance(buffer, dtensor):
+            raise ValueError(f"the noise state holds a sharded buffer ({_describe(buffer)}) for an unsharded gradient: "
+                             "build the state with mechanism.init(params) from the params the step receives")
+        return fn(buffer, chunk, leaf)
+    expected = _stacked_placements(tuple(chunk.placements))
+    if not isinstance(buffer, dtensor) or tuple(buffer.placements) != expected or buffer.device_mesh != chunk.device_mesh \
+            or tuple(buffer.shape[1:]) != tuple(chunk.shape):
+        raise ValueError(
+            f"the noise state's buffer ({_describe(buffer)}) is not laid out like the sharded gradient ({_describe(chunk)}; "
+            f"its buffers need placements {tuple(str(p) for p in expected)}): build the state with mechanism.init(params) "
+            "from the sharded params (each rank then keeps the buffers of its own coordinates)")
+    noise, updated = fn(buffer.to_local(), chunk.to_local(), leaf.to_local() if isinstance(leaf, dtensor) else leaf)
+    noise = dtensor.from_local(noise, chunk.device_mesh, chunk.placements, run_check=False, shape=chunk.shape,
+                               stride=_contiguous_stride(tuple(chunk.shape)))
+    updated = dtensor.from_local(updated, buffer.device_mesh, buffer.placements, run_check=False, shape=buffer.shape,
+                                 stride=_contiguous_stride(tuple(buffer.shape)))
+    return noise, updated

@@ -682,6 +682,20 @@ def _privatizer_plan(noise_multiplier: Any, secure_mode: bool, noise_mechanism: 
     return privatizers.gaussian_privatizer(noise_multiplier)
 
 
+def _count_reduce(process_group: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``distributed=True``: adaptive clipping's unclipped count summed over the ranks (each counts its rows)."""
+    from fundp import distributed as fundp_distributed
+
+    return lambda count: fundp_distributed.all_reduce_sum([count], process_group)[0]
+
+
+def _is_mf(noise_mechanism: Any) -> bool:
+    """A :class:`fundp.mf.CorrelatedNoise`, whose state the sharded step lays out like the parameters."""
+    from fundp.mf import CorrelatedNoise
+
+    return isinstance(noise_mechanism, CorrelatedNoise)
+
+
 def _amplified_or_foreign(noise_mechanism: Any) -> bool:
     """A mechanism whose count query cannot be accounted with it: cyclic Poisson (amplified), or
     not a :class:`fundp.mf.CorrelatedNoise` (its ``account`` knows no count)."""
@@ -832,7 +846,9 @@ def dp_step(
       adaptive_clipping: a :class:`fundp.adaptive.QuantileClipping` config: ``max_norm`` then
         comes from ``step(..., clip_state=cfg.init(C0))`` and the updated state is returned in
         ``out.clip_state``; the noisy count of unclipped examples uses its own key and the ledger
-        records the combined mechanism (:func:`fundp.adaptive.ledger_noise_multiplier`).
+        records the combined mechanism (:func:`fundp.adaptive.ledger_noise_multiplier`).  With
+        ``distributed=True`` the exact counts of the ranks' rows are summed before the noise is
+        added, once: every rank keeps the same clip state, equal to one process's.
       noise_mechanism: a correlated-noise mechanism (``init(params) -> state``,
         ``sample(state, key, stddev, like) -> (noise, state)``, e.g. from :mod:`fundp.mf`):
         its noise replaces the i.i.d. draw; ``step(..., noise_state=mech.init(params))`` and
@@ -840,7 +856,10 @@ def dp_step(
         participation schema (``mech.account``, a :class:`fundp.accounting.CorrelatedNoiseSteps`
         event; with adaptive clipping the count too, for single-participation and min-separation
         mechanisms), so ``fundp.epsilon(out.ledger, delta)`` is its epsilon; a mechanism without
-        ``account`` refuses a ledger.
+        ``account`` refuses a ledger.  With sharded (FSDP2 / DTensor) params, ``mech.init(params)``
+        of a :mod:`fundp.mf` mechanism keeps only each rank's own coordinates of the buffers
+        (DTensors laid out like the params) and each rank draws and updates only those
+        (:func:`fundp.sharding.on_local_blocks`); other mechanisms are refused there.
 
     The step computes ``StepResult(grads, ledger, loss, norms, num_nonfinite, aux, clip_state,
     noise_state)`` with ``grads = (sum_i c_i g_i + N(0, (sigma S)^2)) / expected_batch_size``.
@@ -888,7 +907,8 @@ def dp_step(
         "clip_style=per_layer": clip_style == "per_layer", "budget": budget is not None,
         "noise_mechanism": noise_mechanism is not None,
     }, accepted=() if _amplified_or_foreign(noise_mechanism) else (("adaptive_clipping", "noise_mechanism"),))
-    quantile = None if adaptive_clipping is None else quantile_privatizer(adaptive_clipping, sampling.expected_batch_size)
+    quantile = None if adaptive_clipping is None else quantile_privatizer(
+        adaptive_clipping, sampling.expected_batch_size, reduce_count=_count_reduce(process_group) if distributed else None)
     summed, chunk_fn = _clipped_sum_plan(
         loss_fn, physical_batch_size, compile_chunk, max_norm=max_norm, clip_style=clip_style, gamma=gamma,
         grad_method=grad_method, has_aux=has_aux, randomness=randomness, verify=verify,
@@ -900,9 +920,8 @@ def dp_step(
         reduced = _all_reduced(summed, process_group, (
             ("max_norm", max_norm), ("noise_multiplier", noise_multiplier), ("expected_batch_size", sampling.expected_batch_size),
             ("sample_rate", sampling.sample_rate), ("clip_style", clip_style), ("gamma", gamma), ("grad_method", grad_method),
-            ("physical_batch_size", physical_batch_size), ("secure_mode", secure_mode)),
-            {"secure_mode": secure_mode, "noise_mechanism": noise_mechanism is not None,
-             "adaptive_clipping": adaptive_clipping is not None})
+            ("physical_batch_size", physical_batch_size), ("secure_mode", secure_mode), ("adaptive_clipping", adaptive_clipping)),
+            {"secure_mode": secure_mode, "noise_mechanism": noise_mechanism is not None and not _is_mf(noise_mechanism)})
         world_size = lambda: fundp_distributed.rank_and_world_size(process_group)[1]  # noqa: E731
     built_sigma, built_threshold = noise_multiplier, max_norm
     looked_for_padding: list[bool] = []  # non-empty once the first eager unmasked batch was looked at

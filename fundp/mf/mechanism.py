@@ -182,8 +182,17 @@ class CorrelatedNoise:
             if not isinstance(leaf, torch.Tensor) or not leaf.dtype.is_floating_point:
                 raise TypeError(f"params must hold floating-point tensors, got {getattr(leaf, 'dtype', type(leaf))}")
         device = leaves[0].device if leaves else None
-        buffers = optree.tree_map(lambda p: self.strategy.init_buffers(p.detach(), self._buffer_dtype(p)), params)
+        buffers = optree.tree_map(self._init_leaf, params)
         return NoiseState(torch.zeros((), dtype=torch.int64, device=device), buffers)
+
+    def _init_leaf(self, leaf: torch.Tensor) -> Any:
+        """Zero buffers ``[m, *leaf.shape]``; for a sharded (DTensor) leaf only the rank's own block
+        ``[m, *local_shape]``, as a DTensor laid out like the leaf (:func:`fundp.sharding.stacked_shard`)."""
+        if type(leaf).__name__ != "DTensor":
+            return self.strategy.init_buffers(leaf.detach(), self._buffer_dtype(leaf))
+        from fundp.sharding import stacked_shard
+
+        return stacked_shard(leaf, self.strategy.init_buffers(leaf.detach().to_local(), self._buffer_dtype(leaf)))
 
     def sample(self, state: NoiseState, key: torch.Tensor, stddev: Any, like: Any) -> tuple[Any, NoiseState]:
         """``(noise, new_state)``: ``noise = stddev * sensitivity * (C^{-1} Z)_t`` shaped and typed like ``like``.
@@ -216,10 +225,17 @@ class CorrelatedNoise:
         buffers: list[Any] = treedef.flatten_up_to(state.buffers)
         if not leaves:
             return like, NoiseState(state.step + 1, state.buffers)
-        noises, new_buffers = [], []
-        for chunk, leaf, buffer in zip(standard_normal_chunks(leaves, key), leaves, buffers):
+        def draw(buffer: torch.Tensor, chunk: torch.Tensor, leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             x, updated = self.strategy.next(buffer, chunk, state.step)
-            noises.append((x * scale).to(device=leaf.device, dtype=leaf.dtype))
+            return (x * scale).to(device=leaf.device, dtype=leaf.dtype), updated
+
+        from fundp.sharding import on_local_blocks
+
+        noises, new_buffers = [], []
+        # Sharded (DTensor) leaves: each rank draws and updates its own coordinates only.
+        for chunk, leaf, buffer in zip(standard_normal_chunks(leaves, key), leaves, buffers):
+            noise, updated = on_local_blocks(draw, buffer, chunk, leaf)
+            noises.append(noise)
             new_buffers.append(updated)
         return (
             optree.tree_unflatten(treedef, noises),
