@@ -235,8 +235,11 @@ def secure_gaussian_privatizer(noise_multiplier: Any) -> Privatizer:
         spent = iid.event(state, noise_multiplier=noise_multiplier)
         # release_dtypes: float64 leaves are snapped to the secure grid; leaves released in a
         # coarser dtype keep their one rounding to it (no floating-point attack there).
-        noisy = secure_noise(_wide(_grads_of(clipped_sum)), float(spent.noise_multiplier * sensitivity),
-                             release_dtypes=getattr(clipped_sum, "dtypes", None))
+        # Sharded (DTensor) sums: each rank draws the noise of its own block only (map_local).
+        from fundp.sharding import map_local
+
+        stddev, dtypes = float(spent.noise_multiplier * sensitivity), getattr(clipped_sum, "dtypes", None)
+        noisy = map_local(lambda wide: secure_noise(wide, stddev, release_dtypes=dtypes), _wide(_grads_of(clipped_sum)))
         return noisy, state, spent
 
     return iid._replace(name="secure_gaussian", privatize=privatize)

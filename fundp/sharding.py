@@ -29,9 +29,26 @@ unchanged.
 Scope (refused otherwise, naming the reason): placements ``Shard(d)`` and ``Replicate()`` on a
 mesh spanning the step's process group, of any dimension (FSDP2 on a 1-D mesh, HSDP's
 ``(Replicate(), Shard(0))`` on a 2-D one): every rank is a data rank with examples of its own,
-whatever the layout, because the model runs on the gathered parameters; i.i.d. Gaussian noise (no
-``secure_mode`` or ``noise_mechanism`` yet).  Tensor parallelism, where ranks share a batch and
+whatever the layout, because the model runs on the gathered parameters; i.i.d. Gaussian noise,
+secure-mode noise and the correlated noise of :mod:`fundp.mf` (other ``noise_mechanism`` objects
+are refused).  Tensor parallelism, where ranks share a batch and
 compute one forward together, is not supported yet: two ranks passing the same rows are refused.
+
+The other noise of a step, sharded the same way:
+
+* **correlated noise** (:mod:`fundp.mf`): the mechanism's state is sharded like the parameters,
+  ``init`` giving each rank the buffers ``[m, *local_shape]`` of its own coordinates
+  (:func:`stacked_shard`); the strategies' recurrences act on every coordinate independently, so
+  each rank runs them on its block with the normals of its coordinates (:func:`on_local_blocks`):
+  the gathered noise and state equal one process's bit for bit;
+* **adaptive clipping**'s unclipped count is summed over the ranks exactly (int64) before its
+  noise is added once, from the shared key, so every rank keeps the same clip state (as with
+  replicated parameters);
+* **secure mode** draws from OS entropy, reproducible by nothing, so no rank could draw another's
+  coordinates and no run equals another bit for bit (one process's included); each rank draws
+  the secure noise of its own block only (:func:`map_local`), and copies of a coordinate on
+  ``Replicate()`` mesh dimensions take their first copy's value (:func:`broadcast_replicas`): one
+  draw per released coordinate, the same on every rank.
 
 A model wrapped by ``fully_shard`` runs on the full parameters inside
 :func:`fundp.functional_call`, which suspends FSDP2's forward hooks for the call
@@ -60,6 +77,10 @@ __all__ = [
     "reduce_clipped_sum",
     "fsdp_hooks_suspended",
     "gathered_frozen",
+    "stacked_shard",
+    "on_local_blocks",
+    "map_local",
+    "broadcast_replicas",
 ]
 
 
@@ -246,8 +267,6 @@ def _describe(leaf: Any) -> str:
 _REFUSED_OPTIONS = {
     "noise_mechanism": "a mechanism other than fundp.mf's CorrelatedNoise would receive sharded gradients and "
                        "state it was not written for; fundp.mf mechanisms keep their state sharded like the params",
-    "secure_mode": "secure-mode noise comes from OS entropy, so no rank can draw another rank's coordinates and "
-                   "the result cannot equal one process's",
 }
 
 
@@ -556,3 +575,74 @@ def on_local_blocks(fn: Any, buffer: Any, chunk: Any, leaf: Any) -> tuple[Any, A
     updated = dtensor.from_local(updated, buffer.device_mesh, buffer.placements, run_check=False, shape=buffer.shape,
                                  stride=_contiguous_stride(tuple(buffer.shape)))
     return noise, updated
+
+
+# --------------------------------------------------------------------------- secure-mode noise
+
+
+def map_local(fn: Any, tree: Any) -> Any:
+    """``fn`` applied to the tree of this rank's local tensors; DTensor leaves come back laid out as they were.
+
+    For elementwise functions of each leaf (the secure-mode noise of :mod:`fundp.secure` is drawn
+    leaf by leaf, value by value): each rank computes its own block only.  A plain tree: ``fn(tree)``.
+
+    Example:
+      >>> import torch, fundp
+      >>> fundp.sharding.map_local(lambda t: {"w": t["w"] + 1}, {"w": torch.zeros(2)})
+      {'w': tensor([1., 1.])}
+    """
+    dtensor = _dtensor_type()
+    if not is_sharded(tree):
+        return fn(tree)
+    leaves, treedef = optree.tree_flatten(tree)
+    local = fn(optree.tree_unflatten(treedef, [leaf.to_local() if isinstance(leaf, dtensor) else leaf for leaf in leaves]))
+    out = []
+    for leaf, value in zip(leaves, treedef.flatten_up_to(local)):
+        if isinstance(leaf, dtensor):
+            value = dtensor.from_local(value, leaf.device_mesh, leaf.placements, run_check=False, shape=leaf.shape,
+                                       stride=_contiguous_stride(tuple(leaf.shape)))
+        out.append(value)
+    return optree.tree_unflatten(treedef, out)
+
+
+@torch.compiler.disable
+def broadcast_replicas(tree: Any, group: Any = None) -> Any:
+    """Every copy of a coordinate takes the value of its first copy: secure-mode noise drawn by its owner.
+
+    Secure-mode noise comes from OS entropy (:mod:`fundp.secure`), so ranks holding the same
+    coordinate draw different values.  For a DTensor leaf, the local block is broadcast along
+    each mesh dimension the leaf is ``Replicate()`` on, from the rank at index 0 of that dimension
+    (``Shard`` dimensions hold disjoint coordinates: nothing to do; FSDP2 on a 1-D mesh sends
+    nothing); a plain leaf is broadcast from rank 0 of ``group``
+    (:func:`fundp.distributed.broadcast_from_rank0`).  Each released coordinate thus carries one
+    draw, the same on every rank that holds it.
+
+    Example:
+      >>> import os, tempfile, torch, torch.distributed as dist, fundp
+      >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rdv"), rank=0, world_size=1)
+      >>> fundp.sharding.broadcast_replicas({"w": torch.ones(2)})
+      {'w': tensor([1., 1.])}
+      >>> dist.destroy_process_group()
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate
+
+    from fundp.distributed import broadcast_from_rank0
+
+    dtensor = _dtensor_type()
+    leaves, treedef = optree.tree_flatten(tree)
+    out = []
+    for leaf in leaves:
+        if dtensor is None or not isinstance(leaf, dtensor):
+            out.append(broadcast_from_rank0([leaf], group)[0])
+            continue
+        mesh, local = leaf.device_mesh, leaf.to_local().contiguous().clone()
+        coordinate = mesh.get_coordinate()
+        for dim, placement in enumerate(leaf.placements):
+            if isinstance(placement, Replicate) and mesh.size(dim) > 1:
+                first = list(coordinate)
+                first[dim] = 0
+                dist.broadcast(local, src=int(mesh.mesh[tuple(first)]), group=mesh.get_group(dim))
+        out.append(dtensor.from_local(local, mesh, leaf.placements, run_check=False, shape=leaf.shape,
+                                      stride=_contiguous_stride(tuple(leaf.shape))))
+    return optree.tree_unflatten(treedef, out)

@@ -817,7 +817,9 @@ def dp_step(
       process_group: the group for ``distributed=True`` (default: the world).
       secure_mode: draw the noise from OS entropy with the hardened sampler of
         :mod:`fundp.secure` (for production; slower, not reproducible from the key, and a graph
-        break under ``torch.compile``).  With ``distributed=True`` only rank 0's draw is used.
+        break under ``torch.compile``).  With ``distributed=True`` only rank 0's draw is used;
+        with sharded params each coordinate's draw is its owner's (the first replica's under
+        HSDP: :func:`fundp.sharding.broadcast_replicas`), no rank drawing more than its block.
       budget: ``fundp.Budget(epsilon, delta)`` or ``(epsilon, delta)``: a step whose ledger
         would exceed it raises :class:`fundp.BudgetExceededError` before touching the data.
       physical_batch_size: gradient accumulation: the logical batch is processed in chunks of
@@ -921,7 +923,7 @@ def dp_step(
             ("max_norm", max_norm), ("noise_multiplier", noise_multiplier), ("expected_batch_size", sampling.expected_batch_size),
             ("sample_rate", sampling.sample_rate), ("clip_style", clip_style), ("gamma", gamma), ("grad_method", grad_method),
             ("physical_batch_size", physical_batch_size), ("secure_mode", secure_mode), ("adaptive_clipping", adaptive_clipping)),
-            {"secure_mode": secure_mode, "noise_mechanism": noise_mechanism is not None and not _is_mf(noise_mechanism)})
+            {"noise_mechanism": noise_mechanism is not None and not _is_mf(noise_mechanism)})
         world_size = lambda: fundp_distributed.rank_and_world_size(process_group)[1]  # noqa: E731
     built_sigma, built_threshold = noise_multiplier, max_norm
     looked_for_padding: list[bool] = []  # non-empty once the first eager unmasked batch was looked at
@@ -955,8 +957,11 @@ def dp_step(
                              ("ledger steps", None if ledger is None else ledger.steps)))
         noisy, new_noise_state, _ = privatizer.privatize(clipped, clipped.sensitivity, noise_key, noise_state, noise_multiplier=sigma)
         grads = _normalise(noisy, sampling.expected_batch_size, clipped.dtypes)
-        if distributed and secure_mode:
-            grads = fundp_distributed.broadcast_from_rank0(grads, process_group)
+        if distributed and secure_mode:  # one draw per coordinate: its first holder's (rank 0's when replicated)
+            from fundp import sharding as fundp_sharding
+
+            grads = fundp_sharding.broadcast_replicas(grads, process_group) if fundp_sharding.is_sharded(grads) else \
+                fundp_distributed.broadcast_from_rank0(grads, process_group)
         new_clip_state = None if quantile is None else quantile.privatize((clipped.norms, mask), 1, count_key, clip_state)[1]
         loss = clipped.loss_sum / torch.clamp_min(clipped.num_examples, 1).to(clipped.loss_sum.dtype)
         if ledger is not None:

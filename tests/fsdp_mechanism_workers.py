@@ -118,6 +118,60 @@ def sharded(rank: int, world_size: int, mesh_shape: tuple | None = None) -> dict
     return results
 
 
+class CountingEntropy:
+    """Records how many OS uniforms each secure-mode draw reads (to show no rank draws full-size noise)."""
+
+    def __enter__(self):
+        import fundp.secure
+
+        self.original, self.counts = fundp.secure._os_uniform, []
+
+        def counting(count):
+            self.counts.append(int(count))
+            return self.original(count)
+
+        fundp.secure._os_uniform = counting
+        return self
+
+    def __exit__(self, *exc):
+        import fundp.secure
+
+        fundp.secure._os_uniform = self.original
+
+
+def secure_step(model, sigma, distributed):
+    return fundp.dp_step(classification_loss(model), max_norm=CLIP_NORM, noise_multiplier=sigma,
+                         expected_batch_size=EXPECTED_BATCH, sample_rate=0.1, grad_method="vmap",
+                         distributed=distributed, secure_mode=True, check_key_reuse=False)
+
+
+def noiseless_single_process() -> dict:
+    model, params, batch, mask = global_problem()
+    step = fundp.dp_step(classification_loss(model), max_norm=CLIP_NORM, noise_multiplier=0.0,
+                         expected_batch_size=EXPECTED_BATCH, grad_method="vmap")
+    return step(params, batch, fundp.random.key(52), mask=mask).grads
+
+
+def secure(rank: int, world_size: int, mesh_shape: tuple | None = None) -> dict:
+    """Secure mode on sharded params: noiseless (sigma = 0) and noisy gathered gradients, entropy read."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard")) if mesh_shape else \
+        init_device_mesh("cpu", (world_size,))
+    model, _, local, shard_mask = _local_batch(rank, world_size)
+    sharded_model(model, mesh)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    out = {}
+    for name, sigma in (("noiseless", 0.0), ("noisy", SIGMA)):
+        with CountingEntropy() as counter:
+            grads = secure_step(model, sigma, True)(params, local, fundp.random.key(52), mask=shard_mask).grads
+        out[name] = {n: g.full_tensor() for n, g in grads.items()}
+        out[f"{name}_entropy"] = counter.counts
+        out["placements"] = {n: str(g.placements) for n, g in grads.items()}
+    out["local_numel"] = {n: p.to_local().numel() for n, p in params.items()}
+    return out
+
+
 def replicated(rank: int, world_size: int) -> dict:
     """Adaptive clipping with replicated (plain) params: the counts are all-reduced too."""
     model, params, local, shard_mask = _local_batch(rank, world_size)
@@ -130,9 +184,10 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str)
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=30))
         if scenario == "two":
-            result = {"fsdp": sharded(rank, world_size), "ddp": replicated(rank, world_size)}
+            result = {"fsdp": sharded(rank, world_size), "ddp": replicated(rank, world_size), "secure": secure(rank, world_size)}
         elif scenario == "four":  # FSDP over 4 ranks (an empty shard) and HSDP on a 2 x 2 mesh
-            result = {"fsdp": sharded(rank, world_size), "hsdp": sharded(rank, world_size, (2, 2))}
+            result = {"fsdp": sharded(rank, world_size), "hsdp": sharded(rank, world_size, (2, 2)),
+                      "secure_hsdp": secure(rank, world_size, (2, 2))}
         else:
             raise ValueError(scenario)
         save_and_leave(result, out_dir, rank)

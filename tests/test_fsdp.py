@@ -95,7 +95,7 @@ class _Mechanism:  # the interface of a correlated-noise mechanism (never reache
         raise AssertionError("not reached")
 
 
-@pytest.mark.parametrize("option", ["secure_mode", "noise_mechanism"])
+@pytest.mark.parametrize("option", ["noise_mechanism"])
 def test_sharded_step_refuses_what_it_does_not_support_yet(one_rank_fsdp_model, option):
     from models import classification_loss
 

@@ -1,6 +1,6 @@
-"""Correlated noise (fundp.mf: BLT, banded, tree) and adaptive clipping with FSDP2-sharded params
-(gloo, CPU, float64): three steps with the states threaded equal one process on the whole batch,
-and no rank holds or draws more noise state than its own shard."""
+"""Correlated noise (fundp.mf: BLT, banded, tree), adaptive clipping and secure mode with
+FSDP2-sharded params (gloo, CPU, float64): three steps with the states threaded equal one process
+on the whole batch, and no rank holds or draws more noise or noise state than its own shard."""
 
 import math
 import multiprocessing
@@ -129,6 +129,31 @@ def test_the_mechanism_state_of_sharded_params_is_sharded_in_one_process(tmp_pat
         dist.destroy_process_group()
 
 
+def _check_secure(results, replicas=1):
+    """Secure mode: noiseless, equal to one process; noisy, the same on every rank (one draw per
+    coordinate, replicas included), N(0, (sigma C)^2) around the noiseless sum, each rank reading
+    the entropy of its own block only (4 uniforms per local value)."""
+    expected = workers.noiseless_single_process()
+    total = sum(v.numel() for v in expected.values())
+    read = 0
+    for result in results:
+        for name, value in expected.items():
+            _close(result["noiseless"][name], value, f"secure noiseless {name}")
+            assert torch.equal(result["noisy"][name], results[0]["noisy"][name]), name
+        local = result["local_numel"]
+        assert result["noisy_entropy"] == [4 * local[n] for n in sorted(local) if local[n]]
+        read += sum(result["noisy_entropy"])
+    assert read == 4 * replicas * total
+    z = torch.cat([((results[0]["noisy"][n] - expected[n]) * workers.EXPECTED_BATCH / (workers.SIGMA * workers.CLIP_NORM)).reshape(-1)
+                   for n in sorted(expected)])
+    assert z.unique().numel() == total  # no value drawn twice (each shard its own draws)
+    assert 0.75 < float(z.std()) < 1.25 and abs(float(z.mean())) < 0.35, (z.std(), z.mean())
+
+
+def test_secure_mode_on_two_fsdp2_ranks_draws_each_coordinate_once_on_its_owner(two_ranks):
+    _check_secure([r["secure"] for r in two_ranks])
+
+
 @pytest.mark.slow
 def test_four_fsdp2_ranks_and_a_2x2_hsdp_mesh_equal_one_process(tmp_path, reference):
     """Four ranks (a bias of 3 rows leaves rank 3 an empty shard and an empty state) and HSDP
@@ -139,3 +164,5 @@ def test_four_fsdp2_ranks_and_a_2x2_hsdp_mesh_equal_one_process(tmp_path, refere
             _check_run([r[mesh] for r in results], reference[name], name)
             if name != "adaptive":
                 _check_state_is_sharded([r[mesh] for r in results], reference[name], name, replicas)
+    assert results[0]["secure_hsdp"]["placements"]["net.0.weight"] == "(Replicate(), Shard(dim=0))"
+    _check_secure([r["secure_hsdp"] for r in results], replicas=2)
