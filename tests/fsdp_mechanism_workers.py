@@ -94,14 +94,20 @@ def _local_batch(rank, world_size):
     return model, params, {k: v[rows] for k, v in batch.items()}, shard_mask
 
 
-def sharded(rank: int, world_size: int, mesh_shape: tuple | None = None) -> dict:
+def _sharded_problem(rank, world_size, mesh_shape):
+    """The global problem's model under fully_shard (a 1-D mesh, or HSDP on ``mesh_shape``), its
+    DTensor params and this rank's rows."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard")) if mesh_shape else \
         init_device_mesh("cpu", (world_size,))
     model, _, local, shard_mask = _local_batch(rank, world_size)
     sharded_model(model, mesh)
-    params = {name: p.detach() for name, p in model.named_parameters()}
+    return model, {name: p.detach() for name, p in model.named_parameters()}, local, shard_mask
+
+
+def sharded(rank: int, world_size: int, mesh_shape: tuple | None = None) -> dict:
+    model, params, local, shard_mask = _sharded_problem(rank, world_size, mesh_shape)
     mechs = mechanisms()
     results = {name: three_steps(model, params, local, shard_mask, None if m is None else mechs[m], adaptive, True,
                                  full=lambda t: t.full_tensor())
@@ -154,13 +160,7 @@ def noiseless_single_process() -> dict:
 
 def secure(rank: int, world_size: int, mesh_shape: tuple | None = None) -> dict:
     """Secure mode on sharded params: noiseless (sigma = 0) and noisy gathered gradients, entropy read."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard")) if mesh_shape else \
-        init_device_mesh("cpu", (world_size,))
-    model, _, local, shard_mask = _local_batch(rank, world_size)
-    sharded_model(model, mesh)
-    params = {name: p.detach() for name, p in model.named_parameters()}
+    model, params, local, shard_mask = _sharded_problem(rank, world_size, mesh_shape)
     out = {}
     for name, sigma in (("noiseless", 0.0), ("noisy", SIGMA)):
         with CountingEntropy() as counter:

@@ -185,7 +185,7 @@ class CorrelatedNoise:
         buffers = optree.tree_map(self._init_leaf, params)
         return NoiseState(torch.zeros((), dtype=torch.int64, device=device), buffers)
 
-    def _init_leaf(self, leaf: torch.Tensor) -> Any:
+    def _init_leaf(self, leaf: Any) -> Any:
         """Zero buffers ``[m, *leaf.shape]``; for a sharded (DTensor) leaf only the rank's own block
         ``[m, *local_shape]``, as a DTensor laid out like the leaf (:func:`fundp.sharding.stacked_shard`)."""
         if type(leaf).__name__ != "DTensor":
