@@ -118,13 +118,21 @@ def test_the_mechanism_state_of_sharded_params_is_sharded_in_one_process(tmp_pat
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
     try:
         w = distribute_tensor(torch.zeros(5, 3, dtype=torch.float64), init_device_mesh("cpu", (1,)), [Shard(0)])
-        mech = fundp.mf.mechanism(fundp.mf.blt([0.9, 0.5], [0.3, 0.2], 4), fundp.mf.single_participation())
-        state = mech.init({"w": w})
-        assert type(state.buffers["w"]).__name__ == "DTensor"
-        assert tuple(state.buffers["w"].shape) == (2, 5, 3) and state.buffers["w"].placements == (Shard(1),)
-        noise, new = mech.sample(state, fundp.random.key(3), 1.0, {"w": w})
-        plain, _ = mech.sample(mech.init({"w": w.full_tensor()}), fundp.random.key(3), 1.0, {"w": w.full_tensor()})
-        assert torch.equal(noise["w"].full_tensor(), plain["w"]) and new.buffers["w"].placements == (Shard(1),)
+        single = fundp.mf.single_participation()
+        for strategy, m in ((fundp.mf.blt([0.9, 0.5], [0.3, 0.2], 4), 2), (fundp.mf.identity(4), 0), (fundp.mf.tree(4), 3)):
+            mech = fundp.mf.mechanism(strategy, single)
+            state = mech.init({"w": w})
+            assert type(state.buffers["w"]).__name__ == "DTensor"
+            assert tuple(state.buffers["w"].shape) == (m, 5, 3) and state.buffers["w"].placements == (Shard(1),)
+            plain_state = mech.init({"w": w.full_tensor()})
+            for t in range(3):
+                key = fundp.random.fold_in(fundp.random.key(3), t)
+                noise, state = mech.sample(state, key, 1.5, {"w": w})
+                plain, plain_state = mech.sample(plain_state, key, 1.5, {"w": w.full_tensor()})
+                assert torch.equal(noise["w"].full_tensor(), plain["w"]) and state.buffers["w"].placements == (Shard(1),)
+                assert torch.equal(state.buffers["w"].full_tensor(), plain_state.buffers["w"])
+        with pytest.raises(ValueError, match="sharded buffer .* for an unsharded gradient"):
+            mech.sample(mech.init({"w": w}), fundp.random.key(4), 1.0, {"w": w.full_tensor()})
     finally:
         dist.destroy_process_group()
 
