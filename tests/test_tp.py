@@ -141,6 +141,25 @@ def test_fsdp_over_tensor_parallel_on_a_2x2_mesh_equals_one_process(tmp_path, re
         "RankMismatchError: ranks [2, 3] form one tensor-parallel group (mesh dims ('tp',), data coordinate {'dp': 1}) "
         "but pass different batches")
     assert outcomes[0]["fine"] == "ok"
+    # examples/finetune_fsdp.py on 4 ranks (its default there: FSDP2 x TP, 2 x 2) ends where 1 rank does.
+    one = _one_rank_example(tmp_path)
+    for mode in ("full", "lora"):
+        assert one[mode]["ledger"].steps == 2
+        for result in results:
+            assert set(result["example"][mode]["params"]) == set(one[mode]["params"])
+            for name, value in one[mode]["params"].items():
+                torch.testing.assert_close(result["example"][mode]["params"][name], value, rtol=1e-10, atol=1e-12)
+            assert result["example"][mode]["losses"] == pytest.approx(one[mode]["losses"], rel=1e-10)
+
+
+def _one_rank_example(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'one_rank'}", rank=0, world_size=1)
+    try:
+        return tp_workers.example()
+    finally:
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- one process

@@ -147,6 +147,22 @@ def mismatches(rank: int, mesh) -> dict:
     return outcomes
 
 
+def example() -> dict:
+    """examples/finetune_fsdp.py, full and LoRA, 2 float64 steps (on 4 ranks: FSDP2 x TP, 2 x 2)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
+    import finetune_fsdp
+
+    argv = ["--steps", "2", "--num-examples", "64", "--batch-size", "8", "--dtype", "float64", "--grad-method", "vmap"]
+    result = {}
+    for mode, extra in (("full", []), ("lora", ["--lora"])):
+        fundp.guards.forget_keys()  # two independent runs from the same seed
+        result[mode] = finetune_fsdp.main(argv + extra)
+    return result
+
+
 def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -161,7 +177,8 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str)
         elif scenario == "fsdp_tp":  # 4 ranks, FSDP2 over "dp" x tensor parallelism over "tp"
             mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
             result = {"mlp": tp_steps(mesh, "mlp", fsdp=True), "tied": tp_steps(mesh, "tied", fsdp=True),
-                      "ddp_tp": tp_steps(mesh, "mlp", fsdp=False, styles=("flat",)), "mismatch": mismatches(rank, mesh)}
+                      "ddp_tp": tp_steps(mesh, "mlp", fsdp=False, styles=("flat",)), "mismatch": mismatches(rank, mesh),
+                      "example": example()}
         else:
             raise ValueError(scenario)
         save_and_leave(result, out_dir, rank)
