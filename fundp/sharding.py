@@ -26,16 +26,42 @@ Threefry counter ``c``.  Every element is thus a pure function of two counters, 
 :func:`normal_at` computes any subset of the stream without the rest: the stream itself is
 unchanged.
 
+**Tensor parallelism** (``parallelize_module`` with ``ColwiseParallel`` / ``RowwiseParallel``
+..., alone or under ``fully_shard``): the ranks of a tensor-parallel group share one batch, so
+``dp_step(..., distributed=True, tensor_parallel_dim="tp")`` names the mesh dim(s) along which
+they do (``"tp"`` of a ``("dp", "tp")`` mesh; every other dim of the parameters' root mesh is a
+data dim).  The step stays the one above, on the gathered parameters: each rank of a TP group
+computes the same clipped sum of the group's examples (one model key per group: the same
+dropout), and each group's sum is counted once (the ranks at TP coordinate 0 contribute it, the
+others zeros, which the sums add exactly), so only the data dims sum examples: counting the TP
+ranks too would count each example once per TP rank.  Each rank then noises the coordinates it
+holds, as above (a coordinate replicated over ``tp``, a row-parallel bias, is drawn bit for bit
+the same on each of its holders).  Checked on every call: the ranks of a TP group pass the same
+batch and mask (a digest), different groups different rows, and every parameter lives on one
+named root mesh (or a submesh of it: ``fully_shard`` over ``mesh["dp"]`` of a layer tensor
+parallelism left alone; a layer only tensor parallelism sharded, under plain data parallelism,
+has its sum all-reduced over the data dims first).  Without ``tensor_parallel_dim`` two ranks
+passing the same rows are refused.  This route keeps the per-example norms exact without any
+communication on the ``[B]`` norms; the price is that each rank holds the gathered parameters
+during the step, as under FSDP2 (summing squared norms over the TP group while the sharded
+forward runs would not, and is not done).
+
 Scope (refused otherwise, naming the reason): placements ``Shard(d)`` and ``Replicate()`` on a
 mesh spanning the step's process group, of any dimension (FSDP2 on a 1-D mesh, HSDP's
-``(Replicate(), Shard(0))`` on a 2-D one): every rank is a data rank with examples of its own,
-whatever the layout, because the model runs on the gathered parameters; i.i.d. Gaussian noise (no
-``secure_mode`` or ``noise_mechanism`` yet).  Tensor parallelism, where ranks share a batch and
-compute one forward together, is not supported yet: two ranks passing the same rows are refused.
+``(Replicate(), Shard(0))`` on a 2-D one), and ``_StridedShard(d, sf)`` followed by ``Shard(d)``
+over ``sf`` ranks (``fully_shard`` over ``"dp"`` of a ``"tp"``-sharded ``Shard(d)`` parameter);
+without ``tensor_parallel_dim`` every rank is a data rank with examples of its own, whatever the
+layout, because the model runs on the gathered parameters; i.i.d. Gaussian noise (no
+``secure_mode`` or ``noise_mechanism`` yet).  Tested: FSDP2 on 2 and 4 ranks, HSDP 2 x 2,
+tensor parallelism on 2 ranks, FSDP2 x TP and DDP x TP on a 2 x 2 ``("dp", "tp")`` mesh.
 
 A model wrapped by ``fully_shard`` runs on the full parameters inside
 :func:`fundp.functional_call`, which suspends FSDP2's forward hooks for the call
-(:func:`fsdp_hooks_suspended`): fundp gathers the parameters itself, once per step.
+(:func:`fsdp_hooks_suspended`), and, for plain parameters, the layout hooks tensor parallelism
+installed (:func:`tp_hooks_suspended`): fundp gathers the parameters itself, once per step, and
+the model computes what the unparallelized model computes (its forward must hold for the full
+tensors, as a tensor-parallel plan's module code does: e.g. ``view(..., -1, head_dim)`` rather
+than a head count cut per rank).
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ def check_equal_to_one_process(results, reference, placements, world_size):
             assert held == _holders(placements[name], world_size) * value.numel(), (style, name)
     for result in results:
         assert result["forward_error"] < 1e-12  # the TP plan's own forward is the plain model's
+        assert result["data_world_size"] == world_size // 2  # one TP group of 2 ranks per data shard
 
 
 def check_frozen_and_trained(results, reference):

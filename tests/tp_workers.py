@@ -84,6 +84,7 @@ def tp_steps(mesh, problem: str, fsdp: bool, styles: tuple = CLIP_STYLES) -> dic
     assert set(params) == plain_names, (set(params), plain_names)
     with torch.no_grad():  # the plan is a valid TP model: its own forward computes the plain model's logits
         results = {"forward_error": float((model(batch["x"]) - reference_logits)[mask].abs().max())}
+    results["data_world_size"] = fundp.sharding.data_world_size(params, None, "tp")  # the ranks with rows of their own
     for name, style, options, key in runs(problem, styles):
         step = step_for(model, style, True, tensor_parallel_dim="tp", **options)
         with CountingThreefry() as counter:
