@@ -477,37 +477,43 @@ def fsdp_hooks_suspended(model: torch.nn.Module) -> Iterator[None]:
     except ImportError:  # pragma: no cover - torch without distributed
         yield
         return
+
+    def fsdp_hook_ids(module: torch.nn.Module) -> set:
+        if not isinstance(module, FSDPModule):
+            return set()
+        state = module._get_fsdp_state()
+        ids = set()
+        for handle in (getattr(state, "_pre_forward_hook_handle", None), getattr(state, "_post_forward_hook_handle", None)):
+            if handle is None or not hasattr(handle, "id"):
+                raise NotImplementedError(
+                    "fully_shard over a group of modules (fully_shard([a, b])) is not supported by fundp's sharded step")
+            ids.add(handle.id)
+        return ids
+
+    with _hooks_removed(model, fsdp_hook_ids):
+        yield
+
+
+@contextlib.contextmanager
+def _hooks_removed(model: torch.nn.Module, hook_ids: Any) -> Iterator[None]:
+    """Within the block, the forward (pre-)hooks ``hook_ids(module)`` of each module of ``model``
+    are removed; every hook dict is restored (contents and order) on exit."""
     saved: list[tuple[dict, dict]] = []
     try:
         for module in model.modules():
-            if not isinstance(module, FSDPModule):
-                continue
-            state = module._get_fsdp_state()
-            ids = set()
-            for handle in (getattr(state, "_pre_forward_hook_handle", None), getattr(state, "_post_forward_hook_handle", None)):
-                if handle is None or not hasattr(handle, "id"):
-                    raise NotImplementedError(
-                        "fully_shard over a group of modules (fully_shard([a, b])) is not supported by fundp's sharded step")
-                ids.add(handle.id)
-            saved += _remove_hooks(module, ids)
+            ids = hook_ids(module)
+            for name in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                         "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                hooks = getattr(module, name)
+                if any(i in hooks for i in ids):
+                    saved.append((hooks, dict(hooks)))
+                    for i in ids:
+                        hooks.pop(i, None)
         yield
     finally:
         for hooks, copy in saved:
             hooks.clear()
             hooks.update(copy)
-
-
-def _remove_hooks(module: torch.nn.Module, ids: set) -> list[tuple[dict, dict]]:
-    """Removes the forward (pre-)hooks ``ids`` of ``module``; returns ``(dict, its copy)`` to restore."""
-    saved = []
-    for name in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-        hooks = getattr(module, name)
-        if any(i in hooks for i in ids):
-            saved.append((hooks, dict(hooks)))
-            for i in ids:
-                hooks.pop(i, None)
-    return saved
 
 
 def gathered_frozen(model: torch.nn.Module, params: dict) -> dict:
@@ -774,18 +780,12 @@ def tp_hooks_suspended(model: torch.nn.Module) -> Iterator[None]:
       >>> with fundp.sharding.tp_hooks_suspended(torch.nn.Linear(2, 1)):
       ...     pass
     """
-    saved: list[tuple[dict, dict]] = []
-    try:
-        for module in model.modules():
-            ids = {i for hooks in (module._forward_pre_hooks, module._forward_hooks)
-                   for i, hook in hooks.items() if _is_tensor_parallel_hook(hook)}
-            if ids:
-                saved += _remove_hooks(module, ids)
+    def tp_hook_ids(module: torch.nn.Module) -> set:
+        return {i for hooks in (module._forward_pre_hooks, module._forward_hooks)
+                for i, hook in hooks.items() if _is_tensor_parallel_hook(hook)}
+
+    with _hooks_removed(model, tp_hook_ids):
         yield
-    finally:
-        for hooks, copy in saved:
-            hooks.clear()
-            hooks.update(copy)
 
 
 def _has_tensor_parallel(model: torch.nn.Module) -> bool:

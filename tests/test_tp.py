@@ -158,7 +158,7 @@ def _one_rank_example(tmp_path):
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'one_rank'}", rank=0, world_size=1)
     try:
-        return tp_workers.example()
+        return fsdp_workers.example()
     finally:
         dist.destroy_process_group()
 

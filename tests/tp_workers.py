@@ -16,7 +16,7 @@ from torch import nn
 
 import fundp
 from dist_workers import global_problem, record_error, save_and_leave
-from fsdp_workers import CLIP_STYLES, CountingThreefry, runs, sgd_steps, step_for, tied_problem
+from fsdp_workers import CLIP_STYLES, CountingThreefry, example, runs, sgd_steps, step_for, tied_problem
 from models import MLP, make, params_of
 
 
@@ -148,41 +148,34 @@ def mismatches(rank: int, mesh) -> dict:
     return outcomes
 
 
-def example() -> dict:
-    """examples/finetune_fsdp.py, full and LoRA, 2 float64 steps (on 4 ranks: FSDP2 x TP, 2 x 2)."""
-    import os
-    import sys
+def two_ranks(rank: int) -> dict:
+    """2 ranks, one tensor-parallel group."""
+    from torch.distributed.device_mesh import init_device_mesh
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
-    import finetune_fsdp
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    return {"mlp": tp_steps(mesh, "mlp", fsdp=False), "tied": tp_steps(mesh, "tied", fsdp=False),
+            "mismatch": mismatches(rank, mesh)}
 
-    argv = ["--steps", "2", "--num-examples", "64", "--batch-size", "8", "--dtype", "float64", "--grad-method", "vmap"]
-    result = {}
-    for mode, extra in (("full", []), ("lora", ["--lora"])):
-        fundp.guards.forget_keys()  # two independent runs from the same seed
-        result[mode] = finetune_fsdp.main(argv + extra)
-    return result
+
+def four_ranks(rank: int) -> dict:
+    """4 ranks, FSDP2 over "dp" x tensor parallelism over "tp" (and TP under plain data parallelism)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    return {"mlp": tp_steps(mesh, "mlp", fsdp=True), "tied": tp_steps(mesh, "tied", fsdp=True),
+            "ddp_tp": tp_steps(mesh, "mlp", fsdp=False, styles=("flat",)), "mismatch": mismatches(rank, mesh),
+            "example": example()}  # on 4 ranks the example's default: FSDP2 x TP, 2 x 2
+
+
+SCENARIOS = {"tp": two_ranks, "fsdp_tp": four_ranks}
 
 
 def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=30))
-        if scenario == "tp":  # 2 ranks, one tensor-parallel group
-            mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
-            result = {"mlp": tp_steps(mesh, "mlp", fsdp=False), "tied": tp_steps(mesh, "tied", fsdp=False),
-                      "mismatch": mismatches(rank, mesh)}
-        elif scenario == "fsdp_tp":  # 4 ranks, FSDP2 over "dp" x tensor parallelism over "tp"
-            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-            result = {"mlp": tp_steps(mesh, "mlp", fsdp=True), "tied": tp_steps(mesh, "tied", fsdp=True),
-                      "ddp_tp": tp_steps(mesh, "mlp", fsdp=False, styles=("flat",)), "mismatch": mismatches(rank, mesh),
-                      "example": example()}
-        else:
-            raise ValueError(scenario)
-        save_and_leave(result, out_dir, rank)
+        save_and_leave(SCENARIOS[scenario](rank), out_dir, rank)
     except Exception:
         record_error(out_dir, rank)
         raise
