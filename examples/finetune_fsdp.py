@@ -2,13 +2,18 @@
 
     torchrun --nproc_per_node 2 examples/finetune_fsdp.py --steps 20          # CPU (gloo)
     torchrun --nproc_per_node 2 examples/finetune_fsdp.py --steps 20 --lora   # LoRA adapters only
+    torchrun --nproc_per_node 4 examples/finetune_fsdp.py --steps 20          # FSDP2 x tensor parallelism, 2 x 2
     torchrun --nproc_per_node 2 examples/finetune_fsdp.py --steps 20          # CUDA (nccl): the same command
 
 Nothing is downloaded: the model is ``LlamaForCausalLM`` built from a small config, and the data
 are synthetic "sentences" (noisy arithmetic progressions modulo the vocabulary), modelled as a
 causal language-modelling task; each example's loss is the mean next-token cross-entropy of its
 sequence.  Every decoder layer and the whole model are wrapped by ``fully_shard``: each rank holds
-a shard of every parameter.
+a shard of every parameter.  With ``--tp 2`` (the default from 4 ranks on) the ranks form a
+``("dp", "tp")`` mesh: each decoder layer's MLP is tensor-parallel over "tp" (``gate_proj`` and
+``up_proj`` column-parallel, ``down_proj`` row-parallel, ``parallelize_module``) and
+``fully_shard`` shards over "dp"; the two ranks of a tensor-parallel group pass the same rows
+(the shard of their "dp" coordinate) and the step is told so (``tensor_parallel_dim="tp"``).
 
 The DP part is the usual loop: Poisson batches padded to a fixed shape, each rank keeping its rows
 (``fundp.distributed.shard``), ``fundp.dp_step(..., distributed=True)`` on the *sharded*
@@ -91,6 +96,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--checkpoint", default=None, help="a fresh directory: save the run there at the end")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tp", type=int, default=None,
+                        help="tensor-parallel ranks per group (default: 2 from 4 ranks on when the world size is even, else 1)")
     args = parser.parse_args(argv)
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -100,6 +107,9 @@ def main(argv=None) -> dict:
     if not dist.is_initialized():  # torchrun sets the environment
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=120))
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    tp = args.tp if args.tp is not None else (2 if world_size >= 4 and world_size % 2 == 0 else 1)
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"--tp {tp} must divide the world size {world_size}")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -108,10 +118,21 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(args.seed)  # the same initial parameters on every rank, then sharded
     model = build_model(args.lora_rank if args.lora else None, getattr(torch, args.dtype)).to(device)
-    mesh = init_device_mesh(device.type, (world_size,))
+    if tp == 1:
+        mesh = data_mesh = init_device_mesh(device.type, (world_size,))
+        data_rank, data_size = rank, world_size
+    else:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        mesh = init_device_mesh(device.type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+        data_mesh = mesh["dp"]
+        data_rank, data_size = data_mesh.get_local_rank(), data_mesh.size()
+        plan = {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()}
+        for layer in model.model.layers:
+            parallelize_module(layer.mlp, mesh["tp"], plan)
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=data_mesh)
+    fully_shard(model, mesh=data_mesh)
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}  # DTensor shards
 
     def loss_fn(params, batch):
@@ -122,13 +143,13 @@ def main(argv=None) -> dict:
     data = synthetic_sequences(args.num_examples, args.seed)
     batch_key, train_key = fundp.random.split(fundp.random.key(args.seed))
     batches = fundp.data.poisson_batches(args.num_examples, sample_rate, batch_key, steps=args.steps,
-                                         pad_to_multiple=16 * world_size)
+                                         pad_to_multiple=16 * data_size)
     step = fundp.dp_step(loss_fn, max_norm=args.max_norm, noise_multiplier=noise_multiplier, sampler=batches,
-                         distributed=True, grad_method=args.grad_method)
+                         distributed=True, grad_method=args.grad_method, tensor_parallel_dim="tp" if tp > 1 else None)
     opt = fundp.optim.adam(args.lr)
     opt_state, ledger, losses = opt.init(params), fundp.Ledger(), []
     for t, (indices, mask) in enumerate(batches):
-        rows, shard_mask = fundp.distributed.shard(indices, mask, rank, world_size)
+        rows, shard_mask = fundp.distributed.shard(indices, mask, data_rank, data_size)  # a TP group's ranks: the same rows
         out = step(params, {"tokens": data[rows].to(device)}, fundp.random.fold_in(train_key, t).to(device),
                    ledger=ledger, mask=shard_mask.to(device))
         updates, opt_state = opt.update(out.grads, opt_state, params)
@@ -141,7 +162,7 @@ def main(argv=None) -> dict:
     shard = sum(p.to_local().numel() for p in params.values())
     total = sum(p.numel() for p in params.values())
     if rank == 0:
-        print(f"done: {world_size} ranks, {'LoRA' if args.lora else 'full'} fine-tuning of {total} parameters "
+        print(f"done: {world_size} ranks ({world_size // tp} x {tp} tensor-parallel), {'LoRA' if args.lora else 'full'} fine-tuning of {total} parameters "
               f"({shard} on rank 0), loss {losses[0]:.3f} -> {losses[-1]:.3f} at epsilon {spent:.3f} (delta {args.delta:g})")
     return {"losses": losses, "epsilon": spent, "params": {n: p.full_tensor() for n, p in params.items()}, "ledger": ledger}
 

@@ -127,11 +127,13 @@ def functional_call(model: nn.Module, params: dict, args: Any, kwargs: dict | No
     problems = [p for p in (_problem(name, m) for name, m in model.named_modules()) if p]
     if problems:
         raise UnsupportedModuleError("; ".join(problems))
-    from fundp.sharding import _has_fsdp, fsdp_hooks_suspended
+    from fundp.sharding import _has_fsdp, _has_tensor_parallel, fsdp_hooks_suspended, is_sharded, tp_hooks_suspended
 
-    if _has_fsdp(model):  # fundp's sharded step passes the full parameters: FSDP2 must not swap its own in
+    if _has_fsdp(model) or (_has_tensor_parallel(model) and not is_sharded(params)):
+        # fundp's sharded step passes the full parameters: FSDP2 must not swap its own in, and
+        # tensor parallelism's hooks must not make DTensors of the inputs and outputs.
         from fundp.sharding import gathered_frozen
 
-        with fsdp_hooks_suspended(model):
+        with fsdp_hooks_suspended(model), tp_hooks_suspended(model):
             return torch.func.functional_call(model, {**gathered_frozen(model, params), **params}, args, kwargs)
     return torch.func.functional_call(model, params, args, kwargs)

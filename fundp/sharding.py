@@ -26,13 +26,35 @@ Threefry counter ``c``.  Every element is thus a pure function of two counters, 
 :func:`normal_at` computes any subset of the stream without the rest: the stream itself is
 unchanged.
 
+**Tensor parallelism** (``parallelize_module`` with ``ColwiseParallel`` / ``RowwiseParallel``
+..., alone or under ``fully_shard``): the ranks of a tensor-parallel group share one batch, so
+``dp_step(..., distributed=True, tensor_parallel_dim="tp")`` names the mesh dim(s) along which
+they do (``"tp"`` of a ``("dp", "tp")`` mesh; every other dim of the parameters' root mesh is a
+data dim).  The step stays the one above, on the gathered parameters: each rank of a TP group
+computes the same clipped sum of the group's examples (one model key per group: the same
+dropout), and each group's sum is counted once (the ranks at TP coordinate 0 contribute it, the
+others zeros, which the sums add exactly), so only the data dims sum examples: counting the TP
+ranks too would count each example once per TP rank.  Each rank then noises the coordinates it
+holds, as above (a coordinate replicated over ``tp``, a row-parallel bias, is drawn bit for bit
+the same on each of its holders).  Checked on every call: the ranks of a TP group pass the same
+batch and mask (a digest), different groups different rows, and every parameter lives on one
+named root mesh (or a submesh of it: ``fully_shard`` over ``mesh["dp"]`` of a layer tensor
+parallelism left alone; a layer only tensor parallelism sharded, under plain data parallelism,
+has its sum all-reduced over the data dims first).  Without ``tensor_parallel_dim`` two ranks
+passing the same rows are refused.  This route keeps the per-example norms exact without any
+communication on the ``[B]`` norms; the price is that each rank holds the gathered parameters
+during the step, as under FSDP2 (summing squared norms over the TP group while the sharded
+forward runs would not, and is not done).
+
 Scope (refused otherwise, naming the reason): placements ``Shard(d)`` and ``Replicate()`` on a
 mesh spanning the step's process group, of any dimension (FSDP2 on a 1-D mesh, HSDP's
-``(Replicate(), Shard(0))`` on a 2-D one): every rank is a data rank with examples of its own,
-whatever the layout, because the model runs on the gathered parameters; i.i.d. Gaussian noise,
+``(Replicate(), Shard(0))`` on a 2-D one), and ``_StridedShard(d, sf)`` followed by ``Shard(d)``
+over ``sf`` ranks (``fully_shard`` over ``"dp"`` of a ``"tp"``-sharded ``Shard(d)`` parameter);
+without ``tensor_parallel_dim`` every rank is a data rank with examples of its own, whatever the
+layout, because the model runs on the gathered parameters; i.i.d. Gaussian noise,
 secure-mode noise and the correlated noise of :mod:`fundp.mf` (other ``noise_mechanism`` objects
-are refused).  Tensor parallelism, where ranks share a batch and
-compute one forward together, is not supported yet: two ranks passing the same rows are refused.
+are refused).  Tested: FSDP2 on 2 and 4 ranks, HSDP 2 x 2, tensor parallelism on 2 ranks,
+FSDP2 x TP and DDP x TP on a 2 x 2 ``("dp", "tp")`` mesh.
 
 The other noise of a step, sharded the same way:
 
@@ -52,7 +74,11 @@ The other noise of a step, sharded the same way:
 
 A model wrapped by ``fully_shard`` runs on the full parameters inside
 :func:`fundp.functional_call`, which suspends FSDP2's forward hooks for the call
-(:func:`fsdp_hooks_suspended`): fundp gathers the parameters itself, once per step.
+(:func:`fsdp_hooks_suspended`), and, for plain parameters, the layout hooks tensor parallelism
+installed (:func:`tp_hooks_suspended`): fundp gathers the parameters itself, once per step, and
+the model computes what the unparallelized model computes (its forward must hold for the full
+tensors, as a tensor-parallel plan's module code does: e.g. ``view(..., -1, head_dim)`` rather
+than a head count cut per rank).
 """
 
 from __future__ import annotations
@@ -76,6 +102,9 @@ __all__ = [
     "unshard",
     "reduce_clipped_sum",
     "fsdp_hooks_suspended",
+    "tp_hooks_suspended",
+    "data_rank",
+    "data_world_size",
     "gathered_frozen",
     "stacked_shard",
     "on_local_blocks",
@@ -151,8 +180,11 @@ def normal_at(key: torch.Tensor, total: int, indices: torch.Tensor) -> torch.Ten
 def local_box(tensor: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(local_shape, global_offset)`` of this rank's block of a DTensor (plain tensor: the whole).
 
-    Only ``Shard(d)`` and ``Replicate()`` placements are accepted: their local block is a box of
-    the global tensor (``_StridedShard`` and ``Partial`` are refused).
+    Only ``Shard(d)`` and ``Replicate()`` placements are accepted, and ``_StridedShard(d, sf)``
+    where a later mesh dimension of ``sf`` ranks holds ``Shard(d)`` (what ``fully_shard`` makes of
+    a tensor-parallel ``Shard(d)`` parameter: dim ``d`` is cut in ``sf`` tensor-parallel chunks,
+    each chunk cut again over the data ranks): their local block is a box of the global tensor
+    (other ``_StridedShard`` layouts and ``Partial`` are refused).
 
     Example:
       >>> import torch, fundp
@@ -165,14 +197,32 @@ def local_box(tensor: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    for placement in tensor.placements:
-        if type(placement) not in (Shard, Replicate):
+    for index, placement in enumerate(tensor.placements):
+        if type(placement) not in (Shard, Replicate) and not _nested_strided_shard(tensor, index):
             raise NotImplementedError(
                 f"a sharded parameter has placement {placement}: fundp's sharded step supports Shard(d) and "
-                "Replicate() placements only (FSDP2's fully_shard layout)"
+                "Replicate() placements (FSDP2's fully_shard layout), and _StridedShard(d, sf) followed by "
+                "Shard(d) over sf ranks (fully_shard over tensor-parallel shards) only"
             )
     shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
     return tuple(int(s) for s in shape), tuple(int(o) for o in offset)
+
+
+def _nested_strided_shard(tensor: Any, index: int) -> bool:
+    """``tensor.placements[index]`` is ``_StridedShard(d, sf)`` and exactly one later mesh dim, of
+    ``sf`` ranks, holds ``Shard(d)``: the FSDP2-over-TP layout, whose local block is a box."""
+    from torch.distributed.tensor import Shard
+
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    placement = tensor.placements[index]
+    if type(placement) is not _StridedShard:
+        return False
+    later = [i for i in range(index + 1, len(tensor.placements))
+             if type(tensor.placements[i]) is Shard and tensor.placements[i].dim == placement.dim]
+    return len(later) == 1 and tensor.device_mesh.size(later[0]) == placement.split_factor
 
 
 def box_indices(global_shape: tuple[int, ...], local_shape: tuple[int, ...], offset: tuple[int, ...]) -> torch.Tensor:
@@ -245,7 +295,8 @@ class ShardLayout(NamedTuple):
     """How a parameter tree is sharded: per leaf (optree order) a spec or ``None`` (a plain, replicated leaf).
 
     Made by :func:`unshard`; used by :func:`reduce_clipped_sum` to give the clipped sum the
-    parameters' layout.
+    parameters' layout.  ``tensor_parallel``: the tensor-parallel plan (root mesh, TP dims, this
+    rank's coordinates) when ranks share batches, else ``None``.
 
     Example:
       >>> from fundp.sharding import ShardLayout
@@ -254,6 +305,7 @@ class ShardLayout(NamedTuple):
     """
 
     specs: tuple
+    tensor_parallel: Any = None
 
 
 def _describe(leaf: Any) -> str:
@@ -267,6 +319,8 @@ def _describe(leaf: Any) -> str:
 _REFUSED_OPTIONS = {
     "noise_mechanism": "a mechanism other than fundp.mf's CorrelatedNoise would receive sharded gradients and "
                        "state it was not written for; fundp.mf mechanisms keep their state sharded like the params",
+    "adaptive clipping with tensor_parallel_dim": "the ranks of a tensor-parallel group count the same examples, "
+                       "and the count query's reduction does not yet count each group once",
 }
 
 
@@ -293,7 +347,7 @@ def _refuse_meshes(leaves: list, paths: list, group: Any) -> None:
                 raise NotImplementedError(
                     f"params{''.join(f'[{p!r}]' for p in path)} lives on a mesh of ranks {ranks[:8]} but the step's "
                     f"process group has ranks {world[:8]}: fundp's sharded step needs every parameter's mesh to span "
-                    "the group (every rank a data rank)"
+                    "the group (every rank a data rank; for tensor parallelism pass dp_step(..., tensor_parallel_dim=...))"
                 )
         local_box(leaf)  # refuses placements other than Shard / Replicate
 
@@ -314,7 +368,7 @@ def _batch_digest(batch: Any, mask: Any) -> str:
 
 @torch.compiler.disable
 def unshard(params: Any, group: Any = None, *, key: torch.Tensor, batch: Any, mask: Any = None,
-            options: dict[str, bool] | None = None) -> tuple[Any, ShardLayout | None]:
+            options: dict[str, bool] | None = None, tensor_parallel_dim: Any = None) -> tuple[Any, ShardLayout | None]:
     """Returns ``(full_params, layout)``: each DTensor leaf all-gathered to a plain tensor.
 
     Plain trees come back unchanged with ``layout=None``.  Before any collective on the
@@ -322,9 +376,11 @@ def unshard(params: Any, group: Any = None, *, key: torch.Tensor, batch: Any, ma
     shapes are compared with :func:`fundp.distributed.check_consistent`, on every call, so a rank
     with another model or batch shape raises :class:`~fundp.distributed.RankMismatchError` naming
     what differs instead of hanging in an all-gather.  Two ranks passing the same real rows are
-    refused too (tensor parallelism, where ranks share a batch, is not supported: its examples
-    would be counted once per rank).  ``options``: ``{name: in use}`` of step options the sharded
-    step does not support yet (refused).
+    refused too (their examples would be counted once per rank), unless ``tensor_parallel_dim``
+    names the mesh dims along which ranks share a batch: then the ranks of each tensor-parallel
+    group must pass the same batch and different groups different rows (checked on every call),
+    and the layout carries the plan (:class:`ShardLayout`).  ``options``: ``{name: in use}`` of
+    step options the sharded step does not support yet (refused).
 
     Example:
       >>> import torch, fundp
@@ -332,24 +388,34 @@ def unshard(params: Any, group: Any = None, *, key: torch.Tensor, batch: Any, ma
       ({'w': tensor([1., 1.])}, None)
     """
     leaves, treedef = optree.tree_flatten(params)
+    dims = _tensor_parallel_dims(tensor_parallel_dim)
     if not is_sharded(params):
+        if dims is not None:
+            raise ValueError(
+                f"tensor_parallel_dim={tensor_parallel_dim!r} but no parameter is a DTensor: pass the parameters of the "
+                "model parallelize_module sharded (model.named_parameters())")
         return params, None
     _refuse_options(options or {})
     from fundp import distributed as fundp_distributed
 
     paths = optree.tree_paths(params)
-    _refuse_meshes(leaves, paths, group)
+    plan = None if dims is None else _tensor_parallel_plan(leaves, paths, group, dims)
+    if plan is None:
+        _refuse_meshes(leaves, paths, group)
     settings = [("params" + "".join(f"[{p!r}]" for p in path), _describe(leaf)) for path, leaf in zip(paths, leaves)]
     settings.append(("batch shapes", _batch_shapes(batch, mask)))
     fundp_distributed.check_consistent(key, settings, group)
-    _refuse_shared_batches(_batch_digest(batch, mask), group)
+    if plan is None:
+        _refuse_shared_batches(_batch_digest(batch, mask), group)
+    else:
+        _check_tensor_parallel_batches(_batch_digest(batch, mask), group, plan)
     dtensor = _dtensor_type()
     specs = tuple(
         _LeafSpec(leaf.device_mesh, tuple(leaf.placements), tuple(leaf.shape)) if isinstance(leaf, dtensor) else None
         for leaf in leaves
     )
     full = [leaf.full_tensor() if isinstance(leaf, dtensor) else leaf for leaf in leaves]
-    return optree.tree_unflatten(treedef, full), ShardLayout(specs)
+    return optree.tree_unflatten(treedef, full), ShardLayout(specs, plan)
 
 
 def _refuse_shared_batches(digest: str, group: Any) -> None:
@@ -368,7 +434,8 @@ def _refuse_shared_batches(digest: str, group: Any) -> None:
     if same:
         raise RankMismatchError(
             f"ranks {same} pass the same batch rows: with sharded params every rank's rows must be its own "
-            "examples (fundp.distributed.shard); tensor parallelism, where ranks share a batch, is not supported yet"
+            "examples (fundp.distributed.shard); for tensor parallelism, where ranks share a batch, name the mesh's "
+            "tensor-parallel dims: dp_step(..., tensor_parallel_dim=\"tp\")"
         )
 
 
@@ -379,7 +446,9 @@ def reduce_clipped_sum(clipped: Any, layout: ShardLayout, group: Any = None, *, 
     sum becomes a ``Partial`` DTensor redistributed to the parameter's placements, so the result
     is a float64 DTensor laid out like the parameter.  Plain leaves, the loss sum and the counts
     are all-reduced with :func:`fundp.distributed.all_reduce_clipped_sum` (``fingerprint``: the
-    per-call check of key and settings).  ``norms`` stay local.
+    per-call check of key and settings).  ``norms`` stay local.  Under tensor parallelism
+    (``layout.tensor_parallel``) the ranks of a TP group hold the same sum: each group's is
+    counted once, so only the data ranks' sums add up.
 
     Example:
       >>> import os, tempfile, torch, torch.distributed as dist, fundp
@@ -397,6 +466,9 @@ def reduce_clipped_sum(clipped: Any, layout: ShardLayout, group: Any = None, *, 
     leaves, treedef = optree.tree_flatten(clipped.grads)
     if len(leaves) != len(layout.specs):
         raise ValueError(f"the clipped sum has {len(leaves)} leaves but the layout describes {len(layout.specs)}")
+    if layout.tensor_parallel is not None:
+        clipped = _tensor_parallel_shares(clipped, layout)
+        leaves = optree.tree_leaves(clipped.grads)
     plain = [leaf for leaf, spec in zip(leaves, layout.specs) if spec is None]
     reduced = all_reduce_clipped_sum(clipped._replace(grads=plain), group, fingerprint=fingerprint)
     plain_iter: Iterator[torch.Tensor] = iter(reduced.grads)
@@ -434,18 +506,31 @@ def fsdp_hooks_suspended(model: torch.nn.Module) -> Iterator[None]:
     except ImportError:  # pragma: no cover - torch without distributed
         yield
         return
+
+    def fsdp_hook_ids(module: torch.nn.Module) -> set:
+        if not isinstance(module, FSDPModule):
+            return set()
+        state = module._get_fsdp_state()
+        ids = set()
+        for handle in (getattr(state, "_pre_forward_hook_handle", None), getattr(state, "_post_forward_hook_handle", None)):
+            if handle is None or not hasattr(handle, "id"):
+                raise NotImplementedError(
+                    "fully_shard over a group of modules (fully_shard([a, b])) is not supported by fundp's sharded step")
+            ids.add(handle.id)
+        return ids
+
+    with _hooks_removed(model, fsdp_hook_ids):
+        yield
+
+
+@contextlib.contextmanager
+def _hooks_removed(model: torch.nn.Module, hook_ids: Any) -> Iterator[None]:
+    """Within the block, the forward (pre-)hooks ``hook_ids(module)`` of each module of ``model``
+    are removed; every hook dict is restored (contents and order) on exit."""
     saved: list[tuple[dict, dict]] = []
     try:
         for module in model.modules():
-            if not isinstance(module, FSDPModule):
-                continue
-            state = module._get_fsdp_state()
-            ids = set()
-            for handle in (getattr(state, "_pre_forward_hook_handle", None), getattr(state, "_post_forward_hook_handle", None)):
-                if handle is None or not hasattr(handle, "id"):
-                    raise NotImplementedError(
-                        "fully_shard over a group of modules (fully_shard([a, b])) is not supported by fundp's sharded step")
-                ids.add(handle.id)
+            ids = hook_ids(module)
             for name in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                          "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
                 hooks = getattr(module, name)
@@ -501,6 +586,242 @@ def _has_fsdp(model: torch.nn.Module) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+# --------------------------------------------------------------------------- tensor parallelism
+
+
+class _TensorParallel(NamedTuple):
+    """The tensor-parallel plan of one step: the parameters' root mesh and its TP dims.
+
+    ``coordinates[g]``: the root-mesh coordinate of group rank ``g``; ``data_rank``: this rank's
+    TP group, the row-major index of its coordinates over the data dims (the other dims)."""
+
+    root: Any
+    dims: tuple[str, ...]
+    coordinates: tuple[tuple[int, ...], ...]
+    rank: int
+    data_rank: int
+
+    @property
+    def data_dims(self) -> tuple[str, ...]:
+        return tuple(name for name in self.root.mesh_dim_names if name not in self.dims)
+
+    def coordinate(self, rank: int, dims: tuple[str, ...]) -> tuple[int, ...]:
+        names = self.root.mesh_dim_names
+        return tuple(self.coordinates[rank][names.index(name)] for name in dims)
+
+
+def _tensor_parallel_dims(value: Any) -> tuple[str, ...] | None:
+    """``dp_step``'s ``tensor_parallel_dim`` as a tuple of mesh dim names (``None``: no tensor parallelism).
+
+    Example:
+      >>> import fundp
+      >>> fundp.sharding._tensor_parallel_dims("tp")
+      ('tp',)
+    """
+    if value is None:
+        return None
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, (tuple, list)) or not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"tensor_parallel_dim must be a mesh dim name or a tuple of them, got {value!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"tensor_parallel_dim names a mesh dim twice: {value!r}")
+    return tuple(names)
+
+
+def _tensor_parallel_plan(leaves: list, paths: list, group: Any, dims: tuple[str, ...]) -> _TensorParallel:
+    """Checks the DTensor leaves for a tensor-parallel step and returns its plan.
+
+    Every DTensor leaf lives on one root mesh (or a named submesh of it: ``fully_shard`` over
+    ``mesh["dp"]`` of a parameter tensor parallelism left alone), that root spans the step's
+    process group and names every dim of ``dims``."""
+    import torch.distributed as dist
+
+    dtensor = _dtensor_type()
+    world = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    root = None
+    for leaf, path in zip(leaves, paths):
+        if not isinstance(leaf, dtensor):
+            continue
+        name = "params" + "".join(f"[{p!r}]" for p in path)
+        mesh = leaf.device_mesh
+        leaf_root = mesh._get_root_mesh()
+        if root is None:
+            root = leaf_root
+            names = root.mesh_dim_names or ()
+            missing = [d for d in dims if d not in names]
+            if missing:
+                raise ValueError(
+                    f"tensor_parallel_dim names {missing} but {name} lives on a mesh with dims {tuple(names) or 'unnamed'}: "
+                    "name the tensor-parallel dims of the DeviceMesh the model was parallelized on "
+                    "(init_device_mesh(..., mesh_dim_names=(\"dp\", \"tp\")))")
+            ranks = sorted(int(r) for r in root.mesh.reshape(-1).tolist())
+            if ranks != sorted(world):
+                raise NotImplementedError(
+                    f"{name} lives on a mesh of ranks {ranks[:8]} but the step's process group has ranks {sorted(world)[:8]}: "
+                    "the parameters' (root) mesh must span the group")
+        elif leaf_root != root:
+            raise NotImplementedError(
+                f"{name} lives on another root mesh ({tuple(leaf_root.mesh_dim_names or ())} {tuple(leaf_root.shape)}) than "
+                f"the other parameters ({tuple(root.mesh_dim_names)} {tuple(root.shape)}): one DeviceMesh for the whole model")
+        if mesh.mesh_dim_names is None or not set(mesh.mesh_dim_names) <= set(root.mesh_dim_names):
+            raise NotImplementedError(f"{name} lives on an unnamed mesh: a submesh of the named root mesh is needed")
+        local_box(leaf)  # refuses placements other than Shard / Replicate / FSDP2-over-TP strided shards
+    assert root is not None, "called with DTensor leaves"
+    layout = root.mesh
+    coordinates = tuple(tuple(int(c) for c in (layout == rank).nonzero()[0].tolist()) for rank in world)
+    rank = dist.get_rank(group)
+    names = root.mesh_dim_names
+    data_rank = 0
+    for name in names:
+        if name not in dims:
+            data_rank = data_rank * root.size(names.index(name)) + coordinates[rank][names.index(name)]
+    return _TensorParallel(root, dims, coordinates, rank, data_rank)
+
+
+def _check_tensor_parallel_batches(digest: str, group: Any, plan: _TensorParallel) -> None:
+    """Ranks of one tensor-parallel group pass the same batch; ranks of different groups, different rows."""
+    import torch.distributed as dist
+
+    from fundp.distributed import RankMismatchError, _fingerprint
+
+    mine = torch.tensor([_fingerprint(digest), int(digest == "no real rows")], dtype=torch.int64)
+    gathered = [torch.empty_like(mine) for _ in plan.coordinates]
+    dist.all_gather(gathered, mine, group=group)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for rank in range(len(plan.coordinates)):
+        groups.setdefault(plan.coordinate(rank, plan.data_dims), []).append(rank)
+    for coordinate, ranks in groups.items():
+        if len({int(gathered[r][0]) for r in ranks}) > 1:
+            raise RankMismatchError(
+                f"ranks {ranks} form one tensor-parallel group (mesh dims {plan.dims}"
+                + (f", data coordinate {dict(zip(plan.data_dims, coordinate))}" if plan.data_dims else "")
+                + ") but pass different batches: the ranks of a tensor-parallel group "
+                "compute one forward together and must pass the same rows and mask")
+    heads = {coordinate: ranks[0] for coordinate, ranks in groups.items() if not int(gathered[ranks[0]][1])}
+    seen: dict[int, tuple[int, ...]] = {}
+    for coordinate, rank in heads.items():
+        value = int(gathered[rank][0])
+        if value in seen:
+            raise RankMismatchError(
+                f"the tensor-parallel groups of ranks {groups[seen[value]]} and {groups[coordinate]} pass the same batch rows: "
+                f"along the data dims {plan.data_dims} every group must pass its own examples (fundp.distributed.shard "
+                "with the group's data rank and the number of groups)")
+        seen[value] = coordinate
+
+
+def _tensor_parallel_shares(clipped: Any, layout: ShardLayout) -> Any:
+    """Each TP group's clipped sum, counted once: the shares the reductions over the mesh add up.
+
+    The ranks of a tensor-parallel group hold the same clipped sum (same examples, same full
+    parameters).  A sharded leaf is summed (``Partial``) over every dim of its mesh, so it keeps
+    its value on the ranks at coordinate 0 of the leaf's TP dims and is zero elsewhere (``x + 0``
+    is exact); data dims its mesh lacks (a parameter that only tensor parallelism sharded, under
+    DDP) are all-reduced first.  Plain leaves, the loss sum and the counts are all-reduced over
+    the process group: they keep their values on the ranks at TP coordinate 0 only."""
+    import torch.distributed as dist
+
+    plan: _TensorParallel = layout.tensor_parallel
+    leaves, treedef = optree.tree_flatten(clipped.grads)
+    out = []
+    for leaf, spec in zip(leaves, layout.specs):
+        mesh_dims = plan.dims if spec is None else tuple(spec.mesh.mesh_dim_names)
+        if spec is not None:
+            for name in plan.data_dims:
+                if name not in mesh_dims:
+                    leaf = leaf.clone()
+                    dist.all_reduce(leaf, group=plan.root.get_group(name))
+        tp_here = tuple(d for d in plan.dims if d in mesh_dims)
+        counted = not any(plan.coordinate(plan.rank, tp_here))
+        out.append(leaf if counted else torch.zeros_like(leaf))
+    head = not any(plan.coordinate(plan.rank, plan.dims))
+    keep = (lambda t: t) if head else torch.zeros_like  # noqa: E731
+    return clipped._replace(grads=optree.tree_unflatten(treedef, out), loss_sum=keep(clipped.loss_sum),
+                            num_examples=keep(clipped.num_examples), num_nonfinite=keep(clipped.num_nonfinite))
+
+
+def data_rank(layout: ShardLayout | None, group: Any = None) -> int:
+    """The index of this rank's examples: its rank, or under tensor parallelism its TP group's data rank.
+
+    The model key is folded with it, so the ranks of a tensor-parallel group (one forward
+    together) draw the same dropout.
+
+    Example:
+      >>> import os, tempfile, torch.distributed as dist, fundp
+      >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rdv"), rank=0, world_size=1)
+      >>> fundp.sharding.data_rank(None)
+      0
+      >>> dist.destroy_process_group()
+    """
+    if layout is not None and layout.tensor_parallel is not None:
+        return layout.tensor_parallel.data_rank
+    import torch.distributed as dist
+
+    return dist.get_rank(group)
+
+
+def data_world_size(params: Any, group: Any = None, tensor_parallel_dim: Any = None) -> int:
+    """The number of ranks with examples of their own: the group's size over the TP dims' sizes.
+
+    With ``tensor_parallel_dim`` the sizes of those dims of the DTensor leaves' root mesh divide
+    the group's size (a rank's batch is its TP group's); otherwise the group's size.
+
+    Example:
+      >>> import os, tempfile, torch, torch.distributed as dist, fundp
+      >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rdv"), rank=0, world_size=1)
+      >>> fundp.sharding.data_world_size({"w": torch.ones(2)})
+      1
+      >>> dist.destroy_process_group()
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    dims = _tensor_parallel_dims(tensor_parallel_dim)
+    dtensor = _dtensor_type()
+    leaf = next((leaf for leaf in optree.tree_leaves(params) if dtensor is not None and isinstance(leaf, dtensor)), None)
+    if dims is None or leaf is None:
+        return world
+    root = leaf.device_mesh._get_root_mesh()
+    names = root.mesh_dim_names or ()
+    return world // math.prod(root.size(names.index(d)) for d in dims if d in names)
+
+
+def _is_tensor_parallel_hook(hook: Any) -> bool:
+    """A forward (pre-)hook installed by ``parallelize_module`` (``distribute_module``'s input /
+    output layout hooks, ``PrepareModuleInput`` / ``PrepareModuleOutput``, ...)."""
+    module = getattr(hook, "__module__", None) or getattr(getattr(hook, "func", None), "__module__", None) or ""
+    return module.startswith("torch.distributed.tensor")
+
+
+@contextlib.contextmanager
+def tp_hooks_suspended(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, the forward hooks that tensor parallelism installed on ``model`` are removed.
+
+    ``parallelize_module`` makes a module's inputs and outputs DTensors and redistributes them
+    (hooks from :mod:`torch.distributed.tensor`); fundp's sharded step calls the model on the
+    gathered, plain parameters (:func:`fundp.functional_call` enters this block), where those
+    hooks would mix DTensors with plain tensors: without them the model computes what the
+    unparallelized model computes.  The hooks are restored on exit.
+
+    Example:
+      >>> import torch, fundp
+      >>> with fundp.sharding.tp_hooks_suspended(torch.nn.Linear(2, 1)):
+      ...     pass
+    """
+    def tp_hook_ids(module: torch.nn.Module) -> set:
+        return {i for hooks in (module._forward_pre_hooks, module._forward_hooks)
+                for i, hook in hooks.items() if _is_tensor_parallel_hook(hook)}
+
+    with _hooks_removed(model, tp_hook_ids):
+        yield
+
+
+def _has_tensor_parallel(model: torch.nn.Module) -> bool:
+    return any(getattr(module, "_distribute_module_applied", False) for module in model.modules()) or any(
+        _is_tensor_parallel_hook(hook) for module in model.modules()
+        for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))
+
 
 
 # --------------------------------------------------------------------------- correlated-noise state

@@ -642,12 +642,15 @@ def _clipped_sum_plan(loss_fn: Callable, physical_batch_size: Any, compile_chunk
     return accumulate(chunk_fn, physical_batch_size), chunk_fn
 
 
-def _all_reduced(summed: ClippedSumFn, process_group: Any, settings: tuple, options: dict[str, Any]) -> Callable[..., ClippedSum]:
+def _all_reduced(summed: ClippedSumFn, process_group: Any, settings: tuple, options: dict[str, Any],
+                 tensor_parallel_dim: Any = None) -> Callable[..., ClippedSum]:
     """Transform of a clipped-sum function for ``distributed=True``: each rank sums its shard
     (its model key folded with its rank: dropout differs, the noise key stays shared) and the
     sums are all-reduced (SUM), or reduce-scattered for sharded (FSDP2 / DTensor) params, whose
     leaves are gathered for the call (:func:`fundp.sharding.unshard`; ``options``: the step's
     settings that sharding refuses).  The ranks' rows are disjoint, so the sensitivity is kept.
+    With ``tensor_parallel_dim`` the ranks of a tensor-parallel group share one batch (and one
+    model key): each group's sum is counted once (:func:`fundp.sharding.reduce_clipped_sum`).
     The first call checks that every rank holds the same key, settings and params; every call's
     key and settings ride along in the collective (:func:`fundp.distributed.call_fingerprint`)."""
     from fundp import distributed as fundp_distributed
@@ -657,9 +660,10 @@ def _all_reduced(summed: ClippedSumFn, process_group: Any, settings: tuple, opti
 
     def reduced(params: Any, batch: Any, mask: Any, key: Any, *, max_norm: Any, step_key: torch.Tensor,
                 per_call: tuple, fingerprint: tuple) -> ClippedSum:
-        params, layout = fundp_sharding.unshard(params, process_group, key=step_key, batch=batch, mask=mask, options=options)
+        params, layout = fundp_sharding.unshard(params, process_group, key=step_key, batch=batch, mask=mask, options=options,
+                                                tensor_parallel_dim=tensor_parallel_dim)
         rank_check(step_key, params=params, per_call=per_call)
-        rank, _ = fundp_distributed.rank_and_world_size(process_group)
+        rank = fundp_sharding.data_rank(layout, process_group)
         clipped = summed(params, batch, mask, fundp_random.fold_in(key, rank), max_norm=max_norm)
         call_fingerprint = fundp_distributed.call_fingerprint(step_key, fingerprint)
         if layout is None:
@@ -704,6 +708,16 @@ def _amplified_or_foreign(noise_mechanism: Any) -> bool:
     from fundp.mf import CorrelatedNoise, CyclicPoisson
 
     return not isinstance(noise_mechanism, CorrelatedNoise) or isinstance(noise_mechanism.participation, CyclicPoisson)
+
+
+def _sharding_dims(tensor_parallel_dim: Any, distributed: bool) -> tuple[str, ...] | None:
+    """``tensor_parallel_dim`` checked (a mesh dim name or a tuple of them, with ``distributed=True``)."""
+    from fundp.sharding import _tensor_parallel_dims
+
+    dims = _tensor_parallel_dims(tensor_parallel_dim)
+    if dims is not None and not distributed:
+        raise ValueError("tensor_parallel_dim needs distributed=True (the ranks of a mesh share the step)")
+    return dims
 
 
 def _check_build(noise_multiplier: Any, flags: dict[str, Any]) -> Any:
@@ -764,6 +778,7 @@ def dp_step(
     check_finite: bool = False,
     distributed: bool = False,
     process_group: Any = None,
+    tensor_parallel_dim: str | tuple[str, ...] | None = None,
     secure_mode: bool = False,
     budget: Any = None,
     physical_batch_size: int | None = None,
@@ -815,6 +830,12 @@ def dp_step(
         that every rank holds the same key, settings and params
         (:func:`fundp.distributed.first_call_check`).  See :mod:`fundp.distributed`.
       process_group: the group for ``distributed=True`` (default: the world).
+      tensor_parallel_dim: with ``distributed=True`` and parameters sharded by tensor parallelism
+        (``parallelize_module``, alone or under ``fully_shard``): the name(s) of the
+        ``DeviceMesh`` dims along which ranks share a batch (e.g. ``"tp"`` of a
+        ``("dp", "tp")`` mesh).  The ranks of each tensor-parallel group pass the same rows;
+        groups pass their own (checked on every call); each group's clipped sum is counted once.
+        See :mod:`fundp.sharding`.
       secure_mode: draw the noise from OS entropy with the hardened sampler of
         :mod:`fundp.secure` (for production; slower, not reproducible from the key, and a graph
         break under ``torch.compile``).  With ``distributed=True`` only rank 0's draw is used;
@@ -916,15 +937,20 @@ def dp_step(
         grad_method=grad_method, has_aux=has_aux, randomness=randomness, verify=verify,
         check_batch_consistency=check_batch_consistency, check_finite=check_finite)
     reduced, world_size = None, None
+    tensor_parallel_dim = _sharding_dims(tensor_parallel_dim, distributed)
     if distributed:
         from fundp import distributed as fundp_distributed
+        from fundp import sharding as fundp_sharding
 
         reduced = _all_reduced(summed, process_group, (
             ("max_norm", max_norm), ("noise_multiplier", noise_multiplier), ("expected_batch_size", sampling.expected_batch_size),
             ("sample_rate", sampling.sample_rate), ("clip_style", clip_style), ("gamma", gamma), ("grad_method", grad_method),
-            ("physical_batch_size", physical_batch_size), ("secure_mode", secure_mode), ("adaptive_clipping", adaptive_clipping)),
-            {"noise_mechanism": noise_mechanism is not None and not _is_mf(noise_mechanism)})
-        world_size = lambda: fundp_distributed.rank_and_world_size(process_group)[1]  # noqa: E731
+            ("physical_batch_size", physical_batch_size), ("secure_mode", secure_mode), ("adaptive_clipping", adaptive_clipping),
+            ("tensor_parallel_dim", tensor_parallel_dim)),
+            {"noise_mechanism": noise_mechanism is not None and not _is_mf(noise_mechanism),
+             "adaptive clipping with tensor_parallel_dim": adaptive_clipping is not None and tensor_parallel_dim is not None},
+            tensor_parallel_dim)
+        world_size = lambda params: fundp_sharding.data_world_size(params, process_group, tensor_parallel_dim)  # noqa: E731
     built_sigma, built_threshold = noise_multiplier, max_norm
     looked_for_padding: list[bool] = []  # non-empty once the first eager unmasked batch was looked at
 
@@ -932,7 +958,7 @@ def dp_step(
              max_norm: Any = None, noise_multiplier: Any = None, clip_state: Any = None, noise_state: Any = None) -> StepResult:
         sigma, threshold = _call_settings(params, clip_style, built_sigma, max_norm, noise_multiplier,
                                           adaptive_clipping, clip_state, noise_mechanism, noise_state)
-        _check_batch_rows(sampling, batch, mask, world_size)
+        _check_batch_rows(sampling, batch, mask, None if world_size is None else lambda: world_size(params))
         if not torch.compiler.is_compiling():
             _check_batch_source(sampling, mask, noise_mechanism)
             if mask is None:

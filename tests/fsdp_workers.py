@@ -245,6 +245,21 @@ def checkpointed(rank: int, world_size: int, phase: str, directory: str) -> dict
             "placements": {name: str(p.placements) for name, p in params.items()}}
 
 
+def example() -> dict:
+    """examples/finetune_fsdp.py, full and LoRA, 2 float64 steps (its default layout for the world size)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
+    import finetune_fsdp
+
+    argv = ["--steps", "2", "--num-examples", "64", "--batch-size", "8", "--dtype", "float64", "--grad-method", "vmap"]
+    result = {}
+    for mode, extra in (("full", []), ("lora", ["--lora"])):
+        fundp.guards.forget_keys()  # two independent runs from the same seed
+        result[mode] = finetune_fsdp.main(argv + extra)
+    return result
+
+
 def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str) -> None:
     torch.set_num_threads(1)
     try:
@@ -261,17 +276,8 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str)
                 raise RuntimeError("rank 1 dies before the step")
             fsdp_steps(rank, world_size, "mlp", styles=("flat",))
             result = {}
-        elif scenario.startswith("example"):  # examples/finetune_fsdp.py, full and LoRA, 2 float64 steps
-            import sys
-
-            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
-            import finetune_fsdp
-
-            argv = ["--steps", "2", "--num-examples", "64", "--batch-size", "8", "--dtype", "float64", "--grad-method", "vmap"]
-            result = {}
-            for mode, extra in (("full", []), ("lora", ["--lora"])):
-                fundp.guards.forget_keys()  # two independent runs from the same seed
-                result[mode] = finetune_fsdp.main(argv + extra)
+        elif scenario.startswith("example"):
+            result = example()
         elif scenario.startswith("checkpoint_"):  # checkpoint_save / checkpoint_resume, in out_dir/../checkpoint
             result = checkpointed(rank, world_size, scenario.split("_")[1], os.path.join(os.path.dirname(out_dir), "checkpoint"))
         else:
