@@ -828,10 +828,20 @@ def _has_tensor_parallel(model: torch.nn.Module) -> bool:
 
 
 def _stacked_placements(placements: tuple) -> tuple:
-    """Placements of ``[m, *shape]`` stacked over a tensor of ``shape``: ``Shard(d)`` becomes ``Shard(d + 1)``."""
+    """Placements of ``[m, *shape]`` stacked over a tensor of ``shape``: ``Shard(d)`` becomes ``Shard(d + 1)``
+    (``_StridedShard(d, sf)``, FSDP2 over tensor-parallel shards, ``_StridedShard(d + 1, sf)``)."""
     from torch.distributed.tensor import Shard
 
-    return tuple(Shard(p.dim + 1) if isinstance(p, Shard) else p for p in placements)
+    from torch.distributed.tensor import placement_types
+
+    strided = getattr(placement_types, "_StridedShard", None)  # absent from older torch
+
+    def moved(p: Any) -> Any:
+        if strided is not None and isinstance(p, strided):
+            return strided(p.dim + 1, split_factor=p.split_factor)
+        return Shard(p.dim + 1) if isinstance(p, Shard) else p
+
+    return tuple(moved(p) for p in placements)
 
 
 def stacked_shard(leaf: Any, local: torch.Tensor) -> Any:

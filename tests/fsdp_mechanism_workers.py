@@ -38,16 +38,17 @@ def runs() -> list:
             ("adaptive", None, True), ("blt_adaptive", "blt", True)]
 
 
-def make_step(model, mechanism, adaptive, distributed):
+def make_step(model, mechanism, adaptive, distributed, **options):
     return fundp.dp_step(classification_loss(model), max_norm=CLIP_NORM, noise_multiplier=SIGMA,
                          expected_batch_size=EXPECTED_BATCH, sample_rate=None if mechanism else 0.1,
                          grad_method="vmap", distributed=distributed, check_key_reuse=False,
-                         noise_mechanism=mechanism, adaptive_clipping=CFG if adaptive else None)
+                         noise_mechanism=mechanism, adaptive_clipping=CFG if adaptive else None, **options)
 
 
-def three_steps(model, params, batch, mask, mechanism, adaptive, distributed, full=lambda t: t):
-    """Three SGD steps; per step the (gathered) gradients, the clip state and the Threefry counts."""
-    step = make_step(model, mechanism, adaptive, distributed)
+def three_steps(model, params, batch, mask, mechanism, adaptive, distributed, full=lambda t: t, **options):
+    """Three SGD steps; per step the (gathered) gradients, the clip state and the Threefry counts
+    (``options``: more ``dp_step`` arguments, e.g. ``tensor_parallel_dim``)."""
+    step = make_step(model, mechanism, adaptive, distributed, **options)
     noise_state = None if mechanism is None else mechanism.init(params)
     clip_state = CFG.init(INITIAL_MAX_NORM) if adaptive else None
     ledger = fundp.Ledger()

@@ -13,6 +13,7 @@ import multiprocessing
 import pytest
 import torch
 
+import fsdp_mechanism_workers
 import fsdp_workers
 import fundp
 import tp_workers
@@ -93,8 +94,34 @@ def references():
     return {"mlp": fsdp_workers.single_process("mlp"), "tied": fsdp_workers.single_process("tied")}
 
 
+@pytest.fixture(scope="module")
+def blt_reference():
+    """Three steps of the BLT mechanism in one process on the whole batch (state threaded)."""
+    model, params, batch, mask = fsdp_mechanism_workers.global_problem()
+    return fsdp_mechanism_workers.three_steps(model, params, batch, mask, fsdp_mechanism_workers.mechanisms()["blt"],
+                                              False, False)
+
+
+def check_correlated_noise(results, reference):
+    """BLT noise with its state sharded like the tensor-parallel params: every step's gathered
+    gradient, the final params and buffers equal one process's (1e-12), and each rank's buffers
+    have its local shard's shape (no rank holds more state than its coordinates)."""
+    for result in results:
+        got = result["blt"]
+        for step, expected in zip(got["steps"], reference["steps"]):
+            for name, value in expected["grads"].items():
+                torch.testing.assert_close(step["grads"][name], value, rtol=1e-12, atol=1e-14, msg=name)
+        for name, value in reference["buffers"].items():
+            torch.testing.assert_close(got["buffers"][name], value, rtol=1e-12, atol=1e-14, msg=name)
+        for name, (buffer_shape, param_shape, _) in got["state_shapes"].items():
+            assert buffer_shape[1:] == param_shape, name
+        assert fundp.Ledger.from_dict(got["ledger"]) == fundp.Ledger.from_dict(reference["ledger"])
+        assert result["mismatch"]["adaptive"].startswith("NotImplementedError: sharded (DTensor / FSDP2) params with "
+                                                         "adaptive clipping with tensor_parallel_dim")
+
+
 @pytest.mark.slow
-def test_two_tensor_parallel_ranks_equal_one_process(tmp_path, references):
+def test_two_tensor_parallel_ranks_equal_one_process(tmp_path, references, blt_reference):
     """One launch of 2 ranks sharing every batch: the MLP (column-, row-, column-parallel; a
     replicated bias; uneven shards of a 3-row head) for flat / per-layer / automatic clipping,
     the ghost engine, accumulation, frozen layers and SGD; a tied embedding / head (row- and
@@ -104,6 +131,7 @@ def test_two_tensor_parallel_ranks_equal_one_process(tmp_path, references):
         reference = dict(references[problem])
         check_equal_to_one_process([r[problem] for r in results], reference, PLACEMENTS[("tp", problem)], 2)
     check_frozen_and_trained([r["mlp"] for r in results], references["mlp"])
+    check_correlated_noise([{**r["mlp"], "mismatch": r["mismatch"]} for r in results], blt_reference)
     assert set(references["tied"]["flat"]["grads"]) == {"embed.weight", "mix.weight", "mix.bias"}  # the tie is one leaf
     outcomes = [r["mismatch"] for r in results]
     assert outcomes[0] == outcomes[1]
@@ -120,7 +148,7 @@ def test_two_tensor_parallel_ranks_equal_one_process(tmp_path, references):
 
 
 @pytest.mark.slow
-def test_fsdp_over_tensor_parallel_on_a_2x2_mesh_equals_one_process(tmp_path, references):
+def test_fsdp_over_tensor_parallel_on_a_2x2_mesh_equals_one_process(tmp_path, references, blt_reference):
     """4 ranks, mesh ("dp", "tp"): parallelize_module over "tp", fully_shard over "dp" (strided
     shards where both cut dim 0, an empty shard of the 3-row head); each TP group passes its "dp"
     shard.  Every clip style and variant, the tied model (its untouched layer on the "dp"
@@ -130,6 +158,7 @@ def test_fsdp_over_tensor_parallel_on_a_2x2_mesh_equals_one_process(tmp_path, re
     for problem in ("mlp", "tied"):
         check_equal_to_one_process([r[problem] for r in results], dict(references[problem]), PLACEMENTS[("fsdp_tp", problem)], 4)
     check_frozen_and_trained([r["mlp"] for r in results], references["mlp"])
+    check_correlated_noise([{**r["mlp"], "mismatch": r["mismatch"]} for r in results], blt_reference)
     flat = {"flat": references["mlp"]["flat"]}
     check_equal_to_one_process([r["ddp_tp"] for r in results], flat, PLACEMENTS[("tp", "mlp")], 4)
     outcomes = [r["mismatch"] for r in results]

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import fsdp_mechanism_workers
 import fundp
 from dist_workers import global_problem, record_error, save_and_leave
 from fsdp_workers import CLIP_STYLES, CountingThreefry, example, runs, sgd_steps, step_for, tied_problem
@@ -105,6 +106,10 @@ def tp_steps(mesh, problem: str, fsdp: bool, styles: tuple = CLIP_STYLES) -> dic
             results[f"frozen_{engine}"] = {n: _full(g) for n, g in out.grads.items()}
         trained = sgd_steps(params, step_for(model, "flat", True, tensor_parallel_dim="tp"), local, shard_mask)
         results["trained"] = {n: _full(p) for n, p in trained.items()}
+        # correlated noise (BLT), its state sharded like the TP / FSDP x TP params, three steps threaded
+        results["blt"] = fsdp_mechanism_workers.three_steps(
+            model, params, local, shard_mask, fsdp_mechanism_workers.mechanisms()["blt"], False, True, full=_full,
+            tensor_parallel_dim="tp")
     return results
 
 
@@ -144,6 +149,9 @@ def mismatches(rank: int, mesh) -> dict:
         dp0, dp0_mask = data_shard(batch, mask, mesh, data_rank=0)
         swapped = (dp0, dp0_mask) if rank == 3 else (local, shard_mask)  # rank 3 takes the other group's rows
         _attempt(outcomes, "split_group", tp, params, *swapped)
+    adaptive = fsdp_mechanism_workers.make_step(model, None, True, True, tensor_parallel_dim="tp")
+    _attempt(outcomes, "adaptive", lambda *a, **k: adaptive(*a, clip_state=fsdp_mechanism_workers.CFG.init(1.0), **k),
+             params, local, shard_mask)
     _attempt(outcomes, "fine", tp, params, local, shard_mask)
     return outcomes
 
