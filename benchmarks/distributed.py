@@ -124,7 +124,8 @@ def per_example_losses(args, logits, batch):
 
 
 def local_bytes(tree) -> int:
-    """Bytes of the local blocks of a pytree's tensors (a DTensor counts its ``to_local()`` block)."""
+    """Bytes of the local blocks of a pytree's tensors (a DTensor counts its ``to_local()`` block);
+    0-d tensors (Adam's step count) are left out."""
     from torch.distributed.tensor import DTensor
 
     total = 0
@@ -216,7 +217,7 @@ def make_steps(args, device, rank, world_size):
 
             def step(t, params=params, state=state, dp=dp, key=key):
                 detached = {n: p.detach() for n, p in params.items()}
-                grads = dp(detached, local, fundp.random.fold_in(key, t), mask=mask).grads
+                grads = dp(detached, local, fundp.random.fold_in(key, t).to(device), mask=mask).grads
                 updates, state["opt"] = opt.update(grads, state["opt"], detached)
                 with torch.no_grad():
                     for name, p in params.items():
