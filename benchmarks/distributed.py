@@ -33,9 +33,13 @@ Per rank and mode (the table shows the largest value over ranks):
   the slowest rank's median).
 
 The first table is absolute; the second gives the ratios: world size N / world size 1 of
-params + grads + opt (per rank) and of peak, and DP / non-private of time and peak.
+params + grads + opt (per rank) and of peak, and DP / non-private of time and peak.  ``--phases``
+(CPU) adds a third: the DP step's memory on entering, and at most within, ``fundp.sharding``'s
+``unshard``, ``reduce_clipped_sum`` and ``standard_normal_shards``; and, at world size 1, the mode
+``dp_unsharded``: fundp's single-process ``dp_step`` on the same model without ``fully_shard``.
 
     python benchmarks/distributed.py                                   # CPU, gloo, world sizes 1 2 4
+    python benchmarks/distributed.py --width 512 --phases              # + where the DP step's memory goes
     python benchmarks/distributed.py --model llama --world-sizes 1 2   # tiny Llama (transformers config)
     python benchmarks/distributed.py --device cuda --world-sizes 1 2 4 # CUDA, nccl (one GPU per rank)
     torchrun --nproc_per_node 4 benchmarks/distributed.py              # one world size, under torchrun
@@ -57,6 +61,7 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import Any, Callable, NamedTuple
 
 import optree
 import torch
@@ -150,9 +155,11 @@ def track_cpu_allocations() -> None:
     ctypes.c_bool.in_dll(library, "FLAGS_caffe2_report_cpu_memory_usage").value = True
 
 
-def peak_step_memory(step, t: int, device: torch.device) -> tuple[int, object]:
-    """Runs ``step(t)``; returns the most bytes it held above what was live when it started, and its
-    gradient tree (see the module docstring).
+def peak_step_memory(step, t: int, device: torch.device) -> tuple[int, Any, dict]:
+    """Runs ``step(t)``; returns the most bytes it held above what was live when it started, its
+    gradient tree, and (CPU, with :func:`mark_phases`) ``{phase: {"entry", "peak"}}``: the bytes
+    above that level when each marked function of :mod:`fundp.sharding` was entered and the most
+    within it (see the module docstring).
 
     CPU: the step runs under ``torch.profiler.profile(profile_memory=True)``; each allocation or
     free in the calling thread is a ``[memory]`` event carrying the allocator's running total over
@@ -166,7 +173,7 @@ def peak_step_memory(step, t: int, device: torch.device) -> tuple[int, object]:
         torch.cuda.reset_peak_memory_stats(device)
         grads = step(t)
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before, grads
+        return torch.cuda.max_memory_allocated(device) - before, grads, {}
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -175,19 +182,63 @@ def peak_step_memory(step, t: int, device: torch.device) -> tuple[int, object]:
         path = os.path.join(directory, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
-            events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
-    events.sort(key=lambda e: e["ts"])
+            trace = json.load(f)["traceEvents"]
+    events = sorted((e for e in trace if e.get("name") == "[memory]"), key=lambda e: e["ts"])
     if not events:
-        return 0, grads
+        return 0, grads, {}
     before = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
-    return max(0, max(e["args"]["Total Allocated"] for e in events) - before), grads
+    phases: dict = {}
+    for marker in (e for e in trace if e.get("ph") == "X" and str(e.get("name", "")).startswith(PHASE_PREFIX)):
+        name, start, end = marker["name"][len(PHASE_PREFIX):], marker["ts"], marker["ts"] + marker["dur"]
+        entry = max([before] + [e["args"]["Total Allocated"] for e in events if e["ts"] < start][-1:]) - before
+        inside = [e["args"]["Total Allocated"] - before for e in events if start <= e["ts"] <= end]
+        phases[name] = {"entry": entry, "peak": max([entry] + inside)}
+    return max(0, max(e["args"]["Total Allocated"] for e in events) - before), grads, phases
+
+
+PHASE_PREFIX = "fundp_phase:"
+PHASES = ("unshard", "reduce_clipped_sum", "standard_normal_shards")
+
+
+def mark_phases() -> None:
+    """Wraps :func:`fundp.sharding.unshard`, ``reduce_clipped_sum`` and ``standard_normal_shards`` in
+    profiler ranges (``--phases``; instrumentation of this process only: the step calls them
+    through the module, so the wrappers are seen)."""
+    from torch.profiler import record_function
+
+    def marked(name, function):
+        def wrapper(*args, **kwargs):
+            with record_function(PHASE_PREFIX + name):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    for name in PHASES:
+        setattr(fundp.sharding, name, marked(name, getattr(fundp.sharding, name)))
 
 
 # --------------------------------------------------------------------------------------------- one rank
 
 
-def make_steps(args, device, rank, world_size):
-    """``{mode: (step, params)}``: ``step(t)`` runs training step ``t`` and returns its gradient tree."""
+class Trainer(NamedTuple):
+    """One mode's training state on this rank: ``step(t)`` runs step ``t`` and returns its gradient tree."""
+
+    step: Callable[[int], dict]
+    params: dict  # the model's parameters (DTensor shards, or plain for dp_unsharded)
+    state: dict  # {"opt": the Adam state}
+
+
+def adam_in_place(opt, params: dict, state: dict, grads: dict) -> None:
+    """One Adam update of ``params`` (the model's parameters, updated in place) from ``grads``."""
+    detached = {n: p.detach() for n, p in params.items()}
+    updates, state["opt"] = opt.update(grads, state["opt"], detached)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.add_(updates[name].to(p.dtype))
+
+
+def make_steps(args, device, rank, world_size) -> dict[str, Trainer]:
+    """``{mode: Trainer}`` on this rank's rows of the global batch, each mode on its own copy of the model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -196,57 +247,64 @@ def make_steps(args, device, rank, world_size):
     rows, mask = fundp.distributed.shard(torch.arange(args.batch_size), torch.ones(args.batch_size, dtype=torch.bool),
                                          rank, world_size)
     local = {k: v[rows].to(device) for k, v in batch.items()}
+    inputs = local["x"] if args.model == "mlp" else local["tokens"]
     mask = mask.to(device)
     opt = fundp.optim.adam(LR)
-    steps = {}
-    for mode in MODES:
+    key = fundp.random.key(2)
+    trainers = {}
+    for mode in modes_of(args, world_size):
         model, wrapped = build(args)
         model = model.to(device)
-        for module in wrapped:
-            fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        if mode != "dp_unsharded":
+            for module in wrapped:
+                fully_shard(module, mesh=mesh)
+            fully_shard(model, mesh=mesh)
         params = {name: p for name, p in model.named_parameters()}  # DTensor parameters (Shard(0))
         state = {"opt": opt.init({n: p.detach() for n, p in params.items()})}
-        if mode == "dp":
+        step: Callable[[int], dict]
+        if mode.startswith("dp"):
             def loss_fn(p, b, model=model):
-                return per_example_losses(args, fundp.functional_call(model, p, (b.get("x", b.get("tokens")),)), b)
+                return per_example_losses(args, fundp.functional_call(model, p, (b["x"] if "x" in b else b["tokens"],)), b)
 
             dp = fundp.dp_step(loss_fn, max_norm=MAX_NORM, noise_multiplier=SIGMA, expected_batch_size=args.batch_size,
-                               sample_rate=args.batch_size / NUM_EXAMPLES, distributed=True, grad_method=args.grad_method)
-            key = fundp.random.key(2)
+                               sample_rate=args.batch_size / NUM_EXAMPLES, distributed=mode == "dp",
+                               grad_method=args.grad_method)
 
-            def step(t, params=params, state=state, dp=dp, key=key):
+            def dp_step(t, params=params, state=state, dp=dp):
                 detached = {n: p.detach() for n, p in params.items()}
                 grads = dp(detached, local, fundp.random.fold_in(key, t).to(device), mask=mask).grads
-                updates, state["opt"] = opt.update(grads, state["opt"], detached)
-                with torch.no_grad():
-                    for name, p in params.items():
-                        p.add_(updates[name].to(p.dtype))
+                adam_in_place(opt, params, state, grads)
                 return grads
+
+            step = dp_step
         else:
-            def step(t, model=model, params=params, state=state):
-                per_example_losses(args, model(local.get("x", local.get("tokens"))), local).mean().backward()
+            def nonprivate_step(t, model=model, params=params, state=state):
+                per_example_losses(args, model(inputs), local).mean().backward()
                 grads = {n: p.grad for n, p in params.items()}
                 for p in params.values():
                     p.grad = None  # the gradient lives as long as the returned tree, as in the DP mode
-                detached = {n: p.detach() for n, p in params.items()}
-                updates, state["opt"] = opt.update(grads, state["opt"], detached)
-                with torch.no_grad():
-                    for name, p in params.items():
-                        p.add_(updates[name].to(p.dtype))
+                adam_in_place(opt, params, state, grads)
                 return grads
-        steps[mode] = (step, params, state, model)
-    return steps
+
+            step = nonprivate_step
+        trainers[mode] = Trainer(step, params, state)
+    return trainers
+
+
+def modes_of(args, world_size: int) -> tuple[str, ...]:
+    """The modes run; with ``--phases`` at world size 1 also ``dp_unsharded``: the same DP step on
+    plain (not ``fully_shard``-ed) parameters, ``distributed=False`` — fundp's single-process step."""
+    return MODES + (("dp_unsharded",) if args.phases and world_size == 1 else ())
 
 
 def measure(args, rank: int, world_size: int, device: torch.device) -> dict:
-    """This rank's numbers: ``{mode: {params, grads, opt, peak, time, grad_dtype}}``."""
+    """This rank's numbers: ``{mode: {params, grads, opt, peak, time, grad_dtype, phases}}``."""
     steps = make_steps(args, device, rank, world_size)
-    times = {mode: [] for mode in MODES}
+    times: dict[str, list[float]] = {mode: [] for mode in steps}
     t = 0
     for i in range(args.warmup + args.steps):
-        for mode in MODES:  # interleaved: the machine's load falls on both modes alike
-            step = steps[mode][0]
+        for mode in steps:  # interleaved: the machine's load falls on both modes alike
+            step = steps[mode].step
             dist.barrier()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -259,16 +317,16 @@ def measure(args, rank: int, world_size: int, device: torch.device) -> dict:
             del grads
             t += 1
     result = {}
-    for mode in MODES:
-        step, params, state, model = steps[mode]
+    for mode in steps:
+        step, params, state = steps[mode]
         dist.barrier()
-        peak, grads = peak_step_memory(step, t, device)
+        peak, grads, phases = peak_step_memory(step, t, device)
         t += 1
         leaf = next(iter(grads.values()))
         result[mode] = {"params": local_bytes({n: p.detach() for n, p in params.items()}), "grads": local_bytes(grads),
                         "opt": local_bytes(state["opt"]), "peak": peak, "time": statistics.median(times[mode]),
                         "grad_dtype": str(leaf.dtype).replace("torch.", ""),
-                        "full_params": sum(p.numel() * p.element_size() for p in params.values())}
+                        "full_params": sum(p.numel() * p.element_size() for p in params.values()), "phases": phases}
         del grads
     return result
 
@@ -285,11 +343,12 @@ def worker(rank: int, world_size: int, init: str | None, args, out: str | None) 
             torch.set_num_threads(1)
             track_cpu_allocations()
             device = torch.device("cpu")
+        if args.phases:
+            mark_phases()
         if not dist.is_initialized():
             backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
-            options = {"init_method": init} if init else {}
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=300),
-                                    **options)
+            dist.init_process_group(backend, init_method=init, rank=rank, world_size=world_size,  # init None: env://
+                                    timeout=datetime.timedelta(seconds=300))
         mine = measure(args, rank, world_size, device)
         everyone = [None] * world_size
         dist.all_gather_object(everyone, mine)
@@ -329,11 +388,13 @@ def run_world(args, world_size: int, context, directory: str) -> list[dict]:
 def summary(per_rank: list[dict]) -> dict:
     """The largest value over ranks of each number, per mode; ``state`` = params + grads + opt."""
     out = {}
-    for mode in MODES:
+    for mode in per_rank[0]:
         rows = [r[mode] for r in per_rank]
         out[mode] = {k: max(r[k] for r in rows) for k in ("params", "grads", "opt", "peak", "time", "full_params")}
         out[mode]["state"] = max(r["params"] + r["grads"] + r["opt"] for r in rows)
         out[mode]["grad_dtype"] = rows[0]["grad_dtype"]
+        out[mode]["phases"] = {name: {k: max(r["phases"][name][k] for r in rows) for k in ("entry", "peak")}
+                               for name in rows[0]["phases"]}
     return out
 
 
@@ -346,7 +407,7 @@ def tables(results: dict[int, dict]) -> str:
     lines = ["| ws | mode | params MiB | grads MiB (dtype) | opt MiB | params+grads+opt MiB | peak step MiB | step ms |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for ws, s in sorted(results.items()):
-        for mode in MODES:
+        for mode in s:
             m = s[mode]
             lines.append(f"| {ws} | {mode} | {_mib(m['params'])} | {_mib(m['grads'])} ({m['grad_dtype']}) | {_mib(m['opt'])} | "
                          f"{_mib(m['state'])} | {_mib(m['peak'])} | {1e3 * m['time']:.1f} |")
@@ -363,6 +424,14 @@ def tables(results: dict[int, dict]) -> str:
         lines.append(f"| {ws} | {rel('dp', 'state')} | {rel('nonprivate', 'state')} | {rel('dp', 'peak')} | "
                      f"{rel('nonprivate', 'peak')} | {dp['time'] / np_['time']:.2f} | "
                      f"{dp['peak'] / np_['peak'] if np_['peak'] else float('nan'):.2f} |")
+    if any(s["dp"]["phases"] for s in results.values()):
+        lines += ["", "DP step, MiB above what was live before it: on entering each phase / the most within it",
+                  "", "| ws | " + " | ".join(f"`{name}`" for name in PHASES) + " | step peak |",
+                  "|---:|" + "---:|" * (len(PHASES) + 1)]
+        for ws, s in sorted(results.items()):
+            phases = s["dp"]["phases"]
+            cells = [f"{_mib(phases[n]['entry'])} / {_mib(phases[n]['peak'])}" if n in phases else "—" for n in PHASES]
+            lines.append(f"| {ws} | " + " | ".join(cells) + f" | {_mib(s['dp']['peak'])} |")
     return "\n".join(lines)
 
 
@@ -383,6 +452,9 @@ def parse(argv=None):
     parser.add_argument("--json", default=None, help="also write the per-rank numbers here")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per world size")
     parser.add_argument("--start-method", default="forkserver", choices=["forkserver", "spawn"])
+    parser.add_argument("--phases", action="store_true",
+                        help="CPU: where the DP step's memory goes (fundp.sharding's phases), and at world size 1 "
+                             "the same step on unsharded params (mode dp_unsharded)")
     args = parser.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     return args
@@ -394,8 +466,8 @@ def main(argv=None) -> dict[int, dict]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun: this process is one rank
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         with tempfile.TemporaryDirectory() as directory:
-            out = os.path.join(directory, "ws.json") if rank == 0 else None
-            worker(rank, world_size, None, args, out)
+            out = os.path.join(directory, "ws.json")
+            worker(rank, world_size, None, args, out if rank == 0 else None)
             if rank != 0:
                 return {}
             with open(out) as f:
