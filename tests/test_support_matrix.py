@@ -6,8 +6,8 @@ cyclic Poisson) x schedule (constant sigma / a sigma per step) x accumulation (p
 or not) either trains STEPS steps of a tiny model and its ledger's epsilon equals an independent
 computation (dp_accounting's RDP accountant on the events the cell releases, written out here from
 the papers' definitions), or raises before any noise is drawn (at build, or at the first call) with
-a reason that applies to the cell: the fundp.guards.UNSUPPORTED entry of a refused pair of options,
-or the sampler's own refusal (batches whose sampling the accounting does not cover).
+a reason that applies to the cell: a row of fundp.guards.UNSUPPORTED (a refused pair of options, the
+sampler's kind among them), which the raised error names (``error.pair``) and whose reason it gives.
 
 The expected outcome of each cell is this file's own statement of the matrix (``_refusals``), not
 read from the code; the dp_accounting composition of the MF cells follows tests/test_mf.py
@@ -32,7 +32,7 @@ import fundp
 import fundp.mf as mf
 from fundp import adaptive
 from fundp.accounting import rdp, truncation
-from fundp.guards import UNSUPPORTED, forget_keys
+from fundp.guards import UNSUPPORTED, UnsupportedCombination, forget_keys
 
 N, D, STEPS, Q, SIGMA, SIGMA_B, MAX_BATCH = 16, 3, 3, 0.25, 1.2, 2.0, 13
 absl_logging.set_verbosity(absl_logging.ERROR)  # dp_accounting's notes on orders it skips
@@ -76,26 +76,25 @@ def make_mechanism(noise):
     return None if participation is None else mf.mechanism(mf.banded_toeplitz([1.0, 0.5], STEPS), participation)
 
 
-def _table(*pair):
-    return UNSUPPORTED[pair][1]
+SAMPLER_ROW = {"poisson": "sampler=poisson", "truncated": "sampler=truncated_poisson", "cyclic": "sampler=cyclic_poisson",
+               "shuffled": "sampler=shuffled"}
 
 
 def _refusals(sampler, clipping, noise, schedule):
-    """This test's statement of the matrix: the reasons that refuse a cell (empty: accepted)."""
-    reasons = []
-    if sampler == "shuffled":
-        reasons.append("shuffled fixed-size batches are not Poisson sampling")
-    if sampler == "cyclic" and noise not in MF:
-        reasons.append("cyclic Poisson batches (fundp.mf.cyclic_poisson_batches) need dp_step(..., noise_mechanism=")
-    if sampler != "cyclic" and noise in MF:
-        reasons.append("with a noise_mechanism: the mechanism accounts only the batches of its participation")
+    """This test's statement of the matrix: the rows of fundp.guards.UNSUPPORTED that refuse a cell
+    (empty: accepted)."""
+    rows = []
+    if sampler in ("shuffled", "cyclic") and noise not in MF:  # i.i.d. noise: DP-SGD's Poisson accounting
+        rows.append(("noise_mechanism=None", SAMPLER_ROW[sampler]))
+    if sampler != "cyclic" and noise in MF:  # a mechanism accounts only its participation's batches
+        rows.append(("noise_mechanism", SAMPLER_ROW[sampler]))
     if clipping == "adaptive" and noise == "secure":
-        reasons.append(_table("adaptive_clipping", "secure_mode"))
+        rows.append(("adaptive_clipping", "secure_mode"))
     if clipping == "adaptive" and noise == "mf_cyclic":  # amplification does not cover the count
-        reasons.append(_table("adaptive_clipping", "noise_mechanism"))
+        rows.append(("adaptive_clipping", "noise_mechanism"))
     if schedule and noise in MF:
-        reasons.append(_table("noise_mechanism", "noise_multiplier (per call)"))
-    return reasons
+        rows.append(("noise_mechanism", "noise_multiplier (per call)"))
+    return rows
 
 
 def _gaussian_steps(sampler, clipping, schedule):
@@ -176,9 +175,11 @@ def test_cell_is_accounted_exactly_or_refused_with_its_reason(sampler, clipping,
     refusals = _refusals(sampler, clipping, noise, schedule)
     for accumulate in (False, True):
         if refusals:
-            with pytest.raises((ValueError, NotImplementedError)) as caught:
+            with pytest.raises(UnsupportedCombination) as caught:
                 run_cell(sampler, clipping, noise, schedule, accumulate)
-            assert any(reason in str(caught.value) for reason in refusals), (str(caught.value), refusals)
+            assert caught.value.pair in refusals, (caught.value.pair, refusals)
+            error, reason = UNSUPPORTED[caught.value.pair]
+            assert isinstance(caught.value, error) and str(caught.value).startswith(reason)
             continue
         ledger, batches = run_cell(sampler, clipping, noise, schedule, accumulate)
         if sampler == "truncated":
@@ -198,6 +199,8 @@ def test_the_matrix_refuses_and_accepts_cells_of_every_kind():
     assert {("poisson", False, True, True), ("truncated", False, False, True), ("cyclic", True, True, False),
             ("cyclic", True, False, False)} <= kinds
     assert len(accepted) >= 20 and len(CELLS) - len(accepted) >= 60
+    rows = {row for cell in CELLS for row in _refusals(*cell)}
+    assert rows <= set(UNSUPPORTED) and len(rows) == 8, rows  # every refusal is a row of the table
 
 
 def test_adaptive_with_per_layer_clipping_is_refused_with_the_tables_reason():
