@@ -231,7 +231,7 @@ class Batch:
     step was built for (``dp_step(..., sampler=)``), or whose sampling contradicts the step's
     accounting, is refused.  Immutable; unpacks as ``data, mask = batch``; a pytree
     (``torch.utils._pytree``) whose leaves are those of ``data`` and ``mask``, the sampler riding
-    along; :meth:`to` moves it to a device.
+    along; ``batch.to(device)`` moves it.
 
     Example:
       >>> import torch, fundp

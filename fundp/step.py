@@ -559,10 +559,15 @@ def _sampling_plan(sampler: Any, sample_rate: Any, expected_batch_size: Any, num
         raise ValueError("expected_batch_size is required (sample_rate * num_examples) unless a sampler or num_examples is given")
     truncation = None if sampler is None else _truncation_of(sampler)
     source = None if sampler is None else _source_of(sampler)
+    return _Sampling(sample_rate, check_positive("expected_batch_size", expected_batch_size), row_multiple, needs_mask,
+                     truncation, num_examples, source, None if sampler is None else _inner(sampler))
+
+
+def _inner(sampler: Any) -> Any:
+    """The object that describes ``sampler``'s batches (:func:`fundp.sampling.sampler_of`)."""
     from fundp.sampling import sampler_of
 
-    return _Sampling(sample_rate, check_positive("expected_batch_size", expected_batch_size), row_multiple, needs_mask,
-                     truncation, num_examples, source, None if sampler is None else sampler_of(sampler))
+    return sampler_of(sampler)
 
 
 def _source_of(sampler: Any) -> tuple:
