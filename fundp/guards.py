@@ -4,7 +4,11 @@ Two things live here, so that :func:`fundp.dp_step` consults one place:
 
 * :data:`UNSUPPORTED`: the table of refused combinations of ``dp_step`` options, each with the
   reason it is refused (a combination that would break the guarantee is refused at build time,
-  before the first step).  :func:`check_combination` raises the table's error for a build.
+  before the first step), the sampler's kind among the options (``sampler=shuffled`` with i.i.d.
+  noise, plain Poisson batches with a ``noise_mechanism``, ...).  :func:`check_combination` and
+  :func:`check_sampler` raise the table's error (:func:`refusal`: an
+  :class:`UnsupportedCombination` whose ``.pair`` names the row); a batch whose sampler is known
+  at call time (a :class:`fundp.data.Batch`, a tagged mask) is refused by the same rows.
 * The run-scoped guards, on by default, which a user opts *out* of explicitly:
 
   - **keys**: a key already used by *any* step of the process is refused (the same key gives the
@@ -45,7 +49,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["UNSUPPORTED", "SAMPLER_NAMES", "UnsupportedCombination", "refusal", "check_combination", "check_sampler", "forget_keys", "KeyReuseError", "MissingMaskError", "StaleLedgerError"]
+__all__ = ["UNSUPPORTED", "SAMPLER_NAMES", "UnsupportedCombination", "refusal", "check_combination", "check_sampler",
+           "forget_keys", "KeyReuseError", "MissingMaskError", "StaleLedgerError"]
 
 _MECHANISM_BATCHES = (
     "with a noise_mechanism: the mechanism accounts only the batches of its participation schema (an example may "

@@ -172,6 +172,9 @@ class PoissonLoader(DataLoader):
     (after the workers' collation), so the sampler is the loader's own object.
     """
 
+    def __init__(self, dataset: Any, batch_sampler: PoissonBatchSampler, **loader_kwargs: Any):
+        super().__init__(dataset, batch_sampler=batch_sampler, **loader_kwargs)
+
     def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
         import optree
 
