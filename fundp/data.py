@@ -3,7 +3,8 @@
 One namespace for three small modules:
 
 * :mod:`fundp.sampling` — :func:`poisson_batches` (exact keyed Poisson sampling, padded with a
-  mask so a compiled step sees a handful of shapes), :func:`shuffled_batches` (not Poisson; refused
+  mask so a compiled step sees a handful of shapes), :func:`gather` (the rows of one batch as a
+  :class:`Batch` that carries its mask and sampler, which a step takes whole), :func:`shuffled_batches` (not Poisson; refused
   by the guard) and :func:`check_sampling_matches` (the ledger's ``sample_rate`` must be how the
   batches were drawn);
 * :mod:`fundp.loader` — :func:`poisson_loader` and its pieces, for map-style
@@ -23,14 +24,16 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from fundp.loader import MaskedDataset, PaddedRow, PoissonBatchSampler, collate_masked, poisson_loader
+from fundp.loader import MaskedDataset, PaddedRow, PoissonBatchSampler, PoissonLoader, collate_masked, poisson_loader
 from fundp.sampling import (
+    Batch,
     PoissonBatches,
     SamplingMismatchWarning,
     ShuffledBatches,
     TruncatedPoissonBatches,
     _bernoulli_positions,
     check_sampling_matches,
+    gather,
     padded_size,
     poisson_batches,
     poisson_indices,
@@ -42,6 +45,8 @@ from fundp.step import dp_step, split_batch
 from fundp.types import Step
 
 __all__ = [
+    "Batch",
+    "gather",
     "PoissonBatches",
     "poisson_batches",
     "poisson_indices",
@@ -55,6 +60,7 @@ __all__ = [
     "PoissonBatchSampler",
     "MaskedDataset",
     "collate_masked",
+    "PoissonLoader",
     "poisson_loader",
     "split_batch",
     "accumulated_dp_step",

@@ -4,7 +4,11 @@ Two things live here, so that :func:`fundp.dp_step` consults one place:
 
 * :data:`UNSUPPORTED`: the table of refused combinations of ``dp_step`` options, each with the
   reason it is refused (a combination that would break the guarantee is refused at build time,
-  before the first step).  :func:`check_combination` raises the table's error for a build.
+  before the first step), the sampler's kind among the options (``sampler=shuffled`` with i.i.d.
+  noise, plain Poisson batches with a ``noise_mechanism``, ...).  :func:`check_combination` and
+  :func:`check_sampler` raise the table's error (:func:`refusal`: an
+  :class:`UnsupportedCombination` whose ``.pair`` names the row); a batch whose sampler is known
+  at call time (a :class:`fundp.data.Batch`, a tagged mask) is refused by the same rows.
 * The run-scoped guards, on by default, which a user opts *out* of explicitly:
 
   - **keys**: a key already used by *any* step of the process is refused (the same key gives the
@@ -18,8 +22,11 @@ Two things live here, so that :func:`fundp.dp_step` consults one place:
   - **masks**: fundp's samplers tag each mask they yield with themselves (``tag_mask``,
     weakly), so a step refuses a batch whose sampler contradicts its accounting, ``sampler=`` or
     not; they also tag the padded index tensors they yield (``tag_padded``), which a step refuses
-    without ``mask=``.  Without ``sampler=``, a step's first untagged batch passed without a mask
-    whose last two rows are equal (as padding rows are) warns (:class:`PaddingWithoutMaskWarning`).
+    without ``mask=``.  Data gathered with the indices (``x[indices]``) is a new tensor without
+    the tag: gather it into a :class:`fundp.data.Batch` (:func:`fundp.data.gather`), which carries
+    its mask and sampler.  A raw batch passed without a mask whose last two rows are equal in every
+    leaf (as padding rows, copies of one example, are) is refused (:class:`MissingMaskError`);
+    opt out with ``dp_step(..., check_padding=False)`` where the data legitimately repeats rows.
   - **ledgers**: a ledger that a completed step already recorded on is *consumed*; every step
     object of the process refuses it (a flag on the ledger object itself: no cap, no registry).
     A step that raises leaves its ledger unconsumed, so the same ledger continues the run.
@@ -42,9 +49,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["UNSUPPORTED", "check_combination", "forget_keys", "KeyReuseError", "PaddingWithoutMaskWarning", "StaleLedgerError"]
+__all__ = ["UNSUPPORTED", "SAMPLER_NAMES", "UnsupportedCombination", "refusal", "check_combination", "check_sampler",
+           "forget_keys", "KeyReuseError", "MissingMaskError", "StaleLedgerError"]
 
-#: Refused pairs of ``dp_step`` options (sorted names) -> (exception type, reason).
+_MECHANISM_BATCHES = (
+    "with a noise_mechanism: the mechanism accounts only the batches of its participation schema (an example may "
+    "join steps closer or more often than it assumes, and fundp.mf.epsilon would under-report): use "
+    "fundp.mf.cyclic_poisson_batches built for it")
+
+#: Refused pairs of ``dp_step`` options (sorted names) -> (exception type, reason).  A sampler is
+#: named by its kind, ``sampler=<kind>`` (a :class:`fundp.data.Batch`'s or a tagged mask's sampler
+#: counts as the step's sampler); ``noise_mechanism=None`` is i.i.d. noise (DP-SGD's accounting).
 UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
     ("adaptive_clipping", "secure_mode"): (
         NotImplementedError,
@@ -70,7 +85,79 @@ UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
         "a noise_multiplier schedule (step(..., noise_multiplier=...)) with a correlated noise_mechanism "
         "is accounted nowhere (fundp.mf.mechanism_epsilon takes one sigma): build the step with the schedule's "
         "largest-epsilon (smallest) sigma instead"),
+    ("noise_mechanism=None", "sampler=shuffled"): (
+        ValueError,
+        "shuffled fixed-size batches are not Poisson sampling: DP-SGD's Poisson-subsampled accounting (the ledger's "
+        "sample_rate) does not describe them and no amplification by shuffling is accounted here; use "
+        "fundp.data.poisson_batches (or, without sampler=, a fundp.mf noise_mechanism whose participation describes "
+        "fixed-order epochs)"),
+    ("noise_mechanism=None", "sampler=cyclic_poisson"): (
+        ValueError,
+        "cyclic Poisson batches need a noise_mechanism: their guarantee is the mechanism's (Choquette-Choo et al. 2023), "
+        "not DP-SGD's Poisson accounting over all examples; build the step with dp_step(..., noise_mechanism=mechanism) "
+        "for the same partitions and rate (fundp.mf.cyclic_poisson_batches)"),
+    ("noise_mechanism", "sampler=poisson"): (ValueError, "Poisson batches " + _MECHANISM_BATCHES),
+    ("noise_mechanism", "sampler=truncated_poisson"): (ValueError, "truncated Poisson batches " + _MECHANISM_BATCHES),
+    ("noise_mechanism", "sampler=shuffled"): (ValueError, "shuffled batches " + _MECHANISM_BATCHES),
+    ("noise_mechanism", "sampler=cyclic_poisson (other participation)"): (
+        ValueError,
+        "cyclic Poisson batches that break the noise_mechanism's participation schema (other partitions or rate, or an "
+        "example joining steps closer or more often than it assumes): build the batches and the mechanism for each "
+        "other (fundp.mf.cyclic_poisson_batches(..., num_partitions=b) with mf.cyclic_poisson(b, q), or b >= min_sep)"),
 }
+
+#: ``sampler.sampling`` -> the name its rows in :data:`UNSUPPORTED` use.
+SAMPLER_NAMES = {"poisson": "sampler=poisson", "truncated_poisson": "sampler=truncated_poisson",
+                 "shuffle": "sampler=shuffled", "cyclic_poisson": "sampler=cyclic_poisson"}
+
+
+class UnsupportedCombination(Exception):
+    """The error of a refused combination: ``.pair`` is its row of :data:`UNSUPPORTED`.
+
+    Raised as a subclass of the row's exception type too (``ValueError`` or
+    ``NotImplementedError``), so ``except ValueError`` keeps working.
+    """
+
+    pair: tuple[str, str]
+
+
+_REFUSAL_TYPES: dict[type, type] = {}
+
+
+def refusal(pair: tuple[str, str], detail: str | None = None) -> Exception:
+    """The exception refusing ``pair`` (a row of :data:`UNSUPPORTED`): its type and reason, then
+    ``detail`` (what this refusal saw) in parentheses; ``.pair`` names the row.
+
+    Example:
+      >>> from fundp.guards import UnsupportedCombination, refusal
+      >>> error = refusal(("budget", "noise_mechanism"))
+      >>> isinstance(error, ValueError), isinstance(error, UnsupportedCombination), error.pair
+      (True, True, ('budget', 'noise_mechanism'))
+    """
+    base, reason = UNSUPPORTED[pair]
+    kind = _REFUSAL_TYPES.get(base)
+    if kind is None:
+        kind = _REFUSAL_TYPES[base] = type(f"Unsupported{base.__name__}", (UnsupportedCombination, base), {})
+    error = kind(reason if detail is None else f"{reason} ({detail})")
+    error.pair = pair
+    return error
+
+
+def check_sampler(sampling: str, noise_mechanism: bool) -> None:
+    """Raises the :data:`UNSUPPORTED` refusal of a sampler of kind ``sampling`` (``sampler.sampling``)
+    with i.i.d. noise (``noise_mechanism=False``) or a correlated-noise mechanism.
+
+    Example:
+      >>> from fundp.guards import check_sampler
+      >>> check_sampler("poisson", noise_mechanism=False)
+      >>> try:
+      ...     check_sampler("cyclic_poisson", noise_mechanism=False)
+      ... except ValueError as error:
+      ...     print(error.pair)
+      ('noise_mechanism=None', 'sampler=cyclic_poisson')
+    """
+    name = SAMPLER_NAMES.get(sampling, f"sampler={sampling}")
+    check_combination({name: True, "noise_mechanism": noise_mechanism, "noise_mechanism=None": not noise_mechanism})
 
 
 def check_combination(options: dict[str, bool], accepted: Any = ()) -> None:
@@ -88,9 +175,9 @@ def check_combination(options: dict[str, bool], accepted: Any = ()) -> None:
       ...     print(str(error).split(":")[0])
       budget accounts DP-SGD's ledger, which does not apply to a noise_mechanism
     """
-    for (first, second), (error, reason) in UNSUPPORTED.items():
-        if options.get(first) and options.get(second) and (first, second) not in accepted:
-            raise error(reason)
+    for pair in UNSUPPORTED:
+        if options.get(pair[0]) and options.get(pair[1]) and pair not in accepted:
+            raise refusal(pair)
 
 
 class KeyReuseError(ValueError):
@@ -223,39 +310,54 @@ def consume(ledger: Any) -> None:
 # ----------------------------------------------------------------------------- masks
 
 
-class PaddingWithoutMaskWarning(UserWarning):
-    """A step's first batch came without a mask and its last two rows are equal, as padding is."""
+class MissingMaskError(ValueError):
+    """A padded batch came without its mask: each padding row (a copy of one example) would count
+    as a real example, multiplying that example's influence."""
 
 
-def warn_if_padded_without_mask(batch: Any) -> bool:
-    """Warns when a batch passed without a mask looks padded; returns whether it warned.
+_WHAT_TO_DO = (
+    "Pass the mask the sampler yielded with the batch (`indices, mask = batches[t]; step(params, "
+    "x[indices], key, mask=mask)`), or gather the batch into a value that carries it "
+    "(`step(params, fundp.data.gather(x, indices, mask), key)`; fundp.data.poisson_loader yields such "
+    "values)")
 
-    Padded Poisson batches (``fundp.data.poisson_batches``) fill their padding rows with copies
-    of one example, so without the mask each padding row counts as a real example (up to
-    ``pad_to_multiple - 1`` copies: that example's influence is that many times ``C``).  A
-    step built without ``sampler=`` cannot know the batch is padded; it looks once, at its first
-    eager call: when the last two rows of every leaf are equal (the padding of a batch with at
-    least two padding rows), it warns.  Equal rows can be genuine (duplicates in the data), hence
-    a warning, not an error; ``dp_step(..., sampler=batches)`` makes it a refusal.  Reads two
-    rows (one device sync, once per step object; none inside ``torch.compile``).
+
+def refuse_repeated_rows_without_mask(batch: Any, first_call: bool) -> None:
+    """Refuses (:class:`MissingMaskError`) a batch passed without a mask that looks padded.
+
+    fundp's samplers pad a batch with copies of example 0 at its end, so without the mask each
+    padding row counts as a real example (up to ``pad_to_multiple - 1`` copies: that example's
+    influence is that many times ``C``).  Data gathered with the indices (``x[indices]``) is a new
+    tensor, so a step cannot know it is padded; it looks: when the last two rows of every leaf are
+    equal (the padding of a batch with at least two padding rows) the batch is refused.  Data that
+    legitimately repeats rows opts out with ``dp_step(..., check_padding=False)``.  Reads two rows
+    per leaf: on every eager call for CPU tensors (no device sync); for accelerator tensors (one
+    sync) only on a step object's first unmasked call (``first_call``).  Not run inside
+    ``torch.compile``.
+
+    Example:
+      >>> import torch
+      >>> from fundp.guards import refuse_repeated_rows_without_mask
+      >>> refuse_repeated_rows_without_mask(torch.eye(3), first_call=True)  # distinct rows: accepted
+      >>> try:
+      ...     refuse_repeated_rows_without_mask(torch.tensor([[1.0], [2.0], [2.0]]), first_call=True)
+      ... except ValueError as error:
+      ...     print(str(error).split(":")[0])
+      the batch came without a mask and its last two rows are equal, as the padding rows of fundp's samplers are
     """
     import optree
 
     leaves = [leaf for leaf in optree.tree_leaves(batch) if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1]
     if not leaves or leaves[0].shape[0] < 2 or torch.compiler.is_compiling():
-        return False
-    if not all(torch.equal(leaf[-1], leaf[-2]) for leaf in leaves):
-        return False
-    warnings.warn(
-        "the batch came without a mask and its last two rows are equal, as the padding rows of "
-        "fundp.data.poisson_batches are: without its mask each padding row counts as a real "
-        "example (copies of one example, whose influence is then a multiple of max_norm). Pass "
-        "step(..., mask=mask) with the mask the sampler yields, and build the step with "
-        "dp_step(..., sampler=batches) so that a missing mask is refused",
-        PaddingWithoutMaskWarning,
-        stacklevel=3,
-    )
-    return True
+        return
+    if not first_call and any(leaf.device.type != "cpu" for leaf in leaves):
+        return  # one device sync a step: looked at once per step object
+    if all(torch.equal(leaf[-1], leaf[-2]) for leaf in leaves):
+        raise MissingMaskError(
+            "the batch came without a mask and its last two rows are equal, as the padding rows of fundp's "
+            "samplers are: without its mask each padding row (a copy of one example) counts as a real example, "
+            f"so that example's influence is a multiple of max_norm. {_WHAT_TO_DO}. If your data legitimately "
+            "repeats rows and every row is a real example, opt out: dp_step(..., check_padding=False)")
 
 
 # ----------------------------------------------------------------------------- batches' provenance
@@ -309,13 +411,14 @@ def tag_padded(batch: Any, sampler: Any) -> None:
     (every Poisson batch: whether it is padded is chance, so the refusal must not be; a shuffled
     batch only when it is padded), so that a step given it without ``mask=`` refuses it
     (:func:`refuse_padded_without_mask`).  Data gathered with it (``x[indices]``) is a new tensor
-    without the tag: for such batches the heuristic :func:`warn_if_padded_without_mask` remains.
+    without the tag: gather it into a :class:`fundp.data.Batch` instead (:func:`fundp.data.gather`),
+    or the step falls back on :func:`refuse_repeated_rows_without_mask`.
     """
     _remember(_PADDED_BATCHES, batch, sampler)
 
 
 def refuse_padded_without_mask(batch: Any) -> None:
-    """Raises ``ValueError`` when a leaf of ``batch`` is a padded batch tagged by :func:`tag_padded`
+    """Raises :class:`MissingMaskError` when a leaf of ``batch`` is a padded batch tagged by :func:`tag_padded`
     (the step was called with ``mask=None``): its padding rows would each count as a real example.
 
     Example:
@@ -333,11 +436,9 @@ def refuse_padded_without_mask(batch: Any) -> None:
     for leaf in optree.tree_leaves(batch):
         sampler = _recall(_PADDED_BATCHES, leaf)
         if sampler is not None:
-            raise ValueError(
+            raise MissingMaskError(
                 f"mask=None with a padded batch of {type(sampler).__name__}(...): its padding rows (copies of "
-                "one example) would each count as a real example, multiplying that example's influence. Pass "
-                "the mask the sampler yielded with the batch: `indices, mask = batches[t]; "
-                "step(params, batch, key, mask=mask)`")
+                f"one example) would each count as a real example, multiplying that example's influence. {_WHAT_TO_DO}")
 
 
 # ----------------------------------------------------------------------------- params

@@ -2,7 +2,9 @@
 
 :class:`PoissonBatchSampler` is a ``batch_sampler`` yielding the rows of
 :func:`fundp.data.poisson_batches`; :class:`MaskedDataset` and :func:`collate_masked` turn them
-into ``(batch, mask)`` pairs; :func:`poisson_loader` wires the three into a ``DataLoader``.
+into ``(batch, mask)`` pairs; :func:`poisson_loader` wires the three into a ``DataLoader`` that
+yields each batch as a :class:`fundp.data.Batch` (rows, mask and sampler in one value, which
+unpacks as ``batch, mask``).
 
 Example:
   >>> import torch, fundp
@@ -19,9 +21,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from fundp.sampling import PoissonBatches
+from fundp.sampling import Batch, PoissonBatches
 
-__all__ = ["PaddedRow", "PoissonBatchSampler", "MaskedDataset", "collate_masked", "poisson_loader"]
+__all__ = ["PaddedRow", "PoissonBatchSampler", "MaskedDataset", "collate_masked", "PoissonLoader", "poisson_loader"]
+
 
 class PaddedRow:
     """One row of a padded Poisson batch: ``index`` into the dataset and ``real`` (False: padding).
@@ -159,6 +162,32 @@ class _MaskedCollate:
         return collate_masked(samples, self.collate_fn)
 
 
+class PoissonLoader(DataLoader):
+    """The ``DataLoader`` of :func:`poisson_loader`: yields each padded Poisson batch as a
+    :class:`fundp.data.Batch` (collated rows, mask and sampler), which a step takes whole.
+
+    The value unpacks as ``batch, mask``, so ``for batch, mask in loader`` keeps working; the
+    mask and the collated tensors are then tagged with the sampler (:mod:`fundp.guards`), so a step
+    refuses them without ``mask=`` or with another sampler's accounting.  Built in the main process
+    (after the workers' collation), so the sampler is the loader's own object.
+    """
+
+    def __init__(self, dataset: Any, batch_sampler: PoissonBatchSampler, **loader_kwargs: Any):
+        super().__init__(dataset, batch_sampler=batch_sampler, **loader_kwargs)
+
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
+        import optree
+
+        from fundp.guards import tag_mask, tag_padded
+
+        batches = self.batch_sampler.batches  # type: ignore[union-attr]
+        for data, mask in super().__iter__():
+            tag_mask(mask, batches)
+            for leaf in optree.tree_leaves(data):
+                tag_padded(leaf, batches)
+            yield Batch(data, mask, batches)
+
+
 def poisson_loader(
     dataset: Dataset,
     sample_rate: float,
@@ -168,12 +197,13 @@ def poisson_loader(
     pad_to_multiple: int = 32,
     collate_fn: Callable | None = None,
     **loader_kwargs: Any,
-) -> DataLoader:
-    """A ``DataLoader`` over a map-style ``dataset`` yielding ``(batch, mask)`` per Poisson step.
+) -> PoissonLoader:
+    """A ``DataLoader`` over a map-style ``dataset`` yielding a :class:`fundp.data.Batch` per Poisson step.
 
     The batches are those of ``poisson_batches(len(dataset), sample_rate, key, steps=steps,
-    pad_to_multiple=pad_to_multiple)``: ``batch`` holds ``P`` rows (``collate_fn``, default
-    ``default_collate``, of the items) and ``mask`` is ``BoolTensor[P]``.  ``loader_kwargs`` go
+    pad_to_multiple=pad_to_multiple)``: each value holds ``P`` rows (``collate_fn``, default
+    ``default_collate``, of the items), its ``mask`` (``BoolTensor[P]``) and the sampler; pass it
+    whole to a step (``step(params, batch, key)``) or unpack it (``batch, mask = value``).  ``loader_kwargs`` go
     to ``DataLoader`` (``num_workers``, ``pin_memory``, ...); ``batch_size``, ``shuffle``,
     ``sampler``, ``batch_sampler`` and ``drop_last`` are refused since the Poisson sampler owns
     them.  ``loader.batch_sampler.sample_rate`` holds ``q``.
@@ -194,4 +224,4 @@ def poisson_loader(
     except TypeError:
         raise TypeError("dataset must be a map-style Dataset with __len__") from None
     sampler = PoissonBatchSampler(num_examples, sample_rate, key, steps=steps, pad_to_multiple=pad_to_multiple)
-    return DataLoader(MaskedDataset(dataset), batch_sampler=sampler, collate_fn=_MaskedCollate(collate_fn), **loader_kwargs)
+    return PoissonLoader(MaskedDataset(dataset), batch_sampler=sampler, collate_fn=_MaskedCollate(collate_fn), **loader_kwargs)

@@ -13,6 +13,10 @@ the correct sampling the fast path:
 * :mod:`fundp.loader` gives the same padded batches, with masks, from any map-style
   ``torch.utils.data.Dataset``; ``dp_step(..., physical_batch_size=)`` processes a logical batch
   as fixed-size physical chunks (gradient accumulation).
+* :class:`Batch` (made by :func:`gather`, or yielded by :func:`fundp.data.poisson_loader`) holds
+  the gathered rows of one batch with its mask and the sampler that drew it: a step takes it
+  whole (``step(params, batch, key)``), so the mask cannot be forgotten and a batch of another
+  sampler is refused.
 * :func:`check_sampling_matches` guards the link between the data pipeline and the accounting:
   the ``sample_rate`` the ledger records must be the one the batches were sampled with, and
   shuffled fixed-size batches (:func:`shuffled_batches`) are refused as Poisson unless the user
@@ -87,6 +91,8 @@ __all__ = [
     "check_sampling_matches",
     "sampler_of",
     "SamplingMismatchWarning",
+    "Batch",
+    "gather",
 ]
 
 # Indices are int64 and the running sums of up to N + 1 gaps (each clipped to N) must not
@@ -212,6 +218,120 @@ def _tagged(sampler: Any, batch: Any, padded: bool = True) -> Any:
         if padded:
             tag_padded(batch[0], sampler)
     return batch
+
+
+class Batch:
+    """One batch as a value: the gathered rows, their mask and the sampler that drew them.
+
+    ``data`` is a pytree of tensors of ``P`` rows each (the padded batch), ``mask`` its
+    ``BoolTensor[P]`` (True: a real example, False: padding) and ``sampler`` the fundp sampler
+    whose ``(indices, mask)`` it was gathered with (:func:`gather`; :func:`fundp.data.poisson_loader`
+    yields these values).  A step takes it whole, ``step(params, batch, key)``: the mask comes
+    from it (passing ``mask=`` as well is refused) and a batch whose sampler is not the one the
+    step was built for (``dp_step(..., sampler=)``), or whose sampling contradicts the step's
+    accounting, is refused.  Immutable; unpacks as ``data, mask = batch``; a pytree
+    (``torch.utils._pytree``) whose leaves are those of ``data`` and ``mask``, the sampler riding
+    along; ``batch.to(device)`` moves it.
+
+    Example:
+      >>> import torch, fundp
+      >>> x = torch.arange(10.0)[:, None]
+      >>> batches = fundp.data.poisson_batches(10, 0.5, fundp.random.key(0), steps=2, pad_to_multiple=8)
+      >>> batch = fundp.data.gather(x, *batches[0])
+      >>> batch.data[batch.mask].flatten().tolist(), batch.sampler is batches
+      ([3.0, 5.0, 6.0, 7.0], True)
+    """
+
+    __slots__ = ("data", "mask", "sampler")
+    data: Any
+    mask: torch.Tensor
+    sampler: Any
+
+    def __init__(self, data: Any, mask: torch.Tensor, sampler: Any):
+        from fundp._validate import check_batch, check_mask
+
+        if sampler is None:
+            raise ValueError("Batch needs the sampler its rows were drawn by (sampler=None): use fundp.data.gather")
+        check_mask(mask, check_batch(data))
+        for name, value in (("data", data), ("mask", mask), ("sampler", sampler_of(sampler))):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a fundp.data.Batch is immutable")
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.data, self.mask))
+
+    def to(self, *args: Any, **kwargs: Any) -> "Batch":
+        """The same batch with every tensor of ``data`` converted by ``tensor.to(*args, **kwargs)``
+        and the mask moved to the device of the first (it stays a bool tensor)."""
+        import optree
+
+        moved = optree.tree_map(lambda leaf: leaf.to(*args, **kwargs) if isinstance(leaf, torch.Tensor) else leaf, self.data)
+        return Batch(moved, self.mask.to(optree.tree_leaves(moved)[0].device), self.sampler)
+
+    def __repr__(self) -> str:
+        return f"Batch(rows={self.mask.shape[0]}, real={int(self.mask.sum())}, sampler={self.sampler!r})"
+
+
+def _unflatten_batch(children: Any, sampler: Any) -> Batch:
+    batch = object.__new__(Batch)  # children may be any values (tree_map): no checks
+    for name, value in zip(Batch.__slots__, (*children, sampler)):
+        object.__setattr__(batch, name, value)
+    return batch
+
+
+def _register_batch() -> None:
+    from torch.utils import _pytree
+
+    if Batch not in _pytree.SUPPORTED_NODES:
+        _pytree.register_pytree_node(Batch, lambda b: ([b.data, b.mask], b.sampler), _unflatten_batch,
+                                     serialized_type_name="fundp.sampling.Batch")
+
+
+_register_batch()
+
+
+def gather(dataset: Any, indices: torch.Tensor, mask: torch.Tensor, *, sampler: Any = None) -> Batch:
+    """The :class:`Batch` of the rows ``indices`` of ``dataset``, with ``mask`` and their sampler.
+
+    ``dataset`` is a pytree of tensors of ``N`` rows each (``x``, ``(x, y)``, ``{"x": x, "y": y}``);
+    ``indices`` (``LongTensor[P]``) and ``mask`` (``BoolTensor[P]``) are one batch a fundp sampler
+    yielded (``indices, mask = batches[t]``).  Returns ``Batch({leaf[indices]}, mask, sampler)``
+    (indices moved to each leaf's device; the mask to the first leaf's).  ``sampler`` defaults to
+    the sampler that yielded ``mask`` (fundp's samplers tag their masks); a mask that no fundp
+    sampler yielded (e.g. a copy, ``mask.to(device)``) needs ``sampler=`` (``ValueError``
+    otherwise), and one that another sampler yielded is refused.
+
+    Example:
+      >>> import torch, fundp
+      >>> batches = fundp.data.poisson_batches(6, 0.5, fundp.random.key(1), steps=1, pad_to_multiple=4)
+      >>> indices, mask = batches[0]
+      >>> batch = fundp.data.gather({"x": torch.arange(6.0)}, indices, mask)
+      >>> batch.data["x"].tolist()  # padding rows: copies of example 0, masked
+      [0.0, 1.0, 2.0, 4.0, 5.0, 0.0, 0.0, 0.0]
+      >>> batch
+      Batch(rows=8, real=5, sampler=PoissonBatches(num_examples=6, sample_rate=0.5, steps=1, pad_to_multiple=4))
+    """
+    import optree
+
+    from fundp.guards import mask_source
+
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype != torch.int64:
+        raise ValueError(f"indices must be a LongTensor[P] that a fundp sampler yielded, got {indices!r}")
+    tagged = mask_source(mask)
+    if sampler is None:
+        if tagged is None:
+            raise ValueError("this mask was not yielded by a fundp sampler (or is a copy of one, e.g. mask.to(device)): "
+                             "pass gather(..., sampler=batches) with the sampler that drew the indices")
+        sampler = tagged
+    elif tagged is not None and sampler_of(tagged) is not sampler_of(sampler):
+        raise ValueError(f"the mask was yielded by {tagged!r}, not by sampler={sampler!r}")
+    leaves = optree.tree_leaves(dataset)
+    if not leaves or not all(isinstance(leaf, torch.Tensor) and leaf.dim() >= 1 for leaf in leaves):
+        raise ValueError("dataset must be a pytree of tensors of N rows each")
+    data = optree.tree_map(lambda leaf: leaf[indices.to(leaf.device)], dataset)
+    return Batch(data, mask.to(leaves[0].device), sampler)
 
 
 class StepIndexedBatches:

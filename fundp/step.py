@@ -461,6 +461,7 @@ class _Sampling(NamedTuple):
     truncation: Any
     num_examples: int | None
     source: tuple | None = None
+    sampler: Any = None
 
 
 def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: Any,
@@ -470,23 +471,15 @@ def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: A
     from fundp.sampling import check_sampling_matches, sampler_of
 
     inner = sampler_of(sampler)
+    # Which sampler goes with which noise: the table's rows (fundp.guards.UNSUPPORTED). Cyclic
+    # Poisson batches are the participation of a correlated-noise mechanism (fundp.mf): the
+    # mechanism, not DP-SGD's ledger, says what they guarantee; no other batches are its.
+    fundp_guards.check_sampler(inner.sampling, noise_mechanism is not None)
     if inner.sampling == "cyclic_poisson":
-        # Cyclic Poisson batches are the participation of a correlated-noise mechanism (fundp.mf):
-        # the mechanism, not DP-SGD's ledger, says what they guarantee.
-        if noise_mechanism is None:
-            raise ValueError("cyclic Poisson batches (fundp.mf.cyclic_poisson_batches) need "
-                             "dp_step(..., noise_mechanism=mechanism) built for the same partitions and rate")
-        from fundp.mf import check_batches_match
-
         if expected_batch_size is None:
             expected_batch_size = inner.expected_batch_size
-        check_batches_match(inner, noise_mechanism, expected_batch_size=expected_batch_size)
-        _check_cyclic_participation(inner, noise_mechanism)
+        _check_cyclic_participation(inner, noise_mechanism, expected_batch_size)
         return sample_rate, expected_batch_size, int(inner.pad_to_multiple), True
-    if noise_mechanism is not None:
-        raise ValueError(f"{type(inner).__name__} batches with a noise_mechanism: the mechanism accounts only "
-                         "the batches of its participation schema (an example may join steps closer or more often than "
-                         "it assumes): use fundp.mf.cyclic_poisson_batches built for it")
     if inner.sampling == "truncated_poisson":
         # One fixed shape; the ledger records each step's truncation (a TruncatedPoisson event),
         # so fundp.epsilon adds its term (delta + (1 + e^eps) T p).
@@ -507,19 +500,30 @@ def _sampling_of(sampler: Any, sample_rate: float | None, expected_batch_size: A
     return sample_rate, expected_batch_size, int(inner.pad_to_multiple), True
 
 
-def _check_cyclic_participation(batches: Any, mechanism: Any) -> None:
-    """Cyclic Poisson batches with ``b`` partitions put an example in steps ``b`` apart, at most
-    ``ceil(n / b)`` of the mechanism's ``n``: refused unless the mechanism's participation allows
-    that (``min_sep <= b``; single participation: ``n <= b``)."""
+def _check_cyclic_participation(batches: Any, mechanism: Any, expected_batch_size: Any) -> None:
+    """Cyclic Poisson batches must be the mechanism's participation (:func:`fundp.mf.check_batches_match`:
+    the same partitions and rate for a cyclic-Poisson mechanism); with ``b`` partitions they put an
+    example in steps ``b`` apart, at most ``ceil(n / b)`` of the mechanism's ``n``: refused unless its
+    participation allows that (``min_sep <= b``; single participation: ``n <= b``).  Refusals are the
+    row ``("noise_mechanism", "sampler=cyclic_poisson (other participation)")`` of the table; a
+    divisor that is not ``q N / b`` is refused as such."""
+    from fundp.mf import check_batches_match
+
+    row = ("noise_mechanism", "sampler=cyclic_poisson (other participation)")
+    try:
+        check_batches_match(batches, mechanism)
+    except ValueError as error:
+        raise fundp_guards.refusal(row, str(error)) from None
+    check_batches_match(batches, mechanism, expected_batch_size=expected_batch_size)
     most, steps = getattr(mechanism, "max_participations", None), getattr(mechanism, "steps", None)
     if most is None or steps is None:  # not a fundp.mf mechanism: check_batches_match is all we know
         return
     b, sep = int(batches.num_partitions), int(getattr(mechanism.participation, "min_sep", 1))
     joins = -(-int(steps) // b)
     if b < sep or joins > most():
-        raise ValueError(f"cyclic Poisson batches with num_partitions={b} put an example in up to {joins} of the "
-                         f"mechanism's {mechanism.steps} steps, {b} apart; {mechanism.participation!r} assumes at most "
-                         f"{most()}, at least {sep} apart")
+        raise fundp_guards.refusal(row, f"cyclic Poisson batches with num_partitions={b} put an example in up to {joins} "
+                                        f"of the mechanism's {mechanism.steps} steps, {b} apart; "
+                                        f"{mechanism.participation!r} assumes at most {most()}, at least {sep} apart")
 
 
 def _truncation_of(sampler: Any) -> Any:
@@ -556,44 +560,65 @@ def _sampling_plan(sampler: Any, sample_rate: Any, expected_batch_size: Any, num
     truncation = None if sampler is None else _truncation_of(sampler)
     source = None if sampler is None else _source_of(sampler)
     return _Sampling(sample_rate, check_positive("expected_batch_size", expected_batch_size), row_multiple, needs_mask,
-                     truncation, num_examples, source)
+                     truncation, num_examples, source, None if sampler is None else _inner(sampler))
+
+
+def _inner(sampler: Any) -> Any:
+    """The object that describes ``sampler``'s batches (:func:`fundp.sampling.sampler_of`)."""
+    from fundp.sampling import sampler_of
+
+    return sampler_of(sampler)
 
 
 def _source_of(sampler: Any) -> tuple:
-    """What identifies a sampler's batches: ``(sampling, sample_rate, num_examples)``."""
+    """What identifies a sampler's batches: ``(sampling, sample_rate, num_examples, num_partitions,
+    key)``; two samplers equal in these draw the same batches."""
     from fundp.sampling import sampler_of
 
     inner = sampler_of(sampler)
-    return (inner.sampling, getattr(inner, "sample_rate", None), getattr(inner, "num_examples", None))
+    key = getattr(inner, "key", getattr(inner, "_key", None))
+    words = tuple(key.tolist()) if isinstance(key, torch.Tensor) else None
+    return (inner.sampling, getattr(inner, "sample_rate", None), getattr(inner, "num_examples", None),
+            getattr(inner, "num_partitions", None), words)
 
 
-def _check_batch_source(sampling: _Sampling, mask: Any, noise_mechanism: Any) -> None:
-    """Sampling assumptions come from the sampler: a batch whose mask a fundp sampler yielded
-    (:func:`fundp.guards.mask_source`) is refused when that sampler contradicts the step (another
-    sampler than ``sampler=``; another rate or divisor than ``sample_rate=`` / ``expected_batch_size=``;
-    truncated batches without their truncation; shuffled batches for DP-SGD's Poisson accounting;
-    Poisson batches for a correlated-noise mechanism, cyclic Poisson ones without a mechanism)."""
-    source = fundp_guards.mask_source(mask)
-    if source is None:
-        return
-    kind, rate, num = _source_of(source)
+def _intake(batch: Any, mask: Any) -> tuple[Any, Any, Any]:
+    """``(rows, mask, sampler)`` of a step's batch: a :class:`fundp.data.Batch` brings its mask and
+    sampler (``mask=`` as well is refused); a raw batch brings ``mask=`` and no sampler (``None``)."""
+    from fundp.sampling import Batch
+
+    if not isinstance(batch, Batch):
+        return batch, mask, None
+    if mask is not None:
+        raise ValueError("the batch is a fundp.data.Batch, which carries its own mask: do not pass mask= as well")
+    return batch.data, batch.mask, batch.sampler
+
+
+def _check_batch_source(sampling: _Sampling, source: Any, noise_mechanism: Any) -> None:
+    """Sampling assumptions come from the sampler: a batch that a fundp sampler yielded (``source``:
+    a :class:`fundp.data.Batch`'s sampler, or :func:`fundp.guards.mask_source` of the mask) is
+    refused when that sampler contradicts the step (another sampler than ``sampler=``; another rate
+    or divisor than ``sample_rate=`` / ``expected_batch_size=``; truncated batches without their
+    truncation; shuffled batches for DP-SGD's Poisson accounting; Poisson batches for a
+    correlated-noise mechanism, cyclic Poisson ones without a mechanism)."""
+    if source is None or (sampling.sampler is not None and source is sampling.sampler):
+        return  # (a Batch holds its sampler unwrapped, as sampling.sampler is)
+    identity = _source_of(source)
+    kind, rate, num = identity[:3]
     if sampling.source is not None:
-        if (kind, rate, num) != sampling.source:
-            raise ValueError(f"the batch's mask comes from {source!r}, not from the sampler the step was built for "
-                             f"(sampling, sample_rate, num_examples = {sampling.source})")
+        if identity != sampling.source:
+            raise ValueError(f"the batch comes from {source!r}, not from the sampler the step was built for "
+                             f"(sampling, sample_rate, num_examples, ... = {sampling.source}): build the step "
+                             "with dp_step(..., sampler=) the sampler that draws its batches")
         return
     if kind == "cyclic_poisson" or noise_mechanism is not None:
-        if kind != "cyclic_poisson" or noise_mechanism is None:
-            raise ValueError(f"the batch comes from {source!r}, but {'cyclic Poisson batches need' if noise_mechanism is None else 'a noise_mechanism accounts only'} "
-                             "dp_step(..., noise_mechanism=mechanism) with fundp.mf.cyclic_poisson_batches built for it: pass sampler=batches")
-        from fundp.mf import check_batches_match
-
-        check_batches_match(source, noise_mechanism, expected_batch_size=sampling.expected_batch_size)
+        fundp_guards.check_sampler(kind, noise_mechanism is not None)
+        _check_cyclic_participation(source, noise_mechanism, sampling.expected_batch_size)
         return
     if kind == "shuffle":
-        if sampling.sample_rate is not None:
-            raise ValueError(f"the batch comes from shuffled fixed-size batches ({source!r}): DP-SGD's Poisson accounting "
-                             f"(sample_rate={sampling.sample_rate}) does not cover them; use fundp.data.poisson_batches")
+        if sampling.sample_rate is not None:  # a step that accounts DP-SGD at a Poisson rate
+            raise fundp_guards.refusal(("noise_mechanism=None", "sampler=shuffled"),
+                                       f"the batch comes from {source!r}; the step records sample_rate={sampling.sample_rate}")
         return
     if kind == "truncated_poisson":
         raise ValueError("the batch comes from truncated Poisson batches, whose truncation the ledger must record: "
@@ -618,7 +643,8 @@ def _check_batch_rows(sampling: _Sampling, batch: Any, mask: Any, world_size: Ca
                 f"every batch to a multiple of {sampling.row_multiple}: it does not come from this sampler"
             )
     if sampling.needs_mask and mask is None:
-        raise ValueError("the sampler's batches are padded: pass step(..., mask=mask) with the mask it yields")
+        raise fundp_guards.MissingMaskError("the sampler's batches are padded: pass step(..., mask=mask) with the mask it "
+                                            "yields, or the batch as a fundp.data.Batch (fundp.data.gather)")
     if sampling.num_examples is not None and mask is None and size > sampling.num_examples:
         raise ValueError(f"the batch has {size} rows, more than num_examples={sampling.num_examples}")
 
@@ -788,11 +814,16 @@ def dp_step(
     check_key_reuse: bool = True,
     adaptive_clipping: Any = None,
     noise_mechanism: Any = None,
+    check_padding: bool = True,
 ) -> Step:
     """Transform: returns a stateless DP-SGD step.
 
     ``step(params, batch, key, *, ledger=None, mask=None, max_norm=None, noise_multiplier=None,
     clip_state=None, noise_state=None) -> StepResult``
+
+    ``batch`` is a pytree of tensors of ``B`` rows with ``mask`` (``BoolTensor[B]``, default all
+    real), or a :class:`fundp.data.Batch` (:func:`fundp.data.gather`, :func:`fundp.data.poisson_loader`),
+    which carries its mask (``mask=`` as well is refused) and its sampler (checked against the step).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> Tensor[B]`` per-example losses.
@@ -883,6 +914,14 @@ def dp_step(
         of a :mod:`fundp.mf` mechanism keeps only each rank's own coordinates of the buffers
         (DTensors laid out like the params) and each rank draws and updates only those
         (:func:`fundp.sharding.on_local_blocks`); other mechanisms are refused there.
+      check_padding: on by default: an eager call with a raw batch and no ``mask=`` whose last two
+        rows are equal in every leaf (as the padding rows of fundp's samplers, copies of example 0,
+        are) is refused with :class:`fundp.guards.MissingMaskError`: without its mask each padding
+        row would count as a real example.  Pass the mask, or the batch as a
+        :class:`fundp.data.Batch`; opt out explicitly with ``False`` only where the data
+        legitimately repeats rows and every row is a real example.  Reads two rows per leaf: on
+        every call for CPU tensors, on the first unmasked call only for accelerator tensors (a
+        device sync); not inside ``torch.compile``.
 
     The step computes ``StepResult(grads, ledger, loss, norms, num_nonfinite, aux, clip_state,
     noise_state)`` with ``grads = (sum_i c_i g_i + N(0, (sigma S)^2)) / expected_batch_size``.
@@ -903,9 +942,9 @@ def dp_step(
     sampler than ``sampler=``, another ``sample_rate`` or ``expected_batch_size``, truncated
     batches without ``sampler=``, shuffled batches for Poisson accounting, Poisson batches for a
     ``noise_mechanism``), also when the step was built without ``sampler=``.  Without
-    ``sampler=``, the first eager batch passed without a mask is looked at once: equal last two
-    rows (as the padding of Poisson batches) warn (:class:`fundp.guards.PaddingWithoutMaskWarning`;
-    pass ``mask=`` to state which rows are real).
+    ``sampler=``, a raw batch passed without a mask is looked at: equal last two rows (as the
+    padding of Poisson batches) are refused (``check_padding``).  A :class:`fundp.data.Batch`'s
+    sampler is checked eagerly and under ``torch.compile`` alike.
 
     Example:
       >>> import torch, fundp
@@ -916,7 +955,8 @@ def dp_step(
       tensor([0.5000, 0.1000])
     """
     noise_multiplier = _check_build(noise_multiplier, {"check_finite": check_finite, "distributed": distributed,
-                                                       "secure_mode": secure_mode, "check_key_reuse": check_key_reuse})
+                                                       "secure_mode": secure_mode, "check_key_reuse": check_key_reuse,
+                                                       "check_padding": check_padding})
     sampling = _sampling_plan(sampler, sample_rate, expected_batch_size, num_examples, noise_mechanism)
     if budget is not None:
         from fundp.budget import _as_budget
@@ -952,19 +992,23 @@ def dp_step(
             tensor_parallel_dim)
         world_size = lambda params: fundp_sharding.data_world_size(params, process_group, tensor_parallel_dim)  # noqa: E731
     built_sigma, built_threshold = noise_multiplier, max_norm
-    looked_for_padding: list[bool] = []  # non-empty once the first eager unmasked batch was looked at
+    looked_for_padding: list[bool] = []  # non-empty once an eager unmasked batch was looked at
 
     def step(params: Any, batch: Any, key: torch.Tensor, *, ledger: Any = None, mask: torch.Tensor | None = None,
              max_norm: Any = None, noise_multiplier: Any = None, clip_state: Any = None, noise_state: Any = None) -> StepResult:
         sigma, threshold = _call_settings(params, clip_style, built_sigma, max_norm, noise_multiplier,
                                           adaptive_clipping, clip_state, noise_mechanism, noise_state)
+        batch, mask, source = _intake(batch, mask)
         _check_batch_rows(sampling, batch, mask, None if world_size is None else lambda: world_size(params))
-        if not torch.compiler.is_compiling():
-            _check_batch_source(sampling, mask, noise_mechanism)
+        if source is not None:  # a Batch value: its sampler is checked eagerly and when traced
+            _check_batch_source(sampling, source, noise_mechanism)
+        elif not torch.compiler.is_compiling():
+            _check_batch_source(sampling, fundp_guards.mask_source(mask), noise_mechanism)
             if mask is None:
                 fundp_guards.refuse_padded_without_mask(batch)
-            if mask is None and not looked_for_padding:
-                looked_for_padding.append(fundp_guards.warn_if_padded_without_mask(batch))  # once per step object
+                if check_padding:
+                    fundp_guards.refuse_repeated_rows_without_mask(batch, first_call=not looked_for_padding)
+                    looked_for_padding.append(True)
         params = detach_params(params)
         events = (privatizer.event(noise_state, noise_multiplier=sigma),) + (() if quantile is None else (quantile.event(clip_state),))
         new_ledger = None if ledger is None and budget is None else _before_step(ledger, budget, events, sampling)

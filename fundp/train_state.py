@@ -42,7 +42,7 @@ Example:
   >>> step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=4, sample_rate=0.5)
   >>> opt = fundp.optim.sgd(0.1)
   >>> state = TrainState.create({"w": torch.zeros(2)}, opt, fundp.random.key(0))
-  >>> batch = {"x": torch.ones(4, 2), "y": torch.ones(4)}
+  >>> batch = {"x": torch.arange(8.0).reshape(4, 2), "y": torch.ones(4)}
   >>> sigma_of = lambda t: 2.0 if t == 0 else 1.0  # a noise schedule: a function of the step
   >>> for _ in range(3):
   ...     state, out = train_step(step, opt, state, batch, noise_multiplier=sigma_of)
@@ -226,10 +226,11 @@ def train_step(
       >>> step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=2)
       >>> opt = fundp.optim.sgd(0.5)
       >>> state = TrainState.create({"w": torch.ones(1)}, opt, fundp.random.key(0), ledger=None)
-      >>> state, out = train_step(step, opt, state, {"x": torch.ones(2, 1)})
+      >>> batch = {"x": torch.tensor([[1.0], [2.0]])}  # two distinct rows (equal last rows would look like padding)
+      >>> state, out = train_step(step, opt, state, batch)
       >>> state.params["w"], state.step  # grads: 2 clipped unit gradients / 2 = 1
       (tensor([0.5000]), 1)
-      >>> state, out = train_step(step, opt, state, {"x": torch.ones(2, 1)}, max_norm=lambda t: 0.5 / t)
+      >>> state, out = train_step(step, opt, state, batch, max_norm=lambda t: 0.5 / t)
       >>> state.params["w"]  # at step 1 the threshold is 0.5: grads = 0.5
       tensor([0.2500])
     """

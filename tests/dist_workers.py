@@ -139,6 +139,13 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str)
             dist.barrier()
             dist.destroy_process_group()
             return
+        if scenario == "matrix":  # test_support_matrix's distributed cells, this rank's share
+            import test_support_matrix
+
+            torch.save(test_support_matrix.distributed_cells((rank, world_size)), os.path.join(out_dir, f"rank{rank}.pt"))
+            dist.barrier()
+            dist.destroy_process_group()
+            return
         if scenario == "sampler":
             torch.save({"grads": sampler_steps(rank, world_size)}, os.path.join(out_dir, f"rank{rank}.pt"))
             dist.barrier()

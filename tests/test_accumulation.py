@@ -185,7 +185,7 @@ def test_aux_and_model_randomness():
 def test_ledger_records_one_logical_step():
     import fundp.accounting as accounting
     loss_fn = lambda p, b: (b["x"] @ p["w"]) ** 2
-    batch = {"x": torch.ones(32, 2)}
+    batch = {"x": torch.arange(64.0).reshape(32, 2)}  # distinct rows: equal last rows look like padding
     kw = dict(max_norm=1.0, noise_multiplier=1.1, expected_batch_size=32.0, sample_rate=0.01)
     acc = data.accumulated_dp_step(loss_fn, physical_batch_size=8, **kw)
     big = fundp.dp_step(loss_fn, **kw)

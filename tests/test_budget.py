@@ -20,7 +20,7 @@ def test_dp_step_stops_exactly_at_the_budget():
     ledger, taken = fundp.Ledger(), 0
     with pytest.raises(fundp.BudgetExceededError) as caught:
         for t in range(10_000):
-            out = step({"w": torch.ones(2)}, torch.ones(2, 2), fundp.random.key(t), ledger=ledger)
+            out = step({"w": torch.ones(2)}, torch.eye(2), fundp.random.key(t), ledger=ledger)
             ledger, taken = out.ledger, taken + 1
     # Independent check with the accountant: `taken` steps fit, one more does not.
     within = fundp.accountant_step(fundp.Ledger(), noise_multiplier=sigma, sample_rate=q, steps=taken)
@@ -31,7 +31,7 @@ def test_dp_step_stops_exactly_at_the_budget():
     assert error.would_spend > budget and "epsilon spent so far" in str(error)
     calls_before = len(touched)
     with pytest.raises(fundp.BudgetExceededError):
-        step({"w": torch.ones(2)}, torch.ones(2, 2), fundp.random.key(0), ledger=ledger)
+        step({"w": torch.ones(2)}, torch.eye(2), fundp.random.key(0), ledger=ledger)
     assert len(touched) == calls_before  # the refused step never ran the model
     assert ledger == within  # and spent nothing
 
@@ -47,7 +47,7 @@ def test_spend_and_bad_budgets():
         fundp.dp_step(lambda p, b: b @ p["w"], max_norm=1.0, noise_multiplier=1.0, expected_batch_size=2, budget=(1.0, DELTA))
     step = fundp.dp_step(lambda p, b: b @ p["w"], max_norm=1.0, noise_multiplier=1.0, expected_batch_size=2, sample_rate=0.1, budget=(1.0, DELTA))
     with pytest.raises(ValueError, match="ledger"):
-        step({"w": torch.ones(2)}, torch.ones(2, 2), fundp.random.key(0))
+        step({"w": torch.ones(2)}, torch.eye(2), fundp.random.key(0))
 
 
 def test_budget_refuses_an_accountant_that_is_not_a_bound():

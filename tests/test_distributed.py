@@ -71,7 +71,7 @@ def test_a_failing_rank_does_not_hang_the_others(tmp_path):
 def test_distributed_without_process_group_is_a_clear_error():
     step = fundp.dp_step(lambda p, b: b @ p["w"], max_norm=1.0, noise_multiplier=1.0, expected_batch_size=2, distributed=True, grad_method="vmap")
     with pytest.raises(RuntimeError, match="init_process_group"):
-        step({"w": torch.ones(2)}, torch.ones(2, 2), fundp.random.key(0))
+        step({"w": torch.ones(2)}, torch.eye(2), fundp.random.key(0))
 
 
 def test_shard_covers_the_global_batch_once():

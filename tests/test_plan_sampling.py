@@ -49,7 +49,7 @@ def test_correlated_noise_with_plain_poisson_batches_is_refused():
     mech = mf.mechanism(mf.banded_toeplitz([1.0, 0.5], 8), mf.min_separation(2))
     batches = fundp.data.poisson_batches(N, 0.25, fundp.random.key(3), steps=3, pad_to_multiple=8)
     step = _step(expected_batch_size=10.0, noise_mechanism=mech)
-    with pytest.raises(ValueError, match="noise_mechanism accounts only"):
+    with pytest.raises(ValueError, match="the mechanism accounts only"):
         _run(step, batches, noise_state=mech.init(PARAMS))
     cyclic = mf.cyclic_poisson_batches(N, 0.5, fundp.random.key(4), num_partitions=2, steps=4, pad_to_multiple=8)
     with pytest.raises(ValueError, match="cyclic Poisson batches need"):

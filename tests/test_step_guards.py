@@ -84,25 +84,22 @@ def test_key_reuse_is_refused_by_default():
     assert torch.equal(relaxed(PARAMS, BATCH, key).grads["w"], relaxed(PARAMS, BATCH, key).grads["w"])
 
 
-def test_a_padded_poisson_batch_without_its_mask_warns_even_without_a_sampler():
+def test_a_padded_poisson_batch_without_its_mask_is_refused_even_without_a_sampler():
     """Issue 20: without sampler= a padded batch passed without its mask counted its padding rows
-    (copies of one example) as real examples, silently.  The step's first batch is looked at."""
-    import warnings
-
-    from fundp.guards import PaddingWithoutMaskWarning
+    (copies of one example) as real examples, silently; then only a warning.  Now refused."""
+    from fundp.guards import MissingMaskError
 
     batches = data.poisson_batches(400, 0.05, fundp.random.key(0), steps=3, pad_to_multiple=16)
     x = torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
     indices, mask = batches[0]
     assert int(mask.sum()) <= indices.shape[0] - 2  # at least two padding rows
     step = make_step(expected_batch_size=20.0, sample_rate=0.05)  # no sampler=
-    with pytest.warns(PaddingWithoutMaskWarning, match="mask"):
+    with pytest.raises(MissingMaskError, match="mask"):
         step(PARAMS, x[indices], fundp.random.key(1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PaddingWithoutMaskWarning)
-        make_step(expected_batch_size=20.0, sample_rate=0.05)(PARAMS, x[indices], fundp.random.key(2), mask=mask)  # with its mask: silent
-        make_step()(PARAMS, x[:32], fundp.random.key(3))  # a fixed batch of distinct rows: silent
-        step(PARAMS, x[indices], fundp.random.key(4))  # looked at once per step object (one sync)
+    make_step(expected_batch_size=20.0, sample_rate=0.05)(PARAMS, x[indices], fundp.random.key(2), mask=mask)  # with its mask
+    make_step()(PARAMS, x[:32], fundp.random.key(3))  # a fixed batch of distinct rows
+    with pytest.raises(MissingMaskError):
+        step(PARAMS, x[indices], fundp.random.key(4))  # every eager call of CPU data is looked at
 
 
 def test_sampler_guard_refuses_batches_that_do_not_come_from_it():
@@ -136,11 +133,12 @@ def test_num_examples_guard():
         fundp.dp_step(LOSS, max_norm=1.0, noise_multiplier=1.0, num_examples=300)
 
 
-def test_an_untagged_batch_with_duplicate_rows_only_warns():
-    """The heuristic for batches no fundp sampler tagged stays a warning (duplicates can be real)."""
-    from fundp.guards import PaddingWithoutMaskWarning
+def test_an_untagged_batch_with_duplicate_rows_is_refused_unless_the_step_opts_out():
+    """Equal last rows can be genuine duplicates: refused by default, trained with the explicit opt-out."""
+    from fundp.guards import MissingMaskError
 
     batch = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
-    with pytest.warns(PaddingWithoutMaskWarning):
-        out = make_step()(PARAMS, batch, fundp.random.key(31))
+    with pytest.raises(MissingMaskError, match="check_padding=False"):
+        make_step()(PARAMS, batch, fundp.random.key(31))
+    out = make_step(check_padding=False)(PARAMS, batch, fundp.random.key(31))
     assert torch.isfinite(out.grads["w"]).all()  # it trained

@@ -1,4 +1,4 @@
-"""Issue 20, "done when": the support matrix, enumerated.
+"""Issue 20, "done when": the support matrix, enumerated (single process; a few distributed cells at the end).
 
 Every cell of sampler (Poisson / truncated Poisson / cyclic Poisson / shuffled) x clipping (flat /
 per-layer / adaptive) x noise (i.i.d. / secure / fundp.mf single participation / min-separation /
@@ -6,8 +6,8 @@ cyclic Poisson) x schedule (constant sigma / a sigma per step) x accumulation (p
 or not) either trains STEPS steps of a tiny model and its ledger's epsilon equals an independent
 computation (dp_accounting's RDP accountant on the events the cell releases, written out here from
 the papers' definitions), or raises before any noise is drawn (at build, or at the first call) with
-a reason that applies to the cell: the fundp.guards.UNSUPPORTED entry of a refused pair of options,
-or the sampler's own refusal (batches whose sampling the accounting does not cover).
+a reason that applies to the cell: a row of fundp.guards.UNSUPPORTED (a refused pair of options, the
+sampler's kind among them), which the raised error names (``error.pair``) and whose reason it gives.
 
 The expected outcome of each cell is this file's own statement of the matrix (``_refusals``), not
 read from the code; the dp_accounting composition of the MF cells follows tests/test_mf.py
@@ -32,7 +32,7 @@ import fundp
 import fundp.mf as mf
 from fundp import adaptive
 from fundp.accounting import rdp, truncation
-from fundp.guards import UNSUPPORTED, forget_keys
+from fundp.guards import UNSUPPORTED, UnsupportedCombination, forget_keys
 
 N, D, STEPS, Q, SIGMA, SIGMA_B, MAX_BATCH = 16, 3, 3, 0.25, 1.2, 2.0, 13
 absl_logging.set_verbosity(absl_logging.ERROR)  # dp_accounting's notes on orders it skips
@@ -76,26 +76,25 @@ def make_mechanism(noise):
     return None if participation is None else mf.mechanism(mf.banded_toeplitz([1.0, 0.5], STEPS), participation)
 
 
-def _table(*pair):
-    return UNSUPPORTED[pair][1]
+SAMPLER_ROW = {"poisson": "sampler=poisson", "truncated": "sampler=truncated_poisson", "cyclic": "sampler=cyclic_poisson",
+               "shuffled": "sampler=shuffled"}
 
 
 def _refusals(sampler, clipping, noise, schedule):
-    """This test's statement of the matrix: the reasons that refuse a cell (empty: accepted)."""
-    reasons = []
-    if sampler == "shuffled":
-        reasons.append("shuffled fixed-size batches are not Poisson sampling")
-    if sampler == "cyclic" and noise not in MF:
-        reasons.append("cyclic Poisson batches (fundp.mf.cyclic_poisson_batches) need dp_step(..., noise_mechanism=")
-    if sampler != "cyclic" and noise in MF:
-        reasons.append("with a noise_mechanism: the mechanism accounts only the batches of its participation")
+    """This test's statement of the matrix: the rows of fundp.guards.UNSUPPORTED that refuse a cell
+    (empty: accepted)."""
+    rows = []
+    if sampler in ("shuffled", "cyclic") and noise not in MF:  # i.i.d. noise: DP-SGD's Poisson accounting
+        rows.append(("noise_mechanism=None", SAMPLER_ROW[sampler]))
+    if sampler != "cyclic" and noise in MF:  # a mechanism accounts only its participation's batches
+        rows.append(("noise_mechanism", SAMPLER_ROW[sampler]))
     if clipping == "adaptive" and noise == "secure":
-        reasons.append(_table("adaptive_clipping", "secure_mode"))
+        rows.append(("adaptive_clipping", "secure_mode"))
     if clipping == "adaptive" and noise == "mf_cyclic":  # amplification does not cover the count
-        reasons.append(_table("adaptive_clipping", "noise_mechanism"))
+        rows.append(("adaptive_clipping", "noise_mechanism"))
     if schedule and noise in MF:
-        reasons.append(_table("noise_mechanism", "noise_multiplier (per call)"))
-    return reasons
+        rows.append(("noise_mechanism", "noise_multiplier (per call)"))
+    return rows
 
 
 def _gaussian_steps(sampler, clipping, schedule):
@@ -146,17 +145,23 @@ def reference_epsilon(sampler, clipping, noise, schedule):
     return scipy.optimize.brentq(excess, low * (1 + (k - 1) / 500), low * (1 + k / 500), xtol=1e-12)
 
 
-def run_cell(sampler, clipping, noise, schedule, accumulate):
+def run_cell(sampler, clipping, noise, schedule, accumulate, shard=None):
+    """Trains the cell STEPS steps; ``shard=(rank, world_size)``: this rank's share of a
+    ``distributed=True`` run (its rows of each batch, fundp.distributed.shard).  Returns
+    ``(ledger, batches, params)``."""
     forget_keys()
     batches, mech = make_sampler(sampler, noise), make_mechanism(noise)
     cfg = adaptive.quantile_clipping(count_noise_multiplier=SIGMA_B) if clipping == "adaptive" else None
     step = fundp.dp_step(
         loss_fn, max_norm=1.0, noise_multiplier=SIGMA, sampler=batches, grad_method="vmap",
         clip_style="per_layer" if clipping == "per_layer" else "flat", adaptive_clipping=cfg,
-        noise_mechanism=mech, secure_mode=noise == "secure", physical_batch_size=4 if accumulate else None)
+        noise_mechanism=mech, secure_mode=noise == "secure", physical_batch_size=4 if accumulate else None,
+        distributed=shard is not None)
     params, ledger = PARAMS, fundp.Ledger()
     clip_state, noise_state = (cfg.init(1.0) if cfg else None), (mech.init(PARAMS) if mech else None)
     for t, (indices, mask) in zip(range(STEPS), batches):
+        if shard is not None:
+            indices, mask = fundp.distributed.shard(indices, mask, *shard)
         per_call = {"noise_multiplier": sigma_at(t, True)} if schedule else {}
         out = step(params, X[indices], fundp.random.fold_in(fundp.random.key(7), t), mask=mask, ledger=ledger,
                    clip_state=clip_state, noise_state=noise_state, **per_call)
@@ -164,7 +169,7 @@ def run_cell(sampler, clipping, noise, schedule, accumulate):
         params = {k: v - 0.1 * out.grads[k] for k, v in params.items()}
     assert all(bool(torch.isfinite(v).all()) for v in params.values()) and not torch.equal(params["w"], PARAMS["w"])
     assert ledger.steps == STEPS
-    return ledger, batches
+    return ledger, batches, params
 
 
 CELLS = list(itertools.product(SAMPLERS, CLIPPING, NOISE, (False, True)))
@@ -176,19 +181,25 @@ def test_cell_is_accounted_exactly_or_refused_with_its_reason(sampler, clipping,
     refusals = _refusals(sampler, clipping, noise, schedule)
     for accumulate in (False, True):
         if refusals:
-            with pytest.raises((ValueError, NotImplementedError)) as caught:
+            with pytest.raises(UnsupportedCombination) as caught:
                 run_cell(sampler, clipping, noise, schedule, accumulate)
-            assert any(reason in str(caught.value) for reason in refusals), (str(caught.value), refusals)
+            assert caught.value.pair in refusals, (caught.value.pair, refusals)
+            error, reason = UNSUPPORTED[caught.value.pair]
+            assert isinstance(caught.value, error) and str(caught.value).startswith(reason)
             continue
-        ledger, batches = run_cell(sampler, clipping, noise, schedule, accumulate)
-        if sampler == "truncated":
-            ours = truncation.epsilon(ledger, DELTA, batches, accountant="rdp")
-        else:
-            ours = fundp.epsilon(ledger, DELTA, accountant="rdp")
-        reference = reference_epsilon(sampler, clipping, noise, schedule)
-        # fundp refines fractional orders between grid points (and keeps the low fractional orders
-        # at which dp_accounting's series does not converge at q = 0.25): never above, within 1e-3.
-        assert reference * (1 - 1e-3) <= ours <= reference * (1 + 1e-6), (ours, reference)
+        ledger, batches, _ = run_cell(sampler, clipping, noise, schedule, accumulate)
+        check_epsilon(ledger, batches, sampler, clipping, noise, schedule)
+
+
+def check_epsilon(ledger, batches, sampler, clipping, noise, schedule):
+    if sampler == "truncated":
+        ours = truncation.epsilon(ledger, DELTA, batches, accountant="rdp")
+    else:
+        ours = fundp.epsilon(ledger, DELTA, accountant="rdp")
+    reference = reference_epsilon(sampler, clipping, noise, schedule)
+    # fundp refines fractional orders between grid points (and keeps the low fractional orders
+    # at which dp_accounting's series does not converge at q = 0.25): never above, within 1e-3.
+    assert reference * (1 - 1e-3) <= ours <= reference * (1 + 1e-6), (ours, reference)
 
 
 def test_the_matrix_refuses_and_accepts_cells_of_every_kind():
@@ -198,6 +209,8 @@ def test_the_matrix_refuses_and_accepts_cells_of_every_kind():
     assert {("poisson", False, True, True), ("truncated", False, False, True), ("cyclic", True, True, False),
             ("cyclic", True, False, False)} <= kinds
     assert len(accepted) >= 20 and len(CELLS) - len(accepted) >= 60
+    rows = {row for cell in CELLS for row in _refusals(*cell)}
+    assert rows <= set(UNSUPPORTED) and len(rows) == 8, rows  # every refusal is a row of the table
 
 
 def test_adaptive_with_per_layer_clipping_is_refused_with_the_tables_reason():
@@ -206,3 +219,41 @@ def test_adaptive_with_per_layer_clipping_is_refused_with_the_tables_reason():
         fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=SIGMA, sampler=make_sampler("poisson", "iid"),
                       clip_style="per_layer", adaptive_clipping=adaptive.quantile_clipping(count_noise_multiplier=SIGMA_B))
     assert str(caught.value) == reason
+
+
+# Distributed (replicated params, 2 gloo ranks): representative accepted cells, each rank on its
+# shard of every batch (cell = sampler, clipping, noise, schedule, accumulation). Truncated batches
+# (13 rows) do not split into equal shards of a multiple of 13 over 2 ranks, so they are left out.
+DISTRIBUTED_CELLS = (("poisson", "flat", "iid", True, False), ("poisson", "per_layer", "iid", False, True),
+                     ("poisson", "adaptive", "iid", True, False), ("cyclic", "flat", "mf_cyclic", False, False),
+                     ("cyclic", "per_layer", "mf_minsep", False, True), ("cyclic", "adaptive", "mf_minsep", False, False))
+
+
+def distributed_cells(shard=None):
+    """``{cell: (params, ledger)}`` of DISTRIBUTED_CELLS (``shard=(rank, world_size)``: one rank's run)."""
+    out = {}
+    for cell in DISTRIBUTED_CELLS:
+        ledger, _, params = run_cell(*cell, shard=shard)
+        out[cell] = (params, ledger)
+    return out
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_distributed_cells_equal_one_process_and_are_accounted_as_it(tmp_path):
+    """Two ranks (one launch, tests/dist_workers.py "matrix"): the trained params equal one process
+    on the whole batches (the same noise, added once after the all-reduce), each rank's ledger
+    equals the single process's, and its epsilon is dp_accounting's."""
+    from test_distributed import launch
+
+    processes, alive, _ = launch(tmp_path, "matrix")
+    errors = {r: (tmp_path / f"rank{r}.err").read_text() for r in range(2) if (tmp_path / f"rank{r}.err").exists()}
+    assert not alive and not errors, errors
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    single = distributed_cells()
+    for cell in DISTRIBUTED_CELLS:
+        (params, ledger), (params_1, ledger_1), (expected, expected_ledger) = ranks[0][cell], ranks[1][cell], single[cell]
+        for name in expected:
+            assert torch.equal(params[name], params_1[name])  # the ranks agree bit for bit
+            torch.testing.assert_close(params[name], expected[name], rtol=1e-12, atol=1e-14)
+        assert ledger == ledger_1 == expected_ledger
+        check_epsilon(ledger, make_sampler(cell[0], cell[2]), *cell[:4])
