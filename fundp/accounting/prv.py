@@ -451,7 +451,8 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
     total_steps = sum(count for _, _, count in segments)
     if len(segments) > _SPLIT_SEGMENTS or total_steps < 2:
         return None
-    pieces = []  # per segment: (bulk, tail or None, steps, ||x||_1, p, the step PLD)
+    # Per segment: (bulk, tail or None, steps, ||x||_1, p, the step PLD).
+    pieces: list[tuple[DiscretePLD, DiscretePLD | None, int, float, float, DiscretePLD]] = []
     for sigma, q, steps in segments:
         step = _step_pld(sigma, q, h, direction, math.floor(math.log10(tail / (2 * len(segments) * steps))),
                          optimistic)
@@ -485,9 +486,11 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
     coarse = {id(pld): _coarsened(pld, factor) for piece in pieces for pld in piece[:2] if pld is not None}
     terms, binomials = [], []
     for n in vectors:
-        plds, log_binom = [], 0.0
-        for (bulk, upper, steps, *_), count in zip(pieces, n):
-            plds += [(pld, c) for pld, c in ((bulk, steps - count), (upper, count)) if c > 0]
+        plds: list[tuple[DiscretePLD, int]] = []
+        log_binom = 0.0
+        for (bulk, cut_off, steps, *_), count in zip(pieces, n):
+            plds += [(bulk, steps - count)] if steps > count else []
+            plds += [(cut_off, count)] if count > 0 and cut_off is not None else []
             log_binom += math.lgamma(steps + 1) - math.lgamma(count + 1) - math.lgamma(steps - count + 1)
         stack = _Stack(plds)
         aim = _Stack([(coarse[id(pld)], c) for pld, c in plds]) if factor > 1 else None
@@ -534,6 +537,11 @@ def _without_round_off(pld: ComposedPLD) -> ComposedPLD:
     return dataclasses.replace(pld, entry_error=0.0, relative_error=0.0, allowances=None)
 
 
+#: Grids (multiples of the plain pass's) on which the split composition is tried, in order, while
+#: a term's window exceeds the point budget.
+_SPLIT_COARSENINGS = (1, 2, 4, 8)
+
+
 def _split_if_round_off_dominates(segments: tuple, bound: float, pld: ComposedPLD, direction: str, tail: float,
                                   at_loss: float, query) -> tuple[float, ComposedPLD]:
     """The better of ``(bound, pld)`` and the split composition (:func:`_split_composed`) on the same
@@ -545,12 +553,15 @@ def _split_if_round_off_dominates(segments: tuple, bound: float, pld: ComposedPL
     core = query(_without_round_off(pld))
     if not (math.isfinite(bound) and bound > core * (1 + 2 * RELATIVE_ERROR)):
         return bound, pld
-    try:
-        split = _split_composed(segments, pld.interval, direction, math.floor(math.log10(_rounded_tail(tail))),
-                                float(f"{at_loss:.3g}"))
-    except MemoryError:  # a term's window exceeds the point budget: keep the plain pass (and its warning)
-        split = None
-    if split is None:
+    split = None
+    for coarsening in _SPLIT_COARSENINGS:
+        try:
+            split = _split_composed(segments, pld.interval * coarsening, direction,
+                                    math.floor(math.log10(_rounded_tail(tail))), float(f"{at_loss:.3g}"))
+            break
+        except MemoryError:  # a term's window exceeds the point budget: a coarser grid (any is a bound)
+            continue
+    if split is None:  # keep the plain pass (and its warning)
         return bound, pld
     value = query(split)
     return (value, split) if value < bound else (bound, pld)
@@ -817,24 +828,33 @@ def _delta_search(segments: tuple, epsilon: float) -> tuple[float, str, Composed
             continue
         floor = max(_TAIL_FRACTION * answer, 1e-300)
         tail = max(_TAIL_FRACTION * bound, floor)
+        delta_query = lambda composed: min(1.0, composed.delta(epsilon))  # noqa: E731
+        # Split the coarse pass too where round-off dominates it: the slope, the density and the
+        # Richardson check below need values that the allowance does not swamp.
+        bound, pld = _split_if_round_off_dominates(segments, bound, pld, direction, tail, epsilon, delta_query)
         slope = pld.delta_slope(epsilon) / max(bound, 1e-300)
         h_fine = _interval_for_delta(_measured_sensitivity(pld, epsilon) or sensitivity[direction], steps,
                                      _DELTA_RELATIVE_ERROR, slope)
+
+        def refined(h: float, tail: float = tail, floor: float = floor) -> tuple[float, ComposedPLD]:
+            # A pass on grid ~h, split where its round-off allowance dominates (on that grid).
+            value, composed = query(h, direction, tail, floor)
+            return _split_if_round_off_dominates(segments, value, composed, direction, tail, epsilon, delta_query)
+
         if _quantize(h_fine) < pld.interval:
-            fine, fine_pld = query(h_fine, direction, tail, floor)
+            fine, fine_pld = refined(h_fine)
             # Richardson check of the error model, as in `epsilon` (here on log delta, without the
             # round-off allowances, which do not shrink with h).
             ratio = (pld.interval / fine_pld.interval) ** 2
             core, fine_core = pld.delta_parts(epsilon)[0], fine_pld.delta_parts(epsilon)[0]
             excess = math.log(core / fine_core) / (ratio - 1) if core > 0 and fine_core > 0 and ratio > 1.01 else 0.0
-            pld = fine_pld
             if excess > 2 * _DELTA_RELATIVE_ERROR:
                 h_again = fine_pld.interval * max(math.sqrt(_DELTA_RELATIVE_ERROR / excess), 0.25)
-                again, pld = query(h_again, direction, tail, floor)
-                fine = min(fine, again)
-            bound = min(bound, fine)
-        bound, pld = _split_if_round_off_dominates(segments, bound, pld, direction, tail, epsilon,
-                                                   lambda composed: min(1.0, composed.delta(epsilon)))
+                again, again_pld = refined(h_again)
+                if again < fine:
+                    fine, fine_pld = again, again_pld
+            if fine < bound:
+                bound, pld = fine, fine_pld
         if bound > answer:
             answer, answer_direction, answer_pld = bound, direction, pld
     if epsilon > _LARGEST_EPSILON:
