@@ -267,17 +267,27 @@ def _interval_for_delta(sensitivity: float, steps: int, rho: float, log_slope: f
 _AIM_POINTS = 1 << 15
 
 
-def _aim_interval(segments: tuple, h: float, direction: str, log10_tail: int) -> float:
+def _aim_interval(segments: tuple, h: float, direction: str, log10_tail: int, cap: bool = True) -> float:
     """The aiming grid (:func:`_aim_stack`) for an accurate grid ``h``: ``h`` quantised (times
     ``_AIM_COARSENING`` for a schedule), doubled until the widest stand-in step's loss range spans at
-    most ``_AIM_POINTS`` cells."""
+    most ``_AIM_POINTS`` cells (``cap=False``: not doubled)."""
     width = max(float(np.subtract(*sg.loss_range(q, sigma, direction, 10.0**log10_tail)[::-1]))
                 for sigma, q, _ in _aim_segments(segments))
     # (The nudge keeps an already quantised h from rounding down.)
     aim_h = _quantize(h * (1 + 1e-9)) * (_AIM_COARSENING if len(segments) > _AIM_SEGMENTS else 1)
-    while width / aim_h > _AIM_POINTS:
+    while cap and width / aim_h > _AIM_POINTS:
         aim_h *= 2
     return aim_h
+
+
+def _affordable(segments: tuple, h: float, direction: str, tail: float) -> bool:
+    """Whether the grid ``h`` (the Gaussian model's) needs no coarsening for aiming, i.e. its
+    single steps have at most ``_AIM_POINTS`` cells: then the coarse pass is sized by the Gaussian
+    model as it always was (cheap, and the standard queries keep their grids); otherwise by the
+    saddle point (:func:`_saddle_sensitivity`)."""
+    log10_tail = math.floor(math.log10(_rounded_tail(tail)))
+    return _aim_interval(segments, h, direction, log10_tail) <= _aim_interval(segments, h, direction, log10_tail,
+                                                                             cap=False)
 
 
 def _aim_stack(segments: tuple, h: float, direction: str, tail: float) -> _Stack:
@@ -718,9 +728,11 @@ def _epsilon_search(segments: tuple, delta: float) -> tuple[float, str, Composed
         aim_stacks[direction] = aim_stack = _aim_stack(segments, h_guess, direction, tail)
         aim = saddle_point_epsilon(aim_stack, delta)
         aim = aim if math.isfinite(aim) else guess
-        sized = min(aim, 50.0)
-        h_coarse = _interval_for_epsilon(sized, _saddle_sensitivity(aim_stack, sized, variance), steps,
-                                         _COARSE_RELATIVE_ERROR)
+        h_coarse = h_guess
+        if not _affordable(segments, h_guess, direction, tail):
+            sized = min(aim, 50.0)
+            h_coarse = _interval_for_epsilon(sized, _saddle_sensitivity(aim_stack, sized, variance), steps,
+                                             _COARSE_RELATIVE_ERROR)
         coarse[direction] = _epsilon_pass(segments, h_coarse, direction, tail, delta, aim)
     answer, answer_pld, answer_direction = 0.0, None, sg.REMOVE
     for direction in sorted(coarse, key=lambda d: -coarse[d][0]):
@@ -795,6 +807,10 @@ def _delta_search(segments: tuple, epsilon: float) -> tuple[float, str, Composed
     # a tail only widens the window), and the coarse grid sized by the saddle-point sensitivity.
     start_tail, h_coarse, sensitivity = {}, {}, {}
     for direction in _directions(segments):
+        if _affordable(segments, h_guess, direction, _TAIL_FRACTION * clt):
+            start_tail[direction], h_coarse[direction] = _TAIL_FRACTION * clt, h_guess
+            sensitivity[direction] = _sensitivity(epsilon, variance)
+            continue
         aim_stack = _aim_stack(segments, h_guess, direction, _TAIL_FRACTION * clt)
         estimate = _saddle_point_delta(aim_stack, epsilon)
         start_tail[direction] = _TAIL_FRACTION * (clt if estimate is None else min(max(estimate / 100, 1e-290), 1.0))
