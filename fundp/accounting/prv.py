@@ -35,7 +35,9 @@ more refinement follows.
 
 **Tilting.**  FFT round-off is relative to the largest entry; each pass therefore tilts the PLD
 towards the epsilon of interest (see :func:`~fundp.accounting.pld.compose`), aimed by a
-saddle-point estimate on the coarse grid, and re-aimed if the answer lands far from the aim.
+saddle-point estimate on an aiming grid (at most ``_AIM_POINTS`` cells per step; a pass on a finer
+grid searches its tilt and windows there too, and only its final Chernoff bounds use the exact
+PLDs), and re-aimed if the answer lands far from the aim.
 
 **Split composition** (small ``q`` at small delta).  The composed loss of a small-``q`` ledger is
 a mixture of a narrow bulk and rare large single-step losses; at small delta the epsilon of
