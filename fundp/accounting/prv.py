@@ -6,36 +6,49 @@ discretised on a grid of spacing ``h`` and all steps are composed by one FFT
 mechanism by one that dominates it), so the answer is a **rigorous upper bound** on epsilon (or
 delta) whatever ``h`` is.  ``h`` only decides how *tight* the bound is, and that is what this
 module chooses, aiming at a relative excess of ``RELATIVE_ERROR = 1e-4`` (ten times inside the
-0.1% promise); :func:`delta` aims at ``1e-3`` of delta (ten times inside its 1% promise).
+0.1% promise); :func:`delta` aims at ``6e-4`` of delta (over ten times inside its 1% promise).
 
 **Choosing h.**  Connect-the-dots keeps each grid cell's ``P``- and ``Q``-mass and adds at most
 ``h^2/4`` variance per step, so the composed loss stays close to a valid PLD whose mean is raised by
-``<= T h^2/8``.  For the Gaussian PLD ``N(V/2, V)`` through the same ``(eps, delta)`` the effect on
-epsilon is ``d_eps = (T h^2/8) d eps/d mean`` with
+``<= T h^2/8``: to first order, the composition with a small Gaussian mechanism ``N(v/2, v)``,
+``v = T h^2/4``.  That changes ``delta(eps) = E[f(L)]`` by ``(v/2) p(eps)`` (``p`` the density of
+the composed loss; ``f' + f''`` is the unit mass at ``eps``), so ``d_eps = (T h^2/8) d eps/d mean``
+with ``d eps/d mean = p(eps) / |d delta/d eps|``; on delta, ``d log delta = d_eps |d log delta /
+d eps|``.  ``h`` is the largest grid meeting the budget.  For the Gaussian PLD ``N(V/2, V)``
 
     d eps / d mean = phi(eps/s - s/2) / (s e^eps Phi(-eps/s - s/2)),    s = sqrt(V),
 
-(``~ eps/V + 1/2`` when ``eps >> s``, ``~0.8/s`` when ``eps << s``), and on delta
-``d log delta = d_eps |d log delta / d eps|``.  ``h`` is the largest grid meeting the budget.
+(``~ eps/V + 1/2`` when ``eps >> s``, ``~0.8/s`` when ``eps << s``; :func:`_sensitivity`).  That
+model is far too pessimistic for a small-``q`` ledger at small delta (``V`` tiny, ``eps`` reached by
+a few rare large single-step losses: grids ~30x too fine, 10^6-point single steps, minutes per
+query), so the coarse grid is sized by the saddle-point form of the same ratio
+(:func:`_saddle_sensitivity`, on an aiming grid of at most ``_AIM_POINTS`` cells per step), and the
+fine grid by the ratio read off the coarse pass itself (:func:`_measured_sensitivity`); neither
+is ever taken above the Gaussian model's.  None of this affects rigour, only tightness, which the
+Richardson check below verifies.
 
-**Passes.**  A coarse pass (budget ``16 rho``: a quarter of the points) sized from the CLT (GDP)
-estimate gives ``eps``, ``V`` and the delta slope for the fine pass.  Both are bounds, so the
-smaller is kept; and since the excess shrinks like ``h^2``, their difference estimates the fine
-pass's own excess (Richardson) - if the model was optimistic, one more refinement follows.
+**Passes.**  A coarse pass (budget ``16 rho``: a quarter of the points) gives ``eps``, ``V``, the
+density and the delta slope for the fine pass.  Both are bounds, so the smaller is kept; and since
+the discretisation excess shrinks like ``h^2``, the difference of their values *without* round-off
+allowances estimates the fine pass's own excess (Richardson) - if the model was optimistic, one
+more refinement follows.
 
 **Tilting.**  FFT round-off is relative to the largest entry; each pass therefore tilts the PLD
 towards the epsilon of interest (see :func:`~fundp.accounting.pld.compose`), aimed by a
-saddle-point estimate on the coarse grid, and re-aimed if the answer lands far from the aim.
+saddle-point estimate on an aiming grid (at most ``_AIM_POINTS`` cells per step; a pass on a finer
+grid searches its tilt and windows there too, and only its final Chernoff bounds use the exact
+PLDs), and re-aimed if the answer lands far from the aim.
 
 **Split composition** (small ``q`` at small delta).  The composed loss of a small-``q`` ledger is
 a mixture of a narrow bulk and rare large single-step losses; at small delta the epsilon of
 interest lies in the valley between them, where no single tilt makes the mass large against the
 tilted peak, and the provable round-off allowance (a fraction ``~T u log N`` of that peak per
-entry) would dominate.  Where it costs more than ``2 RELATIVE_ERROR`` on a one-segment ledger,
-the step is cut into bulk and tail and the binomial expansion of the composition is summed term by
-term, each at its own tilt (:func:`_split_composed`; its lower-bound twin for ``bounds=True``).
-If that cannot be done (several segments, or a term's window over the point budget), the answer is
-still a rigorous bound and a ``UserWarning`` says how much the allowance may cost.
+entry) would dominate.  Where it costs more than ``2 RELATIVE_ERROR`` on a ledger of at most
+``_SPLIT_SEGMENTS = 4`` segments, each segment's step is cut into bulk and tail and the
+(multi)binomial expansion of the composition is summed term by term, each at its own tilt
+(:func:`_split_composed`; its lower-bound twin for ``bounds=True``).  If that cannot be done (more
+segments, more than ``_SPLIT_TERMS`` terms, or a term's window over the point budget), the answer
+is still a rigorous bound and a ``UserWarning`` says how much the allowance may cost.
 
 **Both directions.**  epsilon is the larger of the "remove" and "add" epsilons.  The fine pass runs
 first on the direction with the larger coarse bound; the other is refined only if its coarse bound
@@ -79,7 +92,7 @@ larger of the two).  The true epsilon at ``delta`` is the larger of the directio
 each direction's epsilon is at least ``sup {eps : delta_lower(eps) > delta}`` (delta is
 non-increasing in eps): that sup in the direction of the upper bound is the lower bound.  It
 reuses the upper pass's grid, direction and tilt (one more FFT), and while the two bounds are more
-than 0.1% apart it is recomputed on grids 2 and 4 times finer (each pass is a lower bound; the
+than 0.1% apart it is recomputed on grids 2, 4, 8 and 16 times finer (each pass is a lower bound; the
 largest is kept).  Merging removes ~``h^2/12`` of each step's variance where
 connect-the-dots adds ~``h^2/6``, so the gap is ~1.5x the upper bound's own excess where the
 per-step density is smooth on the grid's scale.  Next to the edge of a step's support (``log(1 -
@@ -136,8 +149,8 @@ __all__ = ["epsilon", "delta", "epsilon_bounds", "delta_bounds", "RELATIVE_ERROR
 #: Target relative error of the final pass (the promise is 0.1%).
 RELATIVE_ERROR = 1e-4
 _COARSE_RELATIVE_ERROR = 16 * RELATIVE_ERROR
-#: Target relative error (on delta) of :func:`delta`'s final pass: ten times inside its 1% promise.
-_DELTA_RELATIVE_ERROR = 1e-3
+#: Target relative error (on delta) of :func:`delta`'s final pass: over ten times inside its 1% promise.
+_DELTA_RELATIVE_ERROR = 6e-4
 #: Tail mass cut off per step (all steps together), and mass allowed above the composed window
 #: (added to delta in full), each as a fraction of ``delta (1 - delta)``: ``1 - delta`` bounds
 #: ``|d delta / d eps|`` from above, so near ``delta = 1`` the budget shrinks with the slope.
@@ -184,15 +197,107 @@ def _sensitivity(eps: float, variance: float) -> float:
     return math.exp(-log_ratio) / s
 
 
-def _interval_for_epsilon(eps: float, variance: float, steps: int, rho: float) -> float:
-    """Largest ``h`` with ``(T h^2/8) d eps/d mean <= rho eps``."""
+def _saddle_sensitivity(stack: _Stack, eps: float, variance: float) -> float:
+    """``d eps / d mean`` at ``eps`` of the composed loss whose single steps are ``stack``, from its
+    saddle point: what sizes the grid (an estimate; no bound depends on it).
+
+    Composing with a small Gaussian mechanism, the PLD ``N(v/2, v)`` (what connect-the-dots
+    adds, to first order, with ``v/2`` its mean raise), changes ``delta = E[f(L)]``,
+    ``f(l) = (1 - e^{eps - l})_+``, by ``(v/2) E[f'(L) + f''(L)] = (v/2) p(eps)`` (``f' + f''`` is the
+    unit mass at ``eps``), so ``d eps / d mean = p(eps) / s(eps)`` with ``p`` the loss density and
+    ``s = -d delta/d eps = E[e^{eps - L}; L > eps]``.  Near ``eps`` the loss is ``e^{-lam l}`` times
+    the tilted law, ``~N(eps, K''(lam))`` at the saddle point ``K'(lam) = eps``; then, with
+    ``c = 1 + lam`` and ``t = sqrt(K''(lam))``,
+
+        p(eps) / s(eps) = sqrt(2/pi) / (t erfcx(c t / sqrt 2)),
+
+    ``~ c = 1 + lam`` when ``c t >> 1``.  For the Gaussian PLD (``lam = eps/V - 1/2``, ``K'' = V``) it is
+    :func:`_sensitivity`; for a small-``q`` ledger at small delta, where ``eps`` is reached by a
+    few rare large single-step losses, it is ``~1 + lam`` with a moderate ``lam``, where the
+    Gaussian model's ``eps/V`` (``V`` tiny) asked for grids ~30x too fine.  At or below the mean
+    (``lam = 0``) or past the support of the loss, the Gaussian model with ``variance``; never more
+    than it (a near-degenerate tilted law, one atom, would ask for absurdly fine grids).
+    """
+    lam = saddle_point(stack, eps)
+    _, first, second = stack.cumulants(lam)
+    if not lam > 0 or abs(first - eps) > 1e-2 * max(eps, 1e-2):  # at or below the mean, or past the support
+        return _sensitivity(eps, variance)
+    t = math.sqrt(max(second, 1e-300))
+    saddle = math.sqrt(2 / math.pi) / (t * float(special.erfcx((1 + lam) * t / math.sqrt(2))))
+    return min(saddle, _sensitivity(eps, variance)) if math.isfinite(saddle) else _sensitivity(eps, variance)
+
+
+def _measured_sensitivity(pld: ComposedPLD, eps: float) -> float | None:
+    """``d eps / d mean = p(eps) / s(eps)`` (see :func:`_saddle_sensitivity`) read off a composed PLD
+    (a coarse pass): ``p`` from its untilted mass within two cells of ``eps``, ``s`` its
+    :meth:`~fundp.accounting.pld.ComposedPLD.delta_slope`.  Sizes the next pass's grid where the loss
+    near ``eps`` is a mixture (a narrow bulk's steep tail and rare large single-step losses) that no
+    single saddle point describes; ``None`` if either is not positive.  At most the Gaussian model's."""
+    losses, masses, _ = pld._positive_part()
+    near = np.abs(losses - eps) <= 2 * pld.interval
+    density = float(np.sum(masses[near])) / (4 * pld.interval)
+    slope = pld.delta_slope(eps)
+    if not (density > 0 and slope > 0 and math.isfinite(density / slope)):
+        return None
+    return min(density / slope, _sensitivity(eps, pld.variance))
+
+
+def _saddle_point_delta(stack: _Stack, eps: float) -> float | None:
+    """A saddle-point *estimate* (not a bound) of delta at ``eps``, as in
+    :func:`~fundp.accounting.pld.saddle_point_epsilon`: ``e^{K(lam) - lam eps} / (sqrt(2 pi K''(lam))
+    lam (1 + lam))`` at ``K'(lam) = eps``; ``None`` at or below the mean (``lam = 0``)."""
+    lam = saddle_point(stack, eps)
+    k, first, second = stack.cumulants(lam)
+    if not lam > 0 or abs(first - eps) > 1e-2 * max(eps, 1e-2):
+        return None
+    log_delta = k - lam * eps - 0.5 * math.log(2 * math.pi * max(second, 1e-300)) - math.log(lam * (1 + lam))
+    return math.exp(min(log_delta, 0.0))
+
+
+def _interval_for_epsilon(eps: float, sensitivity: float, steps: int, rho: float) -> float:
+    """Largest ``h`` with ``(T h^2/8) d eps/d mean <= rho eps`` (``sensitivity = d eps/d mean``)."""
     eps = max(eps, 1e-2)  # below 0.01, an absolute error of 1e-6 is plenty
-    return math.sqrt(8 * rho * eps / (steps * _sensitivity(eps, variance)))
+    return math.sqrt(8 * rho * eps / (steps * sensitivity))
 
 
-def _interval_for_delta(eps: float, variance: float, steps: int, rho: float, log_slope: float) -> float:
+def _interval_for_delta(sensitivity: float, steps: int, rho: float, log_slope: float) -> float:
     """Largest ``h`` with ``(T h^2/8) (d eps/d mean) |d log delta/d eps| <= rho``."""
-    return math.sqrt(8 * rho / (steps * _sensitivity(eps, variance) * max(log_slope, 1.0)))
+    return math.sqrt(8 * rho / (steps * sensitivity * max(log_slope, 1.0)))
+
+
+#: Aiming (tilts, grid sizes) uses single-step PLDs of at most ~this many points.
+_AIM_POINTS = 1 << 15
+
+
+def _aim_interval(segments: tuple, h: float, direction: str, log10_tail: int, cap: bool = True) -> float:
+    """The aiming grid (:func:`_aim_stack`) for an accurate grid ``h``: ``h`` quantised (times
+    ``_AIM_COARSENING`` for a schedule), doubled until the widest stand-in step's loss range spans at
+    most ``_AIM_POINTS`` cells (``cap=False``: not doubled)."""
+    width = max(float(np.subtract(*sg.loss_range(q, sigma, direction, 10.0**log10_tail)[::-1]))
+                for sigma, q, _ in _aim_segments(segments))
+    # (The nudge keeps an already quantised h from rounding down.)
+    aim_h = _quantize(h * (1 + 1e-9)) * (_AIM_COARSENING if len(segments) > _AIM_SEGMENTS else 1)
+    while cap and width / aim_h > _AIM_POINTS:
+        aim_h *= 2
+    return aim_h
+
+
+def _affordable(segments: tuple, h: float, direction: str, tail: float) -> bool:
+    """Whether the grid ``h`` (the Gaussian model's) needs no coarsening for aiming, i.e. its
+    single steps have at most ``_AIM_POINTS`` cells: then the coarse pass is sized by the Gaussian
+    model as it always was (cheap, and the standard queries keep their grids); otherwise by the
+    saddle point (:func:`_saddle_sensitivity`)."""
+    log10_tail = math.floor(math.log10(_rounded_tail(tail)))
+    return _aim_interval(segments, h, direction, log10_tail) <= _aim_interval(segments, h, direction, log10_tail,
+                                                                             cap=False)
+
+
+def _aim_stack(segments: tuple, h: float, direction: str, tail: float) -> _Stack:
+    """Single-step PLDs for aiming (choosing tilts, windows and grids; no bound depends on them): the
+    stand-ins (:func:`_aim_segments`) on the grid of :func:`_aim_interval`, so that cumulants stay
+    cheap when the accurate grid is very fine (each costs a pass over every point)."""
+    log10_tail = math.floor(math.log10(_rounded_tail(tail)))
+    return _stack(_aim_segments(segments), _aim_interval(segments, h, direction, log10_tail), direction, log10_tail)
 
 
 @functools.lru_cache(maxsize=16)
@@ -276,7 +381,8 @@ def _composed_cached(segments: tuple, h: float, direction: str, log10_tail: int,
     tail = 10.0**log10_tail
     plds = _step_plds(segments, h, direction, tail, optimistic)
     stack = _stack(segments, h, direction, log10_tail, optimistic)
-    aim = _stack(_aim_segments(segments), h * _AIM_COARSENING, direction, log10_tail) if len(segments) > _AIM_SEGMENTS else None
+    aim_h = _aim_interval(segments, h, direction, log10_tail)
+    aim = _stack(_aim_segments(segments), aim_h, direction, log10_tail) if aim_h != h else None
     # Trust delta from half the loss of interest up: the answer lies near it.
     if tilt is None:
         tilt = choose_tilt(stack if aim is None else aim, at_loss)
@@ -290,72 +396,130 @@ _SPLIT_TAIL_STEPS = 1e-3
 _U = 2.0**-53
 
 
+def _coarsened(pld: DiscretePLD, factor: int) -> DiscretePLD:
+    """``pld`` on the grid ``factor * interval``, each mass split linearly between the two coarse
+    points around it (the mean is kept, which matters when many steps add up): a cheap stand-in
+    for aiming only."""
+    blocks, offsets = np.divmod(pld.grid, factor)
+    first = int(blocks[0])
+    above = pld.masses * (offsets / factor)
+    masses = np.bincount(blocks - first, weights=pld.masses - above, minlength=int(blocks[-1]) - first + 2)
+    masses[1:] += np.bincount(blocks - first, weights=above, minlength=masses.size - 1)[:masses.size - 1]
+    return DiscretePLD(pld.interval * factor, first, masses, 0.0)
+
+
+#: Ledgers of at most this many segments are split (:func:`_split_composed`): the expansion has
+#: ``C(n_max + k, k)`` terms for ``k`` segments.
+_SPLIT_SEGMENTS = 4
+#: ... and at most this many terms.
+_SPLIT_TERMS = 128
+
+
+def _count_vectors(n_max: int, k: int):
+    """All ``(n_1, ..., n_k)`` of non-negative integers with ``sum <= n_max``."""
+    if k == 0:
+        yield ()
+        return
+    for first in range(n_max + 1):
+        for rest in _count_vectors(n_max - first, k - 1):
+            yield (first, *rest)
+
+
 @functools.lru_cache(maxsize=4)
 def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, at_loss: float,
                     optimistic: bool = False) -> ComposedPLD | None:
-    """The composed PLD of one segment ``(sigma, q, T)`` as a sum of terms composed with their own tilts.
+    """The composed PLD of ``k <= _SPLIT_SEGMENTS`` segments ``(sigma_s, q_s, T_s)`` as a sum of terms
+    composed with their own tilts.
 
-    Each step's (pessimistic) PLD ``x`` is cut at a loss ``c`` into a bulk ``b`` (losses ``< c``)
-    and a tail ``t`` (``>= c``, holding ``~_SPLIT_TAIL_STEPS / T`` of the mass), and
+    Each step's (pessimistic) PLD ``x_s`` is cut at a loss ``c_s`` into a bulk ``b_s`` (losses
+    ``< c_s``) and a tail ``t_s`` (``>= c_s``, holding ``p_s <= _SPLIT_TAIL_STEPS / T`` of its mass,
+    ``T = sum_s T_s``), and
 
-        x^{*T} = sum_n C(T, n) b^{*(T-n)} * t^{*n}.
+        prod_s x_s^{*T_s} = sum_{n} prod_s C(T_s, n_s) b_s^{*(T_s - n_s)} * t_s^{*n_s}
 
-    The terms ``n <= n_max`` are composed by :func:`~fundp.accounting.pld.compose`, each tilted
-    for precision at ``at_loss`` by its own saddle point, with its own
-    provable round-off bound and wrap-around bound; the rest has mass ``||x||_1^T P(Bin(T, p) >
-    n_max)`` (``p = ||t||_1 / ||x||_1``) and, since ``f(l) = (1 - e^{eps - l})_+ <= 1``, adds at
-    most that to delta: it is counted with the wrapped mass.  Nothing is approximated, so every
-    delta of the sum is an upper bound as before.
+    over count vectors ``n = (n_1, ..., n_k)``.  The terms with ``|n| = sum_s n_s <= n_max`` are
+    composed by :func:`~fundp.accounting.pld.compose`, each tilted for precision at ``at_loss`` by
+    its own saddle point, with its own provable round-off bound and wrap-around bound.  The rest
+    has mass ``prod_s ||x_s||_1^{T_s} P(sum_s N_s > n_max)`` with independent ``N_s ~ Bin(T_s,
+    p_s)``, at most ``prod_s ||x_s||_1^{T_s} P(Bin(T, max_s p_s) > n_max)`` (stochastic order), and
+    since ``f(l) = (1 - e^{eps - l})_+ <= 1`` it adds at most that to delta: it is counted with the
+    wrapped mass.  Nothing is approximated, so every delta of the sum is an upper bound as before.
 
     Why: for small ``q`` the composed loss is a mixture of a narrow bulk and rare large single-step
     losses; at small delta the epsilon of interest lies in the valley between them, where *no* one
     tilt makes the mass large against the peak, and the round-off allowance (a fraction of the
     tilted peak per entry) dominates.  Term by term each distribution is unimodal and a tilt at its
-    own saddle point makes the mass at ``at_loss`` large again.  ``None`` if the step has no tail
-    to split off.
+    own saddle point makes the mass at ``at_loss`` large again.  ``None`` if no step has a tail to
+    split off, or the expansion needs more than ``_SPLIT_TERMS`` terms.
 
     ``optimistic``: the same expansion of the *dominated* steps (:func:`epsilon_bounds`), a lower
-    bound: the terms ``n > n_max`` are dropped (``f >= 0``), each term's entries are lowered by its
+    bound: the terms ``|n| > n_max`` are dropped (``f >= 0``), each term's entries are lowered by its
     round-off bound, and what may have wrapped around each term's window (its
     ``wrap_above_log``, ``wrap_below``) is subtracted as one constant, evaluated at the loss
     ``at_loss / 2`` (it decreases with epsilon): the result's delta and epsilon are lower bounds
     for ``eps >= at_loss / 2`` (``trusted_from``; :func:`_split_lower` voids them below).
     """
-    (sigma, q, steps), = segments
     tail = 10.0**log10_tail
-    step = _step_pld(sigma, q, h, direction, math.floor(math.log10(tail / (2 * steps))), optimistic)
-    masses = np.asarray(step.masses)
-    suffix = np.cumsum(masses[::-1])[::-1]
-    cut = int(np.searchsorted(-suffix, -_SPLIT_TAIL_STEPS / steps))  # first index with suffix <= target
-    if cut <= 0 or cut >= masses.size or steps < 2:
+    total_steps = sum(count for _, _, count in segments)
+    if len(segments) > _SPLIT_SEGMENTS or total_steps < 2:
         return None
-    bulk = DiscretePLD(h, step.start, masses[:cut], 0.0)
-    upper = DiscretePLD(h, step.start + cut, masses[cut:], 0.0)
-    mass_bulk, mass_tail = float(np.sum(bulk.masses)), float(np.sum(upper.masses))
-    total = mass_bulk + mass_tail
-    p, log_total = mass_tail / total, steps * math.log(total)
-    # The terms n > n_max: ||x||_1^T P(Bin(T, p) > n_max) <= tail / 2 (logsf nudged up by 1e-6).
+    # Per segment: (bulk, tail or None, steps, ||x||_1, p, the step PLD).
+    pieces: list[tuple[DiscretePLD, DiscretePLD | None, int, float, float, DiscretePLD]] = []
+    for sigma, q, steps in segments:
+        step = _step_pld(sigma, q, h, direction, math.floor(math.log10(tail / (2 * len(segments) * steps))),
+                         optimistic)
+        masses = np.asarray(step.masses)
+        suffix = np.cumsum(masses[::-1])[::-1]
+        cut = int(np.searchsorted(-suffix, -_SPLIT_TAIL_STEPS / total_steps))  # first index with suffix <= target
+        total = float(np.sum(masses))
+        if 0 < cut < masses.size:
+            bulk = DiscretePLD(h, step.start, masses[:cut], 0.0)
+            upper = DiscretePLD(h, step.start + cut, masses[cut:], 0.0)
+            pieces.append((bulk, upper, steps, total, float(np.sum(upper.masses)) / total, step))
+        else:
+            pieces.append((DiscretePLD(h, step.start, masses, 0.0), None, steps, total, 0.0, step))
+    if all(upper is None for _, upper, *_ in pieces):
+        return None
+    p = max(piece[4] for piece in pieces)
+    log_total = sum(steps * math.log(total) for _, _, steps, total, _, _ in pieces)
+    # The terms |n| > n_max: <= prod ||x_s||_1^{T_s} P(Bin(T, p) > n_max) <= tail / 2 (logsf nudged up by 1e-6).
     budget = tail / 2
     n_max = 0
-    while n_max < steps and stats.binom.logsf(n_max, steps, p) + log_total + 1e-6 > math.log(budget):
+    while n_max < total_steps and stats.binom.logsf(n_max, total_steps, p) + log_total + 1e-6 > math.log(budget):
         n_max += 1
-    remainder = math.exp(stats.binom.logsf(n_max, steps, p) + log_total + 1e-6) if n_max < steps else 0.0
+    remainder = math.exp(stats.binom.logsf(n_max, total_steps, p) + log_total + 1e-6) if n_max < total_steps else 0.0
+    ranges = [min(n_max, steps) if upper is not None else 0 for _, upper, steps, *_ in pieces]
+    vectors = [n for n in _count_vectors(n_max, len(pieces)) if all(a <= b for a, b in zip(n, ranges))]
+    if len(vectors) > _SPLIT_TERMS:
+        return None
+    # Tilts and windows are aimed with the pieces summed over blocks of ``factor`` cells (cheap
+    # cumulants; no bound depends on aiming, see `compose`).
+    factor = max(1, -(-max(piece[5].masses.size for piece in pieces) // _AIM_POINTS))
+    coarse = {id(pld): _coarsened(pld, factor) for piece in pieces for pld in piece[:2] if pld is not None}
     terms, binomials = [], []
-    for n in range(n_max + 1):
-        plds = [(pld, count) for pld, count in ((bulk, steps - n), (upper, n)) if count > 0]
-        log_binom = math.lgamma(steps + 1) - math.lgamma(n + 1) - math.lgamma(steps - n + 1)
+    for n in vectors:
+        plds: list[tuple[DiscretePLD, int]] = []
+        log_binom = 0.0
+        for (bulk, cut_off, steps, *_), count in zip(pieces, n):
+            plds += [(bulk, steps - count)] if steps > count else []
+            plds += [(cut_off, count)] if count > 0 and cut_off is not None else []
+            log_binom += math.lgamma(steps + 1) - math.lgamma(count + 1) - math.lgamma(steps - count + 1)
         stack = _Stack(plds)
-        term = compose(plds, budget / (n_max + 1) * math.exp(-log_binom), tilt=saddle_point(stack, at_loss),
-                       lowest_loss=at_loss / 2, max_size=_MAX_POINTS, stack=stack, optimistic=optimistic)
+        aim = _Stack([(coarse[id(pld)], c) for pld, c in plds]) if factor > 1 else None
+        term = compose(plds, budget / len(vectors) * math.exp(-log_binom),
+                       tilt=saddle_point(stack if aim is None else aim, at_loss), lowest_loss=at_loss / 2,
+                       max_size=_MAX_POINTS, aim=aim, stack=stack, optimistic=optimistic)
         binomials.append(math.exp(log_binom))
-        # Scaled by C(T, n) through its untilting factor (whose round-off grows by 4u |log C|).
+        # Scaled by prod_s C(T_s, n_s) through its untilting factor (whose round-off grows by 4u |log C|).
         terms.append(dataclasses.replace(
             term, log_scale=term.log_scale + log_binom, missing_mass=term.missing_mass * math.exp(log_binom),
             relative_error=term.relative_error + 4 * _U * (abs(log_binom) + 1) * (1 + term.relative_error)))
     top = max(term.start + term.masses.size for term in terms)
     merged = np.zeros(max(top - 1, 1))  # losses 1 .. top - 1 (times h)
     allowances = np.zeros_like(merged)
-    mean, variance = step.moments()
+    moments = [piece[5].moments() for piece in pieces]
+    mean = sum(piece[2] * m for piece, (m, _) in zip(pieces, moments))
+    variance = sum(piece[2] * v for piece, (_, v) in zip(pieces, moments))
     if optimistic:
         floor = at_loss / 2
         wrapped = 0.0
@@ -364,17 +528,19 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
             index = term.start + max(0, 1 - term.start) - 1
             merged[index:index + lower.size] += lower
             wrapped += binomial * (float(term._wrapped_above(floor)) + term.wrap_below)
-        return ComposedPLD(h, 1, merged, 0.0, 0.0, 0.0, 0.0, 0.0, steps * mean, steps * variance, optimistic=True,
+        return ComposedPLD(h, 1, merged, 0.0, 0.0, 0.0, 0.0, 0.0, mean, variance, optimistic=True,
                            wrap_below=wrapped, trusted_from=floor)
     for term in terms:
         losses, term_masses, allowance = term._positive_part()
         index = term.start + max(0, 1 - term.start) - 1
         merged[index:index + term_masses.size] += term_masses
         allowances[index:index + term_masses.size] += allowance
-    infinity = -math.expm1(steps * math.log1p(-step.infinity_mass)) if step.infinity_mass < 1 else 1.0
+    log_finite = sum(piece[2] * math.log1p(-piece[5].infinity_mass) if piece[5].infinity_mass < 1 else -math.inf
+                     for piece in pieces)
+    infinity = -math.expm1(log_finite)
     return ComposedPLD(
         h, 1, merged, 0.0, 0.0, infinity, sum(term.missing_mass for term in terms) + remainder, 0.0,
-        steps * mean, steps * variance, max(term.relative_error for term in terms), allowances=allowances,
+        mean, variance, max(term.relative_error for term in terms), allowances=allowances,
         trusted_from=max(term.lowest_trusted_loss for term in terms))
 
 
@@ -383,22 +549,31 @@ def _without_round_off(pld: ComposedPLD) -> ComposedPLD:
     return dataclasses.replace(pld, entry_error=0.0, relative_error=0.0, allowances=None)
 
 
+#: Grids (multiples of the plain pass's) on which the split composition is tried, in order, while
+#: a term's window exceeds the point budget.
+_SPLIT_COARSENINGS = (1, 2, 4, 8)
+
+
 def _split_if_round_off_dominates(segments: tuple, bound: float, pld: ComposedPLD, direction: str, tail: float,
                                   at_loss: float, query) -> tuple[float, ComposedPLD]:
     """The better of ``(bound, pld)`` and the split composition (:func:`_split_composed`) on the same
     grid, tried only where the round-off allowance costs more than ``2 RELATIVE_ERROR``
-    (``query(pld)`` with and without it) and the ledger is one subsampled segment.  Both are bounds."""
-    if len(segments) != 1 or segments[0][1] >= 1 or pld.allowances is not None:
+    (``query(pld)`` with and without it) and the ledger has at most ``_SPLIT_SEGMENTS`` segments.  Both are
+    bounds."""
+    if len(segments) > _SPLIT_SEGMENTS or pld.allowances is not None:
         return bound, pld
     core = query(_without_round_off(pld))
     if not (math.isfinite(bound) and bound > core * (1 + 2 * RELATIVE_ERROR)):
         return bound, pld
-    try:
-        split = _split_composed(segments, pld.interval, direction, math.floor(math.log10(_rounded_tail(tail))),
-                                float(f"{at_loss:.3g}"))
-    except MemoryError:  # a term's window exceeds the point budget: keep the plain pass (and its warning)
-        split = None
-    if split is None:
+    split = None
+    for coarsening in _SPLIT_COARSENINGS:
+        try:
+            split = _split_composed(segments, pld.interval * coarsening, direction,
+                                    math.floor(math.log10(_rounded_tail(tail))), float(f"{at_loss:.3g}"))
+            break
+        except MemoryError:  # a term's window exceeds the point budget: a coarser grid (any is a bound)
+            continue
+    if split is None:  # keep the plain pass (and its warning)
         return bound, pld
     value = query(split)
     return (value, split) if value < bound else (bound, pld)
@@ -546,15 +721,21 @@ def _epsilon_search(segments: tuple, delta: float) -> tuple[float, str, Composed
     tail = _TAIL_FRACTION * delta * (1 - delta)
     _, variance = _guess_moments(segments)
     guess = gdp.gaussian_epsilon(math.sqrt(variance), delta)
-    h_coarse = _interval_for_epsilon(min(guess, 50.0), variance, steps, _COARSE_RELATIVE_ERROR)
-    coarse = {}
+    h_guess = _interval_for_epsilon(min(guess, 50.0), _sensitivity(min(guess, 50.0), variance), steps,
+                                    _COARSE_RELATIVE_ERROR)
+    coarse, aim_stacks = {}, {}
     for direction in _directions(segments):
-        # Aim the coarse tilt with the saddle-point estimate on the coarse grid (cheap, and far
-        # better than the CLT guess for heavy-tailed losses).
-        aim_h = _quantize(h_coarse) * (_AIM_COARSENING if len(segments) > _AIM_SEGMENTS else 1)
-        aim_stack = _stack(_aim_segments(segments), aim_h, direction, math.floor(math.log10(_rounded_tail(tail))))
+        # Aim the coarse tilt and size the coarse grid with the saddle-point estimate on an aiming
+        # grid (cheap, and far better than the CLT guess for heavy-tailed losses).
+        aim_stacks[direction] = aim_stack = _aim_stack(segments, h_guess, direction, tail)
         aim = saddle_point_epsilon(aim_stack, delta)
-        coarse[direction] = _epsilon_pass(segments, h_coarse, direction, tail, delta, aim if math.isfinite(aim) else guess)
+        aim = aim if math.isfinite(aim) else guess
+        h_coarse = h_guess
+        if not _affordable(segments, h_guess, direction, tail):
+            sized = min(aim, 50.0)
+            h_coarse = _interval_for_epsilon(sized, _saddle_sensitivity(aim_stack, sized, variance), steps,
+                                             _COARSE_RELATIVE_ERROR)
+        coarse[direction] = _epsilon_pass(segments, h_coarse, direction, tail, delta, aim)
     answer, answer_pld, answer_direction = 0.0, None, sg.REMOVE
     for direction in sorted(coarse, key=lambda d: -coarse[d][0]):
         bound, pld = coarse[direction]
@@ -562,24 +743,35 @@ def _epsilon_search(segments: tuple, delta: float) -> tuple[float, str, Composed
             if bound > answer:
                 answer, answer_pld, answer_direction = bound, pld, direction
             continue
-        h_fine = _interval_for_epsilon(bound, pld.variance, steps, RELATIVE_ERROR)
+        sensitivity = _measured_sensitivity(pld, bound) or _saddle_sensitivity(aim_stacks[direction], bound,
+                                                                                pld.variance)
+        h_fine = _interval_for_epsilon(bound, sensitivity, steps, RELATIVE_ERROR)
+        query = lambda composed: composed.epsilon(delta)  # noqa: E731
+
+        def refined(h: float, aim: float) -> tuple[float, ComposedPLD]:
+            # A pass on grid ~h, split where its round-off allowance dominates (on that grid).
+            value, composed = _epsilon_pass(segments, h, direction, tail, delta, aim)
+            return _split_if_round_off_dominates(segments, value, composed, direction, tail, value, query)
+
         if _quantize(h_fine) < pld.interval:
-            fine, fine_pld = _epsilon_pass(segments, h_fine, direction, tail, delta, bound)
+            fine, fine_pld = refined(h_fine, bound)
             # The pessimism of connect-the-dots shrinks like h^2, so the drop from the coarse to
-            # the fine bound estimates the fine bound's own excess (Richardson).  If the error
-            # model that sized h was too optimistic, refine once more.
+            # the fine bound estimates the fine bound's own excess (Richardson; on the values
+            # without round-off allowances, which do not shrink with h).  If the error model that
+            # sized h was too optimistic, refine once more.
             ratio = (pld.interval / fine_pld.interval) ** 2  # 1 if the grid cap kept h from shrinking
-            excess = (bound - fine) / (ratio - 1) if ratio > 1.01 else 0.0
+            drop = query(_without_round_off(pld)) - query(_without_round_off(fine_pld))
+            excess = drop / (ratio - 1) if ratio > 1.01 else 0.0
             target = RELATIVE_ERROR * max(fine, 1e-2)
             if math.isfinite(fine) and excess > 2 * target:
                 h_again = fine_pld.interval * max(math.sqrt(target / excess), 0.25)
-                again, again_pld = _epsilon_pass(segments, h_again, direction, tail, delta, fine)
+                again, again_pld = refined(h_again, fine)
                 if again < fine:
                     fine, fine_pld = again, again_pld
             if fine < bound:
                 bound, pld = fine, fine_pld
-        bound, pld = _split_if_round_off_dominates(segments, bound, pld, direction, tail, bound,
-                                                   lambda composed: composed.epsilon(delta))
+        else:
+            bound, pld = _split_if_round_off_dominates(segments, bound, pld, direction, tail, bound, query)
         if bound > answer:
             answer, answer_pld, answer_direction = bound, pld, direction
     if answer_pld is not None and math.isfinite(answer):
@@ -611,8 +803,21 @@ def _delta_search(segments: tuple, epsilon: float) -> tuple[float, str, Composed
     _, variance = _guess_moments(segments)
     # Tails are budgeted relative to the unknown answer: start from the CLT guess (clipped: it can
     # be far off either way) and tighten until they are negligible against what comes out.
-    start_tail = _TAIL_FRACTION * min(max(gdp.gaussian_delta(math.sqrt(variance), epsilon), 1e-8), 1.0)
-    h_coarse = _interval_for_epsilon(epsilon, variance, steps, _COARSE_RELATIVE_ERROR)
+    clt = min(max(gdp.gaussian_delta(math.sqrt(variance), epsilon), 1e-8), 1.0)
+    h_guess = _interval_for_epsilon(epsilon, _sensitivity(epsilon, variance), steps, _COARSE_RELATIVE_ERROR)
+    # Per direction: the saddle-point estimate of delta on an aiming grid (a 100x margin: too small
+    # a tail only widens the window), and the coarse grid sized by the saddle-point sensitivity.
+    start_tail, h_coarse, sensitivity = {}, {}, {}
+    for direction in _directions(segments):
+        if _affordable(segments, h_guess, direction, _TAIL_FRACTION * clt):
+            start_tail[direction], h_coarse[direction] = _TAIL_FRACTION * clt, h_guess
+            sensitivity[direction] = _sensitivity(epsilon, variance)
+            continue
+        aim_stack = _aim_stack(segments, h_guess, direction, _TAIL_FRACTION * clt)
+        estimate = _saddle_point_delta(aim_stack, epsilon)
+        start_tail[direction] = _TAIL_FRACTION * (clt if estimate is None else min(max(estimate / 100, 1e-290), 1.0))
+        sensitivity[direction] = _saddle_sensitivity(aim_stack, epsilon, variance)
+        h_coarse[direction] = _interval_for_epsilon(epsilon, sensitivity[direction], steps, _COARSE_RELATIVE_ERROR)
 
     def query(h: float, direction: str, tail: float, floor: float) -> tuple[float, ComposedPLD]:
         for _ in range(10):
@@ -632,7 +837,7 @@ def _delta_search(segments: tuple, epsilon: float) -> tuple[float, str, Composed
         # A direction far below the other cannot matter: its tails need only be small against
         # the answer so far.
         floor = max(_TAIL_FRACTION * answer, 1e-300)
-        coarse[direction] = query(h_coarse, direction, max(start_tail, floor), floor)
+        coarse[direction] = query(h_coarse[direction], direction, max(start_tail[direction], floor), floor)
         answer = max(answer, coarse[direction][0])
     answer, answer_direction, answer_pld = 0.0, sg.REMOVE, None
     for direction in sorted(coarse, key=lambda d: -coarse[d][0]):
@@ -641,21 +846,33 @@ def _delta_search(segments: tuple, epsilon: float) -> tuple[float, str, Composed
             continue
         floor = max(_TAIL_FRACTION * answer, 1e-300)
         tail = max(_TAIL_FRACTION * bound, floor)
+        delta_query = lambda composed: min(1.0, composed.delta(epsilon))  # noqa: E731
+        # Split the coarse pass too where round-off dominates it: the slope, the density and the
+        # Richardson check below need values that the allowance does not swamp.
+        bound, pld = _split_if_round_off_dominates(segments, bound, pld, direction, tail, epsilon, delta_query)
         slope = pld.delta_slope(epsilon) / max(bound, 1e-300)
-        h_fine = _interval_for_delta(epsilon, pld.variance, steps, _DELTA_RELATIVE_ERROR, slope)
+        h_fine = _interval_for_delta(_measured_sensitivity(pld, epsilon) or sensitivity[direction], steps,
+                                     _DELTA_RELATIVE_ERROR, slope)
+
+        def refined(h: float, tail: float = tail, floor: float = floor) -> tuple[float, ComposedPLD]:
+            # A pass on grid ~h, split where its round-off allowance dominates (on that grid).
+            value, composed = query(h, direction, tail, floor)
+            return _split_if_round_off_dominates(segments, value, composed, direction, tail, epsilon, delta_query)
+
         if _quantize(h_fine) < pld.interval:
-            fine, fine_pld = query(h_fine, direction, tail, floor)
-            # Richardson check of the error model, as in `epsilon` (here on log delta).
+            fine, fine_pld = refined(h_fine)
+            # Richardson check of the error model, as in `epsilon` (here on log delta, without the
+            # round-off allowances, which do not shrink with h).
             ratio = (pld.interval / fine_pld.interval) ** 2
-            excess = (math.log(bound) - math.log(fine)) / (ratio - 1) if fine > 0 and ratio > 1.01 else 0.0
-            pld = fine_pld
+            core, fine_core = pld.delta_parts(epsilon)[0], fine_pld.delta_parts(epsilon)[0]
+            excess = math.log(core / fine_core) / (ratio - 1) if core > 0 and fine_core > 0 and ratio > 1.01 else 0.0
             if excess > 2 * _DELTA_RELATIVE_ERROR:
                 h_again = fine_pld.interval * max(math.sqrt(_DELTA_RELATIVE_ERROR / excess), 0.25)
-                again, pld = query(h_again, direction, tail, floor)
-                fine = min(fine, again)
-            bound = min(bound, fine)
-        bound, pld = _split_if_round_off_dominates(segments, bound, pld, direction, tail, epsilon,
-                                                   lambda composed: min(1.0, composed.delta(epsilon)))
+                again, again_pld = refined(h_again)
+                if again < fine:
+                    fine, fine_pld = again, again_pld
+            if fine < bound:
+                bound, pld = fine, fine_pld
         if bound > answer:
             answer, answer_direction, answer_pld = bound, direction, pld
     if epsilon > _LARGEST_EPSILON:
@@ -680,17 +897,17 @@ def _lower_pass(segments: tuple, like: ComposedPLD, direction: str, tail: float,
 
 
 #: Grid refinements tried, in order, by the lower bound until it is within ``_PROMISE`` of the upper.
-_LOWER_REFINEMENTS = (1, 2, 4)
+_LOWER_REFINEMENTS = (1, 2, 4, 8, 16)
 
 
 def _split_lower(segments: tuple, like: ComposedPLD, direction: str, tail: float, at_loss: float, query,
-                 epsilon_query: bool) -> float:
-    """``query`` of the optimistic split composition (:func:`_split_composed`) on ``like``'s grid, a
-    certified lower bound where its answer is at least its ``trusted_from`` (0 otherwise, or if a
-    window would not fit)."""
+                 epsilon_query: bool, refine: int = 1) -> float:
+    """``query`` of the optimistic split composition (:func:`_split_composed`) on ``like``'s grid (or
+    one ``refine`` times finer), a certified lower bound where its answer is at least its
+    ``trusted_from`` (0 otherwise, or if a window would not fit)."""
     try:
-        pld = _split_composed(segments, like.interval, direction, math.floor(math.log10(_rounded_tail(tail))),
-                              float(f"{at_loss:.3g}"), optimistic=True)
+        pld = _split_composed(segments, _quantize(like.interval / refine * (1 + 1e-9)), direction,
+                              math.floor(math.log10(_rounded_tail(tail))), float(f"{at_loss:.3g}"), optimistic=True)
     except MemoryError:
         return 0.0
     if pld is None:
@@ -703,20 +920,22 @@ def _split_lower(segments: tuple, like: ComposedPLD, direction: str, tail: float
 
 def _lower(segments: tuple, like: ComposedPLD | None, direction: str, tail: float, at_loss: float, upper: float,
            query, epsilon_query: bool = False) -> float:
-    """The largest ``query(pld)`` over the optimistic passes of :func:`_lower_pass` (each a certified
-    lower bound) on the upper bound's grid, then on grids 2 and 4 times finer while the bounds are
+    """The largest ``query(pld)`` over the optimistic passes of :func:`_lower_pass` (or :func:`_split_lower`
+    where the upper bound was split; each a certified lower bound) on the upper bound's grid, then on
+    grids 2 to 16 times finer while the bounds are
     more than ``_PROMISE`` apart: next to the edge of a step's support (small ``q``) the dominated
     discretisation loses a first-order share of a cell, which finer grids shrink fast.  0 if none fits."""
     if like is None:
         return 0.0
-    if like.allowances is not None:  # the upper bound came from the split composition: so does the lower
-        return min(_split_lower(segments, like, direction, tail, at_loss, query, epsilon_query), upper)
     best = 0.0
     for refine in _LOWER_REFINEMENTS:
-        pld = _lower_pass(segments, like, direction, tail, at_loss, refine)
-        if pld is None:
-            break
-        best = max(best, query(pld))
+        if like.allowances is not None:  # the upper bound came from the split composition: so does the lower
+            best = max(best, _split_lower(segments, like, direction, tail, at_loss, query, epsilon_query, refine))
+        else:
+            pld = _lower_pass(segments, like, direction, tail, at_loss, refine)
+            if pld is None:
+                break
+            best = max(best, query(pld))
         if upper - best <= _PROMISE * upper:
             break
     return min(best, upper)
@@ -726,7 +945,7 @@ def epsilon_bounds(segments: Segments, delta: float) -> tuple[float, float]:
     """``(lower, upper)``: certified bounds on epsilon at ``delta``; ``upper`` is :func:`epsilon`.
 
     ``lower`` comes from more passes in the adjacency direction of the pass that gave ``upper``, on
-    its grid and (while the two are more than 0.1% apart) on grids 2 and 4 times finer, composed
+    its grid and (while the two are more than 0.1% apart) on grids 2 to 16 times finer, composed
     from *dominated* steps (the derivation is in the module docstring): the true epsilon is the larger of the two directions' epsilons, and each
     direction's optimistic value is below its own.  At ``q = 1``, the closed form nudged each way.
     Past the PLD's float range (single-step losses above ``pld._MAX_LOSS = 600`` are dropped, so
