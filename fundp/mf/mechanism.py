@@ -440,10 +440,10 @@ class CorrelatedNoise:
 
             sigma_b = float(_count_noise(adaptive_clipping, 1))
         participation = self.participation
-        if isinstance(participation, SingleParticipation):
-            name, b, k = "single_participation", 1, 1
-        else:
+        if isinstance(participation, MinSeparation):
             name, b, k = "min_separation", participation.min_sep, self.max_participations()
+        else:
+            name, b, k = "single_participation", 1, 1
         ratios = self._column_ratios()
         return ledger.record(*(ScheduledCorrelatedNoiseStep(name, b, k, t, sigma, float(ratios[t]), sigma_b, 1)
                                for t in range(start, start + count)))
