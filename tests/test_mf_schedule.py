@@ -16,26 +16,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 import fundp
 import fundp.mf as mf
 from fundp import adaptive
 from fundp.accounting import Ledger, ScheduledCorrelatedNoiseStep
 from fundp.guards import UNSUPPORTED, UnsupportedCombination
+from test_ledger_kinds import gaussian_mechanism_epsilon as gaussian_epsilon  # Balle & Wang, scipy + bisection
 
 DELTA = 1e-5
-
-
-def gaussian_epsilon(mu, delta):
-    def delta_at(eps):
-        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
-
-    low, high = 0.0, 200.0
-    for _ in range(200):
-        middle = (low + high) / 2
-        low, high = (middle, high) if delta_at(middle) > delta else (low, middle)
-    return high
 
 
 def allowed_sets(n, min_sep, k):
