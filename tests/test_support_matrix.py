@@ -249,7 +249,7 @@ def test_adaptive_with_per_layer_clipping_is_refused_with_the_tables_reason():
 # (13 rows) do not split into equal shards of a multiple of 13 over 2 ranks, so they are left out.
 DISTRIBUTED_CELLS = (("poisson", "flat", "iid", True, False), ("poisson", "per_layer", "iid", False, True),
                      ("poisson", "adaptive", "iid", True, False), ("cyclic", "flat", "mf_cyclic", False, False),
-                     ("cyclic", "per_layer", "mf_minsep", False, True), ("cyclic", "adaptive", "mf_minsep", False, False))
+                     ("cyclic", "per_layer", "mf_minsep", True, True), ("cyclic", "adaptive", "mf_minsep", False, False))
 
 
 def distributed_cells(shard=None):
