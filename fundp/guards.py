@@ -82,9 +82,11 @@ UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
         "would be under-reported; single_participation / min_separation mechanisms of fundp.mf are accounted"),
     ("noise_mechanism", "noise_multiplier (per call)"): (
         ValueError,
-        "a noise_multiplier schedule (step(..., noise_multiplier=...)) with a correlated noise_mechanism "
-        "is accounted nowhere (fundp.mf.mechanism_epsilon takes one sigma): build the step with the schedule's "
-        "largest-epsilon (smallest) sigma instead"),
+        "a noise_multiplier schedule (step(..., noise_multiplier=...)) with a cyclic-Poisson, a non-banded "
+        "min-separation or a non-fundp.mf correlated noise_mechanism is not accounted (cyclic Poisson's amplification "
+        "charges one step per pass at one sigma; a non-banded min-separation strategy would need its whole Gram matrix "
+        "weighted by the schedule): build the step with the schedule's smallest sigma instead; single_participation and "
+        "banded min_separation mechanisms of fundp.mf account a data-independent schedule exactly"),
     ("noise_mechanism=None", "sampler=shuffled"): (
         ValueError,
         "shuffled fixed-size batches are not Poisson sampling: DP-SGD's Poisson-subsampled accounting (the ledger's "

@@ -105,6 +105,9 @@ class CorrelatedNoiseQuery(NamedTuple):
     """``sigma``: a number > 0 or a 0-d tensor."""
     step: Any
     """``t``, the index of the draw (an int or a 0-d int64 tensor: ``NoiseState.step`` before it)."""
+    scheduled: bool = False
+    """``noise_multiplier`` came per call (a schedule ``sigma_t``; ``dp_step`` sets it): recorded with
+    ``account(..., scheduled=True)``."""
 
 
 class QuantileCountQuery(NamedTuple):
@@ -375,8 +378,9 @@ def record(ledger: Any, events: Any, *, sample_rate: float | None = None, trunca
                 "this noise_mechanism cannot record its steps in a ledger: it has no account(ledger, ...), "
                 "as the fundp.mf mechanisms have; pass ledger=None and account it yourself"
             )
+        scheduled = {"scheduled": True} if query.scheduled else {}
         return query.mechanism.account(ledger, noise_multiplier=_host(query.noise_multiplier), step=query.step,
-                                       adaptive_clipping=counts[0] if counts else None)
+                                       adaptive_clipping=counts[0] if counts else None, **scheduled)
     if sample_rate is None:
         raise ValueError("sample_rate is required to update a ledger: pass dp_step(..., sample_rate=q)")
     sigma = _host(gaussians[0].noise_multiplier)

@@ -736,6 +736,15 @@ def _amplified_or_foreign(noise_mechanism: Any) -> bool:
     return not isinstance(noise_mechanism, CorrelatedNoise) or isinstance(noise_mechanism.participation, CyclicPoisson)
 
 
+def _schedule_refusal(noise_mechanism: Any) -> str | None:
+    """Why a per-call ``noise_multiplier`` (a schedule) is not accounted with ``noise_mechanism``, or ``None``."""
+    from fundp.mf import CorrelatedNoise
+
+    if not isinstance(noise_mechanism, CorrelatedNoise):
+        return f"a {type(noise_mechanism).__name__}, not a fundp.mf mechanism"
+    return noise_mechanism.schedule_refusal()
+
+
 def _sharding_dims(tensor_parallel_dim: Any, distributed: bool) -> tuple[str, ...] | None:
     """``tensor_parallel_dim`` checked (a mesh dim name or a tuple of them, with ``distributed=True``)."""
     from fundp.sharding import _tensor_parallel_dims
@@ -778,8 +787,9 @@ def _call_settings(params: Any, clip_style: str, built_sigma: Any, max_norm: Any
     elif clip_state is not None:
         raise ValueError("clip_state is for dp_step(..., adaptive_clipping=...)")
     if noise_mechanism is not None:
-        if noise_multiplier is not None:
-            fundp_guards.check_combination({"noise_mechanism": True, "noise_multiplier (per call)": True})
+        why = None if noise_multiplier is None else _schedule_refusal(noise_mechanism)
+        if why is not None:
+            raise fundp_guards.refusal(("noise_mechanism", "noise_multiplier (per call)"), why)
         if noise_state is None:
             raise ValueError("noise_mechanism needs step(..., noise_state=mechanism.init(params)); keep out.noise_state")
     elif noise_state is not None:
@@ -1010,7 +1020,10 @@ def dp_step(
                     fundp_guards.refuse_repeated_rows_without_mask(batch, first_call=not looked_for_padding)
                     looked_for_padding.append(True)
         params = detach_params(params)
-        events = (privatizer.event(noise_state, noise_multiplier=sigma),) + (() if quantile is None else (quantile.event(clip_state),))
+        spent = privatizer.event(noise_state, noise_multiplier=sigma)
+        if noise_multiplier is not None and noise_mechanism is not None:  # a schedule: recorded step by step
+            spent = spent._replace(scheduled=True)
+        events = (spent,) + (() if quantile is None else (quantile.event(clip_state),))
         new_ledger = None if ledger is None and budget is None else _before_step(ledger, budget, events, sampling)
         # A key used by any step of the process is refused; a noiseless step (sigma a plain 0, no
         # adaptive count noise) adds no noise that a repeated key could cancel, so it is not checked.

@@ -215,9 +215,12 @@ def train_step(
     ``clip_state`` / ``noise_state`` from ``state``.  A learning-rate schedule belongs to the
     optimizer (``fundp.optim.adam(schedule)``): it is evaluated at the optimizer's update count,
     which advances with ``state.step``.  Combinations the step refuses (e.g. a ``max_norm``
-    schedule with adaptive clipping, a ``noise_multiplier`` schedule with a correlated
-    ``noise_mechanism``: :data:`fundp.guards.UNSUPPORTED`) raise the step's error, with nothing
-    spent.
+    schedule with adaptive clipping, a ``noise_multiplier`` schedule with a cyclic-Poisson or
+    non-banded min-separation ``noise_mechanism``: :data:`fundp.guards.UNSUPPORTED`) raise the
+    step's error, with nothing spent.  A ``noise_multiplier`` schedule with a single-participation
+    or banded min-separation :mod:`fundp.mf` mechanism is recorded step by step and accounted
+    exactly (:meth:`fundp.mf.CorrelatedNoise.account`); it must be a data-independent function of
+    the step.
 
     Example:
       >>> import torch, fundp

@@ -203,8 +203,12 @@ def test_a_rank_that_switches_max_norm_at_step_5_is_refused_at_step_5(tmp_path):
         assert "checked on every call" in result["error"]
 
 
-def test_a_sigma_schedule_with_a_correlated_noise_mechanism_is_refused():
-    mech = fundp.mf.mechanism(fundp.mf.tree(8), fundp.mf.single_participation())
+@pytest.mark.parametrize("participation", [fundp.mf.min_separation(2), fundp.mf.cyclic_poisson(2, 0.5)])
+def test_a_sigma_schedule_is_refused_where_it_is_not_accounted(participation):
+    """A per-call sigma with a non-banded min-separation (tree) or a cyclic-Poisson mechanism: refused
+    before any noise, with the table's reason; the built sigma is accepted."""
+    strategy = fundp.mf.tree(8) if isinstance(participation, fundp.mf.MinSeparation) else fundp.mf.banded_toeplitz([1.0, 0.5], 8)
+    mech = fundp.mf.mechanism(strategy, participation)
     step = fundp.dp_step(LOSS, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=2.0, grad_method="vmap",
                          noise_mechanism=mech)
     state = mech.init(PARAMS)
@@ -212,4 +216,15 @@ def test_a_sigma_schedule_with_a_correlated_noise_mechanism_is_refused():
     error, reason = guards.UNSUPPORTED[("noise_mechanism", "noise_multiplier (per call)")]
     with pytest.raises(error) as raised:
         step(PARAMS, BATCH, fundp.random.key(1), noise_state=out.noise_state, noise_multiplier=0.5)
-    assert str(raised.value) == reason
+    assert str(raised.value).startswith(reason) and raised.value.pair == ("noise_mechanism", "noise_multiplier (per call)")
+
+
+def test_a_sigma_schedule_with_a_single_participation_mechanism_is_accepted_and_recorded_per_step():
+    mech = fundp.mf.mechanism(fundp.mf.tree(8), fundp.mf.single_participation())
+    step = fundp.dp_step(LOSS, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=2.0, grad_method="vmap",
+                         noise_mechanism=mech)
+    state, ledger = mech.init(PARAMS), fundp.Ledger()
+    for t, sigma in enumerate((2.0, 0.5)):
+        out = step(PARAMS, BATCH, fundp.random.key(t), noise_state=state, noise_multiplier=sigma, ledger=ledger)
+        state, ledger = out.noise_state, out.ledger
+    assert [(e.step, e.noise_multiplier) for e in ledger.events] == [(0, 2.0), (1, 0.5)] and ledger.steps == 2

@@ -13,7 +13,9 @@ The expected outcome of each cell is this file's own statement of the matrix (``
 read from the code; the dp_accounting composition of the MF cells follows tests/test_mf.py
 (min-separation / single participation: one Gaussian mechanism; cyclic Poisson: DP-SGD at (sigma,
 q) over ceil(n / b) steps) and test_privatizers.py (adaptive clipping + min-separation: plus k
-count releases, k = the mechanism's max participations).
+count releases, k = the mechanism's max participations); with a sigma schedule, the Gaussian
+mechanism of the column-scaled strategy C D^-1 (D = diag(sigma_t)) and the counts, computed here
+from the materialised C (tests/test_mf_schedule.py).
 """
 
 import functools
@@ -92,7 +94,7 @@ def _refusals(sampler, clipping, noise, schedule):
         rows.append(("adaptive_clipping", "secure_mode"))
     if clipping == "adaptive" and noise == "mf_cyclic":  # amplification does not cover the count
         rows.append(("adaptive_clipping", "noise_mechanism"))
-    if schedule and noise in MF:
+    if schedule and noise == "mf_cyclic":  # single / banded min-sep mechanisms account a schedule
         rows.append(("noise_mechanism", "noise_multiplier (per call)"))
     return rows
 
@@ -117,6 +119,24 @@ def _rdp_accountant(events):
     return accountant
 
 
+def scheduled_mu(mech, counts):
+    """``mu`` of an MF run with the schedule sigma_at(t, True): from the materialised strategy C,
+    columns scaled by 1 / sigma_t, the largest ||C D^-1 u|| over the allowed 0/1 participations u
+    (enumerated; C >= 0 so all-equal gradients are the worst case) over the same at D = I, plus
+    |S| / sigma_b^2 for the counts."""
+    c = mech.strategy.matrix()
+    if isinstance(mech.participation, mf.MinSeparation):
+        b, k = mech.participation.min_sep, math.ceil(STEPS / mech.participation.min_sep)
+    else:
+        b, k = 1, 1
+    allowed = [s for size in range(1, k + 1) for s in itertools.combinations(range(STEPS), size)
+               if all(j - i >= b for i, j in zip(s, s[1:]))]
+    sens2 = max(float(((c[:, list(s)].sum(axis=1)) ** 2).sum()) for s in allowed)
+    scaled = c / [sigma_at(t, True) for t in range(STEPS)]
+    return math.sqrt(max(float(((scaled[:, list(s)].sum(axis=1)) ** 2).sum()) / sens2 + (len(s) / SIGMA_B**2 if counts else 0)
+                         for s in allowed))
+
+
 def reference_epsilon(sampler, clipping, noise, schedule):
     """Epsilon from dp_accounting's RDP accountant (fundp's order grid), composed here."""
     if noise in MF:
@@ -124,6 +144,8 @@ def reference_epsilon(sampler, clipping, noise, schedule):
         if noise == "mf_cyclic":  # DP-SGD at (sigma, q) over ceil(n / b) charged steps
             events = (dp_accounting.SelfComposedDpEvent(
                 dp_accounting.PoissonSampledDpEvent(2 * Q, dp_accounting.GaussianDpEvent(SIGMA)), math.ceil(STEPS / 2)),)
+        elif schedule:  # the Gaussian mechanism C D^-1 X + Z (and the counts), D = diag(sigma_t)
+            events = (dp_accounting.GaussianDpEvent(1 / scheduled_mu(mech, clipping == "adaptive")),)
         else:  # one Gaussian release of the whole run, plus k count releases (k: most participations)
             events = (dp_accounting.GaussianDpEvent(SIGMA),)
             if clipping == "adaptive":
@@ -207,7 +229,8 @@ def test_the_matrix_refuses_and_accepts_cells_of_every_kind():
     accepted = [c for c in CELLS if not _refusals(*c)]
     kinds = {(s, n in MF, cl == "adaptive", sch) for s, cl, n, sch in accepted}
     assert {("poisson", False, True, True), ("truncated", False, False, True), ("cyclic", True, True, False),
-            ("cyclic", True, False, False)} <= kinds
+            ("cyclic", True, False, False), ("cyclic", True, True, True), ("cyclic", True, False, True)} <= kinds
+    assert {n for s, cl, n, sch in accepted if sch and n in MF} == {"mf_single", "mf_minsep"}  # a schedule with MF
     assert len(accepted) >= 20 and len(CELLS) - len(accepted) >= 60
     rows = {row for cell in CELLS for row in _refusals(*cell)}
     assert rows <= set(UNSUPPORTED) and len(rows) == 8, rows  # every refusal is a row of the table
@@ -226,7 +249,7 @@ def test_adaptive_with_per_layer_clipping_is_refused_with_the_tables_reason():
 # (13 rows) do not split into equal shards of a multiple of 13 over 2 ranks, so they are left out.
 DISTRIBUTED_CELLS = (("poisson", "flat", "iid", True, False), ("poisson", "per_layer", "iid", False, True),
                      ("poisson", "adaptive", "iid", True, False), ("cyclic", "flat", "mf_cyclic", False, False),
-                     ("cyclic", "per_layer", "mf_minsep", False, True), ("cyclic", "adaptive", "mf_minsep", False, False))
+                     ("cyclic", "per_layer", "mf_minsep", True, True), ("cyclic", "adaptive", "mf_minsep", False, False))
 
 
 def distributed_cells(shard=None):

@@ -4,7 +4,8 @@ The mechanism is the Poisson-subsampled Gaussian (noise multiplier ``sigma``, sa
 under add/remove-one adjacency, composed over runs with any mix of settings.
 
 * :class:`Ledger`, :func:`accountant_step` — the immutable, hashable, JSON-serialisable record,
-  with its events (:class:`TruncatedPoisson`, :class:`CorrelatedNoiseSteps`) accounted too;
+  with its events (:class:`TruncatedPoisson`, :class:`CorrelatedNoiseSteps`,
+  :class:`ScheduledCorrelatedNoiseStep`) accounted too;
 * :func:`epsilon`, :func:`delta` — what it has spent.  ``accountant="prv"`` (default) composes
   privacy loss distributions by FFT and returns a rigorous upper bound within 0.1% of the exact
   value; ``"rdp"`` is the Rényi-DP bound; ``"gdp_approx"`` is a CLT estimate, *not* a bound;
@@ -28,12 +29,14 @@ from fundp.accounting._checks import ACCOUNTANTS, UnreachableTargetError
 from fundp.accounting.accountants import delta, epsilon
 from fundp.accounting.calibrate import calibrate_noise, calibrate_noise_schedule, max_steps
 from fundp.accounting.combine import combined_noise_multiplier
-from fundp.accounting.ledger import CorrelatedNoiseSteps, Ledger, Segment, TruncatedPoisson, accountant_step
+from fundp.accounting.ledger import (CorrelatedNoiseSteps, Ledger, ScheduledCorrelatedNoiseStep, Segment, TruncatedPoisson,
+                                    accountant_step)
 
 __all__ = [
     "ACCOUNTANTS",
     "CorrelatedNoiseSteps",
     "Ledger",
+    "ScheduledCorrelatedNoiseStep",
     "Segment",
     "TruncatedPoisson",
     "UnreachableTargetError",

@@ -26,7 +26,7 @@ import math
 from typing import Literal, overload
 
 from fundp.accounting import _checks, gdp, prv, rdp
-from fundp.accounting.ledger import CorrelatedNoiseSteps, Ledger, Segment, TruncatedPoisson
+from fundp.accounting.ledger import CorrelatedNoiseSteps, Ledger, ScheduledCorrelatedNoiseStep, Segment, TruncatedPoisson
 
 __all__ = ["epsilon", "delta"]
 
@@ -58,8 +58,11 @@ def composition(ledger: Ledger) -> tuple[tuple[Segment, ...], float]:
     counts = {(s.noise_multiplier, s.sample_rate): s.steps for s in segments}
     total = 0.0
     sigmas: dict[tuple[str, float], set[float]] = {}
+    scheduled: dict[tuple[str, int, int], list] = {}
     for event in events:
-        if isinstance(event, TruncatedPoisson):
+        if isinstance(event, ScheduledCorrelatedNoiseStep):
+            scheduled.setdefault((event.participation, event.min_sep, event.max_participations), []).append(event)
+        elif isinstance(event, TruncatedPoisson):
             total += event.steps * event.truncation_probability
         elif isinstance(event, CorrelatedNoiseSteps):
             sigmas.setdefault((event.participation, event.sample_rate), set()).add(event.noise_multiplier)
@@ -74,7 +77,43 @@ def composition(ledger: Ledger) -> tuple[tuple[Segment, ...], float]:
                 f"the ledger holds {participation} correlated-noise steps (sample rate {q}) at several noise "
                 f"multipliers {sorted(values)}: a run's guarantee assumes one noise multiplier throughout, and "
                 "steps of runs at different multipliers cannot be told apart; account such runs in separate ledgers")
+    for (participation, min_sep, k), run in scheduled.items():
+        if (participation, 1.0) in sigmas:
+            raise ValueError(
+                f"the ledger holds {participation} correlated-noise steps recorded both with a per-call noise_multiplier "
+                "(a schedule) and without: they cannot be told apart as one run or two; pass the schedule at every "
+                "step of a run (or none), and account other runs in separate ledgers")
+        mu2 = _scheduled_mu2(run, min_sep, k)
+        if mu2 > 0:  # each run: one Gaussian mechanism, i.e. one (1 / mu, 1) step
+            sigma = 1.0 / math.sqrt(mu2)
+            counts[(sigma, 1.0)] = counts.get((sigma, 1.0), 0) + 1
     return tuple(Segment(sigma, q, n) for (sigma, q), n in sorted(counts.items())), total
+
+
+def _scheduled_mu2(run: list, min_sep: int, k: int) -> float:
+    """``mu^2`` of one scheduled correlated-noise run (:class:`ScheduledCorrelatedNoiseStep` events).
+
+    The run releases ``C D^{-1} X + Z`` (``D = diag(sigma_t)``, see
+    :meth:`fundp.mf.CorrelatedNoise.account`); for a strategy whose columns ``min_sep`` or more apart
+    are orthogonal, the squared sensitivity (over the noise's ``sens(C)``) is
+    ``max_S sum_{t in S} x_t``, ``x_t = (column_norm_t / sigma_t)^2`` (``+ sigma_b^-2`` with a count),
+    over the recorded steps ``S``: at most ``k``, pairwise ``>= min_sep`` apart
+    (:func:`fundp.mf.max_participation_sum`, Choquette-Choo et al. 2023, Alg. 3).
+    """
+    from fundp.mf.sensitivity import max_participation_sum
+
+    length = 1 + max(event.step for event in run)
+    x = [0.0] * length
+    seen = set()
+    for event in run:
+        if event.step in seen or event.steps != 1:
+            raise ValueError(
+                f"the ledger holds step {event.step} of a scheduled {event.participation} correlated-noise run more than "
+                "once: one run records each step once; account other runs in separate ledgers")
+        seen.add(event.step)
+        x[event.step] = (event.column_norm / event.noise_multiplier) ** 2 + (
+            event.count_noise_multiplier ** -2 if event.count_noise_multiplier > 0 else 0.0)
+    return max_participation_sum(x, min_sep, k)
 
 
 @functools.lru_cache(maxsize=512)

@@ -24,6 +24,15 @@ same canonical multiset (:attr:`Ledger.events`, each with its own ``steps`` coun
   each, Choquette-Choo et al. 2023, Thm 4); under single participation / min-separation the first
   step of a run (``t == 0``: the whole run is one Gaussian mechanism, i.e. ``(sigma, 1)``).  The
   other steps are counted in :attr:`Ledger.steps` and spend nothing more.
+* :class:`ScheduledCorrelatedNoiseStep` ``(participation, min_sep, max_participations, step,
+  noise_multiplier, column_norm, count_noise_multiplier, steps)``: step ``t = step`` of a
+  single-participation / min-separation correlated-noise run whose noise multiplier is a
+  schedule ``sigma_t`` (one event per step, recorded in O(1) amortised).  The whole run is one
+  Gaussian mechanism (see :meth:`fundp.mf.CorrelatedNoise.account`) with
+  ``mu^2 = max_S sum_{t in S} x_t``, ``x_t = (column_norm_t / sigma_t)^2 + count_noise_multiplier^-2``
+  (the last term only with a count, i.e. ``count_noise_multiplier > 0``) over the sets ``S`` of
+  at most ``max_participations`` recorded steps pairwise ``>= min_sep`` apart;
+  :func:`fundp.epsilon` composes it as one ``(1 / mu, 1)`` step.
 
 :func:`accountant_step` (and :meth:`Ledger.record` for events) is the only way a ledger grows.  It
 is pure, cheap and works on plain Python numbers, so calling it from a ``torch.compile``-d
@@ -39,7 +48,7 @@ from typing import Any, Iterable, NamedTuple
 
 from fundp.accounting import _checks
 
-__all__ = ["CorrelatedNoiseSteps", "Ledger", "Segment", "TruncatedPoisson", "accountant_step"]
+__all__ = ["CorrelatedNoiseSteps", "Ledger", "ScheduledCorrelatedNoiseStep", "Segment", "TruncatedPoisson", "accountant_step"]
 
 _FORMAT = "fundp.Ledger/1"  # segments only (what every ledger without events still writes)
 _FORMAT_EVENTS = "fundp.Ledger/2"  # segments and events
@@ -106,9 +115,40 @@ class CorrelatedNoiseSteps(NamedTuple):
     steps: int
 
 
-_EVENTS: dict[str, Any] = {"correlated_noise": CorrelatedNoiseSteps, "truncated_poisson": TruncatedPoisson}
+class ScheduledCorrelatedNoiseStep(NamedTuple):
+    """Step ``step`` of a single-participation / min-separation correlated-noise run with a noise schedule.
+
+    ``noise_multiplier`` is that step's ``sigma_t`` (a data-independent function of the step);
+    ``column_norm`` is ``||C[:, t]|| / sens(C)`` (the step's column of the strategy over the
+    mechanism's sensitivity); ``count_noise_multiplier`` the std ``sigma_b`` of an adaptive
+    clipping count released on the same batch, or 0.0 when none is; ``min_sep`` and
+    ``max_participations`` the participation schema (1 and 1 for single participation).  A run's
+    steps together are one Gaussian mechanism with ``mu^2 = max_S sum_{t in S} x_t``, ``x_t =
+    (column_norm / noise_multiplier)^2 + count_noise_multiplier^-2`` (see the module docstring).
+    ``steps`` is 1 (a step recorded twice is refused by :func:`fundp.epsilon`).
+
+    Example:
+      >>> from fundp.accounting import Ledger, ScheduledCorrelatedNoiseStep
+      >>> event = ScheduledCorrelatedNoiseStep("single_participation", 1, 1, 0, 2.0, 1.0, 0.0, 1)
+      >>> Ledger(events=[event, event._replace(step=1, noise_multiplier=1.5)]).steps
+      2
+    """
+
+    participation: str
+    min_sep: int
+    max_participations: int
+    step: int
+    noise_multiplier: float
+    column_norm: float
+    count_noise_multiplier: float
+    steps: int
+
+
+_EVENTS: dict[str, Any] = {"correlated_noise": CorrelatedNoiseSteps, "truncated_poisson": TruncatedPoisson,
+                           "scheduled_correlated_noise": ScheduledCorrelatedNoiseStep}
 _KIND = {cls: kind for kind, cls in _EVENTS.items()}
-_COUNTS_STEPS = {"correlated_noise": True, "truncated_poisson": False}  # does an event's count add to Ledger.steps?
+# does an event's count add to Ledger.steps?
+_COUNTS_STEPS = {"correlated_noise": True, "truncated_poisson": False, "scheduled_correlated_noise": True}
 
 
 def _truncation_probability(num_examples: int, max_batch_size: int, sample_rate: float) -> float:
@@ -123,8 +163,11 @@ def _event_key(event: Any, name: str) -> tuple[tuple, int]:
     """``(key, steps)`` of a validated event; ``key = (kind, *fields without steps)``."""
     kind = _KIND.get(type(event))
     if kind is None:
-        raise TypeError(f"{name} must be a fundp.accounting.TruncatedPoisson or CorrelatedNoiseSteps, got {event!r}")
+        raise TypeError(f"{name} must be a fundp.accounting.TruncatedPoisson, CorrelatedNoiseSteps or "
+                        f"ScheduledCorrelatedNoiseStep, got {event!r}")
     count = _checks.steps(event.steps, f"{name}.steps")
+    if kind == "scheduled_correlated_noise":
+        return _scheduled_key(event, name), count
     if kind == "truncated_poisson":
         from fundp._validate import check_int
 
@@ -140,6 +183,23 @@ def _event_key(event: Any, name: str) -> tuple[tuple, int]:
         raise ValueError(f"{name}.sample_rate must be 1.0 for {event.participation} (no amplification), got {q}")
     sigma = _checks.noise_multiplier(event.noise_multiplier, f"{name}.noise_multiplier")
     return (kind, event.participation, sigma, q, event.charged), count
+
+
+def _scheduled_key(event: Any, name: str) -> tuple:
+    from fundp._validate import check_int, check_nonnegative
+
+    if event.participation not in _PARTICIPATIONS[1:]:
+        raise ValueError(f"{name}.participation must be one of {_PARTICIPATIONS[1:]} (a noise schedule with cyclic "
+                         f"Poisson amplification is not accounted), got {event.participation!r}")
+    b = check_int(f"{name}.min_sep", event.min_sep, minimum=1)
+    k = check_int(f"{name}.max_participations", event.max_participations, minimum=1)
+    if event.participation == "single_participation" and (b, k) != (1, 1):
+        raise ValueError(f"{name}: single_participation has min_sep = max_participations = 1, got {(b, k)}")
+    t = check_int(f"{name}.step", event.step, minimum=0)
+    sigma = _checks.noise_multiplier(event.noise_multiplier, f"{name}.noise_multiplier")
+    r = check_nonnegative(f"{name}.column_norm", event.column_norm)
+    sigma_b = check_nonnegative(f"{name}.count_noise_multiplier", event.count_noise_multiplier)
+    return ("scheduled_correlated_noise", event.participation, b, k, t, sigma, r, sigma_b)
 
 
 def _split(counts: dict) -> tuple[tuple[Segment, ...], tuple[Any, ...]]:
@@ -194,7 +254,7 @@ class Ledger:
 
     ``Ledger()`` is the empty ledger (nothing spent: epsilon 0).  ``Ledger(segments)`` accepts any
     iterable of ``(noise_multiplier, sample_rate, steps)`` triples, ``events=`` any iterable of
-    :class:`TruncatedPoisson` / :class:`CorrelatedNoiseSteps`; repeated settings are merged and
+    :class:`TruncatedPoisson` / :class:`CorrelatedNoiseSteps` / :class:`ScheduledCorrelatedNoiseStep`; repeated settings are merged and
     zero-step entries dropped.  Serialise with :meth:`to_dict` / :meth:`from_dict` (plain
     JSON-compatible dicts; floats round-trip exactly) or :meth:`to_json` / :meth:`from_json`.
 
@@ -287,7 +347,8 @@ class Ledger:
     @property
     def events(self) -> tuple[Any, ...]:
         """The recorded events (:class:`~fundp.accounting.TruncatedPoisson`,
-        :class:`~fundp.accounting.CorrelatedNoiseSteps`), sorted by kind and fields."""
+        :class:`~fundp.accounting.CorrelatedNoiseSteps`, :class:`~fundp.accounting.ScheduledCorrelatedNoiseStep`),
+        sorted by kind and fields."""
         return self._materialise()[1]
 
     @property

@@ -19,6 +19,24 @@ caller must pass a fresh key every step, as for DP-SGD (``fold_in(key, t)`` or a
 recurrences run in float64; the buffers are stored in ``state_dtype`` (default: float64 for
 float64 parameters, else float32).
 
+**Noise schedules** (``dp_step``'s per-call ``noise_multiplier``, ``train_step``'s schedule
+``sigma_t``): ``sample`` scales the draw *after* the recurrence, so step ``t`` adds
+``sigma_t S sens(C) (C^{-1} Z)_t`` (``S`` the clip norm) and the run releases, in units of
+``S sens(C)``, ``Y = X + D C^{-1} Z`` with ``D = diag(sigma_t)``.  ``C D^{-1}`` is invertible, so
+``Y`` is a post-processing of ``C D^{-1} Y = C D^{-1} X + Z``: the Gaussian mechanism of the
+column-scaled strategy ``C D^{-1}``, whose sensitivity for an example joining the steps of ``S``
+is ``max ||sum_{t in S} C[:, t] g_t / sigma_t|| / sens(C)`` over ``||g_t|| <= 1`` (the
+:mod:`fundp.mf.sensitivity` of ``C`` with column weights ``1 / sigma_t``).  This needs ``D``
+fixed in advance: the schedule must be a data-independent function of the step (not of released
+values).  Since ``C`` and ``C^{-1}`` are lower-triangular, the first ``T`` released steps depend on
+``sigma_0 .. sigma_{T-1}`` only, and the columns ``t < T`` bound their sensitivity; a constant
+schedule gives ``1 / sigma`` again.  Accounted for single participation (any strategy:
+``mu = max_t ||C[:, t]|| / (sens(C) sigma_t)``) and for min-separation with a banded strategy
+(columns ``min_sep`` apart orthogonal: ``mu^2 = max_S sum_{t in S} ||C[:, t]||^2 / (sens(C)
+sigma_t)^2``, exact); refused for min-separation with a non-banded strategy (the weighted Gram
+matrix would be needed) and for cyclic Poisson (the amplification argument charges one step per
+pass at one sigma, not a worst partition of a schedule).  See :meth:`CorrelatedNoise.account`.
+
 The state is a :class:`NoiseState` pytree of tensors (``step``: 0-d int64; ``buffers``: like the
 parameters with a leading ``[m]`` axis), so ``torch.compile`` traces it and
 :func:`fundp.checkpoint.save` stores it, e.g. inside ``opt_state=(opt_state, noise_state)``.
@@ -162,6 +180,47 @@ class CorrelatedNoise:
     def __repr__(self) -> str:
         return f"CorrelatedNoise({self.strategy!r}, {self.participation!r}, sensitivity={self.sensitivity:.6g})"
 
+    def schedule_refusal(self) -> str | None:
+        """Why a noise schedule (a per-step ``sigma_t``) is not accounted for this mechanism, or ``None`` if it is.
+
+        Accounted: single participation (any strategy) and min-separation with a banded strategy
+        (the module docstring derives the mechanism ``C D^{-1} X + Z``).
+
+        Example:
+          >>> import fundp
+          >>> fundp.mf.mechanism(fundp.mf.tree(8), fundp.mf.single_participation()).schedule_refusal() is None
+          True
+        """
+        participation = self.participation
+        if isinstance(participation, CyclicPoisson):
+            return "cyclic Poisson: the amplification argument charges one step per pass at one sigma"
+        if isinstance(participation, MinSeparation) and not isinstance(self.strategy, (BandedToeplitz, BandedMatrix)):
+            return (f"min_separation with a non-banded {type(self.strategy).__name__}: the sensitivity of the "
+                    "column-scaled strategy would need its whole weighted Gram matrix")
+        if not isinstance(self.strategy, (BandedToeplitz, BandedMatrix)) and self.strategy.toeplitz_coefs() is None \
+                and self.steps > _MAX_DENSE:
+            return f"its column norms are computed densely (n x n); n = {self.steps} is over {_MAX_DENSE}"
+        return None
+
+    def _column_ratios(self) -> Any:
+        """``||C[:, t]|| / sens(C)`` for every step ``t`` (float64 NumPy ``[n]``, computed once)."""
+        cached = getattr(self, "_ratios", None)
+        if cached is not None:
+            return cached
+        import numpy as np
+
+        strategy = self.strategy
+        coefs = strategy.toeplitz_coefs()
+        if isinstance(strategy, BandedToeplitz):
+            norms2 = _toeplitz_column_norms2(strategy)
+        elif coefs is not None and not isinstance(strategy, BandedMatrix):
+            # column t of a Toeplitz C holds c_0 .. c_{n-1-t}
+            norms2 = np.cumsum(np.asarray(coefs, dtype=np.float64) ** 2)[::-1][: self.steps]
+        else:
+            norms2 = column_norms(strategy.matrix()) ** 2
+        self._ratios = np.sqrt(norms2) / self.sensitivity
+        return self._ratios
+
     def _buffer_dtype(self, leaf: torch.Tensor) -> torch.dtype:
         if self.state_dtype is not None:
             return self.state_dtype
@@ -278,7 +337,7 @@ class CorrelatedNoise:
         return -(-self.steps // participation.num_partitions)
 
     def account(self, ledger: Any, *, noise_multiplier: float, step: int | None = None, steps: int | None = None,
-                adaptive_clipping: Any = None) -> Any:
+                adaptive_clipping: Any = None, scheduled: bool = False) -> Any:
         """Returns ``ledger`` with steps ``[step, step + steps)`` of this mechanism recorded as
         :class:`~fundp.accounting.CorrelatedNoiseSteps` events (all of them count in ``ledger.steps``).
 
@@ -299,6 +358,19 @@ class CorrelatedNoise:
         ``mu^2 = 1 / sigma^2 + k / sigma_b^2``: recorded at noise multiplier
         :func:`fundp.adaptive.ledger_noise_multiplier` ``(cfg, sigma, num_counts=k)``.  Cyclic
         Poisson: refused (its amplification argument does not cover the count).
+
+        ``scheduled=True``: ``noise_multiplier`` is this step's ``sigma_t`` of a noise schedule
+        (a data-independent function of the step; the module docstring derives the mechanism
+        ``C D^{-1} X + Z``).  Each step is recorded as a
+        :class:`~fundp.accounting.ScheduledCorrelatedNoiseStep` carrying ``sigma_t`` and
+        ``||C[:, t]|| / sens(C)`` (and ``sigma_b`` with adaptive clipping), and
+        :func:`fundp.epsilon` charges the run one Gaussian mechanism with ``mu^2 = max_S sum_{t in
+        S} (||C[:, t]|| / (sens(C) sigma_t))^2 + |S| / sigma_b^2`` over the allowed sets ``S`` of
+        recorded steps (exact: single participation, or min-separation with a banded strategy,
+        whose columns ``min_sep`` apart are orthogonal, as are the counts').  A constant schedule
+        over the whole run gives ``mu = 1 / sigma`` again (and with a count at most today's
+        ``sqrt(1 / sigma^2 + k / sigma_b^2)``).  Refused where :meth:`schedule_refusal` says why.
+        Every step of a run must then be recorded with ``scheduled=True``.
 
         Example:
           >>> import fundp
@@ -325,6 +397,8 @@ class CorrelatedNoise:
                 "its sensitivity (so the privacy guarantee) covers no more; build it with a larger n"
             )
         participation = self.participation
+        if scheduled:
+            return self._account_scheduled(ledger, sigma, start, count, adaptive_clipping)
         if adaptive_clipping is not None:
             if isinstance(participation, CyclicPoisson):
                 raise NotImplementedError(
@@ -348,6 +422,31 @@ class CorrelatedNoise:
             rate = 1.0
         return ledger.record(CorrelatedNoiseSteps(name, sigma, rate, True, charged),
                              CorrelatedNoiseSteps(name, sigma, rate, False, count - charged))
+
+    def _account_scheduled(self, ledger: Any, sigma: float, start: int, count: int, adaptive_clipping: Any) -> Any:
+        """Steps ``[start, start + count)`` at ``sigma`` as :class:`~fundp.accounting.ScheduledCorrelatedNoiseStep` events."""
+        from fundp.accounting import Ledger, ScheduledCorrelatedNoiseStep
+
+        if not isinstance(ledger, Ledger):
+            raise TypeError(f"ledger must be a fundp.Ledger, got {type(ledger).__name__}")
+        why = self.schedule_refusal()
+        if why is not None:
+            from fundp.guards import refusal
+
+            raise refusal(("noise_mechanism", "noise_multiplier (per call)"), why)
+        sigma_b = 0.0
+        if adaptive_clipping is not None:
+            from fundp.adaptive import _count_noise
+
+            sigma_b = float(_count_noise(adaptive_clipping, 1))
+        participation = self.participation
+        if isinstance(participation, MinSeparation):
+            name, b, k = "min_separation", participation.min_sep, self.max_participations()
+        else:
+            name, b, k = "single_participation", 1, 1
+        ratios = self._column_ratios()
+        return ledger.record(*(ScheduledCorrelatedNoiseStep(name, b, k, t, sigma, float(ratios[t]), sigma_b, 1)
+                               for t in range(start, start + count)))
 
     def epsilon(self, noise_multiplier: float, delta: float, *, accountant: str = "prv") -> float:
         """Epsilon of the whole ``n``-step run (see :func:`fundp.mf.mechanism_epsilon`)."""
