@@ -398,7 +398,7 @@ def make_ghost_engine(
             tree = _with_leaves((proxied, batch), lambda i, leaf: given.get(i, inputs[i]))
             tracer, found, out, aux = trace(loss_fn, tree[0], tree[1], has_aux, randomness, key, proxy=False,
                                             probe_grad="transform")
-            kept.update(tracer=tracer, proxies=found, aux=aux)
+            kept.update(tracer=tracer, proxies=found, aux=aux, out=out)
             # (detached: no autograd history below the transform rides along with the gradients)
             return out, tuple(grad.detach() for grad in transform_grads(out, tracer.probes))
 
@@ -410,7 +410,8 @@ def make_ghost_engine(
         if tracer.eager_only:  # a checkpointed block (a parameter used with grad off): run eagerly, now and later
             eager_only[0] = True
             return outside_graph(params, batch, key)
-        reasons = fallback_reasons(tracer, proxies, losses)
+        # (the losses the tracer saw, inside the transform: its row layouts are keyed by that tensor)
+        reasons = fallback_reasons(tracer, proxies, kept["out"])
         watched = [i for i, p in enumerate(proxies) if i not in reasons and isinstance(p, torch.Tensor)
                    and p.is_floating_point()]
         if losses.requires_grad and watched and (not reasons or _reaches(
