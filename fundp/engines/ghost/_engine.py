@@ -405,7 +405,7 @@ def make_ghost_engine(
         with contextlib.nullcontext() if torch.compiler.is_compiling() else torch.jit.optimized_execution(False):
             # (Run eagerly, TorchScript's warm profiling executor runs a differentiable graph that
             # records no autograd below a torch.func transform, hiding a use from the check below.)
-            losses, _, probe_grads = torch.func.vjp(probed, *[inputs[i] for i in joined], has_aux=True)
+            losses, _, probe_grads = torch.func.vjp(probed, *[inputs[i] for i in joined], has_aux=True)  # type: ignore[misc]
         tracer, proxies = kept["tracer"], kept["proxies"]
         if tracer.eager_only:  # a checkpointed block (a parameter used with grad off): run eagerly, now and later
             eager_only[0] = True
