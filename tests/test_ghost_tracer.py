@@ -115,8 +115,14 @@ def test_losses_on_rows_the_tracer_cannot_follow_are_refused_or_computed_by_vmap
         eager = auto(params, batch, fundp.random.key(0))
     except ExamplesInteractError:  # eagerly the tracer may see the mean over the batch itself
         eager = None
-    with fundp.compile_options():  # traced directly (no eager first call): the compiled trace decides
-        compiled = torch.compile(auto, backend="aot_eager")(params, batch, fundp.random.key(0))
+    try:
+        with fundp.compile_options():  # traced directly (no eager first call): the compiled trace decides
+            compiled = torch.compile(auto, backend="aot_eager")(params, batch, fundp.random.key(0))
+    except ExamplesInteractError:
+        # Inside torch.func.vjp a view of a batch tensor (`x.mT`, unseen) has that tensor as its base,
+        # so the compiled trace follows its rows as eagerly and sees the same mean over the batch.
+        assert eager is None, "the compiled step refused what the eager step computed"
+        compiled = None
     for out in [o for o in (eager, compiled) if o is not None]:
         torch.testing.assert_close(out.norms, ref.norms, rtol=1e-9, atol=0)
         torch.testing.assert_close(out.grads["w"], ref.grads["w"], rtol=1e-9, atol=1e-12)

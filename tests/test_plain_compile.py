@@ -99,6 +99,28 @@ def test_default_step_under_plain_torch_compile_is_one_graph_and_exact_on_every_
     assert torch._dynamo.config.trace_autograd_ops is False
 
 
+def test_the_compiled_engine_traces_loss_fn_once():
+    # One run of loss_fn inside torch.func.vjp makes the probes and takes their gradients: no run
+    # beforehand learns their shapes (there was one, whose values the compiler dropped: loss_fn was
+    # traced twice per compilation).  A list appended to while dynamo traces is appended to each time
+    # the graph runs, once per traced run of loss_fn; the checks that rerun loss_fn are off here.
+    model = make(MLP)
+    params, loss = params_of(model), classification_loss(model)
+    traced: list = []
+
+    def loss_fn(p, b):
+        if torch.compiler.is_compiling():
+            traced.append(1)
+        return loss(p, b)
+
+    step = fundp.dp_step(loss_fn, max_norm=C, noise_multiplier=0.0, expected_batch_size=B, verify=False,
+                         check_batch_consistency=False)
+    batch = data_for(model, B, seed=1)
+    out = torch.compile(step, backend="eager", fullgraph=True)(params, batch, fundp.random.key(0))
+    assert len(traced) == 1, f"loss_fn traced {len(traced)} times"
+    check_exact(out, *clipped_reference(micro_batch_grads(model, loss, params, batch), C, B))
+
+
 def test_a_compiled_graph_that_disagrees_with_the_verified_engine_is_refused_on_every_call(monkeypatch):
     # The compiled engine's norms are checked against the verified eager engine's, row by row, by
     # the op in the graph; a failed check leaves the signature unverified (checked again next call).

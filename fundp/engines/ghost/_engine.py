@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import optree
@@ -14,7 +15,7 @@ from fundp.engines.ghost import attention, broadcast, conv, embedding, linear, n
 from fundp.engines.ghost._index import is_compiling
 from fundp.engines.ghost._norms import LeafGrads, RowsLeaf, leaf_sq_norms
 from fundp.engines.ghost._registry import RULES
-from fundp.engines.ghost._tracer import Tracer, Untrusted
+from fundp.engines.ghost._tracer import Tracer, Untrusted, transform_grads
 from fundp.engines.ghost._uses import Rows, materialise, transpose_form
 from fundp.engines.ghost._mixed import vmap_rows
 from fundp.engines.ghost._verify import (InGraphVerifier, check_same_outputs, describe, tolerance, verify_engine,
@@ -35,11 +36,11 @@ def _proxy(leaf: Any) -> Any:
 
 
 def trace(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomness: str, key, *, proxy: bool = True,
-          probes: list | None = None, probe_grad: bool = True):
+          probe_grad: bool | str = True):
     """Runs ``loss_fn`` under the tracer; returns ``(tracer, proxies, losses, aux)``.
 
     ``proxy=False``: ``params`` are used as they are (the primals of a ``torch.func`` transform);
-    ``probes``, ``probe_grad``: see :class:`~fundp.engines.ghost._tracer.Tracer`.
+    ``probe_grad``: see :class:`~fundp.engines.ghost._tracer.Tracer`.
     """
     size = check_batch(batch)
     if proxy:
@@ -49,7 +50,7 @@ def trace(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomness:
         proxy_params = params
     proxies = optree.tree_leaves(proxy_params)
     tracer = Tracer(proxies, optree.tree_leaves(batch), size, random_ok=randomness != "error", rules=RULES,
-                    probes=probes, probe_grad=probe_grad)
+                    probe_grad=probe_grad)
     # enable_grad: the probes' gradients are needed even when the caller is under torch.no_grad().
     with keyed_model_rng(key, batch, randomness), torch.enable_grad(), tracer:
         out = loss_fn(proxy_params, batch)
@@ -373,56 +374,60 @@ def make_ghost_engine(
         return tracer, proxies, losses, aux, grads, reasons, None
 
     def functional_front(params: Any, batch: Any, key: Any) -> Any:
-        """Under ``torch.compile``: the same, by ``torch.func.vjp`` (which dynamo traces with no option).
+        """Under ``torch.compile``: the same in one run of ``loss_fn`` inside ``torch.func.vjp`` (which
+        dynamo traces with no option).
 
-        ``vjp`` needs the probes as its inputs, but the rules make them inside the forward.  A first
-        run (proxies requiring grad, plain zero probes) learns their shapes, the leaves the ghost path
-        cannot handle and whether the losses still depend on a parameter once the rules have taken
-        their uses; a second run takes zero probes of those shapes as the primals of ``vjp``.  Nothing
-        the first run computes is used: the compiler drops it (it costs tracing time only).
+        The rules make the probes inside the forward, differentiable at the transform's level, and
+        the run takes their gradients there (:func:`~fundp.engines.ghost._tracer.transform_grads`);
+        ``vjp``'s own pullback is never called (the compiler drops it).  The parameters enter as
+        proxies requiring grad (plain autograd, below the transform): the rules compute from
+        detached parameters, so losses that still require grad depend on a parameter through an op
+        no rule took -- structurally, whatever the values.
         """
-        first, proxies, losses, _ = trace(loss_fn, params, batch, has_aux, randomness, key, probe_grad=False)
-        if first.eager_only:  # a checkpointed block (a parameter used with grad off): run eagerly, now and later
+        with torch.enable_grad():
+            proxied = optree.tree_map(_proxy, params)
+        # The parameters and the batch's floating tensors are the primals: inside the transform,
+        # views made out of the tracer's sight (dynamo does not show `w.T`) then have as their base
+        # the very tensors the tracer follows.
+        inputs: list = optree.tree_leaves((proxied, batch))  # type: ignore[arg-type]
+        joined = [i for i, leaf in enumerate(inputs) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+        kept: dict = {}
+
+        def probed(*primals: torch.Tensor) -> tuple:
+            given = dict(zip(joined, primals))
+            tree = _with_leaves((proxied, batch), lambda i, leaf: given.get(i, inputs[i]))
+            tracer, found, out, aux = trace(loss_fn, tree[0], tree[1], has_aux, randomness, key, proxy=False,
+                                            probe_grad="transform")
+            kept.update(tracer=tracer, proxies=found, aux=aux, out=out)
+            # (detached: no autograd history below the transform rides along with the gradients)
+            return out, tuple(grad.detach() for grad in transform_grads(out, tracer.probes))
+
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else torch.jit.optimized_execution(False):
+            # (Run eagerly, TorchScript's warm profiling executor runs a differentiable graph that
+            # records no autograd below a torch.func transform, hiding a use from the check below.)
+            losses, _, probe_grads = torch.func.vjp(probed, *[inputs[i] for i in joined], has_aux=True)  # type: ignore[misc]
+        tracer, proxies = kept["tracer"], kept["proxies"]
+        if tracer.eager_only:  # a checkpointed block (a parameter used with grad off): run eagerly, now and later
             eager_only[0] = True
             return outside_graph(params, batch, key)
-        reasons = fallback_reasons(first, proxies, losses)
-        watched = [i for i, p in enumerate(proxies) if i not in reasons and isinstance(p, torch.Tensor) and p.requires_grad]
+        # (the losses the tracer saw, inside the transform: its row layouts are keyed by that tensor)
+        reasons = fallback_reasons(tracer, proxies, kept["out"])
+        watched = [i for i, p in enumerate(proxies) if i not in reasons and isinstance(p, torch.Tensor)
+                   and p.is_floating_point()]
         if losses.requires_grad and watched and (not reasons or _reaches(
                 loss_fn, params, batch, has_aux, randomness, key, watched)):
             # The losses still depend on a parameter through an op no rule took (one the tracer did
             # not see): structurally, whatever the values.  Which leaf is not known: none is trusted.
             reasons.update({i: UNSEEN for i in watched})
         if reasons:
-            whole = refuse_or_vmap(params, batch, key, reasons, first)
+            whole = refuse_or_vmap(params, batch, key, reasons, tracer)
             if whole is not None:
                 return whole
-        pulled = [use for use in first.uses if _pulled(first, use)]
+        pulled = [use for use in tracer.uses if _pulled(tracer, use)]
         pull = None
-        if any(first.origin(use.target).leaves - set(reasons) for use in pulled):
+        if any(tracer.origin(use.target).leaves - set(reasons) for use in pulled):
             pull = _puller(loss_fn, params, batch, has_aux, randomness, key, len(pulled))
-        # The parameters and the batch's floating tensors join the primals (their gradients, unused,
-        # are dropped by the compiler): inside the transform, views made out of the tracer's sight
-        # (dynamo does not show `w.T`) then have as their base the very tensors the tracer follows.
-        inputs: list = [_plain(leaf) for leaf in optree.tree_leaves((params, batch))]  # type: ignore[arg-type,var-annotated]
-        joined = [i for i, leaf in enumerate(inputs) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
-        zeros = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in first.probes]
-        kept: dict = {}
-
-        def probed(*primals: torch.Tensor) -> torch.Tensor:
-            given = dict(zip(joined, primals[len(zeros):]))
-            tree = _with_leaves((params, batch), lambda i, leaf: given.get(i, inputs[i]))
-            tracer, found, out, aux = trace(loss_fn, tree[0], tree[1], has_aux, randomness, key, proxy=False,
-                                            probes=list(primals[:len(zeros)]))
-            kept.update(tracer=tracer, proxies=found, aux=aux, fits=not tracer.mismatched and len(tracer.probes) == len(zeros))
-            return out
-
-        losses, probe_vjp = torch.func.vjp(probed, *zeros, *[inputs[i] for i in joined])[:2]
-        if not kept["fits"]:
-            # The second run saw other layer calls than the first (it should not happen): the engine
-            # runs eagerly, outside the graph, instead.
-            return outside_graph(params, batch, key)
-        grads = list(probe_vjp(torch.ones_like(losses))[:len(zeros)])
-        return kept["tracer"], kept["proxies"], losses, kept["aux"], grads, reasons, pull
+        return tracer, proxies, losses.detach(), kept["aux"], list(probe_grads), reasons, pull
 
     def engine(params: Any, batch: Any, key: torch.Tensor | None = None, consistency: bool = True) -> EngineOutput:
         front = (functional_front if is_compiling() else autograd_front)(params, batch, key)

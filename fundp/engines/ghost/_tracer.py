@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch._functorch.eager_transforms import _autograd_grad, _set_tensor_requires_grad, enable_inplace_requires_grad
 from torch.overrides import TorchFunctionMode
 
 from fundp.engines.ghost import (  # noqa: F401  (register the layout rules)
@@ -43,7 +44,7 @@ from fundp.engines.ghost._layout_views import EXPANDS as _EXPANDS
 from fundp.engines.ghost._uses import Use
 from fundp.engines.ghost.broadcast import broadcast_rule
 
-__all__ = ["Tracer", "Derived", "Untrusted", "op_name", "arg"]
+__all__ = ["Tracer", "Derived", "Untrusted", "op_name", "arg", "transform_grads"]
 
 
 class Derived(NamedTuple):
@@ -114,6 +115,24 @@ _RANDOM = {torch.bernoulli, torch.rand, torch.randn, torch.randint, torch.rand_l
            F.rrelu, F.gumbel_softmax}
 
 
+def _transform_leaf(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (made inside a ``torch.func`` transform) differentiable at that transform's level,
+    as ``torch.func.vjp`` makes its primals: a leaf created mid-function, whose gradient
+    :func:`transform_grads` then takes.  (Dynamo traces both helpers into the graph: they are the
+    functions ``torch.func.vjp`` itself is made of.)"""
+    with enable_inplace_requires_grad(True):
+        _set_tensor_requires_grad(tensor)
+    return tensor
+
+
+def transform_grads(output: torch.Tensor, leaves: list) -> list:
+    """``d sum(output) / d leaf`` for leaves made by :func:`_transform_leaf` in the same transform
+    level (zeros for a leaf the output does not reach)."""
+    if not leaves:
+        return []
+    return list(_autograd_grad([output], leaves, [torch.ones_like(output)], create_graph=False))
+
+
 def _module_of_caller() -> str:
     """The innermost ``nn.Module`` on the call stack, for error messages."""
     for frame_info in inspect.stack()[2:40]:
@@ -127,14 +146,13 @@ class Tracer(TorchFunctionMode):
     """Records supported layer calls on parameter-derived tensors; follows batch rows."""
 
     def __init__(self, proxies: list, batch_leaves: list, batch_size: int, random_ok: bool, rules: dict,
-                 probes: list | None = None, probe_grad: bool = True):
+                 probe_grad: bool | str = True):
         super().__init__()
-        # ``probes``: the probes to add, in order (the primals of a ``torch.func.vjp``: the compiled
-        # path), instead of fresh zero leaves; ``probe_grad=False``: plain zero tensors of the full
-        # shape, which that ``vjp`` then takes as its primals.
-        self.supplied = probes
+        # ``probe_grad``: ``True``, fresh zero leaves requiring grad (eager autograd); ``False``, plain
+        # zero tensors (a run whose probe gradients nobody takes); ``"transform"``, zero tensors made
+        # differentiable at the current ``torch.func`` level (the compiled path, inside one
+        # ``torch.func.vjp``: no run beforehand has to learn the probes' shapes).
         self.probe_grad = probe_grad
-        self.mismatched = False
         self.proxies = proxies
         self.batch_size = batch_size
         self.random_ok = random_ok
@@ -223,8 +241,8 @@ class Tracer(TorchFunctionMode):
         The gradient of the summed loss with respect to ``z`` is the per-row output gradient.
         """
         shape = tensor.shape if shape is None else shape
-        if self.supplied is not None:
-            probe = self._supplied_probe(tensor, tuple(shape))
+        if self.probe_grad == "transform":
+            probe = _transform_leaf(torch.zeros(shape, dtype=tensor.dtype, device=tensor.device))
         elif self.probe_grad:
             probe = torch.zeros((), dtype=tensor.dtype, device=tensor.device).requires_grad_().expand(shape)
         else:
@@ -235,17 +253,6 @@ class Tracer(TorchFunctionMode):
         if layout is not None:
             self.layouts.set(probed, layout)
         return probed, len(self.probes) - 1
-
-    def _supplied_probe(self, tensor: torch.Tensor, shape: tuple) -> torch.Tensor:
-        """The next supplied probe; where it does not fit (this run asks for other probes than the run
-        that learned them), a plain zero tensor and ``self.mismatched`` set (the caller falls back)."""
-        index = len(self.probes)
-        supplied = self.supplied or []
-        probe = supplied[index] if index < len(supplied) else None
-        if probe is None or tuple(probe.shape) != shape or probe.dtype != tensor.dtype:
-            self.mismatched = True
-            return torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
-        return probe
 
     def saved_rows(self, tensor: torch.Tensor, layout: Layout, keep_last: int = 1) -> Callable[[], torch.Tensor]:
         """Returns ``rows()``: ``to_examples(tensor.detach(), layout, keep_last)``, built on first call.
