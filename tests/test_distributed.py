@@ -31,6 +31,15 @@ def launch(tmp_path, scenario, world_size=2, timeout=120, target=dist_workers.ru
     return processes, alive, time.monotonic() - start
 
 
+def launched_results(tmp_path, scenario, world_size, timeout, target, context):
+    """Every rank's saved result of one launch; fails with the ranks' tracebacks if any raised or hung."""
+    processes, alive, _ = launch(tmp_path, scenario, world_size=world_size, timeout=timeout, target=target, context=context)
+    errors = {r: (tmp_path / f"rank{r}.err").read_text() for r in range(world_size) if (tmp_path / f"rank{r}.err").exists()}
+    assert not alive and not errors, errors
+    assert all(p.exitcode == 0 for p in processes)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
 @pytest.mark.parametrize("scenario", ["step", "accumulate"])
 def test_two_ranks_equal_one_process(tmp_path, scenario):
     processes, alive, _ = launch(tmp_path, scenario)

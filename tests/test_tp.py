@@ -17,7 +17,7 @@ import fsdp_mechanism_workers
 import fsdp_workers
 import fundp
 import tp_workers
-from test_distributed import launch
+from test_distributed import launched_results
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -81,12 +81,7 @@ _CONTEXT.set_forkserver_preload(["torch", "torch.distributed.fsdp", "torch.distr
 
 
 def _results(tmp_path, scenario, world_size, timeout=150):
-    processes, alive, _ = launch(tmp_path, scenario, world_size=world_size, timeout=timeout, target=tp_workers.run,
-                                 context=_CONTEXT)
-    errors = {r: (tmp_path / f"rank{r}.err").read_text() for r in range(world_size) if (tmp_path / f"rank{r}.err").exists()}
-    assert not alive and not errors, errors
-    assert all(p.exitcode == 0 for p in processes)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return launched_results(tmp_path, scenario, world_size, timeout, tp_workers.run, _CONTEXT)
 
 
 @pytest.fixture(scope="module")
