@@ -797,6 +797,26 @@ def _call_settings(params: Any, clip_style: str, built_sigma: Any, max_norm: Any
     return sigma, threshold
 
 
+def _checked_batch(sampling: Any, batch: Any, mask: Any, noise_mechanism: Any, check_padding: bool,
+                   looked_for_padding: list, world_size: Callable[[], int] | None) -> tuple[Any, Any]:
+    """The step's ``(batch, mask)`` (a :class:`fundp.data.Batch` unpacked) after the sampling guards:
+    rows against the sampler, the batch's sampler against the step's (a ``Batch`` value's also
+    when traced), and, eagerly, a padded or repeated-row batch without its mask refused
+    (``looked_for_padding``: non-empty once an unmasked batch was looked at)."""
+    batch, mask, source = _intake(batch, mask)
+    _check_batch_rows(sampling, batch, mask, world_size)
+    if source is not None:
+        _check_batch_source(sampling, source, noise_mechanism)
+    elif not torch.compiler.is_compiling():
+        _check_batch_source(sampling, fundp_guards.mask_source(mask), noise_mechanism)
+        if mask is None:
+            fundp_guards.refuse_padded_without_mask(batch)
+            if check_padding:
+                fundp_guards.refuse_repeated_rows_without_mask(batch, first_call=not looked_for_padding)
+                looked_for_padding.append(True)
+    return batch, mask
+
+
 def dp_step(
     loss_fn: Callable,
     *,
@@ -1008,17 +1028,8 @@ def dp_step(
              max_norm: Any = None, noise_multiplier: Any = None, clip_state: Any = None, noise_state: Any = None) -> StepResult:
         sigma, threshold = _call_settings(params, clip_style, built_sigma, max_norm, noise_multiplier,
                                           adaptive_clipping, clip_state, noise_mechanism, noise_state)
-        batch, mask, source = _intake(batch, mask)
-        _check_batch_rows(sampling, batch, mask, None if world_size is None else lambda: world_size(params))
-        if source is not None:  # a Batch value: its sampler is checked eagerly and when traced
-            _check_batch_source(sampling, source, noise_mechanism)
-        elif not torch.compiler.is_compiling():
-            _check_batch_source(sampling, fundp_guards.mask_source(mask), noise_mechanism)
-            if mask is None:
-                fundp_guards.refuse_padded_without_mask(batch)
-                if check_padding:
-                    fundp_guards.refuse_repeated_rows_without_mask(batch, first_call=not looked_for_padding)
-                    looked_for_padding.append(True)
+        batch, mask = _checked_batch(sampling, batch, mask, noise_mechanism, check_padding, looked_for_padding,
+                                     None if world_size is None else lambda: world_size(params))
         params = detach_params(params)
         spent = privatizer.event(noise_state, noise_multiplier=sigma)
         if noise_multiplier is not None and noise_mechanism is not None:  # a schedule: recorded step by step
