@@ -595,9 +595,9 @@ def slotted_clipped_sum(clipped_sum_fn: Callable[..., ClippedSum], slots: int, r
 
         first = parts[0]
         aux = None if first.aux is None else optree.tree_map(interleaved, *[part.aux for part in parts])
-        return first._replace(grads=grads, loss_sum=loss_sum, num_examples=sum(part.num_examples for part in parts),
+        return first._replace(grads=grads, loss_sum=loss_sum, num_examples=torch.stack([p.num_examples for p in parts]).sum(),
                               norms=interleaved(*[part.norms for part in parts]),
-                              num_nonfinite=sum(part.num_nonfinite for part in parts), aux=aux)
+                              num_nonfinite=torch.stack([p.num_nonfinite for p in parts]).sum(), aux=aux)
 
     return f
 
