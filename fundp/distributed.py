@@ -16,6 +16,17 @@ included), and every rank's ledger records the logical step once.  No DDP wrappe
 Tensor-sharded parameters (FSDP2, DTensor) are gathered, and the clipped sum reduce-scattered
 and noised per shard, by :mod:`fundp.sharding`.
 
+Step 2's float sum groups the rows by world size (each rank sums its own, then the ranks' sums
+are added), so the same batch on 2 and 4 ranks agrees only to rounding.  With
+``dp_step(..., reduction_slots=S)`` (``S`` a power of two, ``W`` a power of two dividing it) the
+sum is the same bits on every such world size: the global batch is cut into ``S`` slots (slot
+``s``: global rows ``i = s (mod S)``; rank ``r`` holds the slots ``s = r (mod W)``,
+:func:`slot_rows`), each slot's clipped sum is one call of the engine
+(:func:`slotted_clipped_sum`), and the slot sums are added by one fixed binary tree
+(:func:`canonical_tree_sum`), its last ``log2(W)`` levels across ranks by recursive doubling
+(:func:`tree_all_reduce`, :func:`tree_reduce_clipped_sum`).  Cost: ``S / W`` engine calls per
+rank and ``log2(W)`` full-size exchanges instead of one all-reduce.
+
 The scheme is only private if every rank holds the same key, settings and parameters: a rank
 that calls ``fundp.random.os_key()`` on its own adds different noise, and the all-reduced sum
 then carries noise of the wrong scale on no rank.  :func:`check_consistent` compares them across

@@ -12,7 +12,9 @@ examples (rows ``rank::W`` of the global batch, :func:`fundp.distributed.shard`)
 3. **reduce-scatter** the clipped sum (:func:`reduce_clipped_sum`): each rank keeps the sum of
    the coordinates it owns, laid out like the parameter (a DTensor with the same placements);
    the loss sum and counts are all-reduced with the per-call fingerprint of
-   :mod:`fundp.distributed`;
+   :mod:`fundp.distributed` (with ``dp_step(..., reduction_slots=S)``: the full-size sums are
+   added by the canonical tree of :mod:`fundp.distributed`, the same bits on any world size
+   dividing ``S``, and each rank keeps its own coordinates, :func:`tree_reduce_sharded_clipped_sum`);
 4. **noise once per coordinate, by its owner** (:func:`standard_normal_shards`): each rank draws
    only the noise of its own coordinates, from the counter-based key at their offsets in the
    single-process stream, so the gathered noisy gradient equals the single-process step bit for
