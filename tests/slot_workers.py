@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import fundp
 from dist_workers import global_problem, record_error, save_and_leave
-from fsdp_workers import sharded_model, step_for
+from fsdp_workers import saved_or_loaded, sharded_model, step_for
 from models import MLP, make
 
 SLOTS = 4
@@ -80,13 +80,8 @@ def checkpointed(rank: int, world_size: int, phase: str, directory: str) -> dict
         result["fsdp"] = one_step(model, params, rank, world_size)
     step = slot_step(model, True)
     opt_state = fundp.optim.adam(0.05).init(params)
-    if phase == "save":
-        params, opt_state, ledger = adam_steps(step, params, opt_state, fundp.Ledger(), rank, world_size, 0, 2)
-        fundp.sharded_checkpoint.save(directory, params=params, opt_state=opt_state, ledger=ledger, key=fundp.random.key(47),
-                                      step=2, run_id="slots")
-    else:
-        state = fundp.sharded_checkpoint.load(directory, params_like=params, opt_state_like=opt_state, run_id="slots")
-        params, opt_state, ledger = state.params, state.opt_state, state.ledger
+    params, opt_state, ledger = saved_or_loaded(phase, directory, "slots", params, opt_state,
+                                                lambda *state: adam_steps(step, *state, rank, world_size, 0, 2))
     params, opt_state, ledger = adam_steps(step, params, opt_state, ledger, rank, world_size, 2, 4)
     result.update(params={name: p.full_tensor() for name, p in params.items()}, ledger=ledger.to_dict())
     return result
