@@ -958,8 +958,9 @@ def dp_step(
         multiple of ``S`` (masked rows) before sharding it; each rank's batch must have a
         multiple of ``S / W`` rows.  Cost: ``S / W`` engine calls per rank of ``B / S`` rows each,
         and ``log2(W)`` full-size exchanges instead of one all-reduce.  Not with
-        ``tensor_parallel_dim``.  Bit-identity also needs the same hardware, thread count and
-        library versions: it removes only the dependence on the world size.
+        ``tensor_parallel_dim``.  Bit-identity also needs the same hardware, thread count,
+        library versions and execution mode (``torch.compile`` fuses differently from eager): it
+        removes only the dependence on the world size.
 
     The step computes ``StepResult(grads, ledger, loss, norms, num_nonfinite, aux, clip_state,
     noise_state)`` with ``grads = (sum_i c_i g_i + N(0, (sigma S)^2)) / expected_batch_size``.
