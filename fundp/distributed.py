@@ -16,6 +16,17 @@ included), and every rank's ledger records the logical step once.  No DDP wrappe
 Tensor-sharded parameters (FSDP2, DTensor) are gathered, and the clipped sum reduce-scattered
 and noised per shard, by :mod:`fundp.sharding`.
 
+Step 2's float sum groups the rows by world size (each rank sums its own, then the ranks' sums
+are added), so the same batch on 2 and 4 ranks agrees only to rounding.  With
+``dp_step(..., reduction_slots=S)`` (``S`` a power of two, ``W`` a power of two dividing it) the
+sum is the same bits on every such world size: the global batch is cut into ``S`` slots (slot
+``s``: global rows ``i = s (mod S)``; rank ``r`` holds the slots ``s = r (mod W)``,
+:func:`slot_rows`), each slot's clipped sum is one call of the engine
+(:func:`slotted_clipped_sum`), and the slot sums are added by one fixed binary tree
+(:func:`canonical_tree_sum`), its last ``log2(W)`` levels across ranks by recursive doubling
+(:func:`tree_all_reduce`, :func:`tree_reduce_clipped_sum`).  Cost: ``S / W`` engine calls per
+rank and ``log2(W)`` full-size exchanges instead of one all-reduce.
+
 The scheme is only private if every rank holds the same key, settings and parameters: a rank
 that calls ``fundp.random.os_key()`` on its own adds different noise, and the all-reduced sum
 then carries noise of the wrong scale on no rank.  :func:`check_consistent` compares them across
@@ -35,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from fundp import random as fundp_random
-from fundp._validate import check_int
+from fundp._validate import check_batch, check_int
 from fundp.types import ClippedSum
 
 __all__ = [
@@ -49,6 +60,12 @@ __all__ = [
     "check_consistent",
     "first_call_check",
     "RankMismatchError",
+    "check_reduction_slots",
+    "slot_rows",
+    "canonical_tree_sum",
+    "slotted_clipped_sum",
+    "tree_all_reduce",
+    "tree_reduce_clipped_sum",
 ]
 
 
@@ -101,13 +118,21 @@ def all_reduce_sum(tensors: list[torch.Tensor], group: Any = None) -> list[torch
       [tensor([1., 1.]), tensor([0, 1, 2])]
       >>> dist.destroy_process_group()
     """
+    def reduce(flat: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        return flat
+
+    return _by_dtype(tensors, reduce)
+
+
+def _by_dtype(tensors: list[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """``reduce`` applied to one flat buffer per dtype (a fresh concatenation), split back into the shapes."""
     by_dtype: dict[torch.dtype, list[int]] = {}
     for position, tensor in enumerate(tensors):
         by_dtype.setdefault(tensor.dtype, []).append(position)
     reduced: list[torch.Tensor | None] = [None] * len(tensors)
     for positions in by_dtype.values():
-        flat = torch.cat([tensors[p].reshape(-1) for p in positions])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat = reduce(torch.cat([tensors[p].reshape(-1) for p in positions]))
         offset = 0
         for p in positions:
             count = tensors[p].numel()
@@ -480,3 +505,169 @@ def first_call_check(settings: Any, group: Any = None) -> Callable[..., None]:
       False
     """
     return _FirstCallCheck(settings, group)
+
+
+# --------------------------------------------------------------------------- world-size-invariant sums
+
+
+def check_reduction_slots(slots: Any, world_size: int = 1) -> int:
+    """Returns ``slots`` checked: a power of two that ``world_size`` (a power of two) divides.
+
+    Example:
+      >>> import fundp
+      >>> fundp.distributed.check_reduction_slots(8, 2)
+      8
+    """
+    slots = check_int("reduction_slots", slots, minimum=1)
+    if slots & (slots - 1):
+        raise ValueError(f"reduction_slots must be a power of two, got {slots}")
+    if world_size & (world_size - 1) or slots % world_size:
+        raise ValueError(f"reduction_slots={slots} needs a world size that is a power of two dividing it, "
+                         f"got {world_size} ranks: use reduction_slots a multiple of every world size the run may take")
+    return slots
+
+
+def slot_rows(size: int, slots: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, torch.Tensor]]:
+    """``[(s, rows), ...]``: the reduction slots ``s`` rank ``rank`` holds and their rows in its batch.
+
+    The global batch (``size * world_size`` rows, sharded ``rank::world_size`` by :func:`shard`)
+    is cut into ``slots`` slots, slot ``s`` holding the global rows ``i = s (mod slots)`` in
+    order.  Rank ``r`` holds the slots ``s = r + t * world_size`` for ``t < L = slots / world_size``,
+    slot ``s`` being its local rows ``t, t + L, t + 2L, ...``.  Raises ``ValueError`` unless ``L``
+    divides ``size`` (pad the global batch to a multiple of ``slots`` before sharding).
+
+    Example:
+      >>> import fundp
+      >>> [(s, rows.tolist()) for s, rows in fundp.distributed.slot_rows(4, 4, rank=1, world_size=2)]
+      [(1, [0, 2]), (3, [1, 3])]
+    """
+    slots = check_reduction_slots(slots, world_size)
+    local = slots // world_size
+    if size == 0 or size % local:
+        raise ValueError(f"the batch has {size} rows on this rank, not a positive multiple of reduction_slots / world_size "
+                         f"= {slots} / {world_size} = {local}: pad the global batch to a multiple of reduction_slots "
+                         "(masked rows) before sharding it")
+    return [(rank + t * world_size, torch.arange(t, size, local)) for t in range(local)]
+
+
+def canonical_tree_sum(values: list) -> Any:
+    """The sum of ``L`` (a power of two) pytrees of tensors by the canonical binary tree.
+
+    Level by level, ``v[i] <- v[i] + v[i + L/2]`` for ``i < L/2``, then on the ``L/2`` results,
+    down to one: the grouping depends on ``L`` only.  Float addition is commutative, so a pair's
+    sum is the same bits whichever side computes it.
+
+    Example:
+      >>> import torch, fundp
+      >>> fundp.distributed.canonical_tree_sum([torch.tensor(1e16), torch.tensor(1.0), torch.tensor(-1e16), torch.tensor(1.0)])
+      tensor(2.)
+    """
+    if not values or len(values) & (len(values) - 1):
+        raise ValueError(f"canonical_tree_sum needs a power-of-two number of values, got {len(values)}")
+    while len(values) > 1:
+        half = len(values) // 2
+        values = [optree.tree_map(torch.add, values[i], values[i + half]) for i in range(half)]
+    return values[0]
+
+
+def slotted_clipped_sum(clipped_sum_fn: Callable[..., ClippedSum], slots: int, rank: int = 0,
+                        world_size: int = 1) -> Callable[..., ClippedSum]:
+    """Transform of a clipped-sum function: the rank's sum, slot by slot (see :func:`slot_rows`).
+
+    Returns ``f(params, batch, mask=None, key=None, **kwargs) -> ClippedSum``: one call of
+    ``clipped_sum_fn`` per slot ``s`` the rank holds, on the slot's rows in order (model key
+    ``fold_in(key, s)``: the same on any world size), the ``L = slots / world_size`` slot sums
+    (gradients and loss sum) added by :func:`canonical_tree_sum`, counts added exactly, ``norms``
+    and ``aux`` back in the batch's row order.  Since clipping is per example, a slot's clipped
+    sum is a function of its rows only, so the result is too: with :func:`tree_reduce_clipped_sum`
+    the total is the same bits on every world size dividing ``slots``.  Cost: ``L`` calls of
+    ``clipped_sum_fn`` on ``B / L`` rows each.
+
+    Example:
+      >>> import torch, fundp
+      >>> f = fundp.clipped_grad_sum(lambda p, b: b @ p["w"], max_norm=1.0, grad_method="vmap")
+      >>> g = fundp.distributed.slotted_clipped_sum(f, 2)
+      >>> g({"w": torch.zeros(2)}, torch.tensor([[3.0, 4.0], [0.3, 0.4]])).grads["w"]
+      tensor([0.9000, 1.2000], dtype=torch.float64)
+    """
+    slots = check_reduction_slots(slots, world_size)
+
+    def f(params: Any, batch: Any, mask: torch.Tensor | None = None, key: torch.Tensor | None = None, **kwargs: Any) -> ClippedSum:
+        size = check_batch(batch)
+        parts = []
+        for slot, rows in slot_rows(size, slots, rank, world_size):
+            part_key = None if key is None else fundp_random.fold_in(key, slot)
+            parts.append(clipped_sum_fn(params, optree.tree_map(lambda leaf: leaf[rows], batch),
+                                        None if mask is None else mask[rows], part_key, **kwargs))
+        grads, loss_sum = canonical_tree_sum([(part.grads, part.loss_sum) for part in parts])
+
+        def interleaved(*per_slot: torch.Tensor) -> torch.Tensor:  # slot t's k-th row is local row t + k * L
+            return torch.stack(per_slot, dim=1).reshape(size, *per_slot[0].shape[1:])
+
+        first = parts[0]
+        aux = None if first.aux is None else optree.tree_map(interleaved, *[part.aux for part in parts])
+        return first._replace(grads=grads, loss_sum=loss_sum, num_examples=torch.stack([p.num_examples for p in parts]).sum(),
+                              norms=interleaved(*[part.norms for part in parts]),
+                              num_nonfinite=torch.stack([p.num_nonfinite for p in parts]).sum(), aux=aux)
+
+    return f
+
+
+def tree_all_reduce(tensors: list[torch.Tensor], group: Any = None) -> list[torch.Tensor]:
+    """The element-wise SUM over the ``W`` ranks (a power of two), grouped by the canonical tree.
+
+    Recursive doubling: for ``h = W/2, W/4, ..., 1`` every rank exchanges its running sums with
+    rank ``rank XOR h`` (point-to-point) and adds the two; ranks ``r`` and ``r + h`` (``r < h``)
+    thus both hold ``v_r + v_{r+h}`` (the same bits: addition is commutative), and after
+    ``log2(W)`` rounds every rank holds :func:`canonical_tree_sum` of the ranks' values in rank
+    order.  One flat buffer per dtype; the inputs are not modified.  Cost: ``log2(W)`` exchanges
+    of the full tensors (an all-reduce moves about two).
+
+    Example:
+      >>> import os, tempfile, torch, torch.distributed as dist, fundp
+      >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rdv"), rank=0, world_size=1)
+      >>> fundp.distributed.tree_all_reduce([torch.ones(2)])
+      [tensor([1., 1.])]
+      >>> dist.destroy_process_group()
+    """
+    rank, world_size = rank_and_world_size(group)
+    if world_size & (world_size - 1):
+        raise ValueError(f"a tree all-reduce needs a power-of-two world size, got {world_size} ranks")
+
+    def reduce(flat: torch.Tensor) -> torch.Tensor:
+        half = world_size // 2
+        while half:
+            partner = rank ^ half
+            peer = dist.get_global_rank(group, partner) if group is not None else partner
+            theirs = torch.empty_like(flat)
+            ops = [dist.P2POp(dist.isend, flat, peer, group), dist.P2POp(dist.irecv, theirs, peer, group)]
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+            flat = flat + theirs
+            half //= 2
+        return flat
+
+    return _by_dtype(tensors, reduce)
+
+
+def tree_reduce_clipped_sum(clipped: ClippedSum, group: Any = None, *, fingerprint: Any = None) -> ClippedSum:
+    """:func:`all_reduce_clipped_sum` with the gradient and loss sums grouped by the canonical tree.
+
+    Gradient sums and the loss sum go through :func:`tree_all_reduce`; the counts (integers,
+    exact whatever the grouping) and ``fingerprint`` through :func:`all_reduce_clipped_sum`.
+    After :func:`slotted_clipped_sum` on each rank, the result is the same bits on every
+    power-of-two world size dividing the slots (:func:`canonical_tree_sum` of all slots).
+
+    Example:
+      >>> import os, tempfile, torch, torch.distributed as dist, fundp
+      >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rdv"), rank=0, world_size=1)
+      >>> summed = fundp.clipped_grad_sum(lambda p, b: b @ p["w"], max_norm=1.0, grad_method="vmap")
+      >>> clipped = fundp.distributed.slotted_clipped_sum(summed, 2)({"w": torch.zeros(2)}, torch.eye(2))
+      >>> fundp.distributed.tree_reduce_clipped_sum(clipped).grads["w"]
+      tensor([1., 1.], dtype=torch.float64)
+      >>> dist.destroy_process_group()
+    """
+    leaves, treedef = optree.tree_flatten(clipped.grads)
+    *grads, loss_sum = tree_all_reduce(leaves + [clipped.loss_sum], group)
+    counted = all_reduce_clipped_sum(clipped._replace(grads=[]), group, fingerprint=fingerprint)
+    return counted._replace(grads=optree.tree_unflatten(treedef, grads), loss_sum=loss_sum)

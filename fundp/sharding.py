@@ -12,7 +12,9 @@ examples (rows ``rank::W`` of the global batch, :func:`fundp.distributed.shard`)
 3. **reduce-scatter** the clipped sum (:func:`reduce_clipped_sum`): each rank keeps the sum of
    the coordinates it owns, laid out like the parameter (a DTensor with the same placements);
    the loss sum and counts are all-reduced with the per-call fingerprint of
-   :mod:`fundp.distributed`;
+   :mod:`fundp.distributed` (with ``dp_step(..., reduction_slots=S)``: the full-size sums are
+   added by the canonical tree of :mod:`fundp.distributed`, the same bits on any world size
+   dividing ``S``, and each rank keeps its own coordinates, :func:`tree_reduce_sharded_clipped_sum`);
 4. **noise once per coordinate, by its owner** (:func:`standard_normal_shards`): each rank draws
    only the noise of its own coordinates, from the counter-based key at their offsets in the
    single-process stream, so the gathered noisy gradient equals the single-process step bit for
@@ -110,6 +112,7 @@ __all__ = [
     "on_local_blocks",
     "map_local",
     "broadcast_replicas",
+    "tree_reduce_sharded_clipped_sum",
 ]
 
 
@@ -977,3 +980,41 @@ def broadcast_replicas(tree: Any, group: Any = None) -> Any:
         out.append(dtensor.from_local(local, mesh, leaf.placements, run_check=False, shape=leaf.shape,
                                       stride=_contiguous_stride(tuple(leaf.shape))))
     return optree.tree_unflatten(treedef, out)
+
+
+def tree_reduce_sharded_clipped_sum(clipped: Any, layout: ShardLayout, group: Any = None, *, fingerprint: Any = None) -> Any:
+    """:func:`reduce_clipped_sum` with the sums grouped by the canonical tree (``reduction_slots``).
+
+    The full-size sums are added by :func:`fundp.distributed.tree_reduce_clipped_sum` (the same
+    bits on every rank and on every world size dividing the slots), then each sharded leaf keeps
+    the coordinates its rank owns: a replicated DTensor redistributed to the parameter's
+    placements (a local slice, no communication).  Tensor-parallel layouts are refused.
+
+    Example:
+      >>> import os, tempfile, torch, torch.distributed as dist, fundp
+      >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rdv"), rank=0, world_size=1)
+      >>> f = fundp.clipped_grad_sum(lambda p, b: b @ p["w"], max_norm=1.0, grad_method="vmap")
+      >>> clipped = fundp.distributed.slotted_clipped_sum(f, 2)({"w": torch.zeros(2)}, torch.eye(2))
+      >>> fundp.sharding.tree_reduce_sharded_clipped_sum(clipped, fundp.sharding.ShardLayout((None,))).grads["w"]
+      tensor([1., 1.], dtype=torch.float64)
+      >>> dist.destroy_process_group()
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from fundp.distributed import tree_reduce_clipped_sum
+
+    if layout.tensor_parallel is not None:
+        raise NotImplementedError("reduction_slots with tensor_parallel_dim: not supported (the ranks of a tensor-parallel "
+                                  "group share their examples, which the slots' tree does not count once)")
+    leaves = optree.tree_leaves(clipped.grads)
+    if len(leaves) != len(layout.specs):
+        raise ValueError(f"the clipped sum has {len(leaves)} leaves but the layout describes {len(layout.specs)}")
+    total = tree_reduce_clipped_sum(clipped, group, fingerprint=fingerprint)
+    leaves, treedef = optree.tree_flatten(total.grads)
+    out = []
+    for leaf, spec in zip(leaves, layout.specs):
+        if spec is not None:
+            leaf = DTensor.from_local(leaf.contiguous(), spec.mesh, [Replicate()] * spec.mesh.ndim, run_check=False,
+                                      shape=leaf.shape, stride=leaf.stride()).redistribute(spec.mesh, spec.placements)
+        out.append(leaf)
+    return total._replace(grads=optree.tree_unflatten(treedef, out))

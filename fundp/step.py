@@ -669,7 +669,7 @@ def _clipped_sum_plan(loss_fn: Callable, physical_batch_size: Any, compile_chunk
 
 
 def _all_reduced(summed: ClippedSumFn, process_group: Any, settings: tuple, options: dict[str, Any],
-                 tensor_parallel_dim: Any = None) -> Callable[..., ClippedSum]:
+                 tensor_parallel_dim: Any = None, reduction_slots: int | None = None) -> Callable[..., ClippedSum]:
     """Transform of a clipped-sum function for ``distributed=True``: each rank sums its shard
     (its model key folded with its rank: dropout differs, the noise key stays shared) and the
     sums are all-reduced (SUM), or reduce-scattered for sharded (FSDP2 / DTensor) params, whose
@@ -678,7 +678,11 @@ def _all_reduced(summed: ClippedSumFn, process_group: Any, settings: tuple, opti
     With ``tensor_parallel_dim`` the ranks of a tensor-parallel group share one batch (and one
     model key): each group's sum is counted once (:func:`fundp.sharding.reduce_clipped_sum`).
     The first call checks that every rank holds the same key, settings and params; every call's
-    key and settings ride along in the collective (:func:`fundp.distributed.call_fingerprint`)."""
+    key and settings ride along in the collective (:func:`fundp.distributed.call_fingerprint`).
+    With ``reduction_slots`` the rank sums its rows slot by slot
+    (:func:`fundp.distributed.slotted_clipped_sum`, model key folded with the global slot) and the
+    sums are added by the canonical tree (:func:`fundp.distributed.tree_reduce_clipped_sum`,
+    :func:`fundp.sharding.tree_reduce_sharded_clipped_sum`): the same bits on any world size."""
     from fundp import distributed as fundp_distributed
     from fundp import sharding as fundp_sharding
 
@@ -690,8 +694,16 @@ def _all_reduced(summed: ClippedSumFn, process_group: Any, settings: tuple, opti
                                                 tensor_parallel_dim=tensor_parallel_dim)
         rank_check(step_key, params=params, per_call=per_call)
         rank = fundp_sharding.data_rank(layout, process_group)
-        clipped = summed(params, batch, mask, fundp_random.fold_in(key, rank), max_norm=max_norm)
         call_fingerprint = fundp_distributed.call_fingerprint(step_key, fingerprint)
+        if reduction_slots is not None:
+            world_size = fundp_distributed.rank_and_world_size(process_group)[1]
+            clipped = fundp_distributed.slotted_clipped_sum(summed, reduction_slots, rank, world_size)(
+                params, batch, mask, key, max_norm=max_norm)
+            total = fundp_distributed.tree_reduce_clipped_sum(clipped, process_group, fingerprint=call_fingerprint) \
+                if layout is None else \
+                fundp_sharding.tree_reduce_sharded_clipped_sum(clipped, layout, process_group, fingerprint=call_fingerprint)
+            return total._replace(sensitivity=clipped.sensitivity)
+        clipped = summed(params, batch, mask, fundp_random.fold_in(key, rank), max_norm=max_norm)
         if layout is None:
             total = fundp_distributed.all_reduce_clipped_sum(clipped, process_group, fingerprint=call_fingerprint)
         else:
@@ -845,6 +857,7 @@ def dp_step(
     adaptive_clipping: Any = None,
     noise_mechanism: Any = None,
     check_padding: bool = True,
+    reduction_slots: int | None = None,
 ) -> Step:
     """Transform: returns a stateless DP-SGD step.
 
@@ -952,6 +965,22 @@ def dp_step(
         legitimately repeats rows and every row is a real example.  Reads two rows per leaf: on
         every call for CPU tensors, on the first unmasked call only for accelerator tensors (a
         device sync); not inside ``torch.compile``.
+      reduction_slots: ``S``, a power of two (default ``None``: one sum per rank, all-reduced).
+        Makes the clipped sum the same bits on every world size ``W`` (a power of two dividing
+        ``S``), one process included, so a run resumed onto another world size
+        (:mod:`fundp.sharded_checkpoint`) continues bit for bit.  The global batch is cut into
+        ``S`` slots, slot ``s`` holding the global rows ``i = s (mod S)`` (with
+        :func:`fundp.distributed.shard`, rank ``r`` holds the slots ``s = r (mod W)``); each slot's
+        clipped sum is one call of the engine on its rows (and, with ``physical_batch_size``, its
+        chunks of them; model key folded with ``s``), and the slot sums are added by one fixed
+        binary tree, the last ``log2(W)`` levels across ranks by recursive doubling
+        (:func:`fundp.distributed.tree_reduce_clipped_sum`).  Pad the *global* batch to a
+        multiple of ``S`` (masked rows) before sharding it; each rank's batch must have a
+        multiple of ``S / W`` rows.  Cost: ``S / W`` engine calls per rank of ``B / S`` rows each,
+        and ``log2(W)`` full-size exchanges instead of one all-reduce.  Not with
+        ``tensor_parallel_dim``.  Bit-identity also needs the same hardware, thread count,
+        library versions and execution mode (``torch.compile`` fuses differently from eager): it
+        removes only the dependence on the world size.
 
     The step computes ``StepResult(grads, ledger, loss, norms, num_nonfinite, aux, clip_state,
     noise_state)`` with ``grads = (sum_i c_i g_i + N(0, (sigma S)^2)) / expected_batch_size``.
@@ -1008,6 +1037,15 @@ def dp_step(
         check_batch_consistency=check_batch_consistency, check_finite=check_finite)
     reduced, world_size = None, None
     tensor_parallel_dim = _sharding_dims(tensor_parallel_dim, distributed)
+    if reduction_slots is not None:
+        from fundp import distributed as fundp_distributed
+
+        reduction_slots = fundp_distributed.check_reduction_slots(reduction_slots)
+        if tensor_parallel_dim is not None:
+            raise NotImplementedError("reduction_slots with tensor_parallel_dim: not supported (the ranks of a "
+                                      "tensor-parallel group share their examples, which the slots' tree does not count once)")
+        if not distributed:
+            summed = fundp_distributed.slotted_clipped_sum(summed, reduction_slots)
     if distributed:
         from fundp import distributed as fundp_distributed
         from fundp import sharding as fundp_sharding
@@ -1016,10 +1054,10 @@ def dp_step(
             ("max_norm", max_norm), ("noise_multiplier", noise_multiplier), ("expected_batch_size", sampling.expected_batch_size),
             ("sample_rate", sampling.sample_rate), ("clip_style", clip_style), ("gamma", gamma), ("grad_method", grad_method),
             ("physical_batch_size", physical_batch_size), ("secure_mode", secure_mode), ("adaptive_clipping", adaptive_clipping),
-            ("tensor_parallel_dim", tensor_parallel_dim)),
+            ("tensor_parallel_dim", tensor_parallel_dim), ("reduction_slots", reduction_slots)),
             {"noise_mechanism": noise_mechanism is not None and not _is_mf(noise_mechanism),
              "adaptive clipping with tensor_parallel_dim": adaptive_clipping is not None and tensor_parallel_dim is not None},
-            tensor_parallel_dim)
+            tensor_parallel_dim, reduction_slots)
         world_size = lambda params: fundp_sharding.data_world_size(params, process_group, tensor_parallel_dim)  # noqa: E731
     built_sigma, built_threshold = noise_multiplier, max_norm
     looked_for_padding: list[bool] = []  # non-empty once an eager unmasked batch was looked at

@@ -222,6 +222,20 @@ def single_process_adam(steps=4):
     return params, ledger
 
 
+def saved_or_loaded(phase, directory, run_id, params, opt_state, first_steps):
+    """``save``: ``first_steps(params, opt_state, Ledger())`` (2 steps), then a sharded checkpoint of
+    the result (key 47, step 2); ``resume``: that checkpoint loaded into ``params`` and ``opt_state``'s
+    layout.  Returns ``(params, opt_state, ledger)``."""
+    if phase == "save":
+        params, opt_state, ledger = first_steps(params, opt_state, fundp.Ledger())
+        fundp.sharded_checkpoint.save(directory, params=params, opt_state=opt_state, ledger=ledger, key=fundp.random.key(47),
+                                      step=2, run_id=run_id)
+        return params, opt_state, ledger
+    state = fundp.sharded_checkpoint.load(directory, params_like=params, opt_state_like=opt_state, run_id=run_id)
+    assert state.step == 2 and state.key.tolist() == fundp.random.key(47).tolist()
+    return state.params, state.opt_state, state.ledger
+
+
 def checkpointed(rank: int, world_size: int, phase: str, directory: str) -> dict:
     """``save``: 2 Adam steps, a sharded checkpoint, 2 more (the uninterrupted run); ``resume``:
     load the checkpoint into params of another initialisation laid out on this world size, 2 steps."""
@@ -232,14 +246,8 @@ def checkpointed(rank: int, world_size: int, phase: str, directory: str) -> dict
     params = {name: p.detach() for name, p in model.named_parameters()}
     opt_state = fundp.optim.adam(0.05).init(params)
     step = step_for(model, "flat", True)
-    if phase == "save":
-        params, opt_state, ledger = adam_steps(step, params, opt_state, fundp.Ledger(), rank, world_size, 0, 2)
-        fundp.sharded_checkpoint.save(directory, params=params, opt_state=opt_state, ledger=ledger, key=fundp.random.key(47),
-                                      step=2, run_id="fsdp-test")
-    else:
-        state = fundp.sharded_checkpoint.load(directory, params_like=params, opt_state_like=opt_state, run_id="fsdp-test")
-        assert state.step == 2 and state.key.tolist() == fundp.random.key(47).tolist()
-        params, opt_state, ledger = state.params, state.opt_state, state.ledger
+    params, opt_state, ledger = saved_or_loaded(phase, directory, "fsdp-test", params, opt_state,
+                                                lambda *state: adam_steps(step, *state, rank, world_size, 0, 2))
     params, opt_state, ledger = adam_steps(step, params, opt_state, ledger, rank, world_size, 2, 4)
     return {"params": {name: p.full_tensor() for name, p in params.items()}, "ledger": ledger.to_dict(),
             "placements": {name: str(p.placements) for name, p in params.items()}}
