@@ -43,6 +43,7 @@ from fundp.checkpoint import CheckpointError, RunState
 __all__ = ["save", "load"]
 
 _FORMAT = "fundp.sharded_checkpoint/1"
+_STATES = ("clip_state", "noise_state")  # the mechanism states a checkpoint may hold
 
 
 def _tensors(name: str, tree: Any) -> dict[str, torch.Tensor]:
@@ -81,6 +82,8 @@ def save(
     check_ledger: bool = True,
     run_id: str | None = None,
     process_group: Any = None,
+    clip_state: Any = None,
+    noise_state: Any = None,
 ) -> None:
     """Writes a sharded checkpoint of the run to ``directory`` (every rank calls it).
 
@@ -93,6 +96,9 @@ def save(
       check_ledger: require ``ledger.steps == step`` (a loop that does not thread the ledger).
       run_id: the run's identity; default: a fresh random one (rank 0's, broadcast).
       process_group: the group for DCP's collectives (default: the world).
+      clip_state, noise_state: the adaptive-clipping state (``out.clip_state``) and the
+        correlated-noise state (``out.noise_state``; with sharded params its buffers are DTensors
+        laid out like them, saved as their shards), or ``None`` when the run has none.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -113,6 +119,9 @@ def save(
         "run_id": run_id,
     }
     state = {"params": _tensors("params", params), "opt_state": _tensors("opt_state", opt_state), "fundp": json.dumps(record)}
+    for name, tree in zip(_STATES, (clip_state, noise_state)):
+        if tree is not None:
+            state[name] = _tensors(name, tree)
     dcp.save(state, checkpoint_id=os.fspath(directory), process_group=process_group)
 
 
@@ -125,23 +134,38 @@ def load(
     allow_other_run: bool = False,
     check_ledger: bool = True,
     process_group: Any = None,
+    clip_state_like: Any = None,
+    noise_state_like: Any = None,
 ) -> RunState:
     """Restores a checkpoint written by :func:`save` into templates laid out for this run.
 
     ``params_like`` / ``opt_state_like``: pytrees of tensors or DTensors with the saved paths,
     global shapes and dtypes, in any layout (e.g. ``opt.init(params_like)`` on a new mesh);
-    they are copied, not modified.  Returns a :class:`fundp.checkpoint.RunState` (``extra``
-    empty).
+    they are copied, not modified.  ``clip_state_like`` / ``noise_state_like``: templates of the
+    saved mechanism states (e.g. ``mechanism.init(params_like)``, laid out for the new run); a
+    checkpoint holding a state must be given its template, and a template its saved state
+    (:class:`~fundp.checkpoint.CheckpointError` otherwise: a dropped correlated-noise state would
+    restart the mechanism's noise).  Returns a :class:`fundp.checkpoint.RunState` (``extra``
+    empty; ``clip_state`` / ``noise_state`` restored, or ``None``).
     """
     import torch.distributed.checkpoint as dcp
 
     from fundp.accounting import Ledger
     from fundp.distributed import check_consistent
 
-    params_flat = {path: leaf.clone() for path, leaf in _tensors("params_like", params_like).items()}
-    opt_flat = {path: leaf.clone() for path, leaf in _tensors("opt_state_like", opt_state_like).items()}
+    likes = {"params": params_like, "opt_state": opt_state_like, "clip_state": clip_state_like,
+             "noise_state": noise_state_like}
+    flats = {name: {path: leaf.clone() for path, leaf in _tensors(f"{name}_like", like).items()}
+             for name, like in likes.items() if like is not None}
     metadata = dcp.FileSystemReader(os.fspath(directory)).read_metadata().state_dict_metadata
-    for name, flat in (("params", params_flat), ("opt_state", opt_flat)):
+    for name in _STATES:
+        held = any(fqn.startswith(name + ".") for fqn in metadata)
+        if held != (name in flats):
+            raise CheckpointError(
+                f"the checkpoint {'holds' if held else 'holds no'} {name} but {name}_like is "
+                f"{'None' if held else 'given'}: pass the template of every saved state (a dropped noise state "
+                "restarts the mechanism's correlated noise), and none of a state that was not saved")
+    for name, flat in flats.items():
         saved = {fqn[len(name) + 1:]: meta for fqn, meta in metadata.items() if fqn.startswith(name + ".")}
         if set(saved) != set(flat):
             raise CheckpointError(f"{name}: the checkpoint holds {sorted(saved)[:8]}, the template {sorted(flat)[:8]}")
@@ -153,7 +177,7 @@ def load(
                     f"{name}: the tensor at {path} is {dtype} {shape} in the checkpoint but {leaf.dtype} "
                     f"{tuple(leaf.shape)} in the template"
                 )
-    state: dict[str, Any] = {"params": params_flat, "opt_state": opt_flat, "fundp": ""}
+    state: dict[str, Any] = {**flats, "fundp": ""}
     dcp.load(state, checkpoint_id=os.fspath(directory), process_group=process_group)
     record = json.loads(state["fundp"])
     if record.get("format") != _FORMAT:
@@ -175,5 +199,6 @@ def load(
         paths = [repr(path) for path in optree.tree_paths(like, none_is_leaf=False)]
         return optree.tree_unflatten(treedef, [flat[path] for path in paths])
 
-    return RunState(rebuild(params_like, params_flat), rebuild(opt_state_like, opt_flat), ledger, key, record["step"], {},
-                    run_id=record["run_id"])
+    restored = {name: rebuild(likes[name], flat) for name, flat in flats.items()}
+    return RunState(restored["params"], restored["opt_state"], ledger, key, record["step"], {}, run_id=record["run_id"],
+                    clip_state=restored.get("clip_state"), noise_state=restored.get("noise_state"))

@@ -84,7 +84,50 @@ def checkpointed(rank: int, world_size: int, phase: str, directory: str) -> dict
                                                 lambda *state: adam_steps(step, *state, rank, world_size, 0, 2))
     params, opt_state, ledger = adam_steps(step, params, opt_state, ledger, rank, world_size, 2, 4)
     result.update(params={name: p.full_tensor() for name, p in params.items()}, ledger=ledger.to_dict())
+    result["mf"] = mechanism_run(rank, world_size, phase, directory + "-mf")
     return result
+
+
+def mechanism_run(rank, world_size, phase, directory):
+    """FSDP2 SGD with a BLT correlated-noise mechanism and adaptive clipping, both states threaded:
+    ``save``: 2 steps, a DCP checkpoint of params, ledger, key, noise and clip state, 2 more;
+    ``resume``: the checkpoint loaded into states laid out for this world size, 2 steps.
+    Returns the final params (gathered), noise buffers (gathered), clip threshold and ledger."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from models import classification_loss
+
+    mech = fundp.mf.mechanism(fundp.mf.blt([0.9, 0.5], [0.3, 0.2], 4), fundp.mf.single_participation())
+    cfg = fundp.adaptive.quantile_clipping(target_quantile=0.5, learning_rate=0.3, count_noise_multiplier=0.5)
+    model = sharded_model(make(MLP, seed=0 if phase == "save" else 1), init_device_mesh("cpu", (world_size,)))
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    step = fundp.dp_step(classification_loss(model), max_norm=1.0, noise_multiplier=1.0, expected_batch_size=10.0,
+                         grad_method="vmap", distributed=True, check_key_reuse=False, reduction_slots=SLOTS,
+                         noise_mechanism=mech, adaptive_clipping=cfg)
+    batch, mask = local_batch(rank, world_size)
+    noise_state, clip_state, ledger = mech.init(params), cfg.init(0.95), fundp.Ledger()
+
+    def steps(params, noise_state, clip_state, ledger, first, last):
+        for t in range(first, last):
+            out = step(params, batch, fundp.random.fold_in(fundp.random.key(53), t), ledger=ledger, mask=mask,
+                       noise_state=noise_state, clip_state=clip_state)
+            params = {n: p - 0.5 * out.grads[n] for n, p in params.items()}
+            noise_state, clip_state, ledger = out.noise_state, out.clip_state, out.ledger
+        return params, noise_state, clip_state, ledger
+
+    if phase == "save":
+        params, noise_state, clip_state, ledger = steps(params, noise_state, clip_state, ledger, 0, 2)
+        fundp.sharded_checkpoint.save(directory, params=params, opt_state=(), ledger=ledger, key=fundp.random.key(53),
+                                      step=2, run_id="slots-mf", noise_state=noise_state, clip_state=clip_state)
+    else:
+        state = fundp.sharded_checkpoint.load(directory, params_like=params, opt_state_like=(), run_id="slots-mf",
+                                              noise_state_like=noise_state, clip_state_like=clip_state)
+        params, noise_state, clip_state, ledger = state.params, state.noise_state, state.clip_state, state.ledger
+        assert all(b.to_local().shape[1:] == params[n].to_local().shape for n, b in noise_state.buffers.items())
+    params, noise_state, clip_state, ledger = steps(params, noise_state, clip_state, ledger, 2, 4)
+    return {"params": {n: p.full_tensor() for n, p in params.items()},
+            "buffers": {n: b.full_tensor() for n, b in noise_state.buffers.items()},
+            "noise_step": int(noise_state.step), "max_norm": clip_state.max_norm.clone(), "ledger": ledger.to_dict()}
 
 
 def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str) -> None:

@@ -249,6 +249,19 @@ def test_a_sharded_checkpoint_refuses_other_templates_runs_and_unthreaded_ledger
         fundp.sharded_checkpoint.load(tmp_path / "b", params_like=wider, opt_state_like=())
     with pytest.raises(CheckpointError, match="params: the checkpoint holds"):
         fundp.sharded_checkpoint.load(tmp_path / "b", params_like={"w": torch.zeros(2)}, opt_state_like=())
+    # Mechanism states: a saved noise state must be restored (a dropped one restarts the correlated
+    # noise), and a template without a saved state is refused too.
+    mech = fundp.mf.mechanism(fundp.mf.blt([0.9], [0.3], 4), fundp.mf.single_participation())
+    save(tmp_path / "c", params=params, opt_state=(), ledger=ledger, key=fundp.random.key(1), step=2,
+         noise_state=mech.init(params))
+    with pytest.raises(CheckpointError, match="the checkpoint holds noise_state but noise_state_like is None"):
+        fundp.sharded_checkpoint.load(tmp_path / "c", params_like=params, opt_state_like=())
+    restored = fundp.sharded_checkpoint.load(tmp_path / "c", params_like=params, opt_state_like=(),
+                                             noise_state_like=mech.init(params)).noise_state
+    assert int(restored.step) == 0 and set(restored.buffers) == set(params)
+    with pytest.raises(CheckpointError, match="the checkpoint holds no clip_state but clip_state_like is given"):
+        fundp.sharded_checkpoint.load(tmp_path / "b", params_like=params, opt_state_like=(),
+                                      clip_state_like=fundp.adaptive.quantile_clipping(count_noise_multiplier=1.0).init(1.0))
 
 
 @pytest.mark.slow

@@ -73,6 +73,16 @@ def test_steps_and_a_checkpoint_resumed_onto_other_world_sizes_are_bit_identical
     for result in saved:
         for name, value in reference["plain"]["grads"].items():
             assert torch.equal(result["fsdp"][name], value), name
+    # FSDP2 with a BLT mechanism and adaptive clipping: their states saved sharded and resharded by
+    # DCP, the resumed runs end bit-identical (params, noise buffers, clip threshold, ledger).
+    uninterrupted = saved[0]["mf"]
+    assert uninterrupted["noise_step"] == 4 and fundp.Ledger.from_dict(uninterrupted["ledger"]).steps == 4
+    for result in saved + resumed:
+        for part in ("params", "buffers"):
+            for name, value in uninterrupted[part].items():
+                assert torch.equal(result["mf"][part][name], value), (part, name)
+        assert torch.equal(result["mf"]["max_norm"], uninterrupted["max_norm"])
+        assert result["mf"]["ledger"] == uninterrupted["ledger"] and result["mf"]["noise_step"] == 4
     ledger = reference["plain"]["ledger"]
     for result in saved + resumed:
         assert fundp.Ledger.from_dict(result["ledger"]) == ledger
