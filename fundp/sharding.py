@@ -67,7 +67,8 @@ The other noise of a step, sharded the same way:
   the gathered noise and state equal one process's bit for bit;
 * **adaptive clipping**'s unclipped count is summed over the ranks exactly (int64) before its
   noise is added once, from the shared key, so every rank keeps the same clip state (as with
-  replicated parameters);
+  replicated parameters); under tensor parallelism the sum is divided by the TP group's size,
+  whose ranks count the same rows, so each group's count is counted once;
 * **secure mode** draws from OS entropy, reproducible by nothing, so no rank could draw another's
   coordinates and no run equals another bit for bit (one process's included); each rank draws
   the secure noise of its own block only (:func:`map_local`), and copies of a coordinate on
@@ -322,8 +323,6 @@ def _describe(leaf: Any) -> str:
 _REFUSED_OPTIONS = {
     "noise_mechanism": "a mechanism other than fundp.mf's CorrelatedNoise would receive sharded gradients and "
                        "state it was not written for; fundp.mf mechanisms keep their state sharded like the params",
-    "adaptive clipping with tensor_parallel_dim": "the ranks of a tensor-parallel group count the same examples, "
-                       "and the count query's reduction does not yet count each group once",
 }
 
 

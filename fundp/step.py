@@ -724,11 +724,13 @@ def _privatizer_plan(noise_multiplier: Any, secure_mode: bool, noise_mechanism: 
     return privatizers.gaussian_privatizer(noise_multiplier)
 
 
-def _count_reduce(process_group: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``distributed=True``: adaptive clipping's unclipped count summed over the ranks (each counts its rows)."""
+def _count_reduce(process_group: Any, ranks_per_row: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``distributed=True``: adaptive clipping's unclipped count summed over the ranks (each counts its
+    rows); ``ranks_per_row``: how many ranks hold each row (a tensor-parallel group's size; they count
+    the same rows, so the exact int64 sum is divided by it)."""
     from fundp import distributed as fundp_distributed
 
-    return lambda count: fundp_distributed.all_reduce_sum([count], process_group)[0]
+    return lambda count: fundp_distributed.all_reduce_sum([count], process_group)[0] // ranks_per_row
 
 
 def _is_mf(noise_mechanism: Any) -> bool:
@@ -1055,8 +1057,7 @@ def dp_step(
             ("sample_rate", sampling.sample_rate), ("clip_style", clip_style), ("gamma", gamma), ("grad_method", grad_method),
             ("physical_batch_size", physical_batch_size), ("secure_mode", secure_mode), ("adaptive_clipping", adaptive_clipping),
             ("tensor_parallel_dim", tensor_parallel_dim), ("reduction_slots", reduction_slots)),
-            {"noise_mechanism": noise_mechanism is not None and not _is_mf(noise_mechanism),
-             "adaptive clipping with tensor_parallel_dim": adaptive_clipping is not None and tensor_parallel_dim is not None},
+            {"noise_mechanism": noise_mechanism is not None and not _is_mf(noise_mechanism)},
             tensor_parallel_dim, reduction_slots)
         world_size = lambda params: fundp_sharding.data_world_size(params, process_group, tensor_parallel_dim)  # noqa: E731
     built_sigma, built_threshold = noise_multiplier, max_norm
@@ -1094,7 +1095,12 @@ def dp_step(
 
             grads = fundp_sharding.broadcast_replicas(grads, process_group) if fundp_sharding.is_sharded(grads) else \
                 fundp_distributed.broadcast_from_rank0(grads, process_group)
-        new_clip_state = None if quantile is None else quantile.privatize((clipped.norms, mask), 1, count_key, clip_state)[1]
+        count_query = quantile
+        if quantile is not None and tensor_parallel_dim is not None and world_size is not None:  # a TP group's ranks count the same rows
+            group_size = fundp_distributed.rank_and_world_size(process_group)[1]
+            count_query = quantile_privatizer(adaptive_clipping, sampling.expected_batch_size,
+                                              reduce_count=_count_reduce(process_group, group_size // world_size(params)))
+        new_clip_state = None if count_query is None else count_query.privatize((clipped.norms, mask), 1, count_key, clip_state)[1]
         loss = clipped.loss_sum / torch.clamp_min(clipped.num_examples, 1).to(clipped.loss_sum.dtype)
         if ledger is not None:
             _after_step(ledger)  # the step completed: its ledger is now consumed, process-wide

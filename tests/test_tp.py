@@ -91,17 +91,28 @@ def references():
 
 @pytest.fixture(scope="module")
 def blt_reference():
-    """Three steps of the BLT mechanism in one process on the whole batch (state threaded)."""
+    """Three steps of the BLT mechanism, and three of adaptive clipping, in one process on the whole
+    batch (state threaded)."""
     model, params, batch, mask = fsdp_mechanism_workers.global_problem()
-    return fsdp_mechanism_workers.three_steps(model, params, batch, mask, fsdp_mechanism_workers.mechanisms()["blt"],
-                                              False, False)
+    blt = fsdp_mechanism_workers.three_steps(model, params, batch, mask, fsdp_mechanism_workers.mechanisms()["blt"],
+                                             False, False)
+    adaptive = fsdp_mechanism_workers.three_steps(model, params, batch, mask, None, True, False)
+    return {"blt": blt, "adaptive": adaptive}
 
 
-def check_correlated_noise(results, reference):
+def check_correlated_noise(results, references):
     """BLT noise with its state sharded like the tensor-parallel params: every step's gathered
     gradient, the final params and buffers equal one process's (1e-12), and each rank's buffers
-    have its local shard's shape (no rank holds more state than its coordinates)."""
+    have its local shard's shape (no rank holds more state than its coordinates).  Adaptive
+    clipping: each TP group's unclipped count is counted once (the clip threshold equals one
+    process's bit for bit; counting it once per TP rank would double it)."""
+    reference = references["blt"]
     for result in results:
+        adaptive = result["adaptive"]
+        for step, expected in zip(adaptive["steps"], references["adaptive"]["steps"]):
+            assert torch.equal(step["max_norm"], expected["max_norm"])
+            for name, value in expected["grads"].items():
+                torch.testing.assert_close(step["grads"][name], value, rtol=1e-12, atol=1e-14, msg=name)
         got = result["blt"]
         for step, expected in zip(got["steps"], reference["steps"]):
             for name, value in expected["grads"].items():
@@ -111,8 +122,6 @@ def check_correlated_noise(results, reference):
         for name, (buffer_shape, param_shape, _) in got["state_shapes"].items():
             assert buffer_shape[1:] == param_shape, name
         assert fundp.Ledger.from_dict(got["ledger"]) == fundp.Ledger.from_dict(reference["ledger"])
-        assert result["mismatch"]["adaptive"].startswith("NotImplementedError: sharded (DTensor / FSDP2) params with "
-                                                         "adaptive clipping with tensor_parallel_dim")
 
 
 @pytest.mark.slow

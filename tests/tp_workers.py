@@ -110,6 +110,9 @@ def tp_steps(mesh, problem: str, fsdp: bool, styles: tuple = CLIP_STYLES) -> dic
         results["blt"] = fsdp_mechanism_workers.three_steps(
             model, params, local, shard_mask, fsdp_mechanism_workers.mechanisms()["blt"], False, True, full=_full,
             tensor_parallel_dim="tp")
+        # adaptive clipping: the TP group's ranks count the same rows, each group's count once
+        results["adaptive"] = fsdp_mechanism_workers.three_steps(
+            model, params, local, shard_mask, None, True, True, full=_full, tensor_parallel_dim="tp")
     return results
 
 
@@ -149,9 +152,6 @@ def mismatches(rank: int, mesh) -> dict:
         dp0, dp0_mask = data_shard(batch, mask, mesh, data_rank=0)
         swapped = (dp0, dp0_mask) if rank == 3 else (local, shard_mask)  # rank 3 takes the other group's rows
         _attempt(outcomes, "split_group", tp, params, *swapped)
-    adaptive = fsdp_mechanism_workers.make_step(model, None, True, True, tensor_parallel_dim="tp")
-    _attempt(outcomes, "adaptive", lambda *a, **k: adaptive(*a, clip_state=fsdp_mechanism_workers.CFG.init(1.0), **k),
-             params, local, shard_mask)
     _attempt(outcomes, "fine", tp, params, local, shard_mask)
     return outcomes
 
