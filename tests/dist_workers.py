@@ -181,6 +181,19 @@ def save_and_leave(result, out_dir: str, rank: int) -> None:
     dist.destroy_process_group()
 
 
+def serve(rank: int, world_size: int, init_file: str, out_dir: str, compute, timeout_s: float) -> None:
+    """One rank of a launch: joins the gloo group, saves ``compute()`` (:func:`save_and_leave`), or
+    records the traceback (:func:`record_error`) and re-raises."""
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        save_and_leave(compute(), out_dir, rank)
+    except Exception:
+        record_error(out_dir, rank)
+        raise
+
+
 def record_error(out_dir: str, rank: int) -> None:
     """Writes the current exception's traceback to ``rank{rank}.err`` (what the tests read)."""
     with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as handle:

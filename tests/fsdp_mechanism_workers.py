@@ -7,13 +7,11 @@ SGD; the test compares every step with one process on the whole batch (:func:`si
 
 from __future__ import annotations
 
-import datetime
 
 import torch
-import torch.distributed as dist
 
 import fundp
-from dist_workers import CLIP_NORM, EXPECTED_BATCH, SIGMA, global_problem, record_error, save_and_leave
+from dist_workers import CLIP_NORM, EXPECTED_BATCH, SIGMA, global_problem, serve
 from fsdp_workers import CountingThreefry, sharded_model
 from models import classification_loss
 
@@ -180,18 +178,15 @@ def replicated(rank: int, world_size: int) -> dict:
 
 
 def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=30))
-        if scenario == "two":
-            result = {"fsdp": sharded(rank, world_size), "ddp": replicated(rank, world_size), "secure": secure(rank, world_size)}
-        elif scenario == "four":  # FSDP over 4 ranks (an empty shard) and HSDP on a 2 x 2 mesh
-            result = {"fsdp": sharded(rank, world_size), "hsdp": sharded(rank, world_size, (2, 2)),
-                      "secure_hsdp": secure(rank, world_size, (2, 2))}
-        else:
-            raise ValueError(scenario)
-        save_and_leave(result, out_dir, rank)
-    except Exception:
-        record_error(out_dir, rank)
-        raise
+    serve(rank, world_size, init_file, out_dir, lambda: _result(rank, world_size, out_dir, scenario), 30)
+
+
+def _result(rank: int, world_size: int, out_dir: str, scenario: str):
+    if scenario == "two":
+        result = {"fsdp": sharded(rank, world_size), "ddp": replicated(rank, world_size), "secure": secure(rank, world_size)}
+    elif scenario == "four":  # FSDP over 4 ranks (an empty shard) and HSDP on a 2 x 2 mesh
+        result = {"fsdp": sharded(rank, world_size), "hsdp": sharded(rank, world_size, (2, 2)),
+                  "secure_hsdp": secure(rank, world_size, (2, 2))}
+    else:
+        raise ValueError(scenario)
+    return result

@@ -6,15 +6,13 @@ compares with one process on the whole batch (:func:`single_process`).
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import fundp
-from dist_workers import CLIP_NORM, EXPECTED_BATCH, SIGMA, global_problem, record_error, save_and_leave
+from dist_workers import CLIP_NORM, EXPECTED_BATCH, SIGMA, global_problem, serve
 from models import MLP, classification_loss, make, params_of
 
 CLIP_STYLES = ("flat", "per_layer", "automatic")
@@ -269,28 +267,25 @@ def example() -> dict:
 
 
 def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=5 if scenario == "dies" else 20))
-        if scenario == "all":  # one launch for several checks: spawning ranks costs more than the steps
-            result = {"mlp": fsdp_steps(rank, world_size, "mlp"), "tied": fsdp_steps(rank, world_size, "tied"),
-                      "mismatch": mismatches(rank, world_size)}
-        elif scenario == "flat":
-            result = {"mlp": fsdp_steps(rank, world_size, "mlp", styles=("flat",)),
-                      "hsdp": fsdp_steps(rank, world_size, "mlp", styles=("flat",), mesh_shape=(2, world_size // 2))}
-        elif scenario == "dies":  # rank 1 dies before the step: the others fail within the group's timeout
-            if rank == 1:
-                raise RuntimeError("rank 1 dies before the step")
-            fsdp_steps(rank, world_size, "mlp", styles=("flat",))
-            result = {}
-        elif scenario.startswith("example"):
-            result = example()
-        elif scenario.startswith("checkpoint_"):  # checkpoint_save / checkpoint_resume, in out_dir/../checkpoint
-            result = checkpointed(rank, world_size, scenario.split("_")[1], os.path.join(os.path.dirname(out_dir), "checkpoint"))
-        else:
-            raise ValueError(scenario)
-        save_and_leave(result, out_dir, rank)
-    except Exception:
-        record_error(out_dir, rank)
-        raise
+    serve(rank, world_size, init_file, out_dir, lambda: _result(rank, world_size, out_dir, scenario), 5 if scenario == "dies" else 20)
+
+
+def _result(rank: int, world_size: int, out_dir: str, scenario: str):
+    if scenario == "all":  # one launch for several checks: spawning ranks costs more than the steps
+        result = {"mlp": fsdp_steps(rank, world_size, "mlp"), "tied": fsdp_steps(rank, world_size, "tied"),
+                  "mismatch": mismatches(rank, world_size)}
+    elif scenario == "flat":
+        result = {"mlp": fsdp_steps(rank, world_size, "mlp", styles=("flat",)),
+                  "hsdp": fsdp_steps(rank, world_size, "mlp", styles=("flat",), mesh_shape=(2, world_size // 2))}
+    elif scenario == "dies":  # rank 1 dies before the step: the others fail within the group's timeout
+        if rank == 1:
+            raise RuntimeError("rank 1 dies before the step")
+        fsdp_steps(rank, world_size, "mlp", styles=("flat",))
+        result = {}
+    elif scenario.startswith("example"):
+        result = example()
+    elif scenario.startswith("checkpoint_"):  # checkpoint_save / checkpoint_resume, in out_dir/../checkpoint
+        result = checkpointed(rank, world_size, scenario.split("_")[1], os.path.join(os.path.dirname(out_dir), "checkpoint"))
+    else:
+        raise ValueError(scenario)
+    return result

@@ -3,14 +3,12 @@ gloo ranks (CPU, float64), plain and FSDP2 params, and a DCP checkpoint resumed 
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import torch
-import torch.distributed as dist
 
 import fundp
-from dist_workers import global_problem, record_error, save_and_leave
+from dist_workers import global_problem, serve
 from fsdp_workers import saved_or_loaded, sharded_model, step_for
 from models import MLP, make
 
@@ -131,18 +129,15 @@ def mechanism_run(rank, world_size, phase, directory):
 
 
 def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=20))
-        if scenario == "refusals":
-            result = refusals(rank, world_size)
-        else:  # save / resume, the checkpoint in out_dir/../checkpoint
-            result = checkpointed(rank, world_size, scenario, os.path.join(os.path.dirname(out_dir), "checkpoint"))
-        save_and_leave(result, out_dir, rank)
-    except Exception:
-        record_error(out_dir, rank)
-        raise
+    serve(rank, world_size, init_file, out_dir, lambda: _result(rank, world_size, out_dir, scenario), 20)
+
+
+def _result(rank: int, world_size: int, out_dir: str, scenario: str):
+    if scenario == "refusals":
+        result = refusals(rank, world_size)
+    else:  # save / resume, the checkpoint in out_dir/../checkpoint
+        result = checkpointed(rank, world_size, scenario, os.path.join(os.path.dirname(out_dir), "checkpoint"))
+    return result
 
 
 def refusals(rank: int, world_size: int) -> dict:

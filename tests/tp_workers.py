@@ -8,15 +8,13 @@ a tensor-parallel group pass the same rows: the data shard of their "dp" coordin
 
 from __future__ import annotations
 
-import datetime
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import fsdp_mechanism_workers
 import fundp
-from dist_workers import global_problem, record_error, save_and_leave
+from dist_workers import global_problem, serve
 from fsdp_workers import CLIP_STYLES, CountingThreefry, example, runs, sgd_steps, step_for, tied_problem
 from models import MLP, make, params_of
 
@@ -179,11 +177,4 @@ SCENARIOS = {"tp": two_ranks, "fsdp_tp": four_ranks}
 
 
 def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=30))
-        save_and_leave(SCENARIOS[scenario](rank), out_dir, rank)
-    except Exception:
-        record_error(out_dir, rank)
-        raise
+    serve(rank, world_size, init_file, out_dir, lambda: SCENARIOS[scenario](rank), 30)
