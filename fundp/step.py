@@ -811,6 +811,56 @@ def _call_settings(params: Any, clip_style: str, built_sigma: Any, max_norm: Any
     return sigma, threshold
 
 
+def _reduction_plan(summed: ClippedSumFn, distributed: bool, process_group: Any, tensor_parallel_dim: Any,
+                    reduction_slots: Any, noise_mechanism: Any, settings: tuple) -> tuple[Any, Any, Any]:
+    """``(summed, reduced, world_size)``: the clipped-sum function (slotted with ``reduction_slots``
+    in one process), its ``distributed=True`` transform (:func:`_all_reduced`, ``settings``
+    compared across ranks) or ``None``, and ``world_size(params)`` (the ranks with rows of their
+    own) or ``None``."""
+    from fundp import distributed as fundp_distributed
+
+    if reduction_slots is not None:
+        reduction_slots = fundp_distributed.check_reduction_slots(reduction_slots)
+        if tensor_parallel_dim is not None:
+            raise NotImplementedError("reduction_slots with tensor_parallel_dim: not supported (the ranks of a "
+                                      "tensor-parallel group share their examples, which the slots' tree does not count once)")
+        if not distributed:
+            summed = fundp_distributed.slotted_clipped_sum(summed, reduction_slots)
+    if not distributed:
+        return summed, None, None
+    from fundp import sharding as fundp_sharding
+
+    reduced = _all_reduced(summed, process_group, settings + (("reduction_slots", reduction_slots),),
+                           {"noise_mechanism": noise_mechanism is not None and not _is_mf(noise_mechanism)},
+                           tensor_parallel_dim, reduction_slots)
+    return summed, reduced, lambda params: fundp_sharding.data_world_size(params, process_group, tensor_parallel_dim)
+
+
+def _count_query(quantile: Any, adaptive_clipping: Any, expected_batch_size: Any, process_group: Any,
+                 data_world_size: int | None) -> Any:
+    """Adaptive clipping's count privatizer for one call: under tensor parallelism
+    (``data_world_size`` given) the ranks of a TP group count the same rows, so the summed count
+    is divided by the group's size."""
+    if quantile is None or data_world_size is None:
+        return quantile
+    from fundp import distributed as fundp_distributed
+
+    group_size = fundp_distributed.rank_and_world_size(process_group)[1]
+    return quantile_privatizer(adaptive_clipping, expected_batch_size,
+                               reduce_count=_count_reduce(process_group, group_size // data_world_size))
+
+
+def _one_draw_per_coordinate(grads: Any, process_group: Any) -> Any:
+    """Secure mode with ``distributed=True``: each coordinate keeps its first holder's OS-entropy draw
+    (rank 0's when replicated; the owner's, first replica's, when sharded)."""
+    from fundp import distributed as fundp_distributed
+    from fundp import sharding as fundp_sharding
+
+    if fundp_sharding.is_sharded(grads):
+        return fundp_sharding.broadcast_replicas(grads, process_group)
+    return fundp_distributed.broadcast_from_rank0(grads, process_group)
+
+
 def _checked_batch(sampling: Any, batch: Any, mask: Any, noise_mechanism: Any, check_padding: bool,
                    looked_for_padding: list, world_size: Callable[[], int] | None) -> tuple[Any, Any]:
     """The step's ``(batch, mask)`` (a :class:`fundp.data.Batch` unpacked) after the sampling guards:
@@ -1037,29 +1087,13 @@ def dp_step(
         loss_fn, physical_batch_size, compile_chunk, max_norm=max_norm, clip_style=clip_style, gamma=gamma,
         grad_method=grad_method, has_aux=has_aux, randomness=randomness, verify=verify,
         check_batch_consistency=check_batch_consistency, check_finite=check_finite)
-    reduced, world_size = None, None
     tensor_parallel_dim = _sharding_dims(tensor_parallel_dim, distributed)
-    if reduction_slots is not None:
-        from fundp import distributed as fundp_distributed
-
-        reduction_slots = fundp_distributed.check_reduction_slots(reduction_slots)
-        if tensor_parallel_dim is not None:
-            raise NotImplementedError("reduction_slots with tensor_parallel_dim: not supported (the ranks of a "
-                                      "tensor-parallel group share their examples, which the slots' tree does not count once)")
-        if not distributed:
-            summed = fundp_distributed.slotted_clipped_sum(summed, reduction_slots)
-    if distributed:
-        from fundp import distributed as fundp_distributed
-        from fundp import sharding as fundp_sharding
-
-        reduced = _all_reduced(summed, process_group, (
+    summed, reduced, world_size = _reduction_plan(
+        summed, distributed, process_group, tensor_parallel_dim, reduction_slots, noise_mechanism, (
             ("max_norm", max_norm), ("noise_multiplier", noise_multiplier), ("expected_batch_size", sampling.expected_batch_size),
             ("sample_rate", sampling.sample_rate), ("clip_style", clip_style), ("gamma", gamma), ("grad_method", grad_method),
             ("physical_batch_size", physical_batch_size), ("secure_mode", secure_mode), ("adaptive_clipping", adaptive_clipping),
-            ("tensor_parallel_dim", tensor_parallel_dim), ("reduction_slots", reduction_slots)),
-            {"noise_mechanism": noise_mechanism is not None and not _is_mf(noise_mechanism)},
-            tensor_parallel_dim, reduction_slots)
-        world_size = lambda params: fundp_sharding.data_world_size(params, process_group, tensor_parallel_dim)  # noqa: E731
+            ("tensor_parallel_dim", tensor_parallel_dim)))
     built_sigma, built_threshold = noise_multiplier, max_norm
     looked_for_padding: list[bool] = []  # non-empty once an eager unmasked batch was looked at
 
@@ -1090,16 +1124,10 @@ def dp_step(
                              ("ledger steps", None if ledger is None else ledger.steps)))
         noisy, new_noise_state, _ = privatizer.privatize(clipped, clipped.sensitivity, noise_key, noise_state, noise_multiplier=sigma)
         grads = _normalise(noisy, sampling.expected_batch_size, clipped.dtypes)
-        if distributed and secure_mode:  # one draw per coordinate: its first holder's (rank 0's when replicated)
-            from fundp import sharding as fundp_sharding
-
-            grads = fundp_sharding.broadcast_replicas(grads, process_group) if fundp_sharding.is_sharded(grads) else \
-                fundp_distributed.broadcast_from_rank0(grads, process_group)
-        count_query = quantile
-        if quantile is not None and tensor_parallel_dim is not None and world_size is not None:  # a TP group's ranks count the same rows
-            group_size = fundp_distributed.rank_and_world_size(process_group)[1]
-            count_query = quantile_privatizer(adaptive_clipping, sampling.expected_batch_size,
-                                              reduce_count=_count_reduce(process_group, group_size // world_size(params)))
+        if distributed and secure_mode:
+            grads = _one_draw_per_coordinate(grads, process_group)
+        count_query = _count_query(quantile, adaptive_clipping, sampling.expected_batch_size, process_group,
+                                   world_size(params) if tensor_parallel_dim is not None and world_size is not None else None)
         new_clip_state = None if count_query is None else count_query.privatize((clipped.norms, mask), 1, count_key, clip_state)[1]
         loss = clipped.loss_sum / torch.clamp_min(clipped.num_examples, 1).to(clipped.loss_sum.dtype)
         if ledger is not None:
