@@ -420,19 +420,28 @@ def unshard(params: Any, group: Any = None, *, key: torch.Tensor, batch: Any, ma
     return optree.tree_unflatten(treedef, full), ShardLayout(specs, plan)
 
 
-def _refuse_shared_batches(digest: str, group: Any) -> None:
+def _gathered_digests(digest: str, group: Any, world_size: int) -> list[int | None]:
+    """Every group rank's batch digest (:func:`_batch_digest`) fingerprinted, ``None`` for a rank
+    with no real rows (it shares no examples).  A collective: every rank calls it, an empty one too."""
     import torch.distributed as dist
 
-    from fundp.distributed import RankMismatchError, _fingerprint, rank_and_world_size
+    from fundp.distributed import _fingerprint
 
-    _, world_size = rank_and_world_size(group)
-    if world_size == 1 or digest == "no real rows":
-        return
-    mine = torch.tensor([_fingerprint(digest)], dtype=torch.int64)
+    empty = digest == "no real rows"
+    mine = torch.tensor([0 if empty else _fingerprint(digest), int(empty)], dtype=torch.int64)
     gathered = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(gathered, mine, group=group)
-    values = [int(t) for t in gathered]
-    same = [r for r in range(world_size) if values.count(values[r]) > 1]
+    return [None if int(t[1]) else int(t[0]) for t in gathered]
+
+
+def _refuse_shared_batches(digest: str, group: Any) -> None:
+    from fundp.distributed import RankMismatchError, rank_and_world_size
+
+    _, world_size = rank_and_world_size(group)
+    if world_size == 1:
+        return
+    values = _gathered_digests(digest, group, world_size)
+    same = [r for r, value in enumerate(values) if value is not None and values.count(value) > 1]
     if same:
         raise RankMismatchError(
             f"ranks {same} pass the same batch rows: with sharded params every rank's rows must be its own "
@@ -684,27 +693,24 @@ def _tensor_parallel_plan(leaves: list, paths: list, group: Any, dims: tuple[str
 
 def _check_tensor_parallel_batches(digest: str, group: Any, plan: _TensorParallel) -> None:
     """Ranks of one tensor-parallel group pass the same batch; ranks of different groups, different rows."""
-    import torch.distributed as dist
+    from fundp.distributed import RankMismatchError
 
-    from fundp.distributed import RankMismatchError, _fingerprint
-
-    mine = torch.tensor([_fingerprint(digest), int(digest == "no real rows")], dtype=torch.int64)
-    gathered = [torch.empty_like(mine) for _ in plan.coordinates]
-    dist.all_gather(gathered, mine, group=group)
+    values = _gathered_digests(digest, group, len(plan.coordinates))
     groups: dict[tuple[int, ...], list[int]] = {}
     for rank in range(len(plan.coordinates)):
         groups.setdefault(plan.coordinate(rank, plan.data_dims), []).append(rank)
     for coordinate, ranks in groups.items():
-        if len({int(gathered[r][0]) for r in ranks}) > 1:
+        if len({values[r] for r in ranks}) > 1:
             raise RankMismatchError(
                 f"ranks {ranks} form one tensor-parallel group (mesh dims {plan.dims}"
                 + (f", data coordinate {dict(zip(plan.data_dims, coordinate))}" if plan.data_dims else "")
                 + ") but pass different batches: the ranks of a tensor-parallel group "
                 "compute one forward together and must pass the same rows and mask")
-    heads = {coordinate: ranks[0] for coordinate, ranks in groups.items() if not int(gathered[ranks[0]][1])}
+    heads = {coordinate: ranks[0] for coordinate, ranks in groups.items() if values[ranks[0]] is not None}
     seen: dict[int, tuple[int, ...]] = {}
     for coordinate, rank in heads.items():
-        value = int(gathered[rank][0])
+        value = values[rank]
+        assert value is not None
         if value in seen:
             raise RankMismatchError(
                 f"the tensor-parallel groups of ranks {groups[seen[value]]} and {groups[coordinate]} pass the same batch rows: "

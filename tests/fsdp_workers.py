@@ -70,6 +70,28 @@ def runs(problem, styles):
     return out
 
 
+def without_last_rank(mask, world_size):
+    """The global mask with the rows of the last rank (``fundp.distributed.shard``: rows ``r::W``) masked."""
+    mask = mask.clone()
+    mask[world_size - 1::world_size] = False
+    return mask
+
+
+def empty_rank(rank: int, world_size: int) -> dict:
+    """The last rank passes a batch without a real row (a Poisson batch can be empty): the step
+    runs on every rank (no collective skipped) and equals one process on the other ranks' rows."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model, _, batch, mask = global_problem()
+    rows, shard_mask = fundp.distributed.shard(torch.arange(mask.shape[0]), without_last_rank(mask, world_size), rank,
+                                               world_size)
+    assert bool(shard_mask.any()) == (rank != world_size - 1)
+    sharded_model(model, init_device_mesh("cpu", (world_size,)))
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    out = step_for(model, "flat", True)(params, {k: v[rows] for k, v in batch.items()}, fundp.random.key(46), mask=shard_mask)
+    return {"grads": {name: g.full_tensor() for name, g in out.grads.items()}, "loss": out.loss}
+
+
 def sgd_steps(params, step, batch, mask, steps=2, lr=0.5):
     """A short training loop: the params (plain or DTensor) updated by SGD on the private gradients."""
     for t in range(steps):
@@ -273,7 +295,7 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, scenario: str)
 def _result(rank: int, world_size: int, out_dir: str, scenario: str):
     if scenario == "all":  # one launch for several checks: spawning ranks costs more than the steps
         result = {"mlp": fsdp_steps(rank, world_size, "mlp"), "tied": fsdp_steps(rank, world_size, "tied"),
-                  "mismatch": mismatches(rank, world_size)}
+                  "mismatch": mismatches(rank, world_size), "empty_rank": empty_rank(rank, world_size)}
     elif scenario == "flat":
         result = {"mlp": fsdp_steps(rank, world_size, "mlp", styles=("flat",)),
                   "hsdp": fsdp_steps(rank, world_size, "mlp", styles=("flat",), mesh_shape=(2, world_size // 2))}

@@ -169,6 +169,19 @@ def test_two_fsdp2_ranks_equal_one_process_for_every_clip_style(two_ranks):
     _check_equal_to_one_process([r["mlp"] for r in two_ranks], fsdp_workers.single_process("mlp"))
 
 
+def test_a_rank_without_real_rows_takes_part_and_the_step_equals_one_process(two_ranks):
+    """A Poisson batch can be empty: the rank whose shard has no real row still joins every
+    collective (the shared-batch check included), and the step equals one process on the rows of
+    the other rank."""
+    model, params, batch, mask = fsdp_workers.global_problem()
+    expected = fsdp_workers.step_for(model, "flat", False)(params, batch, fundp.random.key(46),
+                                                           mask=fsdp_workers.without_last_rank(mask, 2))
+    for result in two_ranks:
+        for name, value in expected.grads.items():
+            torch.testing.assert_close(result["empty_rank"]["grads"][name], value, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(result["empty_rank"]["loss"], expected.loss, rtol=1e-12, atol=0)
+
+
 @pytest.mark.slow
 def test_four_fsdp2_ranks_equal_one_process(tmp_path):
     """Four ranks (a bias of 3 rows leaves rank 3 an empty shard, which draws no noise)."""
