@@ -317,11 +317,10 @@ def quantile_privatizer(cfg: Any, expected_batch_size: Any, *, reduce_count: Cal
         if isinstance(sensitivity, (int, float)) and sensitivity != 1:
             raise ValueError(f"the unclipped count has sensitivity 1, got {sensitivity}")
         norms, mask = query
-        if reduce_count is None:
-            noisy = adaptive.noisy_unclipped_count(norms, state.max_norm, mask, key.to(norms.device), cfg)
-        else:
-            count = reduce_count(adaptive.unclipped_count(norms, state.max_norm, mask))
-            noisy = adaptive._with_count_noise(count, adaptive._as_threshold(state.max_norm, norms), key.to(norms.device), cfg)
+        count = adaptive.unclipped_count(norms, state.max_norm, mask)
+        if reduce_count is not None:
+            count = reduce_count(count)
+        noisy = adaptive._with_count_noise(count, adaptive._as_threshold(state.max_norm, norms), key.to(norms.device), cfg)
         return noisy, adaptive.update(cfg, state, noisy, expected_batch_size), event(state)
 
     return Privatizer("quantile_count", cfg.init, privatize, event, None)

@@ -247,10 +247,10 @@ class CorrelatedNoise:
     def _init_leaf(self, leaf: Any) -> Any:
         """Zero buffers ``[m, *leaf.shape]``; for a sharded (DTensor) leaf only the rank's own block
         ``[m, *local_shape]``, as a DTensor laid out like the leaf (:func:`fundp.sharding.stacked_shard`)."""
-        if type(leaf).__name__ != "DTensor":
-            return self.strategy.init_buffers(leaf.detach(), self._buffer_dtype(leaf))
-        from fundp.sharding import stacked_shard
+        from fundp.sharding import is_sharded, stacked_shard
 
+        if not is_sharded(leaf):
+            return self.strategy.init_buffers(leaf.detach(), self._buffer_dtype(leaf))
         return stacked_shard(leaf, self.strategy.init_buffers(leaf.detach().to_local(), self._buffer_dtype(leaf)))
 
     def sample(self, state: NoiseState, key: torch.Tensor, stddev: Any, like: Any) -> tuple[Any, NoiseState]:
