@@ -67,8 +67,8 @@ The other noise of a step, sharded the same way:
   the gathered noise and state equal one process's bit for bit;
 * **adaptive clipping**'s unclipped count is summed over the ranks exactly (int64) before its
   noise is added once, from the shared key, so every rank keeps the same clip state (as with
-  replicated parameters); under tensor parallelism the sum is divided by the TP group's size,
-  whose ranks count the same rows, so each group's count is counted once;
+  replicated parameters); under tensor parallelism only the rank at TP coordinate 0 of each
+  group contributes its count (:func:`counts_its_examples`), as for the clipped sum;
 * **secure mode** draws from OS entropy, reproducible by nothing, so no rank could draw another's
   coordinates and no run equals another bit for bit (one process's included); each rank draws
   the secure noise of its own block only (:func:`map_local`), and copies of a coordinate on
@@ -108,6 +108,7 @@ __all__ = [
     "tp_hooks_suspended",
     "data_rank",
     "data_world_size",
+    "counts_its_examples",
     "gathered_frozen",
     "stacked_shard",
     "on_local_blocks",
@@ -786,13 +787,38 @@ def data_world_size(params: Any, group: Any = None, tensor_parallel_dim: Any = N
 
     world = dist.get_world_size(group)
     dims = _tensor_parallel_dims(tensor_parallel_dim)
-    dtensor = _dtensor_type()
-    leaf = next((leaf for leaf in optree.tree_leaves(params) if dtensor is not None and isinstance(leaf, dtensor)), None)
-    if dims is None or leaf is None:
+    root = _root_mesh(params)
+    if dims is None or root is None:
         return world
-    root = leaf.device_mesh._get_root_mesh()
     names = root.mesh_dim_names or ()
     return world // math.prod(root.size(names.index(d)) for d in dims if d in names)
+
+
+def counts_its_examples(params: Any, tensor_parallel_dim: Any = None) -> bool:
+    """Whether this rank's count of its examples is the one its tensor-parallel group contributes.
+
+    The ranks of a TP group share one batch: as for the clipped sum (:func:`reduce_clipped_sum`),
+    the rank at coordinate 0 of the TP dims counts for the group and the others contribute 0, so
+    a reduction over the ranks counts each example once.  Without ``tensor_parallel_dim``: True.
+
+    Example:
+      >>> import torch, fundp
+      >>> fundp.sharding.counts_its_examples({"w": torch.ones(2)})
+      True
+    """
+    dims = _tensor_parallel_dims(tensor_parallel_dim)
+    root = _root_mesh(params)
+    if dims is None or root is None:
+        return True
+    names, coordinate = root.mesh_dim_names or (), root.get_coordinate()
+    return not any(coordinate[names.index(d)] for d in dims if d in names)
+
+
+def _root_mesh(params: Any) -> Any:
+    """The root ``DeviceMesh`` of the first DTensor leaf of ``params``, or ``None``."""
+    dtensor = _dtensor_type()
+    leaf = next((leaf for leaf in optree.tree_leaves(params) if dtensor is not None and isinstance(leaf, dtensor)), None)
+    return None if leaf is None else leaf.device_mesh._get_root_mesh()
 
 
 def _is_tensor_parallel_hook(hook: Any) -> bool:

@@ -724,13 +724,13 @@ def _privatizer_plan(noise_multiplier: Any, secure_mode: bool, noise_mechanism: 
     return privatizers.gaussian_privatizer(noise_multiplier)
 
 
-def _count_reduce(process_group: Any, ranks_per_row: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
+def _count_reduce(process_group: Any, counted: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """``distributed=True``: adaptive clipping's unclipped count summed over the ranks (each counts its
-    rows); ``ranks_per_row``: how many ranks hold each row (a tensor-parallel group's size; they count
-    the same rows, so the exact int64 sum is divided by it)."""
+    rows); ``counted=False``: this rank contributes 0 (a tensor-parallel group's other ranks, whose
+    rows its first rank counts: :func:`fundp.sharding.counts_its_examples`)."""
     from fundp import distributed as fundp_distributed
 
-    return lambda count: fundp_distributed.all_reduce_sum([count], process_group)[0] // ranks_per_row
+    return lambda count: fundp_distributed.all_reduce_sum([count if counted else torch.zeros_like(count)], process_group)[0]
 
 
 def _is_mf(noise_mechanism: Any) -> bool:
@@ -836,18 +836,18 @@ def _reduction_plan(summed: ClippedSumFn, distributed: bool, process_group: Any,
     return summed, reduced, lambda params: fundp_sharding.data_world_size(params, process_group, tensor_parallel_dim)
 
 
-def _count_query(quantile: Any, adaptive_clipping: Any, expected_batch_size: Any, process_group: Any,
-                 data_world_size: int | None) -> Any:
-    """Adaptive clipping's count privatizer for one call: under tensor parallelism
-    (``data_world_size`` given) the ranks of a TP group count the same rows, so the summed count
-    is divided by the group's size."""
-    if quantile is None or data_world_size is None:
+def _count_query(quantile: Any, adaptive_clipping: Any, expected_batch_size: Any, process_group: Any, params: Any,
+                 tensor_parallel_dim: Any) -> Any:
+    """Adaptive clipping's count privatizer for one call: under tensor parallelism a TP group's
+    ranks count the same rows, so only its first rank's count enters the sum
+    (:func:`fundp.sharding.counts_its_examples`)."""
+    if quantile is None or tensor_parallel_dim is None:
         return quantile
-    from fundp import distributed as fundp_distributed
+    from fundp.sharding import counts_its_examples
 
-    group_size = fundp_distributed.rank_and_world_size(process_group)[1]
-    return quantile_privatizer(adaptive_clipping, expected_batch_size,
-                               reduce_count=_count_reduce(process_group, group_size // data_world_size))
+    if counts_its_examples(params, tensor_parallel_dim):
+        return quantile
+    return quantile_privatizer(adaptive_clipping, expected_batch_size, reduce_count=_count_reduce(process_group, False))
 
 
 def _one_draw_per_coordinate(grads: Any, process_group: Any) -> Any:
@@ -1126,8 +1126,8 @@ def dp_step(
         grads = _normalise(noisy, sampling.expected_batch_size, clipped.dtypes)
         if distributed and secure_mode:
             grads = _one_draw_per_coordinate(grads, process_group)
-        count_query = _count_query(quantile, adaptive_clipping, sampling.expected_batch_size, process_group,
-                                   world_size(params) if tensor_parallel_dim is not None and world_size is not None else None)
+        count_query = _count_query(quantile, adaptive_clipping, sampling.expected_batch_size, process_group, params,
+                                   tensor_parallel_dim)
         new_clip_state = None if count_query is None else count_query.privatize((clipped.norms, mask), 1, count_key, clip_state)[1]
         loss = clipped.loss_sum / torch.clamp_min(clipped.num_examples, 1).to(clipped.loss_sum.dtype)
         if ledger is not None:
