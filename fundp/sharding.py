@@ -1013,6 +1013,10 @@ def broadcast_replicas(tree: Any, group: Any = None) -> Any:
     return optree.tree_unflatten(treedef, out)
 
 
+_SLOTS_WITH_TENSOR_PARALLEL = ("reduction_slots with tensor_parallel_dim: not supported (the ranks of a tensor-parallel "
+                               "group share their examples, which the slots' tree does not count once)")
+
+
 def tree_reduce_sharded_clipped_sum(clipped: Any, layout: ShardLayout, group: Any = None, *, fingerprint: Any = None) -> Any:
     """:func:`reduce_clipped_sum` with the sums grouped by the canonical tree (``reduction_slots``).
 
@@ -1035,8 +1039,7 @@ def tree_reduce_sharded_clipped_sum(clipped: Any, layout: ShardLayout, group: An
     from fundp.distributed import tree_reduce_clipped_sum
 
     if layout.tensor_parallel is not None:
-        raise NotImplementedError("reduction_slots with tensor_parallel_dim: not supported (the ranks of a tensor-parallel "
-                                  "group share their examples, which the slots' tree does not count once)")
+        raise NotImplementedError(_SLOTS_WITH_TENSOR_PARALLEL)
     leaves = optree.tree_leaves(clipped.grads)
     if len(leaves) != len(layout.specs):
         raise ValueError(f"the clipped sum has {len(leaves)} leaves but the layout describes {len(layout.specs)}")

@@ -822,8 +822,9 @@ def _reduction_plan(summed: ClippedSumFn, distributed: bool, process_group: Any,
     if reduction_slots is not None:
         reduction_slots = fundp_distributed.check_reduction_slots(reduction_slots)
         if tensor_parallel_dim is not None:
-            raise NotImplementedError("reduction_slots with tensor_parallel_dim: not supported (the ranks of a "
-                                      "tensor-parallel group share their examples, which the slots' tree does not count once)")
+            from fundp.sharding import _SLOTS_WITH_TENSOR_PARALLEL
+
+            raise NotImplementedError(_SLOTS_WITH_TENSOR_PARALLEL)
         if not distributed:
             summed = fundp_distributed.slotted_clipped_sum(summed, reduction_slots)
     if not distributed:

@@ -40,6 +40,9 @@ def test_reduction_slots_are_checked():
     step = fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=4, reduction_slots=4, grad_method="vmap")
     with pytest.raises(ValueError, match="6 rows on this rank, not a positive multiple of .* = 4"):
         step({"w": torch.zeros(2)}, torch.randn(6, 2), fundp.random.key(0))
+    with pytest.raises(NotImplementedError, match="reduction_slots with tensor_parallel_dim: not supported"):
+        fundp.dp_step(loss_fn, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=4, reduction_slots=4,
+                      distributed=True, tensor_parallel_dim="tp")
 
 
 def test_one_process_with_slots_equals_the_plain_sum():
