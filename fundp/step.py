@@ -144,7 +144,7 @@ def clipped_grad_sum(
     when ``randomness="different"``.  ``max_norm`` at call time overrides the built threshold
     (a 0-d tensor under ``torch.compile`` never recompiles).  ``verify`` is passed to the
     engine: when a fast engine (``"ghost"``) is checked against single-example gradients.
-    ``check_batch_consistency``: on every call of the ghost path, the losses of a random half of
+    ``check_batch_consistency``: on every call of the ghost path, the losses of a random quarter of
     the batch must equal the batch's (see :mod:`fundp.engines.ghost._consistency`).
     ``check_finite``: debug mode, raise ``FloatingPointError`` for NaN/Inf params or losses of
     real rows (a device sync, outside the graph).
@@ -942,7 +942,7 @@ def dp_step(
       verify: ``"first"`` (default), ``"always"`` or ``False``: when the engine checks its fast
         path against single-example gradients (see :mod:`fundp.engines`).
       check_batch_consistency: on every call of the ghost path (``"auto"``/``"ghost"``), one extra
-        forward (no backward) of a random half of the batch, in random order: each of its losses
+        forward (no backward) of a random quarter of the batch, in random order: each of its losses
         must equal the same example's loss in the batch, or
         :class:`~fundp.engines.ghost.BatchConsistencyError` is raised.  Catches examples coupled
         by code the tracer cannot see (``torch.jit``, extension ops) on any call, not only the

@@ -30,7 +30,7 @@ to a parameter is a use they did not take (a graph walk, eagerly).  And the veri
 (:mod:`._verify`, ``dp_step(verify="first")`` by default) checks the engine against plain autograd
 and single examples on real data on the first call per input signature; on every later call a
 cheap check (:mod:`._consistency`, ``check_batch_consistency=True``) reruns the forward on a random
-half of the batch and compares the losses, so couplings hidden from the tracer are caught when they act.
+quarter of the batch and compares the losses, so couplings hidden from the tracer are caught when they act.
 
 :func:`ghost_plan` shows the plan for a model.
 """

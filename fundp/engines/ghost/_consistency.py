@@ -8,25 +8,28 @@ a batch statistic that is inactive on the first batch.  Any such coupling that c
 forward changes the losses of a different batch composition, so on every call
 (``check_batch_consistency=True``):
 
-* draw a random half of the rows, in random order, from the step's model key
-  (``rows = argsort(hash(key, arange(B)))[:B // 2]``, :func:`consistency_rows`: tensor ops
-  only, a new subset each call, no recompilation);
+* draw a random quarter of the rows (``ceil(B / 4)``, at least one), in random order, from the
+  step's model key (``rows = argsort(hash(key, arange(B)))[:ceil(B / 4)]``,
+  :func:`consistency_rows`: tensor ops only, a new subset each call, no recompilation);
 * run ``loss_fn`` once more on those rows alone (forward only, ``torch.no_grad``) and compare with
   the full batch's losses of the same rows: example ``i`` fails when
 
-  ``|L_i(batch) - L_i(half)| > tol * (|L_i(batch)| + |L_i(half)| + mean_j |L_j(batch)|)``
+  ``|L_i(batch) - L_i(subset)| > tol * (|L_i(batch)| + |L_i(subset)| + mean_j |L_j(batch)|)``
 
   (non-finite losses must be identical, NaN matching NaN).
 
 A batch statistic (a mean, a max, a quantile of the batch) differs between a batch and a random
-half of it, and an order-dependent op (a sort, a scan, a rank) sees another order, so a coupling
-that moves a loss by more than the tolerance is caught on the call where it acts (a statistic
-that is the same for the half by chance, e.g. the batch maximum when its row was drawn, is
-caught with probability 1/2 per call).
+part of it, and an order-dependent op (a sort, a scan, a rank) sees another order, so a coupling
+that moves a loss by more than the tolerance is caught on the call where it acts.  Why a
+quarter: the check costs a forward of the subset (``k / B`` of the batch's forward), and a
+smaller subset is *more* likely to differ from the batch, not less: a statistic that is the same
+for the subset by chance (the batch maximum, when its row was drawn) escapes with probability
+``k / B`` = 1/4 per call (1/2 with half the batch); a coupling of one pair of rows ``(i, j)`` is
+seen when ``i`` is drawn and ``j`` is not, probability ``(k/B)(1 - k/B)`` = 3/16 (1/4 with a half).
 
 Tolerances (:func:`fundp.engines.ghost._verify.tolerance`): ``1e-7`` when the parameters are
-float64, ``1e-3`` in float32, ``5e-2`` with 16-bit parameters or autocast.  A batch of half the
-size may take other kernels (other blocking of a reduction), so rows can differ by rounding: a
+float64, ``1e-3`` in float32, ``5e-2`` with 16-bit parameters or autocast.  A batch of a quarter
+of the size may take other kernels (other blocking of a reduction), so rows can differ by rounding: a
 few units in the last place of each reduction, amplified by the network's conditioning; the
 relative tolerances are ``~10^8`` (float64) and ``~10^4`` (float32) units of round-off, and the
 scale includes the batch's mean absolute loss so that a loss near zero by cancellation
@@ -34,7 +37,7 @@ scale includes the batch's mean absolute loss so that a loss near zero by cancel
 
 What it cannot see: a coupling that changes only the backward (a custom ``autograd.Function``
 whose backward mixes rows while its forward does not), and models with random ops
-(``randomness != "error"``: the half would draw other dropout masks), where the check is skipped.
+(``randomness != "error"``: the subset would draw other dropout masks), where the check is skipped.
 With dropout what remains is the tracer (every call) and the first call's whole-batch
 verification (same keyed draws): a coupling hidden from the tracer that acts only on a later
 batch is not caught; ``grad_method="vmap"`` or ``verify="always"`` covers it.
@@ -57,7 +60,7 @@ from fundp.engines.ghost._index import is_compiling
 from fundp.engines.ghost._layout import ExamplesInteractError
 from fundp.engines.ghost._verify import _take
 
-__all__ = ["BatchConsistencyError", "check_batch_consistency", "consistency_rows", "inconsistent_rows"]
+__all__ = ["BatchConsistencyError", "check_batch_consistency", "consistency_rows", "inconsistent_rows", "subset_size"]
 
 DOMAIN = 0x43484B31  # "CHK1": mixed into the key's words for the check's subsets
 _MASK32 = 0xFFFFFFFF
@@ -70,7 +73,7 @@ ADVICE = ("examples of a batch interact inside loss_fn through code the ghost en
 
 
 class BatchConsistencyError(ExamplesInteractError):
-    """A loss of the batch differs from the same example's loss in a random half of the batch.
+    """A loss of the batch differs from the same example's loss in a random quarter of the batch.
 
     Raised by the per-call check of ``dp_step(..., check_batch_consistency=True)``; an
     :class:`~fundp.engines.ghost.ExamplesInteractError` (a ``ValueError``).
@@ -90,8 +93,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def subset_size(size: int) -> int:
+    """``ceil(size / 4)``: how many rows the check reruns (see the module docstring)."""
+    return (size + 3) // 4
+
+
 def consistency_rows(key: torch.Tensor | None, size: int, device: torch.device) -> torch.Tensor:
-    """``LongTensor[size // 2]``: a random half of ``range(size)`` in random order, drawn from ``key``.
+    """``LongTensor[ceil(size / 4)]``: a random quarter of ``range(size)`` in random order, drawn
+    from ``key``.
 
     The rows are sorted by a keyed hash of their index, ``mix(mix(i + k0 ^ DOMAIN) ^ k1)`` with
     ``(k0, k1)`` the key's words: a bijection of 32-bit words, so no two rows tie, a new subset and
@@ -101,7 +110,7 @@ def consistency_rows(key: torch.Tensor | None, size: int, device: torch.device) 
 
     Example:
       >>> import torch, fundp
-      >>> rows = consistency_rows(fundp.random.key(0), 6, torch.device("cpu"))
+      >>> rows = consistency_rows(fundp.random.key(0), 10, torch.device("cpu"))
       >>> rows.shape, rows.unique().numel()
       (torch.Size([3]), 3)
     """
@@ -111,11 +120,11 @@ def consistency_rows(key: torch.Tensor | None, size: int, device: torch.device) 
     else:
         k0, k1 = key.to(device=device, dtype=torch.int64).unbind()
     scores = _mix32(_mix32(((index + k0) & _MASK32) ^ DOMAIN) ^ k1)
-    return scores.argsort()[: size // 2]
+    return scores.argsort()[: subset_size(size)]
 
 
-def inconsistent_rows(full: torch.Tensor, rows: torch.Tensor, half: torch.Tensor, tol: float) -> torch.Tensor:
-    """``BoolTensor[h]``: which of ``rows`` have a loss in the half (``half[k]``) that differs from
+def inconsistent_rows(full: torch.Tensor, rows: torch.Tensor, part: torch.Tensor, tol: float) -> torch.Tensor:
+    """``BoolTensor[h]``: which of ``rows`` have a loss in the subset (``part[k]``) that differs from
     the batch's (``full[rows[k]]``) by more than the tolerance (see the module docstring).
 
     Example:
@@ -125,14 +134,14 @@ def inconsistent_rows(full: torch.Tensor, rows: torch.Tensor, half: torch.Tensor
       tensor([False, False,  True])
     """
     wide = torch.float64 if full.dtype == torch.float64 else torch.float32
-    full_wide, half_wide = full.to(wide), half.to(wide)
+    full_wide, part_wide = full.to(wide), part.to(wide)
     batch = full_wide.index_select(0, rows)
     finite = torch.isfinite(full_wide)
     scale = torch.where(finite, full_wide.abs(), torch.zeros_like(full_wide)).sum() / finite.sum().clamp(min=1)
-    both = torch.isfinite(batch) & torch.isfinite(half_wide)
-    bound = tol * (batch.abs() + half_wide.abs() + scale)
-    close = both & ((batch - half_wide).abs() <= bound)
-    same = (batch == half_wide) | (torch.isnan(batch) & torch.isnan(half_wide))
+    both = torch.isfinite(batch) & torch.isfinite(part_wide)
+    bound = tol * (batch.abs() + part_wide.abs() + scale)
+    close = both & ((batch - part_wide).abs() <= bound)
+    same = (batch == part_wide) | (torch.isnan(batch) & torch.isnan(part_wide))
     return ~(close | same)
 
 
@@ -140,7 +149,7 @@ def check_batch_consistency(
     loss_fn: Callable, params: Any, batch: Any, key: torch.Tensor | None, losses: torch.Tensor, has_aux: bool,
     tol: float,
 ) -> None:
-    """Runs ``loss_fn`` on a random half of ``batch`` (forward only) and raises when a row's loss
+    """Runs ``loss_fn`` on a random quarter of ``batch`` (forward only) and raises when a row's loss
     differs from ``losses`` (``[B]``, the full batch's); see the module docstring."""
     size = losses.shape[0]
     if size < 2:
@@ -155,17 +164,17 @@ def check_batch_consistency(
             f"loss_fn failed on {rows.numel()} of the batch's {size} rows, run by the per-call batch-consistency "
             f"check ({error}). loss_fn must accept a batch of any size (no batch size written into it); "
             "or pass check_batch_consistency=False") from error
-    half = out[0] if has_aux else out
-    if not isinstance(half, torch.Tensor) or half.shape != rows.shape:
-        shape = tuple(half.shape) if isinstance(half, torch.Tensor) else type(half).__name__
+    part = out[0] if has_aux else out
+    if not isinstance(part, torch.Tensor) or part.shape != rows.shape:
+        shape = tuple(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
         raise ValueError(
             f"loss_fn returned {shape} on {rows.numel()} of the batch's {size} rows, run by the per-call batch-consistency "
             f"check; it must return [{rows.numel()}] per-example losses: a batch of any size (no batch size written "
             "into it); or pass check_batch_consistency=False")
-    bad = inconsistent_rows(losses.detach(), rows, half.detach(), tol)
+    bad = inconsistent_rows(losses.detach(), rows, part.detach(), tol)
     if is_compiling():
         torch._assert_async(~bad.any(), "BatchConsistencyError: a loss of the batch differs from the same "
-                            "example's loss in a random half of the batch: " + ADVICE)
+                            "example's loss in a random quarter of the batch: " + ADVICE)
         return
     if bool(bad.any()):
         which = rows[bad].tolist()
@@ -173,5 +182,5 @@ def check_batch_consistency(
         position = int(bad.nonzero()[0])
         raise BatchConsistencyError(
             f"example {first}'s loss is {float(losses[first]):.9g} in the batch of {size} but "
-            f"{float(half[position]):.9g} in a random half of it ({len(which)} of {rows.numel()} rows differ, "
+            f"{float(part[position]):.9g} in a random quarter of it ({len(which)} of {rows.numel()} rows differ, "
             f"tolerance {tol:g}): {ADVICE}")

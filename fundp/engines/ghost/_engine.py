@@ -284,7 +284,7 @@ def make_ghost_engine(
     per-example gradients from ``vmap(grad)`` (with ``randomness != "error"`` the whole step falls
     back to ``vmap``, so that every part of an example's gradient sees the same dropout mask).
     ``verify``: see :mod:`fundp.engines.ghost._verify`.  ``check_batch_consistency``: on every call
-    of the ghost path, the losses of a random half of the batch must equal the batch's
+    of the ghost path, the losses of a random quarter of the batch must equal the batch's
     (:mod:`fundp.engines.ghost._consistency`; skipped with ``randomness != "error"``).
 
     Example:
@@ -479,7 +479,7 @@ def make_ghost_engine(
         if checked is None and (verify == "always" or (
                 verify == "first" and (data_dependent or _signature(leaves, batch) not in verified))):
             run_verification(params, batch, key, sq_norm_leaves, losses, weighted_sum_leaves, data_dependent)
-        if consistency and check_batch_consistency and randomness == "error":  # a half would draw other dropout masks
+        if consistency and check_batch_consistency and randomness == "error":  # a subset would draw other dropout masks
             _check_consistency(loss_fn, params, batch, key, losses, has_aux, tolerance(leaves))
         aux = optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
         return EngineOutput(sq_norms, losses, aux, weighted_sum)
