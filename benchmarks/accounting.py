@@ -23,7 +23,10 @@ Corner grid (``--grid``; issue 21): one-segment ledgers ``(sigma, q, T, delta)``
 against the best available estimate: the least of the upper bounds (fundp, dp_accounting's
 pessimistic PLD at intervals 1e-4 and 3e-5, by bisection on its delta curve, and for q = 1 the
 closed form), leaving out any below fundp's certified lower bound (``bounds=True``): dp_accounting's
-FFT has no round-off control and at delta ~1e-12 its "pessimistic" value can fall below it.  The
+FFT has no round-off control and at delta ~1e-12 its "pessimistic" value can fall below it.
+prv_accountant 0.2 (when installed: the ``bench`` extra) is shown beside them with its own
+``(lower, estimate, upper)`` at 1% error (``eps_error = 0.01 eps``, ``delta_error = 0.01 delta``:
+tighter errors take minutes per corner), each query in a child process killed after 120 s.  The
 certified gap (upper / lower - 1) bounds fundp's excess over the exact value.  Also ``fundp.delta``
 at the best epsilon against the case's delta, and times per query.
 
@@ -284,6 +287,43 @@ def _dp_pld(sigma: float, q: float, steps: int, interval: float, pessimistic: bo
         use_connect_dots=pessimistic).self_compose(steps)
 
 
+def _prv_accountant_epsilon(sigma: float, q: float, steps: int, delta: float, eps: float, relative_error: float):
+    """``(lower, estimate, upper)`` of prv_accountant 0.2 (Gopi et al.'s PRV accountant, the package
+    the issue measured) with ``eps_error = relative_error * eps`` (``eps``: fundp's answer) and
+    ``delta_error = relative_error * delta``; run in the caller's child process."""
+    from prv_accountant import PRVAccountant
+    from prv_accountant.privacy_random_variables import PoissonSubsampledGaussianMechanism
+
+    accountant = PRVAccountant(prvs=PoissonSubsampledGaussianMechanism(noise_multiplier=sigma, sampling_probability=q),
+                               max_self_compositions=steps, eps_error=relative_error * eps,
+                               delta_error=relative_error * delta)
+    return tuple(float(v) for v in accountant.compute_epsilon(delta=delta, num_self_compositions=steps))
+
+
+def _prv_accountant_cell(sigma: float, q: float, steps: int, delta: float, eps: float, timeout: float = 120.0,
+                         relative_error: float = 0.01) -> str:
+    """prv_accountant's ``lower / estimate / upper (s)`` for the grid, or why there is none (not
+    installed, its own error, or over ``timeout`` seconds: a child process is killed)."""
+    import concurrent.futures
+    import importlib.util
+    import multiprocessing
+
+    if importlib.util.find_spec("prv_accountant") is None:
+        return "not installed"
+    start = time.perf_counter()
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        future = pool.submit(_prv_accountant_epsilon, sigma, q, steps, delta, eps, relative_error)
+        try:
+            lower, estimate, upper = future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.kill()
+            return f"over {timeout:.0f} s"
+        except Exception as error:  # prv_accountant refuses some corners (e.g. its own domain checks)
+            return f"error: {type(error).__name__}"
+    return f"{lower:.6f} / {estimate:.6f} / {upper:.6f} ({time.perf_counter() - start:.2f})"
+
+
 def _epsilon_by_bisection(delta_of, delta: float) -> float:
     low, high = 0.0, 64.0
     for _ in range(50):
@@ -302,8 +342,9 @@ def grid_table() -> None:
         return
     print("\n## Corner grid: fundp \"prv\" against the best available estimate\n")
     print("| sigma | q | T | delta | fundp eps | certified lower | best upper | excess | certified gap | fundp s "
-          "| bounds s | dp_accounting 1e-4 (s) | dp_accounting 3e-5 | fundp delta / delta | delta s | warning |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| bounds s | dp_accounting 1e-4 (s) | dp_accounting 3e-5 | prv_accountant 1%: lower / estimate / upper (s) "
+          "| fundp delta / delta | delta s | warning |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     worst, worst_gap, worst_delta, slowest_delta, below, inconsistent = 0.0, 0.0, 0.0, 0.0, [], []
     for sigma, q, steps, target in GRID:
         ledger = Ledger([(sigma, q, steps)])
@@ -327,6 +368,7 @@ def grid_table() -> None:
             coarse_seconds = time.perf_counter() - start
             fine = _epsilon_by_bisection(_dp_pld(sigma, q, steps, 3e-5).get_delta_for_epsilon, target)
             uppers += [coarse, fine]
+        prv_cell = "closed form" if q == 1 else _prv_accountant_cell(sigma, q, steps, target, ours)
         # An "upper bound" below a certified lower bound is not one (dp_accounting's FFT has no
         # round-off control at delta ~1e-12): it is reported, not used.
         trusted = [value for value in uppers if value >= lower]
@@ -345,7 +387,7 @@ def grid_table() -> None:
         worst_delta, slowest_delta = max(worst_delta, abs(our_delta / target - 1)), max(slowest_delta, delta_seconds)
         print(f"| {sigma:g} | {q:.3g} | {steps:g} | {target:g} | {ours:.6f} | {lower:.6f} | {best:.6f} | "
               f"{100 * excess:+.3f}% | {100 * gap:.3f}% | {seconds:.2f} | {bounds_seconds:.2f} | "
-              f"{coarse:.6f} ({coarse_seconds:.2f}) | {fine:.6f} | {our_delta / target:.4f} | {delta_seconds:.2f} | "
+              f"{coarse:.6f} ({coarse_seconds:.2f}) | {fine:.6f} | {prv_cell} | {our_delta / target:.4f} | {delta_seconds:.2f} | "
               f"{note or '-'} |")
         sys.stdout.flush()
     print(f"\nworst excess over the best trusted upper estimate: {100 * worst:+.3f}%; worst certified gap "
