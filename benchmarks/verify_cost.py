@@ -15,6 +15,7 @@ Prints the median time of each (interleaved runs) and their ratio.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -64,19 +65,25 @@ def build_case(build, size):
     return loss_fn, params, make_batch(size, torch.Generator().manual_seed(1))
 
 
+_STREAMS = itertools.count()  # one key stream per step built in this process
+
+
 def interleaved_medians(steps: dict, params, batch, repeats: int, clock=time.perf_counter) -> dict:
     """``{name: median seconds}`` of ``steps[name](params, batch, key)``, runs interleaved after a warm-up.
 
     ``clock``: ``time.perf_counter`` (wall) or ``time.process_time`` (this process's CPU time: on a
     shared, overloaded machine wall times measure the other processes' scheduling, not the step)."""
     times: dict = {name: [] for name in steps}
-    for step in steps.values():
+    # Each step its own keys (the steps refuse a key used before in this process: check_key_reuse).
+    keys = {name: fundp.random.fold_in(fundp.random.key(2026), next(_STREAMS)) for name in steps}
+    for name, step in steps.items():
         for warm in range(2):  # compiles (and the first call's verification) happen here
-            step(params, batch, fundp.random.key(100 + warm))
+            step(params, batch, fundp.random.fold_in(keys[name], 100 + warm))
     for repeat in range(repeats):
         for name, step in steps.items():
+            key = fundp.random.fold_in(keys[name], repeat)
             start = clock()
-            step(params, batch, fundp.random.key(repeat))
+            step(params, batch, key)
             times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
