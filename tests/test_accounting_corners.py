@@ -77,6 +77,58 @@ def test_composed_entries_stay_within_the_round_off_bound(segments, interval, ti
     assert composed.entry_error < 1e-11
 
 
+def _split(single, fraction):
+    """``single`` cut into bulk and tail where the tail holds about ``fraction`` of its mass."""
+    suffix = np.cumsum(single.masses[::-1])[::-1]
+    cut = int(np.searchsorted(-suffix, -fraction * suffix[0]))
+    return (pld.DiscretePLD(single.interval, single.start, single.masses[:cut], 0.0),
+            pld.DiscretePLD(single.interval, single.start + cut, single.masses[cut:], 0.0))
+
+
+MIXTURE_CASES = [
+    # (segments (sigma, q, count), interval, tilt, count vectors n (tail steps per segment))
+    ([(0.8, 0.05, 40)], 0.01, 0.0, [(1,), (2,), (3,)]),
+    ([(0.8, 0.05, 40)], 0.01, 12.0, [(1,), (2,), (3,)]),
+    ([(0.7, 0.1, 20), (1.0, 0.2, 10)], 0.02, 5.0, [(1, 0), (0, 1), (1, 1), (2, 0), (0, 2)]),
+]
+
+
+@pytest.mark.parametrize("segments, interval, tilt, vectors", MIXTURE_CASES)
+def test_mixture_entries_stay_within_the_round_off_bound(segments, interval, tilt, vectors):
+    # The split composition's terms |n| >= 1 summed at one tilt by one FFT (fundp.accounting.mixture):
+    # every entry within entry_error (+ relative_error) of the exact weighted sum of circular
+    # compositions, in long double.
+    from fundp.accounting.mixture import compose_mixture
+
+    pieces, counts, log_weights = [], [], []
+    for sigma, q, _ in segments:
+        pieces += _split(pld.discretize(sigma, q, interval, "remove", 1e-12), 0.02)
+    for n in vectors:
+        row, log_binom = [], 0.0
+        for (_, _, steps), k in zip(segments, n):
+            row += [steps - k, k]
+            log_binom += math.lgamma(steps + 1) - math.lgamma(k + 1) - math.lgamma(steps - k + 1)
+        counts.append(row)
+        log_weights.append(log_binom)
+    composed = compose_mixture(pieces, counts, log_weights, 1e-12, tilt)
+    size = composed.masses.size
+    assert size <= 4096, "keep the exact reference small"
+    exact = np.zeros(size, dtype=np.longdouble)
+    log_norms = [np.log(np.sum(p.masses.astype(np.longdouble)
+                               * np.exp(np.longdouble(tilt) * p.grid.astype(np.longdouble) * np.longdouble(interval))))
+                 for p in pieces]
+    for row, log_binom in zip(counts, log_weights):
+        plds = [(p, c) for p, c in zip(pieces, row) if c > 0]
+        weight = np.exp(np.longdouble(log_binom) + sum(np.longdouble(c) * norm for c, norm in zip(row, log_norms))
+                        - np.longdouble(composed.log_scale))
+        exact += weight * exact_circular_composition(plds, tilt, size, composed.start)
+    error = np.abs(composed.masses.astype(np.longdouble) - exact).astype(float)
+    allowed = composed.entry_error + composed.relative_error * np.abs(exact).astype(float)
+    assert np.all(error <= allowed), f"worst ratio {float(np.max(error / allowed)):.3g}"
+    assert error.max() > 0
+    assert composed.entry_error < 1e-11
+
+
 # ------------------------------------------------------------------ q = 1: the closed form
 
 

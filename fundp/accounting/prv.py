@@ -143,6 +143,7 @@ from scipy import optimize, special, stats
 
 from fundp.accounting import gdp, rdp
 from fundp.accounting import subsampled_gaussian as sg
+from fundp.accounting.mixture import MixtureStack, compose_mixture
 from fundp.accounting.pld import ComposedPLD, DiscretePLD, _Stack, choose_tilt, compose, discretize, saddle_point, saddle_point_epsilon
 
 __all__ = ["epsilon", "delta", "epsilon_bounds", "delta_bounds", "RELATIVE_ERROR"]
@@ -502,6 +503,12 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
     factor = max(1, -(-max(piece[5].masses.size for piece in pieces) // _AIM_POINTS))
     coarse = {id(pld): _coarsened(pld, factor) for piece in pieces for pld in piece[:2] if pld is not None}
     terms, binomials = [], []
+    if not optimistic and len(vectors) > 1:
+        # The terms |n| >= 1 at one tilt in one FFT (`mixture`); the bulk-only term n = 0 (far
+        # narrower, tilted much harder) on its own below.
+        terms.append(_tail_terms(pieces, vectors[1:], coarse if factor > 1 else None,
+                                 budget / len(vectors) * (len(vectors) - 1), at_loss))
+        vectors = vectors[:1]
     for n in vectors:
         plds: list[tuple[DiscretePLD, int]] = []
         log_binom = 0.0
@@ -547,6 +554,29 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
         h, 1, merged, 0.0, 0.0, infinity, sum(term.missing_mass for term in terms) + remainder, 0.0,
         mean, variance, max(term.relative_error for term in terms), allowances=allowances,
         trusted_from=max(term.lowest_trusted_loss for term in terms))
+
+
+def _tail_terms(pieces: list, vectors: list, coarse: dict | None, tail: float, at_loss: float) -> ComposedPLD:
+    """The split composition's terms ``vectors`` (count vectors, each ``|n| >= 1``) summed by
+    :func:`~fundp.accounting.mixture.compose_mixture`: all at the saddle point of their weighted sum
+    at ``at_loss`` (their own saddle points lie close together: each is the bulk plus a few tail
+    losses), one FFT per distinct piece on the union of their windows, and one inverse; its provable
+    round-off bound is derived in :mod:`~fundp.accounting.mixture`.  ``pieces`` as in
+    :func:`_split_composed`; ``coarse`` maps each piece's ``id`` to its aiming stand-in (or ``None``);
+    ``tail``: the weighted mass allowed above the window."""
+    plds = [pld for bulk, cut_off, *_ in pieces for pld in (bulk, cut_off) if pld is not None]
+    counts, log_weights = [], []
+    for n in vectors:
+        row, log_binom = [], 0.0
+        for (_, cut_off, steps, *_), count in zip(pieces, n):
+            row += [steps - count] + ([count] if cut_off is not None else [])
+            log_binom += math.lgamma(steps + 1) - math.lgamma(count + 1) - math.lgamma(steps - count + 1)
+        counts.append(row)
+        log_weights.append(log_binom)
+    aim = None if coarse is None else [coarse[id(pld)] for pld in plds]
+    tilt = saddle_point(MixtureStack(aim or plds, np.array(counts), np.array(log_weights)), at_loss)
+    return compose_mixture(plds, counts, log_weights, tail, tilt, lowest_loss=at_loss / 2, max_size=_MAX_POINTS,
+                           aim=aim)
 
 
 def _without_round_off(pld: ComposedPLD) -> ComposedPLD:
