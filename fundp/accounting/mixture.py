@@ -178,6 +178,11 @@ def compose_mixture(pieces: Sequence[DiscretePLD], counts: Sequence[Sequence[int
     coarse = fine if aim is None else MixtureStack(aim, count_matrix, weights_in)
     max_lam = 1e300 / (_MAX_LOSS * max(total_steps, 1))
     lo, hi, support_lo, support_hi = _term_edges(fine, coarse, tilt, math.log(tail_mass / terms), max_lam)
+    if lo < lowest_loss and tilt * (hi - lowest_loss) >= -math.log(tail_mass):
+        # Tilted mass below the window reappears ``N h`` higher, untilted there by ``e^{-tilt (l + N h)}``
+        # instead of ``e^{-tilt l}``: it overstates delta by at most ``e^{-tilt N h} <= tail_mass``
+        # (true masses total <= 1), so the window need not hold it (delta is trusted from its start).
+        lo = lowest_loss
     lo = max(min(lo, lowest_loss), float(np.min(support_lo)) * h)
     hi = min(hi, float(np.max(support_hi)) * h)
     missing = tail_mass / terms * int(np.sum(support_hi * h > hi))
@@ -198,9 +203,11 @@ def compose_mixture(pieces: Sequence[DiscretePLD], counts: Sequence[Sequence[int
     gamma = fft_error_constant(size)
     l1 = np.add.reduceat(weights_all, fine.offsets) * (1 + size * _EPS)
     pointwise = gamma * l1  # e_p
-    modulus = np.abs(spectra)
-    bound = np.maximum(np.minimum(modulus + pointwise[:, None], l1[:, None]), modulus)  # M_pk
-    log_bound = np.log(bound)
+
+    def moduli(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``|z^_pk|`` and ``M_pk = max(|z^_pk|, min(|z^_pk| + e_p, ||x_p||_1))`` of the spectra ``rows``."""
+        modulus = np.abs(rows)
+        return modulus, np.maximum(np.minimum(modulus + pointwise[:, None], l1[:, None]), modulus)
 
     # Term weights v_n = w_n / W and their error delta_n (step 1).
     log_w = weights_in + count_matrix @ piece_log_scale
@@ -209,26 +216,27 @@ def compose_mixture(pieces: Sequence[DiscretePLD], counts: Sequence[Sequence[int
     magnitudes = np.abs(peaks) + np.abs(np.log(totals)) + 1.0
     delta_w = 8 * _EPS * (np.abs(weights_in) + count_matrix @ magnitudes + abs(log_scale) + 1.0)
 
-    # Dropped frequencies (step 3).
+    # Dropped frequencies (step 3), from the pieces every term raises to a power (the bulks).
     least = count_matrix.min(axis=0)
     slack = np.log(np.maximum(l1, 1.0))
-    g = least @ log_bound + float(np.max((count_matrix - least) @ slack + log_v + delta_w))
-    alive = np.flatnonzero(g >= math.log(_NEGLIGIBLE))
     half = size // 2 + 1
-    spectral = np.zeros(half)
-    dead = np.ones(half, dtype=bool)
-    dead[alive] = False
-    spectral[dead] = terms * np.exp(g[dead])
+    g = np.full(half, float(np.max((count_matrix - least) @ slack + log_v + delta_w)))
+    for p in np.flatnonzero(least > 0):
+        g += least[p] * np.log(moduli(spectra[p:p + 1])[1][0])
+    alive = np.flatnonzero(g >= math.log(_NEGLIGIBLE))
+    # (Clipped at e^-700, above the true bound, to keep exp off its slow subnormal path.)
+    spectral = terms * np.exp(np.maximum(g, -700.0))
+    del g
 
     # Live frequencies: every term's product, its error bound (steps 1, 2, 4).
     z = spectra[:, alive]
-    live_modulus = modulus[:, alive]
+    live_modulus, live_bound = moduli(z)
     with np.errstate(divide="ignore"):
         # A zero |z^_pk| makes every product that uses it exactly 0: a finite stand-in keeps
         # ``0 * log 0`` out of the counts' sums and still underflows ``exp`` to 0 (when ``c_np >= 1``).
         live_log_modulus = np.where(live_modulus > 0, np.log(live_modulus), -1e4)
-    live_log_bound = log_bound[:, alive]
-    ratio = pointwise[:, None] / bound[:, alive]  # e_p / M_pk
+    live_log_bound = np.log(live_bound)
+    ratio = pointwise[:, None] / live_bound  # e_p / M_pk
     phase = np.angle(z)
     del spectra, z
     magnitude_log = np.abs(live_log_modulus) + (math.pi + 1.0)

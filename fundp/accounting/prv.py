@@ -431,6 +431,19 @@ def _count_vectors(n_max: int, k: int):
             yield (first, *rest)
 
 
+class _SummedPLD(ComposedPLD):
+    """The split composition's sum (:func:`_split_composed`): untilted, so its positive part (the
+    untilted masses and allowances, read by every delta, slope and density query on it, a pass over
+    up to millions of entries) is computed once."""
+
+    @functools.cached_property
+    def _parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return super()._positive_part()
+
+    def _positive_part(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._parts
+
+
 @functools.lru_cache(maxsize=4)
 def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, at_loss: float,
                     optimistic: bool = False) -> ComposedPLD | None:
@@ -503,13 +516,10 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
     factor = max(1, -(-max(piece[5].masses.size for piece in pieces) // _AIM_POINTS))
     coarse = {id(pld): _coarsened(pld, factor) for piece in pieces for pld in piece[:2] if pld is not None}
     terms, binomials = [], []
-    if not optimistic and len(vectors) > 1:
-        # The terms |n| >= 1 at one tilt in one FFT (`mixture`); the bulk-only term n = 0 (far
-        # narrower, tilted much harder) on its own below.
-        terms.append(_tail_terms(pieces, vectors[1:], coarse if factor > 1 else None,
-                                 budget / len(vectors) * (len(vectors) - 1), at_loss))
-        vectors = vectors[:1]
-    for n in vectors:
+    # The terms |n| >= 1 at one tilt in one FFT (`mixture`, after the loop); the bulk-only term
+    # n = 0 (far narrower, tilted much harder) on its own.  Each term may leave budget / #terms.
+    summed = vectors[1:] if not optimistic and len(vectors) > 1 else []
+    for n in vectors[:len(vectors) - len(summed)]:
         plds: list[tuple[DiscretePLD, int]] = []
         log_binom = 0.0
         for (bulk, cut_off, steps, *_), count in zip(pieces, n):
@@ -526,6 +536,9 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
         terms.append(dataclasses.replace(
             term, log_scale=term.log_scale + log_binom, missing_mass=term.missing_mass * math.exp(log_binom),
             relative_error=term.relative_error + 4 * _U * (abs(log_binom) + 1) * (1 + term.relative_error)))
+    if summed:
+        terms.append(_tail_terms(pieces, summed, coarse if factor > 1 else None, budget / len(vectors) * len(summed),
+                                 at_loss, terms[0].delta_parts(at_loss)[0]))
     top = max(term.start + term.masses.size for term in terms)
     merged = np.zeros(max(top - 1, 1))  # losses 1 .. top - 1 (times h)
     allowances = np.zeros_like(merged)
@@ -550,20 +563,29 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
     log_finite = sum(piece[2] * math.log1p(-piece[5].infinity_mass) if piece[5].infinity_mass < 1 else -math.inf
                      for piece in pieces)
     infinity = -math.expm1(log_finite)
-    return ComposedPLD(
+    return _SummedPLD(
         h, 1, merged, 0.0, 0.0, infinity, sum(term.missing_mass for term in terms) + remainder, 0.0,
         mean, variance, max(term.relative_error for term in terms), allowances=allowances,
         trusted_from=max(term.lowest_trusted_loss for term in terms))
 
 
-def _tail_terms(pieces: list, vectors: list, coarse: dict | None, tail: float, at_loss: float) -> ComposedPLD:
+#: The split composition's terms ``|n| >= 1`` are tilted by the least tilt whose precision at the
+#: loss of interest is within this factor of their saddle point's (:func:`~fundp.accounting.pld.choose_tilt`):
+#: a lighter tilted tail, hence a window ~2x smaller (at 10^6 steps); at the saddle point itself
+#: if that leaves the round-off allowance above ``RELATIVE_ERROR`` of the terms' delta.
+_MIXTURE_HEADROOM = 10.0
+
+
+def _tail_terms(pieces: list, vectors: list, coarse: dict | None, tail: float, at_loss: float, others: float
+                ) -> ComposedPLD:
     """The split composition's terms ``vectors`` (count vectors, each ``|n| >= 1``) summed by
-    :func:`~fundp.accounting.mixture.compose_mixture`: all at the saddle point of their weighted sum
-    at ``at_loss`` (their own saddle points lie close together: each is the bulk plus a few tail
-    losses), one FFT per distinct piece on the union of their windows, and one inverse; its provable
-    round-off bound is derived in :mod:`~fundp.accounting.mixture`.  ``pieces`` as in
+    :func:`~fundp.accounting.mixture.compose_mixture`: all at one tilt aimed at ``at_loss`` by their
+    weighted sum's cumulants (their own saddle points lie close together: each is the bulk plus a
+    few tail losses), one FFT per distinct piece on the union of their windows, and one inverse; its
+    provable round-off bound is derived in :mod:`~fundp.accounting.mixture`.  ``pieces`` as in
     :func:`_split_composed`; ``coarse`` maps each piece's ``id`` to its aiming stand-in (or ``None``);
-    ``tail``: the weighted mass allowed above the window."""
+    ``tail``: the weighted mass allowed above the window; ``others``: the rest of delta at ``at_loss``
+    (the term ``n = 0``), against which the allowance is weighed."""
     plds = [pld for bulk, cut_off, *_ in pieces for pld in (bulk, cut_off) if pld is not None]
     counts, log_weights = [], []
     for n in vectors:
@@ -574,9 +596,15 @@ def _tail_terms(pieces: list, vectors: list, coarse: dict | None, tail: float, a
         counts.append(row)
         log_weights.append(log_binom)
     aim = None if coarse is None else [coarse[id(pld)] for pld in plds]
-    tilt = saddle_point(MixtureStack(aim or plds, np.array(counts), np.array(log_weights)), at_loss)
-    return compose_mixture(plds, counts, log_weights, tail, tilt, lowest_loss=at_loss / 2, max_size=_MAX_POINTS,
-                           aim=aim)
+    stack = MixtureStack(aim or plds, np.array(counts), np.array(log_weights))
+    for headroom in (_MIXTURE_HEADROOM, 1.0):
+        tilt = choose_tilt(stack, at_loss, headroom) if headroom > 1 else saddle_point(stack, at_loss)
+        summed = compose_mixture(plds, counts, log_weights, tail, tilt, lowest_loss=at_loss / 2,
+                                 max_size=_MAX_POINTS, aim=aim)
+        finite, allowances = summed.delta_parts(at_loss)
+        if allowances - summed.missing_mass <= RELATIVE_ERROR * (finite + others):
+            break
+    return summed
 
 
 def _without_round_off(pld: ComposedPLD) -> ComposedPLD:
