@@ -46,8 +46,13 @@ interest lies in the valley between them, where no single tilt makes the mass la
 tilted peak, and the provable round-off allowance (a fraction ``~T u log N`` of that peak per
 entry) would dominate.  Where it costs more than ``2 RELATIVE_ERROR`` on a ledger of at most
 ``_SPLIT_SEGMENTS = 4`` segments, each segment's step is cut into bulk and tail and the
-(multi)binomial expansion of the composition is summed term by term, each at its own tilt
-(:func:`_split_composed`; its lower-bound twin for ``bounds=True``).  If that cannot be done (more
+(multi)binomial expansion of the composition is summed: the bulk-only term at its own tilt, and
+the terms with tail steps (the bulk plus a few rare large losses: their saddle points lie close
+together) at one common tilt by one FFT per distinct piece and one inverse transform, with the
+provable round-off bound of a weighted sum of spectral products derived in
+:mod:`~fundp.accounting.mixture` (:func:`_split_composed`; its lower-bound twin for
+``bounds=True`` composes every term on its own).  Where the coarse pass had to be split, the fine
+passes are split at once.  If that cannot be done (more
 segments, more than ``_SPLIT_TERMS`` terms, or a term's window over the point budget), the answer
 is still a rigorous bound and a ``UserWarning`` says how much the allowance may cost.
 
@@ -457,8 +462,10 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
         prod_s x_s^{*T_s} = sum_{n} prod_s C(T_s, n_s) b_s^{*(T_s - n_s)} * t_s^{*n_s}
 
     over count vectors ``n = (n_1, ..., n_k)``.  The terms with ``|n| = sum_s n_s <= n_max`` are
-    composed by :func:`~fundp.accounting.pld.compose`, each tilted for precision at ``at_loss`` by
-    its own saddle point, with its own provable round-off bound and wrap-around bound.  The rest
+    composed with provable round-off and wrap-around bounds: ``n = 0`` by
+    :func:`~fundp.accounting.pld.compose` tilted for precision at ``at_loss`` by its own saddle
+    point, the terms ``|n| >= 1`` together by :func:`_tail_terms` at one tilt (each by ``compose``
+    at its own saddle point if ``optimistic``).  The rest
     has mass ``prod_s ||x_s||_1^{T_s} P(sum_s N_s > n_max)`` with independent ``N_s ~ Bin(T_s,
     p_s)``, at most ``prod_s ||x_s||_1^{T_s} P(Bin(T, max_s p_s) > n_max)`` (stochastic order), and
     since ``f(l) = (1 - e^{eps - l})_+ <= 1`` it adds at most that to delta: it is counted with the
@@ -817,14 +824,28 @@ def _epsilon_search(segments: tuple, delta: float) -> tuple[float, str, Composed
                                                                                 pld.variance)
         h_fine = _interval_for_epsilon(bound, sensitivity, steps, RELATIVE_ERROR)
         query = lambda composed: composed.epsilon(delta)  # noqa: E731
+        # Where round-off dominates the coarse pass it dominates every finer one too (the allowance,
+        # relative to the tilted peak, grows with the window): those are split at once, aimed at the
+        # coarse value without its allowance, not after plain passes that would be discarded (on
+        # the 10^6-step corner three of them cost over half the query).
+        core = query(_without_round_off(pld))
+        split = len(segments) <= _SPLIT_SEGMENTS and math.isfinite(bound) and bound > core * (1 + 2 * RELATIVE_ERROR)
 
         def refined(h: float, aim: float) -> tuple[float, ComposedPLD]:
             # A pass on grid ~h, split where its round-off allowance dominates (on that grid).
+            if split:
+                for _ in range(3):  # re-aimed while the answer lands far from the aim, as `_epsilon_pass`
+                    direct = _split_pass(segments, _quantize(h), direction, tail, aim, query)
+                    if direct is None or abs(direct[0] - aim) <= 0.02 * max(direct[0], 1e-2):
+                        break
+                    aim = direct[0]
+                if direct is not None:
+                    return direct
             value, composed = _epsilon_pass(segments, h, direction, tail, delta, aim)
             return _split_if_round_off_dominates(segments, value, composed, direction, tail, value, query)
 
         if _quantize(h_fine) < pld.interval:
-            fine, fine_pld = refined(h_fine, bound)
+            fine, fine_pld = refined(h_fine, core if split else bound)
             # The pessimism of connect-the-dots shrinks like h^2, so the drop from the coarse to
             # the fine bound estimates the fine bound's own excess (Richardson; on the values
             # without round-off allowances, which do not shrink with h).  If the error model that
