@@ -1,6 +1,6 @@
 """A weighted sum of compositions at one tilt, by one FFT: the split composition's terms ``|n| >= 1``.
 
-:func:`~fundp.accounting.prv._split_composed` writes a small-``q`` ledger's composed PLD as
+:func:`~fundp.accounting.prv._split_composed` writes a small-``q`` ledger's composed PLD as ::
 
     prod_s x_s^{*T_s} = sum_n  prod_s C(T_s, n_s) b_s^{*(T_s - n_s)} * t_s^{*n_s}
 
@@ -8,7 +8,7 @@
 own FFT over a window that spans its ``n`` tail pieces (at 10^6 steps: five FFTs of up to 5 10^6
 points).  The terms with ``|n| >= 1`` have nearly the same saddle point at the loss of interest
 (they are all "the bulk plus one to a few tail losses"), so :func:`compose_mixture` tilts them
-all by one ``lam`` (the saddle point of their weighted sum, :meth:`MixtureStack.cumulants`),
+all by one ``lam`` (aimed by their weighted sum's cumulants, :meth:`MixtureStack.cumulants`),
 transforms each distinct piece once on the union of their windows, sums the terms' spectral
 products ``w_n prod_p z_p^{c_np}`` pointwise and inverts once.
 
@@ -56,7 +56,11 @@ So the result is a :class:`~fundp.accounting.pld.ComposedPLD` like :func:`~fundp
 sum's.  **Window.**  ``[lo, hi]`` is the union of the terms' windows at the common tilt, each sized
 as in :func:`~fundp.accounting.pld.compose`: the untilted weighted mass of term ``n`` above ``hi``
 is at most ``tail_mass / m`` (a Chernoff bound with the exact pieces; added to delta as
-``missing_mass``), and its tilted mass outside is below ``1e-12`` of the sum's largest term.
+``missing_mass``), and its tilted mass outside is below ``1e-12`` of the sum's largest term.  The
+window starts at ``lowest_loss`` even where tilted mass lies below it if ``lam (hi - lowest_loss)
+>= -log tail_mass``: that mass reappears ``N h`` higher, untilted there by ``e^{-lam (l + N h)}``
+instead of ``e^{-lam l}``, so it only adds at most ``e^{-lam N h} <= tail_mass`` to delta above the
+window's start (from where delta is trusted).
 """
 
 from __future__ import annotations
