@@ -208,10 +208,11 @@ def compose_mixture(pieces: Sequence[DiscretePLD], counts: Sequence[Sequence[int
     l1 = np.add.reduceat(weights_all, fine.offsets) * (1 + size * _EPS)
     pointwise = gamma * l1  # e_p
 
-    def moduli(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``|z^_pk|`` and ``M_pk = max(|z^_pk|, min(|z^_pk| + e_p, ||x_p||_1))`` of the spectra ``rows``."""
+    def moduli(rows: np.ndarray, which: slice) -> tuple[np.ndarray, np.ndarray]:
+        """``|z^_pk|`` and ``M_pk = max(|z^_pk|, min(|z^_pk| + e_p, ||x_p||_1))`` of the spectra
+        ``rows`` of the pieces ``which``."""
         modulus = np.abs(rows)
-        return modulus, np.maximum(np.minimum(modulus + pointwise[:, None], l1[:, None]), modulus)
+        return modulus, np.maximum(np.minimum(modulus + pointwise[which, None], l1[which, None]), modulus)
 
     # Term weights v_n = w_n / W and their error delta_n (step 1).
     log_w = weights_in + count_matrix @ piece_log_scale
@@ -226,7 +227,7 @@ def compose_mixture(pieces: Sequence[DiscretePLD], counts: Sequence[Sequence[int
     half = size // 2 + 1
     g = np.full(half, float(np.max((count_matrix - least) @ slack + log_v + delta_w)))
     for p in np.flatnonzero(least > 0):
-        g += least[p] * np.log(moduli(spectra[p:p + 1])[1][0])
+        g += least[p] * np.log(moduli(spectra[p], slice(p, p + 1))[1][0])
     alive = np.flatnonzero(g >= math.log(_NEGLIGIBLE))
     # (Clipped at e^-700, above the true bound, to keep exp off its slow subnormal path.)
     spectral = terms * np.exp(np.maximum(g, -700.0))
@@ -234,7 +235,7 @@ def compose_mixture(pieces: Sequence[DiscretePLD], counts: Sequence[Sequence[int
 
     # Live frequencies: every term's product, its error bound (steps 1, 2, 4).
     z = spectra[:, alive]
-    live_modulus, live_bound = moduli(z)
+    live_modulus, live_bound = moduli(z, slice(None))
     with np.errstate(divide="ignore"):
         # A zero |z^_pk| makes every product that uses it exactly 0: a finite stand-in keeps
         # ``0 * log 0`` out of the counts' sums and still underflows ``exp`` to 0 (when ``c_np >= 1``).
