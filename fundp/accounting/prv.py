@@ -46,8 +46,13 @@ interest lies in the valley between them, where no single tilt makes the mass la
 tilted peak, and the provable round-off allowance (a fraction ``~T u log N`` of that peak per
 entry) would dominate.  Where it costs more than ``2 RELATIVE_ERROR`` on a ledger of at most
 ``_SPLIT_SEGMENTS = 4`` segments, each segment's step is cut into bulk and tail and the
-(multi)binomial expansion of the composition is summed term by term, each at its own tilt
-(:func:`_split_composed`; its lower-bound twin for ``bounds=True``).  If that cannot be done (more
+(multi)binomial expansion of the composition is summed: the bulk-only term at its own tilt, and
+the terms with tail steps (the bulk plus a few rare large losses: their saddle points lie close
+together) at one common tilt by one FFT per distinct piece and one inverse transform, with the
+provable round-off bound of a weighted sum of spectral products derived in
+:mod:`~fundp.accounting.mixture` (:func:`_split_composed`; its lower-bound twin for
+``bounds=True`` composes every term on its own).  Where the coarse pass had to be split, the fine
+passes are split at once.  If that cannot be done (more
 segments, more than ``_SPLIT_TERMS`` terms, or a term's window over the point budget), the answer
 is still a rigorous bound and a ``UserWarning`` says how much the allowance may cost.
 
@@ -143,6 +148,7 @@ from scipy import optimize, special, stats
 
 from fundp.accounting import gdp, rdp
 from fundp.accounting import subsampled_gaussian as sg
+from fundp.accounting.mixture import MixtureStack, compose_mixture
 from fundp.accounting.pld import ComposedPLD, DiscretePLD, _Stack, choose_tilt, compose, discretize, saddle_point, saddle_point_epsilon
 
 __all__ = ["epsilon", "delta", "epsilon_bounds", "delta_bounds", "RELATIVE_ERROR"]
@@ -430,6 +436,19 @@ def _count_vectors(n_max: int, k: int):
             yield (first, *rest)
 
 
+class _SummedPLD(ComposedPLD):
+    """The split composition's sum (:func:`_split_composed`): untilted, so its positive part (the
+    untilted masses and allowances, read by every delta, slope and density query on it, a pass over
+    up to millions of entries) is computed once."""
+
+    @functools.cached_property
+    def _parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return super()._positive_part()
+
+    def _positive_part(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._parts
+
+
 @functools.lru_cache(maxsize=4)
 def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, at_loss: float,
                     optimistic: bool = False) -> ComposedPLD | None:
@@ -443,8 +462,10 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
         prod_s x_s^{*T_s} = sum_{n} prod_s C(T_s, n_s) b_s^{*(T_s - n_s)} * t_s^{*n_s}
 
     over count vectors ``n = (n_1, ..., n_k)``.  The terms with ``|n| = sum_s n_s <= n_max`` are
-    composed by :func:`~fundp.accounting.pld.compose`, each tilted for precision at ``at_loss`` by
-    its own saddle point, with its own provable round-off bound and wrap-around bound.  The rest
+    composed with provable round-off and wrap-around bounds: ``n = 0`` by
+    :func:`~fundp.accounting.pld.compose` tilted for precision at ``at_loss`` by its own saddle
+    point, the terms ``|n| >= 1`` together by :func:`_tail_terms` at one tilt (each by ``compose``
+    at its own saddle point if ``optimistic``).  The rest
     has mass ``prod_s ||x_s||_1^{T_s} P(sum_s N_s > n_max)`` with independent ``N_s ~ Bin(T_s,
     p_s)``, at most ``prod_s ||x_s||_1^{T_s} P(Bin(T, max_s p_s) > n_max)`` (stochastic order), and
     since ``f(l) = (1 - e^{eps - l})_+ <= 1`` it adds at most that to delta: it is counted with the
@@ -502,7 +523,10 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
     factor = max(1, -(-max(piece[5].masses.size for piece in pieces) // _AIM_POINTS))
     coarse = {id(pld): _coarsened(pld, factor) for piece in pieces for pld in piece[:2] if pld is not None}
     terms, binomials = [], []
-    for n in vectors:
+    # The terms |n| >= 1 at one tilt in one FFT (`mixture`, after the loop); the bulk-only term
+    # n = 0 (far narrower, tilted much harder) on its own.  Each term may leave budget / #terms.
+    summed = vectors[1:] if not optimistic and len(vectors) > 1 else []
+    for n in vectors[:len(vectors) - len(summed)]:
         plds: list[tuple[DiscretePLD, int]] = []
         log_binom = 0.0
         for (bulk, cut_off, steps, *_), count in zip(pieces, n):
@@ -519,6 +543,9 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
         terms.append(dataclasses.replace(
             term, log_scale=term.log_scale + log_binom, missing_mass=term.missing_mass * math.exp(log_binom),
             relative_error=term.relative_error + 4 * _U * (abs(log_binom) + 1) * (1 + term.relative_error)))
+    if summed:
+        terms.append(_tail_terms(pieces, summed, coarse if factor > 1 else None, budget / len(vectors) * len(summed),
+                                 at_loss, terms[0].delta_parts(at_loss)[0]))
     top = max(term.start + term.masses.size for term in terms)
     merged = np.zeros(max(top - 1, 1))  # losses 1 .. top - 1 (times h)
     allowances = np.zeros_like(merged)
@@ -543,10 +570,48 @@ def _split_composed(segments: tuple, h: float, direction: str, log10_tail: int, 
     log_finite = sum(piece[2] * math.log1p(-piece[5].infinity_mass) if piece[5].infinity_mass < 1 else -math.inf
                      for piece in pieces)
     infinity = -math.expm1(log_finite)
-    return ComposedPLD(
+    return _SummedPLD(
         h, 1, merged, 0.0, 0.0, infinity, sum(term.missing_mass for term in terms) + remainder, 0.0,
         mean, variance, max(term.relative_error for term in terms), allowances=allowances,
         trusted_from=max(term.lowest_trusted_loss for term in terms))
+
+
+#: The split composition's terms ``|n| >= 1`` are tilted by the least tilt whose precision at the
+#: loss of interest is within this factor of their saddle point's (:func:`~fundp.accounting.pld.choose_tilt`):
+#: a lighter tilted tail, hence a window ~2x smaller (at 10^6 steps); at the saddle point itself
+#: if that leaves the round-off allowance above ``RELATIVE_ERROR`` of the terms' delta.
+_MIXTURE_HEADROOM = 10.0
+
+
+def _tail_terms(pieces: list, vectors: list, coarse: dict | None, tail: float, at_loss: float, others: float
+                ) -> ComposedPLD:
+    """The split composition's terms ``vectors`` (count vectors, each ``|n| >= 1``) summed by
+    :func:`~fundp.accounting.mixture.compose_mixture`: all at one tilt aimed at ``at_loss`` by their
+    weighted sum's cumulants (their own saddle points lie close together: each is the bulk plus a
+    few tail losses), one FFT per distinct piece on the union of their windows, and one inverse; its
+    provable round-off bound is derived in :mod:`~fundp.accounting.mixture`.  ``pieces`` as in
+    :func:`_split_composed`; ``coarse`` maps each piece's ``id`` to its aiming stand-in (or ``None``);
+    ``tail``: the weighted mass allowed above the window; ``others``: the rest of delta at ``at_loss``
+    (the term ``n = 0``), against which the allowance is weighed."""
+    plds = [pld for bulk, cut_off, *_ in pieces for pld in (bulk, cut_off) if pld is not None]
+    counts, log_weights = [], []
+    for n in vectors:
+        row, log_binom = [], 0.0
+        for (_, cut_off, steps, *_), count in zip(pieces, n):
+            row += [steps - count] + ([count] if cut_off is not None else [])
+            log_binom += math.lgamma(steps + 1) - math.lgamma(count + 1) - math.lgamma(steps - count + 1)
+        counts.append(row)
+        log_weights.append(log_binom)
+    aim = None if coarse is None else [coarse[id(pld)] for pld in plds]
+    stack = MixtureStack(aim or plds, np.array(counts), np.array(log_weights))
+    for headroom in (_MIXTURE_HEADROOM, 1.0):
+        tilt = choose_tilt(stack, at_loss, headroom) if headroom > 1 else saddle_point(stack, at_loss)
+        summed = compose_mixture(plds, counts, log_weights, tail, tilt, lowest_loss=at_loss / 2,
+                                 max_size=_MAX_POINTS, aim=aim)
+        finite, allowances = summed.delta_parts(at_loss)
+        if allowances - summed.missing_mass <= RELATIVE_ERROR * (finite + others):
+            break
+    return summed
 
 
 def _without_round_off(pld: ComposedPLD) -> ComposedPLD:
@@ -759,14 +824,28 @@ def _epsilon_search(segments: tuple, delta: float) -> tuple[float, str, Composed
                                                                                 pld.variance)
         h_fine = _interval_for_epsilon(bound, sensitivity, steps, RELATIVE_ERROR)
         query = lambda composed: composed.epsilon(delta)  # noqa: E731
+        # Where round-off dominates the coarse pass it dominates every finer one too (the allowance,
+        # relative to the tilted peak, grows with the window): those are split at once, aimed at the
+        # coarse value without its allowance, not after plain passes that would be discarded (on
+        # the 10^6-step corner three of them cost over half the query).
+        core = query(_without_round_off(pld))
+        split = len(segments) <= _SPLIT_SEGMENTS and math.isfinite(bound) and bound > core * (1 + 2 * RELATIVE_ERROR)
 
         def refined(h: float, aim: float) -> tuple[float, ComposedPLD]:
             # A pass on grid ~h, split where its round-off allowance dominates (on that grid).
+            if split:
+                for _ in range(3):  # re-aimed while the answer lands far from the aim, as `_epsilon_pass`
+                    direct = _split_pass(segments, _quantize(h), direction, tail, aim, query)
+                    if direct is None or abs(direct[0] - aim) <= 0.02 * max(direct[0], 1e-2):
+                        break
+                    aim = direct[0]
+                if direct is not None:
+                    return direct
             value, composed = _epsilon_pass(segments, h, direction, tail, delta, aim)
             return _split_if_round_off_dominates(segments, value, composed, direction, tail, value, query)
 
         if _quantize(h_fine) < pld.interval:
-            fine, fine_pld = refined(h_fine, bound)
+            fine, fine_pld = refined(h_fine, core if split else bound)
             # The pessimism of connect-the-dots shrinks like h^2, so the drop from the coarse to
             # the fine bound estimates the fine bound's own excess (Richardson; on the values
             # without round-off allowances, which do not shrink with h).  If the error model that
