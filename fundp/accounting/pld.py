@@ -113,6 +113,11 @@ class DiscretePLD:
 
     ``grid`` is ``start + arange(len(masses))`` (dense), or the increasing lattice indices
     ``positions`` when given (sparse: see ``coarsen_above`` in :func:`discretize`).
+
+    ``offset`` (only from ``discretize(..., optimistic=True)``): the mass at index ``k`` stands for
+    the loss ``offset + k * interval``.  Everything here (``losses``, cumulants, composition) works
+    in the frame ``k * interval``; a composition of ``T_s`` steps of PLDs with offsets ``o_s`` is
+    that frame's sum shifted by ``sum_s T_s o_s`` (see :func:`~fundp.accounting.prv.epsilon_bounds`).
     """
 
     interval: float
@@ -120,6 +125,7 @@ class DiscretePLD:
     masses: np.ndarray
     infinity_mass: float
     positions: np.ndarray | None = None
+    offset: float = 0.0
 
     @functools.cached_property
     def grid(self) -> np.ndarray:
@@ -226,6 +232,8 @@ def discretize(
         thresholds = np.arange(k_lo, k_hi + 1) * h
         widths = np.full(thresholds.size - 1, h)
     if optimistic:
+        if positions is None and 0 < sample_rate < 1:
+            return _dominated_step(h, sample_rate, noise_multiplier, direction, t_lo, t_hi)
         points = positions if positions is not None else np.arange(k_lo, k_hi + 1)
         masses = _merged_onto_grid(points, h, sample_rate, noise_multiplier, direction)
         return DiscretePLD(h, k_lo, masses, 0.0, positions)
@@ -292,6 +300,20 @@ def _merged_onto_grid(points: np.ndarray, h: float, sample_rate: float, noise_mu
     t = points * h
     edges = np.concatenate([[points[0] - 0.5], (points[:-1] + points[1:]) / 2, [points[-1] + 0.5]]) * h
     _, p, q, _ = sg.interval_masses(edges, sample_rate, noise_multiplier, direction)
+    outputs, balanced = _balanced_cells(t, p, q)
+    # Balanced outputs stay at t_j; the others go one grid point down (output 0: dropped).
+    index = np.arange(points.size) - ~balanced
+    keep = index >= 0
+    return np.bincount(index[keep], weights=outputs[keep], minlength=points.size)
+
+
+def _balanced_cells(t: np.ndarray, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The balancing of :func:`_merged_onto_grid`: cells with masses ``(p_j, q_j)`` (increasing losses,
+    cell ``j``'s lower cut above ``t_{j-1}``) mixed with their neighbours onto the grid losses ``t_j``.
+
+    Returns each output's ``P``-mass and whether its loss is ``>= t_j`` (balanced); an unbalanced
+    output's loss is above ``t_{j-1}``.
+    """
     r, a, tau = _BALANCE_RELATIVE, _BALANCE_ABSOLUTE, _MASS_ERROR
     scaled = np.exp(t) * q  # e^{t_j} Q_j (t <= _MAX_LOSS + h: finite)
     excess, size = p - scaled, p + scaled
@@ -319,10 +341,172 @@ def _merged_onto_grid(points: np.ndarray, h: float, sample_rate: float, noise_mu
     outputs = (1 - d - u) * p
     outputs[:-1] += d[1:] * p[1:]
     outputs[1:] += u[:-1] * p[:-1]
-    # Balanced outputs stay at t_j; the others go one grid point down (output 0: dropped).
-    index = np.arange(points.size) - ~balanced
-    keep = index >= 0
-    return np.bincount(index[keep], weights=outputs[keep], minlength=points.size)
+    return outputs, balanced
+
+
+#: :func:`_dominated_step` merges cells exactly next to the support's finite edge, over at first
+#: ``_EXACT_CELLS`` grid cells, four times more while the neighbour balancing beyond leaves more than
+#: ``_UNBALANCED_MASS`` unbalanced (at most ``_EXACT_CELLS_MAX``), in pieces ``_EXACT_PIECES`` times
+#: finer than the grid; each exact output is over-balanced by ``_EXACT_MARGIN`` of its ``P + e^t Q``.
+_EXACT_CELLS, _EXACT_CELLS_MAX, _EXACT_PIECES = 64, 4096, 8
+_UNBALANCED_MASS = 1e-9
+_EXACT_MARGIN = 1e-11
+
+
+def _dominated_step(h: float, sample_rate: float, noise_multiplier: float, direction: str,
+                    t_lo: float, t_hi: float) -> DiscretePLD:
+    """A dominated single step (``0 < q < 1``) on the *shifted* grid ``offset + h Z``, rounded down.
+
+    **Why shift.**  For small ``q`` nearly all of a step's mass lies within ``~q`` of the finite edge
+    of its support (``log(1 - q)`` for "remove", ``-log(1 - q)`` for "add"), often inside one grid
+    cell.  No dominated pair can put that bulk on a grid point above its merged loss: relative to
+    any ``t >= 0`` the excess ``P - e^t Q`` of the whole support is ``<= 0``, so lifting the bulk to
+    a grid point above it would take (nearly) every cell above it, and flooring it to the grid point
+    below costs up to ``h`` per step, ``T h`` in all (22% of epsilon at ``q = 1e-5``, ``T = 10^5``).
+    The grid's offset is free, though: each step may live on ``offset + h Z`` and a composition of
+    ``T`` of them on ``T offset + h Z``.  The offset is chosen so that a grid point sits at the
+    merged loss of the edge's cell (of width ``h``), in ``(-h, 0]``: a composition in the frame
+    ``h Z`` then lies at or above the true one, so epsilons ``>= 0`` stay ``>= 0`` in the frame.
+
+    **Exact merge near the edge.**  From the edge inward (upward for "remove", downward for "add"),
+    the loss line is cut into pieces ``_EXACT_PIECES`` times finer than the grid, and each output
+    ``k`` (grid loss ``t_k``, taken in turn away from the edge) collects whole pieces and at most
+    one fraction of a piece (a randomised post-processing of the pieces): going up, every piece
+    below ``t_k`` (excess ``<= 0``) and then pieces above it until its excess ``P - e^{t_k} Q``
+    reaches ``_EXACT_MARGIN`` of ``P + e^{t_k} Q``; going down, every piece above ``t_k`` and then
+    pieces below as long as the excess stays at that margin.  Nothing is shifted beyond the
+    grid: each output's merged loss is at (just above) its grid point, which is what a lower bound
+    wants, and unlike the neighbour balancing of :func:`_merged_onto_grid` it draws on as many
+    cells as it needs.  Beyond ``_EXACT_CELLS`` cells (more where needed) the density is smooth on
+    the grid's scale and :func:`_balanced_cells` takes over with cells cut at the midpoints.
+
+    **Rigour.**  The pieces partition the loss line, the outputs are a randomised post-processing
+    of them (data processing: the pair is dominated), and every output's ``P``-mass is placed at
+    the highest grid loss ``t`` at which its computed excess is at least ``1e-12`` of its
+    ``P + e^t Q`` (the interval masses are accurate to ~1e-13 relative), hence at or below its
+    true loss; the tails beyond ``[t_lo, t_hi]`` are dropped (loss ``-inf``).  The composition
+    in the frame ``k h`` plus ``sum_s T_s offset_s`` is then a sum of losses each at or below a
+    dominated step's (:mod:`~fundp.accounting.prv`).
+    """
+    ascending = direction == sg.REMOVE  # the finite edge is the support's bottom (remove) or top (add)
+    edge = t_lo if ascending else t_hi
+    _, p, q, _ = sg.interval_masses(np.array([edge, edge + h] if ascending else [edge - h, edge]),
+                                    sample_rate, noise_multiplier, direction)
+    offset = 0.0
+    if p[0] > 0 and q[0] > 0:
+        anchor = math.log(p[0] / q[0])
+        offset = anchor - math.ceil(anchor / h) * h  # in (-h, 0]: see the frame's shift in `prv`
+    cells = _EXACT_CELLS
+    while True:
+        masses, start, unbalanced, covered = _dominated_on(h, offset, cells, ascending, edge, t_lo, t_hi,
+                                                           sample_rate, noise_multiplier, direction)
+        if unbalanced <= _UNBALANCED_MASS or covered or cells >= _EXACT_CELLS_MAX:
+            break
+        cells *= 4
+    masses.setflags(write=False)
+    return DiscretePLD(h, start, masses, 0.0, None, offset)
+
+
+def _dominated_on(h: float, offset: float, cells: int, ascending: bool, edge: float, t_lo: float, t_hi: float,
+                  sample_rate: float, noise_multiplier: float, direction: str):
+    """:func:`_dominated_step` with ``cells`` grid cells merged exactly: ``(masses, start,
+    unbalanced P-mass of the neighbour-balanced region, whether the exact region covers it all)``."""
+    pieces = _EXACT_PIECES
+    # Lattice index j: loss offset + j h / pieces; grid point k sits at j = k * pieces.
+    edge_j = (edge - offset) / h * pieces
+    if ascending:
+        k_end = math.ceil((edge - offset) / h) + cells  # exact outputs end at t_{k_end}; pieces at t_{k_end} + h/2
+        j = np.arange(math.floor(edge_j) + 1, k_end * pieces + pieces // 2 + 1)
+        lattice = offset + j * (h / pieces)
+        covered = lattice[-1] >= t_hi
+        keep = lattice < t_hi
+        bounds = np.concatenate([[edge], lattice[keep], [t_hi]] if covered else [[edge], lattice])
+        index = np.concatenate([j[keep], j[~keep][:1]]) if covered else j  # upper end of each piece
+    else:
+        k_end = math.floor((edge - offset) / h) - cells
+        j = np.arange(k_end * pieces - pieces // 2, math.ceil(edge_j))
+        lattice = offset + j * (h / pieces)
+        covered = lattice[0] <= t_lo
+        keep = lattice > t_lo
+        bounds = np.concatenate([[t_lo], lattice[keep], [edge]] if covered else [lattice, [edge]])
+        index = np.concatenate([j[~keep][-1:], j[keep]]) if covered else j  # lower end of each piece
+    _, p, q, _ = sg.interval_masses(bounds, sample_rate, noise_multiplier, direction)
+    if not ascending:  # walk from the edge down
+        p, q, index = p[::-1], q[::-1], index[::-1]
+    exact = _exact_outputs(p.tolist(), q.tolist(), index.tolist(), offset, h, pieces, ascending)
+    grid_k = [k for _, _, k in exact]
+    if covered:
+        region_masses, region_points, unbalanced = np.zeros(0), np.zeros(0, dtype=int), 0.0
+    else:
+        if ascending:
+            region_points = np.arange(k_end + 1, max(math.ceil((t_hi - offset) / h), k_end + 2) + 1)
+            cuts = offset + np.concatenate([[k_end + 0.5], region_points[:-1] + 0.5, [region_points[-1] + 0.5]]) * h
+        else:
+            region_points = np.arange(min(math.floor((t_lo - offset) / h), k_end - 2), k_end)
+            cuts = offset + np.concatenate([[region_points[0] - 0.5], region_points + 0.5]) * h
+        _, rp, rq, _ = sg.interval_masses(cuts, sample_rate, noise_multiplier, direction)
+        outputs, balanced = _balanced_cells(offset + region_points * h, rp, rq)
+        # The output at the far end of the region has no neighbour beyond: not counted.
+        near = ~balanced[:-1] if ascending else ~balanced[1:]
+        unbalanced = float(np.sum((rp[:-1] if ascending else rp[1:])[near]))
+        # Balanced outputs stay at t_j; the others go one grid point down.
+        region_points = region_points - ~balanced
+        region_masses = outputs
+    lowest = min(grid_k + region_points.tolist()) if grid_k or region_points.size else 0
+    highest = max(grid_k + region_points.tolist()) if grid_k or region_points.size else 0
+    masses = np.zeros(highest - lowest + 1)
+    np.add.at(masses, region_points - lowest, region_masses)
+    for mass, _, k in exact:
+        masses[k - lowest] += mass
+    return masses, lowest, unbalanced, covered
+
+
+def _exact_outputs(p: list, q: list, index: list, offset: float, h: float, pieces: int, ascending: bool) -> list:
+    """The exact merge of :func:`_dominated_step`: pieces ``(p_i, q_i)`` in order away from the edge,
+    ``index[i]`` the lattice index of each piece's end nearer the next output's grid point (upper
+    end going up, lower end going down), collected into outputs at ``t_k = offset + k h``; each
+    returned as ``(P-mass, Q-mass, k)`` with ``k`` the highest grid point where its computed excess
+    is at least ``_MASS_ERROR`` of its ``P + e^{t_k} Q``."""
+    margin = _EXACT_MARGIN
+    step = 1 if ascending else -1
+    # The first output: the grid point nearest the edge on the far side of the first piece's end.
+    k = (index[0] + pieces - 1) // pieces if ascending else index[0] // pieces
+    scale = math.exp(offset + k * h)
+    big_p = big_q = 0.0
+    collected = []
+    i, fraction = 0, 1.0
+    while i < len(p):
+        p_i, q_i = fraction * p[i], fraction * q[i]
+        # A piece on the edge's side of t_k: going up it lies below t_k, going down above it.
+        if (index[i] <= k * pieces) if ascending else (index[i] >= k * pieces):
+            big_p, big_q, i, fraction = big_p + p_i, big_q + q_i, i + 1, 1.0
+            continue
+        e, s = p_i - scale * q_i, p_i + scale * q_i
+        excess, size = big_p - scale * big_q, big_p + scale * big_q
+        if ascending and e > margin * s and excess + e >= margin * (size + s):
+            share = max((margin * size - excess) / (e - margin * s), 0.0)  # just enough to balance
+        elif not ascending and excess + e < margin * (size + s):
+            share = min(max((excess - margin * size) / (margin * s - e), 0.0), 1.0)  # as much as stays balanced
+        else:
+            big_p, big_q, i, fraction = big_p + p_i, big_q + q_i, i + 1, 1.0
+            continue
+        if big_p + share * p_i > 0:
+            collected.append((big_p + share * p_i, big_q + share * q_i, k))
+        big_p = big_q = 0.0
+        fraction *= 1 - share
+        k += step
+        scale = math.exp(offset + k * h)
+    if big_p > 0:
+        collected.append((big_p, big_q, k))
+    placed = []
+    tau = _MASS_ERROR
+    for big_p, big_q, k in collected:
+        if big_q > 0:
+            k = min(k, math.floor((math.log(big_p / big_q) - offset) / h))
+            while big_p - math.exp(offset + k * h) * big_q < tau * (big_p + math.exp(offset + k * h) * big_q):
+                k -= 1
+        placed.append((big_p, big_q, k))
+    return placed
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -899,19 +899,30 @@ def _delta_search(segments: tuple, epsilon: float) -> tuple[float, str, Composed
 
 
 
+def _lower_shift(segments: tuple, h: float, direction: str, tail: float) -> float:
+    """``sum_s T_s offset_s``: the dominated steps live on grids ``offset_s + h Z``
+    (:func:`~fundp.accounting.pld._dominated_step`) and are composed in the frame ``h Z``; this is
+    the composed loss's shift back (the same single-step PLDs as :func:`_composed` uses)."""
+    plds = _step_plds(segments, _quantize(h), direction, 10.0 ** max(math.floor(math.log10(tail)), -300), True)
+    return math.fsum(steps * pld.offset for pld, steps in plds)
+
+
 def _lower_pass(segments: tuple, like: ComposedPLD, direction: str, tail: float, at_loss: float,
-                refine: int) -> ComposedPLD | None:
+                refine: int) -> tuple[ComposedPLD | None, float]:
     """The optimistic composition (dominated steps) on ``like``'s grid (``refine = 1``, with its tilt)
-    or on one ``refine`` times finer (its own tilt), for losses near ``at_loss``; ``None`` if its
-    window would not fit."""
+    or on one ``refine`` times finer (its own tilt), for losses near ``at_loss``, and its shift
+    (:func:`_lower_shift`); ``None`` if its window would not fit."""
+    # ``like.interval`` is already quantised: the nudge keeps `_quantize` from rounding it down.
+    h = like.interval / refine * (1 + 1e-9)
+    tail = _rounded_tail(tail)
+    shift = _lower_shift(segments, h, direction, tail)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)  # no silent coarsening of the lower pass
-            # ``like.interval`` is already quantised: the nudge keeps `_quantize` from rounding it down.
-            return _composed(segments, like.interval / refine * (1 + 1e-9), direction, _rounded_tail(tail), at_loss,
-                             optimistic=True, tilt=like.tilt if refine == 1 and like.allowances is None else None)
+            return _composed(segments, h, direction, tail, at_loss - shift, optimistic=True,
+                             tilt=like.tilt if refine == 1 and like.allowances is None else None), shift
     except UserWarning:
-        return None
+        return None, shift
 
 
 #: Grid refinements tried, in order, by the lower bound until it is within ``_PROMISE`` of the upper.
@@ -919,44 +930,58 @@ _LOWER_REFINEMENTS = (1, 2, 4, 8, 16)
 
 
 def _split_lower(segments: tuple, like: ComposedPLD, direction: str, tail: float, at_loss: float, query,
-                 epsilon_query: bool, refine: int = 1) -> float:
-    """``query`` of the optimistic split composition (:func:`_split_composed`) on ``like``'s grid (or
-    one ``refine`` times finer), a certified lower bound where its answer is at least its
-    ``trusted_from`` (0 otherwise, or if a window would not fit)."""
+                 refine: int = 1) -> float:
+    """``query(pld, shift)`` of the optimistic split composition (:func:`_split_composed`) on
+    ``like``'s grid (or one ``refine`` times finer); 0 if a window would not fit."""
+    h = _quantize(like.interval / refine * (1 + 1e-9))
+    shift = _lower_shift(segments, h, direction, _rounded_tail(tail))
     try:
-        pld = _split_composed(segments, _quantize(like.interval / refine * (1 + 1e-9)), direction,
-                              math.floor(math.log10(_rounded_tail(tail))), float(f"{at_loss:.3g}"), optimistic=True)
+        pld = _split_composed(segments, h, direction, math.floor(math.log10(_rounded_tail(tail))),
+                              float(f"{at_loss - shift:.3g}"), optimistic=True)
     except MemoryError:
         return 0.0
     if pld is None:
         return 0.0
-    value = query(pld)
-    # An epsilon answer must lie at or above trusted_from; a delta is asked at ``at_loss`` itself,
-    # which is above it.
-    return value if not epsilon_query or value >= pld.trusted_from else 0.0
+    return query(pld, shift)
 
 
 def _lower(segments: tuple, like: ComposedPLD | None, direction: str, tail: float, at_loss: float, upper: float,
-           query, epsilon_query: bool = False) -> float:
-    """The largest ``query(pld)`` over the optimistic passes of :func:`_lower_pass` (or :func:`_split_lower`
-    where the upper bound was split; each a certified lower bound) on the upper bound's grid, then on
-    grids 2 to 16 times finer while the bounds are
-    more than ``_PROMISE`` apart: next to the edge of a step's support (small ``q``) the dominated
-    discretisation loses a first-order share of a cell, which finer grids shrink fast.  0 if none fits."""
+           query) -> float:
+    """The largest ``query(pld, shift)`` over the optimistic passes of :func:`_lower_pass` (or
+    :func:`_split_lower` where the upper bound was split; each a certified lower bound) on the upper
+    bound's grid, then on grids 2 to 16 times finer while the bounds are more than ``_PROMISE``
+    apart.  0 if none fits."""
     if like is None:
         return 0.0
     best = 0.0
     for refine in _LOWER_REFINEMENTS:
         if like.allowances is not None:  # the upper bound came from the split composition: so does the lower
-            best = max(best, _split_lower(segments, like, direction, tail, at_loss, query, epsilon_query, refine))
+            best = max(best, _split_lower(segments, like, direction, tail, at_loss, query, refine))
         else:
-            pld = _lower_pass(segments, like, direction, tail, at_loss, refine)
+            pld, shift = _lower_pass(segments, like, direction, tail, at_loss, refine)
             if pld is None:
                 break
-            best = max(best, query(pld))
+            best = max(best, query(pld, shift))
         if upper - best <= _PROMISE * upper:
             break
     return min(best, upper)
+
+
+def _epsilon_lower(pld: ComposedPLD, shift: float, delta: float) -> float:
+    """A certified lower bound on epsilon from an optimistic composition in the frame shifted by
+    ``-shift``: its own (a sup over ``eps' >= 0``, 0 if void; at or above ``trusted_from``) plus
+    ``shift``, clipped at 0."""
+    value = pld.epsilon(delta)
+    if value <= 0 or value < pld.trusted_from:
+        return 0.0
+    return max(value + shift, 0.0)
+
+
+def _delta_lower(pld: ComposedPLD, shift: float, epsilon: float) -> float:
+    """A certified lower bound on delta at ``epsilon`` from an optimistic composition in the frame
+    shifted by ``-shift``: its delta at ``epsilon - shift`` (0 below ``trusted_from``)."""
+    at = epsilon - shift
+    return pld.delta(at) if at >= pld.trusted_from else 0.0
 
 
 def epsilon_bounds(segments: Segments, delta: float) -> tuple[float, float]:
@@ -979,7 +1004,7 @@ def epsilon_bounds(segments: Segments, delta: float) -> tuple[float, float]:
     upper, direction, pld = _epsilon_search(segments, delta)
     aim = upper if math.isfinite(upper) or pld is None else pld.mean
     tail = _TAIL_FRACTION * delta * (1 - delta)
-    return _lower(segments, pld, direction, tail, aim, upper, lambda lower: lower.epsilon(delta), True), upper
+    return _lower(segments, pld, direction, tail, aim, upper, lambda lower, shift: _epsilon_lower(lower, shift, delta)), upper
 
 
 def delta_bounds(segments: Segments, epsilon: float) -> tuple[float, float]:
@@ -1000,4 +1025,4 @@ def delta_bounds(segments: Segments, epsilon: float) -> tuple[float, float]:
         return 0.0, delta(segments, epsilon)
     upper, direction, pld = _delta_search(segments, epsilon)
     tail = max(_TAIL_FRACTION * upper, 1e-300)
-    return _lower(segments, pld, direction, tail, epsilon, upper, lambda lower: lower.delta(epsilon)), upper
+    return _lower(segments, pld, direction, tail, epsilon, upper, lambda lower, shift: _delta_lower(lower, shift, epsilon)), upper
