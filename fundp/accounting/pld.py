@@ -95,6 +95,7 @@ from fundp.accounting import subsampled_gaussian as sg
 __all__ = ["DiscretePLD", "ComposedPLD", "choose_tilt", "compose", "discretize", "saddle_point", "saddle_point_epsilon"]
 
 _EPS = np.finfo(float).eps
+_U = _EPS / 2
 # Losses beyond this go to +inf: e^{700} is near the float64 limit, and any epsilon the accountant
 # is asked about is far below it.
 _MAX_LOSS = 600.0
@@ -344,12 +345,11 @@ def _balanced_cells(t: np.ndarray, p: np.ndarray, q: np.ndarray) -> tuple[np.nda
     return outputs, balanced
 
 
-#: :func:`_dominated_step` merges cells exactly next to the support's finite edge, over at first
-#: ``_EXACT_CELLS`` grid cells, four times more while the neighbour balancing beyond leaves more than
-#: ``_UNBALANCED_MASS`` unbalanced (at most ``_EXACT_CELLS_MAX``), in pieces ``_EXACT_PIECES`` times
-#: finer than the grid; each exact output is over-balanced by ``_EXACT_MARGIN`` of its ``P + e^t Q``.
-_EXACT_CELLS, _EXACT_CELLS_MAX, _EXACT_PIECES = 64, 4096, 8
-_UNBALANCED_MASS = 1e-9
+#: :func:`_dominated_step` merges exactly, in pieces ``_EXACT_PIECES`` times finer than the grid, the
+#: cells next to the support's finite edge that hold ``_EXACT_SHARE`` of the step's mass (at least
+#: ``_EXACT_CELLS_MIN``, at most ``_EXACT_CELLS_MAX`` cells); each exact output is over-balanced by
+#: ``_EXACT_MARGIN`` of its ``P + e^t Q``.
+_EXACT_CELLS_MIN, _EXACT_CELLS_MAX, _EXACT_PIECES, _EXACT_SHARE = 16, 4096, 8, 1 - 1e-6
 _EXACT_MARGIN = 1e-11
 
 
@@ -377,14 +377,19 @@ def _dominated_step(h: float, sample_rate: float, noise_multiplier: float, direc
     pieces below as long as the excess stays at that margin.  Nothing is shifted beyond the
     grid: each output's merged loss is at (just above) its grid point, which is what a lower bound
     wants, and unlike the neighbour balancing of :func:`_merged_onto_grid` it draws on as many
-    cells as it needs.  Beyond ``_EXACT_CELLS`` cells (more where needed) the density is smooth on
-    the grid's scale and :func:`_balanced_cells` takes over with cells cut at the midpoints.
+    cells as it needs (a balanced output of the neighbour balancing also keeps its surplus
+    ``lam_j - t_j``, first order in ``h`` where the density is steep on the grid's scale).  The
+    exact region covers the cells next to the edge that hold all but 1e-6 of the mass (16 to 4096
+    cells); beyond, :func:`_balanced_cells` takes over with cells cut at the midpoints between grid
+    points, the first one holding what the exact merge left of its last pieces.
 
     **Rigour.**  The pieces partition the loss line, the outputs are a randomised post-processing
     of them (data processing: the pair is dominated), and every output's ``P``-mass is placed at
-    the highest grid loss ``t`` at which its computed excess is at least ``1e-12`` of its
-    ``P + e^t Q`` (the interval masses are accurate to ~1e-13 relative), hence at or below its
-    true loss; the tails beyond ``[t_lo, t_hi]`` are dropped (loss ``-inf``).  The composition
+    the highest grid loss ``t`` at which its computed excess is provably non-negative (at least
+    ``1e-12`` of its ``P + e^t Q`` plus the summation's round-off, see :func:`_exact_outputs`; the
+    interval masses are accurate to ~1e-13 relative), hence at or below its true loss; the
+    neighbour-balanced region places its outputs as :func:`_merged_onto_grid` does; the tails
+    beyond ``[t_lo, t_hi]`` are dropped (loss ``-inf``).  The composition
     in the frame ``k h`` plus ``sum_s T_s offset_s`` is then a sum of losses each at or below a
     dominated step's (:mod:`~fundp.accounting.prv`).
     """
@@ -396,90 +401,79 @@ def _dominated_step(h: float, sample_rate: float, noise_multiplier: float, direc
     if p[0] > 0 and q[0] > 0:
         anchor = math.log(p[0] / q[0])
         offset = anchor - math.ceil(anchor / h) * h  # in (-h, 0]: see the frame's shift in `prv`
-    cells = _EXACT_CELLS
-    while True:
-        masses, start, unbalanced, covered = _dominated_on(h, offset, cells, ascending, edge, t_lo, t_hi,
-                                                           sample_rate, noise_multiplier, direction)
-        if unbalanced <= _UNBALANCED_MASS or covered or cells >= _EXACT_CELLS_MAX:
-            break
-        cells *= 4
-    masses.setflags(write=False)
-    return DiscretePLD(h, start, masses, 0.0, None, offset)
-
-
-def _dominated_on(h: float, offset: float, cells: int, ascending: bool, edge: float, t_lo: float, t_hi: float,
-                  sample_rate: float, noise_multiplier: float, direction: str):
-    """:func:`_dominated_step` with ``cells`` grid cells merged exactly: ``(masses, start,
-    unbalanced P-mass of the neighbour-balanced region, whether the exact region covers it all)``."""
+    # Cells cut at the midpoints between grid points, as in `_merged_onto_grid`.
+    points = np.arange(math.floor((t_lo - offset) / h), math.ceil((t_hi - offset) / h) + 1)
+    cuts = offset + np.concatenate([points - 0.5, points[-1:] + 0.5]) * h
+    _, p, q, _ = sg.interval_masses(cuts, sample_rate, noise_multiplier, direction)
+    t = offset + points * h
+    # The exact region (its size changes no bound): the cells from the edge holding all but
+    # ``1 - _EXACT_SHARE`` of the mass, within the limits.
+    cumulative = np.cumsum(p if ascending else p[::-1])
+    cells = int(np.searchsorted(cumulative, _EXACT_SHARE * cumulative[-1])) + 2
+    cells = min(max(cells, _EXACT_CELLS_MIN), _EXACT_CELLS_MAX, points.size - 1)
+    # Exact outputs at grid points k_first .. k_end (ascending; downwards: k_end .. k_first), on
+    # pieces from the edge to the cut half a cell beyond t_{k_end +- 1}: what is left of them after
+    # output k_end is the first cell (target t_{k_end +- 1}) of the neighbour-balanced rest.
     pieces = _EXACT_PIECES
-    # Lattice index j: loss offset + j h / pieces; grid point k sits at j = k * pieces.
-    edge_j = (edge - offset) / h * pieces
     if ascending:
-        k_end = math.ceil((edge - offset) / h) + cells  # exact outputs end at t_{k_end}; pieces at t_{k_end} + h/2
-        j = np.arange(math.floor(edge_j) + 1, k_end * pieces + pieces // 2 + 1)
-        lattice = offset + j * (h / pieces)
-        covered = lattice[-1] >= t_hi
-        keep = lattice < t_hi
-        bounds = np.concatenate([[edge], lattice[keep], [t_hi]] if covered else [[edge], lattice])
-        index = np.concatenate([j[keep], j[~keep][:1]]) if covered else j  # upper end of each piece
+        k_end = int(points[cells - 1])
+        j = np.arange(math.floor((edge - offset) / h * pieces) + 1, (k_end + 1) * pieces + pieces // 2 + 1)
+        bounds = np.concatenate([[edge], offset + j * (h / pieces)])
+        region = slice(cells + 1, points.size)
     else:
-        k_end = math.floor((edge - offset) / h) - cells
-        j = np.arange(k_end * pieces - pieces // 2, math.ceil(edge_j))
-        lattice = offset + j * (h / pieces)
-        covered = lattice[0] <= t_lo
-        keep = lattice > t_lo
-        bounds = np.concatenate([[t_lo], lattice[keep], [edge]] if covered else [lattice, [edge]])
-        index = np.concatenate([j[~keep][-1:], j[keep]]) if covered else j  # lower end of each piece
-    _, p, q, _ = sg.interval_masses(bounds, sample_rate, noise_multiplier, direction)
-    if not ascending:  # walk from the edge down
-        p, q, index = p[::-1], q[::-1], index[::-1]
-    exact = _exact_outputs(p.tolist(), q.tolist(), index.tolist(), offset, h, pieces, ascending)
-    grid_k = [k for _, _, k in exact]
-    if covered:
-        region_masses, region_points, unbalanced = np.zeros(0), np.zeros(0, dtype=int), 0.0
-    else:
-        if ascending:
-            region_points = np.arange(k_end + 1, max(math.ceil((t_hi - offset) / h), k_end + 2) + 1)
-            cuts = offset + np.concatenate([[k_end + 0.5], region_points[:-1] + 0.5, [region_points[-1] + 0.5]]) * h
-        else:
-            region_points = np.arange(min(math.floor((t_lo - offset) / h), k_end - 2), k_end)
-            cuts = offset + np.concatenate([[region_points[0] - 0.5], region_points + 0.5]) * h
-        _, rp, rq, _ = sg.interval_masses(cuts, sample_rate, noise_multiplier, direction)
-        outputs, balanced = _balanced_cells(offset + region_points * h, rp, rq)
-        # The output at the far end of the region has no neighbour beyond: not counted.
-        near = ~balanced[:-1] if ascending else ~balanced[1:]
-        unbalanced = float(np.sum((rp[:-1] if ascending else rp[1:])[near]))
-        # Balanced outputs stay at t_j; the others go one grid point down.
-        region_points = region_points - ~balanced
-        region_masses = outputs
-    lowest = min(grid_k + region_points.tolist()) if grid_k or region_points.size else 0
-    highest = max(grid_k + region_points.tolist()) if grid_k or region_points.size else 0
+        k_end = int(points[-cells])
+        j = np.arange((k_end - 1) * pieces - pieces // 2, math.ceil((edge - offset) / h * pieces))
+        bounds = np.concatenate([offset + j * (h / pieces), [edge]])
+        region = slice(0, points.size - cells - 1)
+    _, piece_p, piece_q, _ = sg.interval_masses(bounds, sample_rate, noise_multiplier, direction)
+    if not ascending:  # walk from the edge down; ``j``: each piece's end nearer the next output
+        piece_p, piece_q, j = piece_p[::-1], piece_q[::-1], j[::-1]
+    exact, leftover = _exact_outputs(piece_p.tolist(), piece_q.tolist(), j.tolist(), offset, h, pieces,
+                                     ascending, k_end)
+    # The rest: neighbour balancing; unbalanced outputs one grid point down.
+    rest_points, rest_p, rest_q = points[region], p[region], q[region]
+    if leftover is not None:  # its cut lies beyond t_{k_end}: an unbalanced output may go there
+        first = k_end + 1 if ascending else k_end - 1
+        join = (lambda a, b: np.concatenate([a, b])) if ascending else (lambda a, b: np.concatenate([b, a]))
+        rest_points = join(np.array([first]), rest_points)
+        rest_p, rest_q = join(np.array([leftover[0]]), rest_p), join(np.array([leftover[1]]), rest_q)
+    outputs, balanced = _balanced_cells(offset + rest_points * h, rest_p, rest_q)
+    indices = rest_points - ~balanced
+    lowest = min([k for *_, k in exact] + indices[:1].tolist())
+    highest = max([k for *_, k in exact] + indices[-1:].tolist())
     masses = np.zeros(highest - lowest + 1)
-    np.add.at(masses, region_points - lowest, region_masses)
+    np.add.at(masses, indices - lowest, outputs)
     for mass, _, k in exact:
         masses[k - lowest] += mass
-    return masses, lowest, unbalanced, covered
+    masses.setflags(write=False)
+    return DiscretePLD(h, lowest, masses, 0.0, None, offset)
 
 
-def _exact_outputs(p: list, q: list, index: list, offset: float, h: float, pieces: int, ascending: bool) -> list:
+def _exact_outputs(p: list, q: list, index: list, offset: float, h: float, pieces: int, ascending: bool,
+                   last: int) -> tuple[list, tuple[float, float] | None]:
     """The exact merge of :func:`_dominated_step`: pieces ``(p_i, q_i)`` in order away from the edge,
     ``index[i]`` the lattice index of each piece's end nearer the next output's grid point (upper
-    end going up, lower end going down), collected into outputs at ``t_k = offset + k h``; each
-    returned as ``(P-mass, Q-mass, k)`` with ``k`` the highest grid point where its computed excess
-    is at least ``_MASS_ERROR`` of its ``P + e^{t_k} Q``."""
+    end going up, lower end going down), collected into outputs at ``t_k = offset + k h`` up to
+    ``k = last``; returns them and the ``(P, Q)``-masses of the pieces left over (the rest of the
+    piece split by output ``last`` and those beyond; ``None`` if the pieces ran out first).  Each
+    output is returned as ``(P-mass, Q-mass, k)`` with ``k`` the highest grid point where its computed excess
+    is at least ``_MASS_ERROR + u (4 n + |t_k| + 2)`` of its computed ``P + e^{t_k} Q`` (``n``
+    pieces summed, each scaled by a fraction: ``4 u`` relative each; ``e^{t_k}`` within
+    ``u (|t_k| + 2)``; the pieces' masses within ``_MASS_ERROR``), hence its true excess is ``>= 0``."""
     margin = _EXACT_MARGIN
     step = 1 if ascending else -1
     # The first output: the grid point nearest the edge on the far side of the first piece's end.
     k = (index[0] + pieces - 1) // pieces if ascending else index[0] // pieces
     scale = math.exp(offset + k * h)
     big_p = big_q = 0.0
+    count = 0
     collected = []
     i, fraction = 0, 1.0
     while i < len(p):
         p_i, q_i = fraction * p[i], fraction * q[i]
         # A piece on the edge's side of t_k: going up it lies below t_k, going down above it.
         if (index[i] <= k * pieces) if ascending else (index[i] >= k * pieces):
-            big_p, big_q, i, fraction = big_p + p_i, big_q + q_i, i + 1, 1.0
+            big_p, big_q, i, fraction, count = big_p + p_i, big_q + q_i, i + 1, 1.0, count + 1
             continue
         e, s = p_i - scale * q_i, p_i + scale * q_i
         excess, size = big_p - scale * big_q, big_p + scale * big_q
@@ -488,25 +482,34 @@ def _exact_outputs(p: list, q: list, index: list, offset: float, h: float, piece
         elif not ascending and excess + e < margin * (size + s):
             share = min(max((excess - margin * size) / (margin * s - e), 0.0), 1.0)  # as much as stays balanced
         else:
-            big_p, big_q, i, fraction = big_p + p_i, big_q + q_i, i + 1, 1.0
+            big_p, big_q, i, fraction, count = big_p + p_i, big_q + q_i, i + 1, 1.0, count + 1
             continue
         if big_p + share * p_i > 0:
-            collected.append((big_p + share * p_i, big_q + share * q_i, k))
+            collected.append((big_p + share * p_i, big_q + share * q_i, k, count + 1))
         big_p = big_q = 0.0
+        count = 0
         fraction *= 1 - share
+        if k == last:
+            break
         k += step
         scale = math.exp(offset + k * h)
-    if big_p > 0:
-        collected.append((big_p, big_q, k))
+    leftover = None
+    if i < len(p):
+        leftover = (fraction * p[i] + math.fsum(p[i + 1:]), fraction * q[i] + math.fsum(q[i + 1:]))
+    elif big_p > 0:
+        collected.append((big_p, big_q, k, count))
     placed = []
-    tau = _MASS_ERROR
-    for big_p, big_q, k in collected:
+    for big_p, big_q, k, count in collected:
         if big_q > 0:
             k = min(k, math.floor((math.log(big_p / big_q) - offset) / h))
-            while big_p - math.exp(offset + k * h) * big_q < tau * (big_p + math.exp(offset + k * h) * big_q):
+            while True:
+                loss = offset + k * h
+                tau = _MASS_ERROR + _U * (4 * count + abs(loss) + 2)
+                if big_p - math.exp(loss) * big_q >= tau * (big_p + math.exp(loss) * big_q):
+                    break
                 k -= 1
         placed.append((big_p, big_q, k))
-    return placed
+    return placed, leftover
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

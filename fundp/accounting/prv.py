@@ -72,13 +72,21 @@ losses under ``P``),
 
 and ``f`` is non-decreasing.  Every approximation of the lower pass is *optimistic*:
 
-1. *Dominated steps.*  Each step's pair is replaced by a post-processing of it (merging the
-   outcomes of a grid cell, then a randomised mixing of neighbouring cells, see
-   :func:`~fundp.accounting.pld._merged_onto_grid`); post-processing is dominated (data processing)
-   and so is a composition of dominated pairs, so the composed ``E[f]`` can only drop.
-2. *Rounding down.*  Each output's loss is replaced by a grid loss at or below it, and the two
-   tails beyond the outer cells by ``-inf`` (dropped): every step's loss is then pointwise
-   smaller, hence so is ``S``, and ``f`` non-decreasing makes ``E[f(S)]`` smaller.
+1. *Dominated steps.*  Each step's pair is replaced by a post-processing of it (merging pieces
+   of the loss line, whole or in random fractions, into outputs, see
+   :func:`~fundp.accounting.pld._dominated_step` and :func:`~fundp.accounting.pld._merged_onto_grid`);
+   post-processing is dominated (data processing) and so is a composition of dominated pairs, so
+   the composed ``E[f]`` can only drop.
+2. *Rounding down.*  Each output's loss is replaced by a loss at or below it on the step's grid
+   ``o_s + h Z`` (the offset ``o_s`` in ``(-h, 0]`` puts a grid point at the merged loss of the
+   bulk next to the support's edge: without it a small-``q`` step's bulk, narrower than a cell,
+   fell a whole cell per step), and the two tails beyond the outer cells by ``-inf`` (dropped):
+   every step's loss is then pointwise smaller, hence so is ``S``, and ``f`` non-decreasing makes
+   ``E[f(S)]`` smaller.  A step's mass at ``o_s + k h`` is stored at index ``k``, so the FFT
+   composes the *frame* sum ``S' = S - c`` with ``c = sum_s T_s o_s <= 0`` exactly; the lower pass
+   answers ``delta'(eps - c)`` for delta and ``eps' + c`` for an epsilon ``eps'`` of the frame
+   (:func:`_lower_shift`; ``c <= 0`` keeps every ``eps >= 0`` at a frame loss ``>= 0``, where the
+   composed PLD keeps its atoms).
 3. *Wrap-around.*  The circular FFT moves mass from above the window's top to its bottom (a
    smaller loss: ``f`` drops, but untilting amplifies the tilted weight by ``e^{tilt (l - l')}``)
    and from below its start to its top (``f`` may rise; untilting damps it by ``e^{-tilt N h}``).
@@ -94,13 +102,15 @@ each direction's epsilon is at least ``sup {eps : delta_lower(eps) > delta}`` (d
 non-increasing in eps): that sup in the direction of the upper bound is the lower bound.  It
 reuses the upper pass's grid, direction and tilt (one more FFT), and while the two bounds are more
 than 0.1% apart it is recomputed on grids 2, 4, 8 and 16 times finer (each pass is a lower bound; the
-largest is kept).  Merging removes ~``h^2/12`` of each step's variance where
-connect-the-dots adds ~``h^2/6``, so the gap is ~1.5x the upper bound's own excess where the
-per-step density is smooth on the grid's scale.  Next to the edge of a step's support (``log(1 -
-q)``, within a few cells when ``q <= 1e-3``) the outermost cell cannot be balanced and loses up
-to a cell's width of its mass's loss per step, hence the finer grids; and in the corners where the
-round-off allowance dominates the gap is that allowance (subtracted here as it is added there).  At ``q = 1`` the closed form is
-nudged down by ``_CLOSED_FORM_MARGIN``.
+largest is kept; also while more than 0.02% apart if the pass had at most 2^19 points).  Merging
+removes ~``h^2/12`` of each step's variance where connect-the-dots adds ~``h^2/6``, so the gap is
+~1.5x the upper bound's own excess where the per-step density is smooth on the grid's scale; next
+to the edge of a step's support (``log(1 - q)``, within a few cells when ``q <= 1e-3``) the exact
+merge of :func:`~fundp.accounting.pld._dominated_step` keeps each output's merged loss at its grid
+point (the mean loss per step is within ~1e-4 of a cell of the exact one, where neighbour
+balancing alone lost up to a cell); in the corners where the round-off allowance dominates the gap
+is that allowance (subtracted here as it is added there).  At ``q = 1`` the closed form is nudged
+down by ``_CLOSED_FORM_MARGIN``.
 
 Cost: ``O(N log N)`` for ``N ~ (window / h)`` points, independent of the number of steps (``N``
 grows like ``sqrt(T)``): ~0.05 s for ``10^5`` steps, ~0.1 s for ``10^6`` on one CPU core.
@@ -930,19 +940,20 @@ _LOWER_REFINEMENTS = (1, 2, 4, 8, 16)
 
 
 def _split_lower(segments: tuple, like: ComposedPLD, direction: str, tail: float, at_loss: float, query,
-                 refine: int = 1) -> float:
+                 refine: int = 1) -> tuple[float, int]:
     """``query(pld, shift)`` of the optimistic split composition (:func:`_split_composed`) on
-    ``like``'s grid (or one ``refine`` times finer); 0 if a window would not fit."""
+    ``like``'s grid (or one ``refine`` times finer), and its number of points; 0 if a window would
+    not fit."""
     h = _quantize(like.interval / refine * (1 + 1e-9))
     shift = _lower_shift(segments, h, direction, _rounded_tail(tail))
     try:
         pld = _split_composed(segments, h, direction, math.floor(math.log10(_rounded_tail(tail))),
                               float(f"{at_loss - shift:.3g}"), optimistic=True)
     except MemoryError:
-        return 0.0
+        return 0.0, 0
     if pld is None:
-        return 0.0
-    return query(pld, shift)
+        return 0.0, 0
+    return query(pld, shift), pld.masses.size
 
 
 def _lower(segments: tuple, like: ComposedPLD | None, direction: str, tail: float, at_loss: float, upper: float,
@@ -950,21 +961,29 @@ def _lower(segments: tuple, like: ComposedPLD | None, direction: str, tail: floa
     """The largest ``query(pld, shift)`` over the optimistic passes of :func:`_lower_pass` (or
     :func:`_split_lower` where the upper bound was split; each a certified lower bound) on the upper
     bound's grid, then on grids 2 to 16 times finer while the bounds are more than ``_PROMISE``
-    apart.  0 if none fits."""
+    apart, or more than ``_LOWER_PROMISE`` while a pass has at most ``_LOWER_EXTRA_POINTS`` points
+    (a cheap refinement).  0 if none fits."""
     if like is None:
         return 0.0
     best = 0.0
     for refine in _LOWER_REFINEMENTS:
         if like.allowances is not None:  # the upper bound came from the split composition: so does the lower
-            best = max(best, _split_lower(segments, like, direction, tail, at_loss, query, refine))
+            value, size = _split_lower(segments, like, direction, tail, at_loss, query, refine)
+            if size == 0:  # no split, or a window did not fit: finer grids would not either
+                break
         else:
             pld, shift = _lower_pass(segments, like, direction, tail, at_loss, refine)
             if pld is None:
                 break
-            best = max(best, query(pld, shift))
-        if upper - best <= _PROMISE * upper:
+            value, size = query(pld, shift), pld.masses.size
+        best = max(best, value)
+        if upper - best <= _PROMISE * upper and (upper - best <= _LOWER_PROMISE * upper or size > _LOWER_EXTRA_POINTS):
             break
     return min(best, upper)
+
+
+#: See :func:`_lower`.
+_LOWER_PROMISE, _LOWER_EXTRA_POINTS = 2e-4, 2**19
 
 
 def _epsilon_lower(pld: ComposedPLD, shift: float, delta: float) -> float:
