@@ -395,42 +395,47 @@ def _dominated_step(h: float, sample_rate: float, noise_multiplier: float, direc
     """
     ascending = direction == sg.REMOVE  # the finite edge is the support's bottom (remove) or top (add)
     edge = t_lo if ascending else t_hi
-    _, p, q, _ = sg.interval_masses(np.array([edge, edge + h] if ascending else [edge - h, edge]),
-                                    sample_rate, noise_multiplier, direction)
-    offset = 0.0
-    if p[0] > 0 and q[0] > 0:
-        anchor = math.log(p[0] / q[0])
-        offset = anchor - math.ceil(anchor / h) * h  # in (-h, 0]: see the frame's shift in `prv`
-    # Cells cut at the midpoints between grid points, as in `_merged_onto_grid`.
-    points = np.arange(math.floor((t_lo - offset) / h), math.ceil((t_hi - offset) / h) + 1)
-    cuts = offset + np.concatenate([points - 0.5, points[-1:] + 0.5]) * h
-    _, p, q, _ = sg.interval_masses(cuts, sample_rate, noise_multiplier, direction)
-    t = offset + points * h
+
+    def cells_of(offset: float):
+        """Grid points ``offset + k h`` and the masses of the cells cut at their midpoints."""
+        points = np.arange(math.floor((t_lo - offset) / h), math.ceil((t_hi - offset) / h) + 1)
+        cuts = offset + np.concatenate([points - 0.5, points[-1:] + 0.5]) * h
+        _, p, q, _ = sg.interval_masses(cuts, sample_rate, noise_multiplier, direction)
+        return points, p, q
+
+    points, p, q = cells_of(0.0)
     # The exact region (its size changes no bound): the cells from the edge holding all but
     # ``1 - _EXACT_SHARE`` of the mass, within the limits.
     cumulative = np.cumsum(p if ascending else p[::-1])
     cells = int(np.searchsorted(cumulative, _EXACT_SHARE * cumulative[-1])) + 2
     cells = min(max(cells, _EXACT_CELLS_MIN), _EXACT_CELLS_MAX, points.size - 1)
-    # Exact outputs at grid points k_first .. k_end (ascending; downwards: k_end .. k_first), on
-    # pieces from the edge to the cut half a cell beyond t_{k_end +- 1}: what is left of them after
-    # output k_end is the first cell (target t_{k_end +- 1}) of the neighbour-balanced rest.
-    pieces = _EXACT_PIECES
-    if ascending:
-        k_end = int(points[cells - 1])
-        j = np.arange(math.floor((edge - offset) / h * pieces) + 1, (k_end + 1) * pieces + pieces // 2 + 1)
-        bounds = np.concatenate([[edge], offset + j * (h / pieces)])
-        region = slice(cells + 1, points.size)
-    else:
-        k_end = int(points[-cells])
-        j = np.arange((k_end - 1) * pieces - pieces // 2, math.ceil((edge - offset) / h * pieces))
-        bounds = np.concatenate([offset + j * (h / pieces), [edge]])
-        region = slice(0, points.size - cells - 1)
-    _, piece_p, piece_q, _ = sg.interval_masses(bounds, sample_rate, noise_multiplier, direction)
-    if not ascending:  # walk from the edge down; ``j``: each piece's end nearer the next output
-        piece_p, piece_q, j = piece_p[::-1], piece_q[::-1], j[::-1]
-    exact, leftover = _exact_outputs(piece_p.tolist(), piece_q.tolist(), j.tolist(), offset, h, pieces,
-                                     ascending, k_end)
+    # The offset: 0, or one that puts a grid point at the merged loss of the support's first
+    # ``w`` next to the edge, whichever loses least to rounding down in the exact region (0 unless
+    # another halves that: a shifted frame costs the composition's windows a little).
+    best = None
+    probe = min(cells, _EXACT_CELLS_MIN)  # the offset matters next to the edge: compared there
+    for width in (0.0, *_ANCHOR_WIDTHS):
+        offset = 0.0
+        if width:
+            _, anchor_p, anchor_q, _ = sg.interval_masses(
+                np.array([edge, edge + width * h] if ascending else [edge - width * h, edge]),
+                sample_rate, noise_multiplier, direction)
+            if not (anchor_p[0] > 0 and anchor_q[0] > 0):
+                continue
+            anchor = math.log(anchor_p[0] / anchor_q[0])
+            offset = anchor - math.ceil(anchor / h) * h  # in (-h, 0]: see the frame's shift in `prv`
+        k_probe = int(points[probe - 1] if ascending else points[-probe])
+        exact, _ = _exact_region(h, offset, k_probe, ascending, edge, sample_rate, noise_multiplier, direction)
+        lost = math.fsum(mass * (math.log(mass / mass_q) - offset - k * h) for mass, mass_q, k in exact if mass_q > 0)
+        if best is None or lost < 0.5 * best[0] - 1e-12 * h:
+            best = (lost, offset)
+    offset = best[1]
+    if offset != 0.0:
+        points, p, q = cells_of(offset)
+    k_end = int(points[cells - 1] if ascending else points[-cells])
+    exact, leftover = _exact_region(h, offset, k_end, ascending, edge, sample_rate, noise_multiplier, direction)
     # The rest: neighbour balancing; unbalanced outputs one grid point down.
+    region = points > k_end + 1 if ascending else points < k_end - 1
     rest_points, rest_p, rest_q = points[region], p[region], q[region]
     if leftover is not None:  # its cut lies beyond t_{k_end}: an unbalanced output may go there
         first = k_end + 1 if ascending else k_end - 1
@@ -447,6 +452,29 @@ def _dominated_step(h: float, sample_rate: float, noise_multiplier: float, direc
         masses[k - lowest] += mass
     masses.setflags(write=False)
     return DiscretePLD(h, lowest, masses, 0.0, None, offset)
+
+
+#: Widths (in grid steps) of the edge's stretch whose merged loss may fix the offset (see
+#: :func:`_dominated_step`).
+_ANCHOR_WIDTHS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+
+
+def _exact_region(h: float, offset: float, k_end: int, ascending: bool, edge: float, sample_rate: float,
+                  noise_multiplier: float, direction: str):
+    """The exact merge of :func:`_dominated_step` from the edge to output ``k_end`` on the grid
+    ``offset + h Z``: pieces ``_EXACT_PIECES`` times finer than the grid from the edge to the cut
+    half a cell beyond ``t_{k_end +- 1}``; returns :func:`_exact_outputs`' outputs and leftover."""
+    pieces = _EXACT_PIECES
+    if ascending:
+        j = np.arange(math.floor((edge - offset) / h * pieces) + 1, (k_end + 1) * pieces + pieces // 2 + 1)
+        bounds = np.concatenate([[edge], offset + j * (h / pieces)])
+    else:
+        j = np.arange((k_end - 1) * pieces - pieces // 2, math.ceil((edge - offset) / h * pieces))
+        bounds = np.concatenate([offset + j * (h / pieces), [edge]])
+    _, piece_p, piece_q, _ = sg.interval_masses(bounds, sample_rate, noise_multiplier, direction)
+    if not ascending:  # walk from the edge down; ``j``: each piece's end nearer the next output
+        piece_p, piece_q, j = piece_p[::-1], piece_q[::-1], j[::-1]
+    return _exact_outputs(piece_p.tolist(), piece_q.tolist(), j.tolist(), offset, h, pieces, ascending, k_end)
 
 
 def _exact_outputs(p: list, q: list, index: list, offset: float, h: float, pieces: int, ascending: bool,
