@@ -36,6 +36,14 @@ def clear_caches() -> None:
     gc.collect()
 
 
+def cold(query):
+    """``(query(), seconds)`` with every cache cleared first."""
+    clear_caches()
+    start = time.perf_counter()
+    value = query()
+    return value, time.perf_counter() - start
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="*", default=None)
@@ -51,14 +59,8 @@ def main(argv=None) -> None:
         ledger = Ledger([(sigma, q, steps)])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            clear_caches()
-            start = time.perf_counter()
-            upper = epsilon(ledger, delta)
-            seconds = time.perf_counter() - start
-            clear_caches()
-            start = time.perf_counter()
-            lower, upper_again = epsilon(ledger, delta, bounds=True)
-            bounds_seconds = time.perf_counter() - start
+            upper, seconds = cold(lambda: epsilon(ledger, delta))
+            (lower, upper_again), bounds_seconds = cold(lambda: epsilon(ledger, delta, bounds=True))
         assert upper_again == upper and lower <= upper
         gap = upper / lower - 1 if lower > 0 else float("inf")
         print(f"| {sigma:g} | {q:.3g} | {steps:g} | {delta:g} | {upper:.6f} | {lower:.6f} | {100 * gap:.3f}% | "

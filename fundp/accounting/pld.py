@@ -412,7 +412,7 @@ def _dominated_step(h: float, sample_rate: float, noise_multiplier: float, direc
     # The offset: 0, or one that puts a grid point at the merged loss of the support's first
     # ``w`` next to the edge, whichever loses least to rounding down in the exact region (0 unless
     # another halves that: a shifted frame costs the composition's windows a little).
-    best = None
+    best_lost, best_offset = math.inf, 0.0
     probe = min(cells, _EXACT_CELLS_MIN)  # the offset matters next to the edge: compared there
     for width in (0.0, *_ANCHOR_WIDTHS):
         offset = 0.0
@@ -427,9 +427,9 @@ def _dominated_step(h: float, sample_rate: float, noise_multiplier: float, direc
         k_probe = int(points[probe - 1] if ascending else points[-probe])
         exact, _ = _exact_region(h, offset, k_probe, ascending, edge, sample_rate, noise_multiplier, direction)
         lost = math.fsum(mass * (math.log(mass / mass_q) - offset - k * h) for mass, mass_q, k in exact if mass_q > 0)
-        if best is None or lost < 0.5 * best[0] - 1e-12 * h:
-            best = (lost, offset)
-    offset = best[1]
+        if lost < 0.5 * best_lost - 1e-12 * h:
+            best_lost, best_offset = lost, offset
+    offset = best_offset
     if offset != 0.0:
         points, p, q = cells_of(offset)
     k_end = int(points[cells - 1] if ascending else points[-cells])
