@@ -918,7 +918,7 @@ def _lower_shift(segments: tuple, h: float, direction: str, tail: float) -> floa
 
 
 def _lower_pass(segments: tuple, like: ComposedPLD, direction: str, tail: float, at_loss: float,
-                refine: int) -> tuple[ComposedPLD | None, float]:
+                refine: float) -> tuple[ComposedPLD | None, float]:
     """The optimistic composition (dominated steps) on ``like``'s grid (``refine = 1``, with its tilt)
     or on one ``refine`` times finer (its own tilt), for losses near ``at_loss``, and its shift
     (:func:`_lower_shift`); ``None`` if its window would not fit."""
@@ -940,17 +940,17 @@ _LOWER_REFINEMENTS = (1, 2, 4, 8, 16)
 
 
 def _split_lower(segments: tuple, like: ComposedPLD, direction: str, tail: float, at_loss: float, query,
-                 refine: int = 1) -> tuple[float, int]:
+                 refine: float = 1) -> tuple[float, int]:
     """``query(pld, shift)`` of the optimistic split composition (:func:`_split_composed`) on
-    ``like``'s grid (or one ``refine`` times finer), and its number of points; 0 if a window would
-    not fit."""
+    ``like``'s grid (or one ``refine`` times finer), and its number of points; ``(0, 0)`` if there
+    is nothing to split, ``(0, -1)`` if a window would not fit."""
     h = _quantize(like.interval / refine * (1 + 1e-9))
     shift = _lower_shift(segments, h, direction, _rounded_tail(tail))
     try:
         pld = _split_composed(segments, h, direction, math.floor(math.log10(_rounded_tail(tail))),
                               float(f"{at_loss - shift:.3g}"), optimistic=True)
     except MemoryError:
-        return 0.0, 0
+        return 0.0, -1
     if pld is None:
         return 0.0, 0
     return query(pld, shift), pld.masses.size
@@ -962,24 +962,39 @@ def _lower(segments: tuple, like: ComposedPLD | None, direction: str, tail: floa
     :func:`_split_lower` where the upper bound was split; each a certified lower bound) on the upper
     bound's grid, then on grids 2 to 16 times finer while the bounds are more than ``_PROMISE``
     apart, or more than ``_LOWER_PROMISE`` while a pass has at most ``_LOWER_EXTRA_POINTS`` points
-    (a cheap refinement).  0 if none fits."""
+    (a cheap refinement); if the upper bound's grid does not fit, on the first of up to 4 times
+    coarser grids that does.  0 if none fits."""
     if like is None:
         return 0.0
+
+    def attempt(refine: float) -> tuple[float, int]:
+        """(value, points) of the pass ``refine`` times finer; points ``<= 0`` if it did not fit."""
+        if like.allowances is not None:  # the upper bound came from the split composition: so does the lower
+            return _split_lower(segments, like, direction, tail, at_loss, query, refine)
+        pld, shift = _lower_pass(segments, like, direction, tail, at_loss, refine)
+        return (0.0, -1) if pld is None else (query(pld, shift), pld.masses.size)
+
     best = 0.0
     for refine in _LOWER_REFINEMENTS:
-        if like.allowances is not None:  # the upper bound came from the split composition: so does the lower
-            value, size = _split_lower(segments, like, direction, tail, at_loss, query, refine)
-            if size == 0:  # no split, or a window did not fit: finer grids would not either
-                break
-        else:
-            pld, shift = _lower_pass(segments, like, direction, tail, at_loss, refine)
-            if pld is None:
-                break
-            value, size = query(pld, shift), pld.masses.size
+        value, size = attempt(refine)
+        if size == -1 and refine == 1:  # the upper bound's grid does not fit: a coarser one may
+            for coarser in _LOWER_COARSENINGS:
+                value, size = attempt(coarser)
+                if size != -1:
+                    break
+            best = max(best, value)
+            break
+        if size <= 0:  # nothing to split, or a window did not fit: finer grids would not either
+            break
         best = max(best, value)
         if upper - best <= _PROMISE * upper and (upper - best <= _LOWER_PROMISE * upper or size > _LOWER_EXTRA_POINTS):
             break
     return min(best, upper)
+
+
+#: Coarser grids (steps of 2^(1/4), to 4x) tried by :func:`_lower` where the upper bound's does not
+#: fit (the optimistic steps' windows can be a little wider): any grid gives a lower bound.
+_LOWER_COARSENINGS = tuple(2.0 ** (-k / 4) for k in range(1, 9))
 
 
 #: See :func:`_lower`.
