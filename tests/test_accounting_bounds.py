@@ -142,7 +142,7 @@ def test_optimistic_step_is_dominated(direction, sigma, q, h):
     first, second = (p1, p0) if direction == "remove" else (p0, p1)
     spread = math.sqrt(step.moments()[1])
     for eps in spread * np.array([0.0, 0.5, 1.0, 2.0, 4.0]):
-        discrete = float(np.sum(step.masses * np.maximum(-np.expm1(eps - step.losses), 0.0)))
+        discrete = float(np.sum(step.masses * np.maximum(-np.expm1(eps - step.offset - step.losses), 0.0)))
         exact = hockey_stick(first, second, eps, sigma)
         assert discrete <= exact * (1 + 1e-9) + 1e-16, (eps, discrete, exact)
         assert discrete >= exact * (1 - TIGHTNESS) - 1e-12, (eps, discrete, exact)

@@ -77,13 +77,21 @@ losses under ``P``),
 
 and ``f`` is non-decreasing.  Every approximation of the lower pass is *optimistic*:
 
-1. *Dominated steps.*  Each step's pair is replaced by a post-processing of it (merging the
-   outcomes of a grid cell, then a randomised mixing of neighbouring cells, see
-   :func:`~fundp.accounting.pld._merged_onto_grid`); post-processing is dominated (data processing)
-   and so is a composition of dominated pairs, so the composed ``E[f]`` can only drop.
-2. *Rounding down.*  Each output's loss is replaced by a grid loss at or below it, and the two
-   tails beyond the outer cells by ``-inf`` (dropped): every step's loss is then pointwise
-   smaller, hence so is ``S``, and ``f`` non-decreasing makes ``E[f(S)]`` smaller.
+1. *Dominated steps.*  Each step's pair is replaced by a post-processing of it (merging pieces
+   of the loss line, whole or in random fractions, into outputs, see
+   :func:`~fundp.accounting.pld._dominated_step` and :func:`~fundp.accounting.pld._merged_onto_grid`);
+   post-processing is dominated (data processing) and so is a composition of dominated pairs, so
+   the composed ``E[f]`` can only drop.
+2. *Rounding down.*  Each output's loss is replaced by a loss at or below it on the step's grid
+   ``o_s + h Z`` (the offset ``o_s`` in ``(-h, 0]`` puts a grid point at the merged loss of the
+   bulk next to the support's edge: without it a small-``q`` step's bulk, narrower than a cell,
+   fell a whole cell per step), and the two tails beyond the outer cells by ``-inf`` (dropped):
+   every step's loss is then pointwise smaller, hence so is ``S``, and ``f`` non-decreasing makes
+   ``E[f(S)]`` smaller.  A step's mass at ``o_s + k h`` is stored at index ``k``, so the FFT
+   composes the *frame* sum ``S' = S - c`` with ``c = sum_s T_s o_s <= 0`` exactly; the lower pass
+   answers ``delta'(eps - c)`` for delta and ``eps' + c`` for an epsilon ``eps'`` of the frame
+   (:func:`_lower_shift`; ``c <= 0`` keeps every ``eps >= 0`` at a frame loss ``>= 0``, where the
+   composed PLD keeps its atoms).
 3. *Wrap-around.*  The circular FFT moves mass from above the window's top to its bottom (a
    smaller loss: ``f`` drops, but untilting amplifies the tilted weight by ``e^{tilt (l - l')}``)
    and from below its start to its top (``f`` may rise; untilting damps it by ``e^{-tilt N h}``).
@@ -99,13 +107,15 @@ each direction's epsilon is at least ``sup {eps : delta_lower(eps) > delta}`` (d
 non-increasing in eps): that sup in the direction of the upper bound is the lower bound.  It
 reuses the upper pass's grid, direction and tilt (one more FFT), and while the two bounds are more
 than 0.1% apart it is recomputed on grids 2, 4, 8 and 16 times finer (each pass is a lower bound; the
-largest is kept).  Merging removes ~``h^2/12`` of each step's variance where
-connect-the-dots adds ~``h^2/6``, so the gap is ~1.5x the upper bound's own excess where the
-per-step density is smooth on the grid's scale.  Next to the edge of a step's support (``log(1 -
-q)``, within a few cells when ``q <= 1e-3``) the outermost cell cannot be balanced and loses up
-to a cell's width of its mass's loss per step, hence the finer grids; and in the corners where the
-round-off allowance dominates the gap is that allowance (subtracted here as it is added there).  At ``q = 1`` the closed form is
-nudged down by ``_CLOSED_FORM_MARGIN``.
+largest is kept; also while more than 0.02% apart if the pass had at most 2^19 points).  Merging
+removes ~``h^2/12`` of each step's variance where connect-the-dots adds ~``h^2/6``, so the gap is
+~1.5x the upper bound's own excess where the per-step density is smooth on the grid's scale; next
+to the edge of a step's support (``log(1 - q)``, within a few cells when ``q <= 1e-3``) the exact
+merge of :func:`~fundp.accounting.pld._dominated_step` keeps each output's merged loss at its grid
+point (the mean loss per step is within ~1e-4 of a cell of the exact one, where neighbour
+balancing alone lost up to a cell); in the corners where the round-off allowance dominates the gap
+is that allowance (subtracted here as it is added there).  At ``q = 1`` the closed form is nudged
+down by ``_CLOSED_FORM_MARGIN``.
 
 Cost: ``O(N log N)`` for ``N ~ (window / h)`` points, independent of the number of steps (``N``
 grows like ``sqrt(T)``): ~0.05 s for ``10^5`` steps, ~0.1 s for ``10^6`` on one CPU core.
@@ -978,19 +988,30 @@ def _delta_search(segments: tuple, epsilon: float) -> tuple[float, str, Composed
 
 
 
+def _lower_shift(segments: tuple, h: float, direction: str, tail: float) -> float:
+    """``sum_s T_s offset_s``: the dominated steps live on grids ``offset_s + h Z``
+    (:func:`~fundp.accounting.pld._dominated_step`) and are composed in the frame ``h Z``; this is
+    the composed loss's shift back (the same single-step PLDs as :func:`_composed` uses)."""
+    plds = _step_plds(segments, _quantize(h), direction, 10.0 ** max(math.floor(math.log10(tail)), -300), True)
+    return math.fsum(steps * pld.offset for pld, steps in plds)
+
+
 def _lower_pass(segments: tuple, like: ComposedPLD, direction: str, tail: float, at_loss: float,
-                refine: int) -> ComposedPLD | None:
+                refine: float) -> tuple[ComposedPLD | None, float]:
     """The optimistic composition (dominated steps) on ``like``'s grid (``refine = 1``, with its tilt)
-    or on one ``refine`` times finer (its own tilt), for losses near ``at_loss``; ``None`` if its
-    window would not fit."""
+    or on one ``refine`` times finer (its own tilt), for losses near ``at_loss``, and its shift
+    (:func:`_lower_shift`); ``None`` if its window would not fit."""
+    # ``like.interval`` is already quantised: the nudge keeps `_quantize` from rounding it down.
+    h = like.interval / refine * (1 + 1e-9)
+    tail = _rounded_tail(tail)
+    shift = _lower_shift(segments, h, direction, tail)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)  # no silent coarsening of the lower pass
-            # ``like.interval`` is already quantised: the nudge keeps `_quantize` from rounding it down.
-            return _composed(segments, like.interval / refine * (1 + 1e-9), direction, _rounded_tail(tail), at_loss,
-                             optimistic=True, tilt=like.tilt if refine == 1 and like.allowances is None else None)
+            return _composed(segments, h, direction, tail, at_loss - shift, optimistic=True,
+                             tilt=like.tilt if refine == 1 and like.allowances is None else None), shift
     except UserWarning:
-        return None
+        return None, shift
 
 
 #: Grid refinements tried, in order, by the lower bound until it is within ``_PROMISE`` of the upper.
@@ -998,44 +1019,82 @@ _LOWER_REFINEMENTS = (1, 2, 4, 8, 16)
 
 
 def _split_lower(segments: tuple, like: ComposedPLD, direction: str, tail: float, at_loss: float, query,
-                 epsilon_query: bool, refine: int = 1) -> float:
-    """``query`` of the optimistic split composition (:func:`_split_composed`) on ``like``'s grid (or
-    one ``refine`` times finer), a certified lower bound where its answer is at least its
-    ``trusted_from`` (0 otherwise, or if a window would not fit)."""
+                 refine: float = 1) -> tuple[float, int]:
+    """``query(pld, shift)`` of the optimistic split composition (:func:`_split_composed`) on
+    ``like``'s grid (or one ``refine`` times finer), and its number of points; ``(0, 0)`` if there
+    is nothing to split, ``(0, -1)`` if a window would not fit."""
+    h = _quantize(like.interval / refine * (1 + 1e-9))
+    shift = _lower_shift(segments, h, direction, _rounded_tail(tail))
     try:
-        pld = _split_composed(segments, _quantize(like.interval / refine * (1 + 1e-9)), direction,
-                              math.floor(math.log10(_rounded_tail(tail))), float(f"{at_loss:.3g}"), optimistic=True)
+        pld = _split_composed(segments, h, direction, math.floor(math.log10(_rounded_tail(tail))),
+                              float(f"{at_loss - shift:.3g}"), optimistic=True)
     except MemoryError:
-        return 0.0
+        return 0.0, -1
     if pld is None:
-        return 0.0
-    value = query(pld)
-    # An epsilon answer must lie at or above trusted_from; a delta is asked at ``at_loss`` itself,
-    # which is above it.
-    return value if not epsilon_query or value >= pld.trusted_from else 0.0
+        return 0.0, 0
+    return query(pld, shift), pld.masses.size
 
 
 def _lower(segments: tuple, like: ComposedPLD | None, direction: str, tail: float, at_loss: float, upper: float,
-           query, epsilon_query: bool = False) -> float:
-    """The largest ``query(pld)`` over the optimistic passes of :func:`_lower_pass` (or :func:`_split_lower`
-    where the upper bound was split; each a certified lower bound) on the upper bound's grid, then on
-    grids 2 to 16 times finer while the bounds are
-    more than ``_PROMISE`` apart: next to the edge of a step's support (small ``q``) the dominated
-    discretisation loses a first-order share of a cell, which finer grids shrink fast.  0 if none fits."""
+           query) -> float:
+    """The largest ``query(pld, shift)`` over the optimistic passes of :func:`_lower_pass` (or
+    :func:`_split_lower` where the upper bound was split; each a certified lower bound) on the upper
+    bound's grid, then on grids 2 to 16 times finer while the bounds are more than ``_PROMISE``
+    apart, or more than ``_LOWER_PROMISE`` while a pass has at most ``_LOWER_EXTRA_POINTS`` points
+    (a cheap refinement); if the upper bound's grid does not fit, on the first of up to 4 times
+    coarser grids that does.  0 if none fits."""
     if like is None:
         return 0.0
+
+    def attempt(refine: float) -> tuple[float, int]:
+        """(value, points) of the pass ``refine`` times finer; points ``<= 0`` if it did not fit."""
+        if like.allowances is not None:  # the upper bound came from the split composition: so does the lower
+            return _split_lower(segments, like, direction, tail, at_loss, query, refine)
+        pld, shift = _lower_pass(segments, like, direction, tail, at_loss, refine)
+        return (0.0, -1) if pld is None else (query(pld, shift), pld.masses.size)
+
     best = 0.0
     for refine in _LOWER_REFINEMENTS:
-        if like.allowances is not None:  # the upper bound came from the split composition: so does the lower
-            best = max(best, _split_lower(segments, like, direction, tail, at_loss, query, epsilon_query, refine))
-        else:
-            pld = _lower_pass(segments, like, direction, tail, at_loss, refine)
-            if pld is None:
-                break
-            best = max(best, query(pld))
-        if upper - best <= _PROMISE * upper:
+        value, size = attempt(refine)
+        if size == -1 and refine == 1:  # the upper bound's grid does not fit: a coarser one may
+            for coarser in _LOWER_COARSENINGS:
+                value, size = attempt(coarser)
+                if size != -1:
+                    break
+            best = max(best, value)
+            break
+        if size <= 0:  # nothing to split, or a window did not fit: finer grids would not either
+            break
+        best = max(best, value)
+        if upper - best <= _PROMISE * upper and (upper - best <= _LOWER_PROMISE * upper or size > _LOWER_EXTRA_POINTS):
             break
     return min(best, upper)
+
+
+#: Coarser grids (steps of 2^(1/4), to 4x) tried by :func:`_lower` where the upper bound's does not
+#: fit (the optimistic steps' windows can be a little wider): any grid gives a lower bound.
+_LOWER_COARSENINGS = tuple(2.0 ** (-k / 4) for k in range(1, 9))
+
+
+#: See :func:`_lower`.
+_LOWER_PROMISE, _LOWER_EXTRA_POINTS = 2e-4, 2**19
+
+
+def _epsilon_lower(pld: ComposedPLD, shift: float, delta: float) -> float:
+    """A certified lower bound on epsilon from an optimistic composition in the frame shifted by
+    ``-shift``: its own (a sup over ``eps' >= 0``, 0 if void; at or above ``trusted_from``) plus
+    ``shift``, clipped at 0."""
+    value = pld.epsilon(delta)
+    if value <= 0 or value < pld.trusted_from:
+        return 0.0
+    return max(value + shift, 0.0)
+
+
+def _delta_lower(pld: ComposedPLD, shift: float, epsilon: float) -> float:
+    """A certified lower bound on delta at ``epsilon`` from an optimistic composition in the frame
+    shifted by ``-shift``: its delta at ``epsilon - shift`` (0 below ``trusted_from``)."""
+    at = epsilon - shift
+    return pld.delta(at) if at >= pld.trusted_from else 0.0
 
 
 def epsilon_bounds(segments: Segments, delta: float) -> tuple[float, float]:
@@ -1058,7 +1117,7 @@ def epsilon_bounds(segments: Segments, delta: float) -> tuple[float, float]:
     upper, direction, pld = _epsilon_search(segments, delta)
     aim = upper if math.isfinite(upper) or pld is None else pld.mean
     tail = _TAIL_FRACTION * delta * (1 - delta)
-    return _lower(segments, pld, direction, tail, aim, upper, lambda lower: lower.epsilon(delta), True), upper
+    return _lower(segments, pld, direction, tail, aim, upper, lambda lower, shift: _epsilon_lower(lower, shift, delta)), upper
 
 
 def delta_bounds(segments: Segments, epsilon: float) -> tuple[float, float]:
@@ -1079,4 +1138,4 @@ def delta_bounds(segments: Segments, epsilon: float) -> tuple[float, float]:
         return 0.0, delta(segments, epsilon)
     upper, direction, pld = _delta_search(segments, epsilon)
     tail = max(_TAIL_FRACTION * upper, 1e-300)
-    return _lower(segments, pld, direction, tail, epsilon, upper, lambda lower: lower.delta(epsilon)), upper
+    return _lower(segments, pld, direction, tail, epsilon, upper, lambda lower, shift: _delta_lower(lower, shift, epsilon)), upper
