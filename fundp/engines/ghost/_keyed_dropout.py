@@ -217,7 +217,8 @@ class KeyedDropout(TorchFunctionMode):
         if mask is not None:
             weights = weights.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else weights + mask
         weights = torch.softmax(weights, dim=-1)
-        return F.dropout(weights, p, training=True) @ v  # (through this mode: keyed)
+        dropped = self._dropout(F.dropout, (weights, p, True), {})  # (inside the mode: called directly)
+        return (F.dropout(weights, p, training=True) if dropped is None else dropped) @ v
 
 
 def keyed_randomness(key: torch.Tensor | None, batch: Any, randomness: str, rows: torch.Tensor | None = None) -> Any:
