@@ -35,12 +35,16 @@ relative tolerances are ``~10^8`` (float64) and ``~10^4`` (float32) units of rou
 scale includes the batch's mean absolute loss so that a loss near zero by cancellation
 (a fitted regression) is compared against the batch's loss scale, not against itself.
 
+Dropout (``randomness="different"``): the subset runs with its rows' indices in the step's batch
+(:mod:`._keyed_dropout`), so each example draws the same masks as in the batch and the check runs
+as without dropout.  A run with a random op not keyed per example (``torch.rand``, a dropout of a
+sequence-first tensor: the engine's traced run or the subset's says so) is not compared.
+
 What it cannot see: a coupling that changes only the backward (a custom ``autograd.Function``
-whose backward mixes rows while its forward does not), and models with random ops
-(``randomness != "error"``: the subset would draw other dropout masks), where the check is skipped.
-With dropout what remains is the tracer (every call) and the first call's whole-batch
-verification (same keyed draws): a coupling hidden from the tracer that acts only on a later
-batch is not caught; ``grad_method="vmap"`` or ``verify="always"`` covers it.
+whose backward mixes rows while its forward does not), and a run with random draws not keyed per
+example (above), where what remains is the tracer (every call) and the first call's whole-batch
+verification (same draws): a coupling hidden from the tracer that acts only on a later batch is
+not caught; ``grad_method="vmap"`` or ``verify="always"`` covers it.
 
 Reporting.  Eagerly the check reads one boolean on the host (free on the CPU, one device
 synchronisation per call on an accelerator) and raises :class:`BatchConsistencyError` naming the

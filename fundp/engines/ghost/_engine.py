@@ -289,7 +289,11 @@ def make_ghost_engine(
     back to ``vmap``, so that every part of an example's gradient sees the same dropout mask).
     ``verify``: see :mod:`fundp.engines.ghost._verify`.  ``check_batch_consistency``: on every call
     of the ghost path, the losses of a random quarter of the batch must equal the batch's
-    (:mod:`fundp.engines.ghost._consistency`; skipped with ``randomness != "error"``).
+    (:mod:`fundp.engines.ghost._consistency`).  With ``randomness="different"`` every run of
+    ``loss_fn`` draws each example's dropout masks keyed by its row in the step's batch
+    (:mod:`fundp.engines.ghost._keyed_dropout`), so the check and the verification's single
+    examples see the batch's masks; a run with a random op not keyed per example skips the check
+    and the single-example check.
 
     Example:
       >>> import torch

@@ -28,7 +28,7 @@ mask's elements, fused by ``torch.compile``): no host read, no recompilation, no
 Which inputs are keyed.  An input whose first dim is a multiple of ``n = rows.numel()`` is viewed
 as ``[n, -1]`` (``[B, T, d]``; GPT-2's ``x.view(-1, d)`` = ``[B * T, d]``; attention weights
 ``[B, H, T, T]``).  Whether its rows really are the examples in order is known to the ghost
-tracer only, which sees every dropout call first (:meth:`~._tracer.Tracer.note_dropout`): a
+tracer only, which sees every dropout call first (:meth:`~._tracer.Tracer.note_random`): a
 sequence-first ``[T, B, d]``, a batch sorted inside ``loss_fn`` or a dropout of parameters is
 drawn all the same, but that run is marked *not keyed per example*.
 
@@ -81,7 +81,8 @@ RANDOM = {torch.bernoulli, torch.rand, torch.randn, torch.randint, torch.rand_li
           torch.randint_like, torch.normal, torch.multinomial, torch.randperm, torch.poisson, torch.Tensor.bernoulli_,
           torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.random_, torch.Tensor.exponential_,
           torch.Tensor.geometric_, torch.Tensor.log_normal_, torch.Tensor.cauchy_, torch.Tensor.bernoulli,
-          F.rrelu, F.gumbel_softmax, torch.native_dropout, torch.rrelu}
+          F.rrelu, F.gumbel_softmax}
+_MORE_RANDOM = {torch.native_dropout, torch.rrelu, torch.rrelu_}  # (not refused by the tracer: eval-mode calls)
 ALPHA = {F.alpha_dropout, torch.alpha_dropout, F.feature_alpha_dropout, torch.feature_alpha_dropout}
 
 
@@ -93,7 +94,7 @@ def draws(func: Any, args: tuple, kwargs: dict) -> bool:
     position, default = ELEMENTWISE.get(func) or _CHANNEL_TRAINING[func]
     training = arg(args, kwargs, position, "train" if func.__module__ == "torch" else "training", default)
     p = arg(args, kwargs, 1, "p", 0.5)
-    return bool(training) and isinstance(p, (int, float)) and p > 0
+    return bool(training) and (not isinstance(p, (int, float)) or p > 0)
 
 
 def keep_mask(key: torch.Tensor, call: int, rows: torch.Tensor, width: int, p: float) -> torch.Tensor:
@@ -157,7 +158,7 @@ class KeyedDropout(TorchFunctionMode):
                 return out
         elif func is F.scaled_dot_product_attention and draws(func, args, kwargs):
             return self._attention(args, kwargs)
-        elif func in RANDOM:
+        elif func in RANDOM or func in _MORE_RANDOM:
             self._seed_global(func)
         return func(*args, **kwargs)
 
@@ -181,8 +182,13 @@ class KeyedDropout(TorchFunctionMode):
         x = arg(args, kwargs, 0, "input")
         p = arg(args, kwargs, 1, "p", 0.5)
         inplace = bool(arg(args, kwargs, 3, "inplace", False))
-        if not isinstance(x, torch.Tensor) or not draws(func, args, kwargs) or not p <= 1:
+        if not isinstance(x, torch.Tensor) or not draws(func, args, kwargs):
             return None  # no randomness (or torch's own error for a bad p)
+        if not isinstance(p, (int, float)):  # (a tensor p: torch's draw, not keyed)
+            self._seed_global(func)
+            return None
+        if not p <= 1:
+            return None  # torch's own error
         n = self.rows.numel()
         dims = CHANNELWISE.get(func, 0)
         channels = func in CHANNELWISE

@@ -22,9 +22,13 @@ compiled losses and norms with the verified ones row by row):
 Cost: one forward and backward of the batch plus two of a single example — about one
 non-private step, once per input signature.  Tolerances (relative to the global gradient norm):
 ``1e-7`` in float64, ``1e-3`` in float32, ``5e-2`` when the parameters are 16-bit or autocast is on.
-With ``randomness="different"`` (dropout) only check 1 runs, with the same keyed draws; rows left
-out (masked, non-finite) are replaced by a copy of a kept row, so that the batch keeps its shape and
-its draws.  A signature is recorded as verified only when something was checked.
+With ``randomness="different"`` (dropout) each run of ``loss_fn`` draws each example's masks
+keyed by its row in the step's batch (:mod:`._keyed_dropout`): the kept rows (check 1) and single
+examples (check 2) see the batch's masks, and both checks run.  When the engine's run had a random
+draw not keyed per example (``torch.rand``, a dropout of a sequence-first tensor) only check 1 runs,
+with the same draws: rows left out (masked, non-finite) are then replaced by a copy of a kept row,
+so that the batch keeps its shape and its draws.  A signature is recorded as verified only when
+something was checked.
 
 When ``loss_fn`` reads a Python value from batch data (``int(lengths.max())``, ``.item()``,
 ``bool(mask.any())``: the tracer's ``data_dependent``), every call is verified, and check 2 also
