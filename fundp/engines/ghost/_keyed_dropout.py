@@ -13,17 +13,18 @@ its input (``[n, ...]``, the examples ``rows[j]`` of the step's batch) and the e
 that row (row-major), keep iff ``u >= round(p * 2**32)`` with
 
   ``s = mix(mix(((rows[j] + k0) & M) ^ c') ^ k1)``, ``a = mix(s ^ A) | 1``,
-  ``u = mix((e * a + s) & M)``
+  ``u = mix'((e * a + s) & M)``
 
 (``k0, k1`` the key's words, ``c' = DOMAIN + c * golden``, ``M = 2**32 - 1``, ``mix`` the
-32-bit bijection :func:`~._consistency._mix32`), so ``P(keep) = 1 - p`` to within ``2**-32``.
+32-bit bijection :func:`~._consistency._mix32`, ``mix'`` the same without its last
+``x ^= x >> 16``), so ``P(keep) = 1 - p`` to within ``2**-32``.
 The mask depends on (key, ``c``, ``rows[j]``, ``e``) only: not on ``n`` nor on the other rows.
 Each row has its own odd multiplier ``a``, so two rows' element streams are never shifted copies
 of each other.  The output is torch's: ``x * mask / (1 - p)`` (dropout, ``x * 0`` for ``p = 1``),
 ``x * mask * a' + alpha * a' * (p - (1 - mask))`` (alpha dropout, SELU's ``alpha``); the channel
 dropouts (``dropout1d/2d/3d``, ``feature_alpha_dropout``, ``torch.feature_dropout``) draw one
-mask per (row, channel), ``e`` = the channel.  Tensor ops only (about 15 integer ops on the
-mask's elements, fused by ``torch.compile``): no host read, no recompilation, no graph break.
+mask per (row, channel), ``e`` = the channel.  Tensor ops only (12 int64 ops on the mask's
+elements, fused by ``torch.compile``; eagerly they are the cost, see benchmarks/RESULTS.md): no host read, no recompilation, no graph break.
 
 Which inputs are keyed.  An input whose first dim is a multiple of ``n = rows.numel()`` is viewed
 as ``[n, -1]`` (``[B, T, d]``; GPT-2's ``x.view(-1, d)`` = ``[B * T, d]``; attention weights
@@ -115,8 +116,13 @@ def keep_mask(key: torch.Tensor, call: int, rows: torch.Tensor, width: int, p: f
     salt = (DOMAIN + call * _GOLDEN) & _MASK32
     seed = _mix32(_mix32(((rows.to(torch.int64) + k0) & _MASK32) ^ salt) ^ k1)  # [n]
     step = _mix32(seed ^ _MULTIPLIER_DOMAIN) | 1  # an odd multiplier per row
-    elements = torch.arange(width, dtype=torch.int64, device=rows.device)
-    u = _mix32((elements * step[:, None] + seed[:, None]) & _MASK32)  # (< 2**31 * 2**32: no overflow)
+    # u = mix((e * a + s) & M), in place (the [n, width] tensor is the cost); mix's last x ^= x >> 16
+    # is left out: it keeps the high half that the threshold reads but for ties, and any bijection
+    # of uniform words is uniform, so P(keep) is unchanged.
+    u = torch.arange(width, dtype=torch.int64, device=rows.device) * step[:, None]  # (< 2**31 * 2**32)
+    u.add_(seed[:, None]).bitwise_and_(_MASK32)
+    for _ in range(2):
+        u.bitwise_xor_(u >> 16).mul_(0x45D9F3B).bitwise_and_(_MASK32)
     return u >= min(round(p * 2**32), 2**32)
 
 
