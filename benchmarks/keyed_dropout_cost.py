@@ -13,7 +13,6 @@ graph per key, which would time recompilation, not steps.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
@@ -22,17 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import fundp
+import speed  # (benchmarks/: the directory of this script)
 
 P = 0.1
 
 
-class Block(nn.Module):
+class Block(speed.Block):
+    """benchmarks/speed.py's block with dropout on the attention weights and the residual branches."""
+
     def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.up, self.down = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        super().__init__(dim, heads)
         self.drop = nn.Dropout(P)
 
     def forward(self, x):
@@ -45,15 +43,12 @@ class Block(nn.Module):
         return x + self.drop(self.down(F.gelu(self.up(self.norm2(x)))))
 
 
-class Transformer(nn.Module):
-    def __init__(self, vocab=1000, dim=64, length=32, classes=10):
+class Transformer(speed.Transformer):
+    """benchmarks/speed.py's transformer with these blocks and a dropout of the embeddings."""
+
+    def __init__(self):
         super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        position = torch.arange(length).unsqueeze(1) * torch.exp(torch.arange(0, dim, 2) * (-math.log(1e4) / dim))
-        self.register_buffer("positions", torch.cat([torch.sin(position), torch.cos(position)], dim=1))
-        self.blocks = nn.Sequential(Block(dim, 4), Block(dim, 4))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
+        self.blocks = nn.Sequential(Block(64, 4), Block(64, 4))
         self.drop = nn.Dropout(P)
 
     def forward(self, tokens):

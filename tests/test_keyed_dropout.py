@@ -196,3 +196,37 @@ def test_random_ops_not_keyed_per_example_keep_the_old_behaviour(monkeypatch):
         again = f(params, make_batch(), None, fundp.random.key(0))
         assert torch.equal(first.norms, again.norms)  # deterministic in the key
     assert checks == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_hf_gpt2_in_train_mode_with_dropout_is_exact_on_the_ghost_path(attn):
+    # GPT-2's dropouts (embeddings, residuals, attention weights: F.dropout eagerly, dropout_p of
+    # scaled_dot_product_attention with "sdpa") all keyed per example: the default step stays on the
+    # ghost path, runs both checks, and equals each example run alone with its rows=[i] masks.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    vocab, size, length = 50, 6, 8
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=vocab, n_positions=16, resid_pdrop=0.1,
+                        embd_pdrop=0.1, attn_pdrop=0.1, use_cache=False, attn_implementation=attn,
+                        bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).double().train()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def gpt_loss(p, x):
+        logits = torch.func.functional_call(model, p, (x,)).logits[:, :-1]
+        per_token = F.cross_entropy(logits.reshape(-1, vocab), x[:, 1:].reshape(-1), reduction="none")
+        return per_token.reshape(x.shape[0], -1).mean(1)
+
+    x = torch.randint(0, vocab, (size, length), generator=torch.Generator().manual_seed(1))
+    key = fundp.random.key(3)
+    out = fundp.clipped_grad_sum(gpt_loss, max_norm=1e9, randomness="different")(params, x, None, key)
+    norms = []
+    for i in range(size):
+        leaves = {name: value.clone().requires_grad_() for name, value in params.items()}
+        with keyed_randomness(key, x[i:i + 1], "different", torch.tensor([i])):
+            loss = gpt_loss(leaves, x[i:i + 1])[0]
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        norms.append(torch.sqrt(sum(g.square().sum() for g in grads if g is not None)))
+    torch.testing.assert_close(out.norms, torch.stack(norms), rtol=1e-10, atol=0)
