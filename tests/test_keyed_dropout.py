@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fundp
-from fundp.engines.ghost import BatchConsistencyError, GhostVerificationError
+from fundp.engines.ghost import BatchConsistencyError, GhostUnsupportedError, GhostVerificationError
 from fundp.engines.ghost import _engine
 from fundp.engines.ghost._keyed_dropout import keep_mask, keyed_randomness
 from tests.test_plain_compile import graph_runs_backend
@@ -230,3 +230,13 @@ def test_hf_gpt2_in_train_mode_with_dropout_is_exact_on_the_ghost_path(attn):
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         norms.append(torch.sqrt(sum(g.square().sum() for g in grads if g is not None)))
     torch.testing.assert_close(out.norms, torch.stack(norms), rtol=1e-10, atol=0)
+
+
+def test_under_compile_a_dropout_the_masks_do_not_take_leaves_the_ghost_path():
+    # No host read of the key inside the graph: "ghost" refuses, naming what to do ("auto": vmap).
+    def sequence_first(p, x):
+        return F.dropout(F.linear(x.transpose(0, 1), p["w"]), 0.3, training=True).pow(2).sum((0, 2))
+
+    f = fundp.clipped_grad_sum(sequence_first, max_norm=C, grad_method="ghost", randomness="different")
+    with pytest.raises(GhostUnsupportedError, match="keys only dropout masks per example"):
+        torch.compile(f, backend="eager")({"w": make_params()["w"]}, make_batch(), None, fundp.random.key(0))

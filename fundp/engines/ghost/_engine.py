@@ -92,6 +92,12 @@ def fallback_reasons(tracer: Tracer, proxies: list, losses: torch.Tensor | None)
     """``{leaf index: reason}`` for every leaf the ghost path cannot handle."""
     reasons: dict = {}
     rows = tracer.layout(losses) if losses is not None else None
+    if tracer.unkeyed is not None and is_compiling():
+        # Under torch.compile a draw not keyed per example would be seeded by a host read of the key
+        # inside the traced transform: the step leaves the ghost path ("auto": vmap) instead.
+        why = (f"under torch.compile the ghost path keys only dropout masks per example, and loss_fn draws "
+               f"otherwise ({tracer.unkeyed}): run the step eagerly or use grad_method='vmap'")
+        return {i: why for i, p in enumerate(proxies) if isinstance(p, torch.Tensor) and p.is_floating_point()}
     if isinstance(rows, Untrusted) and rows.mixes:
         # The losses were computed from values moved across the batch (a slice or gather of it, a
         # view made out of the tracer's sight): nothing proves that examples do not interact.

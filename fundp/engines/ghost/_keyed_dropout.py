@@ -38,7 +38,11 @@ with ``dropout_p > 0`` is run as its math with a keyed dropout of the attention 
 today's behaviour: at the first such op the mode seeds torch's RNG from the key
 (:func:`fundp.grads.keyed_model_rng`, restored at exit; a host read of the key, so a graph break
 under ``torch.compile``) and marks the run not keyed per example (:attr:`KeyedDropout.unkeyed`).
-A random op inside another kernel (``nn.LSTM(dropout=...)``) is seen by no mode: it draws from
+Under ``torch.compile`` no host read is made: the run is marked, and the engine sends the step
+to ``vmap`` (``"auto"``) or refuses (``"ghost"``); dynamo does not show torch's random functions
+(``torch.rand``, ``rand_like``, ``bernoulli``, ...) to a ``TorchFunctionMode`` at all, so there they
+draw unseeded and the first call's verification (comparing with the eager engine) refuses the
+step.  A random op inside another kernel (``nn.LSTM(dropout=...)``) is seen by no mode: it draws from
 torch's RNG unseeded (such layers leave the ghost path for ``vmap`` with ``randomness !=
 "error"``, whose draws are keyed).  A run not keyed per example keeps the old checks: no
 consistency check, verification check 1 only.
@@ -57,10 +61,11 @@ from torch.overrides import TorchFunctionMode
 
 from fundp._validate import check_batch
 from fundp.engines.ghost._consistency import _mix32
+from fundp.engines.ghost._index import is_compiling
 from fundp.engines.ghost._layout_rules import arg
 from fundp.grads import keyed_model_rng
 
-__all__ = ["KeyedDropout", "keyed_randomness", "keep_mask", "ELEMENTWISE", "CHANNELWISE", "ALPHA", "RANDOM", "draws"]
+__all__ = ["KeyedDropout", "keyed_randomness", "keep_mask", "ELEMENTWISE", "CHANNELWISE", "ALPHA", "RANDOM", "MORE_RANDOM", "draws", "keyable"]
 
 DOMAIN = 0x4452504B  # "DRPK"
 _MASK32 = 0xFFFFFFFF
@@ -83,7 +88,7 @@ RANDOM = {torch.bernoulli, torch.rand, torch.randn, torch.randint, torch.rand_li
           torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.random_, torch.Tensor.exponential_,
           torch.Tensor.geometric_, torch.Tensor.log_normal_, torch.Tensor.cauchy_, torch.Tensor.bernoulli,
           F.rrelu, F.gumbel_softmax}
-_MORE_RANDOM = {torch.native_dropout, torch.rrelu, torch.rrelu_}  # (not refused by the tracer: eval-mode calls)
+MORE_RANDOM = {torch.native_dropout, torch.rrelu, torch.rrelu_}  # (not refused by the tracer: eval-mode calls)
 ALPHA = {F.alpha_dropout, torch.alpha_dropout, F.feature_alpha_dropout, torch.feature_alpha_dropout}
 
 
@@ -96,6 +101,17 @@ def draws(func: Any, args: tuple, kwargs: dict) -> bool:
     training = arg(args, kwargs, position, "train" if func.__module__ == "torch" else "training", default)
     p = arg(args, kwargs, 1, "p", 0.5)
     return bool(training) and (not isinstance(p, (int, float)) or p > 0)
+
+
+def keyable(func: Any, x: Any, p: Any, n: int) -> bool:
+    """Whether the mode keys a drawing dropout ``func(x, p)`` for ``n`` rows: a floating ``x`` whose
+    dim 0 is a multiple of ``n`` (the channel dropouts: ``[n, C, ...]`` with their dims), a number ``p``."""
+    if not isinstance(p, (int, float)) or not isinstance(x, torch.Tensor) or n == 0 or x.dim() == 0 \
+            or not (x.is_floating_point() or x.is_complex()):
+        return False
+    if func in CHANNELWISE:
+        return x.dim() >= 2 and CHANNELWISE[func] in (None, x.dim()) and x.shape[0] == n
+    return x.shape[0] % n == 0
 
 
 def keep_mask(key: torch.Tensor, call: int, rows: torch.Tensor, width: int, p: float) -> torch.Tensor:
@@ -164,7 +180,7 @@ class KeyedDropout(TorchFunctionMode):
                 return out
         elif func is F.scaled_dot_product_attention and draws(func, args, kwargs):
             return self._attention(args, kwargs)
-        elif func in RANDOM or func in _MORE_RANDOM:
+        elif func in RANDOM or func in MORE_RANDOM:
             self._seed_global(func)
         return func(*args, **kwargs)
 
@@ -180,6 +196,8 @@ class KeyedDropout(TorchFunctionMode):
         """Today's behaviour for a random op not keyed per example: torch's RNG seeded from the key."""
         if self.unkeyed is None:
             self.unkeyed = getattr(func, "__name__", str(func))
+        if is_compiling():
+            return  # (no host read in a graph: the engine then leaves the ghost path, see fallback_reasons)
         if self._rng is None:
             self._rng = keyed_model_rng(self.key, self.batch, self.randomness)
             self._rng.__enter__()
@@ -190,20 +208,14 @@ class KeyedDropout(TorchFunctionMode):
         inplace = bool(arg(args, kwargs, 3, "inplace", False))
         if not isinstance(x, torch.Tensor) or not draws(func, args, kwargs):
             return None  # no randomness (or torch's own error for a bad p)
-        if not isinstance(p, (int, float)):  # (a tensor p: torch's draw, not keyed)
-            self._seed_global(func)
-            return None
-        if not p <= 1:
+        if isinstance(p, (int, float)) and not p <= 1:
             return None  # torch's own error
         n = self.rows.numel()
-        dims = CHANNELWISE.get(func, 0)
-        channels = func in CHANNELWISE
-        if n == 0 or x.dim() == 0 or x.shape[0] % n or (channels and (x.dim() < 2 or dims not in (None, x.dim()))) \
-                or (channels and x.shape[0] != n) or not (x.is_floating_point() or x.is_complex()):
+        if not keyable(func, x, p, n):
             self._seed_global(func)
             return None
         call, self.calls = self.calls, self.calls + 1
-        if channels:
+        if func in CHANNELWISE:
             keep = keep_mask(self.key, call, self.rows.to(x.device), x.shape[1], float(p))
             keep = keep.reshape(tuple(x.shape[:2]) + (1,) * (x.dim() - 2))
         else:

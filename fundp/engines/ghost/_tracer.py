@@ -36,7 +36,9 @@ from fundp.engines.ghost._index import IdentityMap, is_compiling
 from fundp.engines.ghost._keyed_dropout import CHANNELWISE as _KEYED_CHANNELWISE
 from fundp.engines.ghost._keyed_dropout import ELEMENTWISE as _KEYED_ELEMENTWISE
 from fundp.engines.ghost._keyed_dropout import RANDOM as _KEYED_RANDOM
+from fundp.engines.ghost._keyed_dropout import MORE_RANDOM as _MORE_RANDOM
 from fundp.engines.ghost._keyed_dropout import draws as _draws
+from fundp.engines.ghost._keyed_dropout import keyable as _keyable
 from fundp.engines.ghost._layout import ExamplesInteractError, Layout, Untrusted, move_dims, standard, to_examples
 from fundp.engines.ghost._layout_elementwise import CASTS as _CASTS
 from fundp.engines.ghost._layout_elementwise import DATA_FREE as _DATA_FREE
@@ -323,6 +325,8 @@ class Tracer(TorchFunctionMode):
         elif self.unkeyed is None and (func in _KEYED_ELEMENTWISE or func in _KEYED_CHANNELWISE
                                        or func is F.scaled_dot_product_attention):
             self.note_random(func, args, kwargs)
+        elif self.unkeyed is None and (func in _RANDOM or func in _MORE_RANDOM):
+            self.unkeyed = f"{name} draws from torch's RNG"
         inputs = _tensors_in(args) + _tensors_in(kwargs.values())
         for tensor in inputs:
             if tensor._base is not None and self.layouts.get(tensor) is None:
@@ -392,12 +396,20 @@ class Tracer(TorchFunctionMode):
     def note_random(self, func, args, kwargs) -> None:
         """A dropout (or attention with ``dropout_p > 0``) gets keyed per-example masks
         (:mod:`._keyed_dropout`) for the rows at its input's dim 0: exact when those are the examples
-        in order (dim 0, the batch outermost, no permutation), else the run is not keyed per example."""
+        in order (dim 0, the batch outermost, no permutation), else the run is not keyed per example
+        (:attr:`unkeyed`, as for an input the masks do not take and any other random op: the
+        tracer decides, as its state is what the engine reads under ``torch.compile`` too)."""
         if not _draws(func, args, kwargs):
             return
         inputs = [arg(args, kwargs, 0, "input")]
         if func is F.scaled_dot_product_attention:
             inputs = [arg(args, kwargs, i, name) for i, name in enumerate(("query", "key", "value"))]
+            keyed = inputs[0].dim() >= 3 and inputs[0].shape[0] % self.batch_size == 0  # (the weights' dim 0)
+        else:
+            keyed = _keyable(func, inputs[0], arg(args, kwargs, 1, "p", 0.5), self.batch_size)
+        if not keyed:
+            self.unkeyed = f"{op_name(func)} with an input the keyed masks do not take"
+            return
         layouts = [self.layouts.get(t) for t in inputs if isinstance(t, torch.Tensor)]
         known = [layout for layout in layouts if layout is not None]
         if not known or any(not isinstance(layout, Layout) or layout.dim != 0 or layout.pos != 0
