@@ -946,7 +946,9 @@ def dp_step(
         must equal the same example's loss in the batch, or
         :class:`~fundp.engines.ghost.BatchConsistencyError` is raised.  Catches examples coupled
         by code the tracer cannot see (``torch.jit``, extension ops) on any call, not only the
-        verified first one.  Skipped with ``randomness != "error"``.  See
+        verified first one.  With dropout (``randomness="different"``) each example's masks are
+        keyed by its row, so the subset sees the batch's masks; skipped only for a run with a
+        random op not keyed per example (:mod:`fundp.engines.ghost._keyed_dropout`).  See
         :mod:`fundp.engines.ghost._consistency` (tolerances, cost, what it cannot see).
       check_finite: debug mode: raise ``FloatingPointError`` when params or a real example's
         loss are NaN/Inf (synchronises with the device; off by default).

@@ -171,19 +171,23 @@ def test_the_rows_are_a_random_quarter_in_random_order_drawn_from_the_key():
     assert torch.equal(again, draws[7])
 
 
-def test_a_batch_of_one_and_models_with_dropout_skip_the_check(monkeypatch):
+def test_a_batch_of_one_and_models_with_unkeyed_random_ops_skip_the_check_but_dropout_runs_it(monkeypatch):
     loss_fn, params = coupled_loss(_hidden_center), coupled_params()
     _, loud = coupled_batches()
     make_step(loss_fn)(params, loud[2:3], fundp.random.key(0))  # one example: nothing can couple
 
-    def dropout_loss(p, b):  # the subset would draw other dropout masks: the check cannot compare
+    def dropout_loss(p, b):  # keyed per example: the subset draws each row's masks of the batch
         return F.dropout(F.linear(b, p["w"]), 0.5, training=True).pow(2).sum(1)
 
+    def noise_loss(p, b):  # torch.randn_like draws from torch's RNG: the subset would draw others
+        h = F.linear(b, p["w"])
+        return (h + torch.randn_like(h)).pow(2).sum(1)
+
     calls = spy_on_the_check(monkeypatch)
-    step = fundp.dp_step(dropout_loss, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=B,
-                         randomness="different")
-    step({"w": params["w"]}, loud, fundp.random.key(0))
-    assert calls == []
+    for loss in (dropout_loss, noise_loss):
+        step = fundp.dp_step(loss, max_norm=1.0, noise_multiplier=0.0, expected_batch_size=B, randomness="different")
+        step({"w": params["w"]}, loud, fundp.random.key(0))
+    assert calls == [B]  # dropout_loss only
 
 
 def test_a_loss_fn_with_the_batch_size_written_into_it_gets_a_clear_error():

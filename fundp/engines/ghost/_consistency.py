@@ -35,12 +35,16 @@ relative tolerances are ``~10^8`` (float64) and ``~10^4`` (float32) units of rou
 scale includes the batch's mean absolute loss so that a loss near zero by cancellation
 (a fitted regression) is compared against the batch's loss scale, not against itself.
 
+Dropout (``randomness="different"``): the subset runs with its rows' indices in the step's batch
+(:mod:`._keyed_dropout`), so each example draws the same masks as in the batch and the check runs
+as without dropout.  A run with a random op not keyed per example (``torch.rand``, a dropout of a
+sequence-first tensor: the engine's traced run or the subset's says so) is not compared.
+
 What it cannot see: a coupling that changes only the backward (a custom ``autograd.Function``
-whose backward mixes rows while its forward does not), and models with random ops
-(``randomness != "error"``: the subset would draw other dropout masks), where the check is skipped.
-With dropout what remains is the tracer (every call) and the first call's whole-batch
-verification (same keyed draws): a coupling hidden from the tracer that acts only on a later
-batch is not caught; ``grad_method="vmap"`` or ``verify="always"`` covers it.
+whose backward mixes rows while its forward does not), and a run with random draws not keyed per
+example (above), where what remains is the tracer (every call) and the first call's whole-batch
+verification (same draws): a coupling hidden from the tracer that acts only on a later batch is
+not caught; ``grad_method="vmap"`` or ``verify="always"`` covers it.
 
 Reporting.  Eagerly the check reads one boolean on the host (free on the CPU, one device
 synchronisation per call on an accelerator) and raises :class:`BatchConsistencyError` naming the
@@ -51,6 +55,7 @@ assert, which ends the process's CUDA context; no synchronisation while the chec
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import optree
@@ -147,18 +152,24 @@ def inconsistent_rows(full: torch.Tensor, rows: torch.Tensor, part: torch.Tensor
 
 def check_batch_consistency(
     loss_fn: Callable, params: Any, batch: Any, key: torch.Tensor | None, losses: torch.Tensor, has_aux: bool,
-    tol: float,
+    tol: float, randomness: str = "error", rng: Callable | None = None,
 ) -> None:
     """Runs ``loss_fn`` on a random quarter of ``batch`` (forward only) and raises when a row's loss
-    differs from ``losses`` (``[B]``, the full batch's); see the module docstring."""
+    differs from ``losses`` (``[B]``, the full batch's); see the module docstring.
+
+    ``rng(key, part, randomness, rows)``: the context of the run (the engine's
+    :func:`~._keyed_dropout.keyed_randomness`: each row's dropout masks those of the batch); a run
+    whose draws were not keyed per example (``.unkeyed``) is not compared."""
     size = losses.shape[0]
     if size < 2:
         return
     rows = consistency_rows(key, size, losses.device)
     detached = optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, params)
+    part_batch = _take(batch, rows)
+    keyed = None
     try:
-        with torch.no_grad():
-            out = loss_fn(detached, _take(batch, rows))
+        with torch.no_grad(), contextlib.nullcontext() if rng is None else rng(key, part_batch, randomness, rows) as keyed:
+            out = loss_fn(detached, part_batch)
     except (RuntimeError, ValueError, IndexError, TypeError) as error:
         raise type(error)(
             f"loss_fn failed on {rows.numel()} of the batch's {size} rows, run by the per-call batch-consistency "
@@ -171,6 +182,8 @@ def check_batch_consistency(
             f"loss_fn returned {shape} on {rows.numel()} of the batch's {size} rows, run by the per-call batch-consistency "
             f"check; it must return [{rows.numel()}] per-example losses: a batch of any size (no batch size written "
             "into it); or pass check_batch_consistency=False")
+    if keyed is not None and keyed.unkeyed is not None:
+        return  # a random op the subset drew other values for: nothing to compare
     bad = inconsistent_rows(losses.detach(), rows, part.detach(), tol)
     if is_compiling():
         torch._assert_async(~bad.any(), "BatchConsistencyError: a loss of the batch differs from the same "

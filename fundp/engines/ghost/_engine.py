@@ -22,7 +22,7 @@ from fundp.engines.ghost._verify import (InGraphVerifier, check_same_outputs, de
                                          verify_in_graph)
 from fundp.engines.ghost._consistency import check_batch_consistency as _check_consistency
 from fundp.engines.ghost._errors import GhostUnsupportedError
-from fundp.grads import keyed_model_rng
+from fundp.engines.ghost._keyed_dropout import keyed_randomness
 
 __all__ = ["GhostUnsupportedError", "make_ghost_engine", "ghost_plan", "VERIFY_MODES"]
 
@@ -52,8 +52,12 @@ def trace(loss_fn: Callable, params: Any, batch: Any, has_aux: bool, randomness:
     tracer = Tracer(proxies, optree.tree_leaves(batch), size, random_ok=randomness != "error", rules=RULES,
                     probe_grad=probe_grad)
     # enable_grad: the probes' gradients are needed even when the caller is under torch.no_grad().
-    with keyed_model_rng(key, batch, randomness), torch.enable_grad(), tracer:
+    # The keyed dropout (rows = the whole batch) sits below the tracer: the tracer sees each dropout
+    # call as one op, and the mode computes its mask outside the tracer's sight.
+    with keyed_randomness(key, batch, randomness) as keyed, torch.enable_grad(), tracer:
         out = loss_fn(proxy_params, batch)
+    if tracer.unkeyed is None and keyed is not None:
+        tracer.unkeyed = keyed.unkeyed
     losses, aux = out if has_aux else (out, None)
     if not isinstance(losses, torch.Tensor) or losses.shape != (size,):
         shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
@@ -88,6 +92,12 @@ def fallback_reasons(tracer: Tracer, proxies: list, losses: torch.Tensor | None)
     """``{leaf index: reason}`` for every leaf the ghost path cannot handle."""
     reasons: dict = {}
     rows = tracer.layout(losses) if losses is not None else None
+    if tracer.unkeyed is not None and is_compiling():
+        # Under torch.compile a draw not keyed per example would be seeded by a host read of the key
+        # inside the traced transform: the step leaves the ghost path ("auto": vmap) instead.
+        why = (f"under torch.compile the ghost path keys only dropout masks per example, and loss_fn draws "
+               f"otherwise ({tracer.unkeyed}): run the step eagerly or use grad_method='vmap'")
+        return {i: why for i, p in enumerate(proxies) if isinstance(p, torch.Tensor) and p.is_floating_point()}
     if isinstance(rows, Untrusted) and rows.mixes:
         # The losses were computed from values moved across the batch (a slice or gather of it, a
         # view made out of the tracer's sight): nothing proves that examples do not interact.
@@ -285,7 +295,11 @@ def make_ghost_engine(
     back to ``vmap``, so that every part of an example's gradient sees the same dropout mask).
     ``verify``: see :mod:`fundp.engines.ghost._verify`.  ``check_batch_consistency``: on every call
     of the ghost path, the losses of a random quarter of the batch must equal the batch's
-    (:mod:`fundp.engines.ghost._consistency`; skipped with ``randomness != "error"``).
+    (:mod:`fundp.engines.ghost._consistency`).  With ``randomness="different"`` every run of
+    ``loss_fn`` draws each example's dropout masks keyed by its row in the step's batch
+    (:mod:`fundp.engines.ghost._keyed_dropout`), so the check and the verification's single
+    examples see the batch's masks; a run with a random op not keyed per example skips the check
+    and the single-example check.
 
     Example:
       >>> import torch
@@ -317,12 +331,12 @@ def make_ghost_engine(
     eager_only = [False]  # a traced call saw a checkpointed block: later compiled calls run eagerly
 
     @torch.compiler.disable
-    def run_verification(params, batch, key, sq_norm_leaves, losses, weighted_sum_leaves, data_dependent):
+    def run_verification(params, batch, key, sq_norm_leaves, losses, weighted_sum_leaves, data_dependent, keyed):
         leaves, treespec = optree.tree_flatten(params)
         calls[0] += 1
         checked = verify_engine(loss_fn, leaves, treespec, batch, key, sq_norm_leaves, losses, weighted_sum_leaves,
-                                _path_names(params), has_aux, randomness, keyed_model_rng,
-                                thorough=data_dependent, seed=calls[0])
+                                _path_names(params), has_aux, randomness, keyed_randomness,
+                                thorough=data_dependent, seed=calls[0], keyed=keyed)
         # Never recorded when nothing was checked, nor when the computation depends on the data.
         if checked and not data_dependent:
             verified[_signature(leaves, batch)] = True
@@ -478,9 +492,11 @@ def make_ghost_engine(
 
         if checked is None and (verify == "always" or (
                 verify == "first" and (data_dependent or _signature(leaves, batch) not in verified))):
-            run_verification(params, batch, key, sq_norm_leaves, losses, weighted_sum_leaves, data_dependent)
-        if consistency and check_batch_consistency and randomness == "error":  # a subset would draw other dropout masks
-            _check_consistency(loss_fn, params, batch, key, losses, has_aux, tolerance(leaves))
+            run_verification(params, batch, key, sq_norm_leaves, losses, weighted_sum_leaves, data_dependent,
+                             tracer.unkeyed is None)
+        if consistency and check_batch_consistency and tracer.unkeyed is None:  # (else a subset would draw other masks)
+            _check_consistency(loss_fn, params, batch, key, losses, has_aux, tolerance(leaves), randomness,
+                               keyed_randomness)
         aux = optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
         return EngineOutput(sq_norms, losses, aux, weighted_sum)
 

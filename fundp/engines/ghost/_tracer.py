@@ -33,6 +33,12 @@ from fundp.engines.ghost import (  # noqa: F401  (register the layout rules)
 )
 from fundp.engines.ghost._errors import GhostUnsupportedError
 from fundp.engines.ghost._index import IdentityMap, is_compiling
+from fundp.engines.ghost._keyed_dropout import CHANNELWISE as _KEYED_CHANNELWISE
+from fundp.engines.ghost._keyed_dropout import ELEMENTWISE as _KEYED_ELEMENTWISE
+from fundp.engines.ghost._keyed_dropout import RANDOM as _KEYED_RANDOM
+from fundp.engines.ghost._keyed_dropout import MORE_RANDOM as _MORE_RANDOM
+from fundp.engines.ghost._keyed_dropout import draws as _draws
+from fundp.engines.ghost._keyed_dropout import keyable as _keyable
 from fundp.engines.ghost._layout import ExamplesInteractError, Layout, Untrusted, move_dims, standard, to_examples
 from fundp.engines.ghost._layout_elementwise import CASTS as _CASTS
 from fundp.engines.ghost._layout_elementwise import DATA_FREE as _DATA_FREE
@@ -108,11 +114,7 @@ _RNN_STATE_OPS = {"gru": "nn.GRU", "rnn_tanh": "nn.RNN", "rnn_relu": "nn.RNN(non
 
 _DROPOUTS = {F.dropout: 2, F.alpha_dropout: 2, F.feature_alpha_dropout: 2, F.dropout1d: 2, F.dropout2d: 2,
              F.dropout3d: 2}
-_RANDOM = {torch.bernoulli, torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like,
-           torch.randint_like, torch.normal, torch.multinomial, torch.randperm, torch.poisson, torch.Tensor.bernoulli_,
-           torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.random_, torch.Tensor.exponential_,
-           torch.Tensor.geometric_, torch.Tensor.log_normal_, torch.Tensor.cauchy_, torch.Tensor.bernoulli,
-           F.rrelu, F.gumbel_softmax}
+_RANDOM = _KEYED_RANDOM
 
 
 def _transform_leaf(tensor: torch.Tensor) -> torch.Tensor:
@@ -183,6 +185,9 @@ class Tracer(TorchFunctionMode):
         self.data_dependent: str | None = None
         # Whether the engine must run outside torch.compile graphs (a checkpointed block, see dispatch).
         self.eager_only = False
+        # Why the run's random draws are not keyed per example (a dropout whose input's rows are not the
+        # examples in order at dim 0, see note_random and ._keyed_dropout), or None.
+        self.unkeyed: str | None = None
 
     # ----------------------------------------------------------------------------- queries
 
@@ -317,6 +322,11 @@ class Tracer(TorchFunctionMode):
             return func(*args, **kwargs)
         if not self.random_ok:
             self._refuse_random(func, args, kwargs)
+        elif self.unkeyed is None and (func in _KEYED_ELEMENTWISE or func in _KEYED_CHANNELWISE
+                                       or func is F.scaled_dot_product_attention):
+            self.note_random(func, args, kwargs)
+        elif self.unkeyed is None and (func in _RANDOM or func in _MORE_RANDOM):
+            self.unkeyed = f"{name} draws from torch's RNG"
         inputs = _tensors_in(args) + _tensors_in(kwargs.values())
         for tensor in inputs:
             if tensor._base is not None and self.layouts.get(tensor) is None:
@@ -382,6 +392,29 @@ class Tracer(TorchFunctionMode):
             if sizes.count(self.batch_size) == 1 and all(size in (1, self.batch_size) for size in sizes):
                 self.batch_aranges.set(out, sizes.index(self.batch_size))
         return out
+
+    def note_random(self, func, args, kwargs) -> None:
+        """A dropout (or attention with ``dropout_p > 0``) gets keyed per-example masks
+        (:mod:`._keyed_dropout`) for the rows at its input's dim 0: exact when those are the examples
+        in order (dim 0, the batch outermost, no permutation), else the run is not keyed per example
+        (:attr:`unkeyed`, as for an input the masks do not take and any other random op: the
+        tracer decides, as its state is what the engine reads under ``torch.compile`` too)."""
+        if not _draws(func, args, kwargs):
+            return
+        inputs = [arg(args, kwargs, 0, "input")]
+        if func is F.scaled_dot_product_attention:
+            inputs = [arg(args, kwargs, i, name) for i, name in enumerate(("query", "key", "value"))]
+            keyed = inputs[0].dim() >= 3 and inputs[0].shape[0] % self.batch_size == 0  # (the weights' dim 0)
+        else:
+            keyed = _keyable(func, inputs[0], arg(args, kwargs, 1, "p", 0.5), self.batch_size)
+        if not keyed:
+            self.unkeyed = f"{op_name(func)} with an input the keyed masks do not take"
+            return
+        layouts = [self.layouts.get(t) for t in inputs if isinstance(t, torch.Tensor)]
+        known = [layout for layout in layouts if layout is not None]
+        if not known or any(not isinstance(layout, Layout) or layout.dim != 0 or layout.pos != 0
+                            or layout.order is not None for layout in known):
+            self.unkeyed = f"{op_name(func)} of a tensor whose dim 0 is not the examples in order"
 
     def _refuse_random(self, func, args, kwargs) -> None:
         random = func in _RANDOM

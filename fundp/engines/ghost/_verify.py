@@ -22,9 +22,13 @@ compiled losses and norms with the verified ones row by row):
 Cost: one forward and backward of the batch plus two of a single example — about one
 non-private step, once per input signature.  Tolerances (relative to the global gradient norm):
 ``1e-7`` in float64, ``1e-3`` in float32, ``5e-2`` when the parameters are 16-bit or autocast is on.
-With ``randomness="different"`` (dropout) only check 1 runs, with the same keyed draws; rows left
-out (masked, non-finite) are replaced by a copy of a kept row, so that the batch keeps its shape and
-its draws.  A signature is recorded as verified only when something was checked.
+With ``randomness="different"`` (dropout) each run of ``loss_fn`` draws each example's masks
+keyed by its row in the step's batch (:mod:`._keyed_dropout`): the kept rows (check 1) and single
+examples (check 2) see the batch's masks, and both checks run.  When the engine's run had a random
+draw not keyed per example (``torch.rand``, a dropout of a sequence-first tensor) only check 1 runs,
+with the same draws: rows left out (masked, non-finite) are then replaced by a copy of a kept row,
+so that the batch keeps its shape and its draws.  A signature is recorded as verified only when
+something was checked.
 
 When ``loss_fn`` reads a Python value from batch data (``int(lengths.max())``, ``.item()``,
 ``bool(mask.any())``: the tracer's ``data_dependent``), every call is verified, and check 2 also
@@ -111,6 +115,7 @@ def verify_engine(
     rng: Callable,
     thorough: bool = False,
     seed: int = 0,
+    keyed: bool = False,
 ) -> bool:
     """Raises :class:`GhostVerificationError` (or :class:`ExamplesInteractError`) when the engine's
     per-example gradients are not those of single examples.
@@ -119,7 +124,10 @@ def verify_engine(
     gradient): a signature is recorded as verified only then.  ``thorough`` (``loss_fn`` read a
     Python value from the batch, so each call may compute differently): the losses of up to 16
     examples run alone (drawn with ``seed``) and of the two halves of the batch must equal the
-    batched losses as well.
+    batched losses as well.  ``rng(key, batch, randomness, rows)``: the context each run of
+    ``loss_fn`` on the rows ``rows`` of the step's batch gets (:func:`~._keyed_dropout.keyed_randomness`);
+    ``keyed``: whether the engine's run drew its random values per example (dropout masks keyed by
+    the row), so that a part of the batch, or one example, sees the same draws.
     """
     size = losses.shape[0]
     total = torch.zeros(size, dtype=torch.float64, device=losses.device)
@@ -137,15 +145,16 @@ def verify_engine(
     differentiable = [i for i, p in enumerate(proxies) if isinstance(p, torch.Tensor) and p.requires_grad]
     rows = keep.nonzero().flatten()
     all_rows = bool(keep.all())
-    if randomness != "error" and not all_rows:
-        # The keyed draws depend on the batch shape: a sub-batch would see other draws.  Instead the
-        # rows left out are replaced by a copy of a kept row (same shape, same draws) with weight 0.
+    sub_rows = None if all_rows else rows
+    if randomness != "error" and not all_rows and not keyed:
+        # Draws not keyed per example depend on the batch shape: a sub-batch would see other draws.  Instead
+        # the rows left out are replaced by a copy of a kept row (same shape, same draws) with weight 0.
         source = torch.where(keep, torch.arange(size, device=keep.device), rows[0])
-        sub_batch, sub_weights = _take(batch, source), weights
+        sub_batch, sub_weights, sub_rows = _take(batch, source), weights, None
     else:
         sub_batch = batch if all_rows else _take(batch, rows)
         sub_weights = weights if all_rows else weights.index_select(0, rows)
-    with torch.enable_grad(), rng(key, sub_batch, randomness):
+    with torch.enable_grad(), rng(key, sub_batch, randomness, sub_rows):
         out = loss_fn(optree.tree_unflatten(treespec, proxies), sub_batch)
         sub_losses = out[0] if has_aux else out
         weighted = (sub_losses.double() * sub_weights).sum()
@@ -166,14 +175,15 @@ def verify_engine(
                 "Some use of this parameter or some row of the batch is not what the engine assumed "
                 "(code the tracer cannot see, examples reordered, or examples that interact). "
                 "Use grad_method='vmap', or report the model.")
-    if randomness != "error":
-        return True
+    if randomness != "error" and not keyed:
+        return True  # a single example would draw other random values than in the batch
     if thorough:
-        _check_losses_alone(loss_fn, proxies, treespec, batch, losses, rows, has_aux, tol, seed)
+        _check_losses_alone(loss_fn, proxies, treespec, batch, key, losses, rows, has_aux, tol, seed, randomness, rng)
     checked = [int(rows[0])] + ([int(rows[-1])] if rows.numel() > 1 else [])
     for row in checked:
-        one = _take(batch, torch.tensor([row]))
-        with torch.enable_grad():
+        index = torch.tensor([row], device=rows.device)
+        one = _take(batch, index)
+        with torch.enable_grad(), rng(key, one, randomness, index):
             out = loss_fn(optree.tree_unflatten(treespec, proxies), one)
             single = (out[0] if has_aux else out).reshape(-1)[0]
         grads = torch.autograd.grad(single, [proxies[i] for i in differentiable], allow_unused=True)
@@ -215,7 +225,8 @@ def _check_same_losses(losses: torch.Tensor, again: torch.Tensor, tol: float) ->
             "or put those modules in eval mode")
 
 
-def _check_losses_alone(loss_fn, proxies, treespec, batch, losses, rows, has_aux, tol, seed) -> None:
+def _check_losses_alone(loss_fn, proxies, treespec, batch, key, losses, rows, has_aux, tol, seed, randomness,
+                        rng) -> None:
     """The batched losses of up to 16 kept examples (drawn at random) and of each half of the kept
     rows (split at random) must equal their losses alone / in the half: a loss that depends on other
     examples through a Python value read from the batch (``int(lengths.max())``) differs."""
@@ -227,8 +238,9 @@ def _check_losses_alone(loss_fn, proxies, treespec, batch, losses, rows, has_aux
         groups += [shuffled[:half].sort().values, shuffled[half:].sort().values]
     params = optree.tree_unflatten(treespec, [p.detach() if isinstance(p, torch.Tensor) else p for p in proxies])
     for group in groups:
-        with torch.no_grad():
-            out = loss_fn(params, _take(batch, group))
+        part = _take(batch, group)
+        with torch.no_grad(), rng(key, part, randomness, group):
+            out = loss_fn(params, part)
         alone = (out[0] if has_aux else out).detach().double().reshape(-1)
         batched = losses.double().index_select(0, group)
         if alone.shape != batched.shape or bool(((alone - batched).abs() > tol * (alone.abs() + 1e-12) + 1e-12).any()):
