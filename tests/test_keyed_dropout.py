@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fundp
-from fundp.engines.ghost import BatchConsistencyError, GhostUnsupportedError, GhostVerificationError
+from fundp.engines.ghost import BatchConsistencyError, GhostVerificationError
 from fundp.engines.ghost import _engine
 from fundp.engines.ghost._keyed_dropout import keep_mask, keyed_randomness
 from tests.test_plain_compile import graph_runs_backend
@@ -164,15 +164,21 @@ def test_ghost_with_dropout_is_micro_batching_with_the_same_masks(compiled):
     if compiled:
         backend, runs, graphs = graph_runs_backend()
         f = compiled(f, backend=backend)
-    for call in range(2):  # the first call verified (inside the graph when compiled), the second not
+    for call in range(3):
+        # Compiled, the first call runs the engine eagerly outside the graph (where every random op
+        # is seen); once it drew only keyed dropout masks, the second recompiles with the engine in
+        # the graph (verified there, its first call in the graph), the third reuses that graph.
         batch, call_key = make_batch(10 + call), fundp.random.key(7 + call)
+        if compiled:
+            runs[0], before = 0, graphs[0]
         out = f(params, batch, None, call_key)
         sums, norms = micro_batched(params, batch, call_key)
         torch.testing.assert_close(out.norms, norms, rtol=1e-10, atol=0)
         for name in params:
             torch.testing.assert_close(out.grads[name], sums[name], rtol=1e-10, atol=1e-12)
-    if compiled:
-        assert graphs[0] == 1, f"{graphs[0]} graphs compiled"  # one graph, not recompiled for a new key
+    if compiled:  # the last call: not recompiled for a new key; the engine's graph and the step's
+        # prefix (split where the first call left the graph) -- two graphs, none more
+        assert runs[0] <= 2 and graphs[0] == before, f"{runs[0]} graphs run, {graphs[0] - before} compiled"
 
 
 def test_random_ops_not_keyed_per_example_keep_the_old_behaviour(monkeypatch):
@@ -232,11 +238,23 @@ def test_hf_gpt2_in_train_mode_with_dropout_is_exact_on_the_ghost_path(attn):
     torch.testing.assert_close(out.norms, torch.stack(norms), rtol=1e-10, atol=0)
 
 
-def test_under_compile_a_dropout_the_masks_do_not_take_leaves_the_ghost_path():
-    # No host read of the key inside the graph: "ghost" refuses, naming what to do ("auto": vmap).
+def test_under_compile_random_ops_the_masks_do_not_take_run_the_engine_outside_the_graph():
+    # Dynamo never shows torch.rand & co. to a TorchFunctionMode (and such an op traced inside the
+    # engine's torch.func.vjp fails to compile): a compiled step runs the engine eagerly, outside the
+    # graph, until an eager run has shown that loss_fn draws only keyed dropout masks.  Those that
+    # draw otherwise stay outside, seeded from the key: the same bits as the eager step.
     def sequence_first(p, x):
         return F.dropout(F.linear(x.transpose(0, 1), p["w"]), 0.3, training=True).pow(2).sum((0, 2))
 
-    f = fundp.clipped_grad_sum(sequence_first, max_norm=C, grad_method="ghost", randomness="different")
-    with pytest.raises(GhostUnsupportedError, match="keys only dropout masks per example"):
-        torch.compile(f, backend="eager")({"w": make_params()["w"]}, make_batch(), None, fundp.random.key(0))
+    def noisy(p, x):
+        h = F.linear(x, p["w"])
+        return (h * (torch.rand(h.shape, dtype=h.dtype) > 0.3)).pow(2).sum((1, 2))
+
+    params = {"w": make_params()["w"]}
+    for loss in (sequence_first, noisy):
+        f = fundp.clipped_grad_sum(loss, max_norm=C, grad_method="ghost", randomness="different")
+        compiled = torch.compile(f, backend="aot_eager")
+        for call in range(3):
+            batch, call_key = make_batch(20 + call), fundp.random.key(30 + call)
+            expected, got = f(params, batch, None, call_key), compiled(params, batch, None, call_key)
+            assert torch.equal(got.norms, expected.norms) and torch.equal(got.grads["w"], expected.grads["w"])

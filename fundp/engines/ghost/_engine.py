@@ -329,6 +329,8 @@ def make_ghost_engine(
     verified: dict = {}
     calls = [0]
     eager_only = [False]  # a traced call saw a checkpointed block: later compiled calls run eagerly
+    # signature -> whether an eager run drew nothing but dropout masks keyed per example (see dispatch)
+    keyed_runs: dict = {}
 
     @torch.compiler.disable
     def run_verification(params, batch, key, sq_norm_leaves, losses, weighted_sum_leaves, data_dependent, keyed):
@@ -450,6 +452,8 @@ def make_ghost_engine(
         tracer, proxies, losses, aux, grads, reasons, pull = front
         # (flattened after the forward: a tree spec must not live across a graph break in loss_fn)
         leaves, treespec = optree.tree_flatten(params)
+        if randomness != "error" and not is_compiling():
+            keyed_runs[_signature(leaves, batch)] = tracer.unkeyed is None
         forms = _leaf_forms(tracer, proxies, grads, set(reasons), pull)
         if pull is not None or is_compiling():
             forms = _outside_level(forms)
@@ -540,6 +544,14 @@ def make_ghost_engine(
             check_params(params)
             return engine(params, batch, key)
         if eager_only[0]:  # a traced call saw a checkpointed block (a parameter used with grad off)
+            return outside_graph(params, batch, key)
+        if randomness != "error" and not keyed_runs.get(_signature(optree.tree_leaves(params), batch), False):
+            # Dynamo never shows torch.rand & co. to a TorchFunctionMode, so a traced run cannot tell
+            # keyed dropout from random ops it must seed from the key (and such an op traced inside
+            # the engine's torch.func.vjp fails to compile).  So a signature's first compiled call runs
+            # the engine eagerly, outside the graph, where every random op is seen; only once that
+            # run drew nothing but dropout masks keyed per example do later calls recompile with the
+            # engine in the graph (one recompilation, the guard on this dict).
             return outside_graph(params, batch, key)
         if verify and describe((params, batch, key), []) is None and (
                 verify == "always" or _signature(optree.tree_leaves(params), batch) not in verified):

@@ -38,11 +38,14 @@ with ``dropout_p > 0`` is run as its math with a keyed dropout of the attention 
 today's behaviour: at the first such op the mode seeds torch's RNG from the key
 (:func:`fundp.grads.keyed_model_rng`, restored at exit; a host read of the key, so a graph break
 under ``torch.compile``) and marks the run not keyed per example (:attr:`KeyedDropout.unkeyed`).
-Under ``torch.compile`` no host read is made: the run is marked, and the engine sends the step
-to ``vmap`` (``"auto"``) or refuses (``"ghost"``); dynamo does not show torch's random functions
-(``torch.rand``, ``rand_like``, ``bernoulli``, ...) to a ``TorchFunctionMode`` at all, so there they
-draw unseeded and the first call's verification (comparing with the eager engine) refuses the
-step.  A random op inside another kernel (``nn.LSTM(dropout=...)``) is seen by no mode: it draws from
+Under ``torch.compile`` dynamo does not show torch's random functions (``torch.rand``,
+``rand_like``, ``bernoulli``, ...) to a ``TorchFunctionMode`` at all (and one traced inside the
+engine's ``torch.func.vjp`` fails to compile), so a compiled step runs the engine eagerly, outside
+the graph, on each signature's first call, where every random op is seen; only once that run drew
+nothing but keyed dropout masks do later calls recompile with the engine in the graph (see
+``dispatch`` in :mod:`._engine`); otherwise the engine stays outside the graph, seeded from the key
+as above (the same bits as eagerly).  (In the graph no host read is made: a traced run that sees a
+dropout the masks do not take leaves the ghost path, ``fallback_reasons``.)  A random op inside another kernel (``nn.LSTM(dropout=...)``) is seen by no mode: it draws from
 torch's RNG unseeded (such layers leave the ghost path for ``vmap`` with ``randomness !=
 "error"``, whose draws are keyed).  A run not keyed per example keeps the old checks: no
 consistency check, verification check 1 only.
