@@ -88,6 +88,23 @@ def test_the_sensitivity_check_catches_a_row_that_leaks_past_its_clip():
     assert outcome.status == "wrong" and "remove-one" in outcome.detail, str(outcome)
 
 
+def test_dropout_programs_are_checked_against_micro_batching_with_the_keyed_masks():
+    # With dropout the oracle replays each example's keyed masks alone (rows=[i]): the engine is
+    # exact, and one that draws other masks (another key) is caught by that check, not only by
+    # the sensitivity checks (off here).
+    spec = ProgramSpec(seed=5, dtype="float64", batch=4, stem="linear", body=("dropout", "tanh", "linear"), max_norm=0.5)
+    assert spec.randomness == "different"
+    outcome = run_program(spec)
+    assert outcome.status == "exact", str(outcome)
+
+    def other_masks(loss_fn, spec):
+        f = fundp.clipped_grad_sum(loss_fn, max_norm=spec.max_norm, randomness="different")
+        return lambda params, batch, mask, key: f(params, batch, mask, fundp.random.fold_in(key, 1))
+
+    outcome = run_program(spec, sensitivity=False, clipped_sum=other_masks)
+    assert outcome.status == "wrong" and "call 0" in outcome.detail, str(outcome)
+
+
 def test_a_batch_statistic_is_refused_or_exact_and_a_refusal_is_reported():
     spec = ProgramSpec(seed=4, dtype="float64", stem="linear", body=("batch_center",), calls=2)
     outcome = run_program(spec)

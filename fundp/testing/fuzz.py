@@ -36,7 +36,10 @@ or returns
    with aliased parameters the changes are measured on the storage (the aliased leaves summed),
    which is what an optimizer moves.
 
-With dropout (``randomness="different"``) micro-batching cannot replay the masks: only check 2 runs.
+With dropout (``randomness="different"``) check 1 replays each example's keyed masks (example ``i``
+alone under ``keyed_randomness(key, rows=[i])``, :mod:`fundp.engines.ghost._keyed_dropout`); where
+``"auto"`` ran ``vmap`` instead (torch.func's own draws), ``grad_method="vmap"`` with the same key is
+the reference.
 
 :func:`program_specs` is the hypothesis strategy; ``exclude`` keeps classes out of it (the CI test
 excludes :data:`KNOWN_WRONG`, the classes today's engine gets wrong).  :func:`shrink` greedily
@@ -595,6 +598,13 @@ def _run(spec: ProgramSpec, sensitivity: bool, clipped_sum: Callable | None) -> 
                     raise _Found(status, f"call {index}: {problem} (vmap's relative error {vmap_error:.3g})", checks)
                 imprecise.append(f"call {index}: {problem}")
             checks += 1
+        else:
+            # Dropout: micro-batching replays each example's keyed masks (rows=[i]); where "auto"
+            # ran vmap (torch.func's own draws) vmap's answer is the reference instead.
+            status, problem = _dropout_problem(spec, loss_fn, params, batch, mask, key, out, rtol, dtype)
+            if status:
+                raise _Found(status, f"call {index}: {problem}", checks)
+            checks += 1
         if sensitivity and (index == 0 or index == 1):
             # The 10^k example's rounding in the batched sums (see "imprecise") loosens the tolerance.
             tol = _GROSS[dtype] if spec.adversarial and index == 1 else rtol
@@ -603,6 +613,46 @@ def _run(spec: ProgramSpec, sensitivity: bool, clipped_sum: Callable | None) -> 
     if imprecise:
         return Outcome("imprecise", "; ".join(imprecise), spec, checks)
     return Outcome("exact", f"{checks} checks", spec, checks)
+
+
+def _dropout_problem(spec, loss_fn, params, batch, mask, key, out, rtol, dtype) -> tuple[str, str]:
+    """``("", "")`` when ``out`` equals micro-batching with each example's keyed dropout masks
+    (example ``i`` alone under ``keyed_randomness(key, rows=[i])``), or else equals
+    ``grad_method="vmap"`` with the same key (``"auto"`` ran vmap, exact by construction);
+    ``("ill_conditioned", ...)`` when the sum agrees and only norms below the batch's rounding floor
+    (``1e3 eps(dtype)`` times its largest norm: terms that move the clipped sum by less than that)
+    differ — what vmap's comparison classifies without dropout; else ``("wrong", the difference)``."""
+    from fundp.engines.ghost._keyed_dropout import keyed_randomness
+
+    order = iter(range(spec.batch))
+
+    def replayed(p: Any, example: Any) -> Any:  # micro_batch_grads calls it once per example, in order
+        with keyed_randomness(key, example, "different", rows=torch.tensor([next(order)])):
+            return loss_fn(p, example)
+
+    ref = reference_step(replayed, params, batch, max_norm=spec.max_norm, expected_batch_size=1.0, mask=mask)
+    problem, _ = _compare(out, ref, mask, rtol)
+    if not problem:
+        return "", ""
+    scale = _scale(ref)
+    real = torch.ones(out.norms.shape[0], dtype=torch.bool) if mask is None else mask.bool()
+    try:
+        vmap_out = fundp.clipped_grad_sum(loss_fn, max_norm=spec.max_norm, grad_method="vmap",
+                                          randomness="different")(params, batch, mask, key)
+    except Exception:  # noqa: BLE001
+        vmap_out = None
+    if vmap_out is not None:
+        same_sum = tree_distance(out.grads, vmap_out.grads) <= rtol * max(scale, 1e-300)
+        got, vm = out.norms.detach().double()[real], vmap_out.norms.detach().double()[real]
+        if same_sum and bool(((got - vm).abs() <= rtol * vm.abs() + 1e-300).all()):
+            return "", ""
+    expected, got = ref.norms.double()[real], out.norms.detach().double()[real]
+    finite = torch.isfinite(expected)
+    floor = 1e3 * torch.finfo(dtype).eps * float(expected[finite].max()) if bool(finite.any()) else 0.0
+    off = finite & ((got - expected).abs() > rtol * expected)
+    if tree_distance(out.grads, ref.grads) <= rtol * scale and bool((torch.maximum(got[off], expected[off]) <= floor).all()):
+        return "ill_conditioned", problem
+    return "wrong", problem
 
 
 def _vmap_error(spec, loss_fn, params, batch, mask, key, ref, rtol) -> float:
